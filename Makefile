@@ -1,0 +1,37 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Both build .venv when missing.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO_ARGS ?=
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml changes; the project itself is installed editable.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[weights,test]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m pipeline.demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.extract
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -1,0 +1,108 @@
+"""Shared fixtures: a loopback S3 server, the shared real photos and their descriptors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's standalone S3 server on 127.0.0.1, with the AWS settings pointing at it.
+
+    Yields the endpoint URL. The server is a separate process, as a real one would be, so
+    Ray workers and subprocesses reach it too.
+    """
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("moto's S3 server did not start")
+            time.sleep(0.2)
+    settings = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield endpoint
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def s3_bucket(s3_server: str) -> str:
+    """A fresh, empty bucket on the loopback S3 server; yields its name."""
+    import uuid
+
+    import boto3
+
+    name = f"cirray-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    """The shared real photos (a folder per scene); the test is skipped where they are absent."""
+    root = Path(os.environ.get("CIRRAY_PHOTOS", REPO.parent / "shared" / "data" / "photos"))
+    if not root.is_dir() or not any(root.glob("*/*.jpg")):
+        pytest.skip(f"real photos not found at {root}; set CIRRAY_PHOTOS to a folder per scene")
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_photo_set(photos_dir: Path):
+    """The shared photos as a retrieval set: every photo a query, its scene's others positive."""
+    from pipeline.benchmarks import load_folder
+
+    return load_folder(photos_dir)
+
+
+@pytest.fixture(scope="session")
+def lite0_real_descriptors(real_photo_set):
+    """ImageNet EfficientNet-Lite0 + GeM (p = 3) descriptors of the shared photos at 512 px."""
+    from model.backbones import build_backbone
+    from model.extraction import ExtractOptions, ImageFiles, extract_multihead
+    from model.heads import GeMHead
+
+    backbone = build_backbone("efficientnet_lite0", "imagenet")
+    images = ImageFiles(real_photo_set.db_paths, max_size=512)
+    options = ExtractOptions(batch_size=16, device="cpu", progress=False)
+    return extract_multihead(backbone, {"gem": GeMHead(1280, p=3.0)}, images, options)["gem"]
