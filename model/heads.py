@@ -1,0 +1,105 @@
+"""Heads that turn a feature map ``[B, C, h, w]`` into an L2-normalised descriptor ``[B, D]``.
+
+``GeMHead`` is the GeM paper's: pool, L2, an optional learned whitening layer (FC with bias), L2.
+``CGDHead`` is CGD's: several global descriptors, each pooled, projected without bias to
+``dim / n`` and L2-normalised, then concatenated and L2-normalised again, plus an auxiliary
+classifier (BatchNorm, FC) on the first descriptor's pooled features for labelled data.
+Every head says which power combines its descriptors over scales (``scale_exponent``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.pooling import MAC, GeM, SPoC, build_pooling, l2n
+
+__all__ = ["CGD_LETTERS", "CGDHead", "GeMHead"]
+
+CGD_LETTERS = {"S": "spoc", "M": "mac", "G": "gem"}
+
+
+class GeMHead(nn.Module):
+    """Pooling → L2 → optional FC whitening → L2."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        pooling: str = "gem",
+        p: float = 3.0,
+        learn_p: bool = True,
+        per_channel_p: bool = False,
+        whitening_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        kwargs = {"p": p, "learn_p": learn_p, "channels": in_channels if per_channel_p else None}
+        self.pool = build_pooling(pooling, **kwargs) if pooling == "gem" else build_pooling(pooling)
+        self.whiten = nn.Linear(in_channels, whitening_dim, bias=True) if whitening_dim else None
+        self.out_dim = whitening_dim or in_channels
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        x = l2n(self.pool(fmap))
+        return x if self.whiten is None else l2n(self.whiten(x))
+
+    @property
+    def scale_exponent(self) -> float:
+        """GeM's p while descriptors stay non-negative; 1 once a whitening layer mixes signs."""
+        if isinstance(self.pool, GeM) and self.whiten is None:
+            return self.pool.exponent
+        return 1.0
+
+
+class CGDHead(nn.Module):
+    """Combination of global descriptors, e.g. ``"SMG"`` = SPoC + MAC + GeM."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        descriptors: str = "SG",
+        dim: int = 1536,
+        num_classes: int = 0,
+        p: float = 3.0,
+    ) -> None:
+        super().__init__()
+        letters = descriptors.upper()
+        unknown = sorted(set(letters) - set(CGD_LETTERS))
+        if not letters or unknown:
+            raise ValueError(
+                f"CGD descriptors {descriptors!r}: unknown letter(s) {unknown or 'none given'}; "
+                f"use a string of {', '.join(f'{k} ({v})' for k, v in CGD_LETTERS.items())}"
+            )
+        if len(set(letters)) != len(letters):
+            raise ValueError(f"CGD descriptors {descriptors!r} repeat a letter")
+        if dim % len(letters):
+            raise ValueError(f"CGD dim {dim} is not divisible by {len(letters)} descriptors")
+        self.descriptors = letters
+        self.pools = nn.ModuleList(_cgd_pool(letter, p) for letter in letters)
+        self.projections = nn.ModuleList(
+            nn.Linear(in_channels, dim // len(letters), bias=False) for _ in letters
+        )
+        self.classifier = (
+            nn.Sequential(nn.BatchNorm1d(in_channels), nn.Linear(in_channels, num_classes))
+            if num_classes
+            else None
+        )
+        self.out_dim = dim
+
+    def forward(
+        self, fmap: torch.Tensor, return_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        pooled = [pool(fmap) for pool in self.pools]
+        parts = [l2n(fc(x)) for fc, x in zip(self.projections, pooled, strict=True)]
+        descriptor = l2n(torch.cat(parts, dim=1))
+        if not return_logits:
+            return descriptor
+        logits = self.classifier(pooled[0]) if self.classifier is not None else None
+        return descriptor, logits
+
+    @property
+    def scale_exponent(self) -> float:
+        """Projections mix signs, so scales are averaged (power 1)."""
+        return 1.0
+
+
+def _cgd_pool(letter: str, p: float) -> nn.Module:
+    return {"S": SPoC, "M": MAC}[letter]() if letter != "G" else GeM(p=p)
