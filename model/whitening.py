@@ -1,0 +1,284 @@
+"""Learned discriminative whitening (Lw) and PCA whitening of global descriptors (NumPy only).
+
+Both learners return ``(m, P)``: a mean ``m`` of shape ``[D]`` and a projection ``P`` of shape
+``[D_out, D]`` whose rows come by decreasing importance, so ``apply_whitening(X, m, P, dim)``
+applies either and ``dim`` keeps the leading components. Descriptors are rows (``[N, D]``),
+not cirtorch's columns. Learning runs in float64 (covariances of 2048-d descriptors lose
+digits in float32); ``apply_whitening`` returns float32 descriptors.
+
+Each row of ``P`` is defined up to sign by the maths; the signs are fixed (largest-magnitude
+entry positive) so that a re-run or another LAPACK build gives the same file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from model.retrieval import l2_normalize
+
+__all__ = [
+    "WhiteningParams",
+    "apply_whitening",
+    "learn_pca_whitening",
+    "learn_whitening",
+    "load_whitening",
+    "save_whitening",
+]
+
+logger = logging.getLogger(__name__)
+
+# Format tag written into every whitening file, checked on load.
+_FORMAT = "cirray.whitening/1"
+
+
+class WhiteningParams(NamedTuple):
+    """What ``load_whitening`` returns; unpacks as ``m, P, meta``."""
+
+    m: NDArray[np.float64]
+    P: NDArray[np.float64]
+    meta: dict[str, Any]
+
+
+def _finite_rows(X: ArrayLike, work_dtype: Any = np.float64) -> NDArray[np.floating]:
+    """``X`` as a 2-D array of ``work_dtype`` with no NaN/inf, or an error naming the bad rows."""
+    arr = np.asarray(X)
+    if arr.ndim != 2:
+        raise ValueError(f"X must be 2-D [N, D] (a row per image), got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"X must hold real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(work_dtype, copy=False)
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"X has {int(bad.sum())} of {arr.shape[0]} row(s) with NaN or inf "
+            f"(first at row {int(np.flatnonzero(bad)[0])}); drop or re-extract them first"
+        )
+    return arr
+
+
+def _index_array(name: str, idx: ArrayLike, n: int) -> NDArray[np.int64]:
+    arr = np.asarray(idx)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer row indices, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        raise ValueError(
+            f"{name} must index rows of X in [0, {n}), got values in [{arr.min()}, {arr.max()}]"
+        )
+    return arr
+
+
+def _fix_signs(P: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Flip rows so each row's largest-magnitude entry is positive (eigenvectors have no sign)."""
+    lead = P[np.arange(P.shape[0]), np.abs(P).argmax(axis=1)]
+    return P * np.where(lead < 0, -1.0, 1.0)[:, None]
+
+
+def _inverse_cholesky(C: NDArray[np.float64], fallback_scale: float) -> NDArray[np.float64]:
+    """``W = L⁻¹`` with ``L Lᵀ = C + λI``; ``λ = 0`` when ``C`` is comfortably positive definite.
+
+    ``W C' Wᵀ = I``, so ``W`` stands in for ``C'^-1/2``. A factorisation counts as failed when
+    LAPACK rejects it or when its smallest pivot is at rounding level (below 1e-10 of the mean
+    variance): such a ``C`` is singular in all but name and its inverse would be noise. The load
+    starts at 1e-6 · trace(C) / D and grows ×10 per retry; ``fallback_scale`` sets it when ``C``
+    is all zeros.
+    """
+    D = C.shape[0]
+    scale = float(np.trace(C)) / D
+    if not scale > 0:
+        scale = fallback_scale if fallback_scale > 0 else 1.0
+    eye = np.eye(D)
+    load = 0.0
+    for attempt in range(16):
+        try:
+            L = np.linalg.cholesky(C + load * eye)
+        except np.linalg.LinAlgError:
+            L = None
+        if L is not None and np.min(np.diag(L)) ** 2 > 1e-10 * scale:
+            if load > 0:
+                logger.warning(
+                    "C_S is not positive definite (rank-deficient: fewer pairs than dimensions, "
+                    "or duplicate pairs?); used diagonal load %.3g (= %.0e x mean variance) "
+                    "after %d attempt(s)",
+                    load,
+                    load / scale,
+                    attempt + 1,
+                )
+            return np.linalg.solve(L, eye)
+        load = 1e-6 * scale if load == 0 else load * 10.0
+    raise np.linalg.LinAlgError(  # unreachable for finite C: by now λ exceeds C's eigenvalues
+        f"could not make C_S positive definite with a diagonal load up to {load:.3g}"
+    )
+
+
+def learn_whitening(
+    X: ArrayLike, qidxs: ArrayLike, pidxs: ArrayLike
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Learn discriminative whitening (Lw) from matching pairs ``(X[qidxs[i]], X[pidxs[i]])``.
+
+    Returns ``m`` ``[D]`` (the mean of ``X[qidxs]``) and ``P = Vᵀ W`` ``[D, D]`` where ``W`` is
+    the inverse Cholesky factor of ``C_S`` (mean of ``(x_q - x_p)(x_q - x_p)ᵀ`` over pairs) and
+    ``V`` the eigenvectors, by decreasing eigenvalue, of ``W C_D Wᵀ`` with ``C_D`` the scatter of
+    all rows of ``X`` around ``m``. This ``W`` stands for ``C_S^-1/2``: it gives the same ``P`` up
+    to row signs, since any two such factors differ by a rotation that ``V`` absorbs.
+
+    After ``(X - m) @ P.T`` the pair differences have identity covariance and ``C_D`` is
+    diagonal with decreasing variances: the leading rows of ``P`` separate non-matching images
+    most relative to how much matching ones differ. A ``C_S`` that is not positive definite
+    gets a small, growing diagonal load (logged) rather than an error.
+    """
+    x = _finite_rows(X)
+    n, D = x.shape
+    q = _index_array("qidxs", qidxs, n)
+    p = _index_array("pidxs", pidxs, n)
+    if q.shape != p.shape:
+        raise ValueError(
+            f"qidxs and pidxs must have the same length (one entry per pair), "
+            f"got {q.size} and {p.size}"
+        )
+    if q.size == 0:
+        raise ValueError("learn_whitening needs at least one matching pair, got none")
+
+    m = x[q].mean(axis=0)
+    diff = x[q] - x[p]
+    C_S = diff.T @ diff / q.size
+    centred = x - m
+    C_D = centred.T @ centred / n
+    W = _inverse_cholesky(C_S, fallback_scale=float(np.trace(C_D)) / D)
+    M = W @ C_D @ W.T
+    eigvals, V = np.linalg.eigh((M + M.T) / 2)  # symmetrise away rounding; ascending order
+    order = np.argsort(eigvals)[::-1]
+    P = V[:, order].T @ W
+    logger.info(
+        "learned whitening from %d pairs over %d images, D=%d; top eigenvalues %s",
+        q.size,
+        n,
+        D,
+        np.array2string(eigvals[order][:5], precision=3),
+    )
+    return m, _fix_signs(P)
+
+
+def learn_pca_whitening(
+    X: ArrayLike, eps: float = 1e-6
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """PCA whitening: ``m`` the mean of ``X``, ``P = Λ^-1/2 Uᵀ`` by decreasing eigenvalue.
+
+    ``Λ, U`` are the eigenpairs of the covariance of ``X`` (divided by N). Eigenvalues below
+    ``eps`` times the largest are raised to that floor: directions with (almost) no variance,
+    e.g. when N < D, would otherwise be blown up from rounding noise. They sort last, so
+    ``apply_whitening(..., dim=...)`` can drop them.
+    """
+    x = _finite_rows(X)
+    if x.shape[0] < 2:
+        raise ValueError(f"PCA whitening needs at least 2 rows of X, got {x.shape[0]}")
+    if not 0 < eps < 1:
+        raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+    m = x.mean(axis=0)
+    centred = x - m
+    C = centred.T @ centred / x.shape[0]
+    eigvals, U = np.linalg.eigh(C)
+    order = np.argsort(eigvals)[::-1]
+    eigvals, U = eigvals[order], U[:, order]
+    if not eigvals[0] > 0:
+        raise ValueError("X has no variance (all rows equal); PCA whitening is undefined")
+    floor = eps * float(eigvals[0])
+    n_floored = int((eigvals < floor).sum())
+    if n_floored:
+        logger.info("PCA whitening: %d eigenvalue(s) below %.3g raised to it", n_floored, floor)
+    P = U.T / np.sqrt(np.maximum(eigvals, floor))[:, None]
+    return m, _fix_signs(P)
+
+
+def apply_whitening(
+    X: ArrayLike, m: ArrayLike, P: ArrayLike, dim: int | None = None
+) -> NDArray[np.float32]:
+    """L2-normalised rows of ``(X - m) @ P[:dim].T``: float32 ``[N, dim]``.
+
+    ``dim=None`` keeps every row of ``P``. Float32 input is projected in float32 (no float64
+    copy of a large descriptor matrix); float64 input in float64.
+    """
+    arr = np.asarray(X)
+    x = _finite_rows(arr, work_dtype=np.result_type(arr.dtype, np.float32))
+    D = x.shape[1]
+    mean = np.asarray(m, dtype=np.float64)
+    proj = np.asarray(P, dtype=np.float64)
+    if mean.size != D or (mean.ndim > 1 and max(mean.shape) != mean.size):
+        raise ValueError(f"m must have shape [D] = [{D}], got {mean.shape}")
+    if proj.ndim != 2 or proj.shape[1] != D:
+        raise ValueError(
+            f"P must have shape [D_out, {D}] to project X of shape {x.shape}, got {proj.shape}"
+        )
+    if dim is None:
+        dim = proj.shape[0]
+    elif isinstance(dim, bool) or int(dim) != dim or not 1 <= dim <= proj.shape[0]:
+        raise ValueError(f"dim must be an integer in [1, {proj.shape[0]}], got {dim!r}")
+    proj = proj[: int(dim)].astype(x.dtype)
+    out = (x - mean.reshape(-1).astype(x.dtype)) @ proj.T
+    return l2_normalize(out).astype(np.float32, copy=False)
+
+
+def save_whitening(
+    path: str | os.PathLike[str] | BinaryIO, m: ArrayLike, P: ArrayLike, **meta: Any
+) -> None:
+    """Write ``m``, ``P`` and JSON-serialisable ``meta`` to a small ``.npz`` (no pickle).
+
+    A local path is written to a temporary file in the same folder and renamed into place, so a
+    crash never leaves a half-written file under the final name. A binary file object (e.g. one
+    opened by the storage layer for S3) is written as is.
+    """
+    mean = np.asarray(m, dtype=np.float64).reshape(-1)
+    proj = np.asarray(P, dtype=np.float64)
+    if proj.ndim != 2 or proj.shape[1] != mean.size:
+        raise ValueError(f"P must have shape [D_out, {mean.size}] to match m, got {proj.shape}")
+    try:
+        meta_json = json.dumps(meta, sort_keys=True)
+    except TypeError as exc:
+        raise TypeError(f"whitening meta must be JSON-serialisable: {exc}") from exc
+    arrays = {"format": np.array(_FORMAT), "m": mean, "P": proj, "meta": np.array(meta_json)}
+    if hasattr(path, "write"):
+        np.savez(path, **arrays)
+        return
+    target = Path(path)
+    if str(path).startswith(("s3://", "gs://", "http://", "https://")):
+        raise ValueError(f"save_whitening writes local paths or open file objects, got {path!r}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_whitening(path: str | os.PathLike[str] | BinaryIO) -> WhiteningParams:
+    """Read what ``save_whitening`` wrote: ``(m, P, meta)`` as a ``WhiteningParams``."""
+    if not hasattr(path, "read") and str(path).startswith(("s3://", "gs://", "http")):
+        raise ValueError(f"load_whitening reads local paths or open file objects, got {path!r}")
+    source = path if hasattr(path, "read") else Path(path)
+    if hasattr(source, "read") and not hasattr(source, "seek"):
+        source = io.BytesIO(source.read())  # np.load needs a seekable file
+    with np.load(source, allow_pickle=False) as data:
+        missing = {"format", "m", "P", "meta"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path!r} is not a whitening file: missing {sorted(missing)}")
+        fmt = str(data["format"])
+        if fmt != _FORMAT:
+            raise ValueError(f"{path!r} has whitening format {fmt!r}, expected {_FORMAT!r}")
+        m, P, meta = data["m"], data["P"], json.loads(str(data["meta"]))
+    if P.ndim != 2 or m.shape != (P.shape[1],):
+        raise ValueError(f"{path!r} is corrupt: m has shape {m.shape}, P has shape {P.shape}")
+    return WhiteningParams(m, P, meta)
