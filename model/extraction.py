@@ -146,7 +146,9 @@ class ArrayImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1)
+        # np.require copies only arrays torch cannot share (read-only or strided).
+        image = np.require(self.images[index], requirements=["C_CONTIGUOUS", "WRITEABLE"])
+        return torch.from_numpy(image).permute(2, 0, 1)
 
 
 def size_grouped_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
