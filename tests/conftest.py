@@ -106,3 +106,15 @@ def lite0_real_descriptors(real_photo_set):
     images = ImageFiles(real_photo_set.db_paths, max_size=512)
     options = ExtractOptions(batch_size=16, device="cpu", progress=False)
     return extract_multihead(backbone, {"gem": GeMHead(1280, p=3.0)}, images, options)["gem"]
+
+
+@pytest.fixture(scope="session")
+def tiny_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in landmark collection's ``tiny`` preset, generated once per session.
+
+    It is in the revisited layout: ``<root>/landmarks-tiny/{jpg/, gnd_landmarks-tiny.pkl}``.
+    Tests that change it copy it first.
+    """
+    from pipeline.landmarks import CONFS, generate
+
+    return generate(CONFS["tiny"], tmp_path_factory.mktemp("collections"))

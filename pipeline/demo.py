@@ -1,0 +1,192 @@
+"""``make demo``: off-the-shelf retrieval on the built-in landmark collection or your own photos.
+
+For each network (untrained ResNet-50, untrained and ImageNet EfficientNet-Lite0 by default) and
+each pooling (GeM, MAC, SPoC) it prints mAP plain, with learned whitening (Lw) and with αQE.
+Lw is learned from ground-truth pairs of a *separate* training collection (other landmarks,
+another seed), never from the photos it is evaluated on. Later stages grow this into the
+whole pipeline: SfM, training, indexing and serving.
+
+    python -m pipeline.demo                         # built-in collection
+    python -m pipeline.demo --photos ~/my_photos    # a folder per scene gives mAP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import tyro
+
+from model.backbones import build_backbone
+from model.extraction import DEFAULT_SCALES, ExtractOptions, ImageFiles, extract_multihead
+from model.heads import GeMHead
+from model.whitening import learn_whitening
+from pipeline.benchmarks import RetrievalSet, load_folder, load_revisited, same_label_pairs
+from pipeline.evaluate import PostProcess, score, summary_map
+from pipeline.landmarks import CONFS, generate
+from pipeline.results import write_json
+
+logger = logging.getLogger("pipeline.demo")
+
+POOLING_NAMES = {"gem": "GeM", "mac": "MAC", "spoc": "SPoC"}
+
+
+@dataclass(frozen=True)
+class DemoConf:
+    """Settings of the demo; every field is a command-line flag."""
+
+    photos: str | None = None
+    """A folder of your own photos: a sub-folder per scene gives mAP; a flat folder gives
+    each photo's nearest neighbours. Default: the built-in landmark collection."""
+    collection: str = "demo"
+    """Preset of the built-in collection (see pipeline.landmarks.CONFS)."""
+    output: str = "outputs/demo"
+    """Where the generated photos and results.json go."""
+    networks: tuple[str, ...] = (
+        "resnet50:random",
+        "efficientnet_lite0:random",
+        "efficientnet_lite0:imagenet",
+    )
+    """backbone:weights pairs; weights are random, imagenet, a path or an s3:// URI."""
+    poolings: tuple[str, ...] = ("gem", "mac", "spoc")
+    max_size: int = 512
+    """Longer side of the images the network sees."""
+    multiscale: bool = False
+    """Describe at scales 1, 1/√2, 1/2 and combine as the GeM paper does."""
+    qe_k: int = 2
+    qe_alpha: float = 3.0
+    batch_size: int = 16
+    seed: int = 0
+    """Seed of the random (untrained) networks."""
+
+
+def main(conf: DemoConf) -> Path:
+    """Run the demo; returns the path of ``results.json``."""
+    out = Path(conf.output)
+    out.mkdir(parents=True, exist_ok=True)
+    rset, train = _photo_sets(conf, out / "data")
+    logger.info(
+        "%s: %d database images, %d queries (%s protocol)",
+        rset.name,
+        len(rset.db_paths),
+        len(rset.query_paths),
+        rset.protocol,
+    )
+    scales = DEFAULT_SCALES if conf.multiscale else (1.0,)
+    options = ExtractOptions(scales=scales, batch_size=conf.batch_size)
+    rows: list[dict[str, Any]] = []
+    for spec in conf.networks:
+        rows += _evaluate_network(spec, conf, rset, train, options)
+    if rset.protocol == "none":
+        _print_neighbours(rset, rows)
+    else:
+        _print_table(rset, rows, scales)
+    results = write_json(
+        out / "results.json", {"conf": dataclasses.asdict(conf), "set": rset.name, "rows": rows}
+    )
+    print(f"\nresults: {results}")
+    return results
+
+
+def _photo_sets(conf: DemoConf, data_root: Path) -> tuple[RetrievalSet, RetrievalSet | None]:
+    """The set to evaluate and, for the built-in collection, the training set for Lw."""
+    if conf.photos:
+        return load_folder(conf.photos), None
+    if conf.collection not in CONFS:
+        raise ValueError(f"unknown collection {conf.collection!r}; choose one of {list(CONFS)}")
+    test_conf = CONFS[conf.collection]
+    train_conf = dataclasses.replace(
+        test_conf, name=f"{test_conf.name}-train", seed=test_conf.seed + 1
+    )
+    rset = load_revisited(generate(test_conf, data_root))
+    train = load_revisited(generate(train_conf, data_root))
+    return rset, train
+
+
+def _evaluate_network(
+    spec: str,
+    conf: DemoConf,
+    rset: RetrievalSet,
+    train: RetrievalSet | None,
+    options: ExtractOptions,
+) -> list[dict[str, Any]]:
+    name, _, weights = spec.partition(":")
+    weights = weights or "random"
+    torch.manual_seed(conf.seed)
+    backbone = build_backbone(name, None if weights == "random" else weights)
+    heads = {pool: GeMHead(backbone.out_channels, pooling=pool) for pool in conf.poolings}
+    started = time.perf_counter()
+    db = extract_multihead(backbone, heads, ImageFiles(rset.db_paths, conf.max_size), options)
+    queries = (
+        db
+        if rset.queries_are_database
+        else extract_multihead(
+            backbone,
+            heads,
+            ImageFiles(rset.query_paths, conf.max_size, rset.query_boxes),
+            options,
+        )
+    )
+    whitening_db = (
+        extract_multihead(backbone, heads, ImageFiles(train.db_paths, conf.max_size), options)
+        if train is not None
+        else None
+    )
+    logger.info("%s: described in %.1f s", spec, time.perf_counter() - started)
+
+    rows = []
+    for pool in conf.poolings:
+        posts = [PostProcess(), PostProcess(qe_k=conf.qe_k, qe_alpha=conf.qe_alpha)]
+        if whitening_db is not None:
+            qidxs, pidxs = same_label_pairs(train.db_labels)
+            m, P = learn_whitening(whitening_db[pool], qidxs, pidxs)
+            lw = PostProcess(whitening=(m, P))
+            posts += [lw, dataclasses.replace(lw, qe_k=conf.qe_k, qe_alpha=conf.qe_alpha)]
+        for post in posts:
+            metrics, ranks = score(db[pool], queries[pool], rset, post)
+            rows.append(
+                {
+                    "network": f"{name} ({weights})",
+                    "pooling": POOLING_NAMES.get(pool, pool),
+                    "post": post.label,
+                    "metrics": metrics,
+                    "top5": ranks[:, :5].tolist() if rset.protocol == "none" else None,
+                }
+            )
+    return rows
+
+
+def _print_table(rset: RetrievalSet, rows: list[dict[str, Any]], scales: tuple) -> None:
+    scale_text = "multi-scale" if len(scales) > 1 else "single-scale"
+    columns = list(summary_map(rows[0]["metrics"]))
+    print(f"\nmAP (%) on {rset.name}, {len(rset.query_paths)} queries, {scale_text}")
+    header = f"{'network':<30} {'pooling':<8} {'post-processing':<24}"
+    header += "".join(f"{c:>7}" for c in columns)
+    print(header)
+    print("-" * len(header))
+    previous = None
+    for row in rows:
+        network = row["network"] if row["network"] != previous else ""
+        previous = row["network"]
+        figures = summary_map(row["metrics"])
+        line = f"{network:<30} {row['pooling']:<8} {row['post']:<24}"
+        print(line + "".join(f"{100 * figures[c]:>7.1f}" for c in columns))
+
+
+def _print_neighbours(rset: RetrievalSet, rows: list[dict[str, Any]]) -> None:
+    """A flat folder has no ground truth: show each photo's nearest neighbours instead."""
+    row = next(r for r in reversed(rows) if r["post"] == "plain")
+    print(f"\nnearest neighbours with {row['network']} {row['pooling']} (no ground truth)")
+    for j, top in enumerate(row["top5"]):
+        names = [rset.db_paths[i].name for i in top if i != j][:4]
+        print(f"{rset.query_paths[j].name:<32} -> {', '.join(names)}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    main(tyro.cli(DemoConf))
