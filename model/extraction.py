@@ -1,10 +1,10 @@
 """Batched, multi-scale descriptor extraction.
 
 Images of one size are batched together (padding would change what GeM pools), decoding runs in
-DataLoader workers off the GPU's critical path, and on a GPU the network runs channels-last under
-bf16 autocast. Scales are combined as in the GeM paper: the power mean, with the head's exponent,
-of the per-scale descriptors, then L2. One forward of the trunk can feed several heads at once,
-so comparing poolings costs one pass over the images.
+DataLoader workers off the GPU's critical path, the network runs channels-last, and on a GPU
+under bf16 autocast. Scales are combined as in the GeM paper: the power mean, with the head's
+exponent, of the per-scale descriptors, then L2. One forward of the trunk can feed several
+heads at once, so comparing poolings costs one pass over the images.
 """
 
 from __future__ import annotations
@@ -47,12 +47,17 @@ class ExtractOptions:
     """How to run the network; ``None`` means the best choice for the device."""
 
     scales: tuple[float, ...] = (1.0,)
-    batch_size: int = 32
+    batch_size: int | None = None  # 64 on CUDA; 1 on a CPU, where big batches spill the caches
     num_workers: int = 0
     device: str | None = None  # "cuda" when available, else "cpu"
     bf16: bool | None = None  # autocast to bf16: default on CUDA only
-    channels_last: bool | None = None  # default on CUDA only
+    channels_last: bool = True  # faster on CUDA tensor cores and on CPU oneDNN kernels alike
     progress: bool = True
+
+    def batch_size_for(self, device: torch.device) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return 64 if device.type == "cuda" else 1
 
 
 def resized_size(width: int, height: int, max_size: int | None) -> tuple[int, int]:
@@ -182,8 +187,7 @@ def extract_multihead(
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     bf16 = on_cuda if options.bf16 is None else options.bf16
-    channels_last = on_cuda if options.channels_last is None else options.channels_last
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
 
     modules = nn.ModuleDict({"backbone": backbone, **heads}).to(device, memory_format=memory_format)
     modules.eval()
@@ -193,7 +197,7 @@ def extract_multihead(
 
     loader = DataLoader(
         images,
-        batch_sampler=size_grouped_batches(images.sizes, options.batch_size),
+        batch_sampler=size_grouped_batches(images.sizes, options.batch_size_for(device)),
         num_workers=options.num_workers,
         pin_memory=on_cuda,
         collate_fn=torch.stack,

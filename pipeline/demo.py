@@ -60,7 +60,8 @@ class DemoConf:
     """Describe at scales 1, 1/√2, 1/2 and combine as the GeM paper does."""
     qe_k: int = 2
     qe_alpha: float = 3.0
-    batch_size: int = 16
+    batch_size: int | None = None
+    """Default: 64 on a GPU, 1 on a CPU."""
     seed: int = 0
     """Seed of the random (untrained) networks."""
 

@@ -130,7 +130,8 @@ class EvaluateConf:
     kappas: tuple[int, ...] = (1, 5, 10)
     output: str = "outputs/evaluate"
     cache_dir: str = "outputs/cache"
-    batch_size: int = 16
+    batch_size: int | None = None
+    """Default: 64 on a GPU, 1 on a CPU."""
     num_workers: int = 2
     device: str | None = None
     seed: int = 0

@@ -54,7 +54,7 @@ def test_checkpoint_from_s3(s3_bucket: str, tmp_path: Path, images: torch.Tensor
     loaded = load_network(f"s3://{s3_bucket}/runs/1/").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), net(images))
-    with pytest.raises(FileNotFoundError, match="no meta.json"):
+    with pytest.raises(FileNotFoundError, match=r"no meta\.json"):
         load_network(f"s3://{s3_bucket}/runs/2")
 
 

@@ -1,0 +1,108 @@
+"""Descriptors per second: batched extraction against the one-image-at-a-time fp32 loop.
+
+The baseline is how the GeM reference code extracts (a Python loop, one image per forward, fp32,
+contiguous layout). The contender is ``model.extraction``: batches of one size, bf16 autocast
+on a GPU, channels-last everywhere. Same network, same decoded images, same process;
+the figure that matters is the ratio.
+
+    python -m bench.extract                                  # ResNet-101/50 and Lite0, 1024 px
+    python -m bench.extract --networks efficientnet_lite0 --images 64 --out bench/results/x.json
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+from model.extraction import DEFAULT_SCALES, ArrayImages, ExtractOptions, extract_descriptors
+from model.networks import NetworkMeta, build_network
+
+
+@dataclass(frozen=True)
+class BenchConf:
+    networks: tuple[str, ...] = ("resnet101", "resnet50", "efficientnet_lite0")
+    width: int = 1024
+    height: int = 768
+    images: int | None = None
+    """Images per measurement; default 8 on a CPU, 256 on a GPU."""
+    batch_size: int | None = None
+    """Default: 64 on a GPU, 1 on a CPU (model.extraction's choice)."""
+    warmup: int = 2
+    device: str | None = None
+    out: str | None = None
+    """Write the figures as JSON here as well."""
+
+
+def _rate(net: torch.nn.Module, images: ArrayImages, options: ExtractOptions) -> float:
+    """Images per second of one full extraction (returns NumPy, so the GPU has finished)."""
+    started = time.perf_counter()
+    extract_descriptors(net, images, options)
+    return len(images) / (time.perf_counter() - started)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main(conf: BenchConf) -> list[dict]:
+    device = conf.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    count = conf.images or (256 if device == "cuda" else 8)
+    rng = np.random.default_rng(0)
+    # Decoded images: the benchmark measures the network path, not JPEG decoding.
+    frames = [rng.integers(0, 256, (conf.height, conf.width, 3), dtype=np.uint8)] * count
+    images = ArrayImages(frames)
+    warm = ArrayImages(frames[: conf.warmup])
+    one_by_one = ExtractOptions(
+        batch_size=1, device=device, bf16=False, channels_last=False, progress=False
+    )
+    batched = ExtractOptions(batch_size=conf.batch_size, device=device, progress=False)
+    multiscale = ExtractOptions(
+        scales=DEFAULT_SCALES, batch_size=conf.batch_size, device=device, progress=False
+    )
+    print(
+        f"device: {_device_name(device)}; torch {torch.__version__}; {count} images "
+        f"{conf.width}x{conf.height}; GeM; batch {conf.batch_size}"
+    )
+    header = (
+        f"{'network':<20}{'1-by-1 fp32':>14}{'batched':>12}{'ratio':>8}{'3 scales':>12}{'ratio':>8}"
+    )
+    print(header + "\n" + "-" * len(header))
+    rows = []
+    for name in conf.networks:
+        net = build_network(NetworkMeta(backbone=name), weights=None).eval()
+        for options in (one_by_one, batched, multiscale):
+            extract_descriptors(net, warm, options)  # cuDNN autotuning, allocator, threads
+        base = _rate(net, images, one_by_one)
+        fast = _rate(net, images, batched)
+        multi = _rate(net, images, multiscale)
+        row = {
+            "network": name,
+            "one_by_one_fp32": base,
+            "batched": fast,
+            "batched_ratio": fast / base,
+            "multiscale": multi,
+            "multiscale_ratio": multi / base,
+        }
+        rows.append(row)
+        print(
+            f"{name:<20}{base:>10.1f} i/s{fast:>8.1f} i/s{fast / base:>7.2f}x"
+            f"{multi:>8.1f} i/s{multi / base:>7.2f}x"
+        )
+    if conf.out:
+        Path(conf.out).parent.mkdir(parents=True, exist_ok=True)
+        payload = {"device": _device_name(device), "conf": asdict(conf), "rows": rows}
+        Path(conf.out).write_text(json.dumps(payload, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchConf))
