@@ -68,9 +68,11 @@ def main(conf: BenchConf) -> list[dict]:
     multiscale = ExtractOptions(
         scales=DEFAULT_SCALES, batch_size=conf.batch_size, device=device, progress=False
     )
+    batch = batched.batch_size_for(torch.device(device))
     print(
         f"device: {_device_name(device)}; torch {torch.__version__}; {count} images "
-        f"{conf.width}x{conf.height}; GeM; batch {conf.batch_size}"
+        f"{conf.width}x{conf.height}; GeM; batch {batch}, channels-last, "
+        f"{'bf16' if device == 'cuda' else 'fp32'}"
     )
     header = (
         f"{'network':<20}{'1-by-1 fp32':>14}{'batched':>12}{'ratio':>8}{'3 scales':>12}{'ratio':>8}"

@@ -50,6 +50,7 @@ import logging
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from model.arrays import descriptor_matrix
 from model.retrieval import rank_by_similarity
 
 __all__ = [
@@ -78,21 +79,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 def _check_descriptors(X: ArrayLike) -> NDArray[np.floating]:
     """``X`` as a finite 2-D float array (float32 stays float32), or a ValueError saying why not."""
-    arr = np.asarray(X)
-    if arr.ndim != 2:
-        raise ValueError(
-            f"X must be 2-D [N, D] (a row per image), got shape {arr.shape}; "
-            "reshape a single descriptor with x[None, :]"
-        )
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"X must hold real numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.result_type(arr.dtype, np.float32), copy=False)
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"X has {int(bad.sum())} row(s) with NaN or inf "
-            f"(first at row {int(np.flatnonzero(bad)[0])})"
-        )
+    arr = descriptor_matrix(X)
     if arr.size:
         off = np.abs(np.linalg.norm(arr, axis=1) - 1.0) > 1e-3
         if off.any():

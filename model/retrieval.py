@@ -15,6 +15,8 @@ import logging
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from model.arrays import descriptor_matrix
+
 __all__ = ["alpha_qe", "l2_normalize", "rank_by_similarity"]
 
 logger = logging.getLogger(__name__)
@@ -36,28 +38,8 @@ def l2_normalize(X: ArrayLike, eps: float = 1e-6, axis: int = -1) -> NDArray[np.
     return arr / np.maximum(norms, eps)
 
 
-def _as_matrix(name: str, X: ArrayLike) -> NDArray[np.floating]:
-    """``X`` as a finite 2-D float array (float32 stays float32), or a ValueError saying why not."""
-    arr = np.asarray(X)
-    if arr.ndim != 2:
-        raise ValueError(
-            f"{name} must be 2-D [n, D] (a row per descriptor), got shape {arr.shape}; "
-            "reshape a single descriptor with x[None, :]"
-        )
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.result_type(arr.dtype, np.float32), copy=False)
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"{name} has {int(bad.sum())} row(s) with NaN or inf "
-            f"(first at row {int(np.flatnonzero(bad)[0])})"
-        )
-    return arr
-
-
 def _check_pair(Q: ArrayLike, X: ArrayLike) -> tuple[NDArray[np.floating], NDArray[np.floating]]:
-    q, x = _as_matrix("Q", Q), _as_matrix("X", X)
+    q, x = descriptor_matrix(Q, "Q"), descriptor_matrix(X, "X")
     if q.shape[1] != x.shape[1]:
         raise ValueError(
             f"Q and X must have the same descriptor dimension: Q is {q.shape}, X is {x.shape}"

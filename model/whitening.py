@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from model.arrays import descriptor_matrix
 from model.retrieval import l2_normalize
 
 __all__ = [
@@ -46,23 +47,6 @@ class WhiteningParams(NamedTuple):
     m: NDArray[np.float64]
     P: NDArray[np.float64]
     meta: dict[str, Any]
-
-
-def _finite_rows(X: ArrayLike, work_dtype: Any = np.float64) -> NDArray[np.floating]:
-    """``X`` as a 2-D array of ``work_dtype`` with no NaN/inf, or an error naming the bad rows."""
-    arr = np.asarray(X)
-    if arr.ndim != 2:
-        raise ValueError(f"X must be 2-D [N, D] (a row per image), got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"X must hold real numbers, got dtype {arr.dtype}")
-    arr = arr.astype(work_dtype, copy=False)
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"X has {int(bad.sum())} of {arr.shape[0]} row(s) with NaN or inf "
-            f"(first at row {int(np.flatnonzero(bad)[0])}); drop or re-extract them first"
-        )
-    return arr
 
 
 def _index_array(name: str, idx: ArrayLike, n: int) -> NDArray[np.int64]:
@@ -138,7 +122,7 @@ def learn_whitening(
     most relative to how much matching ones differ. A ``C_S`` that is not positive definite
     gets a small, growing diagonal load (logged) rather than an error.
     """
-    x = _finite_rows(X)
+    x = descriptor_matrix(X, dtype=np.float64)
     n, D = x.shape
     q = _index_array("qidxs", qidxs, n)
     p = _index_array("pidxs", pidxs, n)
@@ -180,7 +164,7 @@ def learn_pca_whitening(
     e.g. when N < D, would otherwise be blown up from rounding noise. They sort last, so
     ``apply_whitening(..., dim=...)`` can drop them.
     """
-    x = _finite_rows(X)
+    x = descriptor_matrix(X, dtype=np.float64)
     if x.shape[0] < 2:
         raise ValueError(f"PCA whitening needs at least 2 rows of X, got {x.shape[0]}")
     if not 0 < eps < 1:
@@ -210,7 +194,7 @@ def apply_whitening(
     copy of a large descriptor matrix); float64 input in float64.
     """
     arr = np.asarray(X)
-    x = _finite_rows(arr, work_dtype=np.result_type(arr.dtype, np.float32))
+    x = descriptor_matrix(arr)
     D = x.shape[1]
     mean = np.asarray(m, dtype=np.float64)
     proj = np.asarray(P, dtype=np.float64)

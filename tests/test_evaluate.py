@@ -175,3 +175,31 @@ def test_printed_like_the_papers() -> None:
     text = format_revisited("roxford5k", metrics, (1, 5, 10))
     assert text.splitlines()[0] == ">> roxford5k: mAP E: 84.8, M: 64.7, H: 38.5"
     assert "E: [100.0, 80.0, 65.0]" in text.splitlines()[1]
+
+
+def test_command_line_with_whitening_file(conf, tiny_collection, network, tmp_path) -> None:
+    """The module runs as users run it, flags and all, and applies a saved whitening."""
+    import subprocess
+    import sys
+
+    from model.whitening import learn_whitening, save_whitening
+    from pipeline.benchmarks import same_label_pairs
+
+    rset = load_revisited(tiny_collection)
+    db = extract_descriptors(network, ImageFiles(rset.db_paths, MAX_SIZE), _options())
+    m, P = learn_whitening(db, *same_label_pairs(rset.db_labels))
+    save_whitening(tmp_path / "lw.npz", m, P)
+    args = [
+        sys.executable, "-m", "pipeline.evaluate",
+        "--dataset", conf.dataset, "--data-root", conf.data_root,
+        "--max-size", str(MAX_SIZE), "--scales", "1", "0.7071",
+        "--whitening", str(tmp_path / "lw.npz"), "--whitening-dim", "64",
+        "--qe-k", "2", "--qe-alpha", "3",
+        "--output", conf.output, "--cache-dir", conf.cache_dir, "--device", "cpu",
+    ]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f">> {conf.dataset}: mAP E: " in done.stdout
+    saved = json.loads(next(Path(conf.output).rglob("metrics.json")).read_text())
+    assert saved["settings"]["scales"] == [1.0, 0.7071]
+    assert saved["post_processing"] == "Lw + αQE(k=2, α=3)"
