@@ -511,7 +511,7 @@ def test_a_crash_leaves_no_collection_behind(
     def crash(*args: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(landmarks, "_write_tables", crash)
+    monkeypatch.setattr("pipeline.landmarks.writer._write_tables", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         generate(SMALL, tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []

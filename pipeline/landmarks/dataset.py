@@ -1,0 +1,102 @@
+"""The files of a collection on disk, its camera table, and reading a complete one back."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.landmarks.cameras import Shot
+from pipeline.landmarks.scene import Scene
+from pipeline.render import Camera
+
+SUCCESS_FILE = "_SUCCESS"
+CAMERAS_FILE = "cameras.parquet"
+CONFIG_FILE = "config.json"
+IMAGE_DIR = "jpg"
+
+
+class IncompleteDatasetError(FileNotFoundError):
+    """The data set directory lacks `_SUCCESS`: it is missing, partial or still being written."""
+
+
+class DatasetConflictError(FileExistsError):
+    """A complete data set with the same name but another configuration is already there."""
+
+
+def _camera_record(shot: Shot, scene: Scene) -> dict[str, Any]:
+    camera = shot.camera
+    return {
+        "name": shot.name,
+        "role": shot.role,
+        "landmark": shot.landmark,
+        "fx": float(camera.K[0, 0]),
+        "fy": float(camera.K[1, 1]),
+        "cx": float(camera.K[0, 2]),
+        "cy": float(camera.K[1, 2]),
+        "width": camera.width,
+        "height": camera.height,
+        "R": camera.R.reshape(-1).tolist(),
+        "t": camera.t.tolist(),
+        "centre": camera.centre.tolist(),
+        "landmark_centre": scene.centre.tolist(),
+    }
+
+
+_CAMERA_SCHEMA = pa.schema(
+    [
+        ("name", pa.string()),
+        ("role", pa.string()),
+        ("landmark", pa.int32()),
+        ("fx", pa.float64()),
+        ("fy", pa.float64()),
+        ("cx", pa.float64()),
+        ("cy", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("R", pa.list_(pa.float64(), 9)),
+        ("t", pa.list_(pa.float64(), 3)),
+        ("centre", pa.list_(pa.float64(), 3)),
+        ("landmark_centre", pa.list_(pa.float64(), 3)),
+    ]
+)
+
+
+def camera_from_record(record: Mapping[str, Any]) -> Camera:
+    """The Camera of a cameras.parquet row (as a dict)."""
+    K = np.array(
+        [[record["fx"], 0.0, record["cx"]], [0.0, record["fy"], record["cy"]], [0.0, 0.0, 1.0]]
+    )
+    R = np.asarray(record["R"], dtype=np.float64).reshape(3, 3)
+    return Camera(
+        K, R, np.asarray(record["t"], dtype=np.float64), int(record["width"]), int(record["height"])
+    )
+
+
+def _require_complete(dataset_dir: Path) -> None:
+    if not (dataset_dir / SUCCESS_FILE).is_file():
+        raise IncompleteDatasetError(
+            f"{dataset_dir} has no {SUCCESS_FILE}: the landmark collection there is missing or "
+            "incomplete; generate it with generate(conf, root) or "
+            "`python -m pipeline.landmarks --conf <preset> --root <dir>`"
+        )
+
+
+def load_ground_truth(dataset_dir: str | Path) -> dict[str, Any]:
+    """The revisited-format ground truth (imlist, qimlist, gnd) of a complete collection."""
+    path = Path(dataset_dir)
+    _require_complete(path)
+    with open(path / f"gnd_{path.name}.pkl", "rb") as file:
+        return pickle.load(file)
+
+
+def load_cameras(dataset_dir: str | Path) -> pa.Table:
+    """The camera table (one row per image) of a complete collection."""
+    path = Path(dataset_dir)
+    _require_complete(path)
+    return pq.read_table(path / CAMERAS_FILE)
