@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from model.whitening import learn_whitening
 from pipeline.benchmarks import RetrievalSet, load_folder, load_revisited, same_label_pairs
 from pipeline.evaluate import PostProcess, score, summary_map
 from pipeline.landmarks import CONFS, generate
+from pipeline.report import write_report
 from pipeline.results import write_json
 
 logger = logging.getLogger("pipeline.demo")
@@ -46,7 +48,7 @@ class DemoConf:
     collection: str = "demo"
     """Preset of the built-in collection (see pipeline.landmarks.CONFS)."""
     output: str = "outputs/demo"
-    """Where the generated photos and results.json go."""
+    """Where the generated photos, results.json and the HTML reports go."""
     networks: tuple[str, ...] = (
         "resnet50:random",
         "efficientnet_lite0:random",
@@ -67,7 +69,7 @@ class DemoConf:
 
 
 def main(conf: DemoConf) -> Path:
-    """Run the demo; returns the path of ``results.json``."""
+    """Run the demo; returns the path of ``results.json`` (reports lie beside it)."""
     out = Path(conf.output)
     out.mkdir(parents=True, exist_ok=True)
     rset, train = _photo_sets(conf, out / "data")
@@ -82,7 +84,7 @@ def main(conf: DemoConf) -> Path:
     options = ExtractOptions(scales=scales, batch_size=conf.batch_size)
     rows: list[dict[str, Any]] = []
     for spec in conf.networks:
-        rows += _evaluate_network(spec, conf, rset, train, options)
+        rows += _evaluate_network(spec, conf, rset, train, options, out)
     if rset.protocol == "none":
         _print_neighbours(rset, rows)
     else:
@@ -115,6 +117,7 @@ def _evaluate_network(
     rset: RetrievalSet,
     train: RetrievalSet | None,
     options: ExtractOptions,
+    out: Path,
 ) -> list[dict[str, Any]]:
     name, _, weights = spec.partition(":")
     weights = weights or "random"
@@ -150,6 +153,11 @@ def _evaluate_network(
             posts += [lw, dataclasses.replace(lw, qe_k=conf.qe_k, qe_alpha=conf.qe_alpha)]
         for post in posts:
             metrics, ranks = score(db[pool], queries[pool], rset, post)
+            if pool == conf.poolings[0] and post.label == "plain":
+                report = out / f"report-{_file_name(spec)}.html"
+                title = f"{name} ({weights}), {POOLING_NAMES.get(pool, pool)}"
+                write_report(report, rset, ranks, metrics, title=title)
+                logger.info("report: %s", report)
             rows.append(
                 {
                     "network": f"{name} ({weights})",
@@ -160,6 +168,10 @@ def _evaluate_network(
                 }
             )
     return rows
+
+
+def _file_name(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", text)
 
 
 def _print_table(rset: RetrievalSet, rows: list[dict[str, Any]], scales: tuple) -> None:

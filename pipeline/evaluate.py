@@ -44,6 +44,7 @@ from pipeline.benchmarks import (
     load_revisited,
     present_subset,
 )
+from pipeline.report import write_report
 from pipeline.results import write_json
 
 __all__ = ["EvaluateConf", "PostProcess", "format_revisited", "run", "score", "summary_map"]
@@ -139,7 +140,7 @@ class EvaluateConf:
 
 
 def run(conf: EvaluateConf) -> dict[str, Any]:
-    """Evaluate; prints the figures as papers do and writes ``metrics.json``. Returns it."""
+    """Evaluate; prints the figures as papers do, writes ``metrics.json`` and ``report.html``."""
     started = time.perf_counter()
     cache = Path(conf.cache_dir)
     dataset_dir = stage_to_local(f"{conf.data_root.rstrip('/')}/{conf.dataset}", cache)
@@ -163,27 +164,26 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
         "query", rset.query_paths, rset.query_boxes, net, conf.max_size, options
     )
     extracted = {"db": n_db_new, "queries": n_q_new, "distractors": 0}
-    n_distractors = 0
+    distractor_paths: list[Path] = []
     if conf.distractors:
-        paths = _distractor_paths(conf.distractors, cache)
+        distractor_paths = _distractor_paths(conf.distractors, cache)
         d_store = DescriptorCache(cache / "descriptors", "distractors", network_key)
         distractors, extracted["distractors"] = d_store.get(
             f"distractors-{_digest(conf.distractors)}",
-            paths,
+            distractor_paths,
             None,
             net,
             conf.max_size,
             options,
         )
         db = np.concatenate([db, distractors])
-        n_distractors = len(paths)
 
     whitening = None
     if conf.whitening:
         params = load_whitening(io.BytesIO(read_bytes(conf.whitening)))
         whitening = (params.m, params.P)
     post = PostProcess(whitening, conf.whitening_dim, conf.qe_k, conf.qe_alpha)
-    metrics, _ = score(db, queries, rset, post, conf.kappas)
+    metrics, ranks = score(db, queries, rset, post, conf.kappas)
     print(format_revisited(conf.dataset, metrics, conf.kappas))
 
     result = {
@@ -192,15 +192,23 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
         "settings": dataclasses.asdict(conf),
         "network": network_key,
         "post_processing": post.label,
-        "images": {**availability.as_dict(), "distractors": n_distractors},
+        "images": {**availability.as_dict(), "distractors": len(distractor_paths)},
         "queries_without_positives": _queries_without_positives(rset),
         "extracted": extracted,
         "seconds": round(time.perf_counter() - started, 2),
     }
     out = Path(conf.output) / conf.dataset / _digest(json.dumps(result["settings"]))
     write_json(out / "metrics.json", result)
+    write_report(
+        out / "report.html",
+        rset,
+        ranks,
+        metrics,
+        db_paths=[*rset.db_paths, *distractor_paths],
+        title=f"{conf.dataset}: {network_key.get('backbone', conf.weights)}, {post.label}",
+    )
     _report_availability(availability.as_dict())
-    print(f"metrics: {out / 'metrics.json'}")
+    print(f"metrics: {out / 'metrics.json'}\nreport:  {out / 'report.html'}")
     return result
 
 

@@ -41,6 +41,11 @@ def test_scene_folders_give_map(scene_folder: Path, tmp_path: Path, capsys) -> N
     assert ("efficientnet_lite0 (imagenet)", "αQE(k=2, α=3)") in rows
     printed = capsys.readouterr().out
     assert "mAP (%) on photos" in printed and "efficientnet_lite0 (imagenet)" in printed
+    reports = sorted(p.name for p in (tmp_path / "out").glob("report-*.html"))
+    assert reports == [
+        "report-efficientnet_lite0_imagenet.html",
+        "report-efficientnet_lite0_random.html",
+    ]
 
 
 def test_flat_folder_lists_neighbours(scene_folder: Path, tmp_path: Path, capsys) -> None:

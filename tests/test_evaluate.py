@@ -131,6 +131,10 @@ def test_distractors_join_the_database(conf, tmp_path: Path) -> None:
     with_distractors = run(dataclasses.replace(conf, distractors=str(others / "jpg")))
     assert with_distractors["images"]["distractors"] == len(list((others / "jpg").glob("*.jpg")))
     assert with_distractors["metrics"]["medium"]["map"] <= plain["metrics"]["medium"]["map"] + 1e-9
+    n = with_distractors["images"]["distractors"]
+    reports = [p.read_text() for p in Path(conf.output).rglob("report.html")]
+    assert len(reports) == 2
+    assert sum(f"<b>{n}</b> distractors" in text for text in reports) == 1
 
 
 def test_data_root_on_s3(conf, tiny_collection, s3_bucket: str) -> None:
