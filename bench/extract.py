@@ -75,7 +75,7 @@ def main(conf: BenchConf) -> list[dict]:
         f"{'bf16' if device == 'cuda' else 'fp32'}"
     )
     header = (
-        f"{'network':<20}{'1-by-1 fp32':>14}{'batched':>12}{'ratio':>8}{'3 scales':>12}{'ratio':>8}"
+        f"{'network':<20}{'1-by-1 fp32':>14}{'cirray':>12}{'ratio':>8}{'3 scales':>12}{'ratio':>8}"
     )
     print(header + "\n" + "-" * len(header))
     rows = []
