@@ -207,3 +207,22 @@ def test_command_line_with_whitening_file(conf, tiny_collection, network, tmp_pa
     saved = json.loads(next(Path(conf.output).rglob("metrics.json")).read_text())
     assert saved["settings"]["scales"] == [1.0, 0.7071]
     assert saved["post_processing"] == "Lw + αQE(k=2, α=3)"
+
+
+def test_checkpoint_directory_brings_its_own_network(conf, tmp_path) -> None:
+    """A training checkpoint (model.pt + meta.json) is evaluated with the head it was saved with."""
+    import torch
+
+    from model.networks import save_network
+
+    torch.manual_seed(0)
+    meta = NetworkMeta(backbone="efficientnet_lite0", pooling="mac")
+    trained = build_network(meta, "imagenet")
+    checkpoint = save_network(trained, tmp_path / "run" / "checkpoint")
+    result = run(dataclasses.replace(conf, weights=str(checkpoint), backbone="resnet50"))
+    assert result["network"]["checkpoint"].startswith(str(checkpoint / "model.pt"))
+    assert "backbone" not in result["network"]  # the resnet50 flag is not what ran
+    mac_imagenet = run(dataclasses.replace(conf, pooling="mac"))
+    assert result["metrics"]["medium"]["map"] == pytest.approx(
+        mac_imagenet["metrics"]["medium"]["map"], abs=1e-6
+    )
