@@ -152,37 +152,8 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
             f"({json.dumps(availability.as_dict())})"
         )
     net, network_key = _network(conf)
-    options = ExtractOptions(
-        scales=conf.scales,
-        batch_size=conf.batch_size,
-        num_workers=conf.num_workers,
-        device=conf.device,
-    )
-    store = DescriptorCache(cache / "descriptors", conf.dataset, network_key)
-    db, n_db_new = store.get("db", rset.db_paths, None, net, conf.max_size, options)
-    queries, n_q_new = store.get(
-        "query", rset.query_paths, rset.query_boxes, net, conf.max_size, options
-    )
-    extracted = {"db": n_db_new, "queries": n_q_new, "distractors": 0}
-    distractor_paths: list[Path] = []
-    if conf.distractors:
-        distractor_paths = _distractor_paths(conf.distractors, cache)
-        d_store = DescriptorCache(cache / "descriptors", "distractors", network_key)
-        distractors, extracted["distractors"] = d_store.get(
-            f"distractors-{_digest(conf.distractors)}",
-            distractor_paths,
-            None,
-            net,
-            conf.max_size,
-            options,
-        )
-        db = np.concatenate([db, distractors])
-
-    whitening = None
-    if conf.whitening:
-        params = load_whitening(io.BytesIO(read_bytes(conf.whitening)))
-        whitening = (params.m, params.P)
-    post = PostProcess(whitening, conf.whitening_dim, conf.qe_k, conf.qe_alpha)
+    db, queries, distractor_paths, extracted = _describe(conf, rset, net, network_key, cache)
+    post = _post_process(conf)
     metrics, ranks = score(db, queries, rset, post, conf.kappas)
     print(format_revisited(conf.dataset, metrics, conf.kappas))
 
@@ -210,6 +181,45 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
     _report_availability(availability.as_dict())
     print(f"metrics: {out / 'metrics.json'}\nreport:  {out / 'report.html'}")
     return result
+
+
+def _describe(
+    conf: EvaluateConf,
+    rset: RetrievalSet,
+    net: RetrievalNet,
+    network_key: dict[str, Any],
+    cache: Path,
+) -> tuple[np.ndarray, np.ndarray, list[Path], dict[str, int]]:
+    """Database (with distractors appended) and query descriptors, through the cache."""
+    options = ExtractOptions(
+        scales=conf.scales,
+        batch_size=conf.batch_size,
+        num_workers=conf.num_workers,
+        device=conf.device,
+    )
+    store = DescriptorCache(cache / "descriptors", conf.dataset, network_key)
+    db, n_db = store.get("db", rset.db_paths, None, net, conf.max_size, options)
+    queries, n_q = store.get(
+        "query", rset.query_paths, rset.query_boxes, net, conf.max_size, options
+    )
+    extracted = {"db": n_db, "queries": n_q, "distractors": 0}
+    if not conf.distractors:
+        return db, queries, [], extracted
+    paths = _distractor_paths(conf.distractors, cache)
+    d_store = DescriptorCache(cache / "descriptors", "distractors", network_key)
+    role = f"distractors-{_digest(conf.distractors)}"
+    distractors, extracted["distractors"] = d_store.get(
+        role, paths, None, net, conf.max_size, options
+    )
+    return np.concatenate([db, distractors]), queries, paths, extracted
+
+
+def _post_process(conf: EvaluateConf) -> PostProcess:
+    whitening = None
+    if conf.whitening:
+        params = load_whitening(io.BytesIO(read_bytes(conf.whitening)))
+        whitening = (params.m, params.P)
+    return PostProcess(whitening, conf.whitening_dim, conf.qe_k, conf.qe_alpha)
 
 
 def format_revisited(dataset: str, metrics: dict[str, Any], kappas: tuple[int, ...]) -> str:
@@ -276,8 +286,7 @@ class DescriptorCache:
 
 def _network(conf: EvaluateConf) -> tuple[RetrievalNet, dict[str, Any]]:
     """The network and what identifies its descriptors for the cache."""
-    checkpoint = _checkpoint_meta(conf.weights)
-    if checkpoint is not None:
+    if _is_checkpoint(conf.weights):
         net = load_network(conf.weights)
         identity = {"checkpoint": file_signature(f"{conf.weights.rstrip('/')}/model.pt")}
     else:
@@ -294,13 +303,15 @@ def _network(conf: EvaluateConf) -> tuple[RetrievalNet, dict[str, Any]]:
     return net.eval(), {**identity, "scales": list(conf.scales)}
 
 
-def _checkpoint_meta(weights: str) -> dict[str, Any] | None:
+def _is_checkpoint(weights: str) -> bool:
+    """A training checkpoint is a directory (local or remote) with a ``meta.json``."""
     if weights in ("imagenet", "random"):
-        return None
+        return False
     try:
-        return json.loads(read_bytes(f"{weights.rstrip('/')}/meta.json"))
+        json.loads(read_bytes(f"{weights.rstrip('/')}/meta.json"))
     except (FileNotFoundError, NotADirectoryError, OSError, ValueError):
-        return None
+        return False
+    return True
 
 
 def _weights_identity(weights: str, seed: int) -> str:
