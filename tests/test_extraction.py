@@ -145,3 +145,19 @@ def test_bad_images_and_boxes_are_named(tmp_path: Path) -> None:
             ArrayImages([np.zeros((8, 8, 3), np.uint8)]),
             ExtractOptions(scales=()),
         )
+
+
+def test_bf16_autocast_path_agrees_with_fp32(images) -> None:
+    """The GPU's bf16 path, run on the CPU: same descriptors to bf16 precision, same order."""
+    from model.backbones import build_backbone
+
+    torch.manual_seed(0)
+    net = RetrievalNet(build_backbone("efficientnet_lite0"), GeMHead(1280), NetworkMeta()).eval()
+    fp32 = extract_descriptors(net, ArrayImages(images), CPU)
+    bf16 = extract_descriptors(
+        net, ArrayImages(images), ExtractOptions(device="cpu", bf16=True, progress=False)
+    )
+    assert bf16.dtype == np.float32 and np.isfinite(bf16).all()
+    cosines = (fp32 * bf16).sum(axis=1)
+    assert cosines.min() > 0.99, cosines
+    assert not np.array_equal(fp32, bf16)  # the autocast really ran
