@@ -123,18 +123,23 @@ def test_descriptors_are_cached_across_post_processing(conf) -> None:
     assert other["extracted"]["db"] > 0
 
 
-def test_distractors_join_the_database(conf, tmp_path: Path) -> None:
-    from pipeline.landmarks import CONFS, generate
-
-    others = generate(dataclasses.replace(CONFS["tiny"], name="others", seed=99), tmp_path / "d")
+def test_distractors_join_the_database(conf, tiny_collection, tmp_path: Path) -> None:
+    """Uncropped copies of the query photos are the hardest distractors there are: they must
+    rank high as wrong answers, so mAP falls and the report shows them, if they were used."""
+    rset = load_revisited(tiny_collection)
+    folder = tmp_path / "distractors" / "jpg"
+    folder.mkdir(parents=True)
+    for path in rset.query_paths:
+        shutil.copy(path, folder / f"copy_{path.name}")
     plain = run(conf)
-    with_distractors = run(dataclasses.replace(conf, distractors=str(others / "jpg")))
-    assert with_distractors["images"]["distractors"] == len(list((others / "jpg").glob("*.jpg")))
-    assert with_distractors["metrics"]["medium"]["map"] <= plain["metrics"]["medium"]["map"] + 1e-9
+    with_distractors = run(dataclasses.replace(conf, distractors=str(folder)))
     n = with_distractors["images"]["distractors"]
+    assert n == len(rset.query_paths) and with_distractors["extracted"]["distractors"] == n
+    assert with_distractors["metrics"]["medium"]["map"] < plain["metrics"]["medium"]["map"] - 0.01
     reports = [p.read_text() for p in Path(conf.output).rglob("report.html")]
     assert len(reports) == 2
     assert sum(f"<b>{n}</b> distractors" in text for text in reports) == 1
+    assert sum('<span class="tag">distractor</span>' in text for text in reports) == 1
 
 
 def test_data_root_on_s3(conf, tiny_collection, s3_bucket: str) -> None:
