@@ -16,13 +16,12 @@ import io
 import json
 import logging
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from model import storage
 from model.arrays import descriptor_matrix
 from model.retrieval import l2_normalize
 
@@ -218,9 +217,8 @@ def save_whitening(
 ) -> None:
     """Write ``m``, ``P`` and JSON-serialisable ``meta`` to a small ``.npz`` (no pickle).
 
-    A local path is written to a temporary file in the same folder and renamed into place, so a
-    crash never leaves a half-written file under the final name. A binary file object (e.g. one
-    opened by the storage layer for S3) is written as is.
+    ``path`` is a local path or an ``s3://`` URI (written whole or not at all, through the
+    storage layer), or an open binary file object.
     """
     mean = np.asarray(m, dtype=np.float64).reshape(-1)
     proj = np.asarray(P, dtype=np.float64)
@@ -234,28 +232,22 @@ def save_whitening(
     if hasattr(path, "write"):
         np.savez(path, **arrays)
         return
-    target = Path(path)
-    if str(path).startswith(("s3://", "gs://", "http://", "https://")):
-        raise ValueError(f"save_whitening writes local paths or open file objects, got {path!r}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    storage.write_bytes(path, buffer.getvalue())
 
 
 def load_whitening(path: str | os.PathLike[str] | BinaryIO) -> WhiteningParams:
-    """Read what ``save_whitening`` wrote: ``(m, P, meta)`` as a ``WhiteningParams``."""
-    if not hasattr(path, "read") and str(path).startswith(("s3://", "gs://", "http")):
-        raise ValueError(f"load_whitening reads local paths or open file objects, got {path!r}")
-    source = path if hasattr(path, "read") else Path(path)
-    if hasattr(source, "read") and not hasattr(source, "seek"):
-        source = io.BytesIO(source.read())  # np.load needs a seekable file
-    with np.load(source, allow_pickle=False) as data:
+    """Read what ``save_whitening`` wrote (a path, an ``s3://`` URI or a binary file object)."""
+    if hasattr(path, "read"):
+        source = io.BytesIO(path.read())  # np.load needs a seekable file
+    else:
+        source = io.BytesIO(storage.read_bytes(path))
+    try:
+        data = np.load(source, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path!r} is not a whitening file: {err}") from err
+    with data:
         missing = {"format", "m", "P", "meta"} - set(data.files)
         if missing:
             raise ValueError(f"{path!r} is not a whitening file: missing {sorted(missing)}")

@@ -1,4 +1,4 @@
-"""Writing results: JSON that understands NumPy, published atomically (temp file, then rename)."""
+"""Writing results: JSON that understands NumPy, published whole through the storage layer."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["write_json"]
+from model import storage
+
+__all__ = ["to_json", "write_json"]
 
 
-def write_json(path: str | Path, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON; a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable))
-    os.replace(tmp, path)
-    return path
+def to_json(payload: Any) -> str:
+    """``payload`` as indented JSON; NumPy scalars and arrays and paths become plain values."""
+    return json.dumps(payload, indent=2, default=_jsonable)
+
+
+def write_json(uri: str | os.PathLike[str], payload: Any) -> str:
+    """Write ``payload`` as JSON to a path or ``s3://`` URI; a reader never sees half a file."""
+    return storage.write_text(uri, to_json(payload))
 
 
 def _jsonable(value: Any) -> Any:

@@ -199,6 +199,17 @@ class TestSaveLoad:
         assert np.array_equal(m2, m) and np.array_equal(P2, P) and meta["kind"] == "lw"
         assert [f.name for f in path.parent.iterdir()] == ["whiten.npz"]  # no temp file left
 
+    def test_round_trip_through_s3(self, s3_bucket):
+        X, q, p = paired_data()
+        m, P = learn_whitening(X, q, p)
+        uri = f"s3://{s3_bucket}/ckpt/whitening.npz"
+        save_whitening(uri, m, P, kind="lw")
+        loaded = load_whitening(uri)
+        assert np.array_equal(loaded.m, m) and np.array_equal(loaded.P, P)
+        assert loaded.meta == {"kind": "lw"}
+        with pytest.raises(FileNotFoundError, match=r"absent\.npz"):
+            load_whitening(f"s3://{s3_bucket}/ckpt/absent.npz")
+
     def test_file_objects(self):
         buf = io.BytesIO()
         save_whitening(buf, np.zeros(2), np.eye(2))
