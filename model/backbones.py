@@ -1,17 +1,23 @@
 """Fully convolutional trunks: normalised images ``[B, 3, H, W]`` → feature maps ``[B, C, h, w]``.
 
 Every trunk carries ``out_channels`` and the ``mean``/``std`` its weights were trained with, so
-whoever feeds it images normalises them the right way. Weights are never downloaded: they come
-from the EfficientNet-Lite weight packages (``"imagenet"``), torchvision's local cache (a weights
-name such as ``"IMAGENET1K_V2"``), a local file or an ``s3://`` URI.
+whoever feeds it images normalises them the right way, and ``min_input_size``: the smallest height
+and width, in pixels, its forward pass accepts (smaller images make a pooling's output empty and
+crash it, so extraction reports them as too small for the network instead). ResNet and
+EfficientNet-Lite pad every convolution and pooling, so they take 1 pixel; VGG16's four unpadded
+2x2 max poolings need 16 pixels, and 8 after :meth:`VGGTrunk.remove_last_stride`.
+
+Weights are never downloaded: they come from the EfficientNet-Lite weight packages
+(``"imagenet"``), torchvision's local cache (a weights name such as ``"IMAGENET1K_V2"``), a local
+file or an ``s3://`` URI, all read by :func:`model.weights.load_state_dict`; every failure raises
+:class:`model.weights.WeightsError`.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -19,7 +25,7 @@ import torchvision
 from torch import nn
 
 from model import efficientnet_lite
-from model.uri import read_bytes
+from model.weights import WeightsError, load_state_dict
 
 __all__ = [
     "BACKBONES",
@@ -27,9 +33,7 @@ __all__ = [
     "IMAGENET_STD",
     "ResNetTrunk",
     "VGGTrunk",
-    "WeightsError",
     "build_backbone",
-    "load_state_dict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,12 +54,46 @@ _CLASSIFIER_PREFIXES = ("fc.", "classifier.")
 _WEIGHTS_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")  # torchvision style: IMAGENET1K_V2, DEFAULT
 
 
-class WeightsError(ValueError):
-    """Weights that cannot be found, read or matched to the network."""
+def _min_input_size(layers: Iterable[nn.Module]) -> int:
+    """The smallest height/width a chain of layers maps to an output of at least one pixel.
+
+    Walks the chain backwards from a 1-pixel output: a convolution or pooling with kernel ``k``,
+    stride ``s``, padding ``p`` and dilation ``d`` gives ``m`` output pixels from at least
+    ``(m - 1) * s + d * (k - 1) + 1 - 2 * p`` input pixels (floor mode; ``ceil_mode`` poolings
+    need at most as many; ``padding="same"`` keeps the size). Other layers keep the size. Both
+    dimensions are checked; the larger requirement is returned.
+    """
+    layers = list(layers)
+    need = 1
+    for axis in (0, 1):
+        size = 1
+        for layer in reversed(layers):
+            if not isinstance(layer, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
+                continue
+            if layer.padding == "same":  # a Conv2d that keeps the size (stride 1)
+                continue
+            padding = 0 if layer.padding == "valid" else layer.padding
+            k, s, p = (_pair(v)[axis] for v in (layer.kernel_size, layer.stride, padding))
+            d = _pair(getattr(layer, "dilation", 1))[axis]
+            size = max(1, (size - 1) * s + d * (k - 1) + 1 - 2 * p)
+        need = max(need, size)
+    return need
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[-1])
 
 
 class ResNetTrunk(nn.Module):
-    """A torchvision ResNet without its pooling and classifier; parameter names are kept."""
+    """A torchvision ResNet without its pooling and classifier; parameter names are kept.
+
+    ``min_input_size`` is 1: every convolution and the stem's max pooling are padded, so even a
+    1x1 image gives a 1x1 map, with or without :meth:`remove_last_stride`. (In training mode
+    BatchNorm also needs more than one value per channel, so a single 1x1 image runs only in
+    eval mode.)
+    """
+
+    min_input_size: int = 1
 
     def __init__(self, resnet: torchvision.models.ResNet) -> None:
         super().__init__()
@@ -87,13 +125,20 @@ class ResNetTrunk(nn.Module):
 
 
 class VGGTrunk(nn.Module):
-    """VGG's convolutional part without the final max pooling, as in the GeM paper."""
+    """VGG's convolutional part without the final max pooling, as in the GeM paper.
+
+    ``min_input_size`` is computed from :attr:`features`: VGG16 keeps four unpadded 2x2 max
+    poolings of stride 2 (its 3x3 convolutions are padded), so it needs 2**4 = 16 pixels, and 8
+    once :meth:`remove_last_stride` has dropped one of them. A smaller image leaves a pooling
+    with an empty output, which raises.
+    """
 
     def __init__(self, vgg: torchvision.models.VGG) -> None:
         super().__init__()
         self.features = vgg.features[:-1]
         self.out_channels: int = 512
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.min_input_size: int = _min_input_size(self.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -102,6 +147,7 @@ class VGGTrunk(nn.Module):
         """Drop the pooling before the last convolutional block (the last stride left)."""
         pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
         self.features[pools[-1]] = nn.Identity()
+        self.min_input_size = _min_input_size(self.features)
 
 
 def build_backbone(
@@ -119,7 +165,10 @@ def build_backbone(
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     state = None if weights is None else _resolve_weights(name, weights)
     if name in efficientnet_lite.VARIANTS:
-        trunk = efficientnet_lite.build_efficientnet_lite(name, state)
+        try:
+            trunk = efficientnet_lite.build_efficientnet_lite(name, state)
+        except WeightsError as err:
+            raise WeightsError(f"weights {weights} do not fit {name}: {err}") from err
     else:
         trunk = _torchvision_trunk(name)
         if state is not None:
@@ -129,26 +178,6 @@ def build_backbone(
     trunk.name = name
     trunk.weights = None if weights is None else str(weights)
     return trunk
-
-
-def load_state_dict(uri: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a path or URI, loaded with ``weights_only=True`` (no code runs).
-
-    Accepts a bare state dict or one wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``,
-    and strips the ``module.`` prefix that DDP adds.
-    """
-    try:
-        obj = torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"weights file not found: {uri}") from None
-    except Exception as err:  # torch raises many types for a bad file
-        raise WeightsError(f"weights file {uri} is not a readable PyTorch file: {err}") from err
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"weights file {uri} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def _torchvision_trunk(name: str) -> nn.Module:

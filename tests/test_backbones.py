@@ -1,4 +1,5 @@
-"""Backbones: shapes, strides, and weights from a path, S3, the local cache, or nowhere."""
+"""Backbones: shapes, strides, the smallest input, and weights from a path, S3, the local cache,
+or nowhere."""
 
 from pathlib import Path
 
@@ -6,7 +7,8 @@ import boto3
 import pytest
 import torch
 
-from model.backbones import BACKBONES, WeightsError, build_backbone
+from model.backbones import BACKBONES, build_backbone
+from model.weights import WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,34 @@ def test_remove_last_stride_doubles_the_map(name: str, image: torch.Tensor) -> N
     with torch.no_grad():
         a, b = plain(image), dense(image)
     assert b.shape[-2:] == (a.shape[-2] * 2, a.shape[-1] * 2)
+
+
+def _assert_min_input_size_is_tight(trunk: torch.nn.Module) -> None:
+    m = trunk.min_input_size
+    with torch.no_grad():
+        fmap = trunk(torch.randn(1, 3, m, m))
+        assert fmap.shape[:2] == (1, trunk.out_channels)
+        assert min(fmap.shape[-2:]) >= 1
+        assert trunk(torch.randn(1, 3, m, 3 * m + 1)).shape[-2] >= 1  # one side at the minimum
+        if m > 1:  # one pixel less leaves a pooling with nothing to pool
+            with pytest.raises(RuntimeError):
+                trunk(torch.randn(1, 3, m - 1, m - 1))
+            with pytest.raises(RuntimeError):
+                trunk(torch.randn(1, 3, m - 1, 4 * m))
+
+
+@pytest.mark.parametrize(
+    ("name", "plain", "dense"), [("resnet50", 1, 1), ("vgg16", 16, 8), ("efficientnet_lite0", 1, 1)]
+)
+def test_min_input_size_is_the_smallest_input_that_runs(name: str, plain: int, dense: int) -> None:
+    """``dense``: after ``remove_last_stride()``, which must update ``min_input_size``."""
+    trunk = build_backbone(name, None).eval()
+    assert isinstance(trunk.min_input_size, int)
+    assert trunk.min_input_size == plain
+    _assert_min_input_size_is_tight(trunk)
+    trunk.remove_last_stride()
+    assert trunk.min_input_size == dense
+    _assert_min_input_size_is_tight(trunk)
 
 
 def test_weights_round_trip_through_a_file(tmp_path: Path, image: torch.Tensor) -> None:
@@ -81,6 +111,8 @@ def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     torch.save(build_backbone("vgg16").state_dict(), tmp_path / "vgg.pt")
     with pytest.raises(WeightsError, match="another architecture"):
         build_backbone("resnet50", weights=tmp_path / "vgg.pt")
+    with pytest.raises(WeightsError, match=r"vgg\.pt do not fit efficientnet_lite0.*missing keys"):
+        build_backbone("efficientnet_lite0", weights=tmp_path / "vgg.pt")
     torch.save(build_backbone("resnet101").state_dict(), tmp_path / "r101.pt")
     with pytest.raises(WeightsError, match="another architecture"):
         build_backbone("resnet50", weights=tmp_path / "r101.pt")
