@@ -5,6 +5,9 @@
 ``dim / n`` and L2-normalised, then concatenated and L2-normalised again, plus an auxiliary
 classifier (BatchNorm, FC) on the first descriptor's pooled features for labelled data.
 Every head says which power combines its descriptors over scales (``scale_exponent``).
+
+Defaults follow each paper: GeM's head learns its exponent ``p`` (Radenović et al.), CGD's GeM
+branch keeps ``p = 3`` fixed (Jun et al. 2019).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.pooling import MAC, GeM, SPoC, build_pooling, l2n
+from model.pooling import MAC, GeM, SPoC, build_pooling, l2n, pooling_name
 
 __all__ = ["CGD_LETTERS", "CGDHead", "GeMHead"]
 
@@ -20,7 +23,12 @@ CGD_LETTERS = {"S": "spoc", "M": "mac", "G": "gem"}
 
 
 class GeMHead(nn.Module):
-    """Pooling → L2 → optional FC whitening → L2."""
+    """Pooling → L2 → optional FC whitening → L2.
+
+    ``pooling`` is ``gem``, ``mac`` or ``spoc`` in any case (``self.pooling`` keeps the
+    lower-case name); anything else is a ``ValueError``. ``p``, ``learn_p`` and
+    ``per_channel_p`` configure GeM; MAC and SPoC have no exponent, so for them they are ignored.
+    """
 
     def __init__(
         self,
@@ -32,8 +40,9 @@ class GeMHead(nn.Module):
         whitening_dim: int | None = None,
     ) -> None:
         super().__init__()
-        kwargs = {"p": p, "learn_p": learn_p, "channels": in_channels if per_channel_p else None}
-        self.pool = build_pooling(pooling, **kwargs) if pooling == "gem" else build_pooling(pooling)
+        self.pooling = pooling_name(pooling)
+        channels = in_channels if per_channel_p else None
+        self.pool = build_pooling(self.pooling, p=p, learn_p=learn_p, channels=channels)
         self.whiten = nn.Linear(in_channels, whitening_dim, bias=True) if whitening_dim else None
         self.out_dim = whitening_dim or in_channels
 
@@ -50,7 +59,12 @@ class GeMHead(nn.Module):
 
 
 class CGDHead(nn.Module):
-    """Combination of global descriptors, e.g. ``"SMG"`` = SPoC + MAC + GeM."""
+    """Combination of global descriptors, e.g. ``"SMG"`` = SPoC + MAC + GeM (letters in any case).
+
+    The GeM branch's exponent ``p`` is fixed by default, as in the CGD paper (``p = 3``, not
+    trained); ``learn_p=True`` makes it a trained parameter. Either way it is the parameter
+    ``pools.<i>.p``, so state dicts have the same keys.
+    """
 
     def __init__(
         self,
@@ -59,6 +73,7 @@ class CGDHead(nn.Module):
         dim: int = 1536,
         num_classes: int = 0,
         p: float = 3.0,
+        learn_p: bool = False,
     ) -> None:
         super().__init__()
         letters = descriptors.upper()
@@ -73,7 +88,7 @@ class CGDHead(nn.Module):
         if dim % len(letters):
             raise ValueError(f"CGD dim {dim} is not divisible by {len(letters)} descriptors")
         self.descriptors = letters
-        self.pools = nn.ModuleList(_cgd_pool(letter, p) for letter in letters)
+        self.pools = nn.ModuleList(_cgd_pool(letter, p, learn_p) for letter in letters)
         self.projections = nn.ModuleList(
             nn.Linear(in_channels, dim // len(letters), bias=False) for _ in letters
         )
@@ -101,5 +116,5 @@ class CGDHead(nn.Module):
         return 1.0
 
 
-def _cgd_pool(letter: str, p: float) -> nn.Module:
-    return {"S": SPoC, "M": MAC}[letter]() if letter != "G" else GeM(p=p)
+def _cgd_pool(letter: str, p: float, learn_p: bool) -> nn.Module:
+    return {"S": SPoC, "M": MAC}[letter]() if letter != "G" else GeM(p=p, learn_p=learn_p)

@@ -5,6 +5,17 @@ class-balanced batches with a batch-hard triplet loss plus a label-smoothed, tem
 cross-entropy on the auxiliary classifier. The batch-hard triplet comes from
 pytorch-metric-learning (its loss, miner and class-balanced sampler are well tested); the tuple
 losses are a few lines of maths kept here as functions with thin module wrappers.
+
+The two triplet losses give ``margin`` different units, each as its source does:
+
+- ``triplet_loss`` / ``TripletLoss`` (GeM tuples, cirtorch's ``triplet_loss``): squared
+  Euclidean distances, summed over triplets; the margin is in squared-distance units.
+- ``BatchHardTripletLoss`` (CGD, pytorch-metric-learning's ``TripletMarginLoss`` with
+  ``BatchHardMiner``): Euclidean distances of L2-normalised embeddings, averaged over the
+  triplets whose loss is non-zero; the margin is in distance units.
+
+On unit vectors ``‖a − b‖² = 2 − 2·cos(a, b)``, so the same number is a different demand: a
+margin of 0.1 on squared distances is about 0.1 / (‖a − p‖ + ‖a − n‖) on plain distances.
 """
 
 from __future__ import annotations
@@ -43,7 +54,14 @@ def contrastive_loss(
 def triplet_loss(
     anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, margin: float = 0.1
 ) -> torch.Tensor:
-    """``max(0, ‖a−p‖² − ‖a−n‖² + margin)`` summed over triplets."""
+    """GeM's triplet loss: ``Σ_i max(0, ‖a_i − p_i‖² − ‖a_i − n_i‖² + margin)``.
+
+    Distances are squared Euclidean distances of the descriptors as given (no normalisation
+    here; GeM's descriptors are already L2-normalised), the reduction is a sum over triplets
+    (zero-loss triplets included, so the loss grows with the batch), and ``margin`` is in
+    squared-distance units. Source: cirtorch's ``layers/functional.py::triplet_loss``
+    (filipradenovic/cnnimageretrieval-pytorch), which this matches.
+    """
     if not anchors.shape == positives.shape == negatives.shape:
         raise ValueError(
             f"triplet shapes differ: {tuple(anchors.shape)}, {tuple(positives.shape)}, "
@@ -84,7 +102,10 @@ class ContrastiveLoss(nn.Module):
 
 
 class TripletLoss(nn.Module):
-    """Triplet loss over tuples ``[T, 2 + n_neg, D]``, the query against each negative."""
+    """``triplet_loss`` over tuples ``[T, 2 + n_neg, D]``: (query, positive, negative_j) for
+    every negative j, so ``T · n_neg`` triplets, summed; squared Euclidean distances, ``margin``
+    in squared-distance units (cirtorch's ``TripletLoss``).
+    """
 
     def __init__(self, margin: float = 0.1) -> None:
         super().__init__()
@@ -103,7 +124,17 @@ class TripletLoss(nn.Module):
 
 
 class BatchHardTripletLoss(nn.Module):
-    """CGD's ranking loss: for each anchor the hardest positive and negative of the batch."""
+    """CGD's ranking loss: a batch-hard triplet loss over ``embeddings [B, D]`` and ``labels [B]``.
+
+    For each anchor ``i`` that has both a positive and a negative in the batch, with ``d`` the
+    Euclidean distance between L2-normalised embeddings (pytorch-metric-learning normalises
+    them itself, so the scale of the input does not matter):
+    ``l_i = max(0, max_{p: y_p = y_i, p ≠ i} d(i, p) − min_{n: y_n ≠ y_i} d(i, n) + margin)``.
+    The loss is the mean of the non-zero ``l_i`` (zero-loss triplets do not dilute it), and 0
+    when all are zero. ``margin`` is in (unsquared) distance units, in ``[0, 2]`` on unit vectors.
+    Source: pytorch-metric-learning's ``TripletMarginLoss`` (``LpDistance(p=2, power=1,
+    normalize_embeddings=True)``, ``AvgNonZeroReducer``) with ``BatchHardMiner``.
+    """
 
     def __init__(self, margin: float = 0.1) -> None:
         super().__init__()

@@ -1,26 +1,38 @@
 """Retrieval networks that describe themselves: a trunk, a head and the ``meta`` that rebuilds them.
 
-A checkpoint is one directory (``model.pt``, ``meta.json``); training, batch extraction and
-serving all read that layout, so a network never depends on the code path that made it.
+A checkpoint is one directory, local or ``s3://`` (``model.pt``, ``meta.json``); training, batch
+extraction and serving all read that layout, so a network never depends on the code path that
+made it. ``meta.json`` is written last and marks the checkpoint complete.
+
+``meta.json`` carries a ``format`` number (``META_FORMAT``). Files written before it existed
+have none and are read as format 1: format 1 is exactly their layout, with fields added since
+(``learn_p``) taking their defaults when absent. A file from a newer format, or with fields this
+code does not know, still loads, with a warning naming what is ignored; if what is ignored
+changes the network, loading its weights then fails with a note saying so.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from model.backbones import build_backbone, load_state_dict
+from model.backbones import build_backbone
 from model.heads import CGDHead, GeMHead
-from model.pooling import GeM
-from model.uri import read_bytes
+from model.pooling import GeM, pooling_name
+from model.storage import is_file, join, read_bytes, remove, write_bytes
+from model.weights import WeightsError, load_state_dict
 
 __all__ = [
+    "HEAD_DEFAULTS",
+    "META_FORMAT",
     "NetworkMeta",
     "RetrievalNet",
     "build_network",
@@ -29,26 +41,56 @@ __all__ = [
     "save_network",
 ]
 
+META_FORMAT = 1
+"""The ``meta.json`` format this code writes and reads."""
+
+HEAD_DEFAULTS: dict[str, dict[str, bool]] = {
+    # The GeM paper: the trunk keeps its strides, GeM's p is learned (at 10× the rate).
+    "gem": {"remove_last_stride": False, "learn_p": True},
+    # The CGD paper (Jun et al. 2019): the last stride is removed, GeM's p is fixed at 3.
+    "cgd": {"remove_last_stride": True, "learn_p": False},
+}
+"""What ``None`` means for ``NetworkMeta.remove_last_stride`` and ``learn_p``, per head."""
+
 
 @dataclass(frozen=True)
 class NetworkMeta:
-    """Everything needed to rebuild a network; saved beside its weights as ``meta.json``."""
+    """Everything needed to rebuild a network; saved beside its weights as ``meta.json``.
+
+    Names are case-insensitive and stored canonical: ``head`` and ``pooling`` lower-case,
+    ``descriptors`` upper-case. ``remove_last_stride`` and ``learn_p`` left ``None`` take the
+    head's paper default (``HEAD_DEFAULTS``) and are stored resolved, so ``meta.json`` records
+    what was built. (``dataclasses.replace(meta, head=...)`` therefore keeps the old head's
+    resolved values; pass them again, or ``None``, to get the new head's defaults.)
+    """
 
     backbone: str = "efficientnet_lite0"
     head: str = "gem"  # "gem" (the GeM paper's network) or "cgd"
     pooling: str = "gem"  # gem head only: gem | mac | spoc
-    p: float = 3.0
-    per_channel_p: bool = False
+    p: float = 3.0  # GeM's exponent (gem head with gem pooling; cgd head's G branch)
+    learn_p: bool | None = None  # None: True for gem, False for cgd
+    per_channel_p: bool = False  # gem head with gem pooling: one p per channel
     whitening_dim: int | None = None  # gem head: size of the learned FC whitening layer
     descriptors: str = "SG"  # cgd head: letters S, M, G
     dim: int = 1536  # cgd head: output size
     num_classes: int = 0  # cgd head: auxiliary classifier size, 0 for none
-    remove_last_stride: bool = False
+    remove_last_stride: bool | None = None  # None: False for gem, True for cgd
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: git SHA, training run...
 
     def __post_init__(self) -> None:
-        if self.head not in ("gem", "cgd"):
+        head = self.head.strip().lower() if isinstance(self.head, str) else self.head
+        if head not in HEAD_DEFAULTS:
             raise ValueError(f"unknown head {self.head!r}; use 'gem' or 'cgd'")
+        object.__setattr__(self, "head", head)
+        object.__setattr__(self, "pooling", pooling_name(self.pooling))
+        if isinstance(self.descriptors, str):
+            object.__setattr__(self, "descriptors", self.descriptors.strip().upper())
+        for name, default in HEAD_DEFAULTS[head].items():
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, default)
+            elif not isinstance(value, bool):
+                raise ValueError(f"NetworkMeta.{name} must be true, false or None, got {value!r}")
 
 
 class RetrievalNet(nn.Module):
@@ -83,13 +125,16 @@ class RetrievalNet(nn.Module):
 
 def build_network(meta: NetworkMeta, weights: str | Path | None = "imagenet") -> RetrievalNet:
     """The network ``meta`` describes, its trunk initialised from ``weights`` (head fresh)."""
-    backbone = build_backbone(meta.backbone, weights, remove_last_stride=meta.remove_last_stride)
+    backbone = build_backbone(
+        meta.backbone, weights, remove_last_stride=bool(meta.remove_last_stride)
+    )
     channels = backbone.out_channels
     if meta.head == "gem":
         head: nn.Module = GeMHead(
             channels,
             pooling=meta.pooling,
             p=meta.p,
+            learn_p=bool(meta.learn_p),
             per_channel_p=meta.per_channel_p,
             whitening_dim=meta.whitening_dim,
         )
@@ -100,32 +145,84 @@ def build_network(meta: NetworkMeta, weights: str | Path | None = "imagenet") ->
             dim=meta.dim,
             num_classes=meta.num_classes,
             p=meta.p,
+            learn_p=bool(meta.learn_p),
         )
     return RetrievalNet(backbone, head, meta)
 
 
-def save_network(net: RetrievalNet, directory: str | Path) -> Path:
-    """Write ``model.pt`` and ``meta.json`` (with the git SHA) into a local directory."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = asdict(net.meta)
+def save_network(net: RetrievalNet, directory: str | Path) -> str:
+    """Write the checkpoint ``directory`` (a local path or ``s3://`` URI); returns it as a string.
+
+    ``model.pt`` is written first and ``meta.json`` (with ``format`` and the git SHA) last: a
+    checkpoint is recognised by its ``meta.json``. Overwriting a checkpoint deletes its old
+    ``meta.json`` before anything else, so a reader never pairs an old meta with new weights.
+    """
+    base = str(directory)
+    meta = {"format": META_FORMAT, **asdict(net.meta)}
     meta["extra"] = {**meta["extra"], "git_sha": _git_sha()}
-    torch.save(net.state_dict(), out / "model.pt")
-    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return out
+    meta_uri = join(base, "meta.json")
+    if is_file(meta_uri):
+        remove(meta_uri)
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    write_bytes(join(base, "model.pt"), buffer.getvalue())
+    write_bytes(meta_uri, json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
+    return base
 
 
-def load_network(directory: str) -> RetrievalNet:
-    """Rebuild a network from a checkpoint directory, local or ``s3://``."""
-    base = directory.rstrip("/")
+def load_network(directory: str | Path) -> RetrievalNet:
+    """Rebuild a network from a checkpoint directory, local or ``s3://``.
+
+    A ``meta.json`` of a newer format, or with unknown fields, loads with a warning (see the
+    module's docstring); one that is not a JSON object or has a bad ``format`` is a ``ValueError``.
+    """
+    base = str(directory)
+    meta_uri = join(base, "meta.json")
     try:
-        meta = NetworkMeta(**json.loads(read_bytes(f"{base}/meta.json")))
+        raw = read_bytes(meta_uri)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{base} is not a checkpoint: it has no meta.json") from None
+        raise FileNotFoundError(
+            f"{base.rstrip('/')} is not a checkpoint: it has no meta.json"
+        ) from None
+    meta, caveat = _parse_meta(json.loads(raw), meta_uri)
     net = build_network(meta, weights=None)
-    state = load_state_dict(f"{base}/model.pt")
-    net.load_state_dict(state, strict=True)
+    state = load_state_dict(join(base, "model.pt"))
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        hint = f"; {meta_uri}: {caveat}, which may be why" if caveat else ""
+        raise WeightsError(
+            f"{join(base, 'model.pt')} does not fit the network its meta.json describes: "
+            f"{detail}{hint}"
+        ) from err
     return net
+
+
+def _parse_meta(data: Any, source: str) -> tuple[NetworkMeta, str | None]:
+    """The ``NetworkMeta`` of a parsed ``meta.json``, and what of it was ignored (or ``None``)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} does not hold a JSON object")
+    data = dict(data)
+    version = data.pop("format", 1)  # files from before the format number are format 1
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{source}: format {version!r} is not a format number (an integer ≥ 1)")
+    caveats = []
+    if version > META_FORMAT:
+        caveats.append(
+            f"it is format {version}, newer than the format {META_FORMAT} this code reads"
+        )
+    known = {f.name for f in fields(NetworkMeta)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        caveats.append(f"its field(s) {', '.join(unknown)} are unknown here and were ignored")
+    caveat = "; ".join(caveats) or None
+    if caveat:
+        warnings.warn(
+            f"{source}: {caveat} (written by a newer version?); loading the fields this code knows",
+            stacklevel=3,
+        )
+    return NetworkMeta(**{k: v for k, v in data.items() if k in known}), caveat
 
 
 def parameter_groups(

@@ -10,7 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MAC", "POOLINGS", "GeM", "SPoC", "build_pooling", "gem", "l2n", "mac", "spoc"]
+__all__ = [
+    "MAC",
+    "POOLINGS",
+    "GeM",
+    "SPoC",
+    "build_pooling",
+    "gem",
+    "l2n",
+    "mac",
+    "pooling_name",
+    "spoc",
+]
 
 
 def _check_feature_map(x: torch.Tensor) -> None:
@@ -102,10 +113,20 @@ class GeM(nn.Module):
 POOLINGS: dict[str, type[nn.Module]] = {"gem": GeM, "mac": MAC, "spoc": SPoC}
 
 
-def build_pooling(name: str, **kwargs: float | int | bool) -> nn.Module:
-    """A pooling by name: ``gem`` (with ``p``, ``learn_p``, ``channels``), ``mac`` or ``spoc``."""
-    try:
-        cls = POOLINGS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown pooling {name!r}; choose one of {sorted(POOLINGS)}") from None
+def pooling_name(name: str) -> str:
+    """The canonical (lower-case) name of a pooling: ``"GeM"`` → ``"gem"``.
+
+    ``ValueError`` listing the choices for a name that is not one of ``POOLINGS``, in any case.
+    """
+    canonical = name.strip().lower() if isinstance(name, str) else None
+    if canonical not in POOLINGS:
+        raise ValueError(f"unknown pooling {name!r}; choose one of {sorted(POOLINGS)}")
+    return canonical
+
+
+def build_pooling(name: str, **kwargs: float | int | bool | None) -> nn.Module:
+    """A pooling by name, in any case: ``gem`` (with ``p``, ``learn_p``, ``channels``), ``mac``
+    or ``spoc``. MAC and SPoC have no exponent, so keyword arguments given for them are ignored.
+    """
+    cls = POOLINGS[pooling_name(name)]
     return cls(**kwargs) if cls is GeM else cls()

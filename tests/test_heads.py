@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.heads import CGDHead, GeMHead
-from model.pooling import gem, l2n, mac, spoc
+from model.pooling import MAC, GeM, gem, l2n, mac, spoc
 
 
 @pytest.fixture()
@@ -38,7 +38,7 @@ def test_cgd_classifier_reads_the_first_descriptor(fmap: torch.Tensor) -> None:
 
 
 def test_cgd_gradients_reach_every_parameter(fmap: torch.Tensor) -> None:
-    head = CGDHead(32, descriptors="SMG", dim=24, num_classes=4)
+    head = CGDHead(32, descriptors="SMG", dim=24, num_classes=4, learn_p=True)
     fmap = fmap.requires_grad_()
     descriptor, logits = head(fmap, return_logits=True)
     (descriptor.sum() + logits.sum() + descriptor[:, 0].pow(2).sum()).backward()
@@ -76,3 +76,30 @@ def test_gem_head_optional_whitening(fmap: torch.Tensor) -> None:
     torch.testing.assert_close(out.norm(dim=1), torch.ones(6))
     assert whitened.scale_exponent == 1.0  # a whitening layer mixes signs
     assert GeMHead(32, pooling="mac").scale_exponent == 1.0
+
+
+def test_cgd_gem_p_is_fixed_unless_asked(fmap: torch.Tensor) -> None:
+    """The CGD paper keeps GeM's p at 3; the parameter stays (same state-dict keys), frozen."""
+    fixed = CGDHead(32, descriptors="SG", dim=8)
+    assert "pools.1.p" in fixed.state_dict()
+    assert isinstance(fixed.pools[1].p, torch.nn.Parameter)
+    assert fixed.pools[1].p.requires_grad is False and fixed.pools[1].exponent == 3.0
+    fixed(fmap).sum().backward()
+    assert fixed.pools[1].p.grad is None
+    learned = CGDHead(32, descriptors="SG", dim=8, learn_p=True)
+    assert learned.pools[1].p.requires_grad is True
+    assert learned.state_dict().keys() == fixed.state_dict().keys()
+
+
+def test_gem_head_pooling_names_are_case_insensitive(fmap: torch.Tensor) -> None:
+    head = GeMHead(32, "GeM", p=4.0, per_channel_p=True, learn_p=False)
+    assert isinstance(head.pool, GeM)
+    assert head.pool.p.shape == (32,) and head.pool.p.tolist() == [4.0] * 32
+    assert head.pool.p.requires_grad is False and head.pooling == "gem"
+    torch.testing.assert_close(head(fmap), l2n(gem(fmap, p=4.0)))
+    mac_head = GeMHead(32, "MAC", p=4.0, per_channel_p=True)  # MAC has no p: ignored
+    assert mac_head.pooling == "mac" and isinstance(mac_head.pool, MAC)
+    assert list(mac_head.parameters()) == []
+    torch.testing.assert_close(GeMHead(32, "SPoC")(fmap), l2n(spoc(fmap)))
+    with pytest.raises(ValueError, match=r"unknown pooling 'rmac'; choose one of \['gem', 'mac'"):
+        GeMHead(32, "rmac")

@@ -1,14 +1,18 @@
 """Networks rebuild from their own checkpoint directory, locally and from S3."""
 
+import dataclasses
 import json
+import warnings
 from pathlib import Path
 
-import boto3
 import pytest
 import torch
 
+import model.networks as networks
 from model.networks import NetworkMeta, build_network, load_network, parameter_groups, save_network
 from model.pooling import GeM
+from model.storage import read_bytes, write_bytes
+from model.weights import WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -36,26 +40,128 @@ def _perturbed(meta: NetworkMeta) -> torch.nn.Module:
 )
 def test_checkpoint_round_trip(meta: NetworkMeta, tmp_path: Path, images: torch.Tensor) -> None:
     net = _perturbed(meta)
-    save_network(net, tmp_path / "ckpt")
+    assert save_network(net, tmp_path / "ckpt") == str(tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
     assert saved["backbone"] == meta.backbone and "git_sha" in saved["extra"]
+    assert saved["format"] == networks.META_FORMAT == 1
     loaded = load_network(str(tmp_path / "ckpt")).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), net(images))
     assert loaded(images).shape == (2, net.out_dim)
+    _assert_same_meta(loaded.meta, net.meta)
 
 
-def test_checkpoint_from_s3(s3_bucket: str, tmp_path: Path, images: torch.Tensor) -> None:
-    net = _perturbed(NetworkMeta(backbone="efficientnet_lite0"))
-    local = save_network(net, tmp_path / "ckpt")
-    s3 = boto3.client("s3")
-    for name in ("model.pt", "meta.json"):
-        s3.upload_file(str(local / name), s3_bucket, f"runs/1/{name}")
-    loaded = load_network(f"s3://{s3_bucket}/runs/1/").eval()
+def _assert_same_meta(loaded: NetworkMeta, saved: NetworkMeta) -> None:
+    """Every field survives; ``extra`` gains the git SHA."""
+    assert dataclasses.replace(loaded, extra={}) == dataclasses.replace(saved, extra={})
+    assert loaded.extra.items() >= saved.extra.items() and "git_sha" in loaded.extra
+
+
+def test_checkpoint_to_and_from_s3(s3_bucket: str, images: torch.Tensor) -> None:
+    uri = f"s3://{s3_bucket}/ckpt"
+    meta = NetworkMeta(
+        backbone="efficientnet_lite0",
+        head="cgd",
+        descriptors="MG",
+        dim=64,
+        num_classes=3,
+        learn_p=True,
+        remove_last_stride=False,
+        extra={"run": "s3-test"},
+    )
+    net = _perturbed(meta)
+    assert save_network(net, uri) == uri
+    assert json.loads(read_bytes(f"{uri}/meta.json"))["format"] == 1
+    loaded = load_network(uri + "/").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), net(images))
+    _assert_same_meta(loaded.meta, meta)
+    # Overwriting replaces both files: the new meta is paired with the new weights.
+    other = _perturbed(NetworkMeta(backbone="efficientnet_lite0", whitening_dim=32))
+    save_network(other, uri)
+    reloaded = load_network(uri).eval()
+    assert reloaded.meta.head == "gem" and reloaded.out_dim == 32
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images), other(images))
     with pytest.raises(FileNotFoundError, match=r"no meta\.json"):
         load_network(f"s3://{s3_bucket}/runs/2")
+
+
+def test_save_writes_meta_last_and_drops_the_old_one_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """meta.json marks a checkpoint complete: gone before new weights, written after them."""
+    net = build_network(NetworkMeta(backbone="efficientnet_lite0"), weights=None)
+    target = tmp_path / "ckpt"
+    save_network(net, target)
+    calls: list[tuple[str, str]] = []
+
+    def recording(name, real):
+        def call(uri, *args):
+            calls.append((name, Path(str(uri)).name))
+            return real(uri, *args)
+
+        return call
+
+    monkeypatch.setattr(networks, "write_bytes", recording("write", networks.write_bytes))
+    monkeypatch.setattr(networks, "remove", recording("remove", networks.remove))
+    save_network(net, str(target))
+    assert calls == [("remove", "meta.json"), ("write", "model.pt"), ("write", "meta.json")]
+
+
+def test_meta_json_from_a_newer_version_loads_with_a_warning(
+    tmp_path: Path, images: torch.Tensor
+) -> None:
+    net = _perturbed(NetworkMeta(backbone="efficientnet_lite0", whitening_dim=16))
+    ckpt = str(tmp_path / "ckpt")
+    save_network(net, ckpt)
+    meta_path = tmp_path / "ckpt" / "meta.json"
+    saved = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**saved, "colour": "blue", "zoom": 2}))
+    with pytest.warns(UserWarning, match=r"field\(s\) colour, zoom are unknown"):
+        loaded = load_network(ckpt).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), net(images))
+    meta_path.write_text(json.dumps({**saved, "format": 2}))
+    with pytest.warns(UserWarning, match="format 2, newer than the format 1"):
+        load_network(ckpt)
+    # What was ignored is named again if the weights then do not fit the network.
+    meta_path.write_text(json.dumps({**saved, "whitening_dim": None, "whitening": 16}))
+    with pytest.warns(UserWarning, match="whitening"), pytest.raises(WeightsError) as err:
+        load_network(ckpt)
+    assert "whitening are unknown" in str(err.value) and "does not fit" in str(err.value)
+    for bad in ("1", 0, True):
+        meta_path.write_text(json.dumps({**saved, "format": bad}))
+        with pytest.raises(ValueError, match="not a format number"):
+            load_network(ckpt)
+
+
+def test_meta_json_of_old_versions_loads_as_before(tmp_path: Path, images: torch.Tensor) -> None:
+    """Files from before ``format`` and ``learn_p``: no warning, same network, same keys.
+
+    Old files always wrote ``remove_last_stride`` (false); the one change is that a cgd meta
+    without ``learn_p`` now keeps its (trained, loaded) p fixed.
+    """
+    for meta in (
+        NetworkMeta(backbone="efficientnet_lite0", head="cgd", dim=32, remove_last_stride=False),
+        NetworkMeta(backbone="efficientnet_lite0", pooling="gem"),
+    ):
+        net = _perturbed(dataclasses.replace(meta, learn_p=True))  # old code learned p
+        ckpt = save_network(net, tmp_path / meta.head)
+        old = json.loads(read_bytes(f"{ckpt}/meta.json"))
+        del old["format"], old["learn_p"]
+        write_bytes(f"{ckpt}/meta.json", json.dumps(old).encode())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loaded = load_network(ckpt).eval()
+        assert loaded.meta.remove_last_stride is False
+        assert loaded.state_dict().keys() == net.state_dict().keys()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(images), net(images))
+        (gem_pool,) = (m for m in loaded.modules() if isinstance(m, GeM))
+        assert isinstance(gem_pool.p, torch.nn.Parameter) and gem_pool.exponent == 2.5
+        assert gem_pool.p.requires_grad is (meta.head == "gem")
+        assert loaded.meta.learn_p is (meta.head == "gem")
 
 
 def test_gem_p_trains_faster_and_without_decay() -> None:
@@ -65,6 +171,41 @@ def test_gem_p_trains_faster_and_without_decay() -> None:
     assert groups[1]["weight_decay"] == 0.0 and groups[1]["params"] == [net.head.pool.p]
     counted = sum(p.numel() for g in groups for p in g["params"])
     assert counted == sum(p.numel() for p in net.parameters())
+
+
+def test_head_defaults_follow_each_paper(images: torch.Tensor) -> None:
+    """GeM: strides kept, p learned. CGD: last stride removed, p fixed at 3 (no 10× group)."""
+    gem_meta, cgd_meta = NetworkMeta(), NetworkMeta(head="cgd")
+    assert (gem_meta.remove_last_stride, gem_meta.learn_p) == (False, True)
+    assert (cgd_meta.remove_last_stride, cgd_meta.learn_p) == (True, False)
+    explicit = NetworkMeta(head="cgd", remove_last_stride=False, learn_p=True)
+    assert (explicit.remove_last_stride, explicit.learn_p) == (False, True)
+    lite0 = dataclasses.replace(cgd_meta, backbone="efficientnet_lite0", dim=32)
+    cgd = build_network(lite0, weights=None)
+    kept = build_network(dataclasses.replace(lite0, remove_last_stride=False), weights=None)
+    assert cgd.backbone(images).shape[-2:] == (4, 4) and kept.backbone(images).shape[-2:] == (2, 2)
+    (pool,) = (m for m in cgd.modules() if isinstance(m, GeM))
+    assert pool.p.requires_grad is False and pool.exponent == 3.0
+    groups = parameter_groups(cgd, lr=1e-3, weight_decay=1e-4)
+    assert [g["lr"] for g in groups] == [1e-3]
+    assert all(p is not pool.p for p in groups[0]["params"])
+    learned = build_network(dataclasses.replace(lite0, learn_p=True), weights=None)
+    assert [g["lr"] for g in parameter_groups(learned, lr=1e-3, weight_decay=0.0)] == [1e-3, 1e-2]
+    with pytest.raises(ValueError, match="learn_p"):
+        NetworkMeta(learn_p="yes")
+
+
+def test_meta_stores_canonical_names() -> None:
+    """Names in any case build the same network and are recorded as built (meta.json, caches)."""
+    meta = NetworkMeta(backbone="efficientnet_lite0", pooling="GeM", p=4.0, per_channel_p=True)
+    assert meta.pooling == "gem"
+    net = build_network(meta, weights=None)
+    assert net.head.pool.p.shape == (1280,) and net.head.pool.p.tolist() == [4.0] * 1280
+    assert NetworkMeta(pooling="MAC").pooling == "mac"
+    cgd = NetworkMeta(head="CGD", descriptors="smg")
+    assert (cgd.head, cgd.descriptors) == ("cgd", "SMG")
+    with pytest.raises(ValueError, match=r"unknown pooling 'rmac'; choose one of \['gem', 'mac'"):
+        NetworkMeta(pooling="rmac")
 
 
 def test_default_network_is_pretrained_lite0() -> None:

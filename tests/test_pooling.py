@@ -53,6 +53,23 @@ def test_modules_match_functions(fmap: torch.Tensor) -> None:
     assert isinstance(build_pooling("GeM", p=2.0), GeM)
 
 
+def test_pooling_names_are_case_insensitive_and_checked() -> None:
+    from model.pooling import pooling_name
+
+    assert [pooling_name(n) for n in ("GeM", "MAC", " spoc ", "gem")] == [
+        "gem",
+        "mac",
+        "spoc",
+        "gem",
+    ]
+    pool = build_pooling("GEM", p=4.0, learn_p=False, channels=3)
+    assert isinstance(pool, GeM) and pool.p.tolist() == [4.0] * 3 and not pool.p.requires_grad
+    assert isinstance(build_pooling("Mac", p=4.0), MAC)  # MAC has no p: ignored
+    for bad in ("rmac", "", None):
+        with pytest.raises(ValueError, match=r"choose one of \['gem', 'mac', 'spoc'\]"):
+            pooling_name(bad)
+
+
 def test_l2n_rows_have_unit_norm(fmap: torch.Tensor) -> None:
     norms = l2n(mac(fmap)).norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
