@@ -9,21 +9,38 @@ including its two peculiarities, so that numbers compare with published tables:
 
 Rankings for ``compute_map`` are ``[n_db, n_q]`` (a column per query, as the protocol's own code
 has them); ``recall_at_k`` takes FAISS's ``[n_q, n]`` rows. Every figure is a fraction in [0, 1].
+
+Exact mAP needs only where each query's ground-truth images (positives and junk) sit in its full
+ranking, not the ranking itself: ``compute_map_at_positions`` and
+``evaluate_revisited_at_positions`` take those positions (``model.retrieval.ranked_positions``
+computes them without ranking a million-image database) and share every line of the AP and
+mP@k arithmetic with ``compute_map`` and ``evaluate_revisited``, so both give the same figures.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["compute_map", "evaluate_revisited", "recall_at_k"]
+__all__ = [
+    "compute_map",
+    "compute_map_at_positions",
+    "evaluate_revisited",
+    "evaluate_revisited_at_positions",
+    "ground_truth_items",
+    "recall_at_k",
+]
 
 logger = logging.getLogger(__name__)
 
 _EMPTY = np.empty(0, dtype=np.int64)
+# The database size when the caller does not give one (positions do not reveal it).
+_NO_LIMIT = int(np.iinfo(np.int64).max)
+
+_GND_KEYS = ("ok", "easy", "hard", "junk")
 
 
 def _int_matrix(name: str, ranks: ArrayLike) -> NDArray[np.int64]:
@@ -78,20 +95,22 @@ def _check_gnd(gnd: Sequence[Mapping[str, ArrayLike]], required: tuple[str, ...]
             )
 
 
-def _query_ap_pr(
-    column: NDArray[np.int64], ok: NDArray[np.int64], junk: NDArray[np.int64], kappas: list[int]
+def _ap_pr(
+    pos: NDArray[np.int64], n_ok: int, kappas: list[int]
 ) -> tuple[float, NDArray[np.float64]]:
-    """AP and precision@kappas of one query whose ranked database indices are ``column``."""
-    pos = np.flatnonzero(np.isin(column, ok))  # 0-based positions, ascending
-    if junk.size:
-        junk_pos = np.flatnonzero(np.isin(column, junk))
-        pos = pos - np.searchsorted(junk_pos, pos)  # minus the junk ranked before each one
+    """AP and precision@kappas of one query from where its positives sit in its ranking.
+
+    ``pos`` holds the ascending 0-based positions of the positives found, counted once the junk
+    is removed from the ranking (``_without_junk``); ``n_ok`` is the number of positives, found
+    or not (AP's denominator). The one copy of the protocol's arithmetic: every metric here,
+    from a ranking or from positions, comes through it.
+    """
     n_found = pos.size
     j = np.arange(n_found)
     # Trapezoid between the precision just before and just after each positive is recalled.
     prec_before = np.where(pos == 0, 1.0, j / np.maximum(pos, 1))
     prec_after = (j + 1) / (pos + 1)
-    ap = float(((prec_before + prec_after) / 2).sum() / ok.size)
+    ap = float(((prec_before + prec_after) / 2).sum() / n_ok)
 
     if n_found == 0:
         return ap, np.zeros(len(kappas))
@@ -99,6 +118,47 @@ def _query_ap_pr(
     kq = np.minimum(pos1[-1], np.asarray(kappas, dtype=np.int64))  # the protocol's min() quirk
     prs = (pos1[None, :] <= kq[:, None]).sum(axis=1) / kq
     return ap, prs.astype(np.float64)
+
+
+def _without_junk(ok_pos: NDArray[np.int64], junk_pos: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Positions of the positives (ascending) once the junk (ascending) leaves the ranking."""
+    if junk_pos.size == 0:
+        return ok_pos
+    return ok_pos - np.searchsorted(junk_pos, ok_pos)  # minus the junk ranked before each one
+
+
+# (query, ok, junk) -> (positions of ok, positions of junk): ascending, in the full ranking.
+_Locate = Callable[[int, NDArray[np.int64], NDArray[np.int64]], tuple[NDArray[np.int64], ...]]
+
+
+def _map_over_queries(
+    gnd: Sequence[Mapping[str, ArrayLike]], ks: list[int], n_db: int, locate: _Locate, caller: str
+) -> tuple[float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """``compute_map``'s result, given where each query's ``ok`` and ``junk`` images rank."""
+    n_q = len(gnd)
+    aps = np.full(n_q, np.nan)
+    prs = np.full((n_q, len(ks)), np.nan)
+    for q, entry in enumerate(gnd):
+        ok = _index_set(q, "ok", entry["ok"], n_db)
+        if ok.size == 0:
+            continue
+        junk = _index_set(q, "junk", entry.get("junk", _EMPTY), n_db)
+        overlap = np.intersect1d(ok, junk)
+        if overlap.size:
+            raise ValueError(
+                f"gnd[{q}] lists {overlap.size} image(s) as both ok and junk "
+                f"(e.g. {int(overlap[0])}); an image is one or the other"
+            )
+        ok_pos, junk_pos = locate(q, ok, junk)
+        aps[q], prs[q] = _ap_pr(_without_junk(ok_pos, junk_pos), ok.size, ks)
+
+    n_valid = int((~np.isnan(aps)).sum())
+    if n_valid == 0:
+        logger.warning("%s: none of the %d queries has a positive; mAP is NaN", caller, n_q)
+        return float("nan"), aps, np.full(len(ks), np.nan), prs
+    if n_valid < n_q:
+        logger.info("%s: %d of %d queries have no positives, left out", caller, n_q - n_valid, n_q)
+    return float(np.nanmean(aps)), aps, np.nanmean(prs, axis=0), prs
 
 
 def compute_map(
@@ -121,7 +181,8 @@ def compute_map(
 
     Returns ``(mAP, aps [n_q], mpr [len(kappas)], prs [n_q, len(kappas)])``. Queries with no
     positives get NaN rows and are left out of the means; if no query has positives the means
-    are NaN and a warning is logged.
+    are NaN and a warning is logged. ``compute_map_at_positions`` gives the same figures from
+    the positions of the ground-truth images alone.
     """
     r = _int_matrix("ranks", ranks)
     _check_gnd(gnd, ("ok",))
@@ -156,28 +217,52 @@ def compute_map(
                 f"(first: query {int(dup_cols[0])}); each column must be a ranking"
             )
 
-    aps = np.full(n_q, np.nan)
-    prs = np.full((n_q, len(ks)), np.nan)
-    for q, entry in enumerate(gnd):
-        ok = _index_set(q, "ok", entry["ok"], n_db)
-        if ok.size == 0:
-            continue
-        junk = _index_set(q, "junk", entry.get("junk", _EMPTY), n_db)
-        overlap = np.intersect1d(ok, junk)
-        if overlap.size:
-            raise ValueError(
-                f"gnd[{q}] lists {overlap.size} image(s) as both ok and junk "
-                f"(e.g. {int(overlap[0])}); an image is one or the other"
-            )
-        aps[q], prs[q] = _query_ap_pr(r[:, q], ok, junk, ks)
+    def locate(q: int, ok: NDArray[np.int64], junk: NDArray[np.int64]):
+        column = r[:, q]
+        ok_pos = np.flatnonzero(np.isin(column, ok))  # 0-based positions, ascending
+        junk_pos = np.flatnonzero(np.isin(column, junk)) if junk.size else _EMPTY
+        return ok_pos, junk_pos
 
-    n_valid = int((~np.isnan(aps)).sum())
-    if n_valid == 0:
-        logger.warning("compute_map: none of the %d queries has a positive; mAP is NaN", n_q)
-        return float("nan"), aps, np.full(len(ks), np.nan), prs
-    if n_valid < n_q:
-        logger.info("compute_map: %d of %d queries have no positives, left out", n_q - n_valid, n_q)
-    return float(np.nanmean(aps)), aps, np.nanmean(prs, axis=0), prs
+    return _map_over_queries(gnd, ks, n_db, locate, "compute_map")
+
+
+def _revisited_setups(
+    gnd: Sequence[Mapping[str, ArrayLike]], n_db: int
+) -> dict[str, list[dict[str, NDArray[np.int64]]]]:
+    """The easy, medium and hard ``{"ok", "junk"}`` ground truths of a revisited ``gnd``."""
+    parts = [
+        tuple(_index_set(q, key, entry.get(key, _EMPTY), n_db) for key in ("easy", "hard", "junk"))
+        for q, entry in enumerate(gnd)
+    ]
+    for q, (e, h, j) in enumerate(parts):
+        for (a, a_name), (b, b_name) in (
+            ((e, "easy"), (h, "hard")),
+            ((e, "easy"), (j, "junk")),
+            ((h, "hard"), (j, "junk")),
+        ):
+            both = np.intersect1d(a, b)
+            if both.size:
+                raise ValueError(
+                    f"gnd[{q}] lists {both.size} image(s) as both {a_name} and {b_name} "
+                    f"(e.g. {int(both[0])}); the three lists must be disjoint"
+                )
+    return {
+        "easy": [{"ok": e, "junk": np.concatenate([j, h])} for e, h, j in parts],
+        "medium": [{"ok": np.concatenate([e, h]), "junk": j} for e, h, j in parts],
+        "hard": [{"ok": h, "junk": np.concatenate([j, e])} for e, h, j in parts],
+    }
+
+
+def _revisited(
+    setups: dict[str, list[dict[str, NDArray[np.int64]]]],
+    ks: list[int],
+    score: Callable[[list[dict[str, NDArray[np.int64]]]], tuple],
+) -> dict[str, dict[str, float | dict[int, float]]]:
+    results: dict[str, dict[str, float | dict[int, float]]] = {}
+    for name, sub_gnd in setups.items():
+        m_ap, _, mpr, _ = score(sub_gnd)
+        results[name] = {"map": m_ap, "mp@k": {k: float(v) for k, v in zip(ks, mpr, strict=True)}}
+    return results
 
 
 def evaluate_revisited(
@@ -196,32 +281,170 @@ def evaluate_revisited(
     _check_gnd(gnd, ("easy", "hard"))
     ks = _positive_ints("kappas", kappas)
     size = _int_matrix("ranks", ranks).shape[0] if n_db is None else n_db
-    parts = [
-        tuple(_index_set(q, key, entry.get(key, _EMPTY), size) for key in ("easy", "hard", "junk"))
-        for q, entry in enumerate(gnd)
-    ]
-    for q, (e, h, j) in enumerate(parts):
-        for (a, a_name), (b, b_name) in (
-            ((e, "easy"), (h, "hard")),
-            ((e, "easy"), (j, "junk")),
-            ((h, "hard"), (j, "junk")),
-        ):
-            both = np.intersect1d(a, b)
-            if both.size:
+    return _revisited(
+        _revisited_setups(gnd, size), ks, lambda sub: compute_map(ranks, sub, ks, n_db=n_db)
+    )
+
+
+def ground_truth_items(gnd: Sequence[Mapping[str, ArrayLike]]) -> list[NDArray[np.int64]]:
+    """For each query, the sorted database indices its ``gnd`` entry lists (any of ``ok``,
+    ``easy``, ``hard``, ``junk``): the images whose positions exact mAP needs, the ``items`` of
+    ``model.retrieval.ranked_positions``."""
+    _check_gnd(gnd, ())
+    out = []
+    for q, entry in enumerate(gnd):
+        lists = [_index_set(q, key, entry[key], _NO_LIMIT) for key in _GND_KEYS if key in entry]
+        out.append(np.unique(np.concatenate(lists)) if lists else _EMPTY)
+    return out
+
+
+_PositionTable = tuple[NDArray[np.int64], NDArray[np.int64]]
+
+
+def _position_tables(
+    positions: Sequence[tuple[ArrayLike, ArrayLike]], n_q: int, n_db: int
+) -> list[_PositionTable]:
+    """Each ``positions[j]`` as (unique ascending database indices, their positions), checked."""
+    if isinstance(positions, Mapping) or not isinstance(positions, Sequence):
+        raise TypeError(
+            "positions must be a sequence with one (indices, positions) pair per query, "
+            f"got {type(positions)!r}"
+        )
+    if len(positions) != n_q:
+        raise ValueError(
+            f"positions must have one (indices, positions) pair per query: {len(positions)} "
+            f"for {n_q} queries in gnd"
+        )
+    tables = []
+    for q, pair in enumerate(positions):
+        if isinstance(pair, Mapping) or not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(
+                f"positions[{q}] must be a pair (database indices, their positions) of 1-D "
+                f"integer arrays, got {type(pair)!r}"
+            )
+        idx, pos = (np.asarray(a) for a in pair)
+        for name, arr in (("database indices", idx), ("positions", pos)):
+            if arr.size == 0:
+                continue
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(
-                    f"gnd[{q}] lists {both.size} image(s) as both {a_name} and {b_name} "
-                    f"(e.g. {int(both[0])}); the three lists must be disjoint"
+                    f"positions[{q}]: the {name} must be a 1-D integer array, got shape "
+                    f"{arr.shape}, dtype {arr.dtype}"
                 )
-    setups = {
-        "easy": [{"ok": e, "junk": np.concatenate([j, h])} for e, h, j in parts],
-        "medium": [{"ok": np.concatenate([e, h]), "junk": j} for e, h, j in parts],
-        "hard": [{"ok": h, "junk": np.concatenate([j, e])} for e, h, j in parts],
-    }
-    results: dict[str, dict[str, float | dict[int, float]]] = {}
-    for name, sub_gnd in setups.items():
-        m_ap, _, mpr, _ = compute_map(ranks, sub_gnd, ks, n_db=n_db)
-        results[name] = {"map": m_ap, "mp@k": {k: float(v) for k, v in zip(ks, mpr, strict=True)}}
-    return results
+            if arr.min() < 0 or arr.max() >= n_db:
+                raise ValueError(
+                    f"positions[{q}]: the {name} must lie in [0, {n_db}), got min {arr.min()}, "
+                    f"max {arr.max()}"
+                )
+        idx, pos = idx.astype(np.int64).ravel(), pos.astype(np.int64).ravel()
+        if idx.shape != pos.shape:
+            raise ValueError(
+                f"positions[{q}] pairs {idx.size} database indices with {pos.size} positions; "
+                "they must be parallel"
+            )
+        order = np.argsort(idx, kind="stable")
+        idx, pos = idx[order], pos[order]
+        same = idx[1:] == idx[:-1]
+        if (pos[1:][same] != pos[:-1][same]).any():
+            raise ValueError(f"positions[{q}] gives one database index two different positions")
+        keep = np.ones(idx.size, dtype=bool)
+        keep[1:] = ~same
+        idx, pos = idx[keep], pos[keep]
+        if np.unique(pos).size != pos.size:
+            raise ValueError(
+                f"positions[{q}] puts two database images at the same position; "
+                "positions must come from one ranking"
+            )
+        tables.append((idx, pos))
+    return tables
+
+
+def _look_up(
+    tables: list[_PositionTable], q: int, key: str, wanted: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """Ascending positions of database images ``wanted`` (gnd[q][key]); an error if one lacks."""
+    idx, pos = tables[q]
+    loc = np.searchsorted(idx, wanted)
+    found = loc < idx.size
+    found[found] = idx[loc[found]] == wanted[found]
+    if not found.all():
+        missing = wanted[~found]
+        raise ValueError(
+            f"positions[{q}] has no position for {missing.size} database image(s) listed in "
+            f"gnd[{q}][{key!r}] (e.g. {int(missing[0])}); every image of a query's ground truth "
+            "needs its position (model.evaluation.ground_truth_items lists them)"
+        )
+    return np.sort(pos[loc])
+
+
+def _map_at_tables(
+    tables: list[_PositionTable],
+    gnd: Sequence[Mapping[str, ArrayLike]],
+    ks: list[int],
+    n_db: int,
+    caller: str,
+) -> tuple[float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    def locate(q: int, ok: NDArray[np.int64], junk: NDArray[np.int64]):
+        return _look_up(tables, q, "ok", ok), _look_up(tables, q, "junk", junk)
+
+    return _map_over_queries(gnd, ks, n_db, locate, caller)
+
+
+def compute_map_at_positions(
+    positions: Sequence[tuple[ArrayLike, ArrayLike]],
+    gnd: Sequence[Mapping[str, ArrayLike]],
+    kappas: Sequence[int] = (),
+    *,
+    n_db: int | None = None,
+) -> tuple[float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """``compute_map`` of a full ranking, from the positions of the ground-truth images alone.
+
+    ``positions[j]`` is a pair ``(indices, ranks)`` of parallel 1-D integer arrays: database
+    image ``indices[i]`` sits at 0-based position ``ranks[i]`` of query j's full ranking (any
+    order; extra images are ignored). Every image that ``gnd[j]`` lists under ``ok`` or
+    ``junk`` must be there (a ``ValueError`` otherwise: in a full ranking every image has a
+    position). With ``items = ground_truth_items(gnd)`` and
+    ``model.retrieval.ranked_positions(Q, X, items)`` as ``pos``, pass
+    ``list(zip(items, pos))``. ``n_db``, when given, bounds the indices and positions.
+
+    Returns what ``compute_map`` returns for that full ranking, figure for figure:
+    ``(mAP, aps [n_q], mpr [len(kappas)], prs [n_q, len(kappas)])``, queries with no positives
+    left out of the means.
+    """
+    _check_gnd(gnd, ("ok",))
+    ks = _positive_ints("kappas", kappas)
+    size = _NO_LIMIT if n_db is None else int(n_db)
+    tables = _position_tables(positions, len(gnd), size)
+    return _map_at_tables(tables, gnd, ks, size, "compute_map_at_positions")
+
+
+def evaluate_revisited_at_positions(
+    positions: Sequence[tuple[ArrayLike, ArrayLike]],
+    gnd: Sequence[Mapping[str, ArrayLike]],
+    kappas: Sequence[int] = (1, 5, 10),
+    *,
+    n_db: int | None = None,
+) -> dict[str, dict[str, float | dict[int, float]]]:
+    """``evaluate_revisited`` of a full ranking, from the positions of the ground-truth images.
+
+    ``positions`` is as for ``compute_map_at_positions``; it must hold every image that
+    ``gnd[j]`` lists under ``easy``, ``hard`` or ``junk``. Returns
+    ``{"easy"|"medium"|"hard": {"map": float, "mp@k": {k: float}}}``, the figures
+    ``evaluate_revisited`` gives for the full ranking.
+    """
+    _check_gnd(gnd, ("easy", "hard"))
+    ks = _positive_ints("kappas", kappas)
+    size = _NO_LIMIT if n_db is None else int(n_db)
+    tables = _position_tables(positions, len(gnd), size)
+    setups = _revisited_setups(gnd, size)
+    for q, entry in enumerate(gnd):  # name the list an image is missing from
+        for key in ("easy", "hard", "junk"):
+            _look_up(tables, q, key, _index_set(q, key, entry.get(key, _EMPTY), size))
+    return _revisited(
+        setups,
+        ks,
+        lambda sub: _map_at_tables(tables, sub, ks, size, "evaluate_revisited_at_positions"),
+    )
 
 
 def recall_at_k(

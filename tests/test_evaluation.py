@@ -1,4 +1,4 @@
-"""compute_map, evaluate_revisited and recall_at_k on hand-worked cases and bad inputs."""
+"""compute_map, evaluate_revisited (from rankings and from positions) and recall_at_k."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import logging
 import numpy as np
 import pytest
 
-from model.evaluation import compute_map, evaluate_revisited, recall_at_k
+from model.evaluation import (
+    compute_map,
+    compute_map_at_positions,
+    evaluate_revisited,
+    evaluate_revisited_at_positions,
+    ground_truth_items,
+    recall_at_k,
+)
+from model.retrieval import rank_by_similarity, ranked_positions
 
 
 def col(*indices: int) -> np.ndarray:
@@ -240,3 +248,155 @@ class TestRecallAtK:
     def test_negative_k(self):
         with pytest.raises(ValueError, match="ks"):
             recall_at_k([[0]], [0], [0], ks=[-1])
+
+
+def positions_of(ranks, items):
+    """(items, their positions) per query, read off a full [n_db, n_q] ranking."""
+    out = []
+    for j, g in enumerate(items):
+        inverse = np.empty(ranks.shape[0], dtype=np.int64)
+        inverse[ranks[:, j]] = np.arange(ranks.shape[0])
+        g = np.asarray(g, dtype=np.int64)
+        out.append((g, inverse[g]))
+    return out
+
+
+def random_revisited(rng, n_q, n_db):
+    """Revisited ground truth with empty lists, junk, and queries without easy or hard images."""
+    gnd = []
+    for q in range(n_q):
+        chosen = rng.permutation(n_db)[: rng.integers(0, 25)]
+        a, b = sorted(rng.integers(0, chosen.size + 1, size=2))
+        gnd.append({"easy": chosen[:a], "hard": chosen[a:b], "junk": chosen[b:]})
+        if q == 0:
+            gnd[0] = {"easy": [], "hard": [], "junk": []}
+        elif q == 1:
+            gnd[1] = {"easy": [], "hard": chosen[:3], "junk": chosen[3:]}
+    return gnd
+
+
+def assert_same_revisited(got, expected):
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert isinstance(got[name]["map"], float)
+        assert got[name]["map"] == pytest.approx(expected[name]["map"], abs=1e-12, nan_ok=True)
+        assert got[name]["mp@k"].keys() == expected[name]["mp@k"].keys()
+        for k, v in expected[name]["mp@k"].items():
+            assert got[name]["mp@k"][k] == pytest.approx(v, abs=1e-12, nan_ok=True)
+
+
+class TestAtPositions:
+    def test_hand_worked_19_over_24(self):
+        # Positives 0 and 2 at positions 0 and 2 (see the compute_map case); 1 and 3 listed too.
+        positions = [(np.array([2, 0, 3]), np.array([2, 0, 3]))]
+        m_ap, aps, mpr, _ = compute_map_at_positions(positions, [{"ok": [0, 2]}], kappas=(1, 5))
+        assert m_ap == pytest.approx(19 / 24)
+        assert aps == pytest.approx([19 / 24])
+        assert mpr == pytest.approx([1.0, 2 / 3])
+        # Positive 2 at position 2 with junk 0 above it: r=1 -> AP = (0 + 1/2)/2 = 1/4.
+        positions = [(np.array([0, 2, 3]), np.array([0, 2, 3]))]
+        gnd = [{"ok": [2], "junk": [0, 3]}]
+        assert compute_map_at_positions(positions, gnd)[0] == pytest.approx(1 / 4)
+
+    @pytest.mark.parametrize("seed", [0, 1, 2, 3])
+    @pytest.mark.parametrize("levels", [None, 2])
+    def test_equal_to_the_full_ranking_metrics(self, seed, levels):
+        rng = np.random.default_rng(seed)
+        n_q, n_db, dim, kappas = 11, 150, 6, (1, 5, 10)
+        Q, X = rng.normal(size=(n_q, dim)), rng.normal(size=(n_db, dim))
+        if levels is not None:  # quantised: many tied scores
+            Q, X = np.round(Q * levels / 2) / levels, np.round(X * levels / 2) / levels
+        gnd = random_revisited(rng, n_q, n_db)
+        ranks = rank_by_similarity(Q, X).T  # the full ranking, [n_db, n_q]
+        items = ground_truth_items(gnd)
+        positions = list(zip(items, ranked_positions(Q, X, items), strict=True))
+        for (_, p), (_, e) in zip(positions, positions_of(ranks, items), strict=True):
+            assert np.array_equal(p, e)
+
+        assert_same_revisited(
+            evaluate_revisited_at_positions(positions, gnd, kappas),
+            evaluate_revisited(ranks, gnd, kappas),
+        )
+
+        ok_gnd = [
+            {"ok": np.concatenate([g["easy"], g["hard"]]).astype(int), "junk": g["junk"]}
+            for g in gnd
+        ]
+        ref = compute_map(ranks, ok_gnd, kappas)
+        out = compute_map_at_positions(positions, ok_gnd, kappas)
+        assert out[0] == pytest.approx(ref[0], abs=1e-12)
+        for a, b in zip(out[1:], ref[1:], strict=True):
+            assert np.allclose(a, b, atol=1e-12, rtol=0, equal_nan=True)
+        assert np.isnan(out[1][0])  # query 0 has no positives
+
+    def test_same_figures_when_positions_come_shuffled_with_extras(self):
+        rng = np.random.default_rng(5)
+        n_db, n_q = 60, 4
+        ranks = np.stack([rng.permutation(n_db) for _ in range(n_q)], axis=1)
+        gnd = random_revisited(rng, n_q, n_db)
+        every = [rng.permutation(n_db) for _ in range(n_q)]  # all images, in no order
+        assert_same_revisited(
+            evaluate_revisited_at_positions(positions_of(ranks, every), gnd, (1, 3)),
+            evaluate_revisited(ranks, gnd, (1, 3)),
+        )
+
+    def test_all_queries_without_positives(self, caplog):
+        with caplog.at_level(logging.WARNING, logger="model.evaluation"):
+            m_ap, aps, mpr, _ = compute_map_at_positions([([], [])], [{"ok": []}], kappas=(1,))
+        assert np.isnan(m_ap) and np.isnan(aps).all() and np.isnan(mpr).all()
+        assert "NaN" in caplog.text
+
+    def test_ground_truth_items(self):
+        gnd = [{"easy": [4, 1], "hard": [], "junk": [1, 9]}, {"ok": [3], "junk": []}, {}]
+        items = ground_truth_items(gnd)
+        assert [i.tolist() for i in items] == [[1, 4, 9], [3], []]
+        assert all(i.dtype == np.int64 for i in items)
+
+
+class TestAtPositionsValidation:
+    def test_a_positive_without_position_is_an_error(self):
+        with pytest.raises(ValueError, match=r"no position .* gnd\[0\]\['ok'\] \(e.g. 5\)"):
+            compute_map_at_positions([([0, 1], [0, 1])], [{"ok": [1, 5]}])
+
+    def test_a_junk_image_without_position_is_an_error(self):
+        with pytest.raises(ValueError, match=r"gnd\[0\]\['junk'\]"):
+            compute_map_at_positions([([1], [0])], [{"ok": [1], "junk": [2]}])
+        with pytest.raises(ValueError, match=r"gnd\[0\]\['hard'\]"):
+            gnd = [{"easy": [1], "hard": [2], "junk": []}]
+            evaluate_revisited_at_positions([([1], [0])], gnd)
+
+    def test_one_pair_per_query(self):
+        with pytest.raises(ValueError, match=r"one .* pair per query"):
+            compute_map_at_positions([([0], [0])], [{"ok": [0]}, {"ok": [0]}])
+        with pytest.raises(TypeError, match="pair"):
+            compute_map_at_positions([{0: 0}], [{"ok": [0]}])
+        with pytest.raises(TypeError, match="sequence"):
+            compute_map_at_positions({0: ([0], [0])}, [{"ok": [0]}])
+
+    def test_arrays_must_be_parallel_integers_in_range(self):
+        with pytest.raises(ValueError, match="parallel"):
+            compute_map_at_positions([([0, 1], [0])], [{"ok": [0]}])
+        with pytest.raises(ValueError, match="integer"):
+            compute_map_at_positions([([0], [0.5])], [{"ok": [0]}])
+        with pytest.raises(ValueError, match=r"positions must lie in"):
+            compute_map_at_positions([([0], [-1])], [{"ok": [0]}])
+        with pytest.raises(ValueError, match=r"\[0, 4\)"):
+            compute_map_at_positions([([0], [4])], [{"ok": [0]}], n_db=4)
+        with pytest.raises(ValueError, match=r"gnd\[0\]\['ok'\].*outside \[0, 4\)"):
+            compute_map_at_positions([([0], [0])], [{"ok": [4]}], n_db=4)
+
+    def test_positions_must_come_from_one_ranking(self):
+        with pytest.raises(ValueError, match="same position"):
+            compute_map_at_positions([([0, 1], [3, 3])], [{"ok": [0, 1]}])
+        with pytest.raises(ValueError, match="two different positions"):
+            compute_map_at_positions([([0, 0], [1, 2])], [{"ok": [0]}])
+        # The same index twice at one position is a repeat, not a conflict.
+        assert compute_map_at_positions([([0, 0], [0, 0])], [{"ok": [0]}])[0] == 1.0
+
+    def test_lists_must_be_disjoint(self):
+        with pytest.raises(ValueError, match="both easy and junk"):
+            evaluate_revisited_at_positions(
+                [([0, 1], [0, 1])], [{"easy": [0], "hard": [], "junk": [0]}]
+            )
+        with pytest.raises(ValueError, match="both ok and junk"):
+            compute_map_at_positions([([0], [0])], [{"ok": [0], "junk": [0]}])
