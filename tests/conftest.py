@@ -90,7 +90,7 @@ def photos_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_photo_set(photos_dir: Path):
     """The shared photos as a retrieval set: every photo a query, its scene's others positive."""
-    from pipeline.benchmarks import load_folder
+    from pipeline.datasets.folders import load_folder
 
     return load_folder(photos_dir)
 
@@ -103,9 +103,11 @@ def lite0_real_descriptors(real_photo_set):
     from model.heads import GeMHead
 
     backbone = build_backbone("efficientnet_lite0", "imagenet")
-    images = ImageFiles(real_photo_set.db_paths, max_size=512)
+    images = ImageFiles(real_photo_set.db_paths, max_size=512, exif_transpose=True)
     options = ExtractOptions(batch_size=16, device="cpu", progress=False)
-    return extract_multihead(backbone, {"gem": GeMHead(1280, p=3.0)}, images, options)["gem"]
+    return extract_multihead(backbone, {"gem": GeMHead(1280, p=3.0)}, images, options).descriptors[
+        "gem"
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +117,6 @@ def tiny_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
     It is in the revisited layout: ``<root>/landmarks-tiny/{jpg/, gnd_landmarks-tiny.pkl}``.
     Tests that change it copy it first.
     """
-    from pipeline.landmarks import CONFS, generate
+    from pipeline.datasets.landmarks import CONFS, generate
 
     return generate(CONFS["tiny"], tmp_path_factory.mktemp("collections"))

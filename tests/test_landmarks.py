@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pickle
 import re
 import typing
@@ -15,8 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import landmarks
-from pipeline.landmarks import (
+from model import storage
+from pipeline.datasets import landmarks
+from pipeline.datasets.landmarks import (
     CONFS,
     DatasetConflictError,
     IncompleteDatasetError,
@@ -28,7 +30,7 @@ from pipeline.landmarks import (
     load_ground_truth,
     visible_points,
 )
-from pipeline.render import Camera, TexturedQuad, intrinsics, look_at, render
+from pipeline.datasets.landmarks.render import Camera, TexturedQuad, intrinsics, look_at, render
 
 TINY = CONFS["tiny"]
 # A collection small enough to generate in well under a second, for the publishing tests.
@@ -511,10 +513,56 @@ def test_a_crash_leaves_no_collection_behind(
     def crash(*args: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("pipeline.landmarks.writer._write_tables", crash)
+    monkeypatch.setattr("pipeline.datasets.landmarks.writer._write_tables", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         generate(SMALL, tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generates_to_s3_and_skips_when_complete(
+    s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = f"s3://{s3_bucket}/data"
+    out = generate(SMALL, root, progress=False)
+    assert out == f"{root}/{SMALL.name}"
+    marker = storage.join(out, "_SUCCESS")
+    assert storage.read_text(marker) == SMALL.digest() + "\n"
+    assert storage.is_file(storage.join(out, f"gnd_{SMALL.name}.pkl"))
+    assert load_ground_truth(out)["qimlist"] == ["lm00_q0"]
+    local = generate(SMALL, tmp_path, progress=False)  # the same bytes as a local collection
+    uploaded = {name.removeprefix(f"{out}/"): name for name in storage.list_files(out)}
+    assert uploaded.keys() == _files(local).keys()
+    assert all(storage.read_bytes(uploaded[n]) == b for n, b in _files(local).items())
+
+    signature = storage.file_signature(marker)
+    with caplog.at_level(logging.INFO, logger="pipeline.datasets.landmarks"):
+        assert generate(SMALL, root, progress=False) == out
+    assert "skipping" in caplog.text
+    assert storage.file_signature(marker) == signature
+    with pytest.raises(DatasetConflictError, match="overwrite=True"):
+        generate(dataclasses.replace(SMALL, seed=5), root, progress=False)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_failure_while_writing_publishes_nothing(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    root = str(tmp_path) if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/d"
+    write_collection = landmarks.writer.write_collection
+
+    def write_then_fail(conf: LandmarksConf, out: Path, progress: bool) -> None:
+        write_collection(conf, out, progress)  # every file but _SUCCESS is staged
+        assert (out / f"gnd_{conf.name}.pkl").is_file()
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("pipeline.datasets.landmarks.publish.write_collection", write_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        generate(SMALL, root, progress=False)
+    assert not storage.exists(storage.join(root, SMALL.name))
+    if where == "local":
+        assert list(tmp_path.iterdir()) == []  # no staging folder left behind either
+    else:
+        assert not storage.exists(root)
 
 
 def test_an_incomplete_collection_is_reported(tmp_path: Path) -> None:

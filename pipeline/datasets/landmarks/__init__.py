@@ -29,10 +29,12 @@ Poses follow OpenCV (x = R @ X + t; x right, y down, z forward; world z up, metr
 pixels: the centre of the top-left pixel is (0, 0), so COLMAP's principal point is (cx + 0.5,
 cy + 0.5). Each landmark has a world frame of its own.
 
-Run it with `python -m pipeline.landmarks --conf demo --root data`.
+Run it with `python -m pipeline.datasets.landmarks --conf demo --root data`; `root` may also be
+an `s3://` URI.
 
 The package, one job a module, in the order the generator uses them:
 
+    render        the exact perspective renderer of textured planar quads, with a depth buffer
     conf          LandmarksConf (what to generate, validated; its digest) and the CONFS presets
     streams       the seeded random streams every draw comes from
     style         colours and a landmark's style (palette, window, pattern, ornament)
@@ -46,14 +48,20 @@ The package, one job a module, in the order the generator uses them:
     ground_truth  visible_points, covisibility, viewpoint_change and the easy/hard/junk labels
     dataset       the file names, the camera table and reading a complete collection back
     writer        writing the photos and the tables into a directory
-    publish       generate: staging, `_SUCCESS` and the atomic rename into place
-    cli           the command line (also `python -m pipeline.landmarks`)
+    publish       generate: staging, then publishing through the storage layer (a rename into
+                  place locally, an upload with `_SUCCESS` last to `s3://`)
+    cli           the command line (also `python -m pipeline.datasets.landmarks`)
 """
 
-from pipeline.landmarks.cameras import Shot, distractor_shot, landmark_shots
-from pipeline.landmarks.cli import Args, main
-from pipeline.landmarks.conf import CONFS, GENERATOR_VERSION, MIN_VIEWS_FOR_SFM, LandmarksConf
-from pipeline.landmarks.dataset import (
+from pipeline.datasets.landmarks.cameras import Shot, distractor_shot, landmark_shots
+from pipeline.datasets.landmarks.cli import Args, main
+from pipeline.datasets.landmarks.conf import (
+    CONFS,
+    GENERATOR_VERSION,
+    MIN_VIEWS_FOR_SFM,
+    LandmarksConf,
+)
+from pipeline.datasets.landmarks.dataset import (
     CAMERAS_FILE,
     CONFIG_FILE,
     IMAGE_DIR,
@@ -64,11 +72,11 @@ from pipeline.landmarks.dataset import (
     load_cameras,
     load_ground_truth,
 )
-from pipeline.landmarks.ground_truth import covisibility, viewpoint_change, visible_points
-from pipeline.landmarks.photos import take_photo
-from pipeline.landmarks.publish import generate
-from pipeline.landmarks.scene import Scene, build_scene, texture_density
-from pipeline.landmarks.style import RGB
+from pipeline.datasets.landmarks.ground_truth import covisibility, viewpoint_change, visible_points
+from pipeline.datasets.landmarks.photos import take_photo
+from pipeline.datasets.landmarks.publish import generate
+from pipeline.datasets.landmarks.scene import Scene, build_scene, texture_density
+from pipeline.datasets.landmarks.style import RGB
 
 __all__ = [
     "CAMERAS_FILE",

@@ -1,6 +1,6 @@
-"""`python -m pipeline.landmarks`: generate a preset of the built-in collection."""
+"""`python -m pipeline.datasets.landmarks`: generate a preset of the built-in collection."""
 
-from pipeline.landmarks.cli import main
+from pipeline.datasets.landmarks.cli import main
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,9 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class _Box:
+class Box:
+    """A building block: footprint centre (x, y), yaw, size and base height, metres."""
+
     x: float
     y: float
     yaw: float
@@ -32,7 +34,7 @@ _BUILDING_SIZES: dict[str, tuple[tuple[float, float], tuple[float, float], tuple
 }
 
 
-def _buildings(rng: np.random.Generator) -> list[tuple[str, _Box]]:
+def place_buildings(rng: np.random.Generator) -> list[tuple[str, Box]]:
     """A cluster of buildings around the origin: a main one near the centre, others about it."""
     base_yaw = rng.uniform(0, np.pi / 2)
     kinds = [str(rng.choice(["hall", "tower"]))]
@@ -42,7 +44,7 @@ def _buildings(rng: np.random.Generator) -> list[tuple[str, _Box]]:
             ["hall", "tower", "block", "block", "facade"], size=int(rng.integers(2, 5))
         )
     ]
-    placed: list[tuple[str, _Box]] = []
+    placed: list[tuple[str, Box]] = []
     for i, kind in enumerate(kinds):
         (w0, w1), (d0, d1), (h0, h1) = _BUILDING_SIZES[kind]
         width, depth, height = rng.uniform(w0, w1), rng.uniform(d0, d1), rng.uniform(h0, h1)
@@ -52,7 +54,7 @@ def _buildings(rng: np.random.Generator) -> list[tuple[str, _Box]]:
         for _ in range(40):  # tries to place it without overlapping much
             radius = rng.uniform(0, 2) if i == 0 else rng.uniform(7, 14)
             angle = rng.uniform(0, 2 * np.pi)
-            box = _Box(radius * np.cos(angle), radius * np.sin(angle), yaw, width, depth, height)
+            box = Box(radius * np.cos(angle), radius * np.sin(angle), yaw, width, depth, height)
             if all(
                 math.hypot(box.x - other.x, box.y - other.y)
                 > 0.75 * (box.footprint_radius + other.footprint_radius)
@@ -63,7 +65,7 @@ def _buildings(rng: np.random.Generator) -> list[tuple[str, _Box]]:
     return placed
 
 
-def _tiers(rng: np.random.Generator, kind: str, box: _Box) -> list[_Box]:
+def building_tiers(rng: np.random.Generator, kind: str, box: Box) -> list[Box]:
     """A tower becomes a stack of shrinking tiers; other buildings stay one box."""
     if kind != "tower":
         return [box]

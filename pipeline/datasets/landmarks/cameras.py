@@ -8,10 +8,10 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.landmarks.conf import LandmarksConf
-from pipeline.landmarks.scene import _UP, Scene
-from pipeline.landmarks.streams import _Kind, _rng, _Stream
-from pipeline.render import Camera, intrinsics, look_at
+from pipeline.datasets.landmarks.conf import LandmarksConf
+from pipeline.datasets.landmarks.render import Camera, intrinsics, look_at
+from pipeline.datasets.landmarks.scene import WORLD_UP, Scene
+from pipeline.datasets.landmarks.streams import SceneKind, Stream, stream_rng
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,9 @@ def _arc_camera(
     focal = arc.focal * (1 + float(np.clip(rng.normal(0, 0.04), -0.1, 0.1)))
     width, height = conf.image_size
     roll = math.radians(float(np.clip(rng.normal(0, 1.2), -3, 3)))
-    return look_at(eye, target, _UP, intrinsics(focal, width, height), (width, height), roll=roll)
+    return look_at(
+        eye, target, WORLD_UP, intrinsics(focal, width, height), (width, height), roll=roll
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,34 +96,38 @@ def _digits(count: int) -> int:
 
 def landmark_shots(conf: LandmarksConf, index: int, scene: Scene) -> list[Shot]:
     """The database views (evenly along the arc) and the queries of landmark `index`."""
-    arc = _arc(conf, scene, _rng(conf, _Stream.ARC, _Kind.LANDMARK, index))
+    arc = _arc(conf, scene, stream_rng(conf, Stream.ARC, SceneKind.LANDMARK, index))
     prefix = f"lm{index:0{_digits(conf.num_landmarks)}d}"
     views = conf.views_per_landmark
     shots = []
     for view in range(views):
-        rng = _rng(conf, _Stream.VIEW, _Kind.LANDMARK, index, view)
+        rng = stream_rng(conf, Stream.VIEW, SceneKind.LANDMARK, index, view)
         camera = _arc_camera(conf, scene, arc, view / (views - 1), rng)
         name = f"{prefix}_v{view:0{_digits(views)}d}"
-        shots.append(Shot(name, "db", index, camera, (_Kind.LANDMARK, index, view)))
+        shots.append(Shot(name, "db", index, camera, (SceneKind.LANDMARK, index, view)))
     fractions = _query_fractions(
-        conf.queries_per_landmark, _rng(conf, _Stream.QUERIES, _Kind.LANDMARK, index)
+        conf.queries_per_landmark, stream_rng(conf, Stream.QUERIES, SceneKind.LANDMARK, index)
     )
     for query, f in enumerate(fractions):
         view = views + query
-        rng = _rng(conf, _Stream.VIEW, _Kind.LANDMARK, index, view)
+        rng = stream_rng(conf, Stream.VIEW, SceneKind.LANDMARK, index, view)
         camera = _arc_camera(conf, scene, arc, f, rng)
         shots.append(
-            Shot(f"{prefix}_q{query}", "query", index, camera, (_Kind.LANDMARK, index, view))
+            Shot(f"{prefix}_q{query}", "query", index, camera, (SceneKind.LANDMARK, index, view))
         )
     return shots
 
 
 def distractor_shot(conf: LandmarksConf, index: int, scene: Scene) -> Shot:
     """The one photo of distractor `index`, from a random point of its arc."""
-    rng = _rng(conf, _Stream.ARC, _Kind.DISTRACTOR, index)
+    rng = stream_rng(conf, Stream.ARC, SceneKind.DISTRACTOR, index)
     arc = _arc(conf, scene, rng)
     camera = _arc_camera(
-        conf, scene, arc, float(rng.random()), _rng(conf, _Stream.VIEW, _Kind.DISTRACTOR, index)
+        conf,
+        scene,
+        arc,
+        float(rng.random()),
+        stream_rng(conf, Stream.VIEW, SceneKind.DISTRACTOR, index),
     )
     name = f"distractor_{index:0{max(_digits(conf.num_distractors), 3)}d}"
-    return Shot(name, "distractor", -1, camera, (_Kind.DISTRACTOR, index, 0))
+    return Shot(name, "distractor", -1, camera, (SceneKind.DISTRACTOR, index, 0))

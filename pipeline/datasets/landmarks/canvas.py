@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.landmarks.style import RGB, _colour
+from pipeline.datasets.landmarks.style import RGB, scaled_colour
 
 _MAX_TEXTURE_SIZE = 2048
 
 
-def _noise(
+def smooth_noise(
     rng: np.random.Generator, height: int, width: int, scale_px: float, octaves: int = 3
 ) -> np.ndarray:
     """Smooth multi-scale noise [height, width] float32 with unit-ish amplitude."""
@@ -31,7 +31,7 @@ def _noise(
 
 
 @dataclass
-class _Canvas:
+class Canvas:
     """A texture being painted: an RGB uint8 image and its scale in pixels per metre."""
 
     image: np.ndarray
@@ -53,16 +53,18 @@ class _Canvas:
         self, x0: float, z0: float, x1: float, z1: float, rgb: RGB, thickness: int = -1
     ) -> None:
         cv2.rectangle(
-            self.image, self.px(x0, z1), self.px(x1, z0), _colour(rgb), thickness, cv2.LINE_AA
+            self.image, self.px(x0, z1), self.px(x1, z0), scaled_colour(rgb), thickness, cv2.LINE_AA
         )
 
 
-def _canvas(
+def weathered_canvas(
     rng: np.random.Generator, width_m: float, height_m: float, ppm: float, base: RGB
-) -> _Canvas:
+) -> Canvas:
     """A wall-coloured canvas with weathering noise at several scales."""
     ppm = min(ppm, _MAX_TEXTURE_SIZE / max(width_m, height_m))
     w, h = max(round(width_m * ppm), 4), max(round(height_m * ppm), 4)
-    shade = 1 + 0.07 * _noise(rng, h, w, 2.5 * ppm) + 0.04 * _noise(rng, h, w, 0.3 * ppm, 2)
+    shade = (
+        1 + 0.07 * smooth_noise(rng, h, w, 2.5 * ppm) + 0.04 * smooth_noise(rng, h, w, 0.3 * ppm, 2)
+    )
     image = np.asarray(base, dtype=np.float32) * shade[..., None]
-    return _Canvas(np.clip(image, 0, 255).astype(np.uint8), ppm)
+    return Canvas(np.clip(image, 0, 255).astype(np.uint8), ppm)

@@ -11,9 +11,9 @@ from typing import Literal
 
 import tyro
 
-from pipeline.landmarks.conf import CONFS
-from pipeline.landmarks.dataset import load_ground_truth
-from pipeline.landmarks.publish import generate
+from pipeline.datasets.landmarks.conf import CONFS
+from pipeline.datasets.landmarks.dataset import load_ground_truth
+from pipeline.datasets.landmarks.publish import generate
 
 
 @dataclass(frozen=True)
@@ -21,16 +21,16 @@ class Args:
     """Generate the built-in landmark collection."""
 
     conf: Literal["tiny", "demo", "sfm"] = "demo"
-    """Named preset of pipeline.landmarks.CONFS."""
-    root: Path = Path("data")
-    """Directory to write <root>/<name>/ into."""
+    """Named preset of pipeline.datasets.landmarks.CONFS."""
+    root: str = "data"
+    """Directory or s3:// URI to write <root>/<name>/ into."""
     seed: int | None = None
     """Another seed than the preset's; the name gets a -s<seed> suffix."""
     overwrite: bool = False
     """Regenerate even when a complete collection is there."""
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None) -> Path | str:
     """The command line: generate a preset, print where it is and what it holds."""
     args = tyro.cli(Args, args=argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -11,9 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.landmarks.cameras import Shot
-from pipeline.landmarks.scene import Scene
-from pipeline.render import Camera
+from model import storage
+from pipeline.datasets.landmarks.cameras import Shot
+from pipeline.datasets.landmarks.render import Camera
+from pipeline.datasets.landmarks.scene import Scene
 
 SUCCESS_FILE = "_SUCCESS"
 CAMERAS_FILE = "cameras.parquet"
@@ -29,7 +30,8 @@ class DatasetConflictError(FileExistsError):
     """A complete data set with the same name but another configuration is already there."""
 
 
-def _camera_record(shot: Shot, scene: Scene) -> dict[str, Any]:
+def camera_record(shot: Shot, scene: Scene) -> dict[str, Any]:
+    """The cameras.parquet row (as a dict, see CAMERA_SCHEMA) of `shot`."""
     camera = shot.camera
     return {
         "name": shot.name,
@@ -48,7 +50,7 @@ def _camera_record(shot: Shot, scene: Scene) -> dict[str, Any]:
     }
 
 
-_CAMERA_SCHEMA = pa.schema(
+CAMERA_SCHEMA = pa.schema(
     [
         ("name", pa.string()),
         ("role", pa.string()),
@@ -78,25 +80,33 @@ def camera_from_record(record: Mapping[str, Any]) -> Camera:
     )
 
 
-def _require_complete(dataset_dir: Path) -> None:
-    if not (dataset_dir / SUCCESS_FILE).is_file():
+def _require_complete(dataset_dir: str | Path) -> None:
+    if not storage.is_file(storage.join(dataset_dir, SUCCESS_FILE)):
         raise IncompleteDatasetError(
             f"{dataset_dir} has no {SUCCESS_FILE}: the landmark collection there is missing or "
             "incomplete; generate it with generate(conf, root) or "
-            "`python -m pipeline.landmarks --conf <preset> --root <dir>`"
+            "`python -m pipeline.datasets.landmarks --conf <preset> --root <dir>`"
         )
 
 
+def _dataset_name(dataset_dir: str | Path) -> str:
+    if storage.is_remote(dataset_dir):
+        return str(dataset_dir).rstrip("/").rsplit("/", 1)[-1]
+    return storage.local_path(dataset_dir).name
+
+
 def load_ground_truth(dataset_dir: str | Path) -> dict[str, Any]:
-    """The revisited-format ground truth (imlist, qimlist, gnd) of a complete collection."""
-    path = Path(dataset_dir)
-    _require_complete(path)
-    with open(path / f"gnd_{path.name}.pkl", "rb") as file:
-        return pickle.load(file)
+    """The revisited-format ground truth (imlist, qimlist, gnd) of a complete collection.
+
+    `dataset_dir` is a local path or an `s3://` URI.
+    """
+    _require_complete(dataset_dir)
+    name = _dataset_name(dataset_dir)
+    return pickle.loads(storage.read_bytes(storage.join(dataset_dir, f"gnd_{name}.pkl")))
 
 
 def load_cameras(dataset_dir: str | Path) -> pa.Table:
-    """The camera table (one row per image) of a complete collection."""
-    path = Path(dataset_dir)
-    _require_complete(path)
-    return pq.read_table(path / CAMERAS_FILE)
+    """The camera table (one row per image) of a complete collection (local path or URI)."""
+    _require_complete(dataset_dir)
+    data = storage.read_bytes(storage.join(dataset_dir, CAMERAS_FILE))
+    return pq.read_table(pa.BufferReader(data))

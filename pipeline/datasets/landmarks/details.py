@@ -5,14 +5,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipeline.landmarks.canvas import _Canvas
-from pipeline.landmarks.style import _colour, _Style
+from pipeline.datasets.landmarks.canvas import Canvas
+from pipeline.datasets.landmarks.style import Style, scaled_colour
 
 
-def _paint_window(
-    canvas: _Canvas,
+def paint_window(
+    canvas: Canvas,
     rng: np.random.Generator,
-    style: _Style,
+    style: Style,
     x: float,
     z: float,
     size: tuple[float, float],
@@ -20,9 +20,9 @@ def _paint_window(
     """One window centred at x, bottom at z, each with its own glass, curtain and reflection."""
     w, h = size
     frame = 0.09
-    glass = _colour(style.glass, rng.uniform(0.7, 1.35))
+    glass = scaled_colour(style.glass, rng.uniform(0.7, 1.35))
     if rng.random() < 0.12:  # lit
-        glass = _colour((235, 205, 130), rng.uniform(0.75, 1.0))
+        glass = scaled_colour((235, 205, 130), rng.uniform(0.75, 1.0))
     canvas.rect(x - w / 2 - 0.12, z - 0.14, x + w / 2 + 0.12, z, style.trim)  # sill
     if style.window == "round":
         centre, radius = canvas.px(x, z + h / 2), round(w / 2 * canvas.ppm)
@@ -30,7 +30,7 @@ def _paint_window(
             canvas.image,
             centre,
             radius + int(frame * canvas.ppm) + 1,
-            _colour(style.trim),
+            scaled_colour(style.trim),
             -1,
             cv2.LINE_AA,
         )
@@ -50,7 +50,7 @@ def _paint_window(
                 0,
                 180,
                 360,
-                _colour(style.trim),
+                scaled_colour(style.trim),
                 -1,
                 cv2.LINE_AA,
             )
@@ -60,7 +60,7 @@ def _paint_window(
             )
     if rng.random() < 0.35:  # curtain or blind
         drop = rng.uniform(0.2, 0.8) * h
-        shade = _colour(
+        shade = scaled_colour(
             np.array(style.walls[rng.integers(len(style.walls))]), rng.uniform(0.5, 1.2)
         )
         canvas.rect(x - w / 2 + 0.05, z + h - drop, x + w / 2 - 0.05, z + h - 0.05, shade)
@@ -68,30 +68,34 @@ def _paint_window(
         x0, z0 = x - w / 2 + rng.uniform(0, w / 2), z + rng.uniform(0.2, 0.6) * h
         corners = [(x0, z0), (x0 + w / 3, z0 + h / 3), (x0 + w / 3, z0 + h / 2)]
         pts = np.array([canvas.px(cx, cz) for cx, cz in corners], dtype=np.int32)
-        cv2.fillConvexPoly(canvas.image, pts, _colour(glass, 1.6), cv2.LINE_AA)
+        cv2.fillConvexPoly(canvas.image, pts, scaled_colour(glass, 1.6), cv2.LINE_AA)
     if style.mullions and style.window != "round":
         thick = max(int(0.05 * canvas.ppm), 1)
-        cv2.line(canvas.image, canvas.px(x, z), canvas.px(x, z + h), _colour(style.trim), thick)
+        cv2.line(
+            canvas.image, canvas.px(x, z), canvas.px(x, z + h), scaled_colour(style.trim), thick
+        )
         cv2.line(
             canvas.image,
             canvas.px(x - w / 2, z + 0.6 * h),
             canvas.px(x + w / 2, z + 0.6 * h),
-            _colour(style.trim),
+            scaled_colour(style.trim),
             thick,
         )
 
 
-def _paint_ornament(
-    canvas: _Canvas, rng: np.random.Generator, style: _Style, x: float, z: float
+def paint_ornament(
+    canvas: Canvas, rng: np.random.Generator, style: Style, x: float, z: float
 ) -> None:
     """A decoration between windows; its details vary so no two look the same."""
     ppm = canvas.ppm
     centre = canvas.px(x, z)
-    colour = _colour(style.accent, rng.uniform(0.8, 1.2))
+    colour = scaled_colour(style.accent, rng.uniform(0.8, 1.2))
     if style.ornament == "rosettes":
         radius = max(int(rng.uniform(0.2, 0.35) * ppm), 2)
         cv2.circle(canvas.image, centre, radius, colour, -1, cv2.LINE_AA)
-        cv2.circle(canvas.image, centre, max(radius // 2, 1), _colour(style.trim), -1, cv2.LINE_AA)
+        cv2.circle(
+            canvas.image, centre, max(radius // 2, 1), scaled_colour(style.trim), -1, cv2.LINE_AA
+        )
         for angle in np.linspace(0, 2 * np.pi, int(rng.integers(4, 9)), endpoint=False):
             tip = (
                 int(centre[0] + 1.6 * radius * np.cos(angle)),
@@ -102,17 +106,19 @@ def _paint_ornament(
         r = max(rng.uniform(0.2, 0.4) * ppm, 2.0)
         pts = np.array([[0, -r], [r, 0], [0, r], [-r, 0]]) * [rng.uniform(0.6, 1.0), 1.0] + centre
         cv2.fillConvexPoly(canvas.image, pts.astype(np.int32), colour, cv2.LINE_AA)
-        cv2.circle(canvas.image, centre, max(int(r / 3), 1), _colour(style.trim), -1, cv2.LINE_AA)
+        cv2.circle(
+            canvas.image, centre, max(int(r / 3), 1), scaled_colour(style.trim), -1, cv2.LINE_AA
+        )
     elif style.ornament == "medallions":
         radius = max(int(rng.uniform(0.25, 0.4) * ppm), 2)
-        cv2.circle(canvas.image, centre, radius, _colour(style.trim), -1, cv2.LINE_AA)
+        cv2.circle(canvas.image, centre, radius, scaled_colour(style.trim), -1, cv2.LINE_AA)
         cv2.circle(canvas.image, centre, radius, colour, max(radius // 4, 1), cv2.LINE_AA)
         angle = rng.uniform(0, np.pi)
         tip = (int(centre[0] + radius * np.cos(angle)), int(centre[1] + radius * np.sin(angle)))
         cv2.line(canvas.image, centre, tip, colour, max(radius // 5, 1), cv2.LINE_AA)
     else:  # pilasters: a capital on a shaft down to the ground
         half = rng.uniform(0.18, 0.3)
-        canvas.rect(x - half, 0, x + half, z, _colour(style.trim, rng.uniform(0.85, 1.0)))
+        canvas.rect(x - half, 0, x + half, z, scaled_colour(style.trim, rng.uniform(0.85, 1.0)))
         canvas.rect(x - half - 0.12, z - 0.3, x + half + 0.12, z, colour)
 
 
@@ -121,9 +127,7 @@ def _random_word(rng: np.random.Generator) -> str:
     return "".join(letters[i] for i in rng.integers(0, len(letters), size=int(rng.integers(3, 9))))
 
 
-def _paint_sign(
-    canvas: _Canvas, rng: np.random.Generator, style: _Style, x: float, z: float
-) -> None:
+def paint_sign(canvas: Canvas, rng: np.random.Generator, style: Style, x: float, z: float) -> None:
     """A shop sign with random lettering: strong, unique corners for feature matching."""
     text = _random_word(rng)
     scale = rng.uniform(0.35, 0.55) * canvas.ppm / 22.0  # Hershey letters are 22 units tall
@@ -132,7 +136,7 @@ def _paint_sign(
     fit = min(1.0, (style.bay_m - 0.6) * canvas.ppm / tw)  # no wider than a bay
     scale, tw, th = scale * fit, int(tw * fit), int(th * fit)
     width_m, height_m = tw / canvas.ppm + 0.4, th / canvas.ppm + 0.3
-    board = _colour(style.accent, rng.uniform(0.6, 1.1))
+    board = scaled_colour(style.accent, rng.uniform(0.6, 1.1))
     canvas.rect(x - width_m / 2, z, x + width_m / 2, z + height_m, board)
     ink = (245.0, 245.0, 240.0) if sum(board) < 380 else (25.0, 25.0, 30.0)
     origin = canvas.px(x - width_m / 2 + 0.2, z + 0.15)

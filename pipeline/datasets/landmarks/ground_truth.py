@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.landmarks.cameras import Shot
-from pipeline.landmarks.conf import LandmarksConf
-from pipeline.render import Camera
+from pipeline.datasets.landmarks.cameras import Shot
+from pipeline.datasets.landmarks.conf import LandmarksConf
+from pipeline.datasets.landmarks.render import Camera
 
 _VISIBILITY_TOLERANCE = 0.02  # relative depth slack of the depth-buffer test
 
@@ -36,7 +36,7 @@ def visible_points(
 
 
 @dataclass(frozen=True, eq=False)
-class _Seen:
+class Seen:
     """What one photo of a landmark sees of its surface samples."""
 
     shot: Shot
@@ -69,7 +69,7 @@ def viewpoint_change(
 
 
 def _classify(
-    conf: LandmarksConf, centre: np.ndarray, query: _Seen, image: _Seen
+    conf: LandmarksConf, centre: np.ndarray, query: Seen, image: Seen
 ) -> Literal["easy", "hard", "junk"]:
     """The revisited label of a database photo of the query's landmark, from the geometry."""
     if covisibility(query.visible, image.visible) < conf.junk_covisibility:
@@ -84,8 +84,8 @@ def _classify(
     return "easy"
 
 
-def _query_ground_truth(
-    conf: LandmarksConf, centre: np.ndarray, query: _Seen, database: Sequence[tuple[int, _Seen]]
+def query_ground_truth(
+    conf: LandmarksConf, centre: np.ndarray, query: Seen, database: Sequence[tuple[int, Seen]]
 ) -> dict[str, Any]:
     """easy/hard/junk indices into imlist and the query's box, for one query."""
     labels: dict[str, list[int]] = {"easy": [], "hard": [], "junk": []}

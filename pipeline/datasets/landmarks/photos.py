@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.landmarks.cameras import Shot
-from pipeline.landmarks.conf import LandmarksConf
-from pipeline.landmarks.scene import Scene
-from pipeline.landmarks.streams import _rng, _Stream
-from pipeline.landmarks.style import RGB, _colour, _hsv
-from pipeline.render import render, sky
+from pipeline.datasets.landmarks.cameras import Shot
+from pipeline.datasets.landmarks.conf import LandmarksConf
+from pipeline.datasets.landmarks.render import render, sky
+from pipeline.datasets.landmarks.scene import Scene
+from pipeline.datasets.landmarks.streams import Stream, stream_rng
+from pipeline.datasets.landmarks.style import RGB, hsv_colour, scaled_colour
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,12 @@ class _Look:
 
 def _look(rng: np.random.Generator, scene: Scene) -> _Look:
     overcast = rng.random() < 0.25
-    zenith = _hsv(
+    zenith = hsv_colour(
         rng.uniform(0.55, 0.62),
         rng.uniform(0.05, 0.15) if overcast else rng.uniform(0.3, 0.6),
         rng.uniform(0.7, 0.95),
     )
-    horizon = _colour(0.45 * np.array(zenith) + 0.55 * np.array([232.0, 234.0, 238.0]))
+    horizon = scaled_colour(0.45 * np.array(zenith) + 0.55 * np.array([232.0, 234.0, 238.0]))
     turn = math.radians(rng.normal(0, 12))
     c, s = math.cos(turn), math.sin(turn)
     sun = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ scene.sun
@@ -87,7 +87,7 @@ def _develop(
 
 def take_photo(conf: LandmarksConf, scene: Scene, shot: Shot) -> tuple[np.ndarray, np.ndarray]:
     """(photo [H, W, 3] uint8 RGB, clean depth [H, W]) of `scene` for `shot`."""
-    rng = _rng(conf, _Stream.PHOTO, *shot.keys)
+    rng = stream_rng(conf, Stream.PHOTO, *shot.keys)
     look = _look(rng, scene)
     background = sky(shot.camera, look.zenith, look.horizon)
     image, depth = render(
@@ -96,7 +96,8 @@ def take_photo(conf: LandmarksConf, scene: Scene, shot: Shot) -> tuple[np.ndarra
     return _develop(image, depth, look, rng), depth
 
 
-def _encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """The JPEG bytes of an RGB uint8 image at `quality` (1 to 100)."""
     ok, buffer = cv2.imencode(
         ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
     )

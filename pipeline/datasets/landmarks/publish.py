@@ -1,33 +1,31 @@
-"""Generating a collection: staged beside its place and renamed in with `_SUCCESS`, kept when a
-complete one of the same configuration is already there."""
+"""Generating a collection: staged locally and published through the storage layer with
+`_SUCCESS` written last, kept when a complete one of the same configuration is already there."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from pipeline.landmarks.conf import LandmarksConf
-from pipeline.landmarks.dataset import CONFIG_FILE, SUCCESS_FILE, DatasetConflictError
-from pipeline.landmarks.writer import _write_collection
+from model import storage
+from pipeline.datasets.landmarks.conf import LandmarksConf
+from pipeline.datasets.landmarks.dataset import CONFIG_FILE, SUCCESS_FILE, DatasetConflictError
+from pipeline.datasets.landmarks.writer import write_collection
 
-logger = logging.getLogger(__package__)  # "pipeline.landmarks", as before the package split
+logger = logging.getLogger(__package__)  # "pipeline.datasets.landmarks"
 
 
-def _existing_digest(out: Path) -> str | None:
-    """The digest of a complete collection at `out`, None when there is none."""
-    if not (out / SUCCESS_FILE).is_file():
+def _existing_digest(out: str) -> str | None:
+    """The digest of a complete collection at `out`, None when there is none ("" unreadable)."""
+    if not storage.is_file(storage.join(out, SUCCESS_FILE)):
         return None
     try:
-        return json.loads((out / CONFIG_FILE).read_text())["digest"]
+        return json.loads(storage.read_text(storage.join(out, CONFIG_FILE)))["digest"]
     except (OSError, ValueError, KeyError):
         return ""
 
 
-def _check_existing(conf: LandmarksConf, out: Path) -> bool:
+def _check_existing(conf: LandmarksConf, out: str) -> bool:
     """True when `out` already holds this configuration's complete collection."""
     digest = _existing_digest(out)
     if digest is None:
@@ -40,45 +38,37 @@ def _check_existing(conf: LandmarksConf, out: Path) -> bool:
     return True
 
 
-def _publish(staging: Path, out: Path, conf: LandmarksConf) -> None:
-    """Move the finished collection into place; an older one at `out` is swapped out first."""
-    retired = None
-    if out.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, retired / out.name)
-    try:
-        os.rename(staging, out)
-    except OSError:
-        if _existing_digest(out) != conf.digest():
-            raise
-        logger.info("another process published %s first; keeping its copy", out)  # same bytes
-        shutil.rmtree(staging, ignore_errors=True)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
-
-
 def generate(
     conf: LandmarksConf, root: str | Path, *, overwrite: bool = False, progress: bool = True
-) -> Path:
-    """Write the collection to `<root>/<conf.name>` and return that path.
+) -> Path | str:
+    """Write the collection to `<root>/<conf.name>` and return that location.
 
-    A complete collection of the same configuration there is kept as it is (the call returns at
-    once) unless `overwrite`. Everything is written to a temporary directory beside it and
-    renamed into place with `_SUCCESS` inside, so a crash never leaves a set that looks whole.
+    `root` is a local path or an `s3://` URI; the result is a `Path` for a local root and the
+    URI string for a remote one. A complete collection of the same configuration there is kept
+    as it is (the call returns at once) unless `overwrite`; a complete one of another
+    configuration raises `DatasetConflictError` unless `overwrite`. Everything is written to a
+    local staging directory and published by `model.storage.publish_directory`: locally renamed
+    into place with `_SUCCESS` inside, on an object store uploaded with `_SUCCESS` last, so a
+    crash never leaves a set that looks whole.
     """
-    root = Path(root)
-    out = root / conf.name
+    out = storage.join(root, conf.name)
+    location: Path | str = out if storage.is_remote(out) else storage.local_path(out)
     if not overwrite and _check_existing(conf, out):
-        logger.info("landmark collection %s is complete (digest %s); skipping", out, conf.digest())
-        return out
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{conf.name}.", suffix=".partial", dir=root))
+        logger.info(
+            "landmark collection %s is complete (digest %s); skipping", location, conf.digest()
+        )
+        return location
     try:
-        _write_collection(conf, staging, progress)
-        (staging / SUCCESS_FILE).write_text(conf.digest() + "\n")
-        _publish(staging, out, conf)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.info("wrote landmark collection %s (digest %s)", out, conf.digest())
-    return out
+        with storage.publish_directory(
+            out, marker=SUCCESS_FILE, marker_text=conf.digest() + "\n"
+        ) as staging:
+            write_collection(conf, staging, progress)
+    except FileExistsError:
+        # Another process published the same local folder meanwhile: the same bytes if it is
+        # the same configuration, so its copy is kept.
+        if storage.is_remote(out) or _existing_digest(out) != conf.digest():
+            raise
+        logger.info("another process published %s first; keeping its copy", location)
+        return location
+    logger.info("wrote landmark collection %s (digest %s)", location, conf.digest())
+    return location

@@ -1,9 +1,10 @@
 """A small, exact perspective renderer of textured planar quads (NumPy and OpenCV only).
 
-The built-in landmark collection (`pipeline.landmarks`) draws its scenes with it. Every quad is a
-plane, so its texture-to-image map is an exact homography and its inverse depth is an affine
-function of the pixel coordinates; both are evaluated per pixel, which makes the coverage, the
-depth buffer and the texture mapping agree with `Camera.project` to floating-point precision.
+The built-in landmark collection (`pipeline.datasets.landmarks`, whose package holds it) draws
+its scenes with it. Every quad is a plane, so its texture-to-image map is an exact homography and
+its inverse depth is an affine function of the pixel coordinates; both are evaluated per pixel,
+which makes the coverage, the depth buffer and the texture mapping agree with `Camera.project`
+to floating-point precision.
 
 Conventions (OpenCV): a world point X maps to camera coordinates x = R @ X + t with x to the
 right, y down and z forward, and to the pixel K @ x / z. The centre of the top-left pixel is

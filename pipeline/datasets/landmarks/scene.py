@@ -8,19 +8,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.landmarks.buildings import _Box, _buildings, _tiers
-from pipeline.landmarks.conf import LandmarksConf
-from pipeline.landmarks.streams import _Kind, _rng, _Stream
-from pipeline.landmarks.style import _style
-from pipeline.landmarks.textures import (
-    _ground_texture,
-    _plain_texture,
-    _roof_texture,
-    _wall_texture,
+from pipeline.datasets.landmarks.buildings import Box, building_tiers, place_buildings
+from pipeline.datasets.landmarks.conf import LandmarksConf
+from pipeline.datasets.landmarks.render import TexturedQuad
+from pipeline.datasets.landmarks.streams import SceneKind, Stream, stream_rng
+from pipeline.datasets.landmarks.style import random_style
+from pipeline.datasets.landmarks.textures import (
+    ground_texture,
+    plain_texture,
+    roof_texture,
+    wall_texture,
 )
-from pipeline.render import TexturedQuad
 
-_UP = (0.0, 0.0, 1.0)
+WORLD_UP = (0.0, 0.0, 1.0)
 _GOLDEN = 0.6180339887498949
 _SAMPLES_PER_LANDMARK = 2500
 _GROUND_SIZE_M = 800.0
@@ -38,12 +38,12 @@ class Scene:
     sun: np.ndarray  # unit vector toward the sun
 
 
-def _box_faces(box: _Box) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float, bool]]:
+def _box_faces(box: Box) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float, bool]]:
     """The walls and roof of a box as (origin, u, v, width_m, height_m, is_wall), outward facing."""
     ex = np.array([np.cos(box.yaw), np.sin(box.yaw), 0.0])
     ey = np.array([-np.sin(box.yaw), np.cos(box.yaw), 0.0])
     centre = np.array([box.x, box.y, box.z0])
-    up = np.array(_UP)
+    up = np.array(WORLD_UP)
     top = box.height * up
     faces = []
     sides = ((-ey, box.depth, box.width), (ex, box.width, box.depth))
@@ -75,33 +75,33 @@ def texture_density(conf: LandmarksConf) -> float:
     return float(np.clip(focal / 25.0, 12.0, 64.0))
 
 
-def _hue(conf: LandmarksConf, kind: _Kind, index: int, rng: np.random.Generator) -> float:
+def _hue(conf: LandmarksConf, kind: SceneKind, index: int, rng: np.random.Generator) -> float:
     """Collection landmarks get hues spread by the golden ratio, so neighbours look different."""
-    if kind is _Kind.DISTRACTOR:
+    if kind is SceneKind.DISTRACTOR:
         return float(rng.random())
-    start = float(_rng(conf, _Stream.PALETTE).random())
+    start = float(stream_rng(conf, Stream.PALETTE).random())
     return (start + index * _GOLDEN) % 1.0
 
 
 def build_scene(conf: LandmarksConf, index: int, *, distractor: bool = False) -> Scene:
     """Landmark `index` of the collection (or distractor `index`), the same for the same conf."""
-    kind = _Kind.DISTRACTOR if distractor else _Kind.LANDMARK
-    rng = _rng(conf, _Stream.SCENE, kind, index)
-    style = _style(rng, _hue(conf, kind, index, rng))
+    kind = SceneKind.DISTRACTOR if distractor else SceneKind.LANDMARK
+    rng = stream_rng(conf, Stream.SCENE, kind, index)
+    style = random_style(rng, _hue(conf, kind, index, rng))
     ppm = texture_density(conf)
     quads: list[TexturedQuad] = []
     top = 0.0
-    for kind_name, building in _buildings(rng):
+    for kind_name, building in place_buildings(rng):
         base = style.walls[int(rng.integers(len(style.walls)))]
-        for tier, box in enumerate(_tiers(rng, kind_name, building)):
+        for tier, box in enumerate(building_tiers(rng, kind_name, building)):
             top = max(top, box.z0 + box.height)
             for origin, u, v, width_m, height_m, is_wall in _box_faces(box):
                 if not is_wall:
-                    texture = _roof_texture(rng, style, width_m, height_m, ppm)
+                    texture = roof_texture(rng, style, width_m, height_m, ppm)
                 elif width_m < 3.0:
-                    texture = _plain_texture(rng, base, width_m, height_m, ppm)
+                    texture = plain_texture(rng, base, width_m, height_m, ppm)
                 else:
-                    texture = _wall_texture(
+                    texture = wall_texture(
                         rng, style, base, width_m, height_m, ppm, ground_floor=tier == 0
                     )
                 quads.append(TexturedQuad(origin, u, v, texture, double_sided=False))
@@ -114,7 +114,7 @@ def build_scene(conf: LandmarksConf, index: int, *, distractor: bool = False) ->
         (-half, half, 0.0),
         (_GROUND_SIZE_M, 0.0, 0.0),
         (0.0, -_GROUND_SIZE_M, 0.0),
-        _ground_texture(rng, style.ground),
+        ground_texture(rng, style.ground),
         double_sided=False,
     )
     azimuth, elevation = rng.uniform(0, 2 * np.pi), rng.uniform(np.radians(25), np.radians(60))

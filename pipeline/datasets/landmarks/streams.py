@@ -7,10 +7,12 @@ import enum
 
 import numpy as np
 
-from pipeline.landmarks.conf import LandmarksConf
+from pipeline.datasets.landmarks.conf import LandmarksConf
 
 
-class _Stream(enum.IntEnum):
+class Stream(enum.IntEnum):
+    """What a random stream draws: its number is part of the seed."""
+
     PALETTE = 1
     SCENE = 2
     ARC = 3
@@ -19,10 +21,13 @@ class _Stream(enum.IntEnum):
     QUERIES = 6
 
 
-class _Kind(enum.IntEnum):
+class SceneKind(enum.IntEnum):
+    """Whether a scene is a landmark of the collection or a distractor (a seed key)."""
+
     LANDMARK = 0
     DISTRACTOR = 1
 
 
-def _rng(conf: LandmarksConf, stream: _Stream, *keys: int) -> np.random.Generator:
+def stream_rng(conf: LandmarksConf, stream: Stream, *keys: int) -> np.random.Generator:
+    """The generator of `stream` for `keys` (kind, index, view...) under `conf.seed`."""
     return np.random.default_rng([conf.seed, int(stream), *keys])

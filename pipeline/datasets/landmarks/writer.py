@@ -13,18 +13,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.landmarks.cameras import Shot, distractor_shot, landmark_shots
-from pipeline.landmarks.conf import GENERATOR_VERSION, LandmarksConf
-from pipeline.landmarks.dataset import (
-    _CAMERA_SCHEMA,
+from pipeline.datasets.landmarks.cameras import Shot, distractor_shot, landmark_shots
+from pipeline.datasets.landmarks.conf import GENERATOR_VERSION, LandmarksConf
+from pipeline.datasets.landmarks.dataset import (
+    CAMERA_SCHEMA,
     CAMERAS_FILE,
     CONFIG_FILE,
     IMAGE_DIR,
-    _camera_record,
+    camera_record,
 )
-from pipeline.landmarks.ground_truth import _query_ground_truth, _Seen, visible_points
-from pipeline.landmarks.photos import _encode_jpeg, take_photo
-from pipeline.landmarks.scene import Scene, build_scene
+from pipeline.datasets.landmarks.ground_truth import Seen, query_ground_truth, visible_points
+from pipeline.datasets.landmarks.photos import encode_jpeg, take_photo
+from pipeline.datasets.landmarks.scene import Scene, build_scene
 
 
 @dataclass
@@ -37,12 +37,12 @@ class _Collection:
     gnd: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _photograph(conf: LandmarksConf, scene: Scene, shot: Shot, jpg_dir: Path) -> _Seen:
+def _photograph(conf: LandmarksConf, scene: Scene, shot: Shot, jpg_dir: Path) -> Seen:
     """Take and save the photo of `shot`; return what it sees of the landmark."""
     photo, depth = take_photo(conf, scene, shot)
-    (jpg_dir / f"{shot.name}.jpg").write_bytes(_encode_jpeg(photo, conf.jpeg_quality))
+    (jpg_dir / f"{shot.name}.jpg").write_bytes(encode_jpeg(photo, conf.jpeg_quality))
     visible, uv = visible_points(scene.points, shot.camera, depth)
-    return _Seen(shot, visible, uv)
+    return Seen(shot, visible, uv)
 
 
 def _add_landmark(
@@ -50,11 +50,11 @@ def _add_landmark(
 ) -> None:
     """Photograph landmark `index` and label its views for each of its queries."""
     scene = build_scene(conf, index)
-    database: list[tuple[int, _Seen]] = []  # (position in imlist, what it sees)
-    queries: list[_Seen] = []
+    database: list[tuple[int, Seen]] = []  # (position in imlist, what it sees)
+    queries: list[Seen] = []
     for shot in landmark_shots(conf, index, scene):
         seen = _photograph(conf, scene, shot, jpg_dir)
-        collection.records.append(_camera_record(shot, scene))
+        collection.records.append(camera_record(shot, scene))
         if shot.role == "db":
             database.append((len(collection.database), seen))
             collection.database.append(shot.name)
@@ -62,7 +62,7 @@ def _add_landmark(
             queries.append(seen)
             collection.queries.append(shot.name)
         bar.update()
-    collection.gnd += [_query_ground_truth(conf, scene.centre, q, database) for q in queries]
+    collection.gnd += [query_ground_truth(conf, scene.centre, q, database) for q in queries]
 
 
 def _add_distractor(
@@ -72,12 +72,12 @@ def _add_distractor(
     scene = build_scene(conf, index, distractor=True)
     shot = distractor_shot(conf, index, scene)
     _photograph(conf, scene, shot, jpg_dir)
-    collection.records.append(_camera_record(shot, scene))
+    collection.records.append(camera_record(shot, scene))
     collection.database.append(shot.name)
     bar.update()
 
 
-def _write_collection(conf: LandmarksConf, out: Path, progress: bool) -> None:
+def write_collection(conf: LandmarksConf, out: Path, progress: bool) -> None:
     """Everything but `_SUCCESS` into `out`: photos, then the tables."""
     jpg_dir = out / IMAGE_DIR
     jpg_dir.mkdir()
@@ -94,7 +94,7 @@ def _write_collection(conf: LandmarksConf, out: Path, progress: bool) -> None:
 
 def _write_tables(conf: LandmarksConf, out: Path, collection: _Collection) -> None:
     pq.write_table(
-        pa.Table.from_pylist(collection.records, schema=_CAMERA_SCHEMA), out / CAMERAS_FILE
+        pa.Table.from_pylist(collection.records, schema=CAMERA_SCHEMA), out / CAMERAS_FILE
     )
     ground_truth = {
         "imlist": collection.database,

@@ -1,0 +1,2 @@
+"""Data sets: readers of the revisited layout and photo folders, and the built-in landmark
+collection."""
