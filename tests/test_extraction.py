@@ -1,5 +1,6 @@
 """Batched extraction gives the same descriptors as one image at a time, in input order."""
 
+import io
 import math
 from pathlib import Path
 
@@ -10,17 +11,21 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from model.backbones import build_backbone
 from model.extraction import (
     DEFAULT_SCALES,
     ArrayImages,
     ExtractOptions,
+    ImageError,
     ImageFiles,
+    describe_batch,
     extract_descriptors,
     extract_multihead,
     resized_size,
     size_grouped_batches,
 )
 from model.heads import GeMHead
+from model.images import BadImage, decode_image
 from model.networks import NetworkMeta, RetrievalNet
 from model.pooling import gem, l2n
 
@@ -103,7 +108,9 @@ def test_heads_share_one_pass_and_match_separate_runs(net, images) -> None:
     for name, head in heads.items():
         alone = RetrievalNet(net.backbone, head, net.meta)
         np.testing.assert_allclose(
-            together[name], extract_descriptors(alone, ArrayImages(images), CPU), atol=1e-6
+            together.descriptors[name],
+            extract_descriptors(alone, ArrayImages(images), CPU),
+            atol=1e-6,
         )
 
 
@@ -117,26 +124,155 @@ def test_image_files_resize_crop_and_rotate(tmp_path: Path) -> None:
     photo = np.zeros((300, 400, 3), dtype=np.uint8)
     photo[50:250, 100:300] = (255, 0, 0)
     Image.fromarray(photo).save(tmp_path / "a.png")
-    files = ImageFiles([tmp_path / "a.png"] * 2, max_size=200, boxes=[None, (100, 50, 300, 250)])
+    files = ImageFiles(
+        [tmp_path / "a.png"] * 2,
+        max_size=200,
+        boxes=[None, (100, 50, 300, 250)],
+        exif_transpose=True,
+    )
     # The whole photo goes to 200x150; the crop is scaled by the same factor, 0.5.
     assert files.sizes == [(150, 200), (100, 100)]
-    crop = files[1]
-    assert crop.shape == (3, 100, 100) and crop[0].float().mean() > 250 and crop[1].max() < 5
-    # A photo stored landscape with EXIF orientation 6 (rotate 90°) is portrait.
+    index, crop = files[1]
+    assert index == 1 and crop.shape == (100, 100, 3)
+    assert crop[..., 0].mean() > 250 and crop[..., 1].max() < 5
+
+
+def test_exif_rotation_is_the_callers_explicit_choice(tmp_path: Path) -> None:
+    """Phone photos are turned upright; the revisited protocol reads stored pixels, boxes too."""
+    photo = np.zeros((300, 400, 3), dtype=np.uint8)
+    photo[:, :200] = 255  # left half white in the stored frame
     exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(photo).save(tmp_path / "r.jpg", exif=exif)
-    rotated = ImageFiles([tmp_path / "r.jpg"], max_size=200)
-    assert rotated.sizes == [(200, 150)] and rotated[0].shape == (3, 200, 150)
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    Image.fromarray(photo).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    upright = ImageFiles([tmp_path / "r.jpg"], max_size=200, exif_transpose=True)
+    assert upright.sizes == [(200, 150)] and upright[0][1].shape == (200, 150, 3)
+    assert upright[0][1][:100].mean() > 200 and upright[0][1][-100:].mean() < 50  # top white
+    stored = ImageFiles(
+        [tmp_path / "r.jpg"], max_size=None, boxes=[(0, 0, 200, 300)], exif_transpose=False
+    )
+    assert stored.sizes == [(300, 200)] and stored[0][1].mean() > 240  # the box's white half
+    with pytest.raises(TypeError, match="exif_transpose"):
+        ImageFiles([tmp_path / "r.jpg"])  # no default: every caller says which frame it wants
 
 
-def test_bad_images_and_boxes_are_named(tmp_path: Path) -> None:
-    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match=r"broken\.jpg"):
-        ImageFiles([tmp_path / "broken.jpg"])
-    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "ok.png")
-    with pytest.raises(ValueError, match="outside"):
-        ImageFiles([tmp_path / "ok.png"], boxes=[(0, 0, 20, 5)])
+def _truncated_jpeg(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> None:
+    """A PNG whose header claims 400 megapixels: a few hundred bytes on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (3 * width + 1))  # one row; the rest is missing
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def test_bad_photos_are_reported_and_the_rest_described(net, tmp_path: Path) -> None:
+    """Every kind of bad photo is named with its reason; the good ones are still described."""
+    good = np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(good).save(tmp_path / "good.png")
+    (tmp_path / "noise.jpg").write_bytes(b"not a jpeg")
+    _truncated_jpeg(tmp_path / "truncated.jpg")
+    _bomb_png(tmp_path / "bomb.png")
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "small.png")
+    names = ["good.png", "noise.jpg", "truncated.jpg", "bomb.png", "missing.jpg", "small.png"]
+    boxes = [None, None, None, None, None, (0, 0, 20, 5)]
+    files = ImageFiles([tmp_path / n for n in names], boxes=boxes, exif_transpose=True)
+    # Header problems are known before anything is decoded; the truncated file is not.
+    assert sorted(files.failed) == [1, 3, 4, 5]
+    result = extract_multihead(net.backbone, {"gem": net.head}, files, CPU)
+    assert result.indices.tolist() == [0]
+    assert sorted(result.failed) == [1, 2, 3, 4, 5]
+    reasons = result.failed
+    assert "noise.jpg" in reasons[1] and "not a readable image" in reasons[1]
+    assert "truncated.jpg" in reasons[2] and "truncated" in reasons[2]
+    assert "bomb.png" in reasons[3] and "decompression bomb" in reasons[3]
+    assert "missing.jpg" in reasons[4] and "missing" in reasons[4]
+    assert "small.png" in reasons[5] and "outside" in reasons[5]
+    expected = extract_descriptors(net, ArrayImages([good]), CPU)
+    np.testing.assert_allclose(result.descriptors["gem"], expected, atol=1e-6)
+    with pytest.raises(ImageError, match=r"5 image\(s\).*noise\.jpg"):
+        extract_descriptors(net, files, CPU)  # the strict form names them
+
+
+def test_decoding_bytes_returns_the_failure() -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((5, 7, 3), 9, np.uint8)).save(buffer, format="PNG")
+    decoded = decode_image(buffer.getvalue(), exif_transpose=True)
+    assert isinstance(decoded, np.ndarray) and decoded.shape == (5, 7, 3)
+    assert decoded.dtype == np.uint8 and (decoded == 9).all()
+    bad = decode_image(buffer.getvalue()[:40], exif_transpose=True)
+    assert isinstance(bad, BadImage) and bad.reason
+
+
+@pytest.mark.parametrize("shape", [(1, 300), (300, 1), (2, 2), (1, 1)])
+def test_photos_of_one_or_two_pixels_at_every_scale(net, shape) -> None:
+    """F.interpolate used to fail at 1/√2 on a 1×300 photo; now every scale has a pixel."""
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    options = ExtractOptions(scales=DEFAULT_SCALES, device="cpu", progress=False)
+    lite = RetrievalNet(build_backbone("efficientnet_lite0"), GeMHead(1280), NetworkMeta()).eval()
+    out = extract_descriptors(lite, ArrayImages([image]), options)
+    assert out.shape == (1, 1280) and np.isfinite(out).all()
+
+
+def test_photo_below_the_trunks_receptive_field_is_reported() -> None:
+    vgg = build_backbone("vgg16")
+    head = GeMHead(vgg.out_channels)
+    images = [np.zeros((12, 40, 3), np.uint8), np.full((40, 40, 3), 128, np.uint8)]
+    options = ExtractOptions(scales=(1.0, 0.5), device="cpu", progress=False)
+    result = extract_multihead(vgg, {"gem": head}, ArrayImages(images), options)
+    assert result.indices.tolist() == [1]
+    assert "too small for vgg16" in result.failed[0] and "needs 16" in result.failed[0]
+
+
+class NaNHead(nn.Module):
+    """A head whose second batch comes out NaN, as a diverged network's would."""
+
+    out_dim, scale_exponent = 4, 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.full((fmap.shape[0], 4), float("nan") if self.calls == 2 else 1.0)
+
+
+def test_non_finite_descriptor_names_its_image(net, caplog) -> None:
+    images = [np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8)]
+    with caplog.at_level("WARNING", logger="model.extraction"):
+        result = extract_multihead(
+            net.backbone,
+            {"odd": NaNHead()},
+            ArrayImages(images),
+            ExtractOptions(device="cpu", progress=False),
+        )
+    assert result.indices.tolist() == [0] and "non-finite" in result.failed[1]
+    assert "image #1: non-finite descriptor" in caplog.text  # named when found
+
+
+def test_describe_batch_is_the_per_batch_core(net, images) -> None:
+    same_size = np.stack([img for img in images if img.shape[:2] == (40, 60)])
+    out = describe_batch(net.backbone, {"gem": net.head}, same_size, DEFAULT_SCALES)
+    expected = np.stack([_reference(net, img, DEFAULT_SCALES) for img in same_size])
+    np.testing.assert_allclose(out["gem"], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        describe_batch(net.backbone, {"gem": net.head}, same_size.astype(np.float32))
+
+
+def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="uint8"):
         ArrayImages([np.zeros((4, 4), np.float32)])
     with pytest.raises(ValueError, match="scales"):
@@ -149,8 +285,6 @@ def test_bad_images_and_boxes_are_named(tmp_path: Path) -> None:
 
 def test_bf16_autocast_path_agrees_with_fp32(images) -> None:
     """The GPU's bf16 path, run on the CPU: same descriptors to bf16 precision, same order."""
-    from model.backbones import build_backbone
-
     torch.manual_seed(0)
     net = RetrievalNet(build_backbone("efficientnet_lite0"), GeMHead(1280), NetworkMeta()).eval()
     fp32 = extract_descriptors(net, ArrayImages(images), CPU)
