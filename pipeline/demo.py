@@ -21,17 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import tyro
 
 from model.backbones import build_backbone
-from model.extraction import DEFAULT_SCALES, ExtractOptions, ImageFiles, extract_multihead
+from model.extraction import DEFAULT_SCALES, ExtractOptions
 from model.heads import GeMHead
 from model.whitening import learn_whitening
-from pipeline.benchmarks import RetrievalSet, load_folder, load_revisited, same_label_pairs
-from pipeline.evaluate import PostProcess, score, summary_map
-from pipeline.landmarks import CONFS, generate
+from pipeline.cli import run_cli
+from pipeline.datasets.folders import load_folder
+from pipeline.datasets.landmarks import CONFS, generate
+from pipeline.datasets.revisited import load_revisited
+from pipeline.datasets.sets import Availability, RetrievalSet, same_label_pairs
+from pipeline.describe import describe_set
 from pipeline.report import write_report
 from pipeline.results import write_json
+from pipeline.scoring import PostProcess, score, summary_map
 
 logger = logging.getLogger("pipeline.demo")
 
@@ -46,7 +49,7 @@ class DemoConf:
     """A folder of your own photos: a sub-folder per scene gives mAP; a flat folder gives
     each photo's nearest neighbours. Default: the built-in landmark collection."""
     collection: str = "demo"
-    """Preset of the built-in collection (see pipeline.landmarks.CONFS)."""
+    """Preset of the built-in collection (see pipeline.datasets.landmarks.CONFS)."""
     output: str = "outputs/demo"
     """Where the generated photos, results.json and the HTML reports go."""
     networks: tuple[str, ...] = (
@@ -68,7 +71,7 @@ class DemoConf:
     """Seed of the random (untrained) networks."""
 
 
-def main(conf: DemoConf) -> Path:
+def main(conf: DemoConf) -> str:
     """Run the demo; returns the path of ``results.json`` (reports lie beside it)."""
     out = Path(conf.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,15 +86,18 @@ def main(conf: DemoConf) -> Path:
     scales = DEFAULT_SCALES if conf.multiscale else (1.0,)
     options = ExtractOptions(scales=scales, batch_size=conf.batch_size)
     rows: list[dict[str, Any]] = []
+    images: dict[str, Any] = {}
     for spec in conf.networks:
-        rows += _evaluate_network(spec, conf, rset, train, options, out)
+        network_rows, used, availability = _evaluate_network(spec, conf, rset, train, options, out)
+        rows += network_rows
+        images[spec] = availability.as_dict()
+    print(f"\n{availability.summary()}")
     if rset.protocol == "none":
-        _print_neighbours(rset, rows)
+        _print_neighbours(used, rows)
     else:
-        _print_table(rset, rows, scales)
-    results = write_json(
-        out / "results.json", {"conf": dataclasses.asdict(conf), "set": rset.name, "rows": rows}
-    )
+        _print_table(used, rows, scales)
+    payload = {"conf": dataclasses.asdict(conf), "set": rset.name, "images": images, "rows": rows}
+    results = write_json(out / "results.json", payload)
     print(f"\nresults: {results}")
     return results
 
@@ -118,26 +124,17 @@ def _evaluate_network(
     train: RetrievalSet | None,
     options: ExtractOptions,
     out: Path,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], RetrievalSet, Availability]:
     name, _, weights = spec.partition(":")
     weights = weights or "random"
     torch.manual_seed(conf.seed)
     backbone = build_backbone(name, None if weights == "random" else weights)
     heads = {pool: GeMHead(backbone.out_channels, pooling=pool) for pool in conf.poolings}
     started = time.perf_counter()
-    db = extract_multihead(backbone, heads, ImageFiles(rset.db_paths, conf.max_size), options)
-    queries = (
-        db
-        if rset.queries_are_database
-        else extract_multihead(
-            backbone,
-            heads,
-            ImageFiles(rset.query_paths, conf.max_size, rset.query_boxes),
-            options,
-        )
-    )
+    described = describe_set(rset, backbone, heads, max_size=conf.max_size, options=options)
+    used = described.rset
     whitening_db = (
-        extract_multihead(backbone, heads, ImageFiles(train.db_paths, conf.max_size), options)
+        describe_set(train, backbone, heads, max_size=conf.max_size, options=options)
         if train is not None
         else None
     )
@@ -147,27 +144,29 @@ def _evaluate_network(
     for pool in conf.poolings:
         posts = [PostProcess(), PostProcess(qe_k=conf.qe_k, qe_alpha=conf.qe_alpha)]
         if whitening_db is not None:
-            qidxs, pidxs = same_label_pairs(train.db_labels)
-            m, P = learn_whitening(whitening_db[pool], qidxs, pidxs)
+            qidxs, pidxs = same_label_pairs(whitening_db.rset.db_labels)
+            m, P = learn_whitening(whitening_db.db[pool], qidxs, pidxs)
             lw = PostProcess(whitening=(m, P))
             posts += [lw, dataclasses.replace(lw, qe_k=conf.qe_k, qe_alpha=conf.qe_alpha)]
         for post in posts:
-            metrics, ranks = score(db[pool], queries[pool], rset, post)
+            scored = score(described.db[pool], described.queries[pool], used, post)
             if pool == conf.poolings[0] and post.label == "plain":
                 report = out / f"report-{_file_name(spec)}.html"
                 title = f"{name} ({weights}), {POOLING_NAMES.get(pool, pool)}"
-                write_report(report, rset, ranks, metrics, title=title)
+                write_report(
+                    report, used, scored.ranks, scored.metrics, aps=scored.aps, title=title
+                )
                 logger.info("report: %s", report)
             rows.append(
                 {
                     "network": f"{name} ({weights})",
                     "pooling": POOLING_NAMES.get(pool, pool),
                     "post": post.label,
-                    "metrics": metrics,
-                    "top5": ranks[:, :5].tolist() if rset.protocol == "none" else None,
+                    "metrics": scored.metrics,
+                    "top5": scored.ranks[:, :5].tolist() if used.protocol == "none" else None,
                 }
             )
-    return rows
+    return rows, used, described.availability
 
 
 def _file_name(text: str) -> str:
@@ -201,5 +200,4 @@ def _print_neighbours(rset: RetrievalSet, rows: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    main(tyro.cli(DemoConf))
+    run_cli(main, DemoConf)

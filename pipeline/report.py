@@ -27,17 +27,18 @@ import html
 import io
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
+from model import storage
 from model.evaluation import compute_map
-from pipeline.benchmarks import RetrievalSet
+from model.images import BadImage, open_image, read_size
+from pipeline.datasets.sets import RetrievalSet
 
 __all__ = ["VERDICT_COLOURS", "query_aps", "write_report"]
 
@@ -51,8 +52,6 @@ VERDICT_COLOURS: dict[str, str] = {
     "neutral": "#ced4da",
 }
 _JPEG_QUALITY = 80
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 _BOX_COLOUR = (255, 212, 59)
 _DIM = 0.45  # brightness kept outside a query's box
 
@@ -64,21 +63,27 @@ def write_report(
     metrics: Mapping[str, Any],
     *,
     db_paths: Sequence[Path] | None = None,
+    aps: np.ndarray | None = None,
     title: str = "",
     top_k: int = 10,
     thumb_size: int = 160,
-) -> Path:
+) -> str:
     """Write ``report.html`` for one ranking of ``rset`` and its ``metrics``; returns the path.
 
     ``ranks`` is ``[n_q, n]`` (a row per query, best first, as ``pipeline.evaluate.score``
-    returns it); indices from ``len(rset.db_paths)`` on are distractors, whose files
-    ``db_paths`` (the whole database) names. The file is written to a temporary name and
-    renamed, so a reader never sees half a report.
+    returns it; its top ``top_k`` are shown); indices from ``len(rset.db_paths)`` on are
+    distractors, whose files ``db_paths`` (the whole database) names. ``aps`` gives each
+    query's AP when ``ranks`` is only a top-k (else it is computed from ``ranks``). ``path`` is
+    a local path or an ``s3://`` URI, written whole or not at all.
     """
     all_paths = [Path(p) for p in (rset.db_paths if db_paths is None else db_paths)]
     ranks = _check_inputs(rset, ranks, all_paths, top_k, thumb_size)
     n_gt = len(rset.db_paths)
-    aps = query_aps(rset, ranks, n_db=len(all_paths))
+    if aps is None:
+        aps = query_aps(rset, ranks, n_db=len(all_paths))
+    aps = np.asarray(aps, dtype=np.float64)
+    if aps.shape != (len(rset.query_paths),):
+        raise ValueError(f"aps must have one value per query, got shape {aps.shape}")
     _check_consistent(aps, metrics)
     shown = ranks[:, :top_k]
     judged = [
@@ -87,7 +92,7 @@ def write_report(
     ]
     order = _worst_first(aps)
 
-    thumbs = _Thumbnails(thumb_size)
+    thumbs = _Thumbnails(thumb_size, rset.exif_transpose)
     rows = [
         _query_row(rset, j, aps[j], shown[j], judged[j], all_paths, thumbs) for j in order.tolist()
     ]
@@ -100,20 +105,13 @@ def write_report(
         rows=rows,
         thumb_css=thumbs.css(),
     )
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    out = storage.write_text(path, page)
     logger.info(
         "report %s: %d queries, %d distinct images, %.1f MB",
         out,
         len(rows),
         thumbs.count,
-        out.stat().st_size / 2**20,
+        len(page) / 2**20,
     )
     return out
 
@@ -127,10 +125,7 @@ def query_aps(rset: RetrievalSet, ranks: np.ndarray, n_db: int | None = None) ->
     ranks = np.asarray(ranks)
     if rset.gnd is None or rset.protocol == "none":
         return np.full(len(ranks), np.nan)
-    if rset.protocol == "revisited":
-        gnd = [{"ok": np.concatenate([g["easy"], g["hard"]]), "junk": g["junk"]} for g in rset.gnd]
-    else:
-        gnd = list(rset.gnd)
+    gnd = [{"ok": rset.positives(j), "junk": g["junk"]} for j, g in enumerate(rset.gnd)]
     _, aps, _, _ = compute_map(ranks.T, gnd, n_db=n_db)
     return aps
 
@@ -210,8 +205,9 @@ class _Thumb:
 class _Thumbnails:
     """Each distinct (image, box) decoded, thumbnailed and encoded once, named by a CSS class."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, exif_transpose: bool) -> None:
         self.size = size
+        self.exif_transpose = exif_transpose
         self._seen: dict[tuple[Path, tuple[float, ...] | None], _Thumb] = {}
         self._rules: list[str] = []
 
@@ -226,14 +222,11 @@ class _Thumbnails:
         return self._seen[key]
 
     def _make(self, path: Path, box: Sequence[float] | None) -> _Thumb:
-        try:
-            image = _thumbnail(path, self.size, box)
-        except FileNotFoundError:
-            logger.warning("report: image %s is missing; showing a placeholder", path)
-            return _Thumb("ph", "missing")
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            logger.warning("report: cannot read %s (%s); showing a placeholder", path, err)
-            return _Thumb("ph", "unreadable")
+        image = _thumbnail(path, self.size, box, self.exif_transpose)
+        if isinstance(image, BadImage):
+            logger.warning("report: %s (%s); showing a placeholder", path, image.reason)
+            problem = "missing" if image.reason.startswith("missing") else "unreadable"
+            return _Thumb("ph", problem)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=_JPEG_QUALITY, optimize=True)
         data = base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -253,14 +246,21 @@ class _Thumbnails:
         return "\n".join([placeholder, *self._rules])
 
 
-def _thumbnail(path: Path, size: int, box: Sequence[float] | None) -> Image.Image:
-    """RGB thumbnail, longer side ``size``; with a box, the outside dimmed and the box drawn."""
-    with Image.open(path) as img:
-        width, height = img.size
-        if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
-            width, height = height, width
-        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
-        image = ImageOps.exif_transpose(img).convert("RGB")
+def _thumbnail(
+    path: Path, size: int, box: Sequence[float] | None, exif_transpose: bool
+) -> Image.Image | BadImage:
+    """RGB thumbnail, longer side ``size``; with a box, the outside dimmed and the box drawn.
+
+    The box is in the frame the network saw (rotated by EXIF only when ``exif_transpose``).
+    """
+    full = read_size(path, exif_transpose=exif_transpose)
+    if isinstance(full, BadImage):
+        return full
+    width, height = full
+    # JPEG: decode at a reduced scale, much faster.
+    image = open_image(path, exif_transpose=exif_transpose, draft=(size, size))
+    if isinstance(image, BadImage):
+        return image
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     if box is None:
         return image
@@ -434,7 +434,7 @@ def _plot_png(aps: np.ndarray, judged: list[list[tuple[str, str]]], protocol: st
         bottom += share
     rank_ax.set(title="results at each rank", xlabel="rank", ylabel="% of queries", ylim=(0, 100))
     rank_ax.set_xticks(ranks)
-    ignored = "junk" if protocol == "revisited" else "self / junk"
+    ignored = "self / junk" if protocol == "scenes" else "junk"
     rank_ax.legend(
         ["right", ignored, "wrong"],
         loc="upper left",
@@ -456,6 +456,9 @@ def _legend_html(protocol: str) -> str:
         items += [("wrong", "wrong"), ("wrong", "distractor")]
     elif protocol == "scenes":
         items = [("right", "right: same scene"), ("junk", "self: the query itself")]
+        items += [("wrong", "wrong"), ("wrong", "distractor")]
+    elif protocol == "original":
+        items = [("right", "ok: positive"), ("junk", "junk: ignored by the protocol")]
         items += [("wrong", "wrong"), ("wrong", "distractor")]
     else:
         return '<p class="legend muted">No ground truth: results are not marked.</p>'

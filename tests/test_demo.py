@@ -1,11 +1,12 @@
 """The demo on a user's own photo folder: per-scene folders give mAP, a flat folder neighbours."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from pipeline.benchmarks import load_revisited
+from pipeline.datasets.revisited import load_revisited
 from pipeline.demo import DemoConf, main
 
 
@@ -33,7 +34,7 @@ def _conf(photos: Path, tmp_path: Path) -> DemoConf:
 
 
 def test_scene_folders_give_map(scene_folder: Path, tmp_path: Path, capsys) -> None:
-    results = json.loads(main(_conf(scene_folder, tmp_path)).read_text())
+    results = json.loads(Path(main(_conf(scene_folder, tmp_path))).read_text())
     rows = {(r["network"], r["post"]): r["metrics"] for r in results["rows"]}
     pretrained = rows[("efficientnet_lite0 (imagenet)", "plain")]["map"]
     random = rows[("efficientnet_lite0 (random)", "plain")]["map"]
@@ -63,3 +64,25 @@ def test_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no photos"):
         main(_conf(tmp_path / "empty", tmp_path))
+
+
+def test_unreadable_photo_is_reported_and_counted_once_per_role(
+    scene_folder: Path, tmp_path: Path, capsys
+) -> None:
+    """A broken photo in a user's folder: named, dropped from both roles, the demo completes."""
+    broken = scene_folder / "landmark0" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    n_photos = len(list(scene_folder.glob("*/*.jpg")))
+    conf = dataclasses.replace(
+        _conf(scene_folder, tmp_path), networks=("efficientnet_lite0:imagenet",)
+    )
+    results = json.loads(Path(main(conf)).read_text())
+    images = results["images"]["efficientnet_lite0:imagenet"]
+    assert images["db_total"] == images["queries_total"] == n_photos
+    assert images["db_used"] == images["queries_used"] == n_photos - 1
+    assert {(p["role"], Path(p["file"]).name) for p in images["unusable"]} == {
+        ("db", "broken.jpg"),
+        ("query", "broken.jpg"),
+    }
+    assert "broken.jpg" in capsys.readouterr().out
+    assert 0.8 < results["rows"][0]["metrics"]["map"] <= 1

@@ -2,8 +2,11 @@
 
 import dataclasses
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -15,8 +18,9 @@ from model.evaluation import evaluate_revisited
 from model.extraction import ArrayImages, ExtractOptions, ImageFiles, extract_descriptors
 from model.networks import NetworkMeta, build_network
 from model.retrieval import rank_by_similarity
-from pipeline.benchmarks import load_revisited
-from pipeline.evaluate import EvaluateConf, format_revisited, run
+from pipeline.datasets.revisited import load_revisited
+from pipeline.evaluate import EvaluateConf, run
+from pipeline.scoring import format_metrics
 
 MAX_SIZE = 256
 
@@ -54,9 +58,13 @@ def _options() -> ExtractOptions:
 def test_figures_equal_the_protocol_on_the_same_ranking(conf, tiny_collection, network) -> None:
     result = run(conf)
     rset = load_revisited(tiny_collection)
-    db = extract_descriptors(network, ImageFiles(rset.db_paths, MAX_SIZE), _options())
+    db = extract_descriptors(
+        network, ImageFiles(rset.db_paths, MAX_SIZE, exif_transpose=False), _options()
+    )
     queries = extract_descriptors(
-        network, ImageFiles(rset.query_paths, MAX_SIZE, rset.query_boxes), _options()
+        network,
+        ImageFiles(rset.query_paths, MAX_SIZE, rset.query_boxes, exif_transpose=False),
+        _options(),
     )
     expected = evaluate_revisited(rank_by_similarity(queries, db).T, rset.gnd, (1, 5, 10))
     for part in ("easy", "medium", "hard"):
@@ -79,13 +87,23 @@ def test_query_is_its_box_scaled_like_its_whole_photo(conf, tiny_collection, net
     size = (round(crop.width * factor), round(crop.height * factor))
     by_hand = np.asarray(crop.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
     expected = extract_descriptors(network, ArrayImages([by_hand]), _options())[0]
-    cached = next(Path(conf.cache_dir).rglob(f"query-{MAX_SIZE}.npz"))
-    with np.load(cached) as saved:
-        vectors = dict(zip(saved["keys"].tolist(), saved["vectors"], strict=True))
-    key = next(k for k in vectors if k.startswith(rset.query_paths[0].name + "@"))
+    vectors = _cached_vectors(Path(conf.cache_dir), "query")
+    key = next(k for k in vectors if k.startswith(f"jpg/{rset.query_paths[0].name}\t"))
+    assert key.endswith(json.dumps(list(rset.query_boxes[0])))  # keyed by its box too
     np.testing.assert_allclose(vectors[key], expected, atol=1e-5)
-    whole = extract_descriptors(network, ImageFiles(rset.query_paths[:1], MAX_SIZE), _options())
+    whole = extract_descriptors(
+        network, ImageFiles(rset.query_paths[:1], MAX_SIZE, exif_transpose=False), _options()
+    )
     assert float(whole[0] @ vectors[key]) < 0.999  # the crop is not the whole photo
+
+
+def _cached_vectors(cache_dir: Path, role: str) -> dict[str, np.ndarray]:
+    """Every cached descriptor of a role, by its cache key."""
+    out = {}
+    for part in sorted(cache_dir.rglob(f"{role}/part-*.npz")):
+        with np.load(part) as saved:
+            out.update(zip(saved["keys"].tolist(), saved["head:descriptor"], strict=True))
+    return out
 
 
 def test_gem_beats_a_random_ranking_by_far(conf, tiny_collection) -> None:
@@ -109,7 +127,9 @@ def test_partial_copy_is_counted_not_fatal(conf, copy_of) -> None:
     assert images["db_total"] == len(truth["imlist"]) and images["db_missing"] == 5
     assert images["db_used"] == len(truth["imlist"]) - 6  # 5 missing, 1 unreadable
     assert images["queries_used"] == len(truth["qimlist"]) - 1 and images["queries_missing"] == 1
-    assert any(truth["imlist"][7] in path for path in images["unreadable"])
+    (problem,) = images["unusable"]
+    assert truth["imlist"][7] in problem["file"] and problem["role"] == "db"
+    assert "not a readable image" in problem["reason"]
     assert 0 < result["metrics"]["medium"]["map"] <= 1
 
 
@@ -167,13 +187,74 @@ def test_bad_ground_truth_is_named(conf, copy_of) -> None:
         run(conf)
 
 
-def test_box_outside_its_photo_is_named(conf, copy_of) -> None:
+def test_every_problem_is_found_first_and_the_rest_is_scored(conf, copy_of, tmp_path) -> None:
+    """A box outside its photo, an unreadable database photo, a truncated query photo and an
+    unreadable distractor: all reported together, in the output and metrics.json, and every
+    other query is still scored."""
     gnd_file = copy_of / f"gnd_{copy_of.name}.pkl"
     truth = pickle.loads(gnd_file.read_bytes())
     truth["gnd"][1]["bbx"] = [10.0, 10.0, 5000.0, 40.0]
     gnd_file.write_bytes(pickle.dumps(truth))
-    with pytest.raises(ValueError, match=rf"outside .*{truth['qimlist'][1]}\.jpg"):
+    (copy_of / "jpg" / f"{truth['imlist'][3]}.jpg").write_bytes(b"no photo")
+    query2 = copy_of / "jpg" / f"{truth['qimlist'][2]}.jpg"
+    query2.write_bytes(query2.read_bytes()[:-3000])  # header intact, data cut short
+    distractors = tmp_path / "distractors"
+    distractors.mkdir()
+    shutil.copy(copy_of / "jpg" / f"{truth['imlist'][0]}.jpg", distractors / "fine.jpg")
+    (distractors / "broken.jpg").write_bytes(b"\xff\xd8 broken")
+    conf = dataclasses.replace(conf, data_root=str(copy_of.parent), distractors=str(distractors))
+    result = run(conf)
+    problems = {
+        (p["role"], Path(p["file"]).name): p["reason"] for p in result["images"]["unusable"]
+    }
+    assert set(problems) == {
+        ("query", f"{truth['qimlist'][1]}.jpg"),
+        ("db", f"{truth['imlist'][3]}.jpg"),
+        ("query", query2.name),
+        ("distractor", "broken.jpg"),
+    }
+    assert "outside the photo" in problems["query", f"{truth['qimlist'][1]}.jpg"]
+    assert "truncated" in problems["query", query2.name]
+    images = result["images"]
+    assert images["queries_used"] == len(truth["qimlist"]) - 2
+    assert images["db_used"] == len(truth["imlist"]) - 1 and images["distractors"] == 1
+    assert 0 < result["metrics"]["medium"]["map"] <= 1
+    saved = json.loads(next(Path(conf.output).rglob("metrics.json")).read_text())
+    assert len(saved["images"]["unusable"]) == 4
+
+
+def test_original_oxford_ground_truth_scores_one_map(conf, copy_of, network) -> None:
+    """cirtorch's oxford5k/paris6k files hold ok/junk per query: one mAP, never NaN."""
+    gnd_file = copy_of / f"gnd_{copy_of.name}.pkl"
+    truth = pickle.loads(gnd_file.read_bytes())
+    truth["gnd"] = [
+        {"ok": np.concatenate([g["easy"], g["hard"]]), "junk": g["junk"], "bbx": g["bbx"]}
+        for g in truth["gnd"]
+    ]
+    gnd_file.write_bytes(pickle.dumps(truth))
+    result = run(dataclasses.replace(conf, data_root=str(copy_of.parent)))
+    assert result["protocol"] == "original"
+    medium = run(conf)["metrics"]["medium"]["map"]  # the same positives and junk
+    assert result["metrics"]["map"] == pytest.approx(medium, abs=1e-9)
+    gnd_file.write_bytes(
+        pickle.dumps({**truth, "gnd": [{"bbx": [0, 0, 1, 1]}] * len(truth["qimlist"])})
+    )
+    with pytest.raises(ValueError, match=r"expected easy/hard/junk .* or ok/junk"):
         run(dataclasses.replace(conf, data_root=str(copy_of.parent)))
+
+
+def test_a_pickle_that_would_run_code_is_refused(conf, copy_of, tmp_path) -> None:
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    gnd_file = copy_of / f"gnd_{copy_of.name}.pkl"
+    gnd_file.write_bytes(pickle.dumps({"imlist": [], "qimlist": [], "gnd": [Payload()]}))
+    with pytest.raises(ValueError, match=r"refusing posix\.system|refusing os\.system"):
+        run(dataclasses.replace(conf, data_root=str(copy_of.parent)))
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_printed_like_the_papers() -> None:
@@ -181,7 +262,7 @@ def test_printed_like_the_papers() -> None:
         part: {"map": value, "mp@k": {1: 1.0, 5: 0.8, 10: 0.65}}
         for part, value in (("easy", 0.8481), ("medium", 0.64672), ("hard", 0.38466))
     }
-    text = format_revisited("roxford5k", metrics, (1, 5, 10))
+    text = format_metrics("roxford5k", metrics, (1, 5, 10))
     assert text.splitlines()[0] == ">> roxford5k: mAP E: 84.8, M: 64.7, H: 38.5"
     assert "E: [100.0, 80.0, 65.0]" in text.splitlines()[1]
 
@@ -192,10 +273,12 @@ def test_command_line_with_whitening_file(conf, tiny_collection, network, tmp_pa
     import sys
 
     from model.whitening import learn_whitening, save_whitening
-    from pipeline.benchmarks import same_label_pairs
+    from pipeline.datasets.sets import same_label_pairs
 
     rset = load_revisited(tiny_collection)
-    db = extract_descriptors(network, ImageFiles(rset.db_paths, MAX_SIZE), _options())
+    db = extract_descriptors(
+        network, ImageFiles(rset.db_paths, MAX_SIZE, exif_transpose=False), _options()
+    )
     m, P = learn_whitening(db, *same_label_pairs(rset.db_labels))
     save_whitening(tmp_path / "lw.npz", m, P)
     args = [
@@ -225,9 +308,91 @@ def test_checkpoint_directory_brings_its_own_network(conf, tmp_path) -> None:
     trained = build_network(meta, "imagenet")
     checkpoint = save_network(trained, tmp_path / "run" / "checkpoint")
     result = run(dataclasses.replace(conf, weights=str(checkpoint), backbone="resnet50"))
-    assert result["network"]["checkpoint"].startswith(str(checkpoint / "model.pt"))
+    assert result["network"]["checkpoint"].startswith(f"{checkpoint}/model.pt")
     assert "backbone" not in result["network"]  # the resnet50 flag is not what ran
     mac_imagenet = run(dataclasses.replace(conf, pooling="mac"))
     assert result["metrics"]["medium"]["map"] == pytest.approx(
         mac_imagenet["metrics"]["medium"]["map"], abs=1e-6
+    )
+
+
+def _subprocess_evaluate(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.evaluate", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "CIRRAY_DEBUG": ""},
+    )
+
+
+def test_command_line_mistakes_end_in_one_line(tmp_path: Path) -> None:
+    done = _subprocess_evaluate("--dataset", "roxford5k", "--data-root", "/nonexistent")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert "no data set at /nonexistent/roxford5k" in line and "gnd_<dataset>.pkl" in line
+    (tmp_path / "weights.pt").write_bytes(b"not a checkpoint")
+    flags = [
+        "--dataset",
+        "x",
+        "--data-root",
+        str(tmp_path),
+        "--weights",
+        str(tmp_path / "weights.pt"),
+    ]
+    done = _subprocess_evaluate(*flags)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "weights.pt is not a readable" in done.stderr
+    done = _subprocess_evaluate("--dataset", "x", "--data-root", "/tmp", "--backbone", "resnet9")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "resnet9" in done.stderr and "efficientnet_lite0" in done.stderr
+    helptext = _subprocess_evaluate("--help").stdout
+    assert "{resnet50,resnet101" in helptext and "{gem,mac,spoc}" in helptext
+
+
+def test_cache_keys_by_relative_path_and_content(conf, tmp_path: Path) -> None:
+    """Two distractors of one name in two folders are two images; a changed photo is
+    described anew, the others come from the cache."""
+    root = tmp_path / "distractors"
+    rng = np.random.default_rng(0)
+    for folder in ("a", "b"):
+        (root / folder).mkdir(parents=True)
+        pixels = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / folder / "same_name.jpg")
+    conf = dataclasses.replace(conf, distractors=str(root))
+    first = run(conf)
+    assert first["extracted"]["distractors"] == 2
+    vectors = _cached_vectors(Path(conf.cache_dir), "distractors")
+    a, b = (vectors[k] for k in sorted(vectors))
+    assert sorted(k.split("\t")[0] for k in vectors) == ["a/same_name.jpg", "b/same_name.jpg"]
+    assert float(a @ b) < 0.999
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        root / "b" / "same_name.jpg"
+    )
+    again = run(conf)
+    assert again["extracted"] == {"db": 0, "queries": 0, "distractors": 1}
+
+
+def test_revisited_photos_are_read_in_their_stored_frame(conf, copy_of, network) -> None:
+    """An EXIF orientation tag must not turn a revisited photo: its box is in stored pixels."""
+    truth = pickle.loads((copy_of / f"gnd_{copy_of.name}.pkl").read_bytes())
+    path = copy_of / "jpg" / f"{truth['qimlist'][0]}.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    with Image.open(path) as img:
+        img.save(path, exif=exif, quality=95)
+    width, height = Image.open(path).size
+    assert width > height  # landscape as stored: a box across its width would not fit rotated
+    box = [0.0, 0.0, float(width), float(height) / 2]
+    truth["gnd"][0]["bbx"] = box
+    (copy_of / f"gnd_{copy_of.name}.pkl").write_bytes(pickle.dumps(truth))
+    result = run(dataclasses.replace(conf, data_root=str(copy_of.parent)))
+    assert result["images"]["unusable"] == []
+    stored = extract_descriptors(
+        network, ImageFiles([path], MAX_SIZE, [box], exif_transpose=False), _options()
+    )[0]
+    key = next(k for k in _cached_vectors(Path(conf.cache_dir), "query") if path.name in k)
+    np.testing.assert_allclose(
+        _cached_vectors(Path(conf.cache_dir), "query")[key], stored, atol=1e-5
     )

@@ -1,15 +1,15 @@
 """Off-the-shelf retrieval on the shared real photos (17 scenes): the pretrained network sees."""
 
-from pipeline.evaluate import PostProcess, score
+from pipeline.scoring import PostProcess, score
 
 
 def test_pretrained_lite0_gem_retrieves_real_scenes(real_photo_set, lite0_real_descriptors):
-    metrics, _ = score(lite0_real_descriptors, lite0_real_descriptors, real_photo_set)
+    metrics, _, _ = score(lite0_real_descriptors, lite0_real_descriptors, real_photo_set)
     assert len(real_photo_set.db_paths) >= 300 and len(real_photo_set.label_names) == 17
     assert metrics["map"] >= 0.95, metrics
     assert metrics["recall@k"][1] >= 0.95
     # αQE must not hurt a ranking this good.
-    with_qe, _ = score(
+    with_qe, _, _ = score(
         lite0_real_descriptors, lite0_real_descriptors, real_photo_set, PostProcess(qe_k=2)
     )
     assert with_qe["map"] >= metrics["map"] - 0.01
@@ -31,9 +31,9 @@ def test_untrained_lite0_is_far_worse(real_photo_set, lite0_real_descriptors):
     random = extract_multihead(
         build_backbone("efficientnet_lite0"),
         {"gem": GeMHead(1280)},
-        ImageFiles(real_photo_set.db_paths, max_size=256),
+        ImageFiles(real_photo_set.db_paths, max_size=256, exif_transpose=True),
         ExtractOptions(device="cpu", progress=False),
-    )["gem"]
+    ).descriptors["gem"]
     random_map = score(random, random, real_photo_set)[0]["map"]
     pretrained_map = score(lite0_real_descriptors, lite0_real_descriptors, real_photo_set)[0]
     assert random_map < 0.9

@@ -20,9 +20,11 @@ from PIL import Image
 from model.evaluation import compute_map
 from model.extraction import ExtractOptions, ImageFiles, extract_descriptors
 from model.networks import NetworkMeta, build_network
-from pipeline.benchmarks import RetrievalSet, load_folder, load_revisited
-from pipeline.evaluate import score
+from pipeline.datasets.folders import load_folder
+from pipeline.datasets.revisited import load_revisited
+from pipeline.datasets.sets import RetrievalSet
 from pipeline.report import VERDICT_COLOURS, write_report
+from pipeline.scoring import score
 
 MAX_SIZE = 128  # small photos keep the descriptors quick; the ranking is still a real one
 TOP_K = 10
@@ -52,11 +54,15 @@ def ranked(tiny_collection: Path) -> Ranked:
     rset = load_revisited(tiny_collection)
     net = build_network(NetworkMeta(backbone="efficientnet_lite0"), "imagenet").eval()
     options = ExtractOptions(device="cpu", progress=False)
-    db = extract_descriptors(net, ImageFiles(rset.db_paths, MAX_SIZE), options)
-    queries = extract_descriptors(
-        net, ImageFiles(rset.query_paths, MAX_SIZE, rset.query_boxes), options
+    db = extract_descriptors(
+        net, ImageFiles(rset.db_paths, MAX_SIZE, exif_transpose=False), options
     )
-    whole = extract_descriptors(net, ImageFiles(rset.query_paths, MAX_SIZE), options)
+    queries = extract_descriptors(
+        net, ImageFiles(rset.query_paths, MAX_SIZE, rset.query_boxes, exif_transpose=False), options
+    )
+    whole = extract_descriptors(
+        net, ImageFiles(rset.query_paths, MAX_SIZE, exif_transpose=False), options
+    )
     return Ranked(rset, db, queries, whole)
 
 
@@ -141,9 +147,9 @@ class ReportParser(HTMLParser):
             self.texts[self._class] += data
 
 
-def parse(path: Path) -> ReportParser:
+def parse(path: str | Path) -> ReportParser:
     parser = ReportParser()
-    parser.feed(path.read_text(encoding="utf-8"))
+    parser.feed(Path(path).read_text(encoding="utf-8"))
     parser.close()
     return parser
 
@@ -179,10 +185,10 @@ def with_junk(rset: RetrievalSet, ranks: np.ndarray) -> RetrievalSet:
 
 
 def test_rows_marks_order_and_header_follow_the_ground_truth(ranked: Ranked, tmp_path) -> None:
-    _, first = score(ranked.db, ranked.queries, ranked.rset)
+    _, first, _ = score(ranked.db, ranked.queries, ranked.rset)
     rset = with_junk(ranked.rset, first)
-    metrics, ranks = score(ranked.db, ranked.queries, rset)
-    out = write_report(tmp_path / "r" / "report.html", rset, ranks, metrics, top_k=TOP_K)
+    metrics, ranks, _ = score(ranked.db, ranked.queries, rset)
+    out = Path(write_report(tmp_path / "r" / "report.html", rset, ranks, metrics, top_k=TOP_K))
     assert out == tmp_path / "r" / "report.html"
     assert [p.name for p in out.parent.iterdir()] == ["report.html"]  # no temp file left
     report = parse(out)
@@ -226,7 +232,7 @@ def test_rows_marks_order_and_header_follow_the_ground_truth(ranked: Ranked, tmp
     assert png.format == "PNG" and png.width > 500
 
     # metrics.json brings the k of mP@k back as strings; the header reads the same.
-    again = write_report(tmp_path / "json.html", rset, ranks, json.loads(json.dumps(metrics)))
+    again = Path(write_report(tmp_path / "json.html", rset, ranks, json.loads(json.dumps(metrics))))
     assert parse(again).metrics == report.metrics
 
 
@@ -234,16 +240,20 @@ def test_distractors_are_marked_as_such(ranked: Ranked, tmp_path) -> None:
     rset = ranked.rset
     # The query photos, uncropped, are distractors that rank high for their own queries.
     distractor_paths = list(rset.query_paths)
-    metrics, ranks = score(np.concatenate([ranked.db, ranked.whole_queries]), ranked.queries, rset)
+    metrics, ranks, _ = score(
+        np.concatenate([ranked.db, ranked.whole_queries]), ranked.queries, rset
+    )
     with pytest.raises(ValueError, match="distractors"):
         write_report(tmp_path / "bad.html", rset, ranks, metrics)
-    out = write_report(
-        tmp_path / "report.html",
-        rset,
-        ranks,
-        metrics,
-        db_paths=[*rset.db_paths, *distractor_paths],
-        top_k=5,
+    out = Path(
+        write_report(
+            tmp_path / "report.html",
+            rset,
+            ranks,
+            metrics,
+            db_paths=[*rset.db_paths, *distractor_paths],
+            top_k=5,
+        )
     )
     report = parse(out)
     n_gt = len(rset.db_paths)
@@ -258,7 +268,7 @@ def test_distractors_are_marked_as_such(ranked: Ranked, tmp_path) -> None:
 
 
 def test_missing_and_unreadable_images_become_placeholders(ranked: Ranked, tmp_path) -> None:
-    metrics, ranks = score(ranked.db, ranked.queries, ranked.rset)
+    metrics, ranks, _ = score(ranked.db, ranked.queries, ranked.rset)
     top = ranks[:, 0]
     missing, broken = int(top[0]), int(next(i for i in ranks[0] if i != top[0]))
     odd_name = tmp_path / 'gone <b>&"x".jpg'
@@ -268,7 +278,7 @@ def test_missing_and_unreadable_images_become_placeholders(ranked: Ranked, tmp_p
     query_paths = [tmp_path / "no-query.jpg", *ranked.rset.query_paths[1:]]
     rset = dataclasses.replace(ranked.rset, db_paths=db_paths, query_paths=query_paths)
 
-    out = write_report(tmp_path / "report.html", rset, ranks, metrics)
+    out = Path(write_report(tmp_path / "report.html", rset, ranks, metrics))
     text = out.read_text(encoding="utf-8")
     assert "<b>&" not in text and "gone &lt;b&gt;&amp;&quot;x&quot;.jpg" in text
     hits = {int(h["data-index"]): h for row in parse(out).rows for h in row.hits}
@@ -290,8 +300,8 @@ def test_scene_folders_mark_self_and_flat_folders_mark_nothing(ranked: Ranked, t
     scenes = load_folder(root)
     by_name = {p.name: i for i, p in enumerate(rset.db_paths)}
     vectors = ranked.db[[by_name[p.name] for p in scenes.db_paths]]
-    metrics, ranks = score(vectors, vectors, scenes)
-    out = write_report(tmp_path / "scenes.html", scenes, ranks, metrics, top_k=6)
+    metrics, ranks, _ = score(vectors, vectors, scenes)
+    out = Path(write_report(tmp_path / "scenes.html", scenes, ranks, metrics, top_k=6))
     report = parse(out)
     for row in report.rows:
         for hit in row.hits:
@@ -306,7 +316,7 @@ def test_scene_folders_mark_self_and_flat_folders_mark_nothing(ranked: Ranked, t
 
     flat = load_folder(root / "scene0")
     flat_vectors = ranked.db[[by_name[p.name] for p in flat.db_paths]]
-    metrics, ranks = score(flat_vectors, flat_vectors, flat)
+    metrics, ranks, _ = score(flat_vectors, flat_vectors, flat)
     report = parse(write_report(tmp_path / "flat.html", flat, ranks, metrics, top_k=3))
     assert [row.query for row in report.rows] == list(range(len(flat.query_paths)))
     assert not report.images and not report.metrics
@@ -318,8 +328,8 @@ def test_scene_folders_mark_self_and_flat_folders_mark_nothing(ranked: Ranked, t
     shutil.which("chromium") is None, reason="Debian chromium not installed; .ci/run installs it"
 )
 def test_headless_chromium_renders_the_marks(ranked: Ranked, tmp_path) -> None:
-    metrics, ranks = score(ranked.db, ranked.queries, ranked.rset)
-    out = write_report(tmp_path / "report.html", ranked.rset, ranks, metrics)
+    metrics, ranks, _ = score(ranked.db, ranked.queries, ranked.rset)
+    out = Path(write_report(tmp_path / "report.html", ranked.rset, ranks, metrics))
     shot = tmp_path / "shot.png"
     command = [
         "chromium",

@@ -1,0 +1,37 @@
+"""Running a stage from the command line: flags from its config dataclass, mistakes in one line.
+
+A user's mistake (a data root with nothing there, an unknown name, a weights file that is not
+one) is an ``OSError`` or a ``ValueError`` raised with a message that says what is wrong and
+what was expected; the command prints that one line and exits with status 2 instead of a
+traceback. ``CIRRAY_DEBUG=1`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import tyro
+
+__all__ = ["USER_ERRORS", "run_cli"]
+
+Conf = TypeVar("Conf")
+
+USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)
+
+
+def run_cli(main: Callable[[Conf], Any], conf_type: type[Conf]) -> None:
+    """Parse ``sys.argv`` into ``conf_type`` and run ``main`` on it."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    conf = tyro.cli(conf_type)
+    try:
+        main(conf)
+    except USER_ERRORS as err:
+        if os.environ.get("CIRRAY_DEBUG"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
