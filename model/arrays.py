@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["descriptor_matrix"]
+__all__ = ["descriptor_matrix", "index_array"]
 
 
 def descriptor_matrix(X: ArrayLike, name: str = "X", dtype: Any = None) -> NDArray[np.floating]:
@@ -32,3 +32,21 @@ def descriptor_matrix(X: ArrayLike, name: str = "X", dtype: Any = None) -> NDArr
             f"(first at row {int(np.flatnonzero(bad)[0])}); drop or re-extract them first"
         )
     return arr
+
+
+def index_array(value: ArrayLike, n: int, name: str) -> NDArray[np.int64]:
+    """``value`` as 1-D int64 indices in ``[0, n)``, or a ``ValueError`` naming ``name``."""
+    arr = np.asarray(value)
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(
+            f"{name} must be a 1-D list of integer indices, got shape {arr.shape}, "
+            f"dtype {arr.dtype}"
+        )
+    if arr.min() < 0 or arr.max() >= n:
+        raise ValueError(
+            f"{name} has indices outside [0, {n}): min {arr.min()}, max {arr.max()}; "
+            "they must lie in that range"
+        )
+    return arr.astype(np.int64, copy=False)

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from model.arrays import index_array
+
 __all__ = [
     "compute_map",
     "compute_map_at_positions",
@@ -66,20 +68,7 @@ def _positive_ints(name: str, values: Iterable[int]) -> list[int]:
 
 def _index_set(q: int, key: str, value: ArrayLike, n_db: int) -> NDArray[np.int64]:
     """One ground-truth list as unique sorted int64, checked against the database size."""
-    arr = np.asarray(value)
-    if arr.size == 0:
-        return _EMPTY
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(
-            f"gnd[{q}][{key!r}] must be a 1-D list of integer database indices, "
-            f"got shape {arr.shape}, dtype {arr.dtype}"
-        )
-    if arr.min() < 0 or arr.max() >= n_db:
-        raise ValueError(
-            f"gnd[{q}][{key!r}] has database indices outside [0, {n_db}): "
-            f"min {arr.min()}, max {arr.max()}"
-        )
-    return np.unique(arr.astype(np.int64, copy=False))
+    return np.unique(index_array(value, n_db, f"gnd[{q}][{key!r}]"))
 
 
 def _check_gnd(gnd: Sequence[Mapping[str, ArrayLike]], required: tuple[str, ...]) -> None:
@@ -322,21 +311,8 @@ def _position_tables(
                 f"positions[{q}] must be a pair (database indices, their positions) of 1-D "
                 f"integer arrays, got {type(pair)!r}"
             )
-        idx, pos = (np.asarray(a) for a in pair)
-        for name, arr in (("database indices", idx), ("positions", pos)):
-            if arr.size == 0:
-                continue
-            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-                raise ValueError(
-                    f"positions[{q}]: the {name} must be a 1-D integer array, got shape "
-                    f"{arr.shape}, dtype {arr.dtype}"
-                )
-            if arr.min() < 0 or arr.max() >= n_db:
-                raise ValueError(
-                    f"positions[{q}]: the {name} must lie in [0, {n_db}), got min {arr.min()}, "
-                    f"max {arr.max()}"
-                )
-        idx, pos = idx.astype(np.int64).ravel(), pos.astype(np.int64).ravel()
+        idx = index_array(pair[0], n_db, f"positions[{q}]: the database indices")
+        pos = index_array(pair[1], n_db, f"positions[{q}]: the positions")
         if idx.shape != pos.shape:
             raise ValueError(
                 f"positions[{q}] pairs {idx.size} database indices with {pos.size} positions; "

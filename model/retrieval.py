@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from model.arrays import descriptor_matrix
+from model.arrays import descriptor_matrix, index_array
 
 __all__ = ["alpha_qe", "l2_normalize", "rank_by_similarity", "ranked_positions"]
 
@@ -140,19 +140,7 @@ def rank_by_similarity(Q: ArrayLike, X: ArrayLike, topk: int | None = None) -> N
 
 
 def _index_list(j: int, value: ArrayLike, n_db: int) -> NDArray[np.int64]:
-    arr = np.asarray(value)
-    if arr.size == 0:
-        return np.empty(0, dtype=np.int64)
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(
-            f"items[{j}] must be a 1-D list of integer database indices, "
-            f"got shape {arr.shape}, dtype {arr.dtype}"
-        )
-    if arr.min() < 0 or arr.max() >= n_db:
-        raise ValueError(
-            f"items[{j}] has database indices outside [0, {n_db}): min {arr.min()}, max {arr.max()}"
-        )
-    return arr.astype(np.int64, copy=False)
+    return index_array(value, n_db, f"items[{j}]")
 
 
 def _positions_in_row(s: NDArray[np.floating], g: NDArray[np.int64]) -> NDArray[np.int64]:

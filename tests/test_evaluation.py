@@ -378,7 +378,7 @@ class TestAtPositionsValidation:
             compute_map_at_positions([([0, 1], [0])], [{"ok": [0]}])
         with pytest.raises(ValueError, match="integer"):
             compute_map_at_positions([([0], [0.5])], [{"ok": [0]}])
-        with pytest.raises(ValueError, match=r"positions must lie in"):
+        with pytest.raises(ValueError, match=r"the positions has indices outside"):
             compute_map_at_positions([([0], [-1])], [{"ok": [0]}])
         with pytest.raises(ValueError, match=r"\[0, 4\)"):
             compute_map_at_positions([([0], [4])], [{"ok": [0]}], n_db=4)
