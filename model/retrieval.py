@@ -25,7 +25,13 @@ from numpy.typing import ArrayLike, NDArray
 
 from model.arrays import descriptor_matrix, index_array
 
-__all__ = ["alpha_qe", "l2_normalize", "rank_by_similarity", "ranked_positions"]
+__all__ = [
+    "alpha_qe",
+    "l2_normalize",
+    "rank_and_locate",
+    "rank_by_similarity",
+    "ranked_positions",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +188,21 @@ def ranked_positions(
     is every image query j's ground truth lists (``model.evaluation.ground_truth_items``), for
     ``model.evaluation.compute_map_at_positions`` / ``evaluate_revisited_at_positions``.
     """
+    return rank_and_locate(Q, X, items, topk=0)[1]
+
+
+def rank_and_locate(
+    Q: ArrayLike, X: ArrayLike, items: Sequence[ArrayLike], topk: int
+) -> tuple[NDArray[np.int64], list[NDArray[np.int64]]]:
+    """``rank_by_similarity(Q, X, topk)`` and ``ranked_positions(Q, X, items)`` from one pass
+    over the scores: at a million database rows the matrix products are most of the time.
+
+    ``topk=0`` computes no ranking (the first result is ``[n_q, 0]``).
+    """
     q, x = _check_pair(Q, X)
     n_q, n_db = q.shape[0], x.shape[0]
+    if isinstance(topk, bool) or int(topk) != topk or topk < 0:
+        raise ValueError(f"topk must be a non-negative integer, got {topk!r}")
     if isinstance(items, np.ndarray):
         items = list(items)
     if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
@@ -195,12 +214,16 @@ def ranked_positions(
             f"items must have one index list per query: {len(items)} for {n_q} queries"
         )
     lists = [_index_list(j, value, n_db) for j, value in enumerate(items)]
+    k = min(int(topk), n_db)
+    ranks = np.empty((n_q, k), dtype=np.int64)
     out = [np.empty(0, dtype=np.int64) for _ in range(n_q)]
     for block, S in _score_blocks(q, x):
+        if k:
+            ranks[block] = _topk_rows(S, k)
         for i, j in enumerate(range(block.start, min(block.stop, n_q))):
             if lists[j].size:
                 out[j] = _positions_in_row(S[i], lists[j])
-    return out
+    return ranks, out
 
 
 def _same_rows(q: NDArray[np.floating], x: NDArray[np.floating]) -> bool:

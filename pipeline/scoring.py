@@ -3,9 +3,9 @@
 The one place where post-processing is applied before ranking and where a ``RetrievalSet``'s
 protocol picks the figures: Easy/Medium/Hard mAP and mP@k (revisited), mAP and mP@k (original
 Oxford5k/Paris6k), mAP, mP@k and recall@k (scene folders). Metrics are exact without a full
-ranking: the positions of each query's ground-truth images are computed from the scores
-(``model.retrieval.ranked_positions``), so a million-image database needs one block of
-scores at a time, and only the top ``top_k`` of each query is kept for the report.
+ranking: the positions of each query's ground-truth images come from the scores, with each
+query's top ``top_k`` for the report, in one pass (``model.retrieval.rank_and_locate``), so a
+million-image database needs one block of scores at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from model.evaluation import (
     ground_truth_items,
     recall_at_k,
 )
-from model.retrieval import alpha_qe, rank_by_similarity, ranked_positions
+from model.retrieval import alpha_qe, rank_and_locate, rank_by_similarity
 from model.whitening import apply_whitening
 from pipeline.datasets.sets import RetrievalSet
 
@@ -72,13 +72,13 @@ def score(
     self_rows = np.arange(len(queries)) if rset.queries_are_database else None
     if post.qe_k:
         queries = alpha_qe(queries, db, k=post.qe_k, alpha=post.qe_alpha, query_rows=self_rows)
-    depth = max(top_k, max(kappas, default=1) + 1)
-    ranks = rank_by_similarity(queries, db, topk=min(depth, len(db)))
+    depth = min(max(top_k, max(kappas, default=1) + 1), len(db))
     n_q = len(queries)
     if rset.gnd is None or rset.protocol == "none":
-        return Scored({}, ranks, np.full(n_q, np.nan))
+        return Scored({}, rank_by_similarity(queries, db, topk=depth), np.full(n_q, np.nan))
     items = ground_truth_items(rset.gnd)
-    positions = list(zip(items, ranked_positions(queries, db, items), strict=True))
+    ranks, located = rank_and_locate(queries, db, items, topk=depth)
+    positions = list(zip(items, located, strict=True))
     if rset.protocol == "revisited":
         metrics = evaluate_revisited_at_positions(positions, rset.gnd, kappas, n_db=len(db))
         medium = [{"ok": rset.positives(j), "junk": g["junk"]} for j, g in enumerate(rset.gnd)]

@@ -169,8 +169,16 @@ def test_data_root_on_s3(conf, tiny_collection, s3_bucket: str) -> None:
             key = f"revisitop/{tiny_collection.name}/{path.relative_to(tiny_collection)}"
             s3.upload_file(str(path), s3_bucket, key)
     local = run(conf)
-    remote = run(dataclasses.replace(conf, data_root=f"s3://{s3_bucket}/revisitop"))
+    remote = run(
+        dataclasses.replace(
+            conf, data_root=f"s3://{s3_bucket}/revisitop", output=f"s3://{s3_bucket}/results"
+        )
+    )
     assert remote["metrics"]["medium"]["map"] == pytest.approx(local["metrics"]["medium"]["map"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="results/")["Contents"]]
+    assert sorted(k.rsplit("/", 1)[-1] for k in keys) == ["metrics.json", "report.html"]
+    saved = json.loads(s3.get_object(Bucket=s3_bucket, Key=keys[0])["Body"].read())
+    assert saved["metrics"]["medium"]["map"] == pytest.approx(remote["metrics"]["medium"]["map"])
 
 
 def test_bad_ground_truth_is_named(conf, copy_of) -> None:

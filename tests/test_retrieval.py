@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 import model.retrieval
-from model.retrieval import alpha_qe, l2_normalize, rank_by_similarity, ranked_positions
+from model.retrieval import (
+    alpha_qe,
+    l2_normalize,
+    rank_and_locate,
+    rank_by_similarity,
+    ranked_positions,
+)
 
 
 def unit(*v: float) -> np.ndarray:
@@ -263,3 +269,17 @@ class TestRankedPositions:
             ranked_positions(Q2, X2, [[0.5]])
         with pytest.raises(TypeError, match="sequence"):
             ranked_positions(Q2, X2, {0: [1]})
+
+
+def test_rank_and_locate_is_both_in_one_pass() -> None:
+    rng = np.random.default_rng(3)
+    X = np.round(rng.normal(size=(300, 6)), 1).astype(np.float32)  # ties included
+    Q = rng.normal(size=(7, 6)).astype(np.float32)
+    items = [rng.choice(300, 20, replace=False) for _ in range(7)]
+    ranks, located = rank_and_locate(Q, X, items, topk=15)
+    np.testing.assert_array_equal(ranks, rank_by_similarity(Q, X, 15))
+    for got, want in zip(located, ranked_positions(Q, X, items), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert rank_and_locate(Q, X, items, topk=0)[0].shape == (7, 0)
+    with pytest.raises(ValueError, match="topk"):
+        rank_and_locate(Q, X, items, topk=-1)
