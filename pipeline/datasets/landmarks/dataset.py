@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from model import storage
 from pipeline.datasets.landmarks.cameras import Shot
 from pipeline.datasets.landmarks.render import Camera
 from pipeline.datasets.landmarks.scene import Scene
+from pipeline.datasets.revisited import load_ground_truth_pickle
 
 SUCCESS_FILE = "_SUCCESS"
 CAMERAS_FILE = "cameras.parquet"
@@ -102,7 +102,8 @@ def load_ground_truth(dataset_dir: str | Path) -> dict[str, Any]:
     """
     _require_complete(dataset_dir)
     name = _dataset_name(dataset_dir)
-    return pickle.loads(storage.read_bytes(storage.join(dataset_dir, f"gnd_{name}.pkl")))
+    data = storage.read_bytes(storage.join(dataset_dir, f"gnd_{name}.pkl"))
+    return load_ground_truth_pickle(data)  # data only: it may come from S3
 
 
 def load_cameras(dataset_dir: str | Path) -> pa.Table:
