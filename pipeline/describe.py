@@ -105,13 +105,16 @@ def describe_set(
     if availability.problems() or availability.db_missing or availability.queries_missing:
         logger.warning("before describing: %s", availability.summary())
 
+    def describe_chunk(part: ImageFiles) -> Extraction:  # the cache shows its own progress
+        return extract_multihead(
+            backbone, heads, part, dataclasses.replace(options, progress=False)
+        )
+
     def run(role: str, images: ImageFiles, folder: Path | None) -> tuple[Extraction, int]:
-        quiet = dataclasses.replace(options, progress=False)
-        describe = lambda part: extract_multihead(backbone, heads, part, quiet)  # noqa: E731
         if cache is None:
             result = extract_multihead(backbone, heads, images, options)
             return result, len(result.indices)
-        return cache.extract(role, images, folder or Path("/"), describe, options.progress)
+        return cache.extract(role, images, folder or Path("/"), describe_chunk, options.progress)
 
     db_ext, n_db = run("db", db_files, root)
     _record(availability, "db", db_files, _new(db_ext.failed, db_files.failed))

@@ -92,7 +92,12 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
     post = _post_process(conf)  # weights and whitening first: quick, and a common mistake
     net, network_key = _network(conf)
     cache = Path(conf.cache_dir)
-    dataset_dir = _stage(storage.join(conf.data_root, conf.dataset), cache, "data set")
+    dataset_dir = _stage(
+        storage.join(conf.data_root, conf.dataset),
+        cache,
+        "data set",
+        "; expected <data-root>/<dataset>/jpg and <data-root>/<dataset>/gnd_<dataset>.pkl",
+    )
     rset = load_revisited(dataset_dir, conf.dataset)
     options = ExtractOptions(
         scales=conf.scales,
@@ -163,16 +168,12 @@ def _check(conf: EvaluateConf) -> None:
         raise ValueError(f"--kappas must be positive integers, got {list(conf.kappas)}")
 
 
-def _stage(uri: str, cache: Path, what: str) -> Path:
+def _stage(uri: str, cache: Path, what: str, expected: str = "") -> Path:
+    """A local folder with the content of ``uri`` (staged from S3 once), or why not."""
     try:
         return storage.stage_to_local(uri, cache)
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"no {what} at {uri}; expected <data-root>/<dataset>/jpg and "
-            "<data-root>/<dataset>/gnd_<dataset>.pkl"
-            if what == "data set"
-            else f"no {what} at {uri}"
-        ) from None
+        raise FileNotFoundError(f"no {what} at {uri}{expected}") from None
 
 
 def _distractors(conf: EvaluateConf, cache: Path) -> tuple[list[Path], Path | None]:
