@@ -120,3 +120,25 @@ def tiny_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline.datasets.landmarks import CONFS, generate
 
     return generate(CONFS["tiny"], tmp_path_factory.mktemp("collections"))
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server: str) -> Iterator[None]:
+    """One local Ray for the whole test session: 2 CPUs, no dashboard, a bounded object store.
+
+    It starts after the loopback S3 server, so its workers inherit the AWS settings that point
+    at it. Tests that need Ray take this fixture; none starts or stops Ray itself.
+    """
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 * 2**20,
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
