@@ -1,0 +1,396 @@
+"""The extract stage: descriptors of every ingested photo, on a Ray Data actor pool.
+
+    python -m pipeline.extract --images OUT/images.parquet --output OUT/descriptors
+
+Ray Data reads the photo bytes that ingest kept, decodes and resizes them in CPU tasks
+(``model.images``: a bad photo is a row with its reason, never a stop), and describes them on a
+pool of actors that each hold the network once (``model.extraction.describe_batch``: batched by
+size inside each block, channels-last, bf16 autocast and a GPU per actor where there are GPUs).
+Learned whitening is applied when the network has it (a checkpoint directory with
+``whitening.npz`` beside ``model.pt``).
+
+Output: ``DESC/*.parquet`` with ``image_id``, ``vector`` (float32, L2-normalised; null for a
+photo that could not be described) and ``error``; then ``DESC/manifest.json`` (network,
+settings, dimension, counts, failures) and ``_SUCCESS``, written last. A rerun of an
+interrupted extraction describes only the photos not in its finished part files; a complete
+output is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from model import storage
+from model.backbones import BACKBONES
+from model.extraction import resized_size
+from model.images import BadImage, decode_image, read_size
+from model.pooling import POOLINGS
+from pipeline.cli import run_cli
+
+__all__ = ["MANIFEST", "Describer", "ExtractConf", "decode_batch", "read_descriptors", "run"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+Backbone = Literal[BACKBONES]  # type: ignore[valid-type]
+Pooling = Literal[tuple(POOLINGS)]  # type: ignore[valid-type]
+
+
+@dataclass(frozen=True)
+class ExtractConf:
+    """Settings of one extraction; every field is a command-line flag."""
+
+    images: str
+    """images.parquet written by pipeline.ingest (a path or s3:// URI)."""
+    output: str
+    """Folder or s3:// prefix for the descriptor parts and their manifest."""
+    weights: str = "imagenet"
+    """imagenet (the backbone's packaged ImageNet weights), a weights file, or a training
+    checkpoint directory (model.pt + meta.json, and whitening.npz when it has one)."""
+    backbone: Backbone = "efficientnet_lite0"
+    pooling: Pooling = "gem"
+    p: float = 3.0
+    max_size: int = 1024
+    """Longer side the network sees (never enlarged)."""
+    scales: tuple[float, ...] = (1.0,)
+    """1 0.7071 0.5 for the GeM paper's multi-scale descriptors."""
+    actors: int | None = None
+    """Describing actors: default one per GPU, or one on a machine without GPUs."""
+    gpus_per_actor: float | None = None
+    """Default: 1 when the cluster has GPUs, else 0."""
+    batch_size: int = 32
+    """Photos per block handed to an actor (split by image size inside it)."""
+    device_batch_size: int | None = None
+    """Images per forward pass: default 64 on a GPU, 1 on a CPU."""
+    decode_batch_size: int = 16
+
+
+def run(conf: ExtractConf) -> str:
+    """Describe every photo of ``conf.images``; returns the output URI."""
+    import ray
+
+    started = time.perf_counter()
+    _check(conf)
+    out = conf.output.rstrip("/")
+    if storage.is_complete(out):
+        logger.info("%s is complete; skipping", out)
+        return out
+    network, settings = _network_identity(conf)
+    if not ray.is_initialized():
+        ray.init()
+    done = _finished_ids(out)
+    if done:
+        logger.info("resuming: %d photos already described in %s", len(done), out)
+    duplicates = _duplicate_rows(conf.images)
+    images = ray.data.read_parquet(conf.images).select_columns(
+        ["image_id", "uri", "bytes", "error"]
+    )
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    per_actor = conf.gpus_per_actor if conf.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    actors = conf.actors or (max(1, int(gpus // max(per_actor, 1))) if per_actor else 1)
+    decoded = images.map_batches(
+        decode_batch,
+        fn_kwargs={"max_size": conf.max_size, "skip_ids": done, "skip_rows": duplicates},
+        batch_size=conf.decode_batch_size,
+        batch_format="pyarrow",
+    )
+    described = decoded.map_batches(
+        Describer,
+        fn_constructor_kwargs={"conf": asdict(conf)},
+        batch_size=conf.batch_size,
+        num_gpus=per_actor,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+    )
+    described.write_parquet(out)
+    manifest = _manifest(out, conf, network, settings, time.perf_counter() - started)
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2))
+    storage.write_text(storage.join(out, storage.SUCCESS), "")
+    logger.info(
+        "described %d photos (%d failed) into %s in %.1f s",
+        manifest["count"],
+        len(manifest["failed"]),
+        out,
+        manifest["seconds"],
+    )
+    return out
+
+
+def decode_batch(
+    batch: Any,
+    max_size: int,
+    skip_ids: frozenset[str] | set[str] = frozenset(),
+    skip_rows: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset(),
+) -> dict[str, Any]:
+    """Photo bytes → RGB ``uint8`` arrays at most ``max_size`` a side, or the reason why not.
+
+    Rows of ``skip_ids`` (described by an earlier run) and ``skip_rows`` (``(image_id, uri)``
+    of a photo already met under another URI) are left out.
+    """
+    columns = {name: batch.column(name).to_pylist() for name in ("image_id", "uri", "bytes")}
+    errors = (
+        batch.column("error").to_pylist()
+        if "error" in batch.column_names
+        else [None] * batch.num_rows
+    )
+    ids: list[str] = []
+    pixels: list[np.ndarray] = []
+    reasons: list[str | None] = []
+    rows = zip(columns["image_id"], columns["uri"], columns["bytes"], errors, strict=True)
+    for image_id, uri, raw, error in rows:
+        if image_id in skip_ids or (image_id, uri) in skip_rows:
+            continue
+        image = (
+            BadImage(error or "no photo bytes") if error or raw is None else _decode(raw, max_size)
+        )
+        ids.append(image_id)
+        if isinstance(image, BadImage):
+            pixels.append(np.zeros((1, 1, 3), np.uint8))
+            reasons.append(f"{uri}: {image.reason}")
+        else:
+            pixels.append(image)
+            reasons.append(None)
+    return {"image_id": np.array(ids, dtype=object), "pixels": pixels, "error": reasons}
+
+
+def _decode(raw: bytes, max_size: int) -> np.ndarray | BadImage:
+    size = read_size(raw, exif_transpose=True)
+    if isinstance(size, BadImage):
+        return size
+    return decode_image(raw, exif_transpose=True, size=resized_size(*size, max_size))
+
+
+class Describer:
+    """A Ray Data actor: the network loaded once, batches of decoded photos in, descriptors out."""
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        import torch
+
+        from model.extraction import ExtractOptions
+
+        self.conf = ExtractConf(**{**conf, "scales": tuple(conf["scales"])})
+        self.net, self.whitening = _load_network(self.conf)
+        self.options = ExtractOptions(
+            scales=self.conf.scales, batch_size=self.conf.device_batch_size, progress=False
+        )
+        self.device = self.options.resolved_device()
+        self.dim = self.whitening[1].shape[0] if self.whitening is not None else self.net.out_dim
+        memory_format = torch.channels_last if self.options.channels_last else None
+        self.net.to(self.device, memory_format=memory_format).eval()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from model.extraction import describe_batch, size_grouped_batches
+
+        ids, pixels = [str(i) for i in batch["image_id"]], list(batch["pixels"])
+        # An all-None column may reach us as floats (NaN): only strings are reasons.
+        errors = [e if isinstance(e, str) else None for e in batch["error"]]
+        vectors: list[np.ndarray | None] = [None] * len(ids)
+        good = [i for i, error in enumerate(errors) if error is None]
+        sizes = [pixels[i].shape[:2] for i in good]
+        for group in size_grouped_batches(sizes, self.options.batch_size_for(self.device)):
+            rows = [good[g] for g in group]
+            out = describe_batch(
+                self.net.backbone,
+                {"descriptor": self.net.head},
+                np.stack([pixels[i] for i in rows]),
+                self.options.scales,
+                bf16=self.options.resolved_bf16(),
+                channels_last=self.options.channels_last,
+                device=self.device,
+            )["descriptor"]
+            if self.whitening is not None:
+                from model.whitening import apply_whitening
+
+                out = apply_whitening(out, *self.whitening)
+            for row, vector in zip(rows, out, strict=True):
+                if np.isfinite(vector).all():
+                    vectors[row] = vector.astype(np.float32)
+                else:
+                    errors[row] = f"{ids[row]}: non-finite descriptor"
+                    logger.warning("skipping %s", errors[row])
+        return _descriptor_table(ids, vectors, errors, self.dim)
+
+
+def _descriptor_table(
+    ids: list[str], vectors: list[np.ndarray | None], errors: list[str | None], dim: int
+) -> Any:
+    """``image_id``, ``vector`` (fixed-size float32 list, null where it failed) and ``error``."""
+    import pyarrow as pa
+
+    flat = np.zeros((len(ids), dim), np.float32)
+    for row, vector in enumerate(vectors):
+        if vector is not None:
+            flat[row] = vector
+    missing = pa.array([v is None for v in vectors], type=pa.bool_())
+    column = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=missing)
+    return pa.table(
+        {
+            "image_id": pa.array(ids, type=pa.string()),
+            "vector": column,
+            "error": pa.array(errors, type=pa.string()),
+        }
+    )
+
+
+def read_descriptors(uri: str) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """``(image_ids, vectors [N, D] float32, manifest)`` of a complete extraction, failures left
+    out (they are listed in the manifest)."""
+    import pyarrow.parquet as pq
+
+    base = uri.rstrip("/")
+    if not storage.is_complete(base):
+        raise FileNotFoundError(f"{base} holds no complete extraction (no {storage.SUCCESS})")
+    manifest = json.loads(storage.read_text(storage.join(base, MANIFEST)))
+    ids: list[str] = []
+    rows: list[np.ndarray] = []
+    for part in storage.list_files(base, suffixes=(".parquet",)):
+        table = pq.read_table(_buffer(part), columns=["image_id", "vector", "error"])
+        for image_id, vector, error in zip(
+            *(table.column(c).to_pylist() for c in table.column_names), strict=True
+        ):
+            if error is None:
+                ids.append(image_id)
+                rows.append(np.asarray(vector, np.float32))
+    dim = int(manifest["dim"])
+    vectors = np.stack(rows) if rows else np.empty((0, dim), np.float32)
+    return ids, vectors, manifest
+
+
+def _buffer(uri: str) -> Any:
+    import pyarrow as pa
+
+    return pa.BufferReader(storage.read_bytes(uri))
+
+
+def _check(conf: ExtractConf) -> None:
+    problems = []
+    if not storage.exists(conf.images):
+        problems.append(f"no images table at {conf.images} (run pipeline.ingest first)")
+    if conf.max_size < 1:
+        problems.append(f"--max-size must be at least 1, got {conf.max_size}")
+    if not conf.scales or any(not 0 < s <= 4 for s in conf.scales):
+        problems.append(f"--scales must be factors in (0, 4], got {list(conf.scales)}")
+    if conf.actors is not None and conf.actors < 1:
+        problems.append(f"--actors must be at least 1, got {conf.actors}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _duplicate_rows(images: str) -> frozenset[tuple[str, str]]:
+    """``(image_id, uri)`` of every row whose photo an earlier row already has (same bytes)."""
+    table = _read_table(images, ["image_id", "uri", "error"])
+    seen: set[str] = set()
+    duplicates = set()
+    for image_id, uri, error in zip(
+        *(table.column(c).to_pylist() for c in table.column_names), strict=True
+    ):
+        if error is not None or image_id is None:
+            continue
+        if image_id in seen:
+            duplicates.add((image_id, uri))
+        seen.add(image_id)
+    return frozenset(duplicates)
+
+
+def _read_table(uri: str, columns: list[str]) -> Any:
+    """Columns of a Parquet file or folder of parts, local or s3://."""
+    import pyarrow.dataset as pads
+    from pyarrow import fs as pafs
+
+    if storage.is_remote(uri):
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+    else:
+        filesystem, path = pafs.LocalFileSystem(), str(storage.local_path(uri))
+    return pads.dataset(path, filesystem=filesystem, format="parquet").to_table(columns=columns)
+
+
+def _finished_ids(out: str) -> set[str]:
+    """Image ids in the readable part files of an unfinished earlier run."""
+    import pyarrow.parquet as pq
+
+    if not storage.exists(out):
+        return set()
+    done: set[str] = set()
+    for part in storage.list_files(out, suffixes=(".parquet",)):
+        try:
+            done.update(pq.read_table(_buffer(part), columns=["image_id"]).column(0).to_pylist())
+        except (OSError, ValueError) as err:  # a part cut short by the crash
+            logger.warning("removing unreadable part %s: %s", part, err)
+            storage.remove(part)
+    return done
+
+
+def _load_network(conf: ExtractConf) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
+    from model.networks import NetworkMeta, build_network, load_network
+    from model.whitening import load_whitening
+
+    if _is_checkpoint(conf.weights):
+        net = load_network(conf.weights)
+        lw_uri = storage.join(conf.weights, "whitening.npz")
+        whitening = None
+        if storage.is_file(lw_uri):
+            params = load_whitening(lw_uri)
+            whitening = (params.m, params.P)
+        return net.eval(), whitening
+    meta = NetworkMeta(backbone=conf.backbone, pooling=conf.pooling, p=conf.p)
+    return build_network(meta, conf.weights).eval(), None
+
+
+def _is_checkpoint(weights: str) -> bool:
+    return weights != "imagenet" and storage.is_file(storage.join(weights, "meta.json"))
+
+
+def _network_identity(conf: ExtractConf) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What made the descriptors, for the manifest; loads the network once to check it."""
+    net, whitening = _load_network(conf)
+    if _is_checkpoint(conf.weights):
+        network = {
+            "checkpoint": conf.weights,
+            "model": storage.file_signature(storage.join(conf.weights, "model.pt")),
+            "meta": asdict(net.meta),
+        }
+    else:
+        network = {"weights": conf.weights, "meta": asdict(net.meta)}
+    dim = whitening[1].shape[0] if whitening is not None else net.out_dim
+    settings = {
+        "max_size": conf.max_size,
+        "scales": list(conf.scales),
+        "whitening": whitening is not None,
+        "exif_transpose": True,
+        "dim": int(dim),
+    }
+    return network, settings
+
+
+def _manifest(
+    out: str, conf: ExtractConf, network: dict, settings: dict, seconds: float
+) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    files, count, failed = [], 0, []
+    for part in storage.list_files(out, suffixes=(".parquet",)):
+        table = pq.read_table(_buffer(part), columns=["image_id", "error"])
+        errors = table.column("error").to_pylist()
+        count += sum(e is None for e in errors)
+        failed += [e for e in errors if e is not None]
+        files.append(part.rsplit("/", 1)[-1])
+    return {
+        "format": 1,
+        "images": conf.images,
+        "dim": settings["dim"],
+        "count": count,
+        "failed": failed,
+        "network": network,
+        "settings": settings,
+        "files": files,
+        "seconds": round(seconds, 2),
+    }
+
+
+if __name__ == "__main__":
+    run_cli(run, ExtractConf)
