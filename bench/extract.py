@@ -7,6 +7,14 @@ the figure that matters is the ratio.
 
     python -m bench.extract                                  # ResNet-101/50 and Lite0, 1024 px
     python -m bench.extract --networks efficientnet_lite0 --images 64 --out bench/results/x.json
+
+With ``--pipeline`` it measures the whole path instead, from JPEG bytes to stored descriptors:
+the extract stage on a local Ray (decoding in Ray Data tasks, the network on an actor pool,
+Parquet parts written) against the in-process extraction of the same photos (DataLoader
+decoding beside the network) on the same cores, Lite0 + GeM at 1024 px. Photos are the shared
+real ones (``--photos``), or synthetic JPEGs where they are absent.
+
+    python -m bench.extract --pipeline --images 48 --out bench/results/extract_pipeline_cpu.json
 """
 
 from __future__ import annotations
@@ -37,7 +45,10 @@ class BenchConf:
     warmup: int = 2
     device: str | None = None
     out: str | None = None
-    """Write the figures as JSON here as well."""
+    """Write the figures as JSON here as well (and the printed lines beside it as .txt)."""
+    pipeline: bool = False
+    """Measure the Ray Data extract stage against in-process extraction (see the docstring)."""
+    photos: str = "../shared/data/photos"
 
 
 def _rate(net: torch.nn.Module, images: ArrayImages, options: ExtractOptions) -> float:
@@ -106,5 +117,91 @@ def main(conf: BenchConf) -> list[dict]:
     return rows
 
 
+def pipeline_main(conf: BenchConf) -> dict:
+    """Photos per second from JPEG bytes to descriptors: the Ray stage against in-process."""
+    import hashlib
+    import os
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from model.extraction import ImageFiles
+    from pipeline.extract import ExtractConf
+    from pipeline.extract import run as run_extract
+
+    count = conf.images or 48
+    paths = _photo_files(Path(conf.photos), count)
+    cores = os.cpu_count() or 1
+    net = build_network(NetworkMeta(backbone="efficientnet_lite0"), "imagenet").eval()
+    options = ExtractOptions(num_workers=1, device="cpu", progress=False)
+    extract_descriptors(net, ImageFiles(paths[:2], conf.width, exif_transpose=True), options)
+    started = time.perf_counter()
+    extract_descriptors(net, ImageFiles(paths, conf.width, exif_transpose=True), options)
+    in_process = len(paths) / (time.perf_counter() - started)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = [p.read_bytes() for p in paths]
+        table = pa.table(
+            {
+                "image_id": [hashlib.sha256(d).hexdigest()[:16] for d in data],
+                "uri": [str(p) for p in paths],
+                "bytes": pa.array(data, type=pa.binary()),
+                "error": pa.array([None] * len(paths), type=pa.string()),
+            }
+        )
+        pq.write_table(table, f"{tmp}/images.parquet")
+        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        try:
+            warm = ExtractConf(images=f"{tmp}/images.parquet", output=f"{tmp}/warm", max_size=64)
+            run_extract(warm)  # workers started, the network's files in the page cache
+            stage = ExtractConf(
+                images=f"{tmp}/images.parquet", output=f"{tmp}/desc", max_size=conf.width
+            )
+            started = time.perf_counter()
+            run_extract(stage)
+            on_ray = len(paths) / (time.perf_counter() - started)
+        finally:
+            ray.shutdown()
+    lines = [
+        f"device: {platform.machine()} CPU, {cores} cores; torch {torch.__version__}; "
+        f"{len(paths)} JPEG photos, longer side {conf.width}; efficientnet_lite0 + GeM, fp32",
+        f"{'path':<46}{'photos/s':>10}",
+        "-" * 56,
+        f"{'in-process (DataLoader decoding + network)':<46}{in_process:>10.2f}",
+        f"{'pipeline.extract on Ray Data (bytes -> Parquet)':<46}{on_ray:>10.2f}",
+        f"{'ratio (Ray / in-process)':<46}{on_ray / in_process:>10.2f}",
+    ]
+    print("\n".join(lines))
+    result = {"in_process": in_process, "ray_pipeline": on_ray, "ratio": on_ray / in_process}
+    if conf.out:
+        Path(conf.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(conf.out).write_text(json.dumps({"lines": lines, **result}, indent=2))
+        Path(conf.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    return result
+
+
+def _photo_files(root: Path, count: int) -> list[Path]:
+    """``count`` real photos spread over the scenes, or synthetic JPEGs when there are none."""
+    found = sorted(root.glob("*/*.jpg")) if root.is_dir() else []
+    if found:
+        step = max(1, len(found) // count)
+        return found[::step][:count]
+    import tempfile
+
+    from PIL import Image
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-photos-"))
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        path = folder / f"{i:04d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)).save(path)
+        out.append(path)
+    return out
+
+
 if __name__ == "__main__":
-    main(tyro.cli(BenchConf))
+    parsed = tyro.cli(BenchConf)
+    pipeline_main(parsed) if parsed.pipeline else main(parsed)
