@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +48,16 @@ class BadImage:
     reason: str
 
 
+_STREAM_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 def _name(source: ImageSource) -> str:
     return f"{len(source)} bytes" if isinstance(source, bytes) else str(source)
+
+
+def _reason(err: BaseException) -> str:
+    """PIL's message without the repr of our in-memory stream, which names nothing."""
+    return _STREAM_REPR.sub("", str(err))
 
 
 def _open(source: ImageSource) -> Image.Image:
@@ -86,7 +95,7 @@ def read_size(
     except FileNotFoundError as err:
         return BadImage(f"missing: {err}")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return BadImage(f"not a readable image: {err}")
+        return BadImage(f"not a readable image: {_reason(err)}")
     return _bomb(width, height, max_pixels) or (width, height)
 
 
@@ -115,7 +124,7 @@ def open_image(
     except FileNotFoundError as err:
         return BadImage(f"missing: {err}")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return BadImage(f"cannot decode {_name(source)}: {err}")
+        return BadImage(f"cannot decode {_name(source)}: {_reason(err)}")
 
 
 def decode_image(

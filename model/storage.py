@@ -29,6 +29,7 @@ from typing import Any
 
 __all__ = [
     "SUCCESS",
+    "arrow_filesystem",
     "exists",
     "file_signature",
     "is_complete",
@@ -82,6 +83,17 @@ def _remote(uri: str) -> tuple[Any, str]:
         return pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as err:
         raise ValueError(f"cannot open {uri!r}: {err}") from err
+
+
+def arrow_filesystem(uri: str | os.PathLike[str]) -> tuple[Any, str]:
+    """``(pyarrow FileSystem, path)`` for ``uri``: for readers that want random access (the
+    columns of a Parquet file, a Parquet dataset) rather than whole files."""
+    text = str(uri)
+    if is_remote(text):
+        return _remote(text)
+    from pyarrow import fs as pafs
+
+    return pafs.LocalFileSystem(), str(local_path(text))
 
 
 def _kind(uri: str) -> str:
@@ -143,6 +155,7 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes) -> str:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from other users
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from model.extraction import resized_size
 from model.images import BadImage, decode_image, read_size
 from model.pooling import POOLINGS
 from pipeline.cli import run_cli
+from pipeline.ingest import read_images, read_images_dataset
 
 __all__ = ["MANIFEST", "Describer", "ExtractConf", "decode_batch", "read_descriptors", "run"]
 
@@ -81,16 +82,14 @@ def run(conf: ExtractConf) -> str:
     if storage.is_complete(out):
         logger.info("%s is complete; skipping", out)
         return out
+    duplicates, unusable = _duplicate_rows(conf.images)  # also checks images is whole
     network, settings = _network_identity(conf)
     if not ray.is_initialized():
         ray.init()
     done = _finished_ids(out)
     if done:
         logger.info("resuming: %d photos already described in %s", len(done), out)
-    duplicates = _duplicate_rows(conf.images)
-    images = ray.data.read_parquet(conf.images).select_columns(
-        ["image_id", "uri", "bytes", "error"]
-    )
+    images = read_images_dataset(conf.images, ["image_id", "uri", "bytes", "error"])
     gpus = float(ray.cluster_resources().get("GPU", 0))
     per_actor = conf.gpus_per_actor if conf.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     actors = conf.actors or (max(1, int(gpus // max(per_actor, 1))) if per_actor else 1)
@@ -109,6 +108,7 @@ def run(conf: ExtractConf) -> str:
     )
     described.write_parquet(out)
     manifest = _manifest(out, conf, network, settings, time.perf_counter() - started)
+    manifest["not_ingested"] = unusable
     storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2))
     storage.write_text(storage.join(out, storage.SUCCESS), "")
     logger.info(
@@ -129,8 +129,9 @@ def decode_batch(
 ) -> dict[str, Any]:
     """Photo bytes → RGB ``uint8`` arrays at most ``max_size`` a side, or the reason why not.
 
-    Rows of ``skip_ids`` (described by an earlier run) and ``skip_rows`` (``(image_id, uri)``
-    of a photo already met under another URI) are left out.
+    Rows that failed at ingest (reported there), rows of ``skip_ids`` (described by an earlier
+    run) and ``skip_rows`` (``(image_id, uri)`` of a photo already met under another URI) are
+    left out.
     """
     columns = {name: batch.column(name).to_pylist() for name in ("image_id", "uri", "bytes")}
     errors = (
@@ -143,11 +144,9 @@ def decode_batch(
     reasons: list[str | None] = []
     rows = zip(columns["image_id"], columns["uri"], columns["bytes"], errors, strict=True)
     for image_id, uri, raw, error in rows:
-        if image_id in skip_ids or (image_id, uri) in skip_rows:
+        if error is not None or image_id in skip_ids or (image_id, uri) in skip_rows:
             continue
-        image = (
-            BadImage(error or "no photo bytes") if error or raw is None else _decode(raw, max_size)
-        )
+        image = BadImage("no photo bytes") if raw is None else _decode(raw, max_size)
         ids.append(image_id)
         if isinstance(image, BadImage):
             pixels.append(np.zeros((1, 1, 3), np.uint8))
@@ -269,8 +268,6 @@ def _buffer(uri: str) -> Any:
 
 def _check(conf: ExtractConf) -> None:
     problems = []
-    if not storage.exists(conf.images):
-        problems.append(f"no images table at {conf.images} (run pipeline.ingest first)")
     if conf.max_size < 1:
         problems.append(f"--max-size must be at least 1, got {conf.max_size}")
     if not conf.scales or any(not 0 < s <= 4 for s in conf.scales):
@@ -281,32 +278,21 @@ def _check(conf: ExtractConf) -> None:
         raise ValueError("; ".join(problems))
 
 
-def _duplicate_rows(images: str) -> frozenset[tuple[str, str]]:
-    """``(image_id, uri)`` of every row whose photo an earlier row already has (same bytes)."""
-    table = _read_table(images, ["image_id", "uri", "error"])
+def _duplicate_rows(images: str) -> tuple[frozenset[tuple[str, str]], int]:
+    """``(image_id, uri)`` of every row whose photo an earlier row already has (same bytes),
+    and how many rows failed at ingest; reading ``images`` checks it is complete and whole."""
+    table = read_images(images, ["image_id", "uri", "error"])
     seen: set[str] = set()
     duplicates = set()
-    for image_id, uri, error in zip(
-        *(table.column(c).to_pylist() for c in table.column_names), strict=True
-    ):
-        if error is not None or image_id is None:
-            continue
-        if image_id in seen:
+    failed = 0
+    columns = (table.column(c).to_pylist() for c in ("image_id", "uri", "error"))
+    for image_id, uri, error in zip(*columns, strict=True):
+        if error is not None:
+            failed += 1
+        elif image_id in seen:
             duplicates.add((image_id, uri))
         seen.add(image_id)
-    return frozenset(duplicates)
-
-
-def _read_table(uri: str, columns: list[str]) -> Any:
-    """Columns of a Parquet file or folder of parts, local or s3://."""
-    import pyarrow.dataset as pads
-    from pyarrow import fs as pafs
-
-    if storage.is_remote(uri):
-        filesystem, path = pafs.FileSystem.from_uri(uri)
-    else:
-        filesystem, path = pafs.LocalFileSystem(), str(storage.local_path(uri))
-    return pads.dataset(path, filesystem=filesystem, format="parquet").to_table(columns=columns)
+    return frozenset(duplicates), failed
 
 
 def _finished_ids(out: str) -> set[str]:

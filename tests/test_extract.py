@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -14,21 +13,39 @@ import pytest
 from model.extraction import ExtractOptions, ImageFiles, extract_descriptors
 from model.networks import NetworkMeta, build_network
 from pipeline.extract import ExtractConf, read_descriptors, run
+from pipeline.ingest import IMAGES_SCHEMA, image_id
 
 MAX_SIZE = 128
 
 
-def _images_table(paths: list[Path], extra: list[tuple[str, bytes | None, str | None]] = ()):
-    """An images.parquet as ingest writes it: one row per uri, the photo bytes kept."""
+def _write_images(folder: Path, paths: list[Path], extra=()) -> Path:
+    """An ingest output as pipeline.ingest writes it: parts of IMAGES_SCHEMA, then _SUCCESS.
+
+    ``extra`` rows are ``(uri, bytes or None, error or None)``; ids are content hashes.
+    """
     rows = [(str(p), p.read_bytes(), None) for p in paths] + list(extra)
-    return pa.table(
+    table = pa.table(
         {
-            "image_id": [hashlib.sha256(b or u.encode()).hexdigest()[:16] for u, b, _ in rows],
+            "image_id": [image_id(b) if e is None else None for _, b, e in rows],
             "uri": [u for u, _, _ in rows],
-            "bytes": pa.array([b for _, b, _ in rows], type=pa.binary()),
             "error": pa.array([e for _, _, e in rows], type=pa.string()),
+            "bytes": pa.array([b if e is None else None for _, b, e in rows], type=pa.binary()),
         }
     )
+    full = pa.table(
+        {
+            f.name: table[f.name] if f.name in table.column_names else pa.nulls(len(rows), f.type)
+            for f in IMAGES_SCHEMA
+        },
+        schema=IMAGES_SCHEMA,
+    )
+    images = folder / "images.parquet"
+    images.mkdir(parents=True, exist_ok=True)
+    for old in images.glob("*"):
+        old.unlink()
+    pq.write_table(full, images / "part-0.parquet")
+    (images / "_SUCCESS").write_text("{}")
+    return images
 
 
 @pytest.fixture(scope="module")
@@ -37,28 +54,26 @@ def photos(photos_dir: Path) -> list[Path]:
 
 
 def test_actor_pool_equals_in_process_extraction(ray_session, photos, tmp_path: Path) -> None:
-    truncated = photos[0].read_bytes()[:4000]
-    table = _images_table(
+    truncated = photos[0].read_bytes()[:4000]  # its header passes ingest's check; say so
+    images = _write_images(
+        tmp_path,
         photos,
         extra=[
             ("http://x/broken.jpg", truncated, None),  # decodes badly: a row with its reason
-            ("http://x/404.jpg", None, "HTTP 404"),  # failed at ingest: stays failed
+            ("http://x/404.jpg", None, "http 404: Not Found"),  # failed at ingest, reported there
             ("http://x/copy.jpg", photos[1].read_bytes(), None),  # same bytes, another uri
         ],
     )
-    images = tmp_path / "images.parquet"
-    pq.write_table(table, images)
     out = run(ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=MAX_SIZE))
     ids, vectors, manifest = read_descriptors(out)
-    assert manifest["count"] == len(photos) and len(manifest["failed"]) == 2
-    assert any("broken.jpg" in f for f in manifest["failed"])
-    assert any("HTTP 404" in f for f in manifest["failed"])
+    assert manifest["count"] == len(photos) and len(manifest["failed"]) == 1
+    assert "broken.jpg" in manifest["failed"][0] and manifest["not_ingested"] == 1
     assert len(set(ids)) == len(ids) == len(photos)  # the copy is described once
 
     net = build_network(NetworkMeta(), "imagenet").eval()
     files = ImageFiles(photos, MAX_SIZE, exif_transpose=True)
     expected = extract_descriptors(net, files, ExtractOptions(device="cpu", progress=False))
-    by_id = dict(zip(table.column("image_id").to_pylist()[: len(photos)], expected, strict=True))
+    by_id = dict(zip((image_id(p.read_bytes()) for p in photos), expected, strict=True))
     got = np.stack([vectors[ids.index(i)] for i in by_id])
     np.testing.assert_allclose(got, np.stack(list(by_id.values())), atol=1e-5)
     assert (
@@ -68,8 +83,7 @@ def test_actor_pool_equals_in_process_extraction(ray_session, photos, tmp_path: 
 
 
 def test_rerun_skips_and_resumes(ray_session, photos, tmp_path: Path) -> None:
-    images = tmp_path / "images.parquet"
-    pq.write_table(_images_table(photos[:4]), images)
+    images = _write_images(tmp_path, photos[:4])
     conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
     out = run(conf)
     first = sorted(Path(out).glob("*.parquet"))
@@ -78,24 +92,34 @@ def test_rerun_skips_and_resumes(ray_session, photos, tmp_path: Path) -> None:
     # An interrupted run: its parts are there, the marker and manifest are not.
     (Path(out) / "_SUCCESS").unlink()
     (Path(out) / "manifest.json").unlink()
-    pq.write_table(_images_table(photos[:6]), images)  # two more photos since
+    _write_images(tmp_path, photos[:6])  # two more photos since
     run(conf)
     ids, _, manifest = read_descriptors(out)
     assert manifest["count"] == 6 and len(set(ids)) == 6
     assert len(list(Path(out).glob("*.parquet"))) > len(first)  # only the new ones written
 
 
-def test_bad_input_is_named_before_any_work(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"no images table at .*run pipeline\.ingest first"):
+def test_bad_input_is_named_before_any_work(photos, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"run pipeline\.ingest first"):
         run(ExtractConf(images=str(tmp_path / "none.parquet"), output=str(tmp_path / "d")))
+    images = _write_images(tmp_path, photos[:1])
+    (images / "_SUCCESS").unlink()
+    with pytest.raises(ValueError, match="unfinished"):
+        run(ExtractConf(images=str(images), output=str(tmp_path / "d")))
+    pq.write_table(pa.table({"uri": ["x"], "pixels": [b""]}), images / "part-0.parquet")
+    (images / "_SUCCESS").write_text("{}")
+    with pytest.raises(ValueError, match="image_id"):
+        run(ExtractConf(images=str(images), output=str(tmp_path / "d")))
+    with pytest.raises(ValueError, match="--max-size must be at least 1"):
+        run(ExtractConf(images=str(images), output=str(tmp_path / "d"), max_size=0))
 
 
 def test_images_and_descriptors_on_s3(ray_session, photos, s3_bucket: str, tmp_path) -> None:
     from model import storage
 
-    local = tmp_path / "images.parquet"
-    pq.write_table(_images_table(photos[:3]), local)
-    storage.write_bytes(f"s3://{s3_bucket}/run/images.parquet", local.read_bytes())
+    local = _write_images(tmp_path, photos[:3])
+    for path in local.iterdir():
+        storage.write_bytes(f"s3://{s3_bucket}/run/images.parquet/{path.name}", path.read_bytes())
     out = run(
         ExtractConf(
             images=f"s3://{s3_bucket}/run/images.parquet",
