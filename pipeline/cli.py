@@ -2,8 +2,9 @@
 
 A user's mistake (a data root with nothing there, an unknown name, a weights file that is not
 one) is an ``OSError`` or a ``ValueError`` raised with a message that says what is wrong and
-what was expected; the command prints that one line and exits with status 2 instead of a
-traceback. ``CIRRAY_DEBUG=1`` shows the traceback too.
+what was expected; the command prints it as one ``error:`` line per problem (a message of
+several problems puts one on each line) and exits with status 2 instead of a traceback.
+``CIRRAY_DEBUG=1`` shows the traceback too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def run_cli(main: Callable[[Conf], Any], conf_type: type[Conf]) -> None:
     except USER_ERRORS as err:
         if os.environ.get("CIRRAY_DEBUG"):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        problems = [" ".join(line.split()) for line in str(err).splitlines()]
+        for problem in [p for p in problems if p] or [type(err).__name__]:
+            print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(2) from None
