@@ -9,9 +9,9 @@ size inside each block, channels-last, bf16 autocast and a GPU per actor where t
 Learned whitening is applied when the network has it (a checkpoint directory with
 ``whitening.npz`` beside ``model.pt``).
 
-Output: ``DESC/*.parquet`` with ``image_id``, ``vector`` (float32, L2-normalised; null for a
-photo that could not be described) and ``error``; then ``DESC/manifest.json`` (network,
-settings, dimension, counts, failures) and ``_SUCCESS``, written last. A rerun of an
+Output: the descriptor table of ``pipeline.descriptors`` (``image_id``, ``vector``, ``error``
+parts, then ``manifest.json`` with network, settings, dimension, counts and failures, and
+``_SUCCESS`` last), which ``pipeline.descriptors.read_descriptors`` reads. A rerun of an
 interrupted extraction describes only the photos not in its finished part files; a complete
 output is skipped.
 """
@@ -32,13 +32,13 @@ from model.extraction import resized_size
 from model.images import BadImage, decode_image, read_size
 from model.pooling import POOLINGS
 from pipeline.cli import run_cli
+from pipeline.descriptors import DESCRIPTOR_MANIFEST
 from pipeline.ingest import read_images, read_images_dataset
 
-__all__ = ["MANIFEST", "Describer", "ExtractConf", "decode_batch", "read_descriptors", "run"]
+__all__ = ["Describer", "ExtractConf", "decode_batch", "run"]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 Backbone = Literal[BACKBONES]  # type: ignore[valid-type]
 Pooling = Literal[tuple(POOLINGS)]  # type: ignore[valid-type]
 
@@ -109,7 +109,7 @@ def run(conf: ExtractConf) -> str:
     described.write_parquet(out)
     manifest = _manifest(out, conf, network, settings, time.perf_counter() - started)
     manifest["not_ingested"] = unusable
-    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2))
+    storage.write_text(storage.join(out, DESCRIPTOR_MANIFEST), json.dumps(manifest, indent=2))
     storage.write_text(storage.join(out, storage.SUCCESS), "")
     logger.info(
         "described %d photos (%d failed) into %s in %.1f s",
@@ -234,30 +234,6 @@ def _descriptor_table(
             "error": pa.array(errors, type=pa.string()),
         }
     )
-
-
-def read_descriptors(uri: str) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """``(image_ids, vectors [N, D] float32, manifest)`` of a complete extraction, failures left
-    out (they are listed in the manifest)."""
-    import pyarrow.parquet as pq
-
-    base = uri.rstrip("/")
-    if not storage.is_complete(base):
-        raise FileNotFoundError(f"{base} holds no complete extraction (no {storage.SUCCESS})")
-    manifest = json.loads(storage.read_text(storage.join(base, MANIFEST)))
-    ids: list[str] = []
-    rows: list[np.ndarray] = []
-    for part in storage.list_files(base, suffixes=(".parquet",)):
-        table = pq.read_table(_buffer(part), columns=["image_id", "vector", "error"])
-        for image_id, vector, error in zip(
-            *(table.column(c).to_pylist() for c in table.column_names), strict=True
-        ):
-            if error is None:
-                ids.append(image_id)
-                rows.append(np.asarray(vector, np.float32))
-    dim = int(manifest["dim"])
-    vectors = np.stack(rows) if rows else np.empty((0, dim), np.float32)
-    return ids, vectors, manifest
 
 
 def _buffer(uri: str) -> Any:

@@ -12,7 +12,8 @@ import pytest
 
 from model.extraction import ExtractOptions, ImageFiles, extract_descriptors
 from model.networks import NetworkMeta, build_network
-from pipeline.extract import ExtractConf, read_descriptors, run
+from pipeline.descriptors import read_descriptors
+from pipeline.extract import ExtractConf, run
 from pipeline.ingest import IMAGES_SCHEMA, image_id
 
 MAX_SIZE = 128
@@ -65,8 +66,9 @@ def test_actor_pool_equals_in_process_extraction(ray_session, photos, tmp_path: 
         ],
     )
     out = run(ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=MAX_SIZE))
-    ids, vectors, manifest = read_descriptors(out)
-    assert manifest["count"] == len(photos) and len(manifest["failed"]) == 1
+    desc = read_descriptors(out)
+    ids, vectors, manifest = list(desc.image_ids), desc.vectors, desc.manifest
+    assert manifest["count"] == len(photos) and len(manifest["failed"]) == 1 == desc.failed
     assert "broken.jpg" in manifest["failed"][0] and manifest["not_ingested"] == 1
     assert len(set(ids)) == len(ids) == len(photos)  # the copy is described once
 
@@ -94,8 +96,8 @@ def test_rerun_skips_and_resumes(ray_session, photos, tmp_path: Path) -> None:
     (Path(out) / "manifest.json").unlink()
     _write_images(tmp_path, photos[:6])  # two more photos since
     run(conf)
-    ids, _, manifest = read_descriptors(out)
-    assert manifest["count"] == 6 and len(set(ids)) == 6
+    desc = read_descriptors(out)
+    assert desc.manifest["count"] == 6 and len(set(desc.image_ids)) == 6
     assert len(list(Path(out).glob("*.parquet"))) > len(first)  # only the new ones written
 
 
@@ -128,6 +130,7 @@ def test_images_and_descriptors_on_s3(ray_session, photos, s3_bucket: str, tmp_p
         )
     )
     assert out == f"s3://{s3_bucket}/run/descriptors" and storage.is_complete(out)
-    ids, vectors, manifest = read_descriptors(out)
-    assert len(ids) == 3 and vectors.shape == (3, 1280) and manifest["count"] == 3
-    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    desc = read_descriptors(out)
+    assert len(desc.image_ids) == 3 and desc.vectors.shape == (3, 1280)
+    assert desc.manifest["count"] == 3
+    np.testing.assert_allclose(np.linalg.norm(desc.vectors, axis=1), 1.0, atol=1e-5)

@@ -1,0 +1,874 @@
+"""The index stage: a sharded, versioned FAISS index of the descriptors, built on Ray.
+
+    python -m pipeline.index --descriptors OUT/descriptors --output OUT/index [--shards 4]
+
+1. **Validate** everything before the long work, and report every problem at once: the
+   descriptors folder is there and complete (``manifest.json`` and ``_SUCCESS``), its part
+   files hold one dimension (the manifest's), finite vectors and unique image_ids; its network
+   is the one the index was built from; the factory string is one FAISS accepts; the flags
+   make sense; the output's S3 bucket exists.
+2. **Choose** the index (``--factory auto``: the rule of :func:`choose_factory`) or take the
+   factory string given. The metric is inner product (descriptors are L2-normalised).
+3. **Train once** on a seeded sample of the descriptors (:func:`train_index`; the size from the
+   factory's needs, :func:`train_size_for`) and store the trained, empty index.
+4. **Add in parallel**: the new rows, in image_id order with consecutive global ids, are split
+   into ``--shards`` contiguous runs; one Ray task per run deserialises the trained index, adds
+   its rows, and writes the shard file and its id map through the storage layer.
+5. **Tune** ``nprobe`` for IVF indexes (:func:`tune_nprobe`): the smallest number of lists that
+   holds ``--target-recall`` of the exact top-10 neighbours of sampled descriptors.
+6. **Publish**: ``manifest.json`` is written last; before it the version does not exist.
+
+Versions. A run against an index that already has versions indexes only the image_ids the
+latest version lacks, as version N+1: its manifest lists the earlier shard files (by their
+relative paths, unchanged) plus new shards built from the same trained index (the same IVF
+quantizer and PQ codebooks; nothing is retrained). Descriptors of a different network cannot
+join an index (index them into another folder). When nothing is new the run changes nothing
+and returns the latest version. Versions only grow: an image_id missing from the descriptors
+stays in the index.
+
+Resuming. A killed build leaves ``vN/`` without a manifest, invisible to readers; the previous
+version stays the latest. The next run with the same inputs finds ``vN/_build/plan.json`` (a
+digest of the factory, the shard split and the new rows' ids and vectors): it reuses the
+trained index and every shard whose receipt and files' checksums match, and builds the rest.
+Other inputs discard the unfinished folder and build from the start. Two builds must not write
+the same index at once.
+
+The driver holds the new descriptors in memory (``rows x dim x 4`` bytes, about 5 GB for a
+million 1280-d rows); a larger collection can be indexed as several versions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from cluster import index_store
+from model import storage
+from pipeline.cli import run_cli
+from pipeline.descriptors import (
+    DESCRIPTOR_MANIFEST,
+    Descriptors,
+    problem_text,
+    read_descriptors_checked,
+)
+
+__all__ = [
+    "FLAT_MAX",
+    "PQ_CODE_SIZES",
+    "IndexConf",
+    "build_shard",
+    "choose_factory",
+    "choose_nlist",
+    "estimate_index_bytes",
+    "parse_memory",
+    "run",
+    "train_index",
+    "train_size_for",
+    "tune_nprobe",
+]
+
+logger = logging.getLogger(__name__)
+
+FLAT_MAX = 100_000
+"""``auto`` uses exact (Flat) search up to this many vectors: a query costs N x dim
+multiply-adds, about 0.1 GFLOP at 10^5 1280-d vectors; above it an IVF scan of a few percent of
+the lists answers 10-50 times faster at recall >= 0.95."""
+POINTS_PER_CENTROID = 50
+"""Training vectors per k-means centroid (FAISS warns below 39 and subsamples above 256)."""
+MIN_POINTS_PER_LIST = 39
+"""``choose_nlist`` never makes more lists than N / 39 (FAISS's minimum for k-means)."""
+MAX_NLIST = 65_536
+PQ_CODE_SIZES = (256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4)
+"""Bytes per vector (8-bit sub-quantizers) ``auto`` tries for IVF-PQ, largest first."""
+PQ_BITS = 8
+ID_BYTES = 8
+"""An IVF list stores an int64 id beside each code."""
+ADD_BATCH = 65_536
+TUNE_K = 10
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+@dataclass(frozen=True)
+class IndexConf:
+    """Settings of one index build; every field is a command-line flag."""
+
+    descriptors: str
+    """Descriptor folder written by pipeline.extract (a path or s3:// URI)."""
+    output: str
+    """Index folder or s3:// prefix; versions are written as OUTPUT/v1, OUTPUT/v2, ..."""
+    factory: str = "auto"
+    """A FAISS index_factory string ("Flat", "IVF1024,Flat", "OPQ32_128,IVF4096,PQ32", ...) or
+    auto (Flat, then IVF-Flat, then IVF-PQ as the budget requires). Versions after the first
+    keep the first one's."""
+    shards: int = 2
+    """Shards the new rows are split into, each built by its own Ray task."""
+    max_memory: str = "16G"
+    """Memory the whole index may take (all shards), e.g. 512M, 16G: what auto must fit."""
+    flat_max: int = FLAT_MAX
+    """auto uses exact Flat search only up to this many vectors."""
+    nprobe: int | None = None
+    """IVF lists searched per query; default: tuned to reach target-recall."""
+    target_recall: float = 0.95
+    """Share of the exact top-10 neighbours the tuned nprobe must reach."""
+    tune_queries: int = 200
+    """Descriptors sampled as queries to tune nprobe."""
+    train_size: int | None = None
+    """Training sample size; default: 50 per IVF list (and 50 per PQ centroid)."""
+    seed: int = 0
+    """Seed of the training and tuning samples."""
+    cpus_per_shard: float = 1.0
+    """CPUs each shard task asks Ray for (and FAISS threads it uses)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The auto rule
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes of ``"16G"``, ``"512M"``, ``"1.5G"``, ``"64KiB"`` or a plain number (units of 1024)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
+    if not match:
+        raise ValueError(f"cannot read memory size {text!r}: write e.g. 512M, 16G or 1.5T")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _memory_text(size: float) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if size >= _UNITS[unit]:
+            return f"{size / _UNITS[unit]:.1f}{unit}"
+    return f"{int(size)}B"
+
+
+def choose_nlist(n: int) -> int:
+    """Number of IVF lists for ``n`` vectors: the power of two nearest 4·√n.
+
+    Clipped to at most n / 39 lists (k-means needs about 39 points per centroid) and 65,536
+    (beyond that a flat coarse quantizer is too slow to train and search); at least 1.
+    1,000 → 8 (clip), 100,000 → 1,024, 1,000,000 → 4,096, 10,000,000 → 16,384.
+    """
+    if n < MIN_POINTS_PER_LIST:
+        return 1
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    cap = 1 << ((n // MIN_POINTS_PER_LIST).bit_length() - 1)  # largest power of two <= n/39
+    return int(max(1, min(nlist, cap, MAX_NLIST)))
+
+
+def _pq_key(m: int, nlist: int, dim: int) -> str:
+    """IVF-PQ with ``m`` bytes per vector, with an OPQ rotation where it helps.
+
+    OPQ is used when each sub-quantizer would see 4 or more dimensions (the learned rotation
+    spreads the variance over the sub-vectors, and projects to 4·m dimensions, FAISS's
+    advice), or when ``dim`` is not a multiple of ``m`` (the projection makes it one). With 2-3
+    dimensions per sub-quantizer there is little to rotate and PQ goes without it.
+    """
+    per_sub = dim // m
+    if per_sub >= 4 or dim % m:
+        return f"OPQ{m}_{m * min(per_sub, 4)},IVF{nlist},PQ{m}"
+    return f"IVF{nlist},PQ{m}"
+
+
+def estimate_index_bytes(factory: str, n: int, dim: int) -> int | None:
+    """Memory of ``n`` vectors in an index of ``factory`` (codes, ids, centroids, rotation).
+
+    Known forms: ``Flat``, ``IVF{k},Flat`` and ``[OPQ{m}_{d},]IVF{k},PQ{m}[x{bits}]``;
+    ``None`` for others.
+    """
+    if factory == "Flat":
+        return 4 * n * dim
+    match = re.fullmatch(r"IVF(\d+),Flat", factory)
+    if match:
+        nlist = int(match.group(1))
+        return n * (4 * dim + ID_BYTES) + 4 * nlist * dim
+    match = re.fullmatch(r"(?:OPQ(\d+)_(\d+),)?IVF(\d+),PQ(\d+)(?:x(\d+))?", factory)
+    if match:
+        out_dim = int(match.group(2)) if match.group(1) else dim
+        nlist, m = int(match.group(3)), int(match.group(4))
+        bits = int(match.group(5) or PQ_BITS)
+        rotation = 4 * dim * out_dim if match.group(1) else 0
+        codebooks = 4 * (2**bits) * out_dim
+        return n * (math.ceil(m * bits / 8) + ID_BYTES) + 4 * nlist * out_dim + rotation + codebooks
+    return None
+
+
+def choose_factory(
+    n: int, dim: int, max_memory: str | int = "16G", flat_max: int = FLAT_MAX
+) -> str:
+    """The ``auto`` index for ``n`` vectors of ``dim`` in a memory budget.
+
+    1. ``Flat`` (exact) while ``n <= flat_max`` and ``4·n·dim`` bytes fit the budget.
+    2. ``IVF{nlist},Flat`` (exact scores, a share of the lists scanned) when it fits:
+       ``n·(4·dim + 8) + 4·nlist·dim`` bytes; ``nlist`` from :func:`choose_nlist`.
+    3. IVF-PQ (:func:`_pq_key`) with the largest code of ``PQ_CODE_SIZES`` (at most ``dim/2``
+       bytes, 8 bits per sub-quantizer) that fits: ``n·(m + 8)`` bytes plus centroids,
+       codebooks and rotation.
+
+    ``ValueError`` when nothing fits (or IVF-PQ would have fewer than 9,984 vectors to train
+    its 256-centroid sub-quantizers). Unlike autofaiss, no HNSW: an HNSW graph cannot be
+    split into shards that share one training, and sharded versioning needs that.
+    """
+    budget = parse_memory(max_memory)
+    if n <= flat_max and 4 * n * dim <= budget:
+        return "Flat"
+    nlist = choose_nlist(n)
+    ivf_flat = f"IVF{nlist},Flat"
+    if (estimate_index_bytes(ivf_flat, n, dim) or 0) <= budget:
+        return ivf_flat
+    smallest = None
+    for m in PQ_CODE_SIZES:
+        if m > dim // 2:
+            continue
+        key = _pq_key(m, nlist, dim)
+        smallest = key
+        if (estimate_index_bytes(key, n, dim) or 0) <= budget:
+            if n < MIN_POINTS_PER_LIST * 2**PQ_BITS:
+                raise ValueError(
+                    f"--max-memory {_memory_text(budget)} cannot hold {n:,} Flat vectors of "
+                    f"dim {dim}, and PQ needs at least {MIN_POINTS_PER_LIST * 2**PQ_BITS:,} "
+                    "vectors to train: raise --max-memory"
+                )
+            return key
+    need = estimate_index_bytes(smallest, n, dim) if smallest else 4 * n * dim
+    raise ValueError(
+        f"--max-memory {_memory_text(budget)} cannot hold {n:,} vectors of dim {dim}: the "
+        f"smallest index auto considers ({smallest or 'Flat'}) needs about "
+        f"{_memory_text(need or 0)}; raise --max-memory"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _factory_problems(factory: str, dim: int | None, n: int | None) -> list[str]:
+    if "IDMap" in factory:
+        return [f"factory {factory!r}: leave IDMap out, the id maps of the shards hold the ids"]
+    if dim is None:
+        return []
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1]
+        reason = re.sub(r"^Error in .* at \S+:\d+: ", "", reason)
+        return [f"FAISS rejects factory {factory!r} for dimension {dim}: {reason}"]
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return [f"factory {factory!r} cannot rank by inner product"]
+    nlist = _nlist(index)
+    if n is not None and nlist and nlist > n:
+        return [
+            f"factory {factory!r} needs at least {nlist} vectors to train, the descriptors hold {n}"
+        ]
+    return []
+
+
+def _conf_problems(conf: IndexConf) -> list[str]:
+    problems = []
+    if conf.shards < 1:
+        problems.append(f"--shards must be at least 1, not {conf.shards}")
+    try:
+        parse_memory(conf.max_memory)
+    except ValueError as err:
+        problems.append(str(err))
+    if not 0 < conf.target_recall <= 1:
+        problems.append(f"--target-recall must be in (0, 1], not {conf.target_recall}")
+    if conf.nprobe is not None and conf.nprobe < 1:
+        problems.append(f"--nprobe must be at least 1, not {conf.nprobe}")
+    if conf.tune_queries < 1:
+        problems.append(f"--tune-queries must be at least 1, not {conf.tune_queries}")
+    if conf.train_size is not None and conf.train_size < 1:
+        problems.append(f"--train-size must be at least 1, not {conf.train_size}")
+    if conf.cpus_per_shard <= 0:
+        problems.append(f"--cpus-per-shard must be positive, not {conf.cpus_per_shard}")
+    if conf.flat_max < 0:
+        problems.append(f"--flat-max must be 0 or more, not {conf.flat_max}")
+    return problems
+
+
+def _output_problems(output: str) -> list[str]:
+    if not storage.is_remote(output):
+        return []
+    scheme, _, rest = output.partition("://")
+    bucket = rest.split("/", 1)[0]
+    try:
+        if not storage.exists(f"{scheme}://{bucket}"):
+            return [f"the bucket of --output {output} ({bucket}) does not exist"]
+    except (OSError, ValueError) as err:
+        return [f"cannot reach --output {output}: {err}"]
+    return []
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, shards, tuning
+
+
+def _nlist(index: faiss.Index) -> int | None:
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return None
+
+
+def train_size_for(index: faiss.Index, n: int) -> int:
+    """Vectors to train ``index`` on: 50 per IVF list and per PQ centroid, at most ``n``.
+
+    0 when the index needs no training (Flat, HNSW).
+    """
+    if index.is_trained:
+        return 0
+    need = 0
+    nlist = _nlist(index)
+    if nlist:
+        need = POINTS_PER_CENTROID * nlist
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        if isinstance(ivf, faiss.IndexIVFPQ):
+            need = max(need, POINTS_PER_CENTROID * ivf.pq.ksub)
+    if need == 0:  # another trainable index (PQ, SQ, PCA, ...): a generous sample
+        need = 100_000
+    return int(min(n, need))
+
+
+def train_index(
+    factory: str, vectors: np.ndarray, train_size: int | None = None, seed: int = 0
+) -> tuple[faiss.Index, int]:
+    """The empty index of ``factory`` trained on a seeded sample; ``(index, sample size)``."""
+    dim = vectors.shape[1]
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if index.is_trained:
+        return index, 0
+    size = min(len(vectors), train_size or train_size_for(index, len(vectors)))
+    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size, replace=False))
+    started = time.perf_counter()
+    index.train(np.ascontiguousarray(vectors[rows]))
+    logger.info(
+        "trained %s on %d of %d vectors in %.1f s",
+        factory,
+        size,
+        len(vectors),
+        time.perf_counter() - started,
+    )
+    return index, size
+
+
+def _receipt_uri(output: str, version: int, number: int) -> str:
+    return storage.join(
+        output, index_store.version_dir(version), "_build", f"shard-{number:05d}.json"
+    )
+
+
+def build_shard(
+    trained: bytes,
+    vectors: np.ndarray,
+    image_ids: Sequence[str],
+    id_start: int,
+    output: str,
+    version: int,
+    number: int,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Add ``vectors`` to the trained index and write the shard, its id map and receipt.
+
+    The rows get local labels ``0..n-1`` and global ids ``id_start..id_start+n-1``. Returns
+    the shard's manifest entry (file names relative to ``output``, counts, sha256).
+    """
+    faiss.omp_set_num_threads(max(1, threads))
+    index = index_store.deserialize_index(trained)
+    for start in range(0, len(vectors), ADD_BATCH):
+        index.add(np.ascontiguousarray(vectors[start : start + ADD_BATCH], dtype=np.float32))
+    data = index_store.serialize_index(index)
+    del index
+    file, id_map = index_store.shard_names(version, number)
+    ids = np.arange(id_start, id_start + len(vectors), dtype=np.int64)
+    id_data = index_store.id_map_bytes(ids, image_ids)
+    storage.write_bytes(storage.join(output, file), data)
+    storage.write_bytes(storage.join(output, id_map), id_data)
+    entry = {
+        "file": file,
+        "sha256": index_store.sha256(data),
+        "bytes": len(data),
+        "count": len(vectors),
+        "id_start": int(id_start),
+        "id_map": id_map,
+        "id_map_sha256": index_store.sha256(id_data),
+        "version": version,
+    }
+    storage.write_text(_receipt_uri(output, version, number), json.dumps(entry))
+    return entry
+
+
+def _shard_finished(entry: dict[str, Any], done: int, total: int) -> None:
+    """Called in the driver as each shard is written (progress; a seam for crash tests)."""
+    logger.info("shard %s written: %d vectors (%d/%d)", entry["file"], entry["count"], done, total)
+
+
+def _transform(index: faiss.Index, x: np.ndarray) -> np.ndarray:
+    """``x`` through the pre-transforms (OPQ, PCA) in front of the IVF part of ``index``."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            x = faiss.downcast_VectorTransform(index.chain.at(i)).apply(x)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def tune_nprobe(
+    trained: faiss.Index,
+    vectors: np.ndarray,
+    target: float = 0.95,
+    queries: int = 200,
+    k: int = TUNE_K,
+    seed: int = 0,
+) -> tuple[int, dict[str, Any]]:
+    """The smallest ``nprobe`` whose lists hold ``target`` of the queries' exact top-k.
+
+    ``queries`` rows of ``vectors`` are drawn (seeded); their exact top-k neighbours among
+    ``vectors`` (themselves excluded) come from brute force. A neighbour is found at
+    ``nprobe = p`` when its list (where the quantizer assigns it) is among the p lists nearest
+    the query; the share found at every p follows from the quantizer alone, without searching
+    the shards. For IVF-Flat (exact scores) that share is recall@k; for PQ codes it bounds it
+    from above. Returns ``(nprobe, figures for the manifest)``.
+    """
+    ivf = faiss.extract_index_ivf(trained)
+    nlist = int(ivf.nlist)
+    n = len(vectors)
+    if nlist == 1 or n <= k:
+        return nlist, {"nprobe": nlist, "reason": "too few vectors or lists to tune"}
+    rng = np.random.default_rng(seed + 1)
+    rows = np.sort(rng.choice(n, min(queries, n), replace=False))
+    Q = np.ascontiguousarray(vectors[rows])
+    _, neighbours = faiss.knn(Q, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    keep = np.array(
+        [[j for j in row if j != me][:k] for row, me in zip(neighbours, rows, strict=True)]
+    )
+    quantizer = ivf.quantizer
+    _, order = quantizer.search(_transform(trained, Q), nlist)  # lists by closeness, per query
+    _, lists = quantizer.search(_transform(trained, np.ascontiguousarray(vectors[keep.ravel()])), 1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(nlist)[None, :].repeat(len(rows), 0), axis=1)
+    found_at = np.take_along_axis(rank, lists.reshape(len(rows), k), axis=1)  # 0-based
+    coverage = np.bincount(found_at.ravel(), minlength=nlist).cumsum() / found_at.size
+    nprobe = int(np.searchsorted(coverage, target - 1e-12) + 1)
+    nprobe = min(nprobe, nlist)
+    figures = {
+        "nprobe": nprobe,
+        "target_recall": target,
+        "recall_at_k": round(float(coverage[nprobe - 1]), 4),
+        "k": k,
+        "queries": len(rows),
+        "measure": "share of exact top-k neighbours in the probed lists "
+        "(recall@k for Flat codes, an upper bound for PQ)",
+    }
+    return nprobe, figures
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def _read_json(uri: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_text(uri))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _reusable(output: str, entry: dict[str, Any] | None, count: int, id_start: int) -> bool:
+    if not entry or entry.get("count") != count or entry.get("id_start") != id_start:
+        return False
+    try:
+        for key, sha in (("file", "sha256"), ("id_map", "id_map_sha256")):
+            if (
+                index_store.sha256(storage.read_bytes(storage.join(output, entry[key])))
+                != entry[sha]
+            ):
+                return False
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _init_ray() -> Any:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    return ray
+
+
+def _existing_ids(output: str, manifest: dict[str, Any]) -> set[str]:
+    found: set[str] = set()
+    for shard in manifest["shards"]:
+        found.update(index_store.load_id_map(output, shard).image_ids.tolist())
+    return found
+
+
+def _manifest_dim(uri: str) -> int | None:
+    """The dimension a descriptors manifest states, when it can be read at all."""
+    try:
+        return int(json.loads(storage.read_text(storage.join(uri, DESCRIPTOR_MANIFEST)))["dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _validate(conf: IndexConf, output: str) -> tuple[Descriptors, dict[str, Any] | None, str]:
+    """``(descriptors, parent manifest or None, factory)``; one ``ValueError`` listing every
+    problem with the flags, the descriptors and the index they would join."""
+    problems = _conf_problems(conf)
+    problems += _output_problems(output)
+    desc = read_descriptors_checked(conf.descriptors, problems)
+    parent: dict[str, Any] | None = None
+    try:
+        if index_store.latest_version(output) is not None:
+            parent = index_store.read_manifest(output)
+    except (OSError, ValueError) as err:
+        problems.append(f"cannot read the index at {output}: {err}")
+    dim = desc.dim if desc is not None else None
+    factory = conf.factory
+    if parent is not None:
+        factory = parent["factory"]
+        if dim is not None and int(parent["dim"]) != dim:
+            problems.append(
+                f"mixed dimensions: the descriptors have {dim}, the index at {output} "
+                f"(v{parent['version']}) has {parent['dim']}"
+            )
+        if desc is not None and not _same(parent.get("network"), desc.manifest.get("network")):
+            problems.append(
+                "mixed networks: the descriptors come from "
+                f"{json.dumps(desc.manifest.get('network'), sort_keys=True)}, the index at "
+                f"{output} (v{parent['version']}) from "
+                f"{json.dumps(parent.get('network'), sort_keys=True)}; index them into another "
+                "folder"
+            )
+        if conf.factory not in ("auto", parent["factory"]):
+            problems.append(
+                f"--factory {conf.factory} differs from the index's {parent['factory']}: later "
+                "versions keep the first version's (use auto), or build into another folder"
+            )
+    elif conf.factory != "auto":
+        if dim is None:
+            dim = _manifest_dim(conf.descriptors)
+        problems += _factory_problems(conf.factory, dim, len(desc.image_ids) if desc else None)
+    elif desc is not None and not problems:
+        try:
+            factory = choose_factory(len(desc.image_ids), desc.dim, conf.max_memory, conf.flat_max)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems or desc is None:
+        raise ValueError(problem_text(f"cannot index {conf.descriptors} into {output}", problems))
+    return desc, parent, factory
+
+
+@dataclass
+class _Build:
+    """What one run builds: the new rows in id order, and where they go."""
+
+    conf: IndexConf
+    output: str
+    desc: Descriptors
+    parent: dict[str, Any] | None
+    factory: str
+    image_ids: np.ndarray
+    vectors: np.ndarray
+    id_start: int
+    version: int
+    bounds: np.ndarray
+    """Row bounds of the new shards: shard i holds rows ``bounds[i]:bounds[i + 1]``."""
+
+    @property
+    def vdir(self) -> str:
+        return index_store.version_dir(self.version)
+
+    @property
+    def uri(self) -> str:
+        return storage.join(self.output, self.vdir)
+
+    def key(self) -> str:
+        """Digest of everything a shard's content depends on (the resume check)."""
+        return _digest(
+            index_store.FORMAT,
+            self.factory,
+            self.desc.dim,
+            self.parent and self.parent["version"],
+            self.parent and self.parent["trained"]["sha256"],
+            self.bounds.tolist(),
+            self.conf.seed,
+            self.conf.train_size,
+            self.image_ids.astype(str).tolist(),
+            self.vectors,
+        )
+
+
+def _new_rows(conf: IndexConf, output: str, desc: Descriptors, parent, factory) -> _Build | None:
+    """The rows the latest version lacks, in image_id order; ``None`` when there are none."""
+    if parent is not None:
+        known = _existing_ids(output, parent)
+        new = np.fromiter((i not in known for i in desc.image_ids), bool, len(desc.image_ids))
+        if (~new).any():
+            logger.info(
+                "%d descriptors are indexed already (v%s)", int((~new).sum()), parent["version"]
+            )
+    else:
+        new = np.ones(len(desc.image_ids), dtype=bool)
+    if not new.any():
+        return None
+    order = np.flatnonzero(new)[np.argsort(desc.image_ids[new].astype(str), kind="stable")]
+    shards = min(conf.shards, len(order))
+    return _Build(
+        conf=conf,
+        output=output,
+        desc=desc,
+        parent=parent,
+        factory=factory,
+        image_ids=desc.image_ids[order],
+        vectors=desc.vectors[order],
+        id_start=int(parent["count"]) if parent else 0,
+        version=int(parent["version"]) + 1 if parent else 1,
+        bounds=np.linspace(0, len(order), shards + 1).round().astype(int),
+    )
+
+
+def _trained(build: _Build, plan: dict[str, Any] | None) -> tuple[faiss.Index, bytes, dict]:
+    """The trained index: the parent's, the interrupted build's, or trained now."""
+    output = build.output
+    if build.parent is not None or plan is not None:
+        entry = dict(build.parent["trained"] if build.parent is not None else plan["trained"])
+        try:
+            data = storage.read_bytes(storage.join(output, entry["file"]))
+        except FileNotFoundError:
+            data = b""
+        if index_store.sha256(data) == entry["sha256"]:
+            if build.parent is None:
+                logger.info("reusing the trained index of the interrupted build")
+            return index_store.deserialize_index(data), data, entry
+        if build.parent is not None:
+            raise ValueError(f"{entry['file']} does not match its checksum; rebuild the index")
+    trained, size = train_index(
+        build.factory, build.vectors, build.conf.train_size, build.conf.seed
+    )
+    data = index_store.serialize_index(trained)
+    entry = {
+        "file": f"{build.vdir}/{index_store.TRAINED}",
+        "sha256": index_store.sha256(data),
+        "bytes": len(data),
+        "train_size": size,
+        "seed": build.conf.seed,
+        "version": build.version,
+    }
+    storage.write_bytes(storage.join(output, entry["file"]), data)
+    return trained, data, entry
+
+
+def _search_params(build: _Build, trained: faiss.Index) -> tuple[dict[str, Any], dict | None]:
+    nlist = _nlist(trained)
+    if not nlist:
+        return {}, None
+    conf = build.conf
+    if conf.nprobe is not None:
+        nprobe = min(conf.nprobe, nlist)
+        return {"nprobe": nprobe}, {"nprobe": nprobe, "reason": "given"}
+    nprobe, tuning = tune_nprobe(
+        trained, build.vectors, conf.target_recall, conf.tune_queries, seed=conf.seed
+    )
+    parent_nprobe = int((build.parent or {}).get("search_params", {}).get("nprobe", 0))
+    if parent_nprobe > nprobe:  # never less recall on the rows indexed before
+        tuning["parent_nprobe"] = parent_nprobe
+        nprobe = parent_nprobe
+    return {"nprobe": nprobe}, tuning
+
+
+def run(conf: IndexConf) -> str:
+    """Build the next version of the index at ``conf.output``; returns the version's URI.
+
+    Returns the latest version unchanged when the descriptors hold nothing new.
+    """
+    started = time.perf_counter()
+    output = conf.output.rstrip("/")
+    desc, parent, factory = _validate(conf, output)
+    seconds = {"read": time.perf_counter() - started}
+    logger.info(
+        "read %d descriptors of dim %d from %s (%d rows without a vector left out) in %.1f s",
+        len(desc.image_ids),
+        desc.dim,
+        desc.uri,
+        desc.failed,
+        seconds["read"],
+    )
+    build = _new_rows(conf, output, desc, parent, factory)
+    if build is None:
+        assert parent is not None
+        uri = storage.join(output, index_store.version_dir(parent["version"]))
+        logger.info("nothing new to index: %s holds all %d descriptors", uri, len(desc.image_ids))
+        return uri
+
+    key = build.key()
+    plan_uri = storage.join(build.uri, "_build", "plan.json")
+    plan = _read_json(plan_uri)
+    resumed = plan is not None and plan.get("key") == key
+    if not resumed and storage.exists(build.uri):
+        logger.info("discarding the unfinished %s of another build", build.uri)
+        storage.remove(build.uri)
+
+    t0 = time.perf_counter()
+    trained, trained_bytes, trained_entry = _trained(build, plan if resumed else None)
+    seconds["train"] = time.perf_counter() - t0
+    if resumed and trained_entry["sha256"] != plan["trained"]["sha256"]:
+        resumed = False  # trained again: the interrupted build's shards do not belong to it
+    storage.write_text(plan_uri, json.dumps({"key": key, "trained": trained_entry}))
+
+    t0 = time.perf_counter()
+    entries: dict[int, dict[str, Any]] = {}
+    todo = []
+    for number in range(len(build.bounds) - 1):
+        a, b = int(build.bounds[number]), int(build.bounds[number + 1])
+        receipt = _read_json(_receipt_uri(output, build.version, number)) if resumed else None
+        if _reusable(output, receipt, b - a, build.id_start + a):
+            entries[number] = receipt
+        else:
+            todo.append((number, a, b))
+    reused = sorted(entries)
+    if reused:
+        logger.info("reusing %d shard(s) the interrupted build finished: %s", len(reused), reused)
+    if todo:
+        _add_shards(build, trained_bytes, todo, entries)
+    seconds["add"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    search_params, tuning = _search_params(build, trained)
+    seconds["tune"] = time.perf_counter() - t0
+
+    all_shards = [*(parent["shards"] if parent else []), *(entries[i] for i in sorted(entries))]
+    total = build.id_start + len(build.image_ids)
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    seconds["total"] = time.perf_counter() - started
+    manifest = {
+        "format": index_store.FORMAT,
+        "version": build.version,
+        "parent": parent["version"] if parent else None,
+        "created": created,
+        "dim": desc.dim,
+        "metric": index_store.METRIC,
+        "factory": factory,
+        "factory_requested": conf.factory,
+        "count": total,
+        "added": len(build.image_ids),
+        "search_params": search_params,
+        "tuning": tuning,
+        "estimated_bytes": estimate_index_bytes(factory, total, desc.dim),
+        "stored_bytes": sum(int(s["bytes"]) for s in all_shards),
+        "trained": trained_entry,
+        "shards": all_shards,
+        "network": desc.manifest.get("network"),
+        "settings": desc.manifest.get("settings", {}),
+        "descriptors": {"uri": desc.uri, "count": len(desc.image_ids), "failed": desc.failed},
+        "history": [
+            *((parent or {}).get("history") or []),
+            {
+                "version": build.version,
+                "descriptors": desc.uri,
+                "added": len(build.image_ids),
+                "created": created,
+            },
+        ],
+        "build": {
+            "seconds": {name: round(value, 3) for name, value in seconds.items()},
+            "shards_built": [number for number, _, _ in todo],
+            "shards_reused": reused,
+            "resumed": resumed,
+            "cpus_per_shard": conf.cpus_per_shard,
+        },
+        "config": asdict(conf),
+    }
+    manifest_uri = storage.join(build.uri, index_store.MANIFEST)
+    if storage.exists(manifest_uri):
+        raise FileExistsError(f"{build.uri} was published by another build meanwhile")
+    storage.write_text(manifest_uri, json.dumps(manifest, indent=2))  # the version exists now
+    try:
+        storage.remove(storage.join(build.uri, "_build"))
+    except OSError as err:  # bookkeeping only; readers ignore it
+        logger.warning("could not remove %s: %s", storage.join(build.uri, "_build"), err)
+    logger.info(
+        "index %s: %s, %d shards (%d built, %d reused), %d vectors (+%d), %s, %.1f s",
+        build.uri,
+        factory,
+        len(all_shards),
+        len(todo),
+        len(reused),
+        total,
+        len(build.image_ids),
+        f"nprobe {search_params['nprobe']}" if search_params else "exact search",
+        seconds["total"],
+    )
+    return build.uri
+
+
+def _add_shards(
+    build: _Build,
+    trained_bytes: bytes,
+    todo: list[tuple[int, int, int]],
+    entries: dict[int, dict[str, Any]],
+) -> None:
+    """One Ray task per ``(shard, first row, end row)`` in ``todo``; entries land in ``entries``."""
+    ray = _init_ray()
+    cpus = build.conf.cpus_per_shard
+    task = ray.remote(build_shard).options(num_cpus=cpus, max_retries=2)
+    trained_ref = ray.put(trained_bytes)
+    pending = {}
+    for number, a, b in todo:
+        ref = task.remote(
+            trained_ref,
+            ray.put(np.ascontiguousarray(build.vectors[a:b])),
+            build.image_ids[a:b].astype(str).tolist(),
+            build.id_start + a,
+            build.output,
+            build.version,
+            number,
+            max(1, int(cpus)),
+        )
+        pending[ref] = number
+    total = len(entries) + len(todo)
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                number = pending.pop(ref)
+                try:
+                    entries[number] = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:
+                    if isinstance(err.cause, OSError):
+                        raise OSError(f"building shard {number} failed: {err.cause}") from err
+                    raise
+                _shard_finished(entries[number], len(entries), total)
+    except BaseException:
+        for ref in pending:  # a failed or interrupted build leaves no task writing behind it
+            ray.cancel(ref)
+        raise
+
+
+if __name__ == "__main__":
+    run_cli(run, IndexConf)

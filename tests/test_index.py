@@ -1,0 +1,504 @@
+"""The index stage on a local Ray: sharded search equals one exact index; versions, resume, S3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cluster import index_store
+from model import storage
+from pipeline import index as stage
+from pipeline.descriptors import read_descriptors, write_descriptors
+from pipeline.index import IndexConf, choose_factory, run
+
+REPO = Path(__file__).resolve().parent.parent
+NETWORK = {"weights": "test", "meta": {"backbone": "none"}}
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _ids(start: int, stop: int) -> list[str]:
+    """image_ids whose sorted order is their numeric order, so global id == row number."""
+    return [f"img-{i:06d}" for i in range(start, stop)]
+
+
+def _canonical(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by score descending, then id ascending (what the merge promises)."""
+    order = np.lexsort((ids, -scores), axis=-1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def _exact(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One unsharded IndexFlatIP over all vectors, every vector ranked, cut after the sort."""
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    scores, ids = _canonical(*flat.search(queries, len(vectors)))
+    return scores[:, :k], ids[:, :k]
+
+
+@pytest.fixture(scope="module")
+def tied() -> np.ndarray:
+    """1,200 unit vectors in 24-d, a quarter of them exact copies of others (tied scores)."""
+    rng = np.random.default_rng(7)
+    x = _unit(rng, 1200, 24)
+    copies = rng.choice(1200, 600, replace=False)
+    x[copies[:300]] = x[copies[300:]]
+    return x
+
+
+# --- The auto rule ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "dim", "budget", "key"),
+    [
+        (373, 1280, "16G", "Flat"),  # the shared photos
+        (100_000, 1280, "16G", "Flat"),  # at flat_max, 512 MB
+        (100_001, 1280, "16G", "IVF1024,Flat"),  # past flat_max: 4·√n ≈ 1265 → 1024 lists
+        (200_000, 768, "16G", "IVF2048,Flat"),
+        (1_000_000, 128, "16G", "IVF4096,Flat"),  # the benchmark
+        (1_000_000, 1280, "16G", "IVF4096,Flat"),  # 5.1 GB still fits
+        (100_000, 1280, "256M", "OPQ256_1024,IVF1024,PQ256"),  # Flat (512 MB) does not fit
+        (1_000_000, 128, "256M", "IVF4096,PQ64"),  # 2 dims per sub-quantizer: no OPQ
+        (1_000_000, 128, "40M", "OPQ24_96,IVF4096,PQ24"),  # 128 % 24 != 0: OPQ projects
+        (10_000_000, 1280, "16G", "OPQ256_1024,IVF16384,PQ256"),
+        (100_000_000, 1280, "16G", "OPQ128_512,IVF32768,PQ128"),
+        (1_000_000_000, 1280, "64G", "OPQ48_192,IVF65536,PQ48"),  # nlist capped at 65,536
+    ],
+)
+def test_auto_factory_table(n: int, dim: int, budget: str, key: str) -> None:
+    assert choose_factory(n, dim, budget) == key
+    size = stage.estimate_index_bytes(key, n, dim)
+    assert size is not None and size <= stage.parse_memory(budget)
+    index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)  # FAISS takes the key
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+def test_auto_rule_limits() -> None:
+    assert choose_factory(373, 1280, "16G", flat_max=0) == "IVF8,Flat"  # ≥ 39 points per list
+    assert [stage.choose_nlist(n) for n in (10, 1000, 100_000, 10**6, 10**7, 10**9)] == [
+        1,
+        16,
+        1024,
+        4096,
+        16384,
+        65536,
+    ]
+    with pytest.raises(ValueError, match=r"cannot hold 1,000,000 vectors.*raise --max-memory"):
+        choose_factory(1_000_000, 128, "1M")
+    with pytest.raises(ValueError, match="PQ needs at least 9,984 vectors"):
+        choose_factory(500, 1280, "1M")
+    assert stage.parse_memory("16G") == 16 * 2**30
+    assert stage.parse_memory("1.5g") == 3 * 2**29
+    assert stage.parse_memory("512MiB") == 512 * 2**20
+    with pytest.raises(ValueError, match="cannot read memory size"):
+        stage.parse_memory("lots")
+
+
+def test_size_estimate_matches_faiss(tied: np.ndarray) -> None:
+    index, _ = stage.train_index("IVF16,Flat", tied)
+    index.add(tied)
+    real = len(index_store.serialize_index(index))
+    assert abs(stage.estimate_index_bytes("IVF16,Flat", len(tied), 24) - real) < 0.05 * real
+
+
+# --- Bad input --------------------------------------------------------------------------------
+
+
+def _part(path: Path, ids: list[str], vectors: np.ndarray) -> None:
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+    pq.write_table(pa.table({"image_id": ids, "vector": column}), path)
+
+
+def _manifest(folder: Path, dim: int, count: int, network=NETWORK) -> None:
+    manifest = {"dim": dim, "count": count, "network": network, "settings": {}, "files": []}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "_SUCCESS").write_text("")
+
+
+def test_every_problem_reported_at_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    desc = tmp_path / "desc"
+    desc.mkdir()
+    a = _unit(rng, 5, 16)
+    a[2, 3] = np.nan
+    _part(desc / "a.parquet", ["x0", "x1", "x2", "x3", "x4"], a)
+    _part(desc / "b.parquet", ["x4", "y1"], _unit(rng, 2, 8))
+    _manifest(desc, 16, 7)
+    conf = IndexConf(descriptors=str(desc), output=str(tmp_path / "idx"), factory="IVFxx,Flat")
+    with pytest.raises(ValueError) as caught:
+        run(conf)
+    text = str(caught.value)
+    assert "4 problems" in text
+    assert "non-finite values (NaN or inf), e.g. 'x2'" in text
+    assert "appear more than once in the descriptors, e.g. 'x4'" in text
+    assert "mixed dimensions: the manifest says 16, the parts hold 8 in 'b.parquet'" in text
+    assert "FAISS rejects factory 'IVFxx,Flat' for dimension 16: could not parse" in text
+    assert not (tmp_path / "idx").exists()  # nothing written before validation passed
+
+    with pytest.raises(ValueError, match=r"--shards must be at least 1.*cannot read memory size"):
+        run(IndexConf(descriptors=str(desc), output=str(tmp_path / "i"), shards=0, max_memory="x"))
+
+
+def test_incomplete_or_missing_descriptors(tmp_path: Path) -> None:
+    desc = tmp_path / "desc"
+    desc.mkdir()
+    _part(desc / "a.parquet", ["x0"], _unit(np.random.default_rng(0), 1, 8))
+    with pytest.raises(ValueError, match=r"incomplete \(no manifest.json or _SUCCESS\)"):
+        run(IndexConf(descriptors=str(desc), output=str(tmp_path / "idx")))
+    with pytest.raises(ValueError, match=r"no descriptors at .*nowhere"):
+        run(IndexConf(descriptors=str(tmp_path / "nowhere"), output=str(tmp_path / "idx")))
+    _manifest(desc, 8, 1)
+    with pytest.raises(ValueError, match="needs at least 64 vectors to train"):
+        run(IndexConf(descriptors=str(desc), output=str(tmp_path / "idx"), factory="IVF64,Flat"))
+
+
+def test_cli_reports_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.index",
+            "--descriptors",
+            "/nonexistent",
+            "--output",
+            "/tmp/x",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "no descriptors at /nonexistent" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_reads_the_extract_format(tmp_path: Path) -> None:
+    """Null vectors with an error are failures left out; list<float32> works like fixed lists."""
+    rng = np.random.default_rng(1)
+    x = _unit(rng, 3, 8)
+    desc = tmp_path / "desc"
+    desc.mkdir()
+    mask = pa.array([False, True, False])
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 8, mask=mask)
+    errors = pa.array([None, "not an image", None], type=pa.string())
+    pq.write_table(
+        pa.table({"image_id": ["a", "b", "c"], "vector": fixed, "error": errors}),
+        desc / "p0.parquet",
+    )
+    listed = pa.array([list(map(float, v)) for v in _unit(rng, 2, 8)], type=pa.list_(pa.float32()))
+    pq.write_table(pa.table({"image_id": ["d", "e"], "vector": listed}), desc / "p1.parquet")
+    _manifest(desc, 8, 4)
+    read = read_descriptors(str(desc))
+    assert read.image_ids.tolist() == ["a", "c", "d", "e"] and read.failed == 1
+    np.testing.assert_array_equal(read.vectors[:2], x[[0, 2]])
+
+
+def test_missing_bucket_is_reported(s3_bucket: str, tmp_path: Path) -> None:
+    desc = write_descriptors(str(tmp_path / "d"), _ids(0, 4), _unit(np.random.default_rng(0), 4, 8))
+    with pytest.raises(ValueError, match=r"bucket of --output .* does not exist"):
+        run(IndexConf(descriptors=desc, output=f"s3://{s3_bucket}-absent/idx"))
+
+
+# --- Sharded search ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_sharded_flat_equals_one_exact_index(ray_session, tied, tmp_path: Path, shards) -> None:
+    desc = write_descriptors(str(tmp_path / "d"), _ids(0, len(tied)), tied, network=NETWORK)
+    version = run(IndexConf(descriptors=desc, output=str(tmp_path / "idx"), shards=shards))
+    assert version == str(tmp_path / "idx" / "v1")
+    manifest = index_store.read_manifest(str(tmp_path / "idx"))
+    assert manifest["factory"] == "Flat" and manifest["metric"] == "inner_product"
+    assert [s["count"] for s in manifest["shards"]] == [len(tied) // shards] * shards
+
+    # Queries are database rows, so each has tied copies; 16 per call keeps FAISS off BLAS,
+    # where a score does not depend on the vector's position (see cluster.index_store).
+    queries = tied[np.random.default_rng(3).choice(len(tied), 16, replace=False)]
+    for k in (1, 10, 50):
+        result = index_store.search(str(tmp_path / "idx"), queries, k)
+        scores, ids = _exact(tied, queries, k)
+        np.testing.assert_array_equal(result.ids, ids)
+        np.testing.assert_array_equal(result.scores, scores)
+        assert result.image_ids.tolist() == [[f"img-{i:06d}" for i in row] for row in ids]
+    assert (np.diff(result.scores, axis=1) <= 0).all()
+
+    many = tied[:64]  # BLAS path: equal up to float rounding
+    result = index_store.search(str(tmp_path / "idx"), many, 10)
+    scores, _ = _exact(tied, many, 10)
+    np.testing.assert_allclose(result.scores, scores, atol=1e-6)
+
+    big = index_store.search(str(tmp_path / "idx"), queries[:2], len(tied) + 5)  # k > count
+    assert (big.ids[:, -5:] == -1).all() and np.isneginf(big.scores[:, -5:]).all()
+    assert big.image_ids[0, -1] is None
+
+
+def test_load_shard_on_its_own(ray_session, tied, tmp_path: Path) -> None:
+    desc = write_descriptors(str(tmp_path / "d"), _ids(0, len(tied)), tied, network=NETWORK)
+    run(IndexConf(descriptors=desc, output=str(tmp_path / "idx"), shards=3))
+    manifest = index_store.read_manifest(str(tmp_path / "idx"), version=1)
+    index, id_map = index_store.load_shard(str(tmp_path / "idx"), manifest, 1)
+    assert index.ntotal == len(id_map) == 400
+    assert id_map.ids[0] == manifest["shards"][1]["id_start"] == 400
+    _, labels = index.search(tied[400:401], 1)
+    assert id_map.global_ids(labels)[0, 0] == 400 and id_map.image_ids[labels[0, 0]] == "img-000400"
+    shard_file = tmp_path / "idx" / manifest["shards"][1]["file"]
+    shard_file.write_bytes(shard_file.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        index_store.load_shard(str(tmp_path / "idx"), manifest, 1)
+
+
+def test_merge_topk_keeps_lower_ids_first() -> None:
+    scores = [np.array([[0.9, 0.5]], np.float32), np.array([[0.9, 0.7]], np.float32)]
+    ids = [np.array([[7, 3]]), np.array([[2, -1]])]
+    top_scores, top_ids = index_store.merge_topk(scores, ids, 4)
+    assert top_ids.tolist() == [[2, 7, 3, -1]]
+    assert top_scores[0, :3].tolist() == pytest.approx([0.9, 0.9, 0.5])
+    assert np.isneginf(top_scores[0, 3])
+
+
+# --- Versions ---------------------------------------------------------------------------------
+
+
+def _sha(path: Path) -> str:
+    return index_store.sha256(path.read_bytes())
+
+
+def test_new_descriptors_make_the_next_version(ray_session, tied, tmp_path: Path) -> None:
+    out = str(tmp_path / "idx")
+    d1 = write_descriptors(str(tmp_path / "d1"), _ids(0, 900), tied[:900], network=NETWORK)
+    assert run(IndexConf(descriptors=d1, output=out, shards=2)).endswith("v1")
+    v1 = index_store.read_manifest(out)
+    before = {s["file"]: _sha(tmp_path / "idx" / s["file"]) for s in v1["shards"]}
+
+    # All 1,200 descriptors: the 900 known ones are skipped, 300 new rows make v2.
+    d2 = write_descriptors(str(tmp_path / "d2"), _ids(0, 1200), tied, network=NETWORK)
+    assert run(IndexConf(descriptors=d2, output=out, shards=2)).endswith("v2")
+    v2 = index_store.read_manifest(out)
+    assert v2["parent"] == 1 and v2["count"] == 1200 and v2["added"] == 300
+    assert v2["shards"][:2] == v1["shards"]  # v1's shards referenced, not copied
+    assert [s["file"] for s in v2["shards"][2:]] == ["v2/shard-00000.faiss", "v2/shard-00001.faiss"]
+    assert {f: _sha(tmp_path / "idx" / f) for f in before} == before  # and untouched
+    assert not (tmp_path / "idx" / "v2" / "shard-00002.faiss").exists()
+    assert not (tmp_path / "idx" / "v2" / "_build").exists()
+
+    queries = tied[np.random.default_rng(5).choice(1200, 16, replace=False)]
+    result = index_store.search(out, queries, 20)
+    scores, ids = _exact(tied, queries, 20)  # from scratch over all 1,200
+    np.testing.assert_array_equal(result.ids, ids)
+    np.testing.assert_array_equal(result.scores, scores)
+    old = index_store.search(out, queries, 20, version=1)  # v1 stays readable
+    np.testing.assert_array_equal(old.ids, _exact(tied[:900], queries, 20)[1])
+
+    # Nothing new: no v3.
+    assert run(IndexConf(descriptors=d2, output=out, shards=2)).endswith("v2")
+    assert index_store.list_versions(out) == [1, 2]
+
+    other = write_descriptors(str(tmp_path / "d3"), _ids(5000, 5010), tied[:10], network={"x": 1})
+    with pytest.raises(ValueError, match="mixed networks"):
+        run(IndexConf(descriptors=other, output=out))
+    short = write_descriptors(
+        str(tmp_path / "d4"), _ids(6000, 6010), tied[:10, :8], network=NETWORK
+    )
+    with pytest.raises(ValueError, match=r"mixed dimensions: the descriptors have 8.*has 24"):
+        run(IndexConf(descriptors=short, output=out))
+
+
+def test_ivf_versions_share_the_trained_quantizer(ray_session, monkeypatch, tmp_path) -> None:
+    rng = np.random.default_rng(11)
+    centres = _unit(rng, 20, 32)
+    x = centres[rng.integers(0, 20, 3000)] + 0.3 * _unit(rng, 3000, 32)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    out = str(tmp_path / "idx")
+    d1 = write_descriptors(str(tmp_path / "d1"), _ids(0, 2000), x[:2000], network=NETWORK)
+    run(IndexConf(descriptors=d1, output=out, factory="IVF16,Flat", shards=2))
+    v1 = index_store.read_manifest(out)
+    assert v1["trained"]["file"] == "v1/trained.faiss" and v1["trained"]["train_size"] == 800
+    nprobe = v1["search_params"]["nprobe"]
+    assert 1 <= nprobe <= 16 and v1["tuning"]["recall_at_k"] >= 0.95
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("v2 must not train")
+
+    monkeypatch.setattr(stage, "train_index", no_training)
+    d2 = write_descriptors(str(tmp_path / "d2"), _ids(0, 3000), x, network=NETWORK)
+    run(IndexConf(descriptors=d2, output=out, shards=2))
+    v2 = index_store.read_manifest(out)
+    assert v2["trained"] == v1["trained"] and v2["factory"] == "IVF16,Flat"
+
+    def centroids(manifest, i):
+        shard, _ = index_store.load_shard(out, manifest, i)  # keep it alive while ivf is used
+        ivf = faiss.extract_index_ivf(shard)
+        return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+    np.testing.assert_array_equal(centroids(v2, 3), centroids(v1, 0))  # a v2 shard, a v1 shard
+    trained = index_store.load_trained(out, v2)
+    quantizer = faiss.extract_index_ivf(trained).quantizer
+    np.testing.assert_array_equal(quantizer.reconstruct_n(0, 16), centroids(v2, 2))
+
+    # All lists probed, IVF-Flat is exact search over all 3,000; the tuned nprobe keeps recall.
+    queries = x[rng.choice(3000, 200, replace=False)]
+    full = index_store.search(out, queries[:16], 10, search_params={"nprobe": 16})
+    exact_scores, exact_ids = _exact(x, queries[:16], 10)
+    np.testing.assert_array_equal(full.ids, exact_ids)
+    np.testing.assert_allclose(full.scores, exact_scores, atol=1e-6)
+    tuned = index_store.search(out, queries, 10)
+    _, truth = _exact(x, queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(tuned.ids, truth, strict=True)])
+    assert recall >= 0.93, recall
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_killed_between_shards_leaves_the_old_version(ray_session, tied, monkeypatch, tmp_path):
+    out = str(tmp_path / "idx")
+    d1 = write_descriptors(str(tmp_path / "d1"), _ids(0, 600), tied[:600], network=NETWORK)
+    run(IndexConf(descriptors=d1, output=out, shards=2))
+    d2 = write_descriptors(str(tmp_path / "d2"), _ids(0, 1200), tied, network=NETWORK)
+
+    def killed(entry, done, total):
+        raise _Killed(f"killed after {entry['file']}")
+
+    monkeypatch.setattr(stage, "_shard_finished", killed)
+    with pytest.raises(_Killed):
+        run(IndexConf(descriptors=d2, output=out, shards=3))
+    assert index_store.latest_version(out) == 1  # v2 has no manifest: it does not exist
+    assert (tmp_path / "idx" / "v2").is_dir() and not (
+        tmp_path / "idx" / "v2" / "manifest.json"
+    ).exists()
+    with pytest.raises(FileNotFoundError, match="not complete"):
+        index_store.read_manifest(out, version=2)
+    queries = tied[:16]
+    old = index_store.search(out, queries, 10)
+    assert old.version == 1
+    np.testing.assert_array_equal(old.ids, _exact(tied[:600], queries, 10)[1])
+
+    monkeypatch.undo()
+    assert run(IndexConf(descriptors=d2, output=out, shards=3)).endswith("v2")
+    v2 = index_store.read_manifest(out)
+    assert v2["build"]["resumed"] and len(v2["build"]["shards_reused"]) >= 1
+    assert sorted(v2["build"]["shards_reused"] + v2["build"]["shards_built"]) == [0, 1, 2]
+    result = index_store.search(out, queries, 10)
+    scores, ids = _exact(tied, queries, 10)
+    np.testing.assert_array_equal(result.ids, ids)
+    np.testing.assert_array_equal(result.scores, scores)
+
+
+def test_other_inputs_discard_an_unfinished_version(ray_session, tied, monkeypatch, tmp_path):
+    out = str(tmp_path / "idx")
+    d1 = write_descriptors(str(tmp_path / "d1"), _ids(0, 600), tied[:600], network=NETWORK)
+
+    def killed(entry, done, total):
+        raise _Killed
+
+    monkeypatch.setattr(stage, "_shard_finished", killed)
+    with pytest.raises(_Killed):
+        run(IndexConf(descriptors=d1, output=out, shards=2))
+    assert index_store.latest_version(out) is None
+    monkeypatch.undo()
+    d2 = write_descriptors(str(tmp_path / "d2"), _ids(0, 500), tied[:500], network=NETWORK)
+    run(IndexConf(descriptors=d2, output=out, shards=2))
+    v1 = index_store.read_manifest(out)
+    assert v1["count"] == 500 and not v1["build"]["resumed"] and v1["build"]["shards_reused"] == []
+
+
+# --- S3 ---------------------------------------------------------------------------------------
+
+
+def test_s3_index_equals_local(ray_session, s3_bucket: str, tied, tmp_path: Path) -> None:
+    desc_s3 = write_descriptors(f"s3://{s3_bucket}/desc", _ids(0, 1200), tied, network=NETWORK)
+    desc_local = write_descriptors(str(tmp_path / "d"), _ids(0, 1200), tied, network=NETWORK)
+    remote = f"s3://{s3_bucket}/index"
+    assert run(IndexConf(descriptors=desc_s3, output=remote, shards=2)) == f"{remote}/v1"
+    run(IndexConf(descriptors=desc_local, output=str(tmp_path / "idx"), shards=2))
+    assert index_store.latest_version(remote) == 1
+    assert storage.is_file(f"{remote}/v1/manifest.json")
+    assert not storage.exists(f"{remote}/v1/_build")
+    remote_manifest = index_store.read_manifest(remote)
+    local_manifest = index_store.read_manifest(str(tmp_path / "idx"))
+    assert [s["sha256"] for s in remote_manifest["shards"]] == [
+        s["sha256"] for s in local_manifest["shards"]
+    ]
+    queries = tied[:16]
+    a = index_store.search(remote, queries, 10)
+    b = index_store.search(str(tmp_path / "idx"), queries, 10)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert a.image_ids.tolist() == b.image_ids.tolist()
+
+
+# --- Real photos ------------------------------------------------------------------------------
+
+
+def test_real_photos_find_their_scene(
+    ray_session, lite0_real_descriptors, real_photo_set, tmp_path: Path
+) -> None:
+    paths = [str(p) for p in real_photo_set.db_paths]
+    vectors = np.asarray(lite0_real_descriptors, dtype=np.float32)
+    desc = write_descriptors(
+        str(tmp_path / "desc"),
+        paths,
+        vectors,
+        network={
+            "weights": "imagenet",
+            "meta": {"backbone": "efficientnet_lite0", "pooling": "gem"},
+        },
+        settings={"max_size": 512},
+    )
+    out = str(tmp_path / "idx")
+    run(IndexConf(descriptors=desc, output=out, shards=2))
+    manifest = index_store.read_manifest(out)
+    assert manifest["factory"] == "Flat" and len(manifest["shards"]) == 2
+    assert manifest["network"]["meta"]["backbone"] == "efficientnet_lite0"
+
+    result = index_store.search(out, vectors, 2)
+    scene = dict(zip(paths, real_photo_set.db_labels.tolist(), strict=True))
+    hits = []
+    for path, row in zip(paths, result.image_ids, strict=True):
+        other = next(i for i in row if i != path)
+        hits.append(scene[other] == scene[path])
+    recall = float(np.mean(hits))
+    print(f"scene recall@1 over {len(paths)} shared photos (Flat, 2 shards): {recall:.4f}")
+    assert recall >= 0.95, recall
+
+
+def test_opq_ivf_pq_shards_equal_one_index(ray_session, tmp_path: Path) -> None:
+    """OPQ + IVF-PQ: trained once (rotation, lists, codebooks), sharded, tuned through the
+    rotation; the merged search equals the same trained index filled in one piece."""
+    rng = np.random.default_rng(2)
+    centres = _unit(rng, 30, 16)
+    x = centres[rng.integers(0, 30, 4000)] + 0.4 * _unit(rng, 4000, 16)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    desc = write_descriptors(str(tmp_path / "d"), _ids(0, len(x)), x, network=NETWORK)
+    out = str(tmp_path / "idx")
+    run(IndexConf(descriptors=desc, output=out, factory="OPQ8_16,IVF8,PQ8x4", shards=3))
+    manifest = index_store.read_manifest(out)
+    assert manifest["trained"]["train_size"] == 800  # 50 x 16 PQ centroids > 50 x 8 lists
+    nprobe = manifest["search_params"]["nprobe"]
+    assert 1 <= nprobe <= 8 and manifest["tuning"]["queries"] == 200
+    assert manifest["stored_bytes"] < x.nbytes / 2  # 4-byte codes + ids instead of 64 bytes
+
+    whole = index_store.load_trained(out, manifest)
+    whole.add(x)
+    index_store.set_search_params(whole, {"nprobe": nprobe})
+    queries = x[rng.choice(len(x), 16, replace=False)]
+    scores, labels = index_store.shard_topk(whole, queries, 10)
+    result = index_store.search(out, queries, 10)
+    np.testing.assert_array_equal(result.ids, labels)
+    np.testing.assert_array_equal(result.scores, scores)
