@@ -1,0 +1,118 @@
+"""The stages as users run them on a cluster: `ray job submit` to a head started on 127.0.0.1.
+
+The head is a real `ray start --head` (token authentication on, as Ray recommends), a process
+of this test's own, stopped by its own process group; the session's local Ray is untouched.
+Ingest, extract and index run as three jobs against the loopback S3 server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_server: str, tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A Ray head on 127.0.0.1 with its job API; yields its address and the client's env."""
+    port, dashboard = _free_port(), _free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs run this python
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+    }
+    temp_dir = tmp_path_factory.mktemp("ray-head")
+    head = subprocess.Popen(
+        [
+            f"{bin_dir}/ray", "start", "--head", "--block", "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    request = urllib.request.Request(
+        f"{address}/api/version", headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(request, timeout=2).read()
+            break
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                os.killpg(head.pid, signal.SIGKILL)
+                pytest.fail("the Ray head did not start")
+            time.sleep(1)
+    try:
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def _submit(address: str, env: dict[str, str], *command: str) -> str:
+    done = subprocess.run(
+        [
+            f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", address,
+            "--working-dir", str(REPO),
+            "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "outputs", "data"]}),
+            "--", "python", "-m", *command,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout
+
+
+def test_ingest_extract_index_as_jobs(ray_head, s3_bucket: str, tiny_collection: Path) -> None:
+    address, env = ray_head
+    s3 = boto3.client("s3")
+    photos = sorted((tiny_collection / "jpg").glob("lm0*_v0*.jpg"))[:8]
+    for path in photos:
+        s3.upload_file(str(path), s3_bucket, f"photos/{path.parent.name}/{path.name}")
+    run = f"s3://{s3_bucket}/run"
+    _submit(address, env, "pipeline.ingest", "--source", f"s3://{s3_bucket}/photos",
+            "--output", run)  # fmt: skip
+    _submit(address, env, "pipeline.extract", "--images", f"{run}/images.parquet",
+            "--output", f"{run}/descriptors", "--max-size", "128")  # fmt: skip
+    _submit(address, env, "pipeline.index", "--descriptors", f"{run}/descriptors",
+            "--output", f"{run}/index", "--shards", "2")  # fmt: skip
+    body = s3.get_object(Bucket=s3_bucket, Key="run/index/v1/manifest.json")["Body"].read()
+    manifest = json.loads(body)
+    assert sum(shard["count"] for shard in manifest["shards"]) == len(photos)
+    assert len(manifest["shards"]) == 2
