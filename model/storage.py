@@ -30,6 +30,7 @@ from typing import Any
 __all__ = [
     "SUCCESS",
     "arrow_filesystem",
+    "bucket_problem",
     "exists",
     "file_signature",
     "is_complete",
@@ -214,6 +215,24 @@ def remove(uri: str | os.PathLike[str]) -> None:
         filesystem.delete_dir(path)
     else:
         filesystem.delete_file(path)
+
+
+def bucket_problem(uri: str | os.PathLike[str]) -> str | None:
+    """Why ``uri`` cannot be reached at all (no bucket named, a bucket that does not exist,
+    no connection), or ``None``; local paths have none. For checks before the long work."""
+    text = str(uri)
+    if not is_remote(text):
+        return None
+    scheme, _, rest = text.partition("://")
+    bucket = rest.split("/", 1)[0]
+    if not bucket:
+        return f"{text} names no bucket"
+    try:
+        if not exists(f"{scheme}://{bucket}"):
+            return f"bucket {bucket!r} does not exist (in {text})"
+    except (OSError, ValueError) as err:
+        return f"cannot reach {text}: {' '.join(str(err).split())}"
+    return None
 
 
 def is_complete(uri: str | os.PathLike[str], marker: str = SUCCESS) -> bool:

@@ -250,6 +250,10 @@ def _check(conf: ExtractConf) -> None:
         problems.append(f"--scales must be factors in (0, 4], got {list(conf.scales)}")
     if conf.actors is not None and conf.actors < 1:
         problems.append(f"--actors must be at least 1, got {conf.actors}")
+    for flag, uri in (("--images", conf.images), ("--output", conf.output)):
+        problem = storage.bucket_problem(uri)
+        if problem:
+            problems.append(f"{flag}: {problem}")
     if problems:
         raise ValueError("; ".join(problems))
 

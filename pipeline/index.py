@@ -298,16 +298,8 @@ def _conf_problems(conf: IndexConf) -> list[str]:
 
 
 def _output_problems(output: str) -> list[str]:
-    if not storage.is_remote(output):
-        return []
-    scheme, _, rest = output.partition("://")
-    bucket = rest.split("/", 1)[0]
-    try:
-        if not storage.exists(f"{scheme}://{bucket}"):
-            return [f"the bucket of --output {output} ({bucket}) does not exist"]
-    except (OSError, ValueError) as err:
-        return [f"cannot reach --output {output}: {err}"]
-    return []
+    problem = storage.bucket_problem(output)
+    return [f"--output: {problem}"] if problem else []
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -454,17 +454,8 @@ def _read_source(source: str) -> tuple[pa.Table | None, list[str]]:
 
 
 def _bucket_problems(uri: str) -> list[str]:
-    if not uri.startswith("s3://"):
-        return []
-    bucket = uri[len("s3://") :].split("/", 1)[0]
-    if not bucket:
-        return [f"{uri} names no bucket"]
-    try:
-        if not storage.exists(f"s3://{bucket}"):
-            return [f"S3 bucket {bucket!r} does not exist (in {uri})"]
-    except (OSError, ValueError) as err:
-        return [f"cannot reach {uri}: {' '.join(str(err).split())}"]
-    return []
+    problem = storage.bucket_problem(uri)
+    return [problem] if problem else []
 
 
 def _read_manifest(source: str, files: list[str]) -> tuple[pa.Table | None, list[str]]:

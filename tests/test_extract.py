@@ -134,3 +134,38 @@ def test_images_and_descriptors_on_s3(ray_session, photos, s3_bucket: str, tmp_p
     assert len(desc.image_ids) == 3 and desc.vectors.shape == (3, 1280)
     assert desc.manifest["count"] == 3
     np.testing.assert_allclose(np.linalg.norm(desc.vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_checkpoint_brings_its_whitening(ray_session, photos, tmp_path: Path) -> None:
+    """A checkpoint directory with whitening.npz gives whitened descriptors, as evaluate would."""
+    from model.networks import save_network
+    from model.whitening import apply_whitening, save_whitening
+
+    net = build_network(NetworkMeta(), "imagenet").eval()
+    checkpoint = save_network(net, tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    m, P = rng.normal(size=1280) * 0.01, rng.normal(size=(64, 1280))
+    save_whitening(f"{checkpoint}/whitening.npz", m, P)
+    images = _write_images(tmp_path, photos[:3])
+    conf = ExtractConf(
+        images=str(images), output=str(tmp_path / "desc"), weights=checkpoint, max_size=64
+    )
+    desc = read_descriptors(run(conf))
+    assert desc.vectors.shape == (3, 64) and desc.manifest["settings"]["whitening"] is True
+    files = ImageFiles(photos[:3], 64, exif_transpose=True)
+    plain = extract_descriptors(net, files, ExtractOptions(device="cpu", progress=False))
+    expected = dict(
+        zip(
+            (image_id(p.read_bytes()) for p in photos[:3]),
+            apply_whitening(plain, m, P),
+            strict=True,
+        )
+    )
+    got = np.stack([expected[i] for i in desc.image_ids])
+    np.testing.assert_allclose(desc.vectors, got, atol=1e-4)
+
+
+def test_a_bucket_that_does_not_exist_is_named_first(photos, tmp_path: Path, s3_server) -> None:
+    images = _write_images(tmp_path, photos[:1])
+    with pytest.raises(ValueError, match=r"--output: bucket 'no-such-bucket-9c1' does not exist"):
+        run(ExtractConf(images=str(images), output="s3://no-such-bucket-9c1/desc"))

@@ -210,7 +210,7 @@ def test_reads_the_extract_format(tmp_path: Path) -> None:
 
 def test_missing_bucket_is_reported(s3_bucket: str, tmp_path: Path) -> None:
     desc = write_descriptors(str(tmp_path / "d"), _ids(0, 4), _unit(np.random.default_rng(0), 4, 8))
-    with pytest.raises(ValueError, match=r"bucket of --output .* does not exist"):
+    with pytest.raises(ValueError, match=r"--output: bucket .* does not exist"):
         run(IndexConf(descriptors=desc, output=f"s3://{s3_bucket}-absent/idx"))
 
 
