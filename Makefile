@@ -31,7 +31,10 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.extract
+	$(BIN)/python -m bench.extract --out bench/results/extract_cpu.json
+	$(BIN)/python -m bench.extract --pipeline --images 373 --out bench/results/extract_pipeline_cpu.json
+	$(BIN)/python -m bench.index --out bench/results/index_cpu.json
+	$(BIN)/python -m bench.rank --out bench/results/rank_cpu.json
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

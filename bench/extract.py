@@ -119,17 +119,16 @@ def main(conf: BenchConf) -> list[dict]:
 
 def pipeline_main(conf: BenchConf) -> dict:
     """Photos per second from JPEG bytes to descriptors: the Ray stage against in-process."""
-    import hashlib
     import os
     import tempfile
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray
 
     from model.extraction import ImageFiles
     from pipeline.extract import ExtractConf
     from pipeline.extract import run as run_extract
+    from pipeline.ingest import IngestConf
+    from pipeline.ingest import run as run_ingest
 
     count = conf.images or 48
     paths = _photo_files(Path(conf.photos), count)
@@ -142,23 +141,16 @@ def pipeline_main(conf: BenchConf) -> dict:
     in_process = len(paths) / (time.perf_counter() - started)
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = [p.read_bytes() for p in paths]
-        table = pa.table(
-            {
-                "image_id": [hashlib.sha256(d).hexdigest()[:16] for d in data],
-                "uri": [str(p) for p in paths],
-                "bytes": pa.array(data, type=pa.binary()),
-                "error": pa.array([None] * len(paths), type=pa.string()),
-            }
-        )
-        pq.write_table(table, f"{tmp}/images.parquet")
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        for i, path in enumerate(paths):
+            (folder / f"{i:04d}{path.suffix}").symlink_to(path.resolve())
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
         try:
-            warm = ExtractConf(images=f"{tmp}/images.parquet", output=f"{tmp}/warm", max_size=64)
+            images = run_ingest(IngestConf(source=str(folder), output=tmp))
+            warm = ExtractConf(images=images, output=f"{tmp}/warm", max_size=64)
             run_extract(warm)  # workers started, the network's files in the page cache
-            stage = ExtractConf(
-                images=f"{tmp}/images.parquet", output=f"{tmp}/desc", max_size=conf.width
-            )
+            stage = ExtractConf(images=images, output=f"{tmp}/desc", max_size=conf.width)
             started = time.perf_counter()
             run_extract(stage)
             on_ray = len(paths) / (time.perf_counter() - started)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -65,6 +66,9 @@ class ExtractConf:
     """Describing actors: default one per GPU, or one on a machine without GPUs."""
     gpus_per_actor: float | None = None
     """Default: 1 when the cluster has GPUs, else 0."""
+    threads_per_actor: int | None = None
+    """Torch threads of an actor on a CPU: default every core of its machine (decoding shares
+    them, as DataLoader workers do in one process); set it when several actors share one."""
     batch_size: int = 32
     """Photos per block handed to an actor (split by image size inside it)."""
     device_batch_size: int | None = None
@@ -93,11 +97,16 @@ def run(conf: ExtractConf) -> str:
     gpus = float(ray.cluster_resources().get("GPU", 0))
     per_actor = conf.gpus_per_actor if conf.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     actors = conf.actors or (max(1, int(gpus // max(per_actor, 1))) if per_actor else 1)
+    # Decoding runs in tasks of its own, beside the actors: a task pool sized unlike the actor
+    # pool keeps Ray Data from fusing it into them, where decoding and describing would take
+    # turns instead of overlapping.
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     decoded = images.map_batches(
         decode_batch,
         fn_kwargs={"max_size": conf.max_size, "skip_ids": done, "skip_rows": duplicates},
         batch_size=conf.decode_batch_size,
         batch_format="pyarrow",
+        compute=ray.data.TaskPoolStrategy(size=max(cpus, actors + 1)),
     )
     described = decoded.map_batches(
         Describer,
@@ -178,6 +187,8 @@ class Describer:
             scales=self.conf.scales, batch_size=self.conf.device_batch_size, progress=False
         )
         self.device = self.options.resolved_device()
+        if self.device.type == "cpu":  # Ray gives an actor one thread; the network wants more
+            torch.set_num_threads(self.conf.threads_per_actor or os.cpu_count() or 1)
         self.dim = self.whitening[1].shape[0] if self.whitening is not None else self.net.out_dim
         memory_format = torch.channels_last if self.options.channels_last else None
         self.net.to(self.device, memory_format=memory_format).eval()

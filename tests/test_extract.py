@@ -169,3 +169,17 @@ def test_a_bucket_that_does_not_exist_is_named_first(photos, tmp_path: Path, s3_
     images = _write_images(tmp_path, photos[:1])
     with pytest.raises(ValueError, match=r"--output: bucket 'no-such-bucket-9c1' does not exist"):
         run(ExtractConf(images=str(images), output="s3://no-such-bucket-9c1/desc"))
+
+
+def test_cli_mistake_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.extract", "--images", str(tmp_path / "none"),
+         "--output", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert "run pipeline.ingest first" in line
