@@ -292,7 +292,9 @@ def read_descriptors(uri: str) -> Descriptors:
 
 
 def problem_text(head: str, problems: list[str]) -> str:
+    """One problem on one line; several as a heading line and one line each (the command line
+    prints each as its own ``error:`` line)."""
     if len(problems) == 1:
         return f"{head}: {problems[0]}"
-    listed = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
-    return f"{head}: {len(problems)} problems: {listed}"
+    listed = "\n".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+    return f"{head}: {len(problems)} problems:\n{listed}"

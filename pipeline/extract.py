@@ -266,7 +266,7 @@ def _check(conf: ExtractConf) -> None:
         if problem:
             problems.append(f"{flag}: {problem}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError("\n".join(problems))
 
 
 def _duplicate_rows(images: str) -> tuple[frozenset[tuple[str, str]], int]:

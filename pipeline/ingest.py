@@ -255,7 +255,7 @@ def read_images(
         tables = list(pool.map(partial(_read_part, columns=read), parts))
     problems = [t for t in tables if isinstance(t, str)]
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError("\n".join(problems))
     schema = pa.schema([IMAGES_SCHEMA.field(c) for c in read])
     table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
     if ok_only:
@@ -291,7 +291,7 @@ def run(conf: IngestConf) -> str:
     source, problems = _read_source(conf.source)
     problems = conf.problems() + problems + _output_problems(conf.output, images)
     if problems or source is None:
-        raise ValueError("; ".join(problems))
+        raise ValueError("\n".join(problems))
     digest = _uri_digest(source["uri"])
     marker = _read_marker(images)
     if (
@@ -305,7 +305,7 @@ def run(conf: IngestConf) -> str:
 
     existing, problems = _read_existing(images)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError("\n".join(problems))
     retry = _transient_rows(existing, source["uri"]) if conf.retry_transient else None
     done = pc.is_in(source["uri"], existing["uri"])
     if retry is not None:

@@ -147,7 +147,9 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
     assert "FAISS rejects factory 'IVFxx,Flat' for dimension 16: could not parse" in text
     assert not (tmp_path / "idx").exists()  # nothing written before validation passed
 
-    with pytest.raises(ValueError, match=r"--shards must be at least 1.*cannot read memory size"):
+    with pytest.raises(
+        ValueError, match=r"(?s)--shards must be at least 1.*cannot read memory size"
+    ):
         run(IndexConf(descriptors=str(desc), output=str(tmp_path / "i"), shards=0, max_memory="x"))
 
 

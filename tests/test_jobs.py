@@ -82,20 +82,26 @@ def ray_head(s3_server: str, tmp_path_factory) -> Iterator[tuple[str, dict[str, 
 
 
 def _submit(address: str, env: dict[str, str], *command: str) -> str:
-    done = subprocess.run(
-        [
-            f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", address,
-            "--working-dir", str(REPO),
-            "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "outputs", "data"]}),
-            "--", "python", "-m", *command,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    """Submit ``python -m <command>`` and wait for it; the head's job agent may still be
+    starting just after the head answers, so that one refusal is retried (bounded)."""
+    args = [
+        f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", address,
+        "--working-dir", str(REPO),
+        "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "outputs", "data"]}),
+        "--", "python", "-m", *command,
+    ]  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run(
+            args, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        output = done.stdout + done.stderr
+        if done.returncode == 0 or "No available agent" not in output:
+            break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert done.returncode == 0, output[-3000:]
     return done.stdout
 
 
