@@ -19,6 +19,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torchvision
@@ -31,6 +32,7 @@ __all__ = [
     "BACKBONES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "BackboneName",
     "ResNetTrunk",
     "VGGTrunk",
     "build_backbone",
@@ -48,6 +50,8 @@ _TORCHVISION = {
     "vgg16": "VGG16_Weights",
 }
 BACKBONES: tuple[str, ...] = (*_TORCHVISION, *efficientnet_lite.VARIANTS)
+BackboneName = Literal[BACKBONES]  # type: ignore[valid-type]
+"""A backbone's name as a type: command lines list the choices and reject others."""
 
 # Keys of the ImageNet classifier, which a trunk drops when it loads a whole-network state dict.
 _CLASSIFIER_PREFIXES = ("fc.", "classifier.")

@@ -6,6 +6,8 @@ GeM generalises the other two: p = 1 is SPoC (average pooling), p → ∞ approa
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,7 @@ __all__ = [
     "MAC",
     "POOLINGS",
     "GeM",
+    "PoolingName",
     "SPoC",
     "build_pooling",
     "gem",
@@ -111,6 +114,8 @@ class GeM(nn.Module):
 
 
 POOLINGS: dict[str, type[nn.Module]] = {"gem": GeM, "mac": MAC, "spoc": SPoC}
+PoolingName = Literal[tuple(POOLINGS)]  # type: ignore[valid-type]
+"""A pooling's name as a type: command lines list the choices and reject others."""
 
 
 def pooling_name(name: str) -> str:

@@ -21,15 +21,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from model import storage
-from model.backbones import BACKBONES
+from model.backbones import BackboneName
 from model.extraction import ExtractOptions
 from model.networks import NetworkMeta, RetrievalNet, build_network, load_network
-from model.pooling import POOLINGS
+from model.pooling import PoolingName
 from model.whitening import load_whitening
 from pipeline.cli import run_cli
 from pipeline.datasets.revisited import load_revisited
@@ -44,9 +44,6 @@ __all__ = ["EvaluateConf", "run"]
 
 logger = logging.getLogger(__name__)
 
-Backbone = Literal[BACKBONES]  # type: ignore[valid-type]
-Pooling = Literal[tuple(POOLINGS)]  # type: ignore[valid-type]
-
 
 @dataclass(frozen=True)
 class EvaluateConf:
@@ -56,11 +53,11 @@ class EvaluateConf:
     """roxford5k, rparis6k, or any data set in their layout."""
     data_root: str
     """Folder or s3:// prefix holding <dataset>/jpg and <dataset>/gnd_<dataset>.pkl."""
-    backbone: Backbone = "efficientnet_lite0"
+    backbone: BackboneName = "efficientnet_lite0"
     weights: str = "imagenet"
     """imagenet, random, a weights file (path or s3://), or a training checkpoint directory
     (with meta.json), which brings its own backbone and head."""
-    pooling: Pooling = "gem"
+    pooling: PoolingName = "gem"
     p: float = 3.0
     scales: tuple[float, ...] = (1.0,)
     """1 0.7071 0.5 for the GeM paper's multi-scale descriptors."""

@@ -23,15 +23,15 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from model import storage
-from model.backbones import BACKBONES
+from model.backbones import BackboneName
 from model.extraction import resized_size
 from model.images import BadImage, decode_image, read_size
-from model.pooling import POOLINGS
+from model.pooling import PoolingName
 from pipeline.cli import run_cli
 from pipeline.descriptors import DESCRIPTOR_MANIFEST
 from pipeline.ingest import read_images, read_images_dataset
@@ -39,9 +39,6 @@ from pipeline.ingest import read_images, read_images_dataset
 __all__ = ["Describer", "ExtractConf", "decode_batch", "run"]
 
 logger = logging.getLogger(__name__)
-
-Backbone = Literal[BACKBONES]  # type: ignore[valid-type]
-Pooling = Literal[tuple(POOLINGS)]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)
@@ -55,8 +52,8 @@ class ExtractConf:
     weights: str = "imagenet"
     """imagenet (the backbone's packaged ImageNet weights), a weights file, or a training
     checkpoint directory (model.pt + meta.json, and whitening.npz when it has one)."""
-    backbone: Backbone = "efficientnet_lite0"
-    pooling: Pooling = "gem"
+    backbone: BackboneName = "efficientnet_lite0"
+    pooling: PoolingName = "gem"
     p: float = 3.0
     max_size: int = 1024
     """Longer side the network sees (never enlarged)."""
