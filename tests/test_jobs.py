@@ -35,8 +35,23 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head(s3_server: str, tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
-    """A Ray head on 127.0.0.1 with its job API; yields its address and the client's env."""
+    """A Ray head on 127.0.0.1 with its job API; yields its address and the client's env.
+
+    Every port is its own (the session's local Ray holds the default agent ports).
+    """
     port, dashboard = _free_port(), _free_port()
+    own_ports = [
+        f"--{name}={_free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    ]
     bin_dir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -50,7 +65,7 @@ def ray_head(s3_server: str, tmp_path_factory) -> Iterator[tuple[str, dict[str, 
             f"{bin_dir}/ray", "start", "--head", "--block", "--disable-usage-stats",
             "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}",
+            f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", *own_ports,
         ],
         env=env,
         stdout=subprocess.DEVNULL,
