@@ -19,14 +19,16 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-import torchvision
 from torch import nn
 
 from model import efficientnet_lite
 from model.weights import WeightsError, load_state_dict
+
+if TYPE_CHECKING:
+    import torchvision
 
 __all__ = [
     "BACKBONES",
@@ -185,6 +187,10 @@ def build_backbone(
 
 
 def _torchvision_trunk(name: str) -> nn.Module:
+    # Imported here: torchvision costs a second or more of start-up (its ops pull in
+    # torch._dynamo), paid by every extraction actor and server even when the trunk is Lite.
+    import torchvision
+
     net = getattr(torchvision.models, name)(weights=None)
     return VGGTrunk(net) if name == "vgg16" else ResNetTrunk(net)
 
@@ -202,6 +208,8 @@ def _resolve_weights(name: str, weights: str | Path) -> dict[str, torch.Tensor]:
 
 def _torchvision_cache_file(name: str, weights_name: str) -> Path:
     """The file torchvision would have downloaded, if it is already in the local cache."""
+    import torchvision
+
     try:
         enum = torchvision.models.get_weight(f"{_TORCHVISION[name]}.{weights_name}")
     except (KeyError, ValueError):

@@ -402,6 +402,57 @@ def test_killed_between_shards_leaves_the_old_version(ray_session, tied, monkeyp
     np.testing.assert_array_equal(result.scores, scores)
 
 
+def test_sigkill_of_the_index_command_between_shards(ray_session, tied, tmp_path):
+    """A real ``kill -9`` of ``python -m pipeline.index`` once its first shard is written."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    out = tmp_path / "idx"
+    d1 = write_descriptors(str(tmp_path / "d1"), _ids(0, 600), tied[:600], network=NETWORK)
+    run(IndexConf(descriptors=d1, output=str(out), shards=2))
+    d2 = write_descriptors(str(tmp_path / "d2"), _ids(0, 1200), tied, network=NETWORK)
+    shards = 12
+    # The command joins the session's Ray; one shard at a time (2 CPUs each) keeps it between
+    # shards for long enough to be killed there.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "pipeline.index", "--descriptors", d2, "--output", str(out)]
+    command += ["--shards", str(shards), "--cpus-per-shard", "2"]
+    child = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    receipts = out / "v2" / "_build"
+    deadline = time.monotonic() + 120
+    while not any(receipts.glob("shard-*.json")):
+        assert child.poll() is None, f"pipeline.index ended first: {child.stderr.read()}"
+        assert time.monotonic() < deadline, "no shard written in 120 s"
+        time.sleep(0.005)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    written = len(list(receipts.glob("shard-*.json")))
+    assert 1 <= written < shards  # killed between shards, not after the last
+    assert not (out / "v2" / "manifest.json").exists()
+    assert index_store.latest_version(str(out)) == 1  # readers still see v1, whole
+    queries = tied[:16]
+    old = index_store.search(str(out), queries, 10)
+    assert old.version == 1
+    np.testing.assert_array_equal(old.ids, _exact(tied[:600], queries, 10)[1])
+
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    v2 = index_store.read_manifest(str(out))
+    assert v2["version"] == 2 and v2["build"]["resumed"]
+    assert len(v2["build"]["shards_reused"]) >= 1  # the shards written before the kill
+    assert len(v2["build"]["shards_reused"]) >= written  # each receipt follows its shard file
+    assert sorted(v2["build"]["shards_reused"] + v2["build"]["shards_built"]) == list(range(shards))
+    scores, ids = _exact(tied, queries, 10)
+    result = index_store.search(str(out), queries, 10)
+    np.testing.assert_array_equal(result.ids, ids)
+    np.testing.assert_array_equal(result.scores, scores)
+
+
 def test_other_inputs_discard_an_unfinished_version(ray_session, tied, monkeypatch, tmp_path):
     out = str(tmp_path / "idx")
     d1 = write_descriptors(str(tmp_path / "d1"), _ids(0, 600), tied[:600], network=NETWORK)
