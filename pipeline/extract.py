@@ -36,7 +36,7 @@ from pipeline.cli import run_cli
 from pipeline.descriptors import DESCRIPTOR_MANIFEST
 from pipeline.ingest import read_images, read_images_dataset
 
-__all__ = ["Describer", "ExtractConf", "decode_batch", "run"]
+__all__ = ["Describer", "ExtractConf", "conf_for_network", "decode_batch", "decode_photo", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def decode_batch(
     for image_id, uri, raw, error in rows:
         if error is not None or image_id in skip_ids or (image_id, uri) in skip_rows:
             continue
-        image = BadImage("no photo bytes") if raw is None else _decode(raw, max_size)
+        image = BadImage("no photo bytes") if raw is None else decode_photo(raw, max_size)
         ids.append(image_id)
         if isinstance(image, BadImage):
             pixels.append(np.zeros((1, 1, 3), np.uint8))
@@ -163,7 +163,8 @@ def decode_batch(
     return {"image_id": np.array(ids, dtype=object), "pixels": pixels, "error": reasons}
 
 
-def _decode(raw: bytes, max_size: int) -> np.ndarray | BadImage:
+def decode_photo(raw: bytes, max_size: int) -> np.ndarray | BadImage:
+    """One photo's bytes → upright RGB ``uint8`` at most ``max_size`` a side, or why not."""
     size = read_size(raw, exif_transpose=True)
     if isinstance(size, BadImage):
         return size
@@ -191,16 +192,26 @@ class Describer:
         self.net.to(self.device, memory_format=memory_format).eval()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from model.extraction import describe_batch, size_grouped_batches
-
         ids, pixels = [str(i) for i in batch["image_id"]], list(batch["pixels"])
         # An all-None column may reach us as floats (NaN): only strings are reasons.
         errors = [e if isinstance(e, str) else None for e in batch["error"]]
-        vectors: list[np.ndarray | None] = [None] * len(ids)
         good = [i for i, error in enumerate(errors) if error is None]
-        sizes = [pixels[i].shape[:2] for i in good]
-        for group in size_grouped_batches(sizes, self.options.batch_size_for(self.device)):
-            rows = [good[g] for g in group]
+        vectors: list[np.ndarray | None] = [None] * len(ids)
+        for row, vector in zip(good, self.describe([pixels[i] for i in good]), strict=True):
+            if vector is None:
+                errors[row] = f"{ids[row]}: non-finite descriptor"
+                logger.warning("skipping %s", errors[row])
+            vectors[row] = vector
+        return _descriptor_table(ids, vectors, errors, self.dim)
+
+    def describe(self, pixels: list[np.ndarray]) -> list[np.ndarray | None]:
+        """Descriptors (float32 ``[dim]``, whitened when the network has it) of decoded photos;
+        ``None`` for one whose descriptor is not finite."""
+        from model.extraction import describe_batch, size_grouped_batches
+
+        vectors: list[np.ndarray | None] = [None] * len(pixels)
+        sizes = [image.shape[:2] for image in pixels]
+        for rows in size_grouped_batches(sizes, self.options.batch_size_for(self.device)):
             out = describe_batch(
                 self.net.backbone,
                 {"descriptor": self.net.head},
@@ -217,10 +228,7 @@ class Describer:
             for row, vector in zip(rows, out, strict=True):
                 if np.isfinite(vector).all():
                     vectors[row] = vector.astype(np.float32)
-                else:
-                    errors[row] = f"{ids[row]}: non-finite descriptor"
-                    logger.warning("skipping %s", errors[row])
-        return _descriptor_table(ids, vectors, errors, self.dim)
+        return vectors
 
 
 def _descriptor_table(
@@ -313,6 +321,25 @@ def _load_network(conf: ExtractConf) -> tuple[Any, tuple[np.ndarray, np.ndarray]
         return net.eval(), whitening
     meta = NetworkMeta(backbone=conf.backbone, pooling=conf.pooling, p=conf.p)
     return build_network(meta, conf.weights).eval(), None
+
+
+def conf_for_network(network: dict[str, Any], settings: dict[str, Any]) -> ExtractConf:
+    """The extraction settings that made descriptors, from their manifest's ``network`` and
+    ``settings`` (what the serving embedder needs to describe a query the same way)."""
+    meta = network.get("meta") or {}
+    weights = network.get("checkpoint") or network.get("weights")
+    if not weights:
+        raise ValueError(f"the manifest names no network weights: {network}")
+    return ExtractConf(
+        images="",
+        output="",
+        weights=str(weights),
+        backbone=meta.get("backbone", "efficientnet_lite0"),
+        pooling=meta.get("pooling", "gem"),
+        p=float(meta.get("p", 3.0)),
+        max_size=int(settings.get("max_size", 1024)),
+        scales=tuple(float(s) for s in settings.get("scales", (1.0,))),
+    )
 
 
 def _is_checkpoint(weights: str) -> bool:

@@ -751,6 +751,10 @@ def _check(data: bytes, settings: _Settings) -> _Photo:
     )
 
 
+_ROW_GROUP = 8
+"""Photos per Parquet row group: the search service reads one row group for one thumbnail."""
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     """A part file: the photo bytes stored as they are (already compressed), the rest zstd."""
     small = [n for n in table.column_names if n != "bytes"]
@@ -759,6 +763,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
         table,
         sink,
         compression={n: ("none" if n == "bytes" else "zstd") for n in table.column_names},
+        row_group_size=_ROW_GROUP,
         use_dictionary=small,
         write_statistics=small,
     )

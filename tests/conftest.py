@@ -142,3 +142,38 @@ def ray_session(s3_server: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_run(ray_session, photos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The shared photos through ingest → extract (Lite0 + GeM, 512 px) → index (2 shards),
+    locally, once per session; yields the run folder (images.parquet, descriptors, index)."""
+    from pipeline.extract import ExtractConf
+    from pipeline.extract import run as extract
+    from pipeline.index import IndexConf
+    from pipeline.index import run as index
+    from pipeline.ingest import IngestConf
+    from pipeline.ingest import run as ingest
+
+    run = str(tmp_path_factory.mktemp("real") / "run")
+    ingest(IngestConf(source=str(photos_dir), output=run))
+    extract(ExtractConf(images=f"{run}/images.parquet", output=f"{run}/descriptors", max_size=512))
+    index(IndexConf(descriptors=f"{run}/descriptors", output=f"{run}/index", shards=2))
+    return run
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_session) -> Iterator[str]:
+    """Ray Serve on the session's Ray, its HTTP proxy on a free loopback port; yields the URL.
+
+    Tests deploy their app under ``pipeline.serve.APP_NAME`` and delete it when done; the
+    replicas reserve no CPU, so the Ray Data tests after them still get both cores.
+    """
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()

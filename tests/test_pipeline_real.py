@@ -43,9 +43,8 @@ def _pipeline(source: str, run: str, max_size: int) -> str:
     return index(IndexConf(descriptors=f"{run}/descriptors", output=f"{run}/index", shards=2))
 
 
-def test_real_photos_locally(ray_session, photos_dir: Path, tmp_path: Path) -> None:
-    run = str(tmp_path / "run")
-    _pipeline(str(photos_dir), run, max_size=512)
+def test_real_photos_locally(real_run: str) -> None:
+    run = real_run  # conftest: ingest → extract (512 px) → index --shards 2, as _pipeline does
     manifest = read_manifest(f"{run}/index")
     assert len(manifest["shards"]) == 2 and manifest["count"] == 373
     recall = _scene_recall_at_1(run)

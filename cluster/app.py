@@ -1,0 +1,261 @@
+"""The HTTP face of the search service: a FastAPI app as the Ray Serve ingress.
+
+DESIGN.md pins it: ``GET /health``; ``POST /search`` with a photo's bytes (``Content-Type:
+image/*``, ``?k=10&qe=false``) or JSON ``{"vector": [...], "k": 10, "qe": false}``, answering
+``{"results": [{"image_id", "uri", "score"}, ...]}`` best first; ``GET /images/{image_id}`` a
+thumbnail; ``GET /`` the search page; ``/docs`` the OpenAPI page. ``POST /reload`` switches to
+the newest complete index version (or ``?version=N``) with no failed query.
+
+Every bad request answers 4xx with ``{"detail": "what is wrong"}`` (a sentence, also for
+FastAPI's own validation errors), and nothing a client sends can crash a replica: a body over
+the limit (413), a content type that is neither (415), malformed JSON (400), a vector of the
+wrong length, with NaN or all zeros, ``k`` out of range (422), a photo that does not decode or
+is too small (422), an unknown image id (404).
+"""
+
+
+import json
+import logging
+import math
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
+from ray import serve
+
+from cluster.catalog import ImageCatalog, images_of_manifest
+
+__all__ = ["K_MAX", "MAX_BODY_BYTES", "SearchApp", "api"]
+
+logger = logging.getLogger(__name__)
+
+K_MAX = 1000
+MAX_BODY_BYTES = 20 * 2**20
+
+
+class VectorQuery(BaseModel):
+    """A query by descriptor: L2-normalised here, of the index's dimension."""
+
+    vector: list[float] = Field(min_length=1)
+    k: int = Field(10, ge=1, le=K_MAX)
+    qe: bool = False
+
+
+class Result(BaseModel):
+    image_id: str
+    uri: str | None
+    score: float
+
+
+class SearchAnswer(BaseModel):
+    results: list[Result]
+    version: int
+    k: int
+    qe: bool
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "description": text}
+    for code, text in {
+        400: "malformed body",
+        404: "unknown image id or version",
+        413: "body over the size limit",
+        415: "neither a photo nor JSON",
+        422: "a value out of range, or a photo that cannot be described",
+    }.items()
+}
+
+api = FastAPI(
+    title="cirray search",
+    version="1",
+    description="Search a cirray index by photo or by descriptor.",
+)
+
+
+def _sentence(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for error in errors:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query"))
+        parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": _sentence(exc.errors())})
+
+
+_SEARCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": VectorQuery.model_json_schema()},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@serve.deployment
+@serve.ingress(api)
+class SearchApp:
+    """The ingress: validates requests, embeds photos, asks the router, names the results."""
+
+    def __init__(
+        self,
+        router: Any,
+        embedder: Any,
+        index: str,
+        *,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        from cluster import index_store
+
+        self.router, self.embedder, self.index = router, embedder, index
+        self.max_body_bytes = max_body_bytes
+        self.catalog = ImageCatalog(images_of_manifest(index_store.read_manifest(index)))
+
+    # --- pages --------------------------------------------------------------------------------
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        html = resources.files("cluster").joinpath("search.html").read_text(encoding="utf-8")
+        return HTMLResponse(html)
+
+    @api.get("/health")
+    async def health(self) -> dict[str, Any]:
+        info = await self.router.info.remote()
+        return {"status": "ok", "photos": len(self.catalog), **info}
+
+    @api.get(
+        "/images/{image_id}",
+        responses={200: {"content": {"image/jpeg": {}}}, 404: _ERRORS[404]},
+        response_class=Response,
+    )
+    async def image(self, image_id: str) -> Response:
+        if image_id not in self.catalog:
+            raise HTTPException(404, f"unknown image_id {image_id!r}")
+        try:
+            data = self.catalog.thumbnail(image_id)
+        except (OSError, ValueError) as err:
+            raise HTTPException(404, f"the photo of {image_id} cannot be read: {err}") from err
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+
+    # --- search -------------------------------------------------------------------------------
+
+    @api.post(
+        "/search",
+        response_model=SearchAnswer,
+        responses={code: _ERRORS[code] for code in (400, 413, 415, 422)},
+        openapi_extra=_SEARCH_BODY,
+    )
+    async def search(
+        self,
+        request: Request,
+        k: int = Query(10, ge=1, le=K_MAX, description="results to return"),
+        qe: bool = Query(False, description="α-weighted query expansion"),
+    ) -> dict[str, Any]:
+        body = await self._body(request)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":
+            query = self._vector_query(body)
+            vector, k, qe = await self._checked_vector(query.vector), query.k, query.qe
+        elif kind.startswith("image/"):
+            vector = await self._embedded(body)
+        else:
+            raise HTTPException(
+                415,
+                f"Content-Type {kind or '(none)'} is neither image/* (a photo) nor "
+                "application/json (a descriptor)",
+            )
+        answer = await self.router.search.remote(vector, k, qe)
+        self._catch_up(answer["version"])
+        hits = answer["hits"]
+        uris = self.catalog.uris(np.array([h.image_id for h in hits], dtype=object))
+        return {
+            "results": [
+                {"image_id": h.image_id, "uri": uri, "score": h.score}
+                for h, uri in zip(hits, uris, strict=True)
+            ],
+            "version": answer["version"],
+            "k": k,
+            "qe": qe,
+        }
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise HTTPException(
+                413, f"body of {declared} bytes; the limit is {self.max_body_bytes}"
+            )
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise HTTPException(413, f"body over the limit of {self.max_body_bytes} bytes")
+        if not body:
+            raise HTTPException(400, "empty body: send a photo (image/*) or JSON with a vector")
+        return bytes(body)
+
+    @staticmethod
+    def _vector_query(body: bytes) -> VectorQuery:
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise HTTPException(400, f"the body is not valid JSON: {err}") from err
+        try:
+            return VectorQuery.model_validate(data)
+        except ValidationError as err:
+            raise HTTPException(422, _sentence(err.errors())) from err
+
+    async def _checked_vector(self, values: list[float]) -> np.ndarray:
+        info = await self.router.info.remote()
+        if len(values) != info["dim"]:
+            raise HTTPException(
+                422, f"vector has {len(values)} values; this index has dimension {info['dim']}"
+            )
+        if not all(math.isfinite(v) for v in values):
+            raise HTTPException(422, "vector holds NaN or infinite values")
+        vector = np.asarray(values, dtype=np.float64)
+        norm = float(np.linalg.norm(vector))
+        if not math.isfinite(norm) or norm < 1e-12:
+            raise HTTPException(422, "vector has no direction (its norm is zero)")
+        return (vector / norm).astype(np.float32)
+
+    async def _embedded(self, photo: bytes) -> np.ndarray:
+        vector = await self.embedder.embed.remote(photo)
+        if isinstance(vector, str):
+            raise HTTPException(422, vector)
+        return vector
+
+    def _catch_up(self, version: int) -> None:
+        """After a reload, learn the photos a newer version added."""
+        if version != getattr(self, "_catalog_version", None):
+            from cluster import index_store
+
+            self.catalog.add(images_of_manifest(index_store.read_manifest(self.index, version)))
+            self._catalog_version = version
+
+    # --- operations ---------------------------------------------------------------------------
+
+    @api.post("/reload", responses={404: _ERRORS[404], 422: _ERRORS[422]})
+    async def reload(
+        self, version: int | None = Query(None, ge=1, description="default: the newest")
+    ) -> dict[str, Any]:
+        try:
+            answer = await self.router.reload.remote(version)
+        except FileNotFoundError as err:
+            raise HTTPException(404, str(err)) from err
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from err
+        self._catch_up(answer["version"])
+        return answer

@@ -1,0 +1,195 @@
+"""The serve stage: search over an index on Ray Serve, behind HTTP and a Python client.
+
+    python -m pipeline.serve --index OUT/index [--host 127.0.0.1] [--port 8000]
+
+Serves the newest complete version of ``INDEX`` (a folder or ``s3://`` prefix written by
+``pipeline.index``) as one Serve application of four kinds of deployment:
+
+- ``IndexShard`` (``cluster.router``), one per slot: slot ``i`` of ``--slots`` holds the
+  shards ``number % slots == i`` of each version (default: a slot per shard), with
+  ``--replicas`` replicas each, on CPU FAISS or, with ``--gpus-per-shard``, GPU FAISS;
+- ``SearchRouter``: batches queries (``@serve.batch``), fans them out, merges, αQE, and owns
+  the served version (``POST /reload``);
+- ``Embedder``: photo bytes → a descriptor with the index's own network and settings;
+- ``SearchApp`` (``cluster.app``): the FastAPI ingress, the search page and ``/docs``.
+
+Everything that decides scale is configuration, here or in a Serve config file:
+``serve build pipeline.serve:app_builder -o serve.yaml`` writes one whose ``args`` are these
+flags (``index`` at least), for ``serve deploy serve.yaml``. On a cluster:
+``ray job submit --working-dir . -- python -m pipeline.serve --index s3://... --host 0.0.0.0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+from cluster import index_store
+from model import storage
+from pipeline.cli import run_cli
+
+__all__ = ["APP_NAME", "ServeConf", "app_builder", "build_app", "run"]
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "cirray"
+
+
+@dataclass(frozen=True)
+class ServeConf:
+    """Settings of the search service; every field is a command-line flag."""
+
+    index: str
+    """Index folder or s3:// prefix written by pipeline.index."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    version: int | None = None
+    """Version to serve first (default: the newest complete one)."""
+    slots: int | None = None
+    """Shard deployments (default: one per shard of the version served first)."""
+    replicas: int = 1
+    """Replicas of each shard deployment."""
+    cpus_per_shard: float = 0.0
+    """CPUs each shard replica reserves (set it on a cluster so the autoscaler adds nodes)."""
+    gpus_per_shard: float = 0.0
+    """GPUs each shard replica reserves; with faiss-gpu the shard is searched on the GPU."""
+    threads_per_shard: int | None = None
+    """FAISS threads of a shard replica (default: every core of its machine)."""
+    embedder_replicas: int = 1
+    cpus_per_embedder: float = 0.0
+    gpus_per_embedder: float = 0.0
+    ingress_replicas: int = 1
+    max_ongoing_requests: int = 64
+    """Requests a replica works on at once (Serve's admission limit)."""
+    max_batch_size: int = 32
+    """Queries the router sends to the shards together (@serve.batch)."""
+    batch_wait_s: float = 0.005
+    """How long the router waits to fill a batch."""
+    embed_batch_size: int = 8
+    qe_k: int = 10
+    """Neighbours αQE adds to a query."""
+    qe_alpha: float = 3.0
+    max_body_mb: float = 20.0
+    detach: bool = False
+    """Return once the app is up instead of serving until interrupted."""
+
+
+def _check(conf: ServeConf) -> dict[str, Any]:
+    """Every problem with the settings and the index at once; returns the manifest served."""
+    problems = []
+    for name in ("replicas", "embedder_replicas", "ingress_replicas", "max_ongoing_requests"):
+        if getattr(conf, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if conf.slots is not None and conf.slots < 1:
+        problems.append("--slots must be at least 1")
+    if not 1 <= conf.max_batch_size <= 4096:
+        problems.append("--max-batch-size must be in 1..4096")
+    if conf.qe_k < 1 or conf.qe_alpha < 0:
+        problems.append("--qe-k must be at least 1 and --qe-alpha at least 0")
+    if not 0 < conf.port < 65536:
+        problems.append(f"--port {conf.port} is not a port")
+    bucket = storage.bucket_problem(conf.index)
+    if bucket:
+        problems.append(f"--index: {bucket}")
+    manifest: dict[str, Any] = {}
+    if not bucket:
+        try:
+            manifest = index_store.read_manifest(conf.index, conf.version)
+        except (FileNotFoundError, ValueError) as err:
+            problems.append(f"--index: {err}")
+    if manifest and not manifest.get("network"):
+        problems.append(f"--index: {conf.index} names no network, so photos cannot be described")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return manifest
+
+
+def build_app(conf: ServeConf) -> Any:
+    """The bound Serve application (``serve.run`` it, or let ``serve build`` write it out)."""
+    from cluster.app import SearchApp
+    from cluster.embedder import Embedder
+    from cluster.router import IndexShard, SearchRouter
+
+    manifest = _check(conf)
+    version = int(manifest["version"])
+    slots = conf.slots or max(1, len(manifest["shards"]))
+    shard_handles = [
+        IndexShard.options(
+            name=f"IndexShard{slot}",
+            num_replicas=conf.replicas,
+            max_ongoing_requests=conf.max_ongoing_requests,
+            ray_actor_options={"num_cpus": conf.cpus_per_shard, "num_gpus": conf.gpus_per_shard},
+        ).bind(
+            conf.index,
+            slot,
+            slots,
+            version,
+            gpu=conf.gpus_per_shard > 0,
+            threads=conf.threads_per_shard,
+        )
+        for slot in range(slots)
+    ]
+    router = SearchRouter.options(
+        max_ongoing_requests=max(conf.max_ongoing_requests, 2 * conf.max_batch_size),
+        ray_actor_options={"num_cpus": 0},
+    ).bind(
+        conf.index,
+        shard_handles,
+        version,
+        qe_k=conf.qe_k,
+        qe_alpha=conf.qe_alpha,
+        max_batch_size=conf.max_batch_size,
+        batch_wait_s=conf.batch_wait_s,
+    )
+    embedder = Embedder.options(
+        num_replicas=conf.embedder_replicas,
+        max_ongoing_requests=conf.max_ongoing_requests,
+        ray_actor_options={
+            "num_cpus": conf.cpus_per_embedder,
+            "num_gpus": conf.gpus_per_embedder,
+        },
+    ).bind(manifest["network"], manifest.get("settings", {}), max_batch_size=conf.embed_batch_size)
+    return SearchApp.options(
+        num_replicas=conf.ingress_replicas,
+        max_ongoing_requests=conf.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(router, embedder, conf.index, max_body_bytes=int(conf.max_body_mb * 2**20))
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """For ``serve build pipeline.serve:app_builder`` and Serve config files: ``args`` are
+    :class:`ServeConf`'s fields (``index`` required)."""
+    known = {f.name for f in fields(ServeConf)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown serve args {unknown}; known: {sorted(known)}")
+    if "index" not in args:
+        raise ValueError("serve args need 'index': the index folder or s3:// prefix")
+    return build_app(ServeConf(**args))
+
+
+def run(conf: ServeConf) -> str:
+    """Start (or update) the app; returns its URL. Blocks until interrupted unless detached."""
+    import ray
+    from ray import serve
+
+    app = build_app(conf)
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": conf.host, "port": conf.port})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    url = f"http://{conf.host}:{conf.port}"
+    logger.info("serving %s at %s (search page at /, API at /docs)", conf.index, url)
+    if not conf.detach:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.delete(APP_NAME)
+    return url
+
+
+if __name__ == "__main__":
+    run_cli(run, ServeConf)

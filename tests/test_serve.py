@@ -1,0 +1,361 @@
+"""The search service on the session's Ray Serve: sharded search equals one index, αQE, bad
+requests, a killed replica, a reload under load. Vectors here are synthetic (24-d, with exact
+copies so that ties are real); ``test_serve_real.py`` queries it with real photos."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import requests
+
+from cluster import index_store
+from cluster.client import SearchClient, SearchError
+from cluster.router import merge_slots
+from cluster.shards import ShardSet, slot_shards
+from model.retrieval import alpha_qe
+from pipeline.descriptors import write_descriptors
+from pipeline.index import IndexConf
+from pipeline.index import run as build_index
+from pipeline.serve import APP_NAME, ServeConf, build_app
+
+# The ImageNet Lite0 the embedder builds; these vectors never came from it, so only vector
+# queries make sense here (photo queries are in test_serve_real.py).
+NETWORK = {
+    "weights": "imagenet",
+    "meta": {"backbone": "efficientnet_lite0", "pooling": "gem", "p": 3.0},
+}
+DIM, FIRST, ADDED = 24, 1000, 200
+
+
+def _ids(start: int, stop: int) -> list[str]:
+    return [f"img-{i:06d}" for i in range(start, stop)]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def vectors() -> np.ndarray:
+    """1,200 unit vectors; among the first 1,000 a quarter are exact copies of others; the last
+    200 (added as v2) lie close to the first 200, so v2 answers differ from v1's."""
+    rng = np.random.default_rng(11)
+    x = _unit(rng.standard_normal((FIRST, DIM)))
+    copies = rng.choice(FIRST, 500, replace=False)
+    x[copies[:250]] = x[copies[250:]]
+    near = _unit(x[:ADDED] + 0.05 * rng.standard_normal((ADDED, DIM)))
+    return np.concatenate([x, near])
+
+
+def _exact(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One unsharded IndexFlatIP, every vector ranked, canonical order (score ↓, id ↑), cut."""
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    scores, ids = flat.search(q, len(x))
+    order = np.lexsort((ids, -scores), axis=-1)
+    return np.take_along_axis(scores, order, 1)[:, :k], np.take_along_axis(ids, order, 1)[:, :k]
+
+
+def _index(tmp: Path, x: np.ndarray, shards: int) -> str:
+    desc = write_descriptors(str(tmp / "d"), _ids(0, len(x)), x, network=NETWORK)
+    return build_index(IndexConf(descriptors=desc, output=str(tmp / "idx"), shards=shards))
+
+
+# --- Shard slots merged, without Serve --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shards", "slots"), [(1, 1), (2, 2), (4, 4), (4, 2), (4, 3)])
+def test_slots_merge_to_one_unsharded_index(ray_session, vectors, tmp_path, shards, slots):
+    x = vectors[:FIRST]
+    _index(tmp_path, x, shards)
+    root = str(tmp_path / "idx")
+    assert len(index_store.read_manifest(root)["shards"]) == shards
+    sets = [ShardSet(root, slot, slots) for slot in range(slots)]
+    queries = x[::70][:15]  # database rows with copies among them: ties at the top
+    for k in (1, 10, 37):
+        hits = merge_slots([s.search(queries, k, 1) for s in sets], k)
+        scores, ids = _exact(x, queries, k)
+        assert [[h.id for h in row] for row in hits] == ids.tolist()
+        assert [[h.image_id for h in row] for row in hits] == [
+            [f"img-{i:06d}" for i in row] for row in ids
+        ]
+        np.testing.assert_array_equal([[h.score for h in row] for row in hits], scores)
+
+
+def test_slot_assignment_and_padding_dropped(ray_session, vectors, tmp_path):
+    assert slot_shards(5, 1, 2) == [1, 3] and slot_shards(3, 3, 4) == []
+    _index(tmp_path, vectors[:30], 4)
+    root = str(tmp_path / "idx")
+    sets = [ShardSet(root, slot, 6) for slot in range(6)]  # two slots hold nothing
+    hits = merge_slots([s.search(vectors[:3], 50, 1) for s in sets], 50)
+    assert [len(row) for row in hits] == [30, 30, 30]  # 30 vectors: no -1 / -inf padding
+
+
+def test_a_newer_version_shares_loaded_shards(ray_session, vectors, tmp_path):
+    desc = write_descriptors(str(tmp_path / "d1"), _ids(0, FIRST), vectors[:FIRST], network=NETWORK)
+    root = str(tmp_path / "idx")
+    build_index(IndexConf(descriptors=desc, output=root, shards=2))
+    every = write_descriptors(str(tmp_path / "d2"), _ids(0, len(vectors)), vectors, network=NETWORK)
+    build_index(IndexConf(descriptors=every, output=root, shards=1))
+    shards = ShardSet(root)
+    shards.load(1)
+    first = dict(shards._files)
+    shards.load(2)
+    assert shards.versions == [1, 2] and len(shards._files) == 3  # v1's two + v2's new one
+    assert all(shards._files[name] is loaded for name, loaded in first.items())
+    q = vectors[FIRST : FIRST + 5]
+    for version, x in ((1, vectors[:FIRST]), (2, vectors)):
+        hits = merge_slots([shards.search(q, 5, version)], 5)
+        assert [[h.id for h in row] for row in hits] == _exact(x, q, 5)[1].tolist()
+
+
+# --- The service ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def service(serve_url, vectors, tmp_path_factory):
+    """v1 (the first 1,000 vectors, 4 shards) served on 4 slots; yields (client, index)."""
+    from ray import serve
+
+    tmp = tmp_path_factory.mktemp("serve")
+    desc = write_descriptors(str(tmp / "d1"), _ids(0, FIRST), vectors[:FIRST], network=NETWORK)
+    root = str(tmp / "idx")
+    build_index(IndexConf(descriptors=desc, output=root, shards=4))
+    serve.run(build_app(ServeConf(index=root, qe_k=5)), name=APP_NAME, route_prefix="/")
+    client = SearchClient(serve_url, retries=8)
+    assert client.health()["version"] == 1
+    try:
+        yield client, root, tmp
+    finally:
+        serve.delete(APP_NAME)
+
+
+def test_health_describes_the_index(service):
+    client, _, _ = service
+    health = client.health()
+    assert health["status"] == "ok"
+    assert (health["dim"], health["count"], health["shards"], health["slots"]) == (DIM, FIRST, 4, 4)
+
+
+def test_http_and_handle_equal_one_unsharded_index(service, vectors):
+    from ray import serve
+
+    client, _, _ = service
+    x = vectors[:FIRST]
+    queries = x[::70][:15]
+    scores, ids = _exact(x, queries, 10)
+    for j, q in enumerate(queries):
+        answer = client.search_vector(q, k=10)
+        assert answer.image_ids == [f"img-{i:06d}" for i in ids[j]]
+        np.testing.assert_allclose([r.score for r in answer.results], scores[j], rtol=0, atol=2e-7)
+    router = serve.get_deployment_handle("SearchRouter", app_name=APP_NAME)
+    bulk = router.search_many.remote(queries, 10).result()
+    assert [[h.id for h in row] for row in bulk["hits"]] == ids.tolist()
+    np.testing.assert_array_equal([[h.score for h in row] for row in bulk["hits"]], scores)
+
+
+def test_alpha_qe_through_the_service_equals_alpha_qe_on_the_matrix(service, vectors):
+    from ray import serve
+
+    client, _, _ = service
+    x = vectors[:FIRST]
+    rng = np.random.default_rng(5)
+    queries = _unit(rng.standard_normal((12, DIM)))  # not database rows
+    expanded = alpha_qe(queries, x, 5, 3.0)
+    scores, ids = _exact(x, expanded, 10)
+    router = serve.get_deployment_handle("SearchRouter", app_name=APP_NAME)
+    bulk = router.search_many.remote(queries, 10, qe=True).result()
+    assert [[h.id for h in row] for row in bulk["hits"]] == ids.tolist()
+    np.testing.assert_allclose([[h.score for h in r] for r in bulk["hits"]], scores, atol=1e-6)
+    over_http = client.search_vector(queries[0], k=10, qe=True)
+    assert over_http.image_ids == [f"img-{i:06d}" for i in ids[0]]
+    plain = client.search_vector(queries[0], k=10)
+    assert plain.image_ids != over_http.image_ids or plain.results != over_http.results
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "says"),
+    [
+        ({"data": b"no photo", "headers": {"Content-Type": "image/jpeg"}}, 422, "not a usable"),
+        ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "JSON"),
+        ({"json": {"vector": [0.1] * (DIM - 1)}}, 422, f"dimension {DIM}"),
+        ({"json": {"vector": [0.0] * DIM}}, 422, "norm is zero"),
+        ({"json": {"vector": [1.0] * DIM, "k": 0}}, 422, "k"),
+        ({"json": {"vector": [1.0] * DIM, "k": 1001}}, 422, "k"),
+        ({"json": {"vector": "a"}}, 422, "vector"),
+        ({"json": {"k": 3}}, 422, "vector"),
+        ({"data": b"x", "headers": {"Content-Type": "text/plain"}}, 415, "neither"),
+        ({"data": b"", "headers": {"Content-Type": "image/png"}}, 400, "empty body"),
+    ],
+)
+def test_bad_requests_get_4xx_and_a_reason(service, serve_url, kwargs, status, says):
+    answer = requests.post(f"{serve_url}/search", timeout=60, **kwargs)
+    assert answer.status_code == status, answer.text
+    detail = answer.json()["detail"]
+    assert isinstance(detail, str) and says in detail
+    assert service[0].health()["status"] == "ok"
+
+
+def test_nan_over_the_limit_k_and_unknown_ids(service, serve_url):
+    nan = b'{"vector": [NaN' + b", 0.5" * (DIM - 1) + b"]}"
+    answer = requests.post(
+        f"{serve_url}/search", data=nan, headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert answer.status_code == 422 and "NaN" in answer.json()["detail"]
+    answer = requests.post(f"{serve_url}/search?k=5000", data=b"x", timeout=60,
+                           headers={"Content-Type": "image/jpeg"})  # fmt: skip
+    assert answer.status_code == 422 and "k" in answer.json()["detail"]
+    big = b"\xff" * (20 * 2**20 + 1)
+    answer = requests.post(f"{serve_url}/search", data=big, timeout=60,
+                           headers={"Content-Type": "image/jpeg"})  # fmt: skip
+    assert answer.status_code == 413 and "limit" in answer.json()["detail"]
+    answer = requests.get(f"{serve_url}/images/no-such-photo", timeout=60)
+    assert answer.status_code == 404 and "no-such-photo" in answer.json()["detail"]
+    with pytest.raises(SearchError, match="404"):
+        service[0].reload(version=9)
+    assert service[0].health()["version"] == 1
+
+
+def _fuzz(op, mode, base_url: str, calls: dict[str, int], failures: list[str]) -> None:
+    """Up to 20 generated requests to one operation; 5xx answers land in ``failures``."""
+    from hypothesis import HealthCheck, given, settings
+
+    label = f"{op.method.upper()} {op.path} {mode.value}"
+
+    @settings(max_examples=20, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(case=op.as_strategy(generation_mode=mode))
+    def check(case) -> None:
+        response = case.call(base_url=base_url, timeout=60)
+        kind = f"{label} {case.media_type}" if case.media_type else label
+        calls[kind] = calls.get(kind, 0) + 1
+        if response.status_code >= 500:
+            failures.append(f"{label}: {response.status_code} {response.text[:200]}")
+
+    check()
+
+
+def test_schemathesis_finds_no_server_error(service, serve_url):
+    import schemathesis
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{serve_url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/search", "/health", "/images/{image_id}"}
+    failures: list[str] = []
+    calls: dict[str, int] = {}
+    for op in operations:
+        if op.path == "/reload":  # switching versions is exercised below, not fuzzed
+            continue
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            try:
+                _fuzz(op, mode, serve_url, calls, failures)
+            except Unsatisfiable:  # nothing to make invalid (GET /health has no parameters)
+                assert mode is GenerationMode.NEGATIVE, op.path
+    assert not failures, failures
+    searched = {kind.split()[-1] for kind in calls if kind.startswith("POST /search")}
+    assert searched >= {"application/json", "image/jpeg", "image/png"}, calls
+    print(f"\nschemathesis: {sum(calls.values())} requests, none answered 5xx: {calls}")
+    assert service[0].health()["status"] == "ok"
+
+
+def test_a_killed_shard_replica_is_replaced_and_no_query_fails(service, vectors):
+    from ray import serve
+
+    client, _, _ = service
+    shard = serve.get_deployment_handle("IndexShard1", app_name=APP_NAME)
+    pid = shard.pid.remote().result()
+    queries = vectors[:FIRST][::50]
+    expected = _exact(vectors[:FIRST], queries, 5)[1]
+    answers, errors, stop = [], [], threading.Event()
+
+    def send() -> None:
+        i = 0
+        while not stop.is_set():
+            j = i % len(queries)
+            try:
+                answer = client.search_vector(queries[j], k=5)
+                answers.append((j, answer))
+            except SearchError as err:
+                errors.append(str(err))
+            i += 1
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)  # the replica the handle named, nothing else
+        deadline = time.monotonic() + 90
+        new_pid = pid
+        while new_pid == pid:
+            assert time.monotonic() < deadline, "no replacement replica in 90 s"
+            time.sleep(0.5)
+            try:
+                new_pid = shard.pid.remote().result(timeout_s=10)
+            except Exception:  # the dead replica may still be asked once
+                continue
+        after = len(answers)
+        while len(answers) < after + 10:
+            assert time.monotonic() < deadline, "queries stopped after the replacement"
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        sender.join(timeout=120)
+    assert not errors, errors[:3]
+    assert all(a.image_ids == [f"img-{i:06d}" for i in expected[j]] for j, a in answers)
+    print(f"\nkilled replica {pid}, replaced by {new_pid}: {len(answers)} queries answered, "
+          f"{client.retried} client retries, 0 failed")  # fmt: skip
+
+
+def test_reload_under_load_answers_wholly_from_one_version(service, vectors):
+    client, root, tmp = service
+    every = write_descriptors(str(tmp / "d2"), _ids(0, len(vectors)), vectors, network=NETWORK)
+    queries = vectors[:ADDED:10]  # each has a new v2 vector right beside it
+    k = 5
+    want = {1: index_store.search(root, queries, k, version=1).image_ids.tolist()}
+    assert build_index(IndexConf(descriptors=every, output=root, shards=2)).endswith("v2")
+    want[2] = index_store.search(root, queries, k, version=2).image_ids.tolist()
+    assert all(a != b for a, b in zip(want[1], want[2], strict=True))
+    assert client.health()["version"] == 1  # publishing alone changes nothing served
+
+    answers, errors, stop = [], [], threading.Event()
+
+    def send() -> None:
+        i = 0
+        while not stop.is_set():
+            j = i % len(queries)
+            try:
+                answers.append((j, client.search_vector(queries[j], k=k)))
+            except SearchError as err:
+                errors.append(str(err))
+            i += 1
+
+    senders = [threading.Thread(target=send) for _ in range(3)]
+    for sender in senders:
+        sender.start()
+    try:
+        time.sleep(1.0)
+        switched = client.reload()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(timeout=120)
+    assert switched == {"version": 2, "previous": 1}
+    assert not errors, errors[:3]
+    versions = [a.version for _, a in answers]
+    assert set(versions) == {1, 2}, "the load should straddle the switch"
+    for j, answer in answers:
+        assert answer.image_ids == want[answer.version][j]  # wholly that version's answer
+    first_v2 = versions.index(2)
+    print(f"\nreload under load: {len(answers)} answers, {versions.count(1)} from v1 then "
+          f"{versions.count(2)} from v2, 0 failed")  # fmt: skip
+    assert client.health()["version"] == 2 and first_v2 > 0
