@@ -13,7 +13,6 @@ wrong length, with NaN or all zeros, ``k`` out of range (422), a photo that does
 is too small (422), an unknown image id (404).
 """
 
-
 import json
 import logging
 import math
