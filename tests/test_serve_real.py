@@ -1,0 +1,114 @@
+"""The search service over the shared real photos, indexed by ingest → extract → index.
+
+Every photo is sent as a query over HTTP (its bytes, as a user would); the first result other
+than itself must be of its own scene for at least 0.95 of them. The search page is driven in
+headless Chromium as a person would: choose a photo, press Search, read the results.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cluster.client import SearchClient
+from pipeline.ingest import read_images
+from pipeline.serve import APP_NAME, ServeConf, build_app
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_service(serve_url: str, real_run: str):
+    from ray import serve
+
+    serve.run(
+        build_app(ServeConf(index=f"{real_run}/index", embedder_replicas=1)),
+        name=APP_NAME,
+        route_prefix="/",
+    )
+    try:
+        yield SearchClient(serve_url, retries=8), real_run
+    finally:
+        serve.delete(APP_NAME)
+
+
+def test_every_photo_as_an_http_query_finds_its_scene(real_service) -> None:
+    client, run = real_service
+    rows = read_images(f"{run}/images.parquet", ["image_id", "uri", "scene"], ok_only=True)
+    photos = list(zip(*(rows[c].to_pylist() for c in ("image_id", "uri", "scene")), strict=True))
+    scene = {image_id: s for image_id, _, s in photos}
+
+    def query(photo: tuple[str, str, str]):
+        return photo, client.search(photo[1], k=3)
+
+    with ThreadPoolExecutor(4) as pool:  # concurrent requests: the embedder batches them
+        answers = list(pool.map(query, photos))
+    hits, itself_first, self_scores = [], [], []
+    for (image_id, _, own_scene), answer in answers:
+        first_other = next(r for r in answer.results if r.image_id != image_id)
+        hits.append(scene[first_other.image_id] == own_scene)
+        itself_first.append(answer.results[0].image_id == image_id)
+        self_scores += [r.score for r in answer.results if r.image_id == image_id]
+    recall = float(np.mean(hits))
+    print(
+        f"\nreal photos over HTTP: scene recall@1 {recall:.4f} over {len(photos)} photo queries; "
+        f"the photo itself first for {np.mean(itself_first):.4f} (score {min(self_scores):.4f}+)"
+    )
+    assert len(photos) == 373
+    assert recall >= 0.95
+    # The embedder describes a photo exactly as the extract stage did: it finds itself.
+    assert np.mean(itself_first) >= 0.99 and min(self_scores) > 0.999
+    assert all(r.uri and Path(r.uri).is_file() for _, a in answers[:5] for r in a.results)
+
+
+def test_thumbnails_are_small_upright_jpegs(real_service) -> None:
+    client, run = real_service
+    rows = read_images(f"{run}/images.parquet", ["image_id", "width", "height"], ok_only=True)
+    image_id, width, height = (rows[c][0].as_py() for c in ("image_id", "width", "height"))
+    with Image.open(io.BytesIO(client.image(image_id))) as thumb:
+        assert thumb.format == "JPEG" and max(thumb.size) <= 256
+        assert (thumb.width >= thumb.height) == (width >= height)  # same orientation
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="Debian chromium not installed; .ci/run installs it"
+)
+def test_the_search_page_in_headless_chromium(real_service, serve_url, photos_dir, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    client, _ = real_service
+    query = sorted((photos_dir / "NLE_tower").glob("*.jpg"))[0]
+    shot = Path(os.environ.get("CIRRAY_SCREENSHOT", tmp_path / "search_page.png"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=shutil.which("chromium"), args=["--no-sandbox", "--disable-gpu"]
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(serve_url + "/")
+        page.wait_for_function("document.getElementById('info').textContent.includes('index v')")
+        page.set_input_files("#photo", str(query))
+        page.click("#submit")
+        page.wait_for_selector("#results .result img", timeout=60_000)
+        loaded = "[...document.querySelectorAll('#results img')].every(i => i.naturalWidth)"
+        page.wait_for_function(loaded)
+        cards = page.query_selector_all("#results .result")
+        scores = [float(c.query_selector(".score").inner_text()) for c in cards]
+        names = [c.query_selector(".id").inner_text() for c in cards]
+        status = page.inner_text("#status")
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert len(cards) == 12 and "12 results from index v1" in status
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0.999
+    assert Path(names[0]).name == query.name  # the photo itself comes first
+    same_scene = sum(Path(n).parent.name == "NLE_tower" for n in names[1:6])
+    assert same_scene >= 4, names
+    expected = client.search(query, k=12)
+    assert scores == pytest.approx([r.score for r in expected.results], abs=1e-4)
+    assert shot.stat().st_size > 50_000
