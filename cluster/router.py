@@ -13,7 +13,8 @@ Reload. The router alone decides which version is served. ``reload`` first has e
 the new version beside the old one, then switches; a batch reads the version once and sends
 it with every call, so each answer comes wholly from one version, and no query waits for or
 fails on the switch. A slot replica that restarts (or missed the warm-up) loads a version the
-first time it is asked for it.
+first time it is asked for it. With ``watch_s`` the router also looks for a newer complete
+version every ``watch_s`` seconds and reloads by itself.
 
 A call to a slot whose replica died is retried until ``retry_s`` has passed: Serve starts a
 new replica, which loads its shards; the query is answered late rather than failed.
@@ -121,6 +122,7 @@ class SearchRouter:
         max_batch_size: int = 32,
         batch_wait_s: float = 0.005,
         retry_s: float = 60.0,
+        watch_s: float = 0.0,
     ) -> None:
         self.index, self.slots = index, slots
         self.manifest = index_store.read_manifest(index, version)
@@ -128,6 +130,20 @@ class SearchRouter:
         self._search_batch.set_max_batch_size(max_batch_size)
         self._search_batch.set_batch_wait_timeout_s(batch_wait_s)
         self._reload_lock = asyncio.Lock()
+        self._watcher = (
+            asyncio.get_event_loop().create_task(self._watch(watch_s)) if watch_s else None
+        )
+
+    async def _watch(self, every_s: float) -> None:
+        """Serve each new complete version within ``every_s`` seconds of its publication."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                latest = await asyncio.to_thread(index_store.latest_version, self.index)
+                if latest is not None and latest > self.version:
+                    await self.reload(latest)
+            except Exception as err:  # a storage hiccup: keep serving, try again later
+                logger.warning("watching %s for new versions: %s", self.index, err)
 
     @property
     def version(self) -> int:

@@ -14,8 +14,11 @@ Serves the newest complete version of ``INDEX`` (a folder or ``s3://`` prefix wr
 - ``SearchApp`` (``cluster.app``): the FastAPI ingress, the search page and ``/docs``.
 
 Everything that decides scale is configuration, here or in a Serve config file:
-``serve build pipeline.serve:app_builder -o serve.yaml`` writes one whose ``args`` are these
-flags (``index`` at least), for ``serve deploy serve.yaml``. On a cluster:
+``--write-config serve.yaml`` writes one (the builder ``pipeline.serve:app_builder``, these
+flags as its ``args``, every deployment's replicas, admission limit and resources spelled out)
+for ``serve deploy serve.yaml`` or ``serve run serve.yaml``. (``serve build`` wants an
+application that exists at import time; ours needs its index first, so it builds the file
+itself.) On a cluster:
 ``ray job submit --working-dir . -- python -m pipeline.serve --index s3://... --host 0.0.0.0``.
 """
 
@@ -72,8 +75,13 @@ class ServeConf:
     """Neighbours αQE adds to a query."""
     qe_alpha: float = 3.0
     max_body_mb: float = 20.0
+    watch_s: float = 0.0
+    """Look for a newer complete index version every this many seconds and serve it
+    (0: only when told, by POST /reload)."""
     detach: bool = False
     """Return once the app is up instead of serving until interrupted."""
+    write_config: str | None = None
+    """Write a Serve config file of these settings here (for serve deploy) and stop."""
 
 
 def _check(conf: ServeConf) -> dict[str, Any]:
@@ -88,6 +96,8 @@ def _check(conf: ServeConf) -> dict[str, Any]:
         problems.append("--max-batch-size must be in 1..4096")
     if conf.qe_k < 1 or conf.qe_alpha < 0:
         problems.append("--qe-k must be at least 1 and --qe-alpha at least 0")
+    if conf.watch_s < 0:
+        problems.append("--watch-s must be 0 (off) or a positive number of seconds")
     if not 0 < conf.port < 65536:
         problems.append(f"--port {conf.port} is not a port")
     bucket = storage.bucket_problem(conf.index)
@@ -106,22 +116,52 @@ def _check(conf: ServeConf) -> dict[str, Any]:
     return manifest
 
 
+def deployment_options(conf: ServeConf, slots: int) -> dict[str, dict[str, Any]]:
+    """Serve options of every deployment, by name: what ``build_app`` binds and what a config
+    file written by ``--write-config`` lists (where they can be changed without code)."""
+    shard = {
+        "num_replicas": conf.replicas,
+        "max_ongoing_requests": conf.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": conf.cpus_per_shard, "num_gpus": conf.gpus_per_shard},
+    }
+    options = {f"IndexShard{slot}": dict(shard) for slot in range(slots)}
+    options["SearchRouter"] = {
+        "num_replicas": 1,  # the one owner of the served version
+        "max_ongoing_requests": max(conf.max_ongoing_requests, 2 * conf.max_batch_size),
+        "ray_actor_options": {"num_cpus": 0},
+    }
+    options["Embedder"] = {
+        "num_replicas": conf.embedder_replicas,
+        "max_ongoing_requests": conf.max_ongoing_requests,
+        "ray_actor_options": {
+            "num_cpus": conf.cpus_per_embedder,
+            "num_gpus": conf.gpus_per_embedder,
+        },
+    }
+    options["SearchApp"] = {
+        "num_replicas": conf.ingress_replicas,
+        "max_ongoing_requests": conf.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": 0},
+    }
+    return options
+
+
+def _slots(conf: ServeConf, manifest: dict[str, Any]) -> int:
+    return conf.slots or max(1, len(manifest["shards"]))
+
+
 def build_app(conf: ServeConf) -> Any:
-    """The bound Serve application (``serve.run`` it, or let ``serve build`` write it out)."""
+    """The bound Serve application, for ``serve.run``."""
     from cluster.app import SearchApp
-    from cluster.embedder import Embedder
     from cluster.router import IndexShard, SearchRouter
+    from pipeline.embedder import Embedder
 
     manifest = _check(conf)
     version = int(manifest["version"])
-    slots = conf.slots or max(1, len(manifest["shards"]))
+    slots = _slots(conf, manifest)
+    options = deployment_options(conf, slots)
     shard_handles = [
-        IndexShard.options(
-            name=f"IndexShard{slot}",
-            num_replicas=conf.replicas,
-            max_ongoing_requests=conf.max_ongoing_requests,
-            ray_actor_options={"num_cpus": conf.cpus_per_shard, "num_gpus": conf.gpus_per_shard},
-        ).bind(
+        IndexShard.options(name=f"IndexShard{slot}", **options[f"IndexShard{slot}"]).bind(
             conf.index,
             slot,
             slots,
@@ -131,10 +171,7 @@ def build_app(conf: ServeConf) -> Any:
         )
         for slot in range(slots)
     ]
-    router = SearchRouter.options(
-        max_ongoing_requests=max(conf.max_ongoing_requests, 2 * conf.max_batch_size),
-        ray_actor_options={"num_cpus": 0},
-    ).bind(
+    router = SearchRouter.options(**options["SearchRouter"]).bind(
         conf.index,
         shard_handles,
         version,
@@ -142,25 +179,49 @@ def build_app(conf: ServeConf) -> Any:
         qe_alpha=conf.qe_alpha,
         max_batch_size=conf.max_batch_size,
         batch_wait_s=conf.batch_wait_s,
+        watch_s=conf.watch_s,
     )
-    embedder = Embedder.options(
-        num_replicas=conf.embedder_replicas,
-        max_ongoing_requests=conf.max_ongoing_requests,
-        ray_actor_options={
-            "num_cpus": conf.cpus_per_embedder,
-            "num_gpus": conf.gpus_per_embedder,
-        },
-    ).bind(manifest["network"], manifest.get("settings", {}), max_batch_size=conf.embed_batch_size)
-    return SearchApp.options(
-        num_replicas=conf.ingress_replicas,
-        max_ongoing_requests=conf.max_ongoing_requests,
-        ray_actor_options={"num_cpus": 0},
-    ).bind(router, embedder, conf.index, max_body_bytes=int(conf.max_body_mb * 2**20))
+    embedder = Embedder.options(**options["Embedder"]).bind(
+        manifest["network"], manifest.get("settings", {}), max_batch_size=conf.embed_batch_size
+    )
+    return SearchApp.options(**options["SearchApp"]).bind(
+        router, embedder, conf.index, max_body_bytes=int(conf.max_body_mb * 2**20)
+    )
+
+
+def serve_config(conf: ServeConf) -> dict[str, Any]:
+    """A Serve config file's contents (``serve deploy`` / ``serve run`` it): the builder
+    ``pipeline.serve:app_builder`` with these settings as ``args``, and every deployment's
+    options spelled out for editing."""
+    manifest = _check(conf)
+    defaults = ServeConf(index=conf.index)
+    args = {
+        f.name: getattr(conf, f.name)
+        for f in fields(ServeConf)
+        if f.name in ("index",) or getattr(conf, f.name) != getattr(defaults, f.name)
+    }
+    args = {k: v for k, v in args.items() if k not in ("host", "port", "detach", "write_config")}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": conf.host, "port": conf.port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "pipeline.serve:app_builder",
+                "args": args,
+                "deployments": [
+                    {"name": name, **options}
+                    for name, options in deployment_options(conf, _slots(conf, manifest)).items()
+                ],
+            }
+        ],
+    }
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """For ``serve build pipeline.serve:app_builder`` and Serve config files: ``args`` are
-    :class:`ServeConf`'s fields (``index`` required)."""
+    """The application builder of Serve config files (``import_path:
+    pipeline.serve:app_builder``): ``args`` are :class:`ServeConf`'s fields, ``index`` required."""
     known = {f.name for f in fields(ServeConf)}
     unknown = sorted(set(args) - known)
     if unknown:
@@ -175,6 +236,13 @@ def run(conf: ServeConf) -> str:
     import ray
     from ray import serve
 
+    if conf.write_config:
+        import yaml
+
+        text = yaml.safe_dump(serve_config(conf), sort_keys=False)
+        storage.write_text(conf.write_config, text)
+        logger.info("wrote %s: serve deploy %s", conf.write_config, conf.write_config)
+        return conf.write_config
     app = build_app(conf)
     if not ray.is_initialized():
         ray.init()

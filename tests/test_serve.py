@@ -359,3 +359,52 @@ def test_reload_under_load_answers_wholly_from_one_version(service, vectors):
     print(f"\nreload under load: {len(answers)} answers, {versions.count(1)} from v1 then "
           f"{versions.count(2)} from v2, 0 failed")  # fmt: skip
     assert client.health()["version"] == 2 and first_v2 > 0
+
+
+# --- Configuration ----------------------------------------------------------------------------
+
+
+def test_a_serve_config_file_holds_every_setting(ray_session, vectors, tmp_path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipeline.serve import app_builder
+    from pipeline.serve import run as serve_run
+
+    root = _index(tmp_path, vectors[:FIRST], 4)
+    path = tmp_path / "serve.yaml"
+    conf = ServeConf(index=root.rsplit("/", 1)[0], slots=2, replicas=3, cpus_per_shard=1.5,
+                     max_ongoing_requests=16, watch_s=5, write_config=str(path))  # fmt: skip
+    assert serve_run(conf) == str(path)
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)  # Serve's own validation of a config file
+    (app,) = config["applications"]
+    assert app["import_path"] == "pipeline.serve:app_builder"
+    assert app["args"] == {"index": conf.index, "slots": 2, "replicas": 3, "cpus_per_shard": 1.5,
+                           "max_ongoing_requests": 16, "watch_s": 5}  # fmt: skip
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert set(deployments) == {"IndexShard0", "IndexShard1", "SearchRouter", "Embedder",
+                                "SearchApp"}  # fmt: skip
+    assert deployments["IndexShard1"]["num_replicas"] == 3
+    assert deployments["IndexShard1"]["ray_actor_options"]["num_cpus"] == 1.5
+    built = app_builder(app["args"])  # what serve deploy calls on the cluster
+    assert type(built).__name__ == "Application"
+    with pytest.raises(ValueError, match="unknown serve args"):
+        app_builder({"index": conf.index, "shardz": 2})
+
+
+def test_the_command_reports_every_problem_in_one_line_each(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.serve", "--index", str(tmp_path / "none"),
+         "--replicas", "0", "--port", "70000"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    assert any("--replicas" in e for e in errors) and any("70000" in e for e in errors)
+    assert any("no complete index version" in e for e in errors)
