@@ -2,7 +2,8 @@
 
 The head is a real `ray start --head` (token authentication on, as Ray recommends), a process
 of this test's own, stopped by its own process group; the session's local Ray is untouched.
-Ingest, extract and index run as three jobs against the loopback S3 server.
+Ingest, extract and index run as three jobs against the loopback S3 server, then the search
+service as a fourth (detached: it returns once the app is up) that answers over HTTP.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from cluster.client import SearchClient
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -137,3 +139,13 @@ def test_ingest_extract_index_as_jobs(ray_head, s3_bucket: str, tiny_collection:
     manifest = json.loads(body)
     assert sum(shard["count"] for shard in manifest["shards"]) == len(photos)
     assert len(manifest["shards"]) == 2
+    # The service as a job: it returns once the app is up (--detach) and goes on serving.
+    port = _free_port()
+    _submit(address, env, "pipeline.serve", "--index", f"{run}/index", "--detach",
+            "--host", "127.0.0.1", "--port", str(port))  # fmt: skip
+    client = SearchClient(f"http://127.0.0.1:{port}", retries=10, backoff=0.5)
+    health = client.health()
+    assert (health["version"], health["count"], health["slots"]) == (1, len(photos), 2)
+    for path in photos[:3]:
+        answer = client.search(path, k=3)
+        assert answer.results[0].uri.endswith(path.name) and answer.results[0].score > 0.999
