@@ -121,7 +121,9 @@ class SearchApp:
 
         self.router, self.embedder, self.index = router, embedder, index
         self.max_body_bytes = max_body_bytes
-        self.catalog = ImageCatalog(images_of_manifest(index_store.read_manifest(index)))
+        manifest = index_store.read_manifest(index)
+        self.dim = int(manifest["dim"])  # a reload never changes it (the router refuses)
+        self.catalog = ImageCatalog(images_of_manifest(manifest))
 
     # --- pages --------------------------------------------------------------------------------
 
@@ -217,10 +219,9 @@ class SearchApp:
             raise HTTPException(422, _sentence(err.errors())) from err
 
     async def _checked_vector(self, values: list[float]) -> np.ndarray:
-        info = await self.router.info.remote()
-        if len(values) != info["dim"]:
+        if len(values) != self.dim:
             raise HTTPException(
-                422, f"vector has {len(values)} values; this index has dimension {info['dim']}"
+                422, f"vector has {len(values)} values; this index has dimension {self.dim}"
             )
         if not all(math.isfinite(v) for v in values):
             raise HTTPException(422, "vector holds NaN or infinite values")

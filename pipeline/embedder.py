@@ -35,15 +35,11 @@ class Embedder:
         *,
         max_batch_size: int = 8,
         batch_wait_s: float = 0.01,
-        threads: int | None = None,
     ) -> None:
         from pipeline.extract import Describer, conf_for_network
 
-        conf = conf_for_network(network, settings)
-        if threads:
-            conf = type(conf)(**{**asdict(conf), "threads_per_actor": threads})
-        self.conf = conf
-        self.describer = Describer(asdict(conf))
+        self.conf = conf_for_network(network, settings)
+        self.describer = Describer(asdict(self.conf))
         self._embed_batch.set_max_batch_size(max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_s)
 

@@ -408,3 +408,22 @@ def test_the_command_reports_every_problem_in_one_line_each(tmp_path):
     assert "Traceback" not in done.stderr
     assert any("--replicas" in e for e in errors) and any("70000" in e for e in errors)
     assert any("no complete index version" in e for e in errors)
+
+
+def test_watching_serves_a_new_version_by_itself(service, vectors):
+    from ray import serve
+
+    client, root, tmp = service
+    before = client.health()["version"]
+    serve.run(build_app(ServeConf(index=root, watch_s=0.5)), name=APP_NAME, route_prefix="/")
+    more = _unit(np.random.default_rng(3).standard_normal((10, DIM)))
+    desc = write_descriptors(str(tmp / "d3"), _ids(len(vectors), len(vectors) + 10), more,
+                             network=NETWORK)  # fmt: skip
+    published = build_index(IndexConf(descriptors=desc, output=root, shards=1))
+    assert published.endswith(f"v{before + 1}")
+    deadline = time.monotonic() + 60
+    while client.health()["version"] != before + 1:
+        assert time.monotonic() < deadline, "the new version was not picked up in 60 s"
+        time.sleep(0.5)
+    answer = client.search_vector(more[0], k=1)
+    assert answer.image_ids == [f"img-{len(vectors):06d}"] and answer.version == before + 1

@@ -1,0 +1,179 @@
+"""Queries per second and latency of the search service for 1, 2 and 4 shards, over HTTP and
+through the Python handle, beside single-process FAISS in the same run.
+
+Data: ``bench.index.clustered`` vectors (``--n`` × ``--dim``, 1,000 centres, sigma 1.4) as one
+descriptor table; ``pipeline.index`` builds a Flat index of it with 1, 2 and 4 shards, so every
+configuration answers with recall@10 = 1 against exact search (measured, not assumed). Each
+is served by ``pipeline.serve``'s app on a local Ray Serve (a slot per shard, CPU FAISS) and
+loaded by ``--clients`` threads, each sending one query at a time and waiting for its answer:
+
+- HTTP: ``POST /search`` with the JSON vector, through ``cluster.client.SearchClient``;
+- handle: ``SearchRouter.search`` through a Serve ``DeploymentHandle`` from this process.
+
+The baseline is one ``faiss.IndexFlatIP`` of all vectors in this process, searched the same
+way (``--clients`` threads, one query per call), and also all queries in one batched call.
+On a single machine the client threads, the proxy and the replicas share its cores: the ratios
+say what the service's hops cost against FAISS itself, not what a cluster would do.
+
+    python -m bench.search                                 # 100,000 x 256
+    python -m bench.search --n 20000 --queries 200 --out bench/results/x.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import tyro
+
+from bench.index import clustered
+
+
+@dataclass(frozen=True)
+class BenchConf:
+    n: int = 100_000
+    dim: int = 256
+    queries: int = 400
+    """Queries per measurement (spread over the clients)."""
+    clients: int = 8
+    k: int = 10
+    shards: tuple[int, ...] = (1, 2, 4)
+    seed: int = 0
+    out: str | None = "bench/results/search_cpu.json"
+
+
+NETWORK = {"weights": "imagenet", "meta": {"backbone": "efficientnet_lite0"}}
+
+
+def _load(send: Callable[[np.ndarray], list[int]], queries: np.ndarray, clients: int) -> dict:
+    """``clients`` threads share ``queries``; returns QPS, p50/p99 latency and the answers."""
+    answers: list[list[int] | None] = [None] * len(queries)
+    latencies = np.zeros(len(queries))
+    cursor = iter(range(len(queries)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = next(cursor, None)
+            if i is None:
+                return
+            t = time.perf_counter()
+            answers[i] = send(queries[i])
+            latencies[i] = time.perf_counter() - t
+
+    threads = [threading.Thread(target=work) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    return {
+        "qps": len(queries) / seconds,
+        "p50_ms": float(np.percentile(latencies, 50) * 1e3),
+        "p99_ms": float(np.percentile(latencies, 99) * 1e3),
+        "answers": answers,
+    }
+
+
+def _recall(answers: list[list[int]], truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(a) & set(t)) / k for a, t in zip(answers, truth, strict=True)]))
+
+
+def main(conf: BenchConf) -> dict:
+    import ray
+    from ray import serve
+
+    from cluster.client import SearchClient
+    from pipeline.descriptors import write_descriptors
+    from pipeline.index import IndexConf
+    from pipeline.index import run as build_index
+    from pipeline.serve import APP_NAME, ServeConf, build_app
+
+    rng = np.random.default_rng(conf.seed)
+    centres = rng.standard_normal((1000, conf.dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    X = clustered(rng, centres, conf.n, 1.4)
+    Q = clustered(rng, centres, conf.queries, 1.4)
+    _, truth = faiss.knn(Q, X, conf.k, metric=faiss.METRIC_INNER_PRODUCT)
+
+    flat = faiss.IndexFlatIP(conf.dim)
+    flat.add(X)
+    rows = []
+    one = _load(lambda q: flat.search(q[None], conf.k)[1][0].tolist(), Q, conf.clients)
+    rows.append({"path": "single-process FAISS, a query per call", "shards": 1, **one})
+    t = time.perf_counter()
+    _, batched = flat.search(Q, conf.k)
+    rows.append({"path": "single-process FAISS, all queries in one call", "shards": 1,
+                 "qps": len(Q) / (time.perf_counter() - t), "p50_ms": None, "p99_ms": None,
+                 "answers": batched.tolist()})  # fmt: skip
+
+    cores = os.cpu_count() or 1
+    work = Path(tempfile.mkdtemp(prefix="cirray-bench-search-"))
+    ids = [f"v{i:07d}" for i in range(conf.n)]  # sorted like the rows: global id == row
+    desc = write_descriptors(str(work / "desc"), ids, X, network=NETWORK)
+    ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)  # fmt: skip
+    port = 8000 + int(rng.integers(100, 900))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        for shards in conf.shards:
+            root = str(work / f"index{shards}")
+            build_index(IndexConf(descriptors=desc, output=root, factory="Flat", shards=shards))
+            serve.run(build_app(ServeConf(index=root)), name=APP_NAME, route_prefix="/")
+            client = SearchClient(f"http://127.0.0.1:{port}")
+            router = serve.get_deployment_handle("SearchRouter", app_name=APP_NAME)
+
+            def over_http(q: np.ndarray, client=client) -> list[int]:
+                return [int(r.image_id[1:]) for r in client.search_vector(q, k=conf.k).results]
+
+            def by_handle(q: np.ndarray, router=router) -> list[int]:
+                return [h.id for h in router.search.remote(q, conf.k).result()["hits"]]
+
+            for name, send in (("HTTP (POST /search)", over_http), ("Python handle", by_handle)):
+                _load(send, Q[:20], conf.clients)  # warm: connections, batching, caches
+                rows.append({"path": name, "shards": shards, **_load(send, Q, conf.clients)})
+            serve.delete(APP_NAME)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    base = rows[0]["qps"]
+    lines = [
+        f"device: {platform.machine()} CPU, {cores} cores; faiss {faiss.__version__}; "
+        f"{conf.n:,} x {conf.dim} clustered vectors, Flat, k={conf.k}; "
+        f"{conf.queries} queries from {conf.clients} client threads, one query per request",
+        f"{'path':<48}{'shards':>7}{'recall@10':>11}{'QPS':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'vs FAISS':>10}",
+        "-" * 103,
+    ]
+    for row in rows:
+        row["recall_at_10"] = _recall(row.pop("answers"), truth)
+        p50 = f"{row['p50_ms']:>9.1f}" if row["p50_ms"] is not None else f"{'-':>9}"
+        p99 = f"{row['p99_ms']:>9.1f}" if row["p99_ms"] is not None else f"{'-':>9}"
+        lines.append(
+            f"{row['path']:<48}{row['shards']:>7}{row['recall_at_10']:>11.3f}{row['qps']:>9.1f}"
+            f"{p50}{p99}{row['qps'] / base:>9.2f}x"
+        )
+    print("\n".join(lines))
+    result = {"conf": asdict(conf), "rows": rows, "lines": lines}
+    if conf.out:
+        Path(conf.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(conf.out).write_text(json.dumps(result, indent=2))
+        Path(conf.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchConf))
