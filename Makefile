@@ -32,7 +32,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.extract --out bench/results/extract_cpu.json
-	$(BIN)/python -m bench.extract --pipeline --images 373 --out bench/results/extract_pipeline_cpu.json
+	$(BIN)/python -m bench.extract --pipeline --images 373 --rounds 2 --out bench/results/extract_pipeline_cpu.json
 	$(BIN)/python -m bench.index --out bench/results/index_cpu.json
 	$(BIN)/python -m bench.rank --out bench/results/rank_cpu.json
 	$(BIN)/python -m bench.search --out bench/results/search_cpu.json

@@ -11,10 +11,11 @@ the figure that matters is the ratio.
 With ``--pipeline`` it measures the whole path instead, from JPEG bytes to stored descriptors:
 the extract stage on a local Ray (decoding in Ray Data tasks, the network on an actor pool,
 Parquet parts written) against the in-process extraction of the same photos (DataLoader
-decoding beside the network) on the same cores, Lite0 + GeM at 1024 px. Photos are the shared
-real ones (``--photos``), or synthetic JPEGs where they are absent.
+decoding beside the network) on the same cores, Lite0 + GeM at 1024 px, in ``--rounds``
+alternating rounds (in-process alone, the stage, in-process beside the idle Ray), medians
+compared. Photos are the shared real ones (``--photos``), or synthetic JPEGs where absent.
 
-    python -m bench.extract --pipeline --images 48 --out bench/results/extract_pipeline_cpu.json
+    python -m bench.extract --pipeline --images 373 --rounds 2 --out bench/results/extract_pipeline_cpu.json
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class BenchConf:
     pipeline: bool = False
     """Measure the Ray Data extract stage against in-process extraction (see the docstring)."""
     photos: str = "../shared/data/photos"
+    rounds: int = 3
+    """--pipeline: in-process and Ray runs, taking turns; the medians are compared."""
 
 
 def _rate(net: torch.nn.Module, images: ArrayImages, options: ExtractOptions) -> float:
@@ -136,37 +139,65 @@ def pipeline_main(conf: BenchConf) -> dict:
     net = build_network(NetworkMeta(backbone="efficientnet_lite0"), "imagenet").eval()
     options = ExtractOptions(num_workers=1, device="cpu", progress=False)
     extract_descriptors(net, ImageFiles(paths[:2], conf.width, exif_transpose=True), options)
-    started = time.perf_counter()
-    extract_descriptors(net, ImageFiles(paths, conf.width, exif_transpose=True), options)
-    in_process = len(paths) / (time.perf_counter() - started)
 
+    def in_process_rate() -> float:
+        started = time.perf_counter()
+        extract_descriptors(net, ImageFiles(paths, conf.width, exif_transpose=True), options)
+        return len(paths) / (time.perf_counter() - started)
+
+    # The paths take turns, round after round (this machine's speed drifts by a fifth from one
+    # minute to the next): in-process alone, then Ray started and the stage run, then
+    # in-process again with the idle Ray beside it (its daemons share the cores).
+    alone: list[float] = []
+    beside: list[float] = []
+    on_ray: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()
         for i, path in enumerate(paths):
             (folder / f"{i:04d}{path.suffix}").symlink_to(path.resolve())
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-        try:
-            images = run_ingest(IngestConf(source=str(folder), output=tmp))
-            warm = ExtractConf(images=images, output=f"{tmp}/warm", max_size=64)
-            run_extract(warm)  # workers started, the network's files in the page cache
-            stage = ExtractConf(images=images, output=f"{tmp}/desc", max_size=conf.width)
-            started = time.perf_counter()
-            run_extract(stage)
-            on_ray = len(paths) / (time.perf_counter() - started)
-        finally:
-            ray.shutdown()
+        for round_ in range(conf.rounds):
+            alone.append(in_process_rate())
+            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+            try:
+                images = run_ingest(IngestConf(source=str(folder), output=f"{tmp}/r{round_}"))
+                warm = ExtractConf(images=images, output=f"{tmp}/warm{round_}", max_size=64)
+                run_extract(warm)  # workers started, the network's files in the page cache
+                stage = ExtractConf(images=images, output=f"{tmp}/d{round_}", max_size=conf.width)
+                started = time.perf_counter()
+                run_extract(stage)
+                on_ray.append(len(paths) / (time.perf_counter() - started))
+                beside.append(in_process_rate())
+            finally:
+                ray.shutdown()
+    alone_rate, beside_rate = float(np.median(alone)), float(np.median(beside))
+    on_ray_rate = float(np.median(on_ray))
+
+    def rounds(rates: list[float]) -> str:
+        return "   rounds: " + ", ".join(f"{r:.2f}" for r in rates)
+
     lines = [
         f"device: {platform.machine()} CPU, {cores} cores; torch {torch.__version__}; "
-        f"{len(paths)} JPEG photos, longer side {conf.width}; efficientnet_lite0 + GeM, fp32",
-        f"{'path':<46}{'photos/s':>10}",
-        "-" * 56,
-        f"{'in-process (DataLoader decoding + network)':<46}{in_process:>10.2f}",
-        f"{'pipeline.extract on Ray Data (bytes -> Parquet)':<46}{on_ray:>10.2f}",
-        f"{'ratio (Ray / in-process)':<46}{on_ray / in_process:>10.2f}",
+        f"{len(paths)} JPEG photos, longer side {conf.width}; efficientnet_lite0 + GeM, fp32; "
+        f"medians of {conf.rounds} rounds",
+        f"{'path':<50}{'photos/s':>10}",
+        "-" * 60,
+        f"{'in-process (DataLoader decoding + network)':<50}{alone_rate:>10.2f}{rounds(alone)}",
+        f"{'  the same, an idle local Ray beside it':<50}{beside_rate:>10.2f}{rounds(beside)}",
+        f"{'pipeline.extract on Ray Data (bytes -> Parquet)':<50}{on_ray_rate:>10.2f}"
+        f"{rounds(on_ray)}",
+        f"{'ratio (Ray / in-process alone)':<50}{on_ray_rate / alone_rate:>10.2f}",
+        f"{'ratio (Ray / in-process beside Ray)':<50}{on_ray_rate / beside_rate:>10.2f}",
     ]
     print("\n".join(lines))
-    result = {"in_process": in_process, "ray_pipeline": on_ray, "ratio": on_ray / in_process}
+    result = {
+        "in_process": alone_rate,
+        "in_process_beside_ray": beside_rate,
+        "ray_pipeline": on_ray_rate,
+        "ratio": on_ray_rate / alone_rate,
+        "ratio_beside_ray": on_ray_rate / beside_rate,
+        "rounds": {"in_process": alone, "in_process_beside_ray": beside, "ray_pipeline": on_ray},
+    }
     if conf.out:
         Path(conf.out).parent.mkdir(parents=True, exist_ok=True)
         Path(conf.out).write_text(json.dumps({"lines": lines, **result}, indent=2))
