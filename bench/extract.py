@@ -15,7 +15,8 @@ decoding beside the network) on the same cores, Lite0 + GeM at 1024 px, in ``--r
 alternating rounds (in-process alone, the stage, in-process beside the idle Ray), medians
 compared. Photos are the shared real ones (``--photos``), or synthetic JPEGs where absent.
 
-    python -m bench.extract --pipeline --images 373 --rounds 2 --out bench/results/extract_pipeline_cpu.json
+    python -m bench.extract --pipeline --images 373 --rounds 2 \
+        --out bench/results/extract_pipeline_cpu.json
 """
 
 from __future__ import annotations

@@ -34,6 +34,16 @@ NETWORK = {
 DIM, FIRST, ADDED = 24, 1000, 200
 
 
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 80, 40)).save(out, format="PNG")
+    return out.getvalue()
+
+
 def _ids(start: int, stop: int) -> list[str]:
     return [f"img-{i:06d}" for i in range(start, stop)]
 
@@ -184,6 +194,7 @@ def test_alpha_qe_through_the_service_equals_alpha_qe_on_the_matrix(service, vec
     ("kwargs", "status", "says"),
     [
         ({"data": b"no photo", "headers": {"Content-Type": "image/jpeg"}}, 422, "not a usable"),
+        ({"data": _png(1, 1), "headers": {"Content-Type": "image/png"}}, 422, "too small"),
         ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "JSON"),
         ({"json": {"vector": [0.1] * (DIM - 1)}}, 422, f"dimension {DIM}"),
         ({"json": {"vector": [0.0] * DIM}}, 422, "norm is zero"),
