@@ -1,0 +1,274 @@
+"""The group stage: candidate scenes for Structure-from-Motion.
+
+    python -m pipeline.group --images OUT/images.parquet --descriptors OUT/descriptors \\
+        --output OUT/groups
+
+SfM reconstructs one group of photos at a time, so a collection must first be split into
+groups that each hold one scene, whole. Where ingest gave every usable photo a ``scene``, that
+is the grouping. Otherwise the off-the-shelf descriptors decide (``model.clustering``): a
+k-nearest-neighbour graph from a FAISS index (exact Flat up to ``--flat-max`` photos, IVF
+beyond: never an N×N matrix), components of its mutual edges at cosine similarity
+``--threshold`` or more, leaves attached. A component over ``--max-size`` photos is grouped
+again inside itself at a threshold raised step by step until every part fits (a dense scene
+splits into views before it stops at ``--max-threshold``; what is still too big is cut along
+its principal direction). Photos that join nothing stay singletons: reported, never
+reconstructed (``group_id`` -1).
+
+Output: ``GROUPS/groups.parquet`` (``image_id``, ``group_id``), one row per usable described
+photo, and ``GROUPS/manifest.json`` (the method and settings, group sizes, singletons, photos
+without a descriptor, and purity/recall against the ``scene`` column when there is one), then
+``_SUCCESS``. A complete output is skipped. Torch-free (SfM workers must never import torch).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from model import storage
+from model.clustering import DEFAULT_K, DEFAULT_THRESHOLD, cluster_scores, group_descriptors
+from pipeline.cli import run_cli
+
+__all__ = ["GROUPS_FILE", "GroupConf", "knn_graph", "read_groups", "run", "split_large"]
+
+logger = logging.getLogger(__name__)
+
+GROUPS_FILE = "groups.parquet"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class GroupConf:
+    """Settings of one grouping; every field is a command-line flag."""
+
+    images: str
+    """images.parquet written by pipeline.ingest (a path or s3:// URI)."""
+    descriptors: str
+    """Descriptor folder written by pipeline.extract."""
+    output: str
+    """Folder or s3:// prefix for groups.parquet and its manifest."""
+    use_scene: bool = True
+    """Use the scene column when every usable photo has one (--no-use-scene: group by
+    descriptors anyway, and score the result against the scenes)."""
+    k: int = DEFAULT_K
+    threshold: float = DEFAULT_THRESHOLD
+    """Cosine similarity of a mutual kNN edge (0.75 suits ImageNet Lite0 + GeM)."""
+    max_size: int = 300
+    """Largest group handed to SfM; bigger components are grouped again at higher thresholds."""
+    max_threshold: float = 0.95
+    threshold_step: float = 0.02
+    flat_max: int = 200_000
+    """Exact kNN (IndexFlatIP) up to this many photos, IVF beyond."""
+
+
+def knn_graph(
+    vectors: np.ndarray, k: int, flat_max: int = 200_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest rows (itself among them) from FAISS: ``(sims, idx)`` ``[N, k+1]``.
+
+    Exact inner product up to ``flat_max`` rows; beyond, IVF-Flat with about 4·√N lists, 32 of
+    them probed: memory O(N·k), never N×N.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = x.shape
+    if n <= flat_max:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        nlist = 1 << max(4, round(math.log2(4 * math.sqrt(n))))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        index.train(x[rng.choice(n, min(n, 64 * nlist), replace=False)])
+        index.nprobe = 32
+    index.add(x)
+    return index.search(x, min(k + 1, n))
+
+
+def _regroup(x: np.ndarray, conf: GroupConf, threshold: float) -> np.ndarray:
+    sims, idx = knn_graph(x, conf.k, conf.flat_max)
+    return group_descriptors(neighbours=(sims, idx), k=conf.k, threshold=threshold)
+
+
+def split_large(x: np.ndarray, labels: np.ndarray, conf: GroupConf) -> np.ndarray:
+    """Labels where no group has more than ``conf.max_size`` members (see the docstring)."""
+    out = labels.copy()
+    next_id = int(out.max()) + 1 if out.size else 0
+    queue = [(g, conf.threshold) for g in np.unique(out[out >= 0])]
+    while queue:
+        group, threshold = queue.pop()
+        rows = np.flatnonzero(out == group)
+        if len(rows) <= conf.max_size:
+            continue
+        higher = threshold + conf.threshold_step
+        if higher <= conf.max_threshold + 1e-9:
+            inner = _regroup(x[rows], conf, higher)
+        else:  # still too big at the highest threshold: cut along its principal direction
+            centred = x[rows] - x[rows].mean(axis=0)
+            direction = np.linalg.svd(centred, full_matrices=False)[2][0]
+            order = np.argsort(centred @ direction, kind="stable")
+            inner = np.empty(len(rows), np.int64)
+            inner[order] = np.arange(len(rows)) // conf.max_size
+        for part in np.unique(inner):
+            members = rows[inner == part]
+            if part < 0 or len(members) == 1:
+                out[members] = -1  # left alone at the higher threshold
+                continue
+            out[members] = next_id
+            queue.append((next_id, higher))
+            next_id += 1
+    return _dense(out)
+
+
+def _dense(labels: np.ndarray) -> np.ndarray:
+    """Group ids 0..G-1 by size (largest first); groups of one become -1 (singletons)."""
+    out = np.full(labels.shape, -1, np.int64)
+    kept = labels >= 0
+    if not kept.any():
+        return out
+    ids, first, inverse, counts = np.unique(
+        labels[kept], return_index=True, return_inverse=True, return_counts=True
+    )
+    rank = np.empty(len(ids), np.int64)
+    rank[np.lexsort((first, -counts))] = np.arange(len(ids))
+    dense = rank[inverse]
+    dense[counts[inverse] == 1] = -1
+    ids_left = np.unique(dense[dense >= 0])
+    remap = np.full(len(ids), -1, np.int64)
+    remap[ids_left] = np.arange(len(ids_left))
+    out[kept] = np.where(dense >= 0, remap[np.maximum(dense, 0)], -1)
+    return out
+
+
+def _check(conf: GroupConf) -> None:
+    problems = []
+    if conf.k < 1:
+        problems.append(f"--k must be at least 1, not {conf.k}")
+    if not -1 <= conf.threshold <= 1:
+        problems.append(f"--threshold is a cosine similarity in [-1, 1], not {conf.threshold}")
+    if conf.max_size < 2:
+        problems.append(f"--max-size must be at least 2, not {conf.max_size}")
+    if conf.threshold_step <= 0:
+        problems.append("--threshold-step must be positive")
+    for flag, uri in (
+        ("--images", conf.images),
+        ("--descriptors", conf.descriptors),
+        ("--output", conf.output),
+    ):
+        problem = storage.bucket_problem(uri)
+        if problem:
+            problems.append(f"{flag}: {problem}")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def run(conf: GroupConf) -> str:
+    """Group the photos of ``conf.images``; returns the URI of groups.parquet."""
+    from pipeline.descriptors import read_descriptors
+    from pipeline.ingest import read_images
+
+    _check(conf)
+    out = conf.output.rstrip("/")
+    target = storage.join(out, GROUPS_FILE)
+    if storage.is_complete(out):
+        logger.info("%s is complete; skipping", out)
+        return target
+    problems: list[str] = []
+    try:
+        images = read_images(conf.images, ["image_id", "uri", "scene"], ok_only=True)
+    except (OSError, ValueError) as err:
+        problems.append(f"--images: {err}")
+    try:
+        desc = read_descriptors(conf.descriptors)
+    except (OSError, ValueError) as err:
+        problems.append(f"--descriptors: {err}")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+    scene_of: dict[str, str | None] = {}
+    for image_id, scene in zip(
+        images.column("image_id").to_pylist(), images.column("scene").to_pylist(), strict=True
+    ):
+        scene_of.setdefault(image_id, scene)
+    row_of = {image_id: i for i, image_id in enumerate(desc.image_ids.tolist())}
+    ids = [i for i in scene_of if i in row_of]
+    undescribed = sorted(i for i in scene_of if i not in row_of)
+    if not ids:
+        raise ValueError(f"no photo of {conf.images} has a descriptor in {conf.descriptors}")
+    scenes = [scene_of[i] for i in ids]
+    has_scenes = all(s is not None for s in scenes)
+    x = desc.vectors[[row_of[i] for i in ids]]
+    if has_scenes and conf.use_scene:
+        names = sorted(set(scenes))
+        labels = _dense(np.array([names.index(s) for s in scenes], np.int64))
+        method = "scene column"
+    else:
+        sims, idx = knn_graph(x, conf.k, conf.flat_max)
+        labels = group_descriptors(neighbours=(sims, idx), k=conf.k, threshold=conf.threshold)
+        labels = split_large(x, labels, conf)
+        method = "descriptors: mutual kNN components"
+
+    sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, np.int64)
+    manifest: dict[str, Any] = {
+        "format": 1,
+        "method": method,
+        "images": conf.images,
+        "descriptors": conf.descriptors,
+        "settings": asdict(conf),
+        "photos": len(ids),
+        "groups": len(sizes),
+        "group_sizes": sizes.tolist(),
+        "singletons": [i for i, g in zip(ids, labels.tolist(), strict=True) if g < 0],
+        "undescribed": undescribed,
+    }
+    if has_scenes and method != "scene column":
+        manifest["scores"] = cluster_scores(labels, np.array(scenes, dtype=object))
+    _write(out, ids, labels, manifest)
+    logger.info(
+        "%d photos into %d groups by %s (%d singletons, %d without a descriptor)%s",
+        len(ids),
+        len(sizes),
+        method,
+        len(manifest["singletons"]),
+        len(undescribed),
+        "; purity {purity:.3f}, recall {recall:.3f}".format(**manifest["scores"])
+        if "scores" in manifest
+        else "",
+    )
+    return storage.join(out, GROUPS_FILE)
+
+
+def _write(out: str, ids: list[str], labels: np.ndarray, manifest: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {"image_id": pa.array(ids, pa.string()), "group_id": pa.array(labels, pa.int64())}
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    storage.write_bytes(storage.join(out, GROUPS_FILE), sink.getvalue())
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2, default=float))
+    storage.write_text(storage.join(out, storage.SUCCESS), "")
+
+
+def read_groups(uri: str) -> tuple[list[str], np.ndarray]:
+    """``(image_ids, group_ids)`` of a complete group output (``GROUPS`` or its parquet)."""
+    import pyarrow.parquet as pq
+
+    folder = uri.rstrip("/").removesuffix(f"/{GROUPS_FILE}")
+    if not storage.is_complete(folder):
+        raise ValueError(f"{folder} is not a complete group output (no {storage.SUCCESS})")
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(folder, GROUPS_FILE))))
+    return table.column("image_id").to_pylist(), table.column("group_id").to_numpy()
+
+
+if __name__ == "__main__":
+    run_cli(run, GroupConf)

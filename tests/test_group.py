@@ -1,0 +1,136 @@
+"""The group stage: scenes from the scene column, or from descriptors (FAISS kNN graph)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model import storage
+from pipeline.descriptors import write_descriptors
+from pipeline.group import GroupConf, knn_graph, read_groups, run
+from pipeline.ingest import IngestConf, read_images
+from pipeline.ingest import run as ingest
+
+REPO = Path(__file__).resolve().parent.parent
+SCENES = {"arch": 12, "bridge": 9, "tower": 40}
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_session, tmp_path_factory) -> str:
+    """61 small photos in three scene folders, plus one loner, ingested."""
+    root = tmp_path_factory.mktemp("group")
+    rng = np.random.default_rng(0)
+    for scene, count in {**SCENES, "loner": 1}.items():
+        (root / "photos" / scene).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "photos" / scene / f"{i:02d}.jpg")
+    ingest(IngestConf(source=str(root / "photos"), output=str(root / "run")))
+    return str(root / "run")
+
+
+def _descriptors(run: str, out: str, drop: int = 0) -> dict[str, str]:
+    """Well-separated synthetic descriptors per scene (the loner far from all); returns the
+    scene of each image_id. The last ``drop`` photos get no descriptor."""
+    rows = read_images(f"{run}/images.parquet", ["image_id", "scene"], ok_only=True)
+    scene = dict(zip(rows["image_id"].to_pylist(), rows["scene"].to_pylist(), strict=True))
+    rng = np.random.default_rng(1)
+    centres = {s: rng.standard_normal(64) for s in sorted(set(scene.values()))}
+    ids = sorted(scene)[: len(scene) - drop]
+    x = np.stack([centres[scene[i]] + 0.15 * rng.standard_normal(64) for i in ids])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    write_descriptors(out, ids, x.astype(np.float32), network={"weights": "test"})
+    return scene
+
+
+def test_the_scene_column_is_the_grouping(ingested, tmp_path):
+    scene = _descriptors(ingested, str(tmp_path / "d"))
+    uri = run(GroupConf(images=f"{ingested}/images.parquet", descriptors=str(tmp_path / "d"),
+                        output=str(tmp_path / "g")))  # fmt: skip
+    ids, groups = read_groups(uri)
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert manifest["method"] == "scene column" and "scores" not in manifest
+    by_group: dict[int, set[str]] = {}
+    for image_id, group in zip(ids, groups.tolist(), strict=True):
+        by_group.setdefault(group, set()).add(scene[image_id])
+    assert by_group[-1] == {"loner"}  # a one-photo scene is a singleton, not a group
+    assert sorted(len(s) for g, s in by_group.items() if g >= 0) == [1, 1, 1]
+    assert sorted(manifest["group_sizes"]) == sorted(SCENES.values())
+
+
+def test_descriptors_group_without_scenes_and_split_big_ones(ingested, tmp_path):
+    scene = _descriptors(ingested, str(tmp_path / "d"), drop=2)
+    conf = GroupConf(images=f"{ingested}/images.parquet", descriptors=str(tmp_path / "d"),
+                     output=str(tmp_path / "g"), use_scene=False, max_size=15)  # fmt: skip
+    ids, groups = read_groups(run(conf))
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert manifest["method"].startswith("descriptors")
+    assert len(manifest["undescribed"]) == 2 and len(ids) == sum(SCENES.values()) + 1 - 2
+    assert max(manifest["group_sizes"]) <= 15  # the 40-photo tower was split
+    for group in set(groups.tolist()) - {-1}:  # no group mixes scenes
+        assert len({scene[i] for i, g in zip(ids, groups, strict=True) if g == group}) == 1
+    loner = [g for i, g in zip(ids, groups, strict=True) if scene[i] == "loner"]
+    assert loner in ([-1], [])
+    assert manifest["scores"]["purity"] == 1.0
+    assert manifest["singletons"] == [i for i, g in zip(ids, groups, strict=True) if g < 0]
+    again = run(conf)  # complete: skipped, same file
+    assert read_groups(again)[0] == ids
+
+
+def test_knn_graph_lists_each_row_with_its_nearest(ray_session):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims, idx = knn_graph(x, 5)
+    exact = np.argsort(-(x @ x.T), axis=1)[:, :6]
+    assert sims.shape == (300, 6) and (idx[:, 0] == np.arange(300)).all()
+    assert (np.sort(idx, axis=1) == np.sort(exact, axis=1)).mean() > 0.99
+    _, idx_ivf = knn_graph(x, 5, flat_max=100)  # IVF past flat_max
+    assert (idx_ivf[:, 0] == np.arange(300)).mean() > 0.95
+
+
+def test_into_s3(ingested, s3_bucket, tmp_path):
+    _descriptors(ingested, str(tmp_path / "d"))
+    out = f"s3://{s3_bucket}/groups"
+    uri = run(GroupConf(images=f"{ingested}/images.parquet", descriptors=str(tmp_path / "d"),
+                        output=out))  # fmt: skip
+    assert storage.is_complete(out) and read_groups(uri)[1].max() == 2
+
+
+def test_the_command_reports_every_problem_at_once(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.group", "--images", str(tmp_path / "none"),
+         "--descriptors", str(tmp_path / "nothing"), "--output", str(tmp_path / "g"),
+         "--k", "0"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--k" in errors[0], done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.group", "--images", str(tmp_path / "none"),
+         "--descriptors", str(tmp_path / "nothing"), "--output", str(tmp_path / "g")],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) >= 2, done.stderr
+    assert any("--images" in e for e in errors) and any("--descriptors" in e for e in errors)
+
+
+@pytest.mark.slow
+def test_real_photos_group_into_their_scenes(real_run, tmp_path):
+    uri = run(GroupConf(images=f"{real_run}/images.parquet", descriptors=f"{real_run}/descriptors",
+                        output=str(tmp_path / "g"), use_scene=False))  # fmt: skip
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    scores = manifest["scores"]
+    print(f"\nreal photos grouped: {manifest['groups']} groups, "
+          f"{len(manifest['singletons'])} singletons, purity {scores['purity']:.3f}, "
+          f"recall {scores['recall']:.3f}")  # fmt: skip
+    assert len(read_groups(uri)[0]) == 373
+    assert scores["purity"] >= 0.9 and scores["recall"] >= 0.9
