@@ -1,0 +1,230 @@
+"""One group of photos → COLMAP models, with pycolmap's Python API (no colmap binary).
+
+The per-group core of the sfm stage (``pipeline.sfm`` runs it as a Ray task per group): SIFT
+at a maximum size, matching (all pairs for a small group, given pairs — from global-descriptor
+retrieval — for a large one), geometric verification, then incremental or global mapping.
+Everything happens in a scratch folder; pycolmap's log goes to a file there, not the console.
+
+What comes back is plain data (:class:`GroupResult`): per photo, whether it was registered, in
+which model, its camera centre, the ids of the 3D points it observes and the mean scale at
+which it sees them (``focal length / depth`` averaged over its observations: the size, in
+pixels, of one metre at the points' distance, so the ratio of two photos' scales is their
+scale change); per model, a summary; and the models themselves as COLMAP binary files.
+
+Never import torch here or before it in the same process: pycolmap's feature extraction
+crashes when torch came first (colmap issue #3477). This module imports NumPy and pycolmap only.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GroupResult", "ImageRow", "ModelRow", "ReconstructOptions", "reconstruct_group"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    mapper: str = "incremental"
+    """incremental (COLMAP's) or global (GLOMAP's, in pycolmap 4)."""
+    max_image_size: int = 1024
+    max_features: int = 8192
+    exhaustive_max: int = 60
+    """Groups up to this many photos match every pair; larger ones match ``pairs``."""
+    threads: int = 1
+    min_model_size: int = 3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    image_id: str
+    registered: bool
+    model: int | None = None
+    """Index of the model inside its group, or None."""
+    centre: tuple[float, float, float] | None = None
+    point_ids: list[int] = field(default_factory=list)
+    scale: float | None = None
+    observations: int = 0
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    model: int
+    images: int
+    points: int
+    mean_reprojection_error: float
+    mean_track_length: float
+
+
+@dataclass
+class GroupResult:
+    images: list[ImageRow]
+    models: list[ModelRow]
+    files: dict[str, bytes]
+    """``<model>/<cameras|images|points3D|...>.bin`` → bytes: the COLMAP models."""
+    seconds: dict[str, float]
+    log: str = ""
+
+
+def _write_photos(folder: Path, photos: list[tuple[str, bytes]]) -> dict[str, str]:
+    """Photos as files named by image_id (upright: EXIF rotation applied, as every stage sees
+    them); returns file name → image_id."""
+    from PIL import Image, ImageOps
+
+    names = {}
+    for image_id, data in photos:
+        name = f"{image_id}.jpg"
+        with Image.open(io.BytesIO(data)) as image:
+            upright = ImageOps.exif_transpose(image)
+            if upright is image and image.format == "JPEG":
+                (folder / name).write_bytes(data)  # already upright: keep the bytes as they are
+            else:
+                upright.convert("RGB").save(folder / name, quality=95)
+        names[name] = image_id
+    return names
+
+
+def reconstruct_group(
+    photos: list[tuple[str, bytes]],
+    options: ReconstructOptions = ReconstructOptions(),
+    pairs: list[tuple[str, str]] | None = None,
+    scratch: str | None = None,
+) -> GroupResult:
+    """Reconstruct ``photos`` (``(image_id, bytes)``); raises on a failure of pycolmap."""
+    if "torch" in sys.modules:
+        raise RuntimeError(
+            "torch is imported in this process; pycolmap's feature extraction crashes after it "
+            "(colmap #3477): run SfM in a process that never imports torch"
+        )
+    import pycolmap
+
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="cirray-sfm-", dir=scratch) as tmp:
+        root = Path(tmp)
+        images_dir, out_dir = root / "images", root / "models"
+        images_dir.mkdir()
+        out_dir.mkdir()
+        log_file = root / "colmap.log"
+        pycolmap.logging.logtostderr = False
+        pycolmap.logging.set_log_destination(pycolmap.logging.INFO, str(log_file))
+        names = _write_photos(images_dir, photos)
+        ids_by_name = dict(names)
+        database = root / "database.db"
+
+        t = time.perf_counter()
+        extraction = pycolmap.FeatureExtractionOptions()
+        extraction.max_image_size = options.max_image_size
+        extraction.num_threads = options.threads
+        extraction.sift.max_num_features = options.max_features
+        extraction.use_gpu = False
+        pycolmap.extract_features(
+            database,
+            images_dir,
+            camera_mode=pycolmap.CameraMode.AUTO,
+            extraction_options=extraction,
+            device=pycolmap.Device.cpu,
+        )
+        seconds["features"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        matching = pycolmap.FeatureMatchingOptions()
+        matching.num_threads = options.threads
+        matching.use_gpu = False
+        if pairs is None or len(photos) <= options.exhaustive_max:
+            pycolmap.match_exhaustive(
+                database, matching_options=matching, device=pycolmap.Device.cpu
+            )
+        else:
+            pair_file = root / "pairs.txt"
+            pair_file.write_text("".join(f"{a}.jpg {b}.jpg\n" for a, b in pairs))
+            pairing = pycolmap.ImportedPairingOptions()
+            pairing.match_list_path = str(pair_file)
+            pycolmap.match_image_pairs(
+                database,
+                matching_options=matching,
+                pairing_options=pairing,
+                device=pycolmap.Device.cpu,
+            )
+        seconds["matching"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        if options.mapper == "global":
+            pipeline = pycolmap.GlobalPipelineOptions()
+            pipeline.num_threads = options.threads
+            pipeline.min_model_size = options.min_model_size
+            pipeline.random_seed = options.seed
+            models = pycolmap.global_mapping(database, images_dir, out_dir, pipeline)
+        elif options.mapper == "incremental":
+            pipeline = pycolmap.IncrementalPipelineOptions()
+            pipeline.num_threads = options.threads
+            pipeline.min_model_size = options.min_model_size
+            pipeline.random_seed = options.seed
+            models = pycolmap.incremental_mapping(database, images_dir, out_dir, pipeline)
+        else:
+            raise ValueError(f"unknown mapper {options.mapper!r}; use incremental or global")
+        seconds["mapping"] = time.perf_counter() - t
+
+        rows: dict[str, ImageRow] = {}
+        model_rows, files = [], {}
+        ordered = sorted(models.values(), key=lambda r: -r.num_reg_images())
+        for number, rec in enumerate(ordered):
+            model_rows.append(
+                ModelRow(
+                    model=number,
+                    images=rec.num_reg_images(),
+                    points=rec.num_points3D(),
+                    mean_reprojection_error=float(rec.compute_mean_reprojection_error()),
+                    mean_track_length=float(rec.compute_mean_track_length()),
+                )
+            )
+            for image in rec.images.values():
+                if not image.has_pose:
+                    continue
+                image_id = ids_by_name[image.name]
+                if image_id in rows:  # an image in two models: keep the larger model's
+                    continue
+                rows[image_id] = _image_row(image_id, number, rec, image)
+            model_dir = root / "written" / str(number)
+            model_dir.mkdir(parents=True)
+            rec.write_binary(str(model_dir))
+            for path in model_dir.iterdir():
+                files[f"{number}/{path.name}"] = path.read_bytes()
+        images = [rows.get(i) or ImageRow(image_id=i, registered=False) for _, i in names.items()]
+        log = log_file.read_text(errors="replace") if log_file.exists() else ""
+    seconds["total"] = time.perf_counter() - started
+    return GroupResult(images=images, models=model_rows, files=files, seconds=seconds, log=log)
+
+
+def _image_row(image_id: str, model: int, rec: Any, image: Any) -> ImageRow:
+    centre = tuple(float(v) for v in image.projection_center())
+    point_ids, scales = [], []
+    focal = float(rec.cameras[image.camera_id].mean_focal_length())
+    pose = image.cam_from_world()
+    for point2d in image.points2D:
+        if not point2d.has_point3D():
+            continue
+        point_ids.append(int(point2d.point3D_id))
+        depth = float((pose * rec.points3D[point2d.point3D_id].xyz)[2])
+        if depth > 0:
+            scales.append(focal / depth)
+    return ImageRow(
+        image_id=image_id,
+        registered=True,
+        model=model,
+        centre=centre,
+        point_ids=point_ids,
+        scale=float(np.mean(scales)) if scales else None,
+        observations=len(point_ids),
+    )

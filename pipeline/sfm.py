@@ -1,0 +1,395 @@
+"""The sfm stage: every group of photos reconstructed in parallel Ray tasks with pycolmap.
+
+    python -m pipeline.sfm --images OUT/images.parquet --groups OUT/groups --output OUT/sfm
+
+Each group of ``groups.parquet`` with at least ``--min-images`` photos is one Ray task
+(``--cpus-per-task`` CPUs, as many pycolmap threads) running ``pipeline.reconstruct``: SIFT at
+``--max-image-size``, exhaustive matching up to ``--exhaustive-max`` photos, pairs from the
+global descriptors (each photo's ``--retrieval-k`` nearest in its group) beyond, geometric
+verification, ``--mapper incremental|global``. The tasks run in workers of their own (a runtime
+environment no other stage shares), which import neither torch nor anything that does: pycolmap
+crashes in feature extraction when torch came first (colmap issue #3477).
+
+A group that fails (pycolmap raises, the worker dies — a segfault —, or it runs past
+``--timeout-s``) is recorded with its reason and the run goes on. Each finished group is written
+at once (``SFM/groups/<group>.json`` with its rows, its models under ``SFM/models/<group>-<m>/``),
+so a rerun reconstructs only the groups without a result; ``--retry-failed`` tries failed ones
+again. Once every group has a result the tables are assembled:
+
+- ``sfm_images.parquet``: image_id, group_id, model_id (``<group>-<m>``, null when not
+  registered), registered, cluster_id (the group: models of one candidate scene are one cluster,
+  so its photos are never one another's negatives), centre_x/y/z, point3d_ids (list, unique
+  within the model), scale (mean focal/depth of its observations), observations;
+- ``sfm_models.parquet``: model_id, group_id, images, points, mean_reprojection_error,
+  mean_track_length, mapper, seconds;
+- ``sfm_groups.parquet``: group_id, photos, status (``ok``, ``failed``, ``skipped``), reason,
+  seconds; then ``_SUCCESS``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from model import storage
+from pipeline.cli import run_cli
+
+__all__ = ["SfmConf", "read_sfm_images", "run"]
+
+logger = logging.getLogger(__name__)
+
+SFM_IMAGES, SFM_MODELS, SFM_GROUPS = (
+    "sfm_images.parquet",
+    "sfm_models.parquet",
+    "sfm_groups.parquet",
+)
+
+
+@dataclass(frozen=True)
+class SfmConf:
+    """Settings of one reconstruction run; every field is a command-line flag."""
+
+    images: str
+    """images.parquet written by pipeline.ingest."""
+    groups: str
+    """The folder written by pipeline.group."""
+    output: str
+    mapper: Literal["incremental", "global"] = "incremental"
+    max_image_size: int = 1024
+    max_features: int = 8192
+    exhaustive_max: int = 60
+    retrieval_k: int = 20
+    """Pairs per photo for groups larger than --exhaustive-max (from the group's descriptors)."""
+    min_images: int = 3
+    """Groups with fewer photos are reported as skipped, not reconstructed."""
+    cpus_per_task: int = 1
+    timeout_s: float = 3600.0
+    retry_failed: bool = False
+
+
+def _group_uri(out: str, group: int) -> str:
+    return storage.join(out, "groups", f"{group:06d}.json")
+
+
+def _task(photos: list[tuple[str, bytes]], options: dict, pairs: list | None) -> dict[str, Any]:
+    """Runs in an SfM worker: reconstruct one group, return plain data."""
+    from pipeline.reconstruct import ReconstructOptions, reconstruct_group
+
+    result = reconstruct_group(photos, ReconstructOptions(**options), pairs)
+    return {
+        "images": [asdict(r) for r in result.images],
+        "models": [asdict(m) for m in result.models],
+        "files": result.files,
+        "seconds": result.seconds,
+        "log": result.log[-20000:],
+    }
+
+
+def _retrieval_pairs(ids: list[str], vectors: np.ndarray, k: int) -> list[tuple[str, str]]:
+    """Each photo with its ``k`` nearest photos of the group, each pair once."""
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    nearest = np.argsort(-sims, axis=1)[:, :k]
+    pairs = {tuple(sorted((ids[i], ids[j]))) for i in range(len(ids)) for j in nearest[i]}
+    return sorted(pairs)
+
+
+def _check(conf: SfmConf) -> None:
+    problems = []
+    if conf.min_images < 2:
+        problems.append(f"--min-images must be at least 2, not {conf.min_images}")
+    if conf.cpus_per_task < 1:
+        problems.append(f"--cpus-per-task must be at least 1, not {conf.cpus_per_task}")
+    if conf.max_image_size < 64:
+        problems.append(f"--max-image-size must be at least 64, not {conf.max_image_size}")
+    if conf.timeout_s <= 0:
+        problems.append("--timeout-s must be positive")
+    for flag, uri in (
+        ("--images", conf.images),
+        ("--groups", conf.groups),
+        ("--output", conf.output),
+    ):
+        problem = storage.bucket_problem(uri)
+        if problem:
+            problems.append(f"{flag}: {problem}")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def run(conf: SfmConf) -> str:
+    """Reconstruct every group; returns the output URI."""
+    import ray
+
+    from pipeline.group import read_groups
+    from pipeline.ingest import read_images
+
+    _check(conf)
+    out = conf.output.rstrip("/")
+    if storage.is_complete(out):
+        logger.info("%s is complete; skipping", out)
+        return out
+    problems = []
+    try:
+        group_ids, group_of = read_groups(conf.groups)
+    except (OSError, ValueError) as err:
+        problems.append(f"--groups: {err}")
+    try:
+        images = read_images(conf.images, ["image_id", "bytes"], ok_only=True)
+    except (OSError, ValueError) as err:
+        problems.append(f"--images: {err}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    photo_bytes: dict[str, bytes] = {}
+    for image_id, data in zip(images.column("image_id").to_pylist(),
+                              images.column("bytes").to_pylist(), strict=True):  # fmt: skip
+        photo_bytes.setdefault(image_id, data)
+    members: dict[int, list[str]] = {}
+    for image_id, group in zip(group_ids, group_of.tolist(), strict=True):
+        members.setdefault(int(group), []).append(image_id)
+    missing = [i for i in group_ids if i not in photo_bytes]
+    if missing:
+        raise ValueError(f"{len(missing)} grouped photos are not in {conf.images}: {missing[:3]}")
+
+    statuses: dict[int, dict[str, Any]] = {}
+    todo = []
+    for group, ids in sorted(members.items()):
+        if group < 0 or len(ids) < conf.min_images:
+            why = "singletons" if group < 0 else f"{len(ids)} photos, under --min-images"
+            statuses[group] = {"status": "skipped", "reason": why, "photos": len(ids)}
+            continue
+        done = _read_json(_group_uri(out, group))
+        if done and (done["status"] == "ok" or not conf.retry_failed):
+            statuses[group] = done
+        else:
+            todo.append(group)
+    if len(statuses) > len([s for s in statuses.values() if s["status"] == "skipped"]):
+        logger.info("resuming: %d groups already have a result", len(statuses))
+
+    if todo:
+        pairs = _pairs_for(conf, members, todo)
+        if not ray.is_initialized():
+            ray.init()
+        _reconstruct(conf, out, members, photo_bytes, todo, pairs, statuses)
+    _assemble(conf, out, members, statuses)
+    return out
+
+
+def _pairs_for(conf: SfmConf, members: dict[int, list[str]], todo: list[int]) -> dict[int, list]:
+    """Retrieval pairs of the groups too large for exhaustive matching."""
+    large = [g for g in todo if len(members[g]) > conf.exhaustive_max]
+    if not large:
+        return {}
+    from pipeline.descriptors import read_descriptors
+
+    manifest = json.loads(storage.read_text(storage.join(conf.groups, "manifest.json")))
+    desc = read_descriptors(manifest["descriptors"])
+    row = {image_id: i for i, image_id in enumerate(desc.image_ids.tolist())}
+    pairs = {}
+    for group in large:
+        ids = [i for i in members[group] if i in row]
+        pairs[group] = _retrieval_pairs(ids, desc.vectors[[row[i] for i in ids]], conf.retrieval_k)
+    return pairs
+
+
+def _reconstruct(
+    conf: SfmConf,
+    out: str,
+    members: dict[int, list[str]],
+    photo_bytes: dict[str, bytes],
+    todo: list[int],
+    pairs: dict[int, list],
+    statuses: dict[int, dict[str, Any]],
+) -> None:
+    import ray
+    from tqdm import tqdm
+
+    options = {
+        "mapper": conf.mapper,
+        "max_image_size": conf.max_image_size,
+        "max_features": conf.max_features,
+        "exhaustive_max": conf.exhaustive_max,
+        "threads": conf.cpus_per_task,
+        "min_model_size": conf.min_images,
+    }
+    # Workers of their own: a runtime env no other stage uses, so no worker that ever imported
+    # torch (the extract stage's) runs pycolmap.
+    task = ray.remote(_task).options(
+        num_cpus=conf.cpus_per_task,
+        max_retries=0,
+        runtime_env={"env_vars": {"CIRRAY_SFM_WORKER": "1"}},
+    )
+    # As many tasks in flight as the cluster has slots for, so a task's clock starts when it
+    # does (the time limit is per group, not per place in the queue).
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // conf.cpus_per_task)
+    queue = list(todo)
+    running: dict[Any, tuple[int, float]] = {}
+    bar = tqdm(total=len(todo), desc="sfm groups", unit="group")
+
+    def finish(group: int, status: dict[str, Any]) -> None:
+        _store(out, group, status)
+        statuses[group] = status
+        bar.update()
+        bar.set_postfix_str(f"group {group}: {status['status']}")
+
+    while queue or running:
+        while queue and len(running) < slots:
+            group = queue.pop(0)
+            photos = [(i, photo_bytes[i]) for i in members[group]]
+            running[task.remote(photos, options, pairs.get(group))] = (group, time.monotonic())
+        done, _ = ray.wait(list(running), num_returns=1, timeout=2.0)
+        now = time.monotonic()
+        for ref in done:
+            group, t0 = running.pop(ref)
+            finish(group, _finished(ray, ref, len(members[group]), now - t0))
+        for ref, (group, t0) in list(running.items()):
+            if now - t0 > conf.timeout_s:
+                ray.cancel(ref, force=True)  # kills the worker: pycolmap cannot be interrupted
+                running.pop(ref)
+                reason = f"ran past --timeout-s {conf.timeout_s:g}"
+                finish(group, {"status": "failed", "reason": reason,
+                               "photos": len(members[group]), "seconds": now - t0})  # fmt: skip
+    bar.close()
+
+
+def _finished(ray: Any, ref: Any, photos: int, seconds: float) -> dict[str, Any]:
+    try:
+        result = ray.get(ref)
+    except ray.exceptions.WorkerCrashedError as err:
+        reason = f"pycolmap crashed the worker (a segfault or abort): {str(err)[:300]}"
+        return {"status": "failed", "reason": reason, "photos": photos, "seconds": seconds}
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause if err.cause is not None else err
+        reason = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+        return {"status": "failed", "reason": reason, "photos": photos, "seconds": seconds}
+    except ray.exceptions.RayError as err:
+        return {"status": "failed", "reason": str(err)[:300], "photos": photos, "seconds": seconds}
+    result["status"] = "ok" if result["models"] else "failed"
+    result["reason"] = None if result["models"] else "no model: too few verified matches"
+    result["photos"] = photos
+    result["seconds"] = seconds
+    return result
+
+
+def _store(out: str, group: int, status: dict[str, Any]) -> None:
+    """The group's model files, then its result (last: a result means the models are there)."""
+    files = status.pop("files", {}) or {}
+    for name, data in files.items():
+        model, _, file = name.partition("/")
+        storage.write_bytes(storage.join(out, "models", f"{group}-{model}", file), data)
+    log = status.pop("log", "")
+    if log:
+        storage.write_text(storage.join(out, "logs", f"{group:06d}.log"), log)
+    storage.write_text(_group_uri(out, group), json.dumps(status))
+
+
+def _read_json(uri: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_text(uri))
+    except (OSError, ValueError):
+        return None
+
+
+def _assemble(
+    conf: SfmConf, out: str, members: dict[int, list[str]], statuses: dict[int, dict]
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image_rows, model_rows, group_rows = [], [], []
+    for group, status in sorted(statuses.items()):
+        group_rows.append({"group_id": group, "photos": status.get("photos", 0),
+                           "status": status["status"], "reason": status.get("reason"),
+                           "seconds": float(status.get("seconds") or 0.0)})  # fmt: skip
+        by_id = {r["image_id"]: r for r in status.get("images", [])}
+        for image_id in members[group]:
+            r = by_id.get(image_id, {})
+            registered = bool(r.get("registered"))
+            centre = r.get("centre") or (None, None, None)
+            image_rows.append({
+                "image_id": image_id,
+                "group_id": group,
+                "model_id": f"{group}-{r['model']}" if registered else None,
+                "registered": registered,
+                "cluster_id": group if group >= 0 else None,
+                "centre_x": centre[0], "centre_y": centre[1], "centre_z": centre[2],
+                "point3d_ids": r.get("point_ids", []) if registered else [],
+                "scale": r.get("scale"),
+                "observations": int(r.get("observations", 0)),
+            })  # fmt: skip
+        for m in status.get("models", []):
+            model_rows.append({
+                "model_id": f"{group}-{m['model']}", "group_id": group, "images": m["images"],
+                "points": m["points"], "mean_reprojection_error": m["mean_reprojection_error"],
+                "mean_track_length": m["mean_track_length"], "mapper": conf.mapper,
+                "seconds": float(status.get("seconds") or 0.0),
+            })  # fmt: skip
+    schemas = {
+        SFM_IMAGES: pa.schema([
+            ("image_id", pa.string()), ("group_id", pa.int64()), ("model_id", pa.string()),
+            ("registered", pa.bool_()), ("cluster_id", pa.int64()), ("centre_x", pa.float64()),
+            ("centre_y", pa.float64()), ("centre_z", pa.float64()),
+            ("point3d_ids", pa.list_(pa.int64())), ("scale", pa.float64()),
+            ("observations", pa.int64()),
+        ]),
+        SFM_MODELS: pa.schema([
+            ("model_id", pa.string()), ("group_id", pa.int64()), ("images", pa.int64()),
+            ("points", pa.int64()), ("mean_reprojection_error", pa.float64()),
+            ("mean_track_length", pa.float64()), ("mapper", pa.string()), ("seconds", pa.float64()),
+        ]),
+        SFM_GROUPS: pa.schema([
+            ("group_id", pa.int64()), ("photos", pa.int64()), ("status", pa.string()),
+            ("reason", pa.string()), ("seconds", pa.float64()),
+        ]),
+    }  # fmt: skip
+    for name, rows in (
+        (SFM_IMAGES, image_rows),
+        (SFM_MODELS, model_rows),
+        (SFM_GROUPS, group_rows),
+    ):
+        table = pa.Table.from_pylist(rows, schema=schemas[name])
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        storage.write_bytes(storage.join(out, name), sink.getvalue())
+    registered = sum(r["registered"] for r in image_rows)
+    summary = {
+        "format": 1,
+        "settings": asdict(conf),
+        "photos": len(image_rows),
+        "registered": registered,
+        "models": len(model_rows),
+        "groups": {
+            s: sum(g["status"] == s for g in group_rows) for s in ("ok", "failed", "skipped")
+        },
+        "failed": {g["group_id"]: g["reason"] for g in group_rows if g["status"] == "failed"},
+    }
+    storage.write_text(storage.join(out, storage.SUCCESS), json.dumps(summary, indent=2))
+    logger.info(
+        "sfm: %d of %d photos registered in %d models; groups %s%s",
+        registered,
+        len(image_rows),
+        len(model_rows),
+        summary["groups"],
+        "; failed: " + "; ".join(f"{g}: {r}" for g, r in summary["failed"].items())
+        if summary["failed"]
+        else "",
+    )
+
+
+def read_sfm_images(uri: str) -> Any:
+    """The ``sfm_images.parquet`` table of a complete sfm output, as a pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    out = uri.rstrip("/")
+    if not storage.is_complete(out):
+        raise ValueError(f"{out} is not a complete sfm output (no {storage.SUCCESS})")
+    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, SFM_IMAGES))))
+
+
+if __name__ == "__main__":
+    run_cli(run, SfmConf)

@@ -1,0 +1,192 @@
+"""SfM on Ray with pycolmap, then pairs, on the built-in collection (geometry known exactly).
+
+The tiny preset: 3 landmarks × 18 photos (16 views + 2 queries), 4 distractors. The groups are
+the landmarks, with the distractors mixed into them (as a grouping that went wrong would): SfM
+must keep them out of the landmark models.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model import storage
+from pipeline.datasets.landmarks import load_cameras
+from pipeline.group import GroupConf
+from pipeline.group import run as group
+from pipeline.ingest import IngestConf
+from pipeline.ingest import run as ingest
+from pipeline.pairs import PairsConf, read_pairs
+from pipeline.pairs import run as mine_pairs
+from pipeline.sfm import SfmConf, read_sfm_images
+from pipeline.sfm import run as sfm
+
+pytestmark = pytest.mark.slow
+
+
+def _umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """The similarity (s, R, t) that best maps ``src`` onto ``dst`` (least squares)."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    a, b = src - mu_s, dst - mu_d
+    u, d, vt = np.linalg.svd(b.T @ a / len(src))
+    sign = np.eye(3)
+    sign[2, 2] = np.sign(np.linalg.det(u @ vt))
+    rotation = u @ sign @ vt
+    scale = np.trace(np.diag(d) @ sign) / a.var(0).sum()
+    return scale, rotation, mu_d - scale * rotation @ mu_s
+
+
+@pytest.fixture(scope="module")
+def landmarks(ray_session, tiny_collection: Path, tmp_path_factory) -> dict:
+    root = tiny_collection
+    cameras = load_cameras(root).to_pylist()
+    tmp = tmp_path_factory.mktemp("sfm")
+    manifest = tmp / "photos.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["uri", "scene"])
+        for i, cam in enumerate(c for c in cameras if c["landmark"] < 0):  # distractors mixed in
+            writer.writerow([str(root / "jpg" / f"{cam['name']}.jpg"), f"lm{i % 3}"])
+        for cam in cameras:
+            if cam["landmark"] >= 0:
+                writer.writerow([str(root / "jpg" / f"{cam['name']}.jpg"), f"lm{cam['landmark']}"])
+    run = str(tmp / "run")
+    images = ingest(IngestConf(source=str(manifest), output=run))
+    # Descriptors are not needed to group by the scene column; group reads them for the
+    # manifest only, so a tiny synthetic table of the right ids stands in.
+    from pipeline.descriptors import write_descriptors
+    from pipeline.ingest import read_images
+
+    table = read_images(images, ["image_id", "uri"], ok_only=True)
+    ids = table.column("image_id").to_pylist()
+    write_descriptors(f"{run}/descriptors", ids, np.eye(len(ids), dtype=np.float32),
+                      network={"weights": "test"})  # fmt: skip
+    group(GroupConf(images=images, descriptors=f"{run}/descriptors", output=f"{run}/groups"))
+    out = sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm"))
+    name_of = {i: Path(u).stem for i, u in zip(ids, table.column("uri").to_pylist(), strict=True)}
+    return {"run": run, "sfm": out, "cameras": {c["name"]: c for c in cameras}, "name": name_of}
+
+
+def test_landmark_photos_register_and_models_stay_pure(landmarks) -> None:
+    rows = read_sfm_images(landmarks["sfm"]).to_pylist()
+    cams, name = landmarks["cameras"], landmarks["name"]
+    landmark = {r["image_id"]: cams[name[r["image_id"]]]["landmark"] for r in rows}
+    ours = [r for r in rows if landmark[r["image_id"]] >= 0]
+    registered = np.mean([r["registered"] for r in ours])
+    by_model: dict[str, set[int]] = {}
+    for r in rows:
+        if r["registered"]:
+            by_model.setdefault(r["model_id"], set()).add(landmark[r["image_id"]])
+    distractors_in = [
+        r["image_id"] for r in rows if landmark[r["image_id"]] < 0 and r["registered"]
+    ]
+    print(f"\nbuilt-in: {registered:.3f} of {len(ours)} landmark photos registered in "
+          f"{len(by_model)} models; distractors registered: {len(distractors_in)}")  # fmt: skip
+    assert registered >= 0.95
+    for model, members in by_model.items():
+        assert len(members) == 1, f"model {model} mixes {members}"  # one landmark, or distractors
+    summary = json.loads(storage.read_text(f"{landmarks['sfm']}/_SUCCESS"))
+    assert summary["groups"]["ok"] == 3
+
+
+def test_camera_centres_match_the_generator_after_a_similarity(landmarks) -> None:
+    rows = read_sfm_images(landmarks["sfm"]).to_pylist()
+    cams, name = landmarks["cameras"], landmarks["name"]
+    errors, per_model = [], {}
+    for model in sorted({r["model_id"] for r in rows if r["registered"]}):
+        members = [r for r in rows if r["model_id"] == model]
+        truth = [cams[name[r["image_id"]]] for r in members]
+        if truth[0]["landmark"] < 0 or len(members) < 4:
+            continue
+        est = np.array([[r["centre_x"], r["centre_y"], r["centre_z"]] for r in members])
+        gt = np.array([t["centre"] for t in truth], dtype=np.float64)
+        s, rot, t = _umeyama(est, gt)
+        aligned = (s * (rot @ est.T)).T + t
+        distance = np.linalg.norm(gt - np.asarray(truth[0]["landmark_centre"]), axis=1)
+        relative = np.linalg.norm(aligned - gt, axis=1) / np.median(distance)
+        per_model[model] = round(float(np.median(relative)), 4)
+        errors += list(relative)
+    median = float(np.median(errors))
+    print(f"\ncamera centres after a similarity: median error {median:.4f} of the camera "
+          f"distance to the landmark (per model: {per_model})")  # fmt: skip
+    assert len(per_model) == 3 and median < 0.1
+
+
+def test_pairs_come_from_one_landmark_and_export_to_cirtorch(landmarks, tmp_path) -> None:
+    cams, name = landmarks["cameras"], landmarks["name"]
+    pkl = tmp_path / "train.pkl"
+    uri = mine_pairs(PairsConf(sfm=landmarks["sfm"], output=str(tmp_path / "pairs"),
+                               export_pkl=str(pkl)))  # fmt: skip
+    pairs = read_pairs(uri).to_pylist()
+    assert len(pairs) >= 40
+    for row in pairs:
+        lm = cams[name[row["query_id"]]]["landmark"]
+        assert lm >= 0 and row["positives"] and row["query_id"] not in row["positives"]
+        assert {cams[name[p]]["landmark"] for p in row["positives"]} == {lm}
+        assert row["overlaps"] == sorted(row["overlaps"], reverse=True)
+        assert min(row["overlaps"]) >= 0.2
+    layout = pickle.loads(pkl.read_bytes())["train"]
+    assert set(layout) == {"cids", "cluster", "qidxs", "pidxs"}
+    assert len(layout["qidxs"]) == len(pairs) == len(layout["pidxs"])
+    for q, p in zip(layout["qidxs"], layout["pidxs"], strict=True):
+        assert layout["cluster"][q] == layout["cluster"][p]
+
+
+def test_a_rerun_reconstructs_only_what_is_missing(landmarks, tmp_path) -> None:
+    import shutil
+
+    sfm_dir = Path(landmarks["sfm"])
+    copy = tmp_path / "sfm"
+    shutil.copytree(sfm_dir, copy)
+    (copy / "_SUCCESS").unlink()
+    group_files = sorted((copy / "groups").glob("*.json"))
+    kept = {p.name: p.read_text() for p in group_files[1:]}
+    group_files[0].unlink()  # that group is reconstructed again, the others are not
+    run = landmarks["run"]
+    sfm(SfmConf(images=f"{run}/images.parquet", groups=f"{run}/groups", output=str(copy)))
+    assert (copy / "_SUCCESS").exists() and (copy / "groups" / group_files[0].name).exists()
+    assert {p.name: p.read_text() for p in sorted((copy / "groups").glob("*.json"))[1:]} == kept
+
+
+def test_bad_photos_a_lone_photo_and_a_blank_scene_are_each_reported(ray_session, tiny_collection,
+                                                                    tmp_path) -> None:  # fmt: skip
+    photos = tmp_path / "photos"
+    source = sorted((tiny_collection / "jpg").glob("lm00_v*.jpg"))
+    (photos / "lm0").mkdir(parents=True)
+    for path in source:
+        (photos / "lm0" / path.name).write_bytes(path.read_bytes())
+    (photos / "lm0" / "corrupt.jpg").write_bytes(source[0].read_bytes()[:300])
+    (photos / "lm0" / "notes.jpg").write_text("not a photo")
+    (photos / "lone").mkdir()
+    lone = sorted((tiny_collection / "jpg").glob("lm01_v*.jpg"))[0]  # no copy of an lm0 photo
+    (photos / "lone" / "only.jpg").write_bytes(lone.read_bytes())
+    (photos / "blank").mkdir()
+    for i in range(6):  # an untextured object: nothing for SIFT to find
+        Image.new("RGB", (320, 240), (120 + 20 * i, 160, 200)).save(photos / "blank" / f"{i}.jpg")
+    run = str(tmp_path / "run")
+    images = ingest(IngestConf(source=str(photos), output=run))
+    from pipeline.descriptors import write_descriptors
+    from pipeline.ingest import read_images
+
+    everything = read_images(images, ["uri", "error"]).to_pylist()
+    failed = {Path(r["uri"]).name: r["error"] for r in everything if r["error"]}
+    assert set(failed) == {"corrupt.jpg", "notes.jpg"}
+    ids = read_images(images, ["image_id"], ok_only=True).column(0).to_pylist()
+    write_descriptors(f"{run}/d", ids, np.eye(len(ids), dtype=np.float32),
+                      network={"weights": "test"})  # fmt: skip
+    group(GroupConf(images=images, descriptors=f"{run}/d", output=f"{run}/g"))
+    out = sfm(SfmConf(images=images, groups=f"{run}/g", output=f"{run}/sfm"))
+    import pyarrow.parquet as pq
+
+    groups = pq.read_table(f"{out}/sfm_groups.parquet").to_pylist()
+    status = {g["photos"]: (g["status"], g["reason"]) for g in groups}
+    assert status[16][0] == "ok"
+    assert status[6][0] == "failed" and status[6][1]  # the blank scene, with its reason
+    summary = json.loads(Path(f"{out}/_SUCCESS").read_text())
+    assert summary["groups"] == {"ok": 1, "failed": 1, "skipped": 1}  # the lone photo: skipped
