@@ -43,6 +43,10 @@ class ReconstructOptions:
     """Groups up to this many photos match every pair; larger ones match ``pairs``."""
     threads: int = 1
     min_model_size: int = 3
+    dsp_sift: bool = False
+    """Domain-size pooling and affine shapes (DSP-SIFT): more robust matches, slower."""
+    guided_matching: bool = True
+    """Match again under each verified pair's geometry: more inliers per pair."""
     seed: int = 0
 
 
@@ -77,16 +81,28 @@ class GroupResult:
     log: str = ""
 
 
+def _camera_key(image: Any) -> tuple:
+    """What makes two photos share intrinsics: size, camera make and model, focal length."""
+    exif = image.getexif()
+    focal = exif.get_ifd(0x8769).get(37386)  # FocalLength, in the Exif sub-IFD
+    return (image.size, exif.get(271), exif.get(272), float(focal) if focal else None)
+
+
 def _write_photos(folder: Path, photos: list[tuple[str, bytes]]) -> dict[str, str]:
-    """Photos as files named by image_id (upright: EXIF rotation applied, as every stage sees
-    them); returns file name → image_id."""
+    """Photos as files named by image_id, a folder per camera (same size, make, model and focal
+    length: one set of intrinsics, as COLMAP's per-folder camera mode then estimates them),
+    upright (EXIF rotation applied, as every stage sees them); returns file name → image_id."""
     from PIL import Image, ImageOps
 
+    cameras: dict[tuple, str] = {}
     names = {}
     for image_id, data in photos:
-        name = f"{image_id}.jpg"
         with Image.open(io.BytesIO(data)) as image:
             upright = ImageOps.exif_transpose(image)
+            key = (_camera_key(image), upright.size)
+            camera = cameras.setdefault(key, f"camera{len(cameras):03d}")
+            (folder / camera).mkdir(exist_ok=True)
+            name = f"{camera}/{image_id}.jpg"
             if upright is image and image.format == "JPEG":
                 (folder / name).write_bytes(data)  # already upright: keep the bytes as they are
             else:
@@ -129,10 +145,13 @@ def reconstruct_group(
         extraction.num_threads = options.threads
         extraction.sift.max_num_features = options.max_features
         extraction.use_gpu = False
+        if options.dsp_sift:
+            extraction.sift.estimate_affine_shape = True
+            extraction.sift.domain_size_pooling = True
         pycolmap.extract_features(
             database,
             images_dir,
-            camera_mode=pycolmap.CameraMode.AUTO,
+            camera_mode=pycolmap.CameraMode.PER_FOLDER,
             extraction_options=extraction,
             device=pycolmap.Device.cpu,
         )
@@ -142,13 +161,15 @@ def reconstruct_group(
         matching = pycolmap.FeatureMatchingOptions()
         matching.num_threads = options.threads
         matching.use_gpu = False
+        matching.guided_matching = options.guided_matching
         if pairs is None or len(photos) <= options.exhaustive_max:
             pycolmap.match_exhaustive(
                 database, matching_options=matching, device=pycolmap.Device.cpu
             )
         else:
             pair_file = root / "pairs.txt"
-            pair_file.write_text("".join(f"{a}.jpg {b}.jpg\n" for a, b in pairs))
+            name_of = {image_id: name for name, image_id in names.items()}
+            pair_file.write_text("".join(f"{name_of[a]} {name_of[b]}\n" for a, b in pairs))
             pairing = pycolmap.ImportedPairingOptions()
             pairing.match_list_path = str(pair_file)
             pycolmap.match_image_pairs(
