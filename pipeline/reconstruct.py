@@ -39,14 +39,15 @@ class ReconstructOptions:
     """incremental (COLMAP's) or global (GLOMAP's, in pycolmap 4)."""
     max_image_size: int = 1024
     max_features: int = 8192
-    exhaustive_max: int = 60
+    exhaustive_max: int = 150
     """Groups up to this many photos match every pair; larger ones match ``pairs``."""
     threads: int = 1
     min_model_size: int = 3
     dsp_sift: bool = False
     """Domain-size pooling and affine shapes (DSP-SIFT): more robust matches, slower."""
-    guided_matching: bool = True
-    """Match again under each verified pair's geometry: more inliers per pair."""
+    guided_matching: bool = False
+    """Match again under each verified pair's geometry: more inliers per pair, at several times
+    the matching time and memory on full-size photos."""
     seed: int = 0
 
 

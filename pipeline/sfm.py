@@ -63,9 +63,13 @@ class SfmConf:
     mapper: Literal["incremental", "global"] = "incremental"
     max_image_size: int = 1024
     max_features: int = 8192
-    exhaustive_max: int = 60
+    exhaustive_max: int = 150
     retrieval_k: int = 20
     """Pairs per photo for groups larger than --exhaustive-max (from the group's descriptors)."""
+    guided_matching: bool = False
+    """Match again under each pair's verified geometry (more inliers; slower)."""
+    dsp_sift: bool = False
+    """DSP-SIFT features with affine shapes (more robust matching; slower)."""
     min_images: int = 3
     """Groups with fewer photos are reported as skipped, not reconstructed."""
     cpus_per_task: int = 1
@@ -216,6 +220,8 @@ def _reconstruct(
         "exhaustive_max": conf.exhaustive_max,
         "threads": conf.cpus_per_task,
         "min_model_size": conf.min_images,
+        "guided_matching": conf.guided_matching,
+        "dsp_sift": conf.dsp_sift,
     }
     # Workers of their own: a runtime env no other stage uses, so no worker that ever imported
     # torch (the extract stage's) runs pycolmap.
@@ -242,7 +248,7 @@ def _reconstruct(
             group = queue.pop(0)
             photos = [(i, photo_bytes[i]) for i in members[group]]
             running[task.remote(photos, options, pairs.get(group))] = (group, time.monotonic())
-        done, _ = ray.wait(list(running), num_returns=1, timeout=2.0)
+        done, _ = ray.wait(list(running), num_returns=1, timeout=min(2.0, conf.timeout_s))
         now = time.monotonic()
         for ref in done:
             group, t0 = running.pop(ref)
@@ -269,6 +275,7 @@ def _finished(ray: Any, ref: Any, photos: int, seconds: float) -> dict[str, Any]
         return {"status": "failed", "reason": reason, "photos": photos, "seconds": seconds}
     except ray.exceptions.RayError as err:
         return {"status": "failed", "reason": str(err)[:300], "photos": photos, "seconds": seconds}
+    result["phase_seconds"] = result.pop("seconds")
     result["status"] = "ok" if result["models"] else "failed"
     result["reason"] = None if result["models"] else "no model: too few verified matches"
     result["photos"] = photos

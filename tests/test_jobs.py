@@ -2,8 +2,8 @@
 
 The head is a real `ray start --head` (token authentication on, as Ray recommends), a process
 of this test's own, stopped by its own process group; the session's local Ray is untouched.
-Ingest, extract and index run as three jobs against the loopback S3 server, then the search
-service as a fourth (detached: it returns once the app is up) that answers over HTTP.
+Ingest, extract and index run as jobs against the loopback S3 server, then group, sfm and pairs,
+then the search service (detached: it returns once the app is up) that answers over HTTP.
 """
 
 from __future__ import annotations
@@ -139,6 +139,15 @@ def test_ingest_extract_index_as_jobs(ray_head, s3_bucket: str, tiny_collection:
     manifest = json.loads(body)
     assert sum(shard["count"] for shard in manifest["shards"]) == len(photos)
     assert len(manifest["shards"]) == 2
+    # Training labels as jobs: the photos' folder is their scene, one group reconstructed.
+    _submit(address, env, "pipeline.group", "--images", f"{run}/images.parquet",
+            "--descriptors", f"{run}/descriptors", "--output", f"{run}/groups")  # fmt: skip
+    _submit(address, env, "pipeline.sfm", "--images", f"{run}/images.parquet",
+            "--groups", f"{run}/groups", "--output", f"{run}/sfm")  # fmt: skip
+    _submit(address, env, "pipeline.pairs", "--sfm", f"{run}/sfm", "--output", f"{run}/pairs")
+    summary = json.loads(s3.get_object(Bucket=s3_bucket, Key="run/sfm/_SUCCESS")["Body"].read())
+    assert summary["groups"]["ok"] == 1 and summary["registered"] >= 6
+    assert s3.head_object(Bucket=s3_bucket, Key="run/pairs/pairs.parquet")["ContentLength"] > 0
     # The service as a job: it returns once the app is up (--detach) and goes on serving.
     port = _free_port()
     _submit(address, env, "pipeline.serve", "--index", f"{run}/index", "--detach",

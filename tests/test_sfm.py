@@ -69,7 +69,9 @@ def landmarks(ray_session, tiny_collection: Path, tmp_path_factory) -> dict:
                       network={"weights": "test"})  # fmt: skip
     group(GroupConf(images=images, descriptors=f"{run}/descriptors", output=f"{run}/groups"))
     out = sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm"))
-    sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm-global", mapper="global"))
+    # Global mapping on these 320x240 px photos wants the extra inliers of guided matching.
+    sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm-global",
+                mapper="global", guided_matching=True))  # fmt: skip
     name_of = {i: Path(u).stem for i, u in zip(ids, table.column("uri").to_pylist(), strict=True)}
     return {"run": run, "sfm": out, "cameras": {c["name"]: c for c in cameras}, "name": name_of}
 
@@ -193,3 +195,29 @@ def test_bad_photos_a_lone_photo_and_a_blank_scene_are_each_reported(ray_session
     assert status[6][0] == "failed" and status[6][1]  # the blank scene, with its reason
     summary = json.loads(Path(f"{out}/_SUCCESS").read_text())
     assert summary["groups"] == {"ok": 1, "failed": 1, "skipped": 1}  # the lone photo: skipped
+
+
+def test_a_group_past_its_time_limit_fails_and_the_run_goes_on(landmarks, tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    run = landmarks["run"]
+    out = sfm(SfmConf(images=f"{run}/images.parquet", groups=f"{run}/groups",
+                      output=str(tmp_path / "sfm"), timeout_s=0.5))  # fmt: skip
+    groups = pq.read_table(f"{out}/sfm_groups.parquet").to_pylist()
+    assert [g["status"] for g in groups] == ["failed"] * 3
+    assert all("--timeout-s" in g["reason"] for g in groups)
+    assert not read_sfm_images(out).column("registered").to_pylist().count(True)
+    again = sfm(SfmConf(images=f"{run}/images.parquet", groups=f"{run}/groups",
+                        output=str(tmp_path / "sfm2"), timeout_s=600))  # fmt: skip
+    assert json.loads(Path(f"{again}/_SUCCESS").read_text())["groups"]["ok"] == 3
+
+
+def test_sfm_and_pairs_into_s3(landmarks, s3_bucket) -> None:
+    run = landmarks["run"]
+    out = sfm(SfmConf(images=f"{run}/images.parquet", groups=f"{run}/groups",
+                      output=f"s3://{s3_bucket}/sfm"))  # fmt: skip
+    assert storage.is_complete(out) and storage.list_files(f"{out}/models", (".bin",))
+    local = read_sfm_images(landmarks["sfm"]).column("registered").to_pylist()
+    assert read_sfm_images(out).column("registered").to_pylist().count(True) == local.count(True)
+    pairs = mine_pairs(PairsConf(sfm=out, output=f"s3://{s3_bucket}/pairs"))
+    assert len(read_pairs(pairs)) >= 40
