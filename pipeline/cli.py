@@ -17,11 +17,24 @@ from typing import Any, TypeVar
 
 import tyro
 
-__all__ = ["USER_ERRORS", "run_cli"]
+__all__ = ["USER_ERRORS", "location_problems", "run_cli"]
 
 Conf = TypeVar("Conf")
 
 USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)
+
+
+def location_problems(**flags: str) -> list[str]:
+    """``"--flag: what is wrong"`` for each storage location (``s3://`` bucket) that cannot be
+    used; keyword names are the flags' names with ``_`` for ``-``."""
+    from model import storage
+
+    problems = []
+    for name, uri in flags.items():
+        problem = storage.bucket_problem(uri)
+        if problem:
+            problems.append(f"--{name.replace('_', '-')}: {problem}")
+    return problems
 
 
 def run_cli(main: Callable[[Conf], Any], conf_type: type[Conf]) -> None:

@@ -32,7 +32,7 @@ from model.backbones import BackboneName
 from model.extraction import resized_size
 from model.images import BadImage, decode_image, read_size
 from model.pooling import PoolingName
-from pipeline.cli import run_cli
+from pipeline.cli import location_problems, run_cli
 from pipeline.descriptors import DESCRIPTOR_MANIFEST
 from pipeline.ingest import read_images, read_images_dataset
 
@@ -266,10 +266,7 @@ def _check(conf: ExtractConf) -> None:
         problems.append(f"--scales must be factors in (0, 4], got {list(conf.scales)}")
     if conf.actors is not None and conf.actors < 1:
         problems.append(f"--actors must be at least 1, got {conf.actors}")
-    for flag, uri in (("--images", conf.images), ("--output", conf.output)):
-        problem = storage.bucket_problem(uri)
-        if problem:
-            problems.append(f"{flag}: {problem}")
+    problems += location_problems(images=conf.images, output=conf.output)
     if problems:
         raise ValueError("\n".join(problems))
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from model import storage
 from model.clustering import DEFAULT_K, DEFAULT_THRESHOLD, cluster_scores, group_descriptors
-from pipeline.cli import run_cli
+from pipeline.cli import location_problems, run_cli
 
 __all__ = ["GROUPS_FILE", "GroupConf", "knn_graph", "read_groups", "run", "split_large"]
 
@@ -157,14 +157,9 @@ def _check(conf: GroupConf) -> None:
         problems.append(f"--max-size must be at least 2, not {conf.max_size}")
     if conf.threshold_step <= 0:
         problems.append("--threshold-step must be positive")
-    for flag, uri in (
-        ("--images", conf.images),
-        ("--descriptors", conf.descriptors),
-        ("--output", conf.output),
-    ):
-        problem = storage.bucket_problem(uri)
-        if problem:
-            problems.append(f"{flag}: {problem}")
+    problems += location_problems(
+        images=conf.images, descriptors=conf.descriptors, output=conf.output
+    )
     if problems:
         raise ValueError("\n".join(problems))
 

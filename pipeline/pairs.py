@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from model import storage
-from pipeline.cli import run_cli
+from pipeline.cli import location_problems, run_cli
 
 __all__ = ["PAIRS_FILE", "PairsConf", "mine_positives", "read_pairs", "run"]
 
@@ -102,10 +102,7 @@ def _check(conf: PairsConf) -> None:
         problems.append(f"--max-scale-change is a ratio >= 1, not {conf.max_scale_change}")
     if conf.max_positives < 1:
         problems.append("--max-positives must be at least 1")
-    for flag, uri in (("--sfm", conf.sfm), ("--output", conf.output)):
-        problem = storage.bucket_problem(uri)
-        if problem:
-            problems.append(f"{flag}: {problem}")
+    problems += location_problems(sfm=conf.sfm, output=conf.output)
     if problems:
         raise ValueError("\n".join(problems))
 

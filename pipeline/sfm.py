@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 
 from model import storage
-from pipeline.cli import run_cli
+from pipeline.cli import location_problems, run_cli
 
 __all__ = ["SfmConf", "read_sfm_images", "run"]
 
@@ -114,14 +114,7 @@ def _check(conf: SfmConf) -> None:
         problems.append(f"--max-image-size must be at least 64, not {conf.max_image_size}")
     if conf.timeout_s <= 0:
         problems.append("--timeout-s must be positive")
-    for flag, uri in (
-        ("--images", conf.images),
-        ("--groups", conf.groups),
-        ("--output", conf.output),
-    ):
-        problem = storage.bucket_problem(uri)
-        if problem:
-            problems.append(f"{flag}: {problem}")
+    problems += location_problems(images=conf.images, groups=conf.groups, output=conf.output)
     if problems:
         raise ValueError("\n".join(problems))
 
@@ -172,8 +165,9 @@ def run(conf: SfmConf) -> str:
             statuses[group] = done
         else:
             todo.append(group)
-    if len(statuses) > len([s for s in statuses.values() if s["status"] == "skipped"]):
-        logger.info("resuming: %d groups already have a result", len(statuses))
+    stored = sum(s["status"] != "skipped" for s in statuses.values())
+    if stored:
+        logger.info("resuming: %d groups already have a result, %d to go", stored, len(todo))
 
     if todo:
         pairs = _pairs_for(conf, members, todo)

@@ -278,6 +278,18 @@ def test_schemathesis_finds_no_server_error(service, serve_url):
     assert service[0].health()["status"] == "ok"
 
 
+def _send(client, queries, k, answers, errors, stop) -> None:
+    """Query after query, round the list, until ``stop``: ``(j, answer)`` or the error."""
+    i = 0
+    while not stop.is_set():
+        j = i % len(queries)
+        try:
+            answers.append((j, client.search_vector(queries[j], k=k)))
+        except SearchError as err:
+            errors.append(str(err))
+        i += 1
+
+
 def test_a_killed_shard_replica_is_replaced_and_no_query_fails(service, vectors):
     from ray import serve
 
@@ -287,19 +299,7 @@ def test_a_killed_shard_replica_is_replaced_and_no_query_fails(service, vectors)
     queries = vectors[:FIRST][::50]
     expected = _exact(vectors[:FIRST], queries, 5)[1]
     answers, errors, stop = [], [], threading.Event()
-
-    def send() -> None:
-        i = 0
-        while not stop.is_set():
-            j = i % len(queries)
-            try:
-                answer = client.search_vector(queries[j], k=5)
-                answers.append((j, answer))
-            except SearchError as err:
-                errors.append(str(err))
-            i += 1
-
-    sender = threading.Thread(target=send)
+    sender = threading.Thread(target=_send, args=(client, queries, 5, answers, errors, stop))
     sender.start()
     try:
         time.sleep(0.5)
@@ -338,18 +338,8 @@ def test_reload_under_load_answers_wholly_from_one_version(service, vectors):
     assert client.health()["version"] == 1  # publishing alone changes nothing served
 
     answers, errors, stop = [], [], threading.Event()
-
-    def send() -> None:
-        i = 0
-        while not stop.is_set():
-            j = i % len(queries)
-            try:
-                answers.append((j, client.search_vector(queries[j], k=k)))
-            except SearchError as err:
-                errors.append(str(err))
-            i += 1
-
-    senders = [threading.Thread(target=send) for _ in range(3)]
+    args = (client, queries, k, answers, errors, stop)
+    senders = [threading.Thread(target=_send, args=args) for _ in range(3)]
     for sender in senders:
         sender.start()
     try:
