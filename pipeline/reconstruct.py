@@ -35,8 +35,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReconstructOptions:
-    mapper: str = "incremental"
-    """incremental (COLMAP's) or global (GLOMAP's, in pycolmap 4)."""
+    mapper: str = "global"
+    """global (GLOMAP's, in pycolmap 4) or incremental (COLMAP's)."""
+    cameras: str = "exif"
+    """exif: photos of one size, make, model and focal length share intrinsics; per_image: every
+    photo its own (what COLMAP does without EXIF)."""
     max_image_size: int = 1024
     max_features: int = 8192
     exhaustive_max: int = 150
@@ -89,7 +92,9 @@ def _camera_key(image: Any) -> tuple:
     return (image.size, exif.get(271), exif.get(272), float(focal) if focal else None)
 
 
-def _write_photos(folder: Path, photos: list[tuple[str, bytes]]) -> dict[str, str]:
+def _write_photos(
+    folder: Path, photos: list[tuple[str, bytes]], shared: bool = True
+) -> dict[str, str]:
     """Photos as files named by image_id, a folder per camera (same size, make, model and focal
     length: one set of intrinsics, as COLMAP's per-folder camera mode then estimates them),
     upright (EXIF rotation applied, as every stage sees them); returns file name → image_id."""
@@ -100,7 +105,7 @@ def _write_photos(folder: Path, photos: list[tuple[str, bytes]]) -> dict[str, st
     for image_id, data in photos:
         with Image.open(io.BytesIO(data)) as image:
             upright = ImageOps.exif_transpose(image)
-            key = (_camera_key(image), upright.size)
+            key = (_camera_key(image), upright.size) if shared else image_id
             camera = cameras.setdefault(key, f"camera{len(cameras):03d}")
             (folder / camera).mkdir(exist_ok=True)
             name = f"{camera}/{image_id}.jpg"
@@ -136,7 +141,9 @@ def reconstruct_group(
         log_file = root / "colmap.log"
         pycolmap.logging.logtostderr = False
         pycolmap.logging.set_log_destination(pycolmap.logging.INFO, str(log_file))
-        names = _write_photos(images_dir, photos)
+        if options.cameras not in ("exif", "per_image"):
+            raise ValueError(f"unknown cameras {options.cameras!r}; use exif or per_image")
+        names = _write_photos(images_dir, photos, shared=options.cameras == "exif")
         ids_by_name = dict(names)
         database = root / "database.db"
 
@@ -224,7 +231,8 @@ def reconstruct_group(
             for path in model_dir.iterdir():
                 files[f"{number}/{path.name}"] = path.read_bytes()
         images = [rows.get(i) or ImageRow(image_id=i, registered=False) for _, i in names.items()]
-        log = log_file.read_text(errors="replace") if log_file.exists() else ""
+        # glog names its files <prefix><date>-<time>.<pid>: read whatever it wrote.
+        log = "".join(p.read_text(errors="replace") for p in sorted(root.glob("colmap.log*")))
     seconds["total"] = time.perf_counter() - started
     return GroupResult(images=images, models=model_rows, files=files, seconds=seconds, log=log)
 

@@ -68,7 +68,8 @@ def landmarks(ray_session, tiny_collection: Path, tmp_path_factory) -> dict:
     write_descriptors(f"{run}/descriptors", ids, np.eye(len(ids), dtype=np.float32),
                       network={"weights": "test"})  # fmt: skip
     group(GroupConf(images=images, descriptors=f"{run}/descriptors", output=f"{run}/groups"))
-    out = sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm"))
+    out = sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm",
+                      mapper="incremental"))  # fmt: skip
     # Global mapping on these 320x240 px photos wants the extra inliers of guided matching.
     sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm-global",
                 mapper="global", guided_matching=True))  # fmt: skip
@@ -96,6 +97,8 @@ def test_landmark_photos_register_and_models_stay_pure(landmarks) -> None:
         assert len(members) == 1, f"model {model} mixes {members}"  # one landmark, or distractors
     summary = json.loads(storage.read_text(f"{landmarks['sfm']}/_SUCCESS"))
     assert summary["groups"]["ok"] == 3
+    logs = storage.list_files(f"{landmarks['sfm']}/logs", (".log",))
+    assert len(logs) == 3 and ".cc:" in storage.read_text(logs[0])  # pycolmap's glog lines
 
 
 @pytest.mark.parametrize("mapper", ["incremental", "global"])
@@ -154,7 +157,8 @@ def test_a_rerun_reconstructs_only_what_is_missing(landmarks, tmp_path) -> None:
     kept = {p.name: p.read_text() for p in group_files[1:]}
     group_files[0].unlink()  # that group is reconstructed again, the others are not
     run = landmarks["run"]
-    sfm(SfmConf(images=f"{run}/images.parquet", groups=f"{run}/groups", output=str(copy)))
+    sfm(SfmConf(images=f"{run}/images.parquet", groups=f"{run}/groups", output=str(copy),
+                mapper="incremental"))  # fmt: skip
     assert (copy / "_SUCCESS").exists() and (copy / "groups" / group_files[0].name).exists()
     assert {p.name: p.read_text() for p in sorted((copy / "groups").glob("*.json"))[1:]} == kept
 
@@ -215,7 +219,7 @@ def test_a_group_past_its_time_limit_fails_and_the_run_goes_on(landmarks, tmp_pa
 def test_sfm_and_pairs_into_s3(landmarks, s3_bucket) -> None:
     run = landmarks["run"]
     out = sfm(SfmConf(images=f"{run}/images.parquet", groups=f"{run}/groups",
-                      output=f"s3://{s3_bucket}/sfm"))  # fmt: skip
+                      output=f"s3://{s3_bucket}/sfm", mapper="incremental"))  # fmt: skip
     assert storage.is_complete(out) and storage.list_files(f"{out}/models", (".bin",))
     local = read_sfm_images(landmarks["sfm"]).column("registered").to_pylist()
     assert read_sfm_images(out).column("registered").to_pylist().count(True) == local.count(True)
