@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.index --out bench/results/index_cpu.json
 	$(BIN)/python -m bench.rank --out bench/results/rank_cpu.json
 	$(BIN)/python -m bench.search --out bench/results/search_cpu.json
+	$(BIN)/python -m bench.sfm --out bench/results/sfm_real_cpu.json
+	$(BIN)/python -m bench.sfm --scaling --out bench/results/sfm_scaling_cpu.json
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
