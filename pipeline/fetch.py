@@ -18,6 +18,7 @@ Nothing here imports torch: ingest workers must never load it.
 
 from __future__ import annotations
 
+import netrc  # noqa: F401  (see http_session)
 import random
 import time
 from dataclasses import dataclass
@@ -101,6 +102,9 @@ def is_transient(error: str | None) -> bool:
 def http_session(pool_size: int) -> requests.Session:
     """A session whose connection pool holds ``pool_size`` connections per host, no retries of
     its own (``fetch`` retries)."""
+    # requests imports netrc lazily in the first request of each session; sixteen fetching threads
+    # importing it at once deadlocked in importlib's module locks once (CPython 3.11), so it is
+    # imported with this module, in one thread.
     session = requests.Session()
     adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
