@@ -675,8 +675,25 @@ def _fetch_missing(todo: pa.Table, conf: IngestConf, images: str) -> pa.Table:
     )
 
 
+def _import_lazy_modules() -> None:
+    """Import here, in the task's one thread, what PIL and requests import on first use.
+
+    Those first imports happening in many fetching threads at once deadlocked in importlib's
+    module locks (CPython 3.11; Ray's workers run a garbage-collection thread that makes the race
+    likelier), leaving an ingest task waiting forever. Cheap after the first call.
+    """
+    import encodings.idna  # noqa: F401  (requests, for host names)
+
+    import requests
+
+    Image.init()  # every image plugin
+    requests.Request("GET", "http://127.0.0.1/").prepare()
+    requests.utils.get_netrc_auth("http://127.0.0.1/")
+
+
 def _ingest_batch(batch: pa.Table, *, images: str, run_id: str, settings: _Settings) -> pa.Table:
     """One task: fetch and check a block of photos, write them as one part file."""
+    _import_lazy_modules()
     uris = batch["uri"].to_pylist()
     decoding = threading.BoundedSemaphore(_DECODES_AT_ONCE)
     with (
