@@ -76,6 +76,14 @@ if TYPE_CHECKING:
     import ray.data
     import requests
 
+# What PIL and requests import on first use is imported now, while a worker loads this module in
+# one thread: those first imports, made by sixteen fetching threads at once, deadlocked in
+# importlib's module locks (CPython 3.11; Ray workers run a garbage-collection thread) and left
+# an ingest task waiting forever.
+import encodings.idna  # noqa: F401  (requests, for host names)
+
+Image.init()  # every image plugin
+
 __all__ = [
     "IMAGES_FILE",
     "IMAGES_SCHEMA",
@@ -675,25 +683,8 @@ def _fetch_missing(todo: pa.Table, conf: IngestConf, images: str) -> pa.Table:
     )
 
 
-def _import_lazy_modules() -> None:
-    """Import here, in the task's one thread, what PIL and requests import on first use.
-
-    Those first imports happening in many fetching threads at once deadlocked in importlib's
-    module locks (CPython 3.11; Ray's workers run a garbage-collection thread that makes the race
-    likelier), leaving an ingest task waiting forever. Cheap after the first call.
-    """
-    import encodings.idna  # noqa: F401  (requests, for host names)
-
-    import requests
-
-    Image.init()  # every image plugin
-    requests.Request("GET", "http://127.0.0.1/").prepare()
-    requests.utils.get_netrc_auth("http://127.0.0.1/")
-
-
 def _ingest_batch(batch: pa.Table, *, images: str, run_id: str, settings: _Settings) -> pa.Table:
     """One task: fetch and check a block of photos, write them as one part file."""
-    _import_lazy_modules()
     uris = batch["uri"].to_pylist()
     decoding = threading.BoundedSemaphore(_DECODES_AT_ONCE)
     with (
