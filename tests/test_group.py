@@ -121,16 +121,3 @@ def test_the_command_reports_every_problem_at_once(tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(errors) >= 2, done.stderr
     assert any("--images" in e for e in errors) and any("--descriptors" in e for e in errors)
-
-
-@pytest.mark.slow
-def test_real_photos_group_into_their_scenes(real_run, tmp_path):
-    uri = run(GroupConf(images=f"{real_run}/images.parquet", descriptors=f"{real_run}/descriptors",
-                        output=str(tmp_path / "g"), use_scene=False))  # fmt: skip
-    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
-    scores = manifest["scores"]
-    print(f"\nreal photos grouped: {manifest['groups']} groups, "
-          f"{len(manifest['singletons'])} singletons, purity {scores['purity']:.3f}, "
-          f"recall {scores['recall']:.3f}")  # fmt: skip
-    assert len(read_groups(uri)[0]) == 373
-    assert scores["purity"] >= 0.9 and scores["recall"] >= 0.9

@@ -5,6 +5,7 @@ Scene-level recall@1: for each photo, the first result other than itself is of i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import boto3
@@ -16,6 +17,8 @@ from model import storage
 from pipeline.descriptors import read_descriptors
 from pipeline.extract import ExtractConf
 from pipeline.extract import run as extract
+from pipeline.group import GroupConf, read_groups
+from pipeline.group import run as group
 from pipeline.index import IndexConf
 from pipeline.index import run as index
 from pipeline.ingest import IngestConf, read_images
@@ -63,3 +66,16 @@ def test_real_photos_into_s3(ray_session, photos_dir: Path, s3_bucket: str) -> N
     recall = _scene_recall_at_1(run)
     print(f"\nreal photos, S3: scene recall@1 {recall:.4f} over {len(photos)} photos")
     assert recall >= 0.95
+
+
+def test_real_photos_group_into_their_scenes(real_run, tmp_path):
+    conf = GroupConf(images=f"{real_run}/images.parquet", descriptors=f"{real_run}/descriptors",
+                     output=str(tmp_path / "g"), use_scene=False)  # fmt: skip
+    uri = group(conf)
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    scores = manifest["scores"]
+    print(f"\nreal photos grouped: {manifest['groups']} groups, "
+          f"{len(manifest['singletons'])} singletons, purity {scores['purity']:.3f}, "
+          f"recall {scores['recall']:.3f}")  # fmt: skip
+    assert len(read_groups(uri)[0]) == 373
+    assert scores["purity"] >= 0.9 and scores["recall"] >= 0.9
