@@ -674,6 +674,9 @@ def _fetch_missing(todo: pa.Table, conf: IngestConf, images: str) -> pa.Table:
         fn_kwargs={"images": images, "run_id": run_id, "settings": settings},
         compute=compute,
         num_cpus=conf.cpus_per_task,
+        # Workers of their own (as for SfM): never one that ran another stage's tasks and its
+        # imports; a reused worker's fetching threads were seen to fail mid-import.
+        runtime_env={"env_vars": {"CIRRAY_INGEST_WORKER": "1"}},
     )
     tables = list(results.iter_batches(batch_size=None, batch_format="pyarrow"))
     return (
