@@ -81,6 +81,7 @@ if TYPE_CHECKING:
 # importlib's module locks (CPython 3.11; Ray workers run a garbage-collection thread) and left
 # an ingest task waiting forever.
 import encodings.idna  # noqa: F401  (requests, for host names)
+
 import pandas  # noqa: F401  (Ray Data checks a task's output with it, imported lazily)
 
 Image.init()  # every image plugin
