@@ -75,8 +75,8 @@ class Loaded:
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of global ids held here (exact for Flat; decoded codes for PQ)."""
-        labels = np.searchsorted(self.id_map.ids, ids)
-        return np.stack([self.index.reconstruct(int(label)) for label in labels])
+        labels = np.searchsorted(self.id_map.ids, ids).astype(np.int64)
+        return self.index.reconstruct_batch(labels)
 
 
 class ShardSet:

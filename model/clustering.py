@@ -60,6 +60,7 @@ __all__ = [
     "connected_components",
     "group_descriptors",
     "knn_neighbours",
+    "relabel_by_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -276,6 +277,17 @@ def _relabel(root: NDArray[np.int64], min_size: int) -> NDArray[np.int64]:
     n_kept = int((counts >= min_size).sum())
     labels[labels >= n_kept] = -1
     return labels
+
+
+def relabel_by_size(labels: ArrayLike, min_size: int = 1) -> NDArray[np.int64]:
+    """Group ids ``0..G-1`` by size (largest first, ties by first member); groups under
+    ``min_size`` and negative labels (unassigned) become ``-1``."""
+    arr = np.asarray(labels, dtype=np.int64)
+    out = np.full(arr.shape, -1, np.int64)
+    kept = arr >= 0
+    if kept.any():
+        out[kept] = _relabel(arr[kept], _check_int("min_size", min_size, 1))
+    return out
 
 
 def group_descriptors(

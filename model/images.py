@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "MIN_SIDE",
     "BadImage",
     "ImageSource",
     "decode_image",
@@ -30,6 +31,8 @@ __all__ = [
     "read_size",
 ]
 
+MIN_SIDE = 16
+"""Photos with a side under this many pixels are refused as too small (ingest, queries)."""
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 """Photos with more pixels are refused as decompression bombs: PIL's own hard limit, above any
 camera's resolution (a 200-megapixel phone photo passes)."""

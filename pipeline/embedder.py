@@ -16,14 +16,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-__all__ = ["MIN_SIDE", "Embedder", "QueryImageError"]
-
-MIN_SIDE = 16
-"""Query photos with a side under this many pixels are refused (ingest's default too)."""
-
-
-class QueryImageError(ValueError):
-    """A query photo that cannot be described: the reason is for the client."""
+__all__ = ["Embedder"]
 
 
 @serve.deployment
@@ -49,7 +42,7 @@ class Embedder:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, photos: list[bytes]) -> list[np.ndarray | str]:
-        from model.images import BadImage
+        from model.images import MIN_SIDE, BadImage
         from pipeline.extract import decode_photo
 
         out: list[np.ndarray | str] = []

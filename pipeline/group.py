@@ -32,7 +32,13 @@ from typing import Any
 import numpy as np
 
 from model import storage
-from model.clustering import DEFAULT_K, DEFAULT_THRESHOLD, cluster_scores, group_descriptors
+from model.clustering import (
+    DEFAULT_K,
+    DEFAULT_THRESHOLD,
+    cluster_scores,
+    group_descriptors,
+    relabel_by_size,
+)
 from pipeline.cli import location_problems, run_cli
 
 __all__ = ["GROUPS_FILE", "GroupConf", "knn_graph", "read_groups", "run", "split_large"]
@@ -124,27 +130,12 @@ def split_large(x: np.ndarray, labels: np.ndarray, conf: GroupConf) -> np.ndarra
             out[members] = next_id
             queue.append((next_id, higher))
             next_id += 1
-    return _dense(out)
+    return _singletons_apart(out)
 
 
-def _dense(labels: np.ndarray) -> np.ndarray:
+def _singletons_apart(labels: np.ndarray) -> np.ndarray:
     """Group ids 0..G-1 by size (largest first); groups of one become -1 (singletons)."""
-    out = np.full(labels.shape, -1, np.int64)
-    kept = labels >= 0
-    if not kept.any():
-        return out
-    ids, first, inverse, counts = np.unique(
-        labels[kept], return_index=True, return_inverse=True, return_counts=True
-    )
-    rank = np.empty(len(ids), np.int64)
-    rank[np.lexsort((first, -counts))] = np.arange(len(ids))
-    dense = rank[inverse]
-    dense[counts[inverse] == 1] = -1
-    ids_left = np.unique(dense[dense >= 0])
-    remap = np.full(len(ids), -1, np.int64)
-    remap[ids_left] = np.arange(len(ids_left))
-    out[kept] = np.where(dense >= 0, remap[np.maximum(dense, 0)], -1)
-    return out
+    return relabel_by_size(labels, min_size=2)
 
 
 def _check(conf: GroupConf) -> None:
@@ -202,7 +193,7 @@ def run(conf: GroupConf) -> str:
     x = desc.vectors[[row_of[i] for i in ids]]
     if has_scenes and conf.use_scene:
         names = sorted(set(scenes))
-        labels = _dense(np.array([names.index(s) for s in scenes], np.int64))
+        labels = _singletons_apart(np.array([names.index(s) for s in scenes], np.int64))
         method = "scene column"
     else:
         sims, idx = knn_graph(x, conf.k, conf.flat_max)

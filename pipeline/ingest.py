@@ -68,7 +68,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from model import storage
-from model.images import DEFAULT_MAX_PIXELS, BadImage, open_image, read_size
+from model.images import DEFAULT_MAX_PIXELS, MIN_SIDE, BadImage, open_image, read_size
 from pipeline.datasets.sets import IMAGE_SUFFIXES
 from pipeline.fetch import FetchPolicy, failure_kind, fetch, http_session, is_transient
 
@@ -161,7 +161,7 @@ class IngestConf:
     """Delay before the first retry, doubling for each further one."""
     max_bytes: int = FetchPolicy.max_bytes
     """Largest photo accepted, in bytes; longer ones fail as ``too big``."""
-    min_side: int = 16
+    min_side: int = MIN_SIDE
     """Photos with a side shorter than this many pixels fail as ``too small``."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Photos with more pixels fail as a ``decompression bomb``."""

@@ -189,20 +189,18 @@ def reconstruct_group(
         seconds["matching"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        if options.mapper == "global":
-            pipeline = pycolmap.GlobalPipelineOptions()
-            pipeline.num_threads = options.threads
-            pipeline.min_model_size = options.min_model_size
-            pipeline.random_seed = options.seed
-            models = pycolmap.global_mapping(database, images_dir, out_dir, pipeline)
-        elif options.mapper == "incremental":
-            pipeline = pycolmap.IncrementalPipelineOptions()
-            pipeline.num_threads = options.threads
-            pipeline.min_model_size = options.min_model_size
-            pipeline.random_seed = options.seed
-            models = pycolmap.incremental_mapping(database, images_dir, out_dir, pipeline)
-        else:
+        mappers = {
+            "global": (pycolmap.GlobalPipelineOptions, pycolmap.global_mapping),
+            "incremental": (pycolmap.IncrementalPipelineOptions, pycolmap.incremental_mapping),
+        }
+        if options.mapper not in mappers:
             raise ValueError(f"unknown mapper {options.mapper!r}; use incremental or global")
+        make_options, mapping = mappers[options.mapper]
+        pipeline = make_options()
+        pipeline.num_threads = options.threads
+        pipeline.min_model_size = options.min_model_size
+        pipeline.random_seed = options.seed
+        models = mapping(database, images_dir, out_dir, pipeline)
         seconds["mapping"] = time.perf_counter() - t
 
         rows: dict[str, ImageRow] = {}

@@ -199,6 +199,19 @@ def _pairs_for(conf: SfmConf, members: dict[int, list[str]], todo: list[int]) ->
     return pairs
 
 
+def _reconstruct_options(conf: SfmConf) -> dict[str, Any]:
+    """``pipeline.reconstruct.ReconstructOptions`` of these flags (same names, but threads =
+    --cpus-per-task and the smallest model = --min-images)."""
+    from dataclasses import fields
+
+    from pipeline.reconstruct import ReconstructOptions
+
+    same = {
+        f.name: getattr(conf, f.name) for f in fields(ReconstructOptions) if hasattr(conf, f.name)
+    }
+    return {**same, "threads": conf.cpus_per_task, "min_model_size": conf.min_images}
+
+
 def _reconstruct(
     conf: SfmConf,
     out: str,
@@ -211,17 +224,7 @@ def _reconstruct(
     import ray
     from tqdm import tqdm
 
-    options = {
-        "mapper": conf.mapper,
-        "cameras": conf.cameras,
-        "max_image_size": conf.max_image_size,
-        "max_features": conf.max_features,
-        "exhaustive_max": conf.exhaustive_max,
-        "threads": conf.cpus_per_task,
-        "min_model_size": conf.min_images,
-        "guided_matching": conf.guided_matching,
-        "dsp_sift": conf.dsp_sift,
-    }
+    options = _reconstruct_options(conf)
     # Workers of their own: a runtime env no other stage uses, so no worker that ever imported
     # torch (the extract stage's) runs pycolmap.
     task = ray.remote(_task).options(
