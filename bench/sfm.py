@@ -7,7 +7,8 @@ reconstructed by ``pipeline.sfm`` with ``--mapper incremental`` and with ``--map
 (SIFT at 1024 px, 2 groups at a time, 1 thread each). Printed per scene: its photos, the
 groups they fell in, and the share registered in its largest model, beside what plain pycolmap
 registers when given each scene alone (SIFT ≤ 1024 px, exhaustive matching, incremental
-mapping; the issue's figures, measured on this machine).
+mapping; the figures issue 15 quotes, not re-run here: only the two mappers' columns come from
+this run).
 
 ``python -m bench.sfm --scaling``: images per second reconstructing two groups of the built-in
 ``sfm`` collection (39 photos of 1024x768 each) one at a time against both at once (1 thread
