@@ -139,14 +139,16 @@ def scaling(conf: BenchConf) -> dict:
     import ray
 
     from pipeline.datasets.landmarks import CONFS, generate
-    from pipeline.reconstruct import ReconstructOptions
-    from pipeline.sfm import _task
+    from pipeline.reconstruct import ReconstructOptions, reconstruct_group
 
     root = generate(CONFS["sfm"], Path(tempfile.mkdtemp(prefix="cirray-bench-sfm-")))
     groups = [sorted((root / "jpg").glob(f"lm0{i}_*.jpg")) for i in (0, 1)]
     photos = [[(p.stem, p.read_bytes()) for p in g] for g in groups]
     options = vars(ReconstructOptions(threads=1))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    def _task(photos: list, options: dict, pairs: None) -> int:
+        return len(reconstruct_group(photos, ReconstructOptions(**options), pairs).images)
+
     task = ray.remote(_task).options(
         num_cpus=1, runtime_env={"env_vars": {"CIRRAY_SFM_WORKER": "1"}}
     )

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from model import storage
 
-__all__ = ["ImageCatalog", "Photo", "images_of_manifest", "thumbnail_jpeg"]
+__all__ = ["ImageCatalog", "Photo", "images_of_manifest", "read_photo_bytes", "thumbnail_jpeg"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +99,17 @@ class ImageCatalog:
             if folder in self._tables:
                 continue
             try:
-                self._read_table(folder)
+                self.read_table(folder)
             except (OSError, ValueError) as err:
                 logger.warning("photos of %s are not available: %s", folder, err)
                 continue
             self._tables.append(folder)
         return len(self._photos) - before
 
-    def _read_table(self, folder: str) -> None:
+    def read_table(self, images: str) -> None:
+        """Read one images table (``OUT`` or ``OUT/images.parquet``); raises when it is not a
+        complete, readable one (``add`` logs that and goes on)."""
+        folder = _table_folder(images)
         if not storage.is_complete(folder):
             raise ValueError(f"{folder} is not a complete images table (no {storage.SUCCESS})")
         for part in storage.list_files(folder, (".parquet",), recursive=False):
@@ -132,13 +135,13 @@ class ImageCatalog:
     def uris(self, image_ids: np.ndarray) -> list[str | None]:
         return [self.uri(i) if i is not None else None for i in image_ids]
 
+    def photo(self, image_id: str) -> Photo:
+        """Where a photo's bytes lie. ``KeyError`` for an image_id not in the catalog."""
+        return self._photos[image_id]
+
     def photo_bytes(self, image_id: str) -> bytes:
         """The stored bytes of a photo. ``KeyError`` for an image_id not in the catalog."""
-        photo = self._photos[image_id]
-        fs, path = storage.arrow_filesystem(photo.part)
-        with fs.open_input_file(path) as handle:
-            column = pq.ParquetFile(handle).read_row_group(photo.row_group, columns=["bytes"])
-        return column.column("bytes")[photo.row].as_py()
+        return read_photo_bytes([self._photos[image_id]])[image_id]
 
     def thumbnail(self, image_id: str, side: int = THUMBNAIL_SIDE) -> bytes:
         """A JPEG of the photo, upright, its longer side at most ``side`` (cached)."""
@@ -153,6 +156,26 @@ class ImageCatalog:
             while len(self._thumbs) > self._cache_size:
                 self._thumbs.popitem(last=False)
         return data
+
+
+def read_photo_bytes(photos: Iterable[Photo]) -> dict[str, bytes]:
+    """image_id → stored bytes, reading each row group that holds some of them once.
+
+    What lets a worker fetch its own share of a large collection (an SfM group) with nothing
+    but these small locations passed to it.
+    """
+    by_group: dict[tuple[str, int], list[Photo]] = {}
+    for photo in photos:
+        by_group.setdefault((photo.part, photo.row_group), []).append(photo)
+    out: dict[str, bytes] = {}
+    for (part, row_group), wanted in by_group.items():
+        fs, path = storage.arrow_filesystem(part)
+        with fs.open_input_file(path) as handle:
+            column = pq.ParquetFile(handle).read_row_group(row_group, columns=["bytes"])
+        data = column.column("bytes")
+        for photo in wanted:
+            out[photo.image_id] = data[photo.row].as_py()
+    return out
 
 
 def thumbnail_jpeg(data: bytes, side: int = THUMBNAIL_SIDE) -> bytes:

@@ -11,11 +11,17 @@ beyond: never an N×N matrix), components of its mutual edges at cosine similari
 ``--threshold`` or more, leaves attached. A component over ``--max-size`` photos is grouped
 again inside itself at a threshold raised step by step until every part fits (a dense scene
 splits into views before it stops at ``--max-threshold``; what is still too big is cut along
-its principal direction). Photos that join nothing stay singletons: reported, never
-reconstructed (``group_id`` -1).
+its principal direction). Photos that join nothing stay singletons (``group_id`` -1).
+
+A global descriptor often cannot tell which of two look-alike scenes a leftover photo (a
+singleton, or one of a group under ``--attach-below`` photos) belongs to, but geometry can. So
+each leftover is also offered to its ``--attach-k`` most similar groups (the mean of its
+``--attach-top`` best similarities to a group's photos, at least ``--attach-threshold``): the sfm
+stage reconstructs it with each of them and keeps the model that registers it.
 
 Output: ``GROUPS/groups.parquet`` (``image_id``, ``group_id``), one row per usable described
-photo, and ``GROUPS/manifest.json`` (the method and settings, group sizes, singletons, photos
+photo; ``GROUPS/candidates.parquet`` (``image_id``, ``group_id``, ``similarity``), the leftovers'
+offers; ``GROUPS/manifest.json`` (the method and settings, group sizes, singletons, photos
 without a descriptor, and purity/recall against the ``scene`` column when there is one), then
 ``_SUCCESS``. A complete output is skipped. Torch-free (SfM workers must never import torch).
 """
@@ -41,11 +47,22 @@ from model.clustering import (
 )
 from pipeline.cli import location_problems, run_cli
 
-__all__ = ["GROUPS_FILE", "GroupConf", "knn_graph", "read_groups", "run", "split_large"]
+__all__ = [
+    "CANDIDATES_FILE",
+    "GROUPS_FILE",
+    "GroupConf",
+    "attach_candidates",
+    "knn_graph",
+    "read_candidates",
+    "read_groups",
+    "run",
+    "split_large",
+]
 
 logger = logging.getLogger(__name__)
 
 GROUPS_FILE = "groups.parquet"
+CANDIDATES_FILE = "candidates.parquet"
 MANIFEST = "manifest.json"
 
 
@@ -71,6 +88,15 @@ class GroupConf:
     threshold_step: float = 0.02
     flat_max: int = 200_000
     """Exact kNN (IndexFlatIP) up to this many photos, IVF beyond."""
+    attach_below: int = 3
+    """Groups with fewer photos count as leftovers, offered to larger groups (0: none)."""
+    attach_k: int = 2
+    """Groups each leftover is offered to."""
+    attach_top: int = 3
+    """A leftover's similarity to a group: the mean of its best this many to the group."""
+    attach_threshold: float = 0.6
+    attach_neighbours: int = 64
+    """Nearest grouped photos searched per leftover (bounds the work at any N)."""
 
 
 def knn_graph(
@@ -81,9 +107,16 @@ def knn_graph(
     Exact inner product up to ``flat_max`` rows; beyond, IVF-Flat with about 4·√N lists, 32 of
     them probed: memory O(N·k), never N×N.
     """
+    return _nearest(vectors, vectors, k + 1, flat_max)
+
+
+def _nearest(
+    base: np.ndarray, queries: np.ndarray, k: int, flat_max: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest rows of ``base`` to each query (see ``knn_graph``)."""
     import faiss
 
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    x = np.ascontiguousarray(base, dtype=np.float32)
     n, dim = x.shape
     if n <= flat_max:
         index = faiss.IndexFlatIP(dim)
@@ -95,7 +128,40 @@ def knn_graph(
         index.train(x[rng.choice(n, min(n, 64 * nlist), replace=False)])
         index.nprobe = 32
     index.add(x)
-    return index.search(x, min(k + 1, n))
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, n))
+
+
+def attach_candidates(
+    x: np.ndarray, labels: np.ndarray, conf: GroupConf
+) -> list[tuple[int, int, float]]:
+    """``(row, group, similarity)``: each leftover row's offers to groups (see the docstring).
+
+    Leftovers are rows of label -1 or of groups under ``conf.attach_below`` photos; a
+    leftover's similarity to a group is the mean of its ``attach_top`` best similarities among
+    its ``attach_neighbours`` nearest grouped photos.
+    """
+    if conf.attach_below <= 0 or not (labels >= 0).any():
+        return []
+    sizes = np.bincount(labels[labels >= 0])
+    targets = (labels >= 0) & (sizes[np.maximum(labels, 0)] >= conf.attach_below)
+    leftovers = np.flatnonzero(~targets)
+    base = np.flatnonzero(targets)
+    if not len(leftovers) or not len(base):
+        return []
+    sims, idx = _nearest(x[base], x[leftovers], conf.attach_neighbours, conf.flat_max)
+    offers = []
+    for row, row_sims, row_idx in zip(leftovers.tolist(), sims, idx, strict=True):
+        best: dict[int, list[float]] = {}
+        for sim, j in zip(row_sims.tolist(), row_idx.tolist(), strict=True):
+            if j >= 0:  # sorted by similarity, so the first attach_top of a group are its best
+                group_sims = best.setdefault(int(labels[base[j]]), [])
+                if len(group_sims) < conf.attach_top:
+                    group_sims.append(sim)
+        scored = sorted(((float(np.mean(v)), g) for g, v in best.items()), reverse=True)
+        offers += [
+            (row, g, sim) for sim, g in scored[: conf.attach_k] if sim >= conf.attach_threshold
+        ]
+    return offers
 
 
 def _regroup(x: np.ndarray, conf: GroupConf, threshold: float) -> np.ndarray:
@@ -148,6 +214,8 @@ def _check(conf: GroupConf) -> None:
         problems.append(f"--max-size must be at least 2, not {conf.max_size}")
     if conf.threshold_step <= 0:
         problems.append("--threshold-step must be positive")
+    if conf.attach_k < 1 or conf.attach_top < 1 or conf.attach_neighbours < 1:
+        problems.append("--attach-k, --attach-top and --attach-neighbours must be at least 1")
     problems += location_problems(
         images=conf.images, descriptors=conf.descriptors, output=conf.output
     )
@@ -191,6 +259,7 @@ def run(conf: GroupConf) -> str:
     scenes = [scene_of[i] for i in ids]
     has_scenes = all(s is not None for s in scenes)
     x = desc.vectors[[row_of[i] for i in ids]]
+    offers: list[tuple[int, int, float]] = []
     if has_scenes and conf.use_scene:
         names = sorted(set(scenes))
         labels = _singletons_apart(np.array([names.index(s) for s in scenes], np.int64))
@@ -199,6 +268,7 @@ def run(conf: GroupConf) -> str:
         sims, idx = knn_graph(x, conf.k, conf.flat_max)
         labels = group_descriptors(neighbours=(sims, idx), k=conf.k, threshold=conf.threshold)
         labels = split_large(x, labels, conf)
+        offers = attach_candidates(x, labels, conf)
         method = "descriptors: mutual kNN components"
 
     sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, np.int64)
@@ -213,17 +283,21 @@ def run(conf: GroupConf) -> str:
         "group_sizes": sizes.tolist(),
         "singletons": [i for i, g in zip(ids, labels.tolist(), strict=True) if g < 0],
         "undescribed": undescribed,
+        "candidates": len(offers),
+        "leftovers_offered": len({row for row, _, _ in offers}),
     }
     if has_scenes and method != "scene column":
         manifest["scores"] = cluster_scores(labels, np.array(scenes, dtype=object))
-    _write(out, ids, labels, manifest)
+    _write(out, ids, labels, offers, manifest)
     logger.info(
-        "%d photos into %d groups by %s (%d singletons, %d without a descriptor)%s",
+        "%d photos into %d groups by %s (%d singletons, %d without a descriptor, "
+        "%d leftovers offered to other groups)%s",
         len(ids),
         len(sizes),
         method,
         len(manifest["singletons"]),
         len(undescribed),
+        manifest["leftovers_offered"],
         "; purity {purity:.3f}, recall {recall:.3f}".format(**manifest["scores"])
         if "scores" in manifest
         else "",
@@ -231,18 +305,56 @@ def run(conf: GroupConf) -> str:
     return storage.join(out, GROUPS_FILE)
 
 
-def _write(out: str, ids: list[str], labels: np.ndarray, manifest: dict[str, Any]) -> None:
+def _write(
+    out: str,
+    ids: list[str],
+    labels: np.ndarray,
+    offers: list[tuple[int, int, float]],
+    manifest: dict[str, Any],
+) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pa.table(
-        {"image_id": pa.array(ids, pa.string()), "group_id": pa.array(labels, pa.int64())}
+    _write_parquet(
+        storage.join(out, GROUPS_FILE),
+        pa.table(
+            {"image_id": pa.array(ids, pa.string()), "group_id": pa.array(labels, pa.int64())}
+        ),
     )
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    storage.write_bytes(storage.join(out, GROUPS_FILE), sink.getvalue())
+    _write_parquet(
+        storage.join(out, CANDIDATES_FILE),
+        pa.table(
+            {
+                "image_id": pa.array([ids[row] for row, _, _ in offers], pa.string()),
+                "group_id": pa.array([g for _, g, _ in offers], pa.int64()),
+                "similarity": pa.array([s for _, _, s in offers], pa.float32()),
+            }
+        ),
+    )
     storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2, default=float))
     storage.write_text(storage.join(out, storage.SUCCESS), "")
+
+
+def _write_parquet(uri: str, table: Any) -> None:
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    storage.write_bytes(uri, sink.getvalue())
+
+
+def read_candidates(uri: str) -> list[tuple[str, int]]:
+    """``(image_id, group_id)`` offers of a complete group output; none from older outputs."""
+    import pyarrow.parquet as pq
+
+    folder = uri.rstrip("/").removesuffix(f"/{GROUPS_FILE}")
+    if not storage.is_complete(folder):
+        raise ValueError(f"{folder} is not a complete group output (no {storage.SUCCESS})")
+    try:
+        data = storage.read_bytes(storage.join(folder, CANDIDATES_FILE))
+    except FileNotFoundError:
+        return []
+    table = pq.read_table(io.BytesIO(data))
+    return list(zip(table["image_id"].to_pylist(), table["group_id"].to_pylist(), strict=True))
 
 
 def read_groups(uri: str) -> tuple[list[str], np.ndarray]:

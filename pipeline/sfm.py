@@ -10,20 +10,27 @@ verification, ``--mapper incremental|global``. The tasks run in workers of their
 environment no other stage shares), which import neither torch nor anything that does: pycolmap
 crashes in feature extraction when torch came first (colmap issue #3477).
 
+Leftover photos the group stage offered to other groups (``candidates.parquet``: singletons and
+photos of groups too small to reconstruct, each with its most similar groups) are reconstructed
+with each group they were offered to; a photo registered there counts as that group's
+(``attached``), and where several models register it, the largest wins.
+
 A group that fails (pycolmap raises, the worker dies — a segfault —, or it runs past
 ``--timeout-s``) is recorded with its reason and the run goes on. Each finished group is written
 at once (``SFM/groups/<group>.json`` with its rows, its models under ``SFM/models/<group>-<m>/``),
 so a rerun reconstructs only the groups without a result; ``--retry-failed`` tries failed ones
 again. Once every group has a result the tables are assembled:
 
-- ``sfm_images.parquet``: image_id, group_id, model_id (``<group>-<m>``, null when not
-  registered), registered, cluster_id (the group: models of one candidate scene are one cluster,
-  so its photos are never one another's negatives), centre_x/y/z, point3d_ids (list, unique
-  within the model), scale (mean focal/depth of its observations), observations;
+- ``sfm_images.parquet``: one row per grouped photo: image_id, group_id (where it was
+  reconstructed), attached (registered in a group it was only offered to), model_id
+  (``<group>-<m>``, null when not registered), registered, cluster_id (the group: models of
+  one candidate scene are one cluster, so its photos are never one another's negatives),
+  centre_x/y/z, point3d_ids (list, unique within the model), scale (mean focal/depth of its
+  observations), observations;
 - ``sfm_models.parquet``: model_id, group_id, images, points, mean_reprojection_error,
   mean_track_length, mapper, seconds;
-- ``sfm_groups.parquet``: group_id, photos, status (``ok``, ``failed``, ``skipped``), reason,
-  seconds; then ``_SUCCESS``.
+- ``sfm_groups.parquet``: group_id, photos (members and offered leftovers), offered, status
+  (``ok``, ``failed``, ``skipped``), reason, seconds; then ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cluster.catalog import ImageCatalog
 from model import storage
 from pipeline.cli import location_problems, run_cli
 
@@ -77,6 +85,9 @@ class SfmConf:
     min_images: int = 3
     """Groups with fewer photos are reported as skipped, not reconstructed."""
     cpus_per_task: int = 1
+    scratch: str | None = None
+    """Local folder for each task's working files (default: the system's temporary folder);
+    big groups want a fast disk with room for their photos and database."""
     timeout_s: float = 3600.0
     retry_failed: bool = False
 
@@ -85,11 +96,21 @@ def _group_uri(out: str, group: int) -> str:
     return storage.join(out, "groups", f"{group:06d}.json")
 
 
-def _task(photos: list[tuple[str, bytes]], options: dict, pairs: list | None) -> dict[str, Any]:
-    """Runs in an SfM worker: reconstruct one group, return plain data."""
+def _task(
+    located: list[Any], options: dict, pairs: list | None, scratch: str | None = None
+) -> dict[str, Any]:
+    """Runs in an SfM worker: read the group's photos (``cluster.catalog.Photo`` locations in
+    images.parquet) straight from storage, reconstruct them, return plain data."""
+    from pathlib import Path
+
+    from cluster.catalog import read_photo_bytes
     from pipeline.reconstruct import ReconstructOptions, reconstruct_group
 
-    result = reconstruct_group(photos, ReconstructOptions(**options), pairs)
+    data = read_photo_bytes(located)
+    photos = [(photo.image_id, data[photo.image_id]) for photo in located]
+    if scratch:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+    result = reconstruct_group(photos, ReconstructOptions(**options), pairs, scratch)
     return {
         "images": [asdict(r) for r in result.images],
         "models": [asdict(m) for m in result.models],
@@ -127,8 +148,7 @@ def run(conf: SfmConf) -> str:
     """Reconstruct every group; returns the output URI."""
     import ray
 
-    from pipeline.group import read_groups
-    from pipeline.ingest import read_images
+    from pipeline.group import read_candidates, read_groups
 
     _check(conf)
     out = conf.output.rstrip("/")
@@ -138,24 +158,27 @@ def run(conf: SfmConf) -> str:
     problems = []
     try:
         group_ids, group_of = read_groups(conf.groups)
+        offers = read_candidates(conf.groups)
     except (OSError, ValueError) as err:
         problems.append(f"--groups: {err}")
     try:
-        images = read_images(conf.images, ["image_id", "bytes"], ok_only=True)
+        catalog = ImageCatalog()  # where each photo's bytes lie; the tasks read them
+        catalog.read_table(conf.images)
     except (OSError, ValueError) as err:
         problems.append(f"--images: {err}")
     if problems:
         raise ValueError("\n".join(problems))
-    photo_bytes: dict[str, bytes] = {}
-    for image_id, data in zip(images.column("image_id").to_pylist(),
-                              images.column("bytes").to_pylist(), strict=True):  # fmt: skip
-        photo_bytes.setdefault(image_id, data)
     members: dict[int, list[str]] = {}
     for image_id, group in zip(group_ids, group_of.tolist(), strict=True):
         members.setdefault(int(group), []).append(image_id)
-    missing = [i for i in group_ids if i not in photo_bytes]
+    missing = [i for i in group_ids if i not in catalog]
     if missing:
         raise ValueError(f"{len(missing)} grouped photos are not in {conf.images}: {missing[:3]}")
+    offered: dict[int, list[str]] = {}
+    for image_id, group in offers:
+        if group in members and image_id not in members[group]:
+            offered.setdefault(group, []).append(image_id)
+    photos_of = {g: ids + offered.get(g, []) for g, ids in members.items()}
 
     statuses: dict[int, dict[str, Any]] = {}
     todo = []
@@ -174,11 +197,11 @@ def run(conf: SfmConf) -> str:
         logger.info("resuming: %d groups already have a result, %d to go", stored, len(todo))
 
     if todo:
-        pairs = _pairs_for(conf, members, todo)
+        pairs = _pairs_for(conf, photos_of, todo)
         if not ray.is_initialized():
             ray.init()
-        _reconstruct(conf, out, members, photo_bytes, todo, pairs, statuses)
-    _assemble(conf, out, members, statuses)
+        _reconstruct(conf, out, photos_of, catalog, todo, pairs, statuses)
+    _assemble(conf, out, members, offered, statuses)
     return out
 
 
@@ -216,7 +239,7 @@ def _reconstruct(
     conf: SfmConf,
     out: str,
     members: dict[int, list[str]],
-    photo_bytes: dict[str, bytes],
+    catalog: ImageCatalog,
     todo: list[int],
     pairs: dict[int, list],
     statuses: dict[int, dict[str, Any]],
@@ -248,8 +271,9 @@ def _reconstruct(
     while queue or running:
         while queue and len(running) < slots:
             group = queue.pop(0)
-            photos = [(i, photo_bytes[i]) for i in members[group]]
-            running[task.remote(photos, options, pairs.get(group))] = (group, time.monotonic())
+            photos = [catalog.photo(i) for i in members[group]]
+            ref = task.remote(photos, options, pairs.get(group), conf.scratch)
+            running[ref] = (group, time.monotonic())
         done, _ = ray.wait(list(running), num_returns=1, timeout=min(2.0, conf.timeout_s))
         now = time.monotonic()
         for ref in done:
@@ -305,24 +329,33 @@ def _read_json(uri: str) -> dict[str, Any] | None:
 
 
 def _assemble(
-    conf: SfmConf, out: str, members: dict[int, list[str]], statuses: dict[int, dict]
+    conf: SfmConf,
+    out: str,
+    members: dict[int, list[str]],
+    offered: dict[int, list[str]],
+    statuses: dict[int, dict],
 ) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    image_rows, model_rows, group_rows = [], [], []
+    rows_of: dict[str, list[dict[str, Any]]] = {}  # every row each photo got
+    model_rows, group_rows = [], []
     for group, status in sorted(statuses.items()):
+        extra = offered.get(group, []) if status["status"] != "skipped" else []
         group_rows.append({"group_id": group, "photos": status.get("photos", 0),
-                           "status": status["status"], "reason": status.get("reason"),
+                           "offered": len(extra), "status": status["status"],
+                           "reason": status.get("reason"),
                            "seconds": float(status.get("seconds") or 0.0)})  # fmt: skip
         by_id = {r["image_id"]: r for r in status.get("images", [])}
-        for image_id in members[group]:
+        model_size = {m["model"]: m["images"] for m in status.get("models", [])}
+        for image_id in members[group] + extra:
             r = by_id.get(image_id, {})
             registered = bool(r.get("registered"))
             centre = r.get("centre") or (None, None, None)
-            image_rows.append({
+            rows_of.setdefault(image_id, []).append({
                 "image_id": image_id,
                 "group_id": group,
+                "attached": registered and image_id in extra,
                 "model_id": f"{group}-{r['model']}" if registered else None,
                 "registered": registered,
                 "cluster_id": group if group >= 0 else None,
@@ -330,6 +363,8 @@ def _assemble(
                 "point3d_ids": r.get("point_ids", []) if registered else [],
                 "scale": r.get("scale"),
                 "observations": int(r.get("observations", 0)),
+                "_model_size": model_size.get(r.get("model"), 0) if registered else 0,
+                "_own": image_id not in extra,
             })  # fmt: skip
         for m in status.get("models", []):
             model_rows.append({
@@ -338,11 +373,12 @@ def _assemble(
                 "mean_track_length": m["mean_track_length"], "mapper": conf.mapper,
                 "seconds": float(status.get("seconds") or 0.0),
             })  # fmt: skip
+    image_rows = [_best_row(rows) for rows in rows_of.values()]
     schemas = {
         SFM_IMAGES: pa.schema([
-            ("image_id", pa.string()), ("group_id", pa.int64()), ("model_id", pa.string()),
-            ("registered", pa.bool_()), ("cluster_id", pa.int64()), ("centre_x", pa.float64()),
-            ("centre_y", pa.float64()), ("centre_z", pa.float64()),
+            ("image_id", pa.string()), ("group_id", pa.int64()), ("attached", pa.bool_()),
+            ("model_id", pa.string()), ("registered", pa.bool_()), ("cluster_id", pa.int64()),
+            ("centre_x", pa.float64()), ("centre_y", pa.float64()), ("centre_z", pa.float64()),
             ("point3d_ids", pa.list_(pa.int64())), ("scale", pa.float64()),
             ("observations", pa.int64()),
         ]),
@@ -352,7 +388,8 @@ def _assemble(
             ("mean_track_length", pa.float64()), ("mapper", pa.string()), ("seconds", pa.float64()),
         ]),
         SFM_GROUPS: pa.schema([
-            ("group_id", pa.int64()), ("photos", pa.int64()), ("status", pa.string()),
+            ("group_id", pa.int64()), ("photos", pa.int64()), ("offered", pa.int64()),
+            ("status", pa.string()),
             ("reason", pa.string()), ("seconds", pa.float64()),
         ]),
     }  # fmt: skip
@@ -371,6 +408,7 @@ def _assemble(
         "settings": asdict(conf),
         "photos": len(image_rows),
         "registered": registered,
+        "attached": sum(r["attached"] for r in image_rows),
         "models": len(model_rows),
         "groups": {
             s: sum(g["status"] == s for g in group_rows) for s in ("ok", "failed", "skipped")
@@ -379,15 +417,25 @@ def _assemble(
     }
     storage.write_text(storage.join(out, storage.SUCCESS), json.dumps(summary, indent=2))
     logger.info(
-        "sfm: %d of %d photos registered in %d models; groups %s%s",
+        "sfm: %d of %d photos registered (%d of them leftovers attached) in %d models; groups %s%s",
         registered,
         len(image_rows),
+        summary["attached"],
         len(model_rows),
         summary["groups"],
         "; failed: " + "; ".join(f"{g}: {r}" for g, r in summary["failed"].items())
         if summary["failed"]
         else "",
     )
+
+
+def _best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A photo's row: the largest model that registers it (its own group's on a tie), else its
+    own group's."""
+    best = max(rows, key=lambda r: (r["registered"], r["_model_size"], r["_own"]))
+    if not best["registered"]:
+        best = next(r for r in rows if r["_own"])
+    return {k: v for k, v in best.items() if not k.startswith("_")}
 
 
 def read_sfm_images(uri: str) -> Any:

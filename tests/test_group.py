@@ -13,7 +13,14 @@ from PIL import Image
 
 from model import storage
 from pipeline.descriptors import write_descriptors
-from pipeline.group import GroupConf, knn_graph, read_groups, run
+from pipeline.group import (
+    GroupConf,
+    attach_candidates,
+    knn_graph,
+    read_candidates,
+    read_groups,
+    run,
+)
 from pipeline.ingest import IngestConf, read_images
 from pipeline.ingest import run as ingest
 
@@ -96,6 +103,54 @@ def test_knn_graph_lists_each_row_with_its_nearest(ray_session):
     assert (np.sort(idx, axis=1) == np.sort(exact, axis=1)).mean() > 0.99
     _, idx_ivf = knn_graph(x, 5, flat_max=100)  # IVF past flat_max
     assert (idx_ivf[:, 0] == np.arange(300)).mean() > 0.95
+
+
+def test_leftovers_are_offered_to_their_most_similar_groups(ray_session):
+    """Against a brute-force NumPy reference: each leftover (a singleton, or a photo of a group
+    under attach_below) is offered to its attach_k best groups by the mean of its attach_top
+    best similarities, at the threshold or above; groups under attach_below receive nothing."""
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((5, 32))
+    labels = np.repeat([0, 1, 2, 3, 4], [30, 20, 12, 2, 1]).astype(np.int64)  # 3: a pair
+    labels[-1] = -1
+    x = centres[np.maximum(labels, 0)] + 0.6 * rng.standard_normal((len(labels), 32))
+    for row, mix in ((62, (0, 1)), (63, (1, 2)), (64, (2, 0))):  # leftovers between scenes
+        x[row] = centres[mix[0]] + 0.8 * centres[mix[1]] + 0.6 * rng.standard_normal(32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = x.astype(np.float32)
+    conf = GroupConf(images="i", descriptors="d", output="o", attach_threshold=0.3)
+    offers = attach_candidates(x, labels, conf)
+
+    sizes = np.bincount(labels[labels >= 0])
+    targets = [g for g in range(len(sizes)) if sizes[g] >= conf.attach_below]
+    expected = []
+    for row in np.flatnonzero((labels < 0) | (sizes[np.maximum(labels, 0)] < conf.attach_below)):
+        scores = {g: np.sort(x[labels == g] @ x[row])[-conf.attach_top :].mean() for g in targets}
+        best = sorted(scores, key=scores.get, reverse=True)[: conf.attach_k]
+        expected += [(int(row), g) for g in best if scores[g] >= conf.attach_threshold]
+    assert [(r, g) for r, g, _ in offers] == expected and len(expected) >= 4
+    assert {r for r, _, _ in offers} <= {62, 63, 64}  # each leftover, and only leftovers
+    assert all(g in targets for _, g, _ in offers)
+    assert attach_candidates(x, labels, GroupConf("i", "d", "o", attach_below=0)) == []
+
+
+def test_the_group_stage_writes_its_offers(ingested, tmp_path):
+    scene = _descriptors(ingested, str(tmp_path / "d"))
+    conf = GroupConf(
+        images=f"{ingested}/images.parquet",
+        descriptors=str(tmp_path / "d"),
+        output=str(tmp_path / "g"),
+        use_scene=False,
+        attach_threshold=-1.0,
+    )  # fmt: skip: the far loner is offered anyway
+    uri = run(conf)
+    _, groups = read_groups(uri)
+    offers = read_candidates(uri)
+    (loner,) = [i for i in scene if scene[i] == "loner"]
+    assert [i for i, _ in offers] == [loner, loner]  # to the attach_k = 2 best groups
+    assert len({g for _, g in offers}) == 2 and all(g in set(groups.tolist()) for _, g in offers)
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert manifest["candidates"] == 2 and manifest["leftovers_offered"] == 1
 
 
 def test_into_s3(ingested, s3_bucket, tmp_path):

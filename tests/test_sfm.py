@@ -225,3 +225,111 @@ def test_sfm_and_pairs_into_s3(landmarks, s3_bucket) -> None:
     assert read_sfm_images(out).column("registered").to_pylist().count(True) == local.count(True)
     pairs = mine_pairs(PairsConf(sfm=out, output=f"s3://{s3_bucket}/pairs"))
     assert len(read_pairs(pairs)) >= 40
+
+
+def _regroup(landmarks: dict, folder: Path, moved: int) -> tuple[list[str], dict[str, int]]:
+    """The fixture's groups with ``moved`` views of the first landmark made singletons and
+    offered (as the group stage offers leftovers) to their landmark's group and to another's;
+    returns the moved ids and every photo's original group."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.group import CANDIDATES_FILE, GROUPS_FILE, read_groups
+
+    ids, groups = read_groups(f"{landmarks['run']}/groups")
+    original = dict(zip(ids, groups.tolist(), strict=True))
+    cams, name = landmarks["cameras"], landmarks["name"]
+    first = [i for i in ids if cams[name[i]]["landmark"] == 0 and "_v" in name[i]]
+    home, other = (
+        original[first[0]],
+        next(g for g in set(original.values()) if g != original[first[0]]),
+    )
+    moved_ids = sorted(first)[:moved]
+    shutil.copytree(f"{landmarks['run']}/groups", folder)
+    labels = [-1 if i in moved_ids else original[i] for i in ids]
+    pq.write_table(pa.table({"image_id": ids, "group_id": pa.array(labels, pa.int64())}),
+                   folder / GROUPS_FILE)  # fmt: skip
+    offers = [(i, g) for i in moved_ids for g in (other, home)]
+    pq.write_table(pa.table({"image_id": [i for i, _ in offers],
+                             "group_id": pa.array([g for _, g in offers], pa.int64()),
+                             "similarity": pa.array([0.7] * len(offers), pa.float32())}),
+                   folder / CANDIDATES_FILE)  # fmt: skip
+    return moved_ids, original
+
+
+def test_leftovers_offered_to_groups_register_where_geometry_agrees(landmarks, tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    moved, original = _regroup(landmarks, tmp_path / "groups", moved=3)
+    run = landmarks["run"]
+    out = sfm(SfmConf(images=f"{run}/images.parquet", groups=str(tmp_path / "groups"),
+                      output=str(tmp_path / "sfm"), mapper="incremental"))  # fmt: skip
+    rows = read_sfm_images(out).to_pylist()
+    assert sorted(r["image_id"] for r in rows) == sorted(original)  # one row per photo
+    row = {r["image_id"]: r for r in rows}
+    for image_id in moved:  # registered in its landmark's group, not in the other it was offered
+        r = row[image_id]
+        assert r["registered"] and r["attached"], r
+        assert r["group_id"] == r["cluster_id"] == original[image_id]
+        assert r["model_id"].startswith(f"{original[image_id]}-") and r["point3d_ids"]
+    assert not any(r["attached"] for r in rows if r["image_id"] not in moved)
+    offered = {
+        g["group_id"]: g["offered"] for g in pq.read_table(f"{out}/sfm_groups.parquet").to_pylist()
+    }
+    assert sorted(offered.values()) == [0, 0, 3, 3]  # singletons (-1), one untouched group
+    assert json.loads(Path(f"{out}/_SUCCESS").read_text())["attached"] == 3
+    pairs = read_pairs(mine_pairs(PairsConf(sfm=out, output=str(tmp_path / "pairs")))).to_pylist()
+    positives_of = {p["query_id"]: p["positives"] for p in pairs}
+    assert all(positives_of.get(i) for i in moved)  # attached photos are training queries too
+
+
+def test_a_segfault_in_one_group_fails_that_group_and_the_run_goes_on(landmarks, tmp_path) -> None:
+    """SIGSEGV to the worker running pycolmap (its pid is in the name of pycolmap's log file,
+    so the test kills only the worker it saw start); the other groups finish, the crashed one
+    is reported, and --retry-failed reconstructs it."""
+    import os
+    import re
+    import signal
+    import threading
+    import time
+
+    import pyarrow.parquet as pq
+
+    run, scratch = landmarks["run"], tmp_path / "scratch"
+    killed: list[int] = []
+
+    def kill_the_first_worker() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            for log in scratch.glob("cirray-sfm-*/colmap.log*"):
+                match = re.search(r"\.(\d+)$", log.name)
+                if match:
+                    killed.append(int(match.group(1)))
+                    os.kill(killed[0], signal.SIGSEGV)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_first_worker, daemon=True)
+    killer.start()
+    conf = SfmConf(
+        images=f"{run}/images.parquet",
+        groups=f"{run}/groups",
+        output=str(tmp_path / "sfm"),
+        mapper="incremental",
+        scratch=str(scratch),
+        cpus_per_task=2,
+    )  # fmt: skip: one group at a time, so one is hit
+    out = sfm(conf)
+    killer.join(timeout=5)
+    assert killed, "no pycolmap log appeared in the scratch folder"
+    groups = pq.read_table(f"{out}/sfm_groups.parquet").to_pylist()
+    failed = [g for g in groups if g["status"] == "failed"]
+    assert len(failed) == 1 and "crashed the worker" in failed[0]["reason"], groups
+    assert sum(g["status"] == "ok" for g in groups) == 2
+    (Path(out) / "_SUCCESS").unlink()
+    from dataclasses import replace
+
+    again = sfm(replace(conf, retry_failed=True))
+    assert json.loads(Path(f"{again}/_SUCCESS").read_text())["groups"]["ok"] == 3
