@@ -146,6 +146,7 @@ def scaling(conf: BenchConf) -> dict:
     photos = [[(p.stem, p.read_bytes()) for p in g] for g in groups]
     options = vars(ReconstructOptions(threads=1))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
     def _task(photos: list, options: dict, pairs: None) -> int:
         return len(reconstruct_group(photos, ReconstructOptions(**options), pairs).images)
 
