@@ -63,7 +63,10 @@ class EvaluateConf:
     """1 0.7071 0.5 for the GeM paper's multi-scale descriptors."""
     max_size: int = 1024
     whitening: str | None = None
-    """Learned whitening (.npz from model.whitening.save_whitening), path or s3://."""
+    """Learned whitening (.npz from model.whitening.save_whitening), path or s3://; without
+    it, a checkpoint's own whitening.npz (pipeline.whiten, pipeline.train) is applied."""
+    checkpoint_whitening: bool = True
+    """--no-checkpoint-whitening: leave a checkpoint's whitening.npz unapplied."""
     whitening_dim: int | None = None
     qe_k: int = 0
     """αQE neighbours; 0 switches query expansion off."""
@@ -187,8 +190,12 @@ def _distractors(conf: EvaluateConf, cache: Path) -> tuple[list[Path], Path | No
 
 def _post_process(conf: EvaluateConf) -> PostProcess:
     whitening = None
-    if conf.whitening:
-        params = load_whitening(conf.whitening)
+    path = conf.whitening
+    if path is None and conf.checkpoint_whitening and _is_checkpoint(conf.weights):
+        beside = storage.join(conf.weights, "whitening.npz")
+        path = beside if storage.is_file(beside) else None
+    if path:
+        params = load_whitening(path)
         whitening = (params.m, params.P)
     return PostProcess(whitening, conf.whitening_dim, conf.qe_k, conf.qe_alpha)
 

@@ -36,7 +36,15 @@ from pipeline.cli import location_problems, run_cli
 from pipeline.descriptors import DESCRIPTOR_MANIFEST
 from pipeline.ingest import read_images, read_images_dataset
 
-__all__ = ["Describer", "ExtractConf", "conf_for_network", "decode_batch", "decode_photo", "run"]
+__all__ = [
+    "Describer",
+    "ExtractConf",
+    "conf_for_network",
+    "decode_batch",
+    "decode_photo",
+    "load_extract_network",
+    "run",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +188,7 @@ class Describer:
         from model.extraction import ExtractOptions
 
         self.conf = ExtractConf(**{**conf, "scales": tuple(conf["scales"])})
-        self.net, self.whitening = _load_network(self.conf)
+        self.net, self.whitening = load_extract_network(self.conf)
         self.options = ExtractOptions(
             scales=self.conf.scales, batch_size=self.conf.device_batch_size, progress=False
         )
@@ -304,7 +312,10 @@ def _finished_ids(out: str) -> set[str]:
     return done
 
 
-def _load_network(conf: ExtractConf) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
+def load_extract_network(
+    conf: ExtractConf,
+) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
+    """The network of ``conf.weights`` in eval mode, and its ``(m, P)`` whitening if it has one."""
     from model.networks import NetworkMeta, build_network, load_network
     from model.whitening import load_whitening
 
@@ -345,7 +356,7 @@ def _is_checkpoint(weights: str) -> bool:
 
 def _network_identity(conf: ExtractConf) -> tuple[dict[str, Any], dict[str, Any]]:
     """What made the descriptors, for the manifest; loads the network once to check it."""
-    net, whitening = _load_network(conf)
+    net, whitening = load_extract_network(conf)
     if _is_checkpoint(conf.weights):
         network = {
             "checkpoint": conf.weights,

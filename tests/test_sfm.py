@@ -333,3 +333,45 @@ def test_a_segfault_in_one_group_fails_that_group_and_the_run_goes_on(landmarks,
 
     again = sfm(replace(conf, retry_failed=True))
     assert json.loads(Path(f"{again}/_SUCCESS").read_text())["groups"]["ok"] == 3
+
+
+def test_whitening_learned_from_the_sfm_pairs_is_a_checkpoint_extract_applies(
+    landmarks, tmp_path
+) -> None:
+    """pipeline.whiten: Lw from the mined whitening pairs over ImageNet Lite0 descriptors, as a
+    checkpoint; extracting with it gives the plain descriptors whitened, evaluate picks it up."""
+    from model.whitening import apply_whitening, load_whitening
+    from pipeline.descriptors import read_descriptors
+    from pipeline.evaluate import EvaluateConf, _post_process
+    from pipeline.extract import ExtractConf
+    from pipeline.extract import run as extract
+    from pipeline.whiten import WhitenConf
+    from pipeline.whiten import run as whiten
+
+    run = landmarks["run"]
+    pairs = mine_pairs(PairsConf(sfm=landmarks["sfm"], output=str(tmp_path / "pairs")))
+    plain = extract(ExtractConf(images=f"{run}/images.parquet", output=str(tmp_path / "d"),
+                                max_size=240, threads_per_actor=2))  # fmt: skip
+    ckpt = whiten(WhitenConf(descriptors=plain, pairs=str(tmp_path / "pairs"),
+                             output=str(tmp_path / "lw")))  # fmt: skip
+    assert {p.name for p in Path(ckpt).iterdir()} >= {"model.pt", "meta.json", "whitening.npz"}
+    params = load_whitening(f"{ckpt}/whitening.npz")
+    assert params.P.shape == (1280, 1280) and params.meta["pairs"] >= 40
+    whitened = extract(ExtractConf(images=f"{run}/images.parquet", output=str(tmp_path / "w"),
+                                   weights=ckpt, max_size=240, threads_per_actor=2))  # fmt: skip
+    a, b = read_descriptors(plain), read_descriptors(whitened)
+    order = np.argsort(a.image_ids)
+    assert (a.image_ids[order] == np.sort(b.image_ids)).all()
+    expected = apply_whitening(a.vectors[order], params.m, params.P)
+    got = b.vectors[np.argsort(b.image_ids)]
+    assert np.allclose(got, expected, atol=2e-3), np.abs(got - expected).max()
+    # evaluate applies the checkpoint's whitening unless told not to
+    conf = EvaluateConf(dataset="x", data_root=str(tmp_path), weights=ckpt)
+    assert _post_process(conf).whitening is not None
+    from dataclasses import replace
+
+    assert _post_process(replace(conf, checkpoint_whitening=False)).whitening is None
+    with pytest.raises(ValueError, match="already whitened"):  # Lw on top of Lw is refused
+        whiten(WhitenConf(descriptors=whitened, pairs=str(tmp_path / "pairs"),
+                          output=str(tmp_path / "lw2")))  # fmt: skip
+    assert len(read_pairs(pairs)) >= 40
