@@ -12,9 +12,11 @@ photo. Training draws one of them at random each epoch (``train``). Each photo k
 Output ``PAIRS/``: ``pairs.parquet`` (query_id, positives (list of image_id, best first),
 overlaps (the shared fraction of each), cluster_id, model_id); ``whitening_pairs.parquet``
 (query_id, positive_id: each query with its most overlapping positive, for learned whitening);
-``manifest.json`` with the settings and counts; ``_SUCCESS`` last. ``--export-pkl FILE`` writes
-the same pairs in cnnimageretrieval-pytorch's layout (``{"train": {"cids", "cluster", "qidxs",
-"pidxs"}}``, one positive per query, image ids as ``cids``), so its users can train on them.
+``pool.parquet`` (image_id, cluster_id: every photo with a cluster, the negative pool of
+training); ``manifest.json`` with the settings and counts; ``_SUCCESS`` last.
+``--export-pkl FILE`` writes the same pairs in cnnimageretrieval-pytorch's layout
+(``{"train": {"cids", "cluster", "qidxs", "pidxs"}}``, one positive per query, image ids as
+``cids``), so its users can train on them.
 """
 
 from __future__ import annotations
@@ -30,12 +32,21 @@ from typing import Any
 from model import storage
 from pipeline.cli import location_problems, run_cli
 
-__all__ = ["PAIRS_FILE", "PairsConf", "mine_positives", "read_pairs", "run"]
+__all__ = [
+    "PAIRS_FILE",
+    "POOL_FILE",
+    "WHITENING_PAIRS_FILE",
+    "PairsConf",
+    "mine_positives",
+    "read_pairs",
+    "run",
+]
 
 logger = logging.getLogger(__name__)
 
 PAIRS_FILE = "pairs.parquet"
 WHITENING_PAIRS_FILE = "whitening_pairs.parquet"
+POOL_FILE = "pool.parquet"
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,18 @@ def run(conf: PairsConf) -> str:
             "positive_id": pa.array([positives[q][0][0] for q in queries], pa.string()),
         }
     )
-    for name, data in ((PAIRS_FILE, pairs), (WHITENING_PAIRS_FILE, whitening)):
+    pooled = sorted((r["image_id"], r["cluster_id"]) for r in rows if r["cluster_id"] is not None)
+    pool = pa.table(
+        {
+            "image_id": pa.array([i for i, _ in pooled], pa.string()),
+            "cluster_id": pa.array([c for _, c in pooled], pa.int64()),
+        }
+    )
+    for name, data in (
+        (PAIRS_FILE, pairs),
+        (WHITENING_PAIRS_FILE, whitening),
+        (POOL_FILE, pool),
+    ):
         sink = io.BytesIO()
         pq.write_table(data, sink)
         storage.write_bytes(storage.join(out, name), sink.getvalue())

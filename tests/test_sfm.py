@@ -375,3 +375,42 @@ def test_whitening_learned_from_the_sfm_pairs_is_a_checkpoint_extract_applies(
         whiten(WhitenConf(descriptors=whitened, pairs=str(tmp_path / "pairs"),
                           output=str(tmp_path / "lw2")))  # fmt: skip
     assert len(read_pairs(pairs)) >= 40
+
+
+def test_training_tuples_from_the_pairs_and_mined_negatives(landmarks, tmp_path) -> None:
+    """pairs → pool and queries → negatives from the mining index → one epoch's tuples; whole
+    landmarks held out for validation; worker shares partition the rows."""
+    from cluster.mining import MiningIndex
+    from pipeline.tuples import epoch_tuples, read_training_set, split_clusters, worker_share
+
+    mine_pairs(PairsConf(sfm=landmarks["sfm"], output=str(tmp_path / "pairs")))
+    data = read_training_set(str(tmp_path / "pairs"))
+    cams, name = landmarks["cameras"], landmarks["name"]
+    landmark_of = np.array([cams[name[i]]["landmark"] for i in data.image_ids])
+    assert len(data.image_ids) == len(landmarks["name"])  # every grouped photo is in the pool
+    assert len(data.queries) >= 40 and len(set(data.clusters.tolist())) == 3
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((len(data.image_ids), 16)).astype(np.float32)
+    pool = MiningIndex(factory="Flat")
+    pool.reset(epoch=0, size=len(vectors))
+    for rank in range(2):  # two workers' shares
+        rows = worker_share(len(vectors), rank, 2)
+        pool.add(rows, vectors[rows], data.clusters[rows])
+    negatives, _ = pool.mine(vectors[data.queries], data.clusters[data.queries], nnum=2)
+    tuples = epoch_tuples(data, negatives, rng)
+    assert len(tuples) == len(data.queries)  # 3 clusters: 2 negatives for every query
+    for q, p, *negs in tuples.tolist():
+        assert landmark_of[p] == landmark_of[q] >= 0 and p != q
+        assert data.clusters[p] == data.clusters[q]
+        assert data.clusters[q] not in data.clusters[negs] and len(set(data.clusters[negs])) == 2
+    again = epoch_tuples(data, negatives, np.random.default_rng(1))
+    assert (again[:, 0] == tuples[:, 0]).all()  # same queries, positives drawn anew
+
+    train, val = split_clusters(data, held_out=0.3, seed=0)
+    assert set(train.clusters.tolist()).isdisjoint(val.clusters.tolist())
+    assert len(train.queries) + len(val.queries) == len(data.queries) and len(val.queries)
+    assert set(val.image_ids[val.queries]) <= set(data.image_ids[data.queries])
+    shares = [worker_share(10, r, 3) for r in range(3)]
+    assert sorted(np.concatenate(shares).tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="negatives must be"):
+        epoch_tuples(data, negatives[:3], rng)

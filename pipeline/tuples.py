@@ -1,0 +1,138 @@
+"""The GeM mode's training data: the pairs stage's queries, positives and pool, as rows.
+
+Training works on rows of one pool (every photo with a cluster, ``pool.parquet``): a query is a
+row, its positive candidates are rows of its cluster's 3D model (``pairs.parquet``), and its
+negatives are rows of other clusters that the mining index (``cluster.mining``) returns each
+epoch. Each epoch a query draws one positive at random; a tuple is ``(query, positive,
+negative_1 .. negative_nnum)``. Validation holds out whole clusters (scenes the network never
+trains on), as the issue's "held-out scenes" ask. Torch-free: the training loop turns rows into
+images.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from model import storage
+
+__all__ = ["TrainingSet", "epoch_tuples", "read_training_set", "split_clusters", "worker_share"]
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    image_ids: np.ndarray
+    """object ``[N]``: the pool's photos."""
+    clusters: np.ndarray
+    """int64 ``[N]``: each pool photo's cluster (its SfM group)."""
+    queries: np.ndarray
+    """int64 ``[Q]``: pool rows of the queries."""
+    positives: tuple[np.ndarray, ...]
+    """Per query, the pool rows of its positive candidates (best first)."""
+
+    def __post_init__(self) -> None:
+        if len(self.queries) != len(self.positives):
+            raise ValueError(f"{len(self.queries)} queries, {len(self.positives)} positive lists")
+        for q, rows in zip(self.queries.tolist(), self.positives, strict=True):
+            if not len(rows):
+                raise ValueError(f"query {self.image_ids[q]} has no positive")
+            if (self.clusters[rows] != self.clusters[q]).any():
+                raise ValueError(f"query {self.image_ids[q]} has a positive of another cluster")
+
+    def with_clusters(self, keep: np.ndarray) -> TrainingSet:
+        """The pool photos and queries of the clusters in ``keep`` only (rows renumbered)."""
+        inside = np.isin(self.clusters, keep)
+        new_row = np.full(len(self.image_ids), -1, np.int64)
+        new_row[inside] = np.arange(int(inside.sum()))
+        chosen = [i for i, q in enumerate(self.queries.tolist()) if inside[q]]
+        return TrainingSet(
+            image_ids=self.image_ids[inside],
+            clusters=self.clusters[inside],
+            queries=new_row[self.queries[chosen]],
+            positives=tuple(new_row[self.positives[i]] for i in chosen),
+        )
+
+
+def read_training_set(pairs: str) -> TrainingSet:
+    """The training set of a complete pairs output (``pairs.parquet`` and ``pool.parquet``)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.pairs import PAIRS_FILE, POOL_FILE
+
+    folder = pairs.rstrip("/").removesuffix(f"/{PAIRS_FILE}")
+    if not storage.is_complete(folder):
+        raise ValueError(f"{folder} is not a complete pairs output (no {storage.SUCCESS})")
+    try:
+        pool = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(folder, POOL_FILE))))
+    except FileNotFoundError as err:
+        raise ValueError(f"{folder} has no {POOL_FILE}: mine the pairs again") from err
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(folder, PAIRS_FILE))))
+    image_ids = np.array(pool["image_id"].to_pylist(), dtype=object)
+    row = {image_id: i for i, image_id in enumerate(image_ids.tolist())}
+    queries, positives = [], []
+    for query, candidates in zip(
+        table["query_id"].to_pylist(), table["positives"].to_pylist(), strict=True
+    ):
+        rows = [row[p] for p in candidates if p in row]
+        if query in row and rows:
+            queries.append(row[query])
+            positives.append(np.array(rows, np.int64))
+    return TrainingSet(
+        image_ids=image_ids,
+        clusters=pool["cluster_id"].to_numpy().astype(np.int64),
+        queries=np.array(queries, np.int64),
+        positives=tuple(positives),
+    )
+
+
+def split_clusters(
+    data: TrainingSet, held_out: float, seed: int = 0
+) -> tuple[TrainingSet, TrainingSet]:
+    """``(train, validation)``: whole clusters held out, about ``held_out`` of the queries.
+
+    Clusters with queries are shuffled (seeded) and taken for validation until they hold the
+    share asked for; clusters without queries stay in training's negative pool.
+    """
+    if not 0 < held_out < 1:
+        raise ValueError(f"held_out is a share in (0, 1), not {held_out}")
+    counts: dict[int, int] = {}
+    for q in data.queries.tolist():
+        counts[int(data.clusters[q])] = counts.get(int(data.clusters[q]), 0) + 1
+    if len(counts) < 2:
+        raise ValueError(f"{len(counts)} cluster with queries: nothing to hold out")
+    order = np.random.default_rng(seed).permutation(sorted(counts))
+    chosen, taken = [], 0
+    for cluster in order.tolist():
+        if taken >= held_out * len(data.queries) or len(chosen) == len(counts) - 1:
+            break
+        chosen.append(cluster)
+        taken += counts[cluster]
+    validation = np.array(chosen, np.int64)
+    rest = np.setdiff1d(np.unique(data.clusters), validation)
+    return data.with_clusters(rest), data.with_clusters(validation)
+
+
+def epoch_tuples(data: TrainingSet, negatives: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``[Q', 2 + nnum]`` pool rows ``(query, positive, negatives...)`` for one epoch.
+
+    ``negatives`` ``[Q, nnum]`` are the mined rows of each query (-1 padding where too few
+    other clusters exist: such queries are left out of the epoch). Each query draws one of its
+    positives uniformly.
+    """
+    negatives = np.asarray(negatives, dtype=np.int64)
+    if negatives.ndim != 2 or len(negatives) != len(data.queries):
+        raise ValueError(
+            f"negatives must be [{len(data.queries)}, nnum], not {list(negatives.shape)}"
+        )
+    drawn = np.array([rows[rng.integers(len(rows))] for rows in data.positives], np.int64)
+    tuples = np.column_stack([data.queries, drawn, negatives])
+    return tuples[(negatives >= 0).all(axis=1)]
+
+
+def worker_share(n: int, rank: int, world_size: int) -> np.ndarray:
+    """Rows ``0..n-1`` that worker ``rank`` of ``world_size`` takes: every ``world_size``-th."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of {world_size}")
+    return np.arange(rank, n, world_size, dtype=np.int64)
