@@ -93,19 +93,23 @@ def split_clusters(
     """``(train, validation)``: whole clusters held out, about ``held_out`` of the queries.
 
     Clusters with queries are shuffled (seeded) and taken for validation until they hold the
-    share asked for; clusters without queries stay in training's negative pool.
+    share asked for, leaving training at least two (a query needs a negative cluster);
+    clusters without queries stay in training's negative pool.
     """
     if not 0 < held_out < 1:
         raise ValueError(f"held_out is a share in (0, 1), not {held_out}")
     counts: dict[int, int] = {}
     for q in data.queries.tolist():
         counts[int(data.clusters[q])] = counts.get(int(data.clusters[q]), 0) + 1
-    if len(counts) < 2:
-        raise ValueError(f"{len(counts)} cluster with queries: nothing to hold out")
+    if len(counts) < 3:
+        raise ValueError(
+            f"{len(counts)} clusters with queries: holding one out needs at least 3 "
+            "(one to validate on, two to train on)"
+        )
     order = np.random.default_rng(seed).permutation(sorted(counts))
     chosen, taken = [], 0
     for cluster in order.tolist():
-        if taken >= held_out * len(data.queries) or len(chosen) == len(counts) - 1:
+        if taken >= held_out * len(data.queries) or len(counts) - len(chosen) <= 2:
             break
         chosen.append(cluster)
         taken += counts[cluster]
