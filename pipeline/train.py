@@ -21,8 +21,9 @@ Each epoch, as the GeM paper does but over the whole pool instead of a random fe
 
 A rerun with the same ``--name`` and storage resumes from the latest checkpoint; worker failures
 are retried (``--max-failures``). At the end the best epoch's checkpoint (by ``val_map``; the
-off-the-shelf network is epoch 0) is copied to ``OUTPUT/best`` with ``metrics.json`` (every
-epoch, the best marked) and ``curves.png`` beside it.
+off-the-shelf network is epoch 0) is copied to ``OUTPUT`` (``model.pt``, ``meta.json``: pass
+``--weights OUTPUT`` to extract or evaluate) with ``metrics.json`` (every epoch, the best
+marked) and ``curves.png`` beside it; Ray Train's own checkpoints stay under ``OUTPUT/ray``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class TrainConf:
     images: str
     """images.parquet written by pipeline.ingest (the photos' bytes)."""
     output: str
-    """Local folder for the best checkpoint, metrics.json and curves.png."""
+    """Local folder: the best checkpoint (model.pt, meta.json), metrics.json, curves.png."""
     weights: str = "imagenet"
     """Start from ImageNet Lite0 + GeM, or from a checkpoint directory."""
     name: str = "cirray-train"
@@ -318,7 +319,7 @@ def _check(conf: TrainConf) -> None:
 
 
 def run(conf: TrainConf) -> str:
-    """Train; returns the best checkpoint's directory (``OUTPUT/best``)."""
+    """Train; returns ``OUTPUT``, which holds the best epoch's checkpoint."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -357,9 +358,10 @@ def _finish(conf: TrainConf, result: Any, out: Path) -> str:
     best = max(scored, key=lambda h: (h["val_map"], -h["epoch"]))
     for h in history:
         h["best"] = h["epoch"] == best["epoch"]
-    target = out / "best"
-    if target.exists():
-        shutil.rmtree(target)
+    target = out  # the checkpoint layout itself: --weights OUTPUT for extract and evaluate
+    target.mkdir(parents=True, exist_ok=True)
+    for stale in ("meta.json", "model.pt", "whitening.npz"):  # meta first: never a mixed pair
+        (target / stale).unlink(missing_ok=True)
     if best["epoch"] == 0:
         logger.warning("no epoch beat the network it started from; keeping that one")
         from model.networks import save_network
@@ -368,8 +370,8 @@ def _finish(conf: TrainConf, result: Any, out: Path) -> str:
     else:
         checkpoint = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
         with checkpoint.as_directory() as folder:
-            shutil.copytree(folder, target)
-        (target / "train_state.pt").unlink(missing_ok=True)
+            shutil.copy2(Path(folder) / "model.pt", target / "model.pt")
+            shutil.copy2(Path(folder) / "meta.json", target / "meta.json")
     payload = {"settings": asdict(conf), "epochs": history, "best_epoch": best["epoch"]}
     (target / "metrics.json").write_text(json.dumps(payload, indent=2))
     _curves(history, target / "curves.png")
@@ -417,5 +419,4 @@ def _curves(history: list[dict[str, Any]], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     run_cli(run, TrainConf)

@@ -94,7 +94,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(pairs, tmp_path) -> No
     import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    conf = _conf(pairs, tmp_path, workers=2, epochs=3, name="killed", max_failures=2)
+    conf = _conf(pairs, tmp_path, workers=2, epochs=2, name="killed", max_failures=2)
     storage_dir = tmp_path / "ray" / "killed"
     killed: list[int] = []
 
@@ -118,6 +118,6 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(pairs, tmp_path) -> No
     epochs = _epochs(train(conf))
     killer.join(timeout=5)
     assert killed, "rank 1 was never seen running"
-    assert [e["epoch"] for e in epochs] == [0, 1, 2, 3]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
     per_epoch = epochs[1]["steps"]
-    assert per_epoch > 0 and [e["steps"] for e in epochs[1:]] == [per_epoch * i for i in (1, 2, 3)]
+    assert per_epoch > 0 and epochs[2]["steps"] == 2 * per_epoch
