@@ -140,6 +140,7 @@ def scaling(conf: BenchConf) -> dict:
 
     from pipeline.datasets.landmarks import CONFS, generate
     from pipeline.reconstruct import ReconstructOptions, reconstruct_group
+    from pipeline.sfm import sfm_worker_env
 
     root = generate(CONFS["sfm"], Path(tempfile.mkdtemp(prefix="cirray-bench-sfm-")))
     groups = [sorted((root / "jpg").glob(f"lm0{i}_*.jpg")) for i in (0, 1)]
@@ -150,9 +151,7 @@ def scaling(conf: BenchConf) -> dict:
     def _task(photos: list, options: dict, pairs: None) -> int:
         return len(reconstruct_group(photos, ReconstructOptions(**options), pairs).images)
 
-    task = ray.remote(_task).options(
-        num_cpus=1, runtime_env={"env_vars": {"CIRRAY_SFM_WORKER": "1"}}
-    )
+    task = ray.remote(_task).options(num_cpus=1, runtime_env={"env_vars": sfm_worker_env(1)})
     ray.get(task.remote(photos[0][:4], options, None))  # workers started
     t = time.perf_counter()
     for group in photos:

@@ -92,6 +92,13 @@ class SfmConf:
     retry_failed: bool = False
 
 
+def sfm_worker_env(cpus: int) -> dict[str, str]:
+    """The SfM workers' environment: their own (no other stage's worker is reused, so none
+    that imported torch runs pycolmap), OpenMP held to the task's CPUs (groups side by side
+    must not oversubscribe the machine)."""
+    return {"CIRRAY_SFM_WORKER": "1", "OMP_NUM_THREADS": str(cpus)}
+
+
 def _group_uri(out: str, group: int) -> str:
     return storage.join(out, "groups", f"{group:06d}.json")
 
@@ -253,7 +260,7 @@ def _reconstruct(
     task = ray.remote(_task).options(
         num_cpus=conf.cpus_per_task,
         max_retries=0,
-        runtime_env={"env_vars": {"CIRRAY_SFM_WORKER": "1"}},
+        runtime_env={"env_vars": sfm_worker_env(conf.cpus_per_task)},
     )
     # As many tasks in flight as the cluster has slots for, so a task's clock starts when it
     # does (the time limit is per group, not per place in the queue).
