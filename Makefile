@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.sfm --out bench/results/sfm_real_cpu.json
 	$(BIN)/python -m bench.sfm --scaling --out bench/results/sfm_scaling_cpu.json
 	$(BIN)/python -m bench.mining --out bench/results/mining_cpu.json
+	$(BIN)/python -m bench.train --out bench/results/train_cpu.json
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -1,0 +1,100 @@
+"""Training throughput: tuples per second per worker, and the scaling from 1 to 2 workers.
+
+``python -m bench.train``: the built-in ``tiny`` collection is reconstructed (ingest, the scene
+column as groups, incremental SfM, pairs), then ``pipeline.train`` runs 2 epochs with 1 and
+with 2 CPU workers on the same pairs, same seeds (``--image-size`` 362, 1 negative: the
+collection has 3 landmarks, one held out). The figure is the second epoch's (the first pays
+for the workers' start-up): rank 0's tuples per second, times the workers for the whole run,
+and its share of linear scaling. Tuples per second count the whole epoch (describing the
+pool, mining, training). Same command, one after the other.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+
+@dataclass(frozen=True)
+class BenchConf:
+    image_size: int = 362
+    queries: int = 40
+    epochs: int = 2
+    out: str | None = "bench/results/train_cpu.json"
+
+
+def _pairs(work: Path) -> tuple[str, str]:
+    from pipeline.datasets.landmarks import CONFS, generate, load_cameras
+    from pipeline.descriptors import write_descriptors
+    from pipeline.group import GroupConf
+    from pipeline.group import run as group
+    from pipeline.ingest import IngestConf, read_images
+    from pipeline.ingest import run as ingest
+    from pipeline.pairs import PairsConf
+    from pipeline.pairs import run as mine_pairs
+    from pipeline.sfm import SfmConf
+    from pipeline.sfm import run as sfm
+
+    root = generate(CONFS["tiny"], work / "collections")
+    with (work / "photos.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["uri", "scene"])
+        for cam in load_cameras(root).to_pylist():
+            if cam["landmark"] >= 0:
+                writer.writerow([str(root / "jpg" / f"{cam['name']}.jpg"), f"lm{cam['landmark']}"])
+    run = str(work / "run")
+    images = ingest(IngestConf(source=str(work / "photos.csv"), output=run))
+    ids = read_images(images, ["image_id"], ok_only=True).column(0).to_pylist()
+    write_descriptors(f"{run}/d", ids, np.eye(len(ids), dtype=np.float32),
+                      network={"weights": "bench"})  # fmt: skip
+    group(GroupConf(images=images, descriptors=f"{run}/d", output=f"{run}/groups"))
+    sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm", mapper="incremental"))
+    mine_pairs(PairsConf(sfm=f"{run}/sfm", output=f"{run}/pairs"))
+    return f"{run}/pairs", images
+
+
+def main(conf: BenchConf) -> dict:
+    import ray
+
+    from pipeline.train import TrainConf
+    from pipeline.train import run as train
+
+    work = Path(tempfile.mkdtemp(prefix="cirray-bench-train-"))
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    pairs, images = _pairs(work)
+    per_worker = {}
+    for workers in (1, 2):
+        best = train(TrainConf(pairs=pairs, images=images, output=str(work / f"train{workers}"),
+                               workers=workers, epochs=conf.epochs, image_size=conf.image_size,
+                               queries=conf.queries, nnum=1, held_out=0.3,
+                               name=f"bench-{workers}"))  # fmt: skip
+        epochs = json.loads(Path(best, "metrics.json").read_text())["epochs"]
+        per_worker[workers] = epochs[-1]["tuples_per_s"]
+    ray.shutdown()
+    share = per_worker[2] / per_worker[1]  # 2 workers' total over twice one worker's
+    lines = [
+        f"device: {platform.machine()} CPU, {os.cpu_count()} cores; built-in tiny collection's SfM "
+        f"pairs, {conf.image_size} px, 1 negative, epoch {conf.epochs} of {conf.epochs}",
+        f"1 worker    {per_worker[1]:6.2f} tuples/s per worker, {per_worker[1]:6.2f} in all",
+        f"2 workers   {per_worker[2]:6.2f} tuples/s per worker, {2 * per_worker[2]:6.2f} in all",
+        f"share of linear scaling  {share:5.2f}",
+    ]
+    print("\n".join(lines))
+    payload = {"tuples_per_s_per_worker": per_worker, "share_of_linear": share, "lines": lines}
+    if conf.out:
+        Path(conf.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(conf.out).write_text(json.dumps(payload, indent=2))
+        Path(conf.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    return payload
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchConf))
