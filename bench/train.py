@@ -11,7 +11,6 @@ pool, mining, training). Same command, one after the other.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -32,7 +31,7 @@ class BenchConf:
 
 
 def _pairs(work: Path) -> tuple[str, str]:
-    from pipeline.datasets.landmarks import CONFS, generate, load_cameras
+    from pipeline.datasets.landmarks import CONFS, generate, write_scene_manifest
     from pipeline.descriptors import write_descriptors
     from pipeline.group import GroupConf
     from pipeline.group import run as group
@@ -44,14 +43,9 @@ def _pairs(work: Path) -> tuple[str, str]:
     from pipeline.sfm import run as sfm
 
     root = generate(CONFS["tiny"], work / "collections")
-    with (work / "photos.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["uri", "scene"])
-        for cam in load_cameras(root).to_pylist():
-            if cam["landmark"] >= 0:
-                writer.writerow([str(root / "jpg" / f"{cam['name']}.jpg"), f"lm{cam['landmark']}"])
+    manifest = write_scene_manifest(root, work / "photos.csv")
     run = str(work / "run")
-    images = ingest(IngestConf(source=str(work / "photos.csv"), output=run))
+    images = ingest(IngestConf(source=str(manifest), output=run))
     ids = read_images(images, ["image_id"], ok_only=True).column(0).to_pylist()
     write_descriptors(f"{run}/d", ids, np.eye(len(ids), dtype=np.float32),
                       network={"weights": "bench"})  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.datasets.landmarks import load_cameras
+from pipeline.datasets.landmarks import write_scene_manifest
 from pipeline.train import TrainConf
 from pipeline.train import run as train
 
@@ -36,15 +35,9 @@ def pairs(ray_session, tiny_collection: Path, tmp_path_factory) -> dict[str, str
     from pipeline.sfm import run as sfm
 
     tmp = tmp_path_factory.mktemp("train")
-    with (tmp / "photos.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["uri", "scene"])
-        for cam in load_cameras(tiny_collection).to_pylist():
-            if cam["landmark"] >= 0:
-                jpg = tiny_collection / "jpg" / f"{cam['name']}.jpg"
-                writer.writerow([str(jpg), f"lm{cam['landmark']}"])
+    manifest = write_scene_manifest(tiny_collection, tmp / "photos.csv")
     run = str(tmp / "run")
-    images = ingest(IngestConf(source=str(tmp / "photos.csv"), output=run))
+    images = ingest(IngestConf(source=str(manifest), output=run))
     ids = read_images(images, ["image_id"], ok_only=True).column(0).to_pylist()
     write_descriptors(f"{run}/d", ids, np.eye(len(ids), dtype=np.float32),
                       network={"weights": "test"})  # fmt: skip

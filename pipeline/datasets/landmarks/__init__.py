@@ -71,6 +71,7 @@ from pipeline.datasets.landmarks.dataset import (
     camera_from_record,
     load_cameras,
     load_ground_truth,
+    write_scene_manifest,
 )
 from pipeline.datasets.landmarks.ground_truth import covisibility, viewpoint_change, visible_points
 from pipeline.datasets.landmarks.photos import take_photo
@@ -106,4 +107,5 @@ __all__ = [
     "texture_density",
     "viewpoint_change",
     "visible_points",
+    "write_scene_manifest",
 ]

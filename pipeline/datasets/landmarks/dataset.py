@@ -111,3 +111,18 @@ def load_cameras(dataset_dir: str | Path) -> pa.Table:
     _require_complete(dataset_dir)
     data = storage.read_bytes(storage.join(dataset_dir, CAMERAS_FILE))
     return pq.read_table(pa.BufferReader(data))
+
+
+def write_scene_manifest(dataset_dir: str | Path, path: str | Path) -> Path:
+    """An ingest manifest (CSV: ``uri``, ``scene`` = ``lm<landmark>``) of a local collection's
+    landmark photos, distractors left out: the input of the SfM and training stages' checks."""
+    import csv
+
+    root, out = Path(dataset_dir), Path(path)
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["uri", "scene"])
+        for cam in load_cameras(root).to_pylist():
+            if cam["landmark"] >= 0:
+                writer.writerow([str(root / "jpg" / f"{cam['name']}.jpg"), f"lm{cam['landmark']}"])
+    return out
