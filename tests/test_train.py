@@ -111,6 +111,14 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(pairs, tmp_path) -> No
     epochs = _epochs(train(conf))
     killer.join(timeout=5)
     assert killed, "rank 1 was never seen running"
+    started = set()
+    for log in logs.glob("worker-*.out"):
+        started |= set(
+            re.findall(
+                r"cirray-train killed rank 1 of 2 pid (\d+)", log.read_text(errors="replace")
+            )
+        )
+    assert len(started) >= 2, f"no new rank 1 after the kill: {started}"  # the group restarted
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     per_epoch = epochs[1]["steps"]
     assert per_epoch > 0 and epochs[2]["steps"] == 2 * per_epoch
