@@ -135,12 +135,13 @@ class MiningIndex:
         self._clusters = np.zeros(0, np.int64)
         self.built_factory: str | None = None
         self.build_seconds = 0.0
+        self._mined: tuple[Any, tuple[np.ndarray, np.ndarray]] | None = None
 
     def reset(self, epoch: int, size: int) -> None:
         if size < 1:
             raise ValueError(f"a pool needs at least one row, not {size}")
         self.epoch, self.size = epoch, size
-        self._parts, self._index = [], None
+        self._parts, self._index, self._mined = [], None, None
 
     def add(self, positions: Any, vectors: Any, clusters: Any) -> int:
         """Add a share of the pool; returns the rows held so far."""
@@ -157,7 +158,7 @@ class MiningIndex:
         if len(positions) and (positions.min() < 0 or positions.max() >= self.size):
             raise ValueError(f"positions must lie in 0..{self.size - 1}")
         self._parts.append((positions, vectors, clusters))
-        self._index = None
+        self._index, self._mined = None, None
         return self.held()
 
     def held(self) -> int:
@@ -208,6 +209,26 @@ class MiningIndex:
                 raise ValueError("reset(epoch, size) and add the pool first")
             self._build()
         return hard_negatives(self._index, self._clusters, queries, query_clusters, nnum)
+
+    def mine_rows(self, rows: Any, nnum: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`mine` for queries that are pool rows themselves, by their positions: the
+        vectors the pool holds describe them (no second forward pass). Every worker of a
+        training run asks for the same rows; the answer is computed once per epoch."""
+        rows = np.asarray(rows, dtype=np.int64)
+        key = (self.epoch, nnum, rows.tobytes())
+        if self._mined is not None and self._mined[0] == key:
+            return self._mined[1]
+        if self._index is None:
+            if self.epoch is None:
+                raise ValueError("reset(epoch, size) and add the pool first")
+            self._build()
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.size):
+            raise ValueError(f"query rows must lie in 0..{self.size - 1}")
+        vectors = self._parts[0][1]
+        found = hard_negatives(self._index, self._clusters, vectors[rows], self._clusters[rows],
+                               nnum)  # fmt: skip
+        self._mined = (key, found)
+        return found
 
     def describe(self) -> dict[str, Any]:
         index = self._index

@@ -17,7 +17,7 @@ import io
 import json
 import subprocess
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "NetworkMeta",
     "RetrievalNet",
     "build_network",
+    "fold_whitening",
     "load_network",
     "parameter_groups",
     "save_network",
@@ -223,6 +224,29 @@ def _parse_meta(data: Any, source: str) -> tuple[NetworkMeta, str | None]:
             stacklevel=3,
         )
     return NetworkMeta(**{k: v for k, v in data.items() if k in known}), caveat
+
+
+def fold_whitening(net: RetrievalNet, m: Any, P: Any) -> RetrievalNet:
+    """``net`` with the learned whitening ``(m, P)`` as its head's FC layer: ``W = P``,
+    ``b = −P m``, so it describes exactly as ``apply_whitening`` of its plain descriptors did.
+    The GeM paper's start for a round of fine-tuning that trains the whitening end to end."""
+    if not isinstance(net.head, GeMHead) or net.head.whiten is not None:
+        raise ValueError("only a GeM head without a whitening layer can take Lw in")
+    proj = torch.as_tensor(P, dtype=torch.float32)
+    mean = torch.as_tensor(m, dtype=torch.float32).reshape(-1)
+    if proj.dim() != 2 or proj.shape[1] != net.out_dim or mean.numel() != net.out_dim:
+        raise ValueError(
+            f"Lw of shape m {tuple(mean.shape)}, P {tuple(proj.shape)} does not fit descriptors "
+            f"of {net.out_dim} dimensions"
+        )
+    folded = build_network(replace(net.meta, whitening_dim=proj.shape[0]), weights=None)
+    missing, unexpected = folded.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or sorted(missing) != ["head.whiten.bias", "head.whiten.weight"]:
+        raise ValueError(f"folding Lw: unexpected keys {unexpected}, missing {missing}")
+    with torch.no_grad():
+        folded.head.whiten.weight.copy_(proj)
+        folded.head.whiten.bias.copy_(-proj @ mean)
+    return folded.to(next(net.parameters()).device).train(net.training)
 
 
 def parameter_groups(

@@ -1,29 +1,28 @@
-"""The train stage, GeM mode: fine-tune on the SfM pairs with hard negatives mined each epoch.
+"""The train stage: fine-tune the retrieval network on Ray Train, GeM or CGD mode.
 
     python -m pipeline.train --pairs OUT/pairs --images OUT/images.parquet --output OUT/train
+    python -m pipeline.train --mode cgd --images OUT/images.parquet --output OUT/train
 
 Ray Train V2's ``TorchTrainer`` runs ``--workers`` DDP workers (gloo on CPUs, NCCL on GPUs).
-Each epoch, as the GeM paper does but over the whole pool instead of a random few thousand:
+**GeM mode** (``pipeline.training.gem``) trains on the SfM pairs: each epoch the workers describe
+the negative pool into the mining-index actor (``cluster.mining``), which mines hard negatives of
+the epoch's queries; tuples train with the contrastive loss; rank 0 scores held-out clusters
+(mAP, plain and with Lw). **CGD mode** (``pipeline.training.cgd``) trains on class labels
+(``--label-column`` of ``images.parquet``) with P×K batches, batch-hard triplet and label-smoothed
+cross-entropy; rank 0 scores Recall@K on held-out classes. Both: Adam (GeM's p at 10× the rate,
+no weight decay on it), exponential decay, BatchNorm frozen (``--freeze-bn``), bf16 and
+channels-last on GPUs (``--precision``), augmentation by option.
 
-1. every worker describes its share of the negative pool (``pool.parquet``: every photo with a
-   cluster) with the current network, without gradients, at ``--image-size``, and sends the
-   descriptors to the mining-index actor (``cluster.mining``);
-2. the epoch's queries (``--queries`` of them, drawn with the epoch's seed) are shared out; each
-   worker asks the actor for ``--nnum`` hard negatives of its queries (nearest of other
-   clusters, one per cluster) and draws one positive per query (``pipeline.tuples``);
-3. tuples train with the contrastive loss (``--margin``), Adam, GeM's p at 10× the learning
-   rate without weight decay, exponential decay of the rate, BatchNorm frozen (``--freeze-bn``);
-4. rank 0 scores the held-out clusters (``--held-out`` of the queries' clusters, never trained
-   on): mAP of each held-out query against the whole pool, its own cluster's photos positive;
-5. every worker reports ``loss``, ``val_map``, ``seconds``, ``tuples_per_s``; rank 0 attaches
-   the checkpoint (``model.pt`` and ``meta.json``, the layout ``extract`` and ``evaluate`` take,
-   plus ``train_state.pt`` to resume).
-
-A rerun with the same ``--name`` and storage resumes from the latest checkpoint; worker failures
-are retried (``--max-failures``). At the end the best epoch's checkpoint (by ``val_map``; the
-off-the-shelf network is epoch 0) is copied to ``OUTPUT`` (``model.pt``, ``meta.json``: pass
-``--weights OUTPUT`` to extract or evaluate) with ``metrics.json`` (every epoch, the best
-marked) and ``curves.png`` beside it; Ray Train's own checkpoints stay under ``OUTPUT/ray``.
+Every epoch each worker reports ``loss``, the validation figures, ``seconds`` and its rate; rank
+0 attaches the checkpoint (``model.pt``, ``meta.json``: the layout ``extract`` and ``evaluate``
+take, plus ``train_state.pt`` to resume). A rerun with the same ``--name`` and storage resumes
+from the latest checkpoint; worker failures are retried (``--max-failures``). At the end the best
+epoch's checkpoint (the off-the-shelf network is epoch 0) is copied to ``OUTPUT`` with
+``metrics.json`` (every epoch, the best marked) and ``curves.png``; in GeM mode ``--whiten``
+then learns Lw from the training clusters' whitening pairs over that network's descriptors at
+extraction size and stores it as ``OUTPUT/whitening.npz``, which extract and evaluate apply.
+``--fold-whitening`` starts instead from a checkpoint's Lw folded into the head's FC layer
+(W = P, b = −P m), to fine-tune the whitening end to end as the GeM paper does.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -46,19 +46,24 @@ __all__ = ["TrainConf", "run"]
 
 logger = logging.getLogger(__name__)
 
+MODES = ("gem", "cgd")
+
 
 @dataclass(frozen=True)
 class TrainConf:
     """Settings of one training run; every field is a command-line flag."""
 
-    pairs: str
-    """The folder written by pipeline.pairs (pairs.parquet, pool.parquet)."""
     images: str
-    """images.parquet written by pipeline.ingest (the photos' bytes)."""
+    """images.parquet written by pipeline.ingest (the photos' bytes; CGD: their labels)."""
     output: str
-    """Local folder: the best checkpoint (model.pt, meta.json), metrics.json, curves.png."""
+    """Local folder: the best checkpoint (model.pt, meta.json, whitening.npz), metrics.json,
+    curves.png."""
+    pairs: str | None = None
+    """GeM mode: the folder written by pipeline.pairs (pairs.parquet, pool.parquet)."""
+    mode: str = "gem"
+    """gem (SfM pairs, contrastive loss, mined negatives) or cgd (class labels)."""
     weights: str = "imagenet"
-    """Start from ImageNet Lite0 + GeM, or from a checkpoint directory."""
+    """Start from ImageNet Lite0 (+ GeM, or + the CGD head), or from a checkpoint directory."""
     name: str = "cirray-train"
     storage_path: str | None = None
     """Ray Train's storage (local or s3://); default OUTPUT/ray. Same name + storage: resume."""
@@ -70,121 +75,87 @@ class TrainConf:
     lr_decay: float = math.exp(-0.01)
     """Per epoch, as the GeM paper's exp(-0.01)."""
     weight_decay: float = 1e-6
-    margin: float = 0.7
-    """Contrastive margin: 0.7 for Lite0's GeM descriptors (the paper: 0.85 for ResNet-101)."""
+    margin: float | None = None
+    """GeM: contrastive margin, default 0.7 for Lite0's GeM descriptors (the paper: 0.85 for
+    ResNet-101). CGD: batch-hard triplet margin, default 0.1 (the paper's)."""
+    image_size: int | None = None
+    """GeM: longest side, default 362 (the paper's). CGD: the square side, default 224."""
+    precision: str = "auto"
+    """auto (bf16 + channels-last on GPUs, fp32 on CPUs), fp32 or bf16."""
+    device_batch: int | None = None
+    """Images per forward pass (one image size each): default 64 on a GPU, 16 on a CPU."""
+    augment: bool = False
+    """Random crops, flips and brightness/contrast jitter of the training images."""
+    freeze_bn: bool = True
+    held_out: float = 0.2
+    """GeM: share of the queries whose clusters are held out; CGD: share of the classes."""
+    max_failures: int = 1
+    seed: int = 0
+    # GeM mode
     nnum: int = 5
     queries: int = 2000
     """Queries per epoch (all when there are fewer)."""
     tuples_per_step: int = 5
-    """Tuples per optimizer step per worker (the reference's batch of 5)."""
-    image_size: int = 362
-    freeze_bn: bool = True
-    held_out: float = 0.2
-    """Share of the queries whose clusters are held out for validation."""
-    max_failures: int = 1
-    seed: int = 0
+    """Tuples per optimizer step, all workers together (the reference's batch of 5)."""
+    whiten: bool = True
+    """After training, learn Lw from the training clusters' pairs → OUTPUT/whitening.npz."""
+    whiten_size: int = 1024
+    """Longest side of the descriptors Lw is learned on (extract's default)."""
+    fold_whitening: bool = False
+    """Start from --weights' whitening.npz folded into the head's FC layer (W = P, b = −P m)."""
+    # CGD mode
+    label_column: str = "label"
+    """The images.parquet column naming each photo's class (label or scene)."""
+    classes_per_batch: int = 8
+    """P of the P×K batches, per worker."""
+    photos_per_class: int = 4
+    """K of the P×K batches."""
+    label_smoothing: float = 0.1
+    temperature: float = 0.5
+    cgd_descriptors: str = "SG"
+    cgd_dim: int = 1536
+
+    def settings(self) -> dict[str, Any]:
+        """The fields with each mode's defaults filled in (what the workers run with)."""
+        gem = self.mode == "gem"
+        return {
+            **asdict(self),
+            "margin": self.margin if self.margin is not None else (0.7 if gem else 0.1),
+            "image_size": self.image_size or (362 if gem else 224),
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # The worker's side
 
 
-def _decode_all(conf: dict[str, Any], image_ids: list[str]) -> list[np.ndarray]:
-    """Upright RGB ``uint8`` photos at ``image_size`` a side, in ``image_ids`` order."""
-    from cluster.catalog import ImageCatalog, read_photo_bytes
-    from pipeline.extract import decode_photo
-
-    catalog = ImageCatalog()
-    catalog.read_table(conf["images"])
-    data = read_photo_bytes([catalog.photo(i) for i in image_ids])
-    photos = []
-    for image_id in image_ids:
-        photo = decode_photo(data[image_id], conf["image_size"])
-        if not isinstance(photo, np.ndarray):
-            raise ValueError(f"photo {image_id} cannot be decoded: {photo}")
-        photos.append(photo)
-    return photos
-
-
-def _tensor(photo: np.ndarray, net: Any, device: Any) -> Any:
-    import torch
-
-    mean = torch.tensor(net.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(net.std, device=device).view(1, 3, 1, 1) * 255
-    x = torch.as_tensor(photo, device=device).permute(2, 0, 1)[None].float()
-    return (x - mean) / std
-
-
-def _describe(net: Any, photos: list[np.ndarray], rows: np.ndarray, device: Any) -> np.ndarray:
-    import torch
-
-    net.eval()
-    with torch.no_grad():
-        out = [net(_tensor(photos[r], net, device))[0].float().cpu().numpy() for r in rows]
-    return np.stack(out) if out else np.zeros((0, net.out_dim), np.float32)
-
-
-def _freeze_batchnorm(net: Any) -> None:
-    import torch
-
-    for module in net.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
-
-
-def _cluster_map(vectors: np.ndarray, clusters: np.ndarray, queries: np.ndarray) -> float:
-    """mAP of each query against the pool (itself left out), its cluster's photos positive."""
-    from model.evaluation import compute_map
-
-    scores = vectors @ vectors[queries].T
-    ranks = np.argsort(-scores, axis=0, kind="stable")
-    gnd = [
-        {"ok": np.flatnonzero((clusters == clusters[q]) & (np.arange(len(clusters)) != q)),
-         "junk": np.array([q])}
-        for q in queries.tolist()
-    ]  # fmt: skip
-    return float(compute_map(ranks, gnd)[0])
-
-
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker (``config``: the TrainConf as a dict, plus the actor and data)."""
+    """One Ray Train worker (``config``: the settings, the mode's data, the mining actor)."""
     import ray
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from model.losses import ContrastiveLoss
     from model.networks import parameter_groups, save_network
-    from pipeline.tuples import epoch_tuples, split_clusters, worker_share
+    from pipeline.training.images import resolve_precision
 
     conf = config["conf"]
-    data = config["data"]
-    mining = config["mining"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     print(f"cirray-train {conf['name']} rank {rank} of {world} pid {os.getpid()}", flush=True)
-    torch.manual_seed(conf["seed"])
     device = ray.train.torch.get_device()
-    net = _initial_network(conf).to(device)
-    train, val = split_clusters(data, conf["held_out"], conf["seed"])
-    photos = _decode_all(conf, data.image_ids.tolist())
-    row_of = {image_id: i for i, image_id in enumerate(data.image_ids.tolist())}
-    train_rows = np.array([row_of[i] for i in train.image_ids], np.int64)
-    val_rows = np.array([row_of[i] for i in val.image_ids], np.int64)
-    everything = np.arange(len(data.image_ids))
-
-    def validate() -> float:
-        """Held-out queries against the whole pool (their own clusters' photos positive)."""
-        vectors = _describe(net, photos, everything, device)
-        return _cluster_map(vectors, data.clusters, val_rows[val.queries])
-
+    precision = resolve_precision(conf["precision"], device, conf["device_batch"])
+    mode = _epochs_class(conf["mode"])(conf, config["data"], precision, device, rank, world)
+    torch.manual_seed(conf["seed"])
+    net = initial_network(conf, getattr(mode, "num_classes", 0)).to(device)
+    if precision.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(
         parameter_groups(net, conf["lr"], conf["weight_decay"]), lr=conf["lr"]
     )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=conf["lr_decay"])
-    start_epoch, steps, val_map_start = 1, 0, None
+    start_epoch, steps, start = 1, 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -192,110 +163,72 @@ def train_loop(config: dict[str, Any]) -> None:
             net.load_state_dict(torch.load(Path(folder) / "model.pt", map_location=device))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, steps, val_map_start = (
-            state["epoch"] + 1,
-            state["steps"],
-            state["val_map_start"],
-        )
+        start_epoch, steps, start = state["epoch"] + 1, state["steps"], state["start"]
     elif rank == 0:  # epoch 0: the network before any step
-        val_map_start = validate()
+        start = mode.validate(net)
     model = ray.train.torch.prepare_model(net) if world > 1 else net
-    loss_fn = ContrastiveLoss(margin=conf["margin"])
+    rate = "tuples_per_s" if conf["mode"] == "gem" else "images_per_s"
 
     for epoch in range(start_epoch, conf["epochs"] + 1):
         started = time.perf_counter()
-        rng = np.random.default_rng(conf["seed"] * 1000 + epoch)  # the same on every worker
-        chosen = np.sort(rng.permutation(len(train.queries))[: conf["queries"]])
-        # 1. the negative pool, each worker its share
-        if rank == 0:
-            ray.get(mining.reset.remote(epoch, len(train_rows)))
-        _barrier(dist, world)
-        share = worker_share(len(train_rows), rank, world)
-        vectors = _describe(net, photos, train_rows[share], device)
-        ray.get(mining.add.remote(share, vectors, train.clusters[share]))
-        _barrier(dist, world)
-        # 2. this worker's queries, their negatives and positives
-        mine = chosen[worker_share(len(chosen), rank, world)]
-        query_rows = train.queries[mine]
-        negatives, _ = ray.get(
-            mining.mine.remote(
-                _describe(net, photos, train_rows[query_rows], device),
-                train.clusters[query_rows],
-                conf["nnum"],
-            )
-        )
-        subset = train.__class__(
-            train.image_ids, train.clusters, query_rows, tuple(train.positives[i] for i in mine)
-        )
-        tuples = epoch_tuples(subset, negatives, rng)
-        batches = len(tuples) // conf["tuples_per_step"]
-        batches = _min_over_workers(dist, world, batches, device)  # DDP: the same steps for all
-        # 3. train
-        model.train()
-        if conf["freeze_bn"]:
-            _freeze_batchnorm(model)
-        total = 0.0
-        for b in range(batches):
-            batch = tuples[b * conf["tuples_per_step"] : (b + 1) * conf["tuples_per_step"]]
-            optimizer.zero_grad()
-            outs = torch.stack([
-                torch.cat([model(_tensor(photos[train_rows[r]], net, device)) for r in t])
-                for t in batch.tolist()
-            ])  # fmt: skip
-            loss = loss_fn(outs)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-            steps += 1
+        done = mode.epoch(model, net, optimizer, epoch)
         scheduler.step()
+        steps += done["steps"]
         seconds = time.perf_counter() - started
-        # 4. validation and 5. report
-        val_map = None
-        if rank == 0:
-            val_map = validate()
-        metrics = {
-            "epoch": epoch,
-            "loss": total / max(1, batches * conf["tuples_per_step"]),
-            "val_map": val_map,
-            "seconds": seconds,
-            "tuples_per_s": batches * conf["tuples_per_step"] / seconds,
-            "steps": steps,
-            "val_map_start": val_map_start,
-        }
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as folder:
-                save_network(net, folder)
-                torch.save({"optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch,
-                            "steps": steps, "val_map_start": val_map_start},
-                           Path(folder) / "train_state.pt")  # fmt: skip
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
-        else:
+        metrics = {"epoch": epoch, "loss": done["loss"], "seconds": seconds,
+                   rate: done["items"] / seconds, "steps": steps, "start": start}  # fmt: skip
+        if rank != 0:
             ray.train.report(metrics)
+            continue
+        metrics.update(mode.validate(net))
+        with tempfile.TemporaryDirectory() as folder:
+            save_network(net, folder)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "epoch": epoch, "steps": steps, "start": start},
+                       Path(folder) / "train_state.pt")  # fmt: skip
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
-def _barrier(dist: Any, world: int) -> None:
-    if world > 1:
-        dist.barrier()
+def _epochs_class(mode: str) -> Any:
+    if mode == "gem":
+        from pipeline.training.gem import GemEpochs
+
+        return GemEpochs
+    from pipeline.training.cgd import CgdEpochs
+
+    return CgdEpochs
 
 
-def _min_over_workers(dist: Any, world: int, value: int, device: Any) -> int:
-    if world == 1:
-        return value
-    import torch
+def initial_network(conf: dict[str, Any], num_classes: int = 0) -> Any:
+    """The network a run starts from: ImageNet Lite0 with the mode's head, or ``--weights``'
+    checkpoint (its Lw folded into the head with ``--fold-whitening``)."""
+    from model.networks import NetworkMeta, build_network, fold_whitening, load_network
 
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    if conf["weights"] == "imagenet":
+        if conf["mode"] == "cgd":
+            meta = NetworkMeta(backbone="efficientnet_lite0", head="cgd",
+                               descriptors=conf["cgd_descriptors"], dim=conf["cgd_dim"],
+                               num_classes=num_classes)  # fmt: skip
+        else:
+            meta = NetworkMeta(backbone="efficientnet_lite0", pooling="gem", p=3.0, learn_p=True)
+        return build_network(meta, "imagenet")
+    net = load_network(conf["weights"])
+    if conf["mode"] == "cgd" and (net.meta.head != "cgd" or net.meta.num_classes != num_classes):
+        raise ValueError(
+            f"--weights {conf['weights']} is a {net.meta.head} network with "
+            f"{net.meta.num_classes} classes; CGD mode here needs a CGD head with {num_classes}"
+        )
+    if conf["fold_whitening"]:
+        from model import storage
+        from model.whitening import load_whitening
+        from pipeline.whiten import WHITENING_FILE
 
-
-def _initial_network(conf: dict[str, Any]) -> Any:
-    from model.networks import NetworkMeta, build_network, load_network
-
-    if conf["weights"] != "imagenet":
-        return load_network(conf["weights"])
-    return build_network(NetworkMeta(backbone="efficientnet_lite0", pooling="gem", p=3.0,
-                                     learn_p=True), "imagenet")  # fmt: skip
+        lw = storage.join(conf["weights"], WHITENING_FILE)
+        if not storage.is_file(lw):
+            raise ValueError(f"--fold-whitening: {conf['weights']} has no {WHITENING_FILE}")
+        params = load_whitening(lw)
+        net = fold_whitening(net, params.m, params.P)
+    return net
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,19 +236,59 @@ def _initial_network(conf: dict[str, Any]) -> Any:
 
 
 def _check(conf: TrainConf) -> None:
+    from pipeline.training.images import PRECISIONS
+
     problems = []
-    for name in ("workers", "epochs", "nnum", "queries", "tuples_per_step"):
+    names = ("workers", "epochs", "nnum", "queries", "tuples_per_step", "classes_per_batch",
+             "photos_per_class", "whiten_size", "cgd_dim")  # fmt: skip
+    for name in names:
         if getattr(conf, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if conf.mode not in MODES:
+        problems.append(f"--mode {conf.mode!r}: use gem or cgd")
+    if conf.mode == "gem" and not conf.pairs:
+        problems.append("--pairs is needed in GeM mode (the folder pipeline.pairs wrote)")
+    if conf.mode == "gem" and conf.tuples_per_step < conf.workers:
+        problems.append(f"--tuples-per-step {conf.tuples_per_step} must be at least --workers "
+                        f"{conf.workers} (every worker computes a share of each step)")  # fmt: skip
+    if conf.mode == "cgd" and conf.photos_per_class < 2:
+        problems.append("--photos-per-class must be at least 2 (a positive in every batch)")
+    if conf.precision not in PRECISIONS:
+        problems.append(f"--precision {conf.precision!r}: use one of {', '.join(PRECISIONS)}")
     if conf.lr <= 0:
         problems.append(f"--lr must be positive, not {conf.lr}")
     if not 0 < conf.held_out < 1:
         problems.append(f"--held-out is a share in (0, 1), not {conf.held_out}")
-    if conf.image_size < 64:
+    if conf.image_size is not None and conf.image_size < 64:
         problems.append(f"--image-size must be at least 64, not {conf.image_size}")
+    if conf.margin is not None and conf.margin <= 0:
+        problems.append(f"--margin must be positive, not {conf.margin}")
+    if conf.fold_whitening and conf.weights == "imagenet":
+        problems.append("--fold-whitening needs --weights: a checkpoint with a whitening.npz")
     problems += location_problems(pairs=conf.pairs, images=conf.images)
     if problems:
         raise ValueError("\n".join(problems))
+
+
+def _mode_data(conf: TrainConf) -> dict[str, Any]:
+    """What the workers of ``conf.mode`` train on (read once, on the driver)."""
+    if conf.mode == "gem":
+        from pipeline.tuples import read_training_set
+        from pipeline.whiten import read_whitening_pairs
+
+        return {"training_set": read_training_set(conf.pairs),
+                "whitening_pairs": read_whitening_pairs(conf.pairs)}  # fmt: skip
+    from pipeline.ingest import read_images
+
+    try:
+        table = read_images(conf.images, ["image_id", conf.label_column], ok_only=True)
+    except ValueError as err:
+        raise ValueError(f"--label-column {conf.label_column!r}: {err}") from err
+    ids, labels = (table.column(i).to_pylist() for i in range(2))
+    kept = [(i, label) for i, label in zip(ids, labels, strict=True) if label]
+    if not kept:
+        raise ValueError(f"--images {conf.images} has no photo with a {conf.label_column}")
+    return {"image_ids": [i for i, _ in kept], "labels": [label for _, label in kept]}
 
 
 def run(conf: TrainConf) -> str:
@@ -324,19 +297,26 @@ def run(conf: TrainConf) -> str:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cluster.mining import mining_actor
-    from pipeline.tuples import read_training_set
-
     _check(conf)
-    data = read_training_set(conf.pairs)
+    data = _mode_data(conf)
+    num_classes = 0
+    if conf.mode == "cgd":
+        from pipeline.training.cgd import split_classes
+
+        train_rows, _ = split_classes(np.asarray(data["labels"]), conf.held_out, conf.seed)
+        num_classes = len(set(np.asarray(data["labels"])[train_rows].tolist()))
     if not ray.is_initialized():
         ray.init()
     out = Path(conf.output)
     storage_path = conf.storage_path or str((out / "ray").resolve())
-    mining = mining_actor(num_cpus=0, gpu=conf.use_gpu)
+    mining = None
+    if conf.mode == "gem":
+        from cluster.mining import mining_actor
+
+        mining = data["mining"] = mining_actor(num_cpus=0, gpu=conf.use_gpu)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"conf": asdict(conf), "data": data, "mining": mining},
+        train_loop_config={"conf": conf.settings(), "data": data},
         scaling_config=ScalingConfig(num_workers=conf.workers, use_gpu=conf.use_gpu),
         run_config=RunConfig(
             name=conf.name,
@@ -345,17 +325,20 @@ def run(conf: TrainConf) -> str:
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
     )
-    result = trainer.fit()
-    ray.kill(mining)
-    return _finish(conf, result, out)
+    try:
+        result = trainer.fit()
+    finally:
+        if mining is not None:
+            ray.kill(mining)
+    return _finish(conf, result, out, data, num_classes)
 
 
-def _finish(conf: TrainConf, result: Any, out: Path) -> str:
-    import shutil
-
+def _finish(conf: TrainConf, result: Any, out: Path, data: dict[str, Any],
+            num_classes: int) -> str:  # fmt: skip
+    score = _epochs_class(conf.mode).score
     history = _history(result)
-    scored = [h for h in history if h.get("val_map") is not None]
-    best = max(scored, key=lambda h: (h["val_map"], -h["epoch"]))
+    scored = [h for h in history if h.get(score) is not None]
+    best = max(scored, key=lambda h: (h[score], -h["epoch"]))
     for h in history:
         h["best"] = h["epoch"] == best["epoch"]
     target = out  # the checkpoint layout itself: --weights OUTPUT for extract and evaluate
@@ -364,40 +347,79 @@ def _finish(conf: TrainConf, result: Any, out: Path) -> str:
         (target / stale).unlink(missing_ok=True)
     if best["epoch"] == 0:
         logger.warning("no epoch beat the network it started from; keeping that one")
+        import torch
+
         from model.networks import save_network
 
-        save_network(_initial_network(asdict(conf)), target)
+        torch.manual_seed(conf.seed)  # the workers' start, head included
+        save_network(initial_network(conf.settings(), num_classes), target)
     else:
         checkpoint = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
         with checkpoint.as_directory() as folder:
             shutil.copy2(Path(folder) / "model.pt", target / "model.pt")
             shutil.copy2(Path(folder) / "meta.json", target / "meta.json")
-    payload = {"settings": asdict(conf), "epochs": history, "best_epoch": best["epoch"]}
+    payload: dict[str, Any] = {"settings": conf.settings(), "epochs": history,
+                               "best_epoch": best["epoch"], "score": score}  # fmt: skip
+    if conf.mode == "gem" and conf.whiten:
+        payload["whitening"] = _learn_whitening(conf, target, data)
     (target / "metrics.json").write_text(json.dumps(payload, indent=2))
-    _curves(history, target / "curves.png")
-    logger.info(
-        "best epoch %d: validation mAP %.4f (epoch 0: %s) → %s",
-        best["epoch"],
-        best["val_map"],
-        next((h["val_map"] for h in history if h["epoch"] == 0), None),
-        target,
-    )
+    _curves(history, target / "curves.png", score)
+    logger.info("best epoch %d: %s %.4f (epoch 0: %s) → %s", best["epoch"], score, best[score],
+                history[0].get(score), target)  # fmt: skip
     return str(target)
+
+
+def _learn_whitening(conf: TrainConf, target: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Lw of the best network from the training clusters' whitening pairs, over its
+    descriptors at ``--whiten-size``, into ``target/whitening.npz``; returns what it learned
+    from and the held-out clusters' mAP at that size without and with it."""
+    from model.whitening import apply_whitening, save_whitening
+    from pipeline.descriptors import read_descriptors
+    from pipeline.extract import ExtractConf
+    from pipeline.extract import run as extract
+    from pipeline.training.gem import cluster_map
+    from pipeline.tuples import split_clusters
+    from pipeline.whiten import WHITENING_FILE, whitening_from_pairs
+
+    pool = data["training_set"]
+    train, val = split_clusters(pool, conf.held_out, conf.seed)
+    trained = set(train.image_ids.tolist())
+    pairs = [(q, p) for q, p in data["whitening_pairs"] if q in trained and p in trained]
+    with tempfile.TemporaryDirectory(dir=target) as scratch:
+        settings = ExtractConf(images=conf.images, output=f"{scratch}/descriptors",
+                               weights=str(target), max_size=conf.whiten_size)  # fmt: skip
+        desc = read_descriptors(extract(settings))
+    try:
+        m, P, used = whitening_from_pairs(desc.image_ids, desc.vectors, pairs)
+    except ValueError as err:
+        logger.warning("no whitening learned: %s", err)
+        return {"learned": False, "reason": str(err)}
+    save_whitening(target / WHITENING_FILE, m, P, pairs=used, pairs_uri=conf.pairs,
+                   max_size=conf.whiten_size, network={"checkpoint": str(target)})  # fmt: skip
+    found = {"learned": True, "pairs": used, "max_size": conf.whiten_size}
+    row = {image_id: i for i, image_id in enumerate(desc.image_ids.tolist())}
+    if any(i not in row for i in pool.image_ids.tolist()):
+        return found  # a pool photo failed to describe: no figure rather than a skewed one
+    vectors = desc.vectors[[row[i] for i in pool.image_ids.tolist()]]
+    pool_row = {image_id: i for i, image_id in enumerate(pool.image_ids.tolist())}
+    queries = np.array([pool_row[i] for i in val.image_ids[val.queries].tolist()], np.int64)
+    whitened = apply_whitening(vectors, m, P)
+    found["val_map"] = cluster_map(vectors, pool.clusters, queries)
+    found["val_map_lw"] = cluster_map(whitened, pool.clusters, queries)
+    return found
 
 
 def _history(result: Any) -> list[dict[str, Any]]:
     """One row per epoch from the checkpoints' metrics (rank 0's), epoch 0 the start."""
     rows = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
-    keys = ("epoch", "loss", "val_map", "seconds", "tuples_per_s", "steps")
-    history = [{k: m.get(k) for k in keys} for m in rows]
+    history = [{k: v for k, v in m.items() if k != "start"} for m in rows]
     if rows:
-        start = {"epoch": 0, "loss": None, "val_map": rows[0].get("val_map_start"),
-                 "seconds": 0.0, "tuples_per_s": None, "steps": 0}  # fmt: skip
-        history.insert(0, start)
+        history.insert(0, {"epoch": 0, "loss": None, "seconds": 0.0, "steps": 0,
+                           **(rows[0].get("start") or {})})  # fmt: skip
     return history
 
 
-def _curves(history: list[dict[str, Any]], path: Path) -> None:
+def _curves(history: list[dict[str, Any]], path: Path, score: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -406,12 +428,14 @@ def _curves(history: list[dict[str, Any]], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     trained = [h for h in history if h["loss"] is not None]
     left.plot([h["epoch"] for h in trained], [h["loss"] for h in trained], "o-")
-    left.set(xlabel="epoch", ylabel="contrastive loss per tuple", title="training loss")
-    scored = [h for h in history if h["val_map"] is not None]
-    right.plot([h["epoch"] for h in scored], [h["val_map"] for h in scored], "o-")
-    best = max(scored, key=lambda h: h["val_map"])
-    right.plot([best["epoch"]], [best["val_map"]], "r*", markersize=14, label="best")
-    right.set(xlabel="epoch", ylabel="mAP", title="validation (held-out clusters)")
+    left.set(xlabel="epoch", ylabel="loss", title="training loss")
+    for key in sorted({k for h in history for k in h if k.startswith("val_")}):
+        scored = [h for h in history if h.get(key) is not None]
+        right.plot([h["epoch"] for h in scored], [h[key] for h in scored], "o-",
+                   label=key.removeprefix("val_"))  # fmt: skip
+    best = max((h for h in history if h.get(score) is not None), key=lambda h: h[score])
+    right.plot([best["epoch"]], [best[score]], "r*", markersize=14, label="best")
+    right.set(xlabel="epoch", ylabel="held-out score", title="validation (never trained on)")
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
