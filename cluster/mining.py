@@ -165,7 +165,7 @@ class MiningIndex:
         return sum(len(p) for p, _, _ in self._parts)
 
     def _build(self) -> None:
-        positions = np.concatenate([p for p, _, _ in self._parts])
+        positions = np.concatenate([np.zeros(0, np.int64)] + [p for p, _, _ in self._parts])
         order = np.argsort(positions, kind="stable")
         if len(positions) != self.size or (np.diff(positions[order]) != 1).any():
             missing = self.size - len(np.unique(positions))

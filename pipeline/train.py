@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class TrainConf:
     curves.png."""
     pairs: str | None = None
     """GeM mode: the folder written by pipeline.pairs (pairs.parquet, pool.parquet)."""
-    mode: str = "gem"
+    mode: Literal["gem", "cgd"] = "gem"
     """gem (SfM pairs, contrastive loss, mined negatives) or cgd (class labels)."""
     weights: str = "imagenet"
     """Start from ImageNet Lite0 (+ GeM, or + the CGD head), or from a checkpoint directory."""
@@ -80,7 +80,7 @@ class TrainConf:
     ResNet-101). CGD: batch-hard triplet margin, default 0.1 (the paper's)."""
     image_size: int | None = None
     """GeM: longest side, default 362 (the paper's). CGD: the square side, default 224."""
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto (bf16 + channels-last on GPUs, fp32 on CPUs), fp32 or bf16."""
     device_batch: int | None = None
     """Images per forward pass (one image size each): default 64 on a GPU, 16 on a CPU."""
@@ -166,7 +166,14 @@ def train_loop(config: dict[str, Any]) -> None:
         start_epoch, steps, start = state["epoch"] + 1, state["steps"], state["start"]
     elif rank == 0:  # epoch 0: the network before any step
         start = mode.validate(net)
-    model = ray.train.torch.prepare_model(net) if world > 1 else net
+    model = net
+    if world > 1:
+        # GeM mode groups each worker's images by size, so workers make different numbers of
+        # forward passes per step: DDP must not broadcast buffers in each one (a collective the
+        # others would never join). Frozen BatchNorm has no buffers to keep in step anyway; CGD's
+        # square photos in equal blocks give every worker the same passes.
+        kwargs = {"broadcast_buffers": conf["mode"] == "cgd" and not conf["freeze_bn"]}
+        model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=kwargs)
     rate = "tuples_per_s" if conf["mode"] == "gem" else "images_per_s"
 
     for epoch in range(start_epoch, conf["epochs"] + 1):
@@ -263,9 +270,23 @@ def _check(conf: TrainConf) -> None:
         problems.append(f"--image-size must be at least 64, not {conf.image_size}")
     if conf.margin is not None and conf.margin <= 0:
         problems.append(f"--margin must be positive, not {conf.margin}")
-    if conf.fold_whitening and conf.weights == "imagenet":
-        problems.append("--fold-whitening needs --weights: a checkpoint with a whitening.npz")
-    problems += location_problems(pairs=conf.pairs, images=conf.images)
+    if conf.fold_whitening:
+        from model import storage
+        from pipeline.whiten import WHITENING_FILE
+
+        if conf.weights == "imagenet":
+            problems.append("--fold-whitening needs --weights: a checkpoint with a whitening.npz")
+        elif not storage.is_file(storage.join(conf.weights, WHITENING_FILE)):
+            problems.append(f"--fold-whitening: {conf.weights} has no {WHITENING_FILE}")
+    locations = {"images": conf.images, **({"pairs": conf.pairs} if conf.pairs else {})}
+    problems += location_problems(**locations)
+    if not problems:
+        from pipeline.ingest import read_images
+
+        try:  # the workers read it; a wrong path is named here, not retried as a failure there
+            read_images(conf.images, ["image_id"])
+        except (OSError, ValueError) as err:
+            problems.append(f"--images: {err}")
     if problems:
         raise ValueError("\n".join(problems))
 

@@ -114,3 +114,21 @@ def test_the_actor_takes_shares_in_any_order_and_refuses_a_partial_pool(ray_sess
     with pytest.raises(ray.exceptions.RayTaskError, match=r"lie in 0\.\.399"):
         ray.get(actor.add.remote([400], x[:1], clusters[:1]))
     ray.kill(actor)
+
+
+def test_mining_by_pool_rows_uses_the_held_vectors_and_answers_once_per_epoch():
+    x, clusters = _pool(300, 16, 20, seed=3)
+    mining = MiningIndex(factory="Flat", gpu=False)
+    mining.reset(1, len(x))
+    order = np.random.default_rng(1).permutation(len(x))
+    mining.add(order, x[order], clusters[order])  # shares arrive in any order
+    rows = np.array([5, 17, 250, 5])
+    found, _ = mining.mine_rows(rows, 4)
+    assert (found == _reference(x, clusters, x[rows], clusters[rows], 4)).all()
+    assert mining.mine_rows(rows, 4)[0] is found  # every worker asks: computed once
+    assert (clusters[found] != clusters[rows][:, None]).all()
+    with pytest.raises(ValueError, match=r"lie in 0\.\.299"):
+        mining.mine_rows([300], 4)
+    mining.reset(2, len(x))
+    with pytest.raises(ValueError, match="not whole"):
+        mining.mine_rows(rows, 4)  # a new epoch's pool, not last epoch's answer

@@ -219,3 +219,25 @@ def test_logits_only_from_the_cgd_head(images: torch.Tensor) -> None:
         net(images, return_logits=True)
     with pytest.raises(ValueError, match="unknown head"):
         NetworkMeta(head="netvlad")
+
+
+def test_folded_whitening_describes_as_applying_it(images: torch.Tensor) -> None:
+    """Lw folded into the head's FC layer (W = P, b = −P m) gives apply_whitening's output."""
+    import numpy as np
+
+    from model.networks import fold_whitening
+    from model.whitening import apply_whitening
+
+    net = _perturbed(NetworkMeta(backbone="efficientnet_lite0"))
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal(net.out_dim) * 0.01
+    P = rng.standard_normal((32, net.out_dim))
+    folded = fold_whitening(net, m, P).eval()
+    assert folded.meta.whitening_dim == 32 and folded.out_dim == 32
+    with torch.no_grad():
+        plain, whitened = net(images).numpy(), folded(images).numpy()
+    np.testing.assert_allclose(whitened, apply_whitening(plain, m, P), atol=1e-5)
+    with pytest.raises(ValueError, match="without a whitening layer"):
+        fold_whitening(folded, m[:32], P[:, :32])
+    with pytest.raises(ValueError, match="does not fit descriptors of 1280"):
+        fold_whitening(net, m[:10], P[:, :10])

@@ -1,4 +1,5 @@
-"""The train stage (GeM mode) on Ray Train: the built-in landmarks' SfM pairs, CPU workers."""
+"""The train stage on Ray Train, CPU workers: GeM mode on the built-in landmarks' SfM pairs, CGD
+mode on a small generated collection's landmark labels."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def pairs(ray_session, tiny_collection: Path, tmp_path_factory) -> dict[str, str
 def _conf(pairs: dict[str, str], out: Path, **changes) -> TrainConf:
     base = TrainConf(pairs=pairs["pairs"], images=pairs["images"], output=str(out), epochs=2,
                      image_size=128, queries=12, nnum=1, held_out=0.3, lr=1e-5,
-                     tuples_per_step=3, name="t")  # fmt: skip
+                     tuples_per_step=3, name="t", whiten=False)  # fmt: skip
     return replace(base, **changes)
 
 
@@ -61,11 +62,18 @@ def _epochs(best: str) -> list[dict]:
 
 def test_training_checkpoints_the_best_epoch_and_resumes(pairs, tmp_path) -> None:
     from model.networks import load_network
+    from pipeline.extract import ExtractConf, load_extract_network
 
-    best = train(_conf(pairs, tmp_path))
+    best = train(_conf(pairs, tmp_path, whiten=True, whiten_size=160))
     assert {p.name for p in Path(best).iterdir()} >= {"model.pt", "meta.json", "metrics.json",
-                                                       "curves.png"}  # fmt: skip
+                                                       "curves.png", "whitening.npz"}  # fmt: skip
+    lw = json.loads(Path(best, "metrics.json").read_text())["whitening"]
+    assert lw["learned"] and lw["pairs"] >= 10 and 0 < lw["val_map"] <= 1
+    assert 0 < lw["val_map_lw"] <= 1
+    _, whitening = load_extract_network(ExtractConf(images="", output="", weights=best))
+    assert whitening is not None and whitening[1].shape == (1280, 1280)  # extract applies it
     epochs = _epochs(best)
+    assert all(0 < e["val_map_lw"] <= 1 for e in epochs)  # held-out mAP with Lw, every epoch
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     assert epochs[0]["val_map"] is not None and epochs[0]["loss"] is None  # off-the-shelf
     assert all(np.isfinite(e["loss"]) and e["loss"] > 0 for e in epochs[1:])
@@ -75,10 +83,26 @@ def test_training_checkpoints_the_best_epoch_and_resumes(pairs, tmp_path) -> Non
     marked = max(epochs, key=lambda e: (e["val_map"], -e["epoch"]))
     assert next(e for e in epochs if e["best"]) == marked
     assert load_network(best).meta.backbone == "efficientnet_lite0"  # extract/evaluate take it
+    # the GeM paper's second round: Lw folded into the head's FC layer, trained end to end
+    folded = train(_conf(pairs, tmp_path / "folded", weights=best, fold_whitening=True,
+                         epochs=1))  # fmt: skip
+    assert load_network(folded).meta.whitening_dim == 1280
     # the same name and storage: resumes after epoch 2 instead of starting again
     again = _epochs(train(_conf(pairs, tmp_path, epochs=3)))
     assert again[:3] == [{**e, "best": again[i]["best"]} for i, e in enumerate(epochs)]
     assert again[3]["steps"] == 3 * per_epoch
+
+
+def test_two_workers_reproduce_one_workers_first_epoch(pairs, tmp_path) -> None:
+    """The same global batch of tuples and seed: 2 workers' epoch-1 loss and held-out mAP equal
+    1 worker's (DDP averages the workers' gradients of each step's shares of one batch). Three
+    tuples a step, two images a forward pass: rank 0 makes 3 passes a step, rank 1 makes 2."""
+    settings = {"epochs": 1, "tuples_per_step": 3, "device_batch": 2}
+    one = _epochs(train(_conf(pairs, tmp_path / "one", **settings)))
+    two = _epochs(train(_conf(pairs, tmp_path / "two", workers=2, **settings)))
+    assert one[1]["steps"] == two[1]["steps"] > 1  # more than one step: updates compared too
+    assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-4)
+    assert two[1]["val_map"] == pytest.approx(one[1]["val_map"], abs=1e-4)
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(pairs, tmp_path) -> None:
@@ -122,3 +146,50 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(pairs, tmp_path) -> No
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     per_epoch = epochs[1]["steps"]
     assert per_epoch > 0 and epochs[2]["steps"] == 2 * per_epoch
+
+
+def test_cgd_mode_trains_on_labels_and_scores_recall_on_held_out_classes(
+    ray_session, tmp_path
+) -> None:
+    from model.networks import load_network
+    from pipeline.datasets.landmarks import generate
+    from pipeline.datasets.landmarks.conf import LandmarksConf
+    from pipeline.ingest import IngestConf
+    from pipeline.ingest import run as ingest
+
+    small = LandmarksConf(name="landmarks-cgd", num_landmarks=6, views_per_landmark=6,
+                          queries_per_landmark=1, num_distractors=0, image_size=(160, 120),
+                          allow_few_views=True)  # fmt: skip
+    root = generate(small, tmp_path)
+    manifest = write_scene_manifest(root, tmp_path / "photos.csv")
+    images = ingest(IngestConf(source=str(manifest), output=str(tmp_path / "run")))
+    conf = TrainConf(images=images, output=str(tmp_path / "cgd"), mode="cgd", name="cgd",
+                     label_column="scene", epochs=2, image_size=96, classes_per_batch=2,
+                     photos_per_class=3, held_out=0.34, lr=1e-4)  # fmt: skip
+    best = train(conf)
+    payload = json.loads(Path(best, "metrics.json").read_text())
+    epochs = payload["epochs"]
+    assert payload["score"] == "val_recall@1" and [e["epoch"] for e in epochs] == [0, 1, 2]
+    for e in epochs:
+        assert all(0 <= e[f"val_recall@{k}"] <= 1 for k in (1, 2, 4, 8))
+    assert epochs[2]["loss"] < epochs[1]["loss"]  # triplet + label-smoothed cross-entropy
+    assert epochs[1]["steps"] == 4 and epochs[1]["images_per_s"] > 0  # 4 classes × 7 / (2 × 3)
+    meta = load_network(best).meta
+    assert (meta.head, meta.num_classes, meta.descriptors) == ("cgd", 4, "SG")
+    assert meta.remove_last_stride and not meta.learn_p  # the CGD paper's defaults
+
+
+def test_bad_settings_are_named_before_anything_runs(tmp_path) -> None:
+    with pytest.raises(ValueError) as err:
+        train(TrainConf(images=str(tmp_path / "none"), output=str(tmp_path / "o"), workers=3,
+                        tuples_per_step=2, precision="fp16", mode="gem"))  # fmt: skip
+    message = str(err.value)
+    assert "--pairs is needed in GeM mode" in message
+    assert "--tuples-per-step 2 must be at least --workers 3" in message
+    assert "--precision 'fp16'" in message
+    with pytest.raises(ValueError, match="--fold-whitening needs --weights"):
+        train(TrainConf(images=str(tmp_path), output=str(tmp_path / "o"), mode="cgd",
+                        fold_whitening=True))  # fmt: skip
+    with pytest.raises(ValueError, match=r"--images: .*none"):  # named before any worker starts
+        train(TrainConf(images=str(tmp_path / "none"), output=str(tmp_path / "o"),
+                        pairs=str(tmp_path)))  # fmt: skip
