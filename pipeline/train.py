@@ -104,8 +104,9 @@ class TrainConf:
     fold_whitening: bool = False
     """Start from --weights' whitening.npz folded into the head's FC layer (W = P, b = −P m)."""
     # CGD mode
-    label_column: str = "label"
-    """The images.parquet column naming each photo's class (label or scene)."""
+    label_column: str = "auto"
+    """The images.parquet column naming each photo's class: label, scene (a folder per class
+    ingests as scenes), or auto (label where photos have one, else scene)."""
     classes_per_batch: int = 8
     """P of the P×K batches, per worker."""
     photos_per_class: int = 4
@@ -301,15 +302,18 @@ def _mode_data(conf: TrainConf) -> dict[str, Any]:
                 "whitening_pairs": read_whitening_pairs(conf.pairs)}  # fmt: skip
     from pipeline.ingest import read_images
 
+    columns = ["label", "scene"] if conf.label_column == "auto" else [conf.label_column]
     try:
-        table = read_images(conf.images, ["image_id", conf.label_column], ok_only=True)
+        table = read_images(conf.images, ["image_id", *columns], ok_only=True)
     except ValueError as err:
         raise ValueError(f"--label-column {conf.label_column!r}: {err}") from err
-    ids, labels = (table.column(i).to_pylist() for i in range(2))
-    kept = [(i, label) for i, label in zip(ids, labels, strict=True) if label]
-    if not kept:
-        raise ValueError(f"--images {conf.images} has no photo with a {conf.label_column}")
-    return {"image_ids": [i for i, _ in kept], "labels": [label for _, label in kept]}
+    ids = table.column("image_id").to_pylist()
+    for column in columns:
+        kept = [(i, c) for i, c in zip(ids, table.column(column).to_pylist(), strict=True) if c]
+        if kept:
+            logger.info("CGD classes from the %s column: %d photos", column, len(kept))
+            return {"image_ids": [i for i, _ in kept], "labels": [c for _, c in kept]}
+    raise ValueError(f"--images {conf.images}: no photo has a {' or '.join(columns)}")
 
 
 def run(conf: TrainConf) -> str:

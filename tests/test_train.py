@@ -148,7 +148,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(pairs, tmp_path) -> No
     assert per_epoch > 0 and epochs[2]["steps"] == 2 * per_epoch
 
 
-def test_cgd_mode_trains_on_labels_and_scores_recall_on_held_out_classes(
+def test_cgd_mode_trains_on_classes_and_scores_recall_on_held_out_ones(
     ray_session, tmp_path
 ) -> None:
     from model.networks import load_network
@@ -164,7 +164,7 @@ def test_cgd_mode_trains_on_labels_and_scores_recall_on_held_out_classes(
     manifest = write_scene_manifest(root, tmp_path / "photos.csv")
     images = ingest(IngestConf(source=str(manifest), output=str(tmp_path / "run")))
     conf = TrainConf(images=images, output=str(tmp_path / "cgd"), mode="cgd", name="cgd",
-                     label_column="scene", epochs=2, image_size=96, classes_per_batch=2,
+                     epochs=2, image_size=96, classes_per_batch=2,
                      photos_per_class=3, held_out=0.34, lr=1e-4)  # fmt: skip
     best = train(conf)
     payload = json.loads(Path(best, "metrics.json").read_text())
