@@ -95,6 +95,9 @@ class TrainConf:
     nnum: int = 5
     queries: int = 2000
     """Queries per epoch (all when there are fewer)."""
+    pool_size: int | None = None
+    """Negatives from a seeded sample of this many training photos each epoch (the epoch's
+    queries among them); default the whole training collection."""
     tuples_per_step: int = 5
     """Tuples per optimizer step, all workers together (the reference's batch of 5)."""
     whiten: bool = True
@@ -269,6 +272,8 @@ def _check(conf: TrainConf) -> None:
         problems.append(f"--held-out is a share in (0, 1), not {conf.held_out}")
     if conf.image_size is not None and conf.image_size < 64:
         problems.append(f"--image-size must be at least 64, not {conf.image_size}")
+    if conf.pool_size is not None and conf.pool_size < 2:
+        problems.append(f"--pool-size must be at least 2, not {conf.pool_size}")
     if conf.margin is not None and conf.margin <= 0:
         problems.append(f"--margin must be positive, not {conf.margin}")
     if conf.fold_whitening:

@@ -97,7 +97,7 @@ def test_two_workers_reproduce_one_workers_first_epoch(pairs, tmp_path) -> None:
     """The same global batch of tuples and seed: 2 workers' epoch-1 loss and held-out mAP equal
     1 worker's (DDP averages the workers' gradients of each step's shares of one batch). Three
     tuples a step, two images a forward pass: rank 0 makes 3 passes a step, rank 1 makes 2."""
-    settings = {"epochs": 1, "tuples_per_step": 3, "device_batch": 2}
+    settings = {"epochs": 1, "tuples_per_step": 3, "device_batch": 2, "pool_size": 20}
     one = _epochs(train(_conf(pairs, tmp_path / "one", **settings)))
     two = _epochs(train(_conf(pairs, tmp_path / "two", workers=2, **settings)))
     assert one[1]["steps"] == two[1]["steps"] > 1  # more than one step: updates compared too

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.training.collective import sum_over_workers
+from pipeline.training.collective import report_progress, sum_over_workers
 from pipeline.training.images import decode_photos, embed, freeze_batchnorm, mean_std
 
 __all__ = ["RECALL_KS", "CgdEpochs", "held_out_recall", "split_classes"]
@@ -117,11 +117,12 @@ class CgdEpochs:
             labels = torch.as_tensor(self.train_labels[rows], device=self.device)
             optimizer.zero_grad()
             descriptors, logits = embed(lambda x: model(x, return_logits=True),
-                                        [self.train_photos[r] for r in rows], normalise,
+                                        self.train_photos.subset(rows), normalise,
                                         self.precision, self.device, generator)  # fmt: skip
             loss = ranking(descriptors, labels) + classification(logits, labels)
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
+            report_progress(rank, epoch, step + 1, steps, total)
         return {"loss": sum_over_workers(total, world, self.device) / (steps * world),
                 "items": steps * block * world, "steps": steps}  # fmt: skip

@@ -2,8 +2,10 @@
 
 Each epoch, as the GeM paper does but over the whole pool instead of a random few thousand:
 
-1. every worker describes its share of the training clusters' photos with the current network,
-   without gradients, and sends the descriptors to the mining-index actor (``cluster.mining``);
+1. every worker describes its share of the negative pool (the training clusters' photos, or a
+   seeded sample of ``pool_size`` of them that holds the epoch's queries) with the current
+   network, without gradients, and sends the descriptors to the mining-index actor
+   (``cluster.mining``);
 2. the actor mines ``nnum`` hard negatives (nearest of other clusters, one per cluster) for the
    epoch's queries once, from the descriptors it holds, and every worker takes the same answer;
 3. the epoch's tuples (query, a random positive, its negatives) come from one seeded draw shared
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.training.collective import barrier, sum_over_workers
+from pipeline.training.collective import barrier, report_progress, sum_over_workers
 from pipeline.training.images import decode_photos, embed, freeze_batchnorm, mean_std
 from pipeline.tuples import TrainingSet, epoch_tuples, split_clusters, worker_share
 
@@ -87,6 +89,18 @@ class GemEpochs:
             result["val_map_lw"] = cluster_map(whitened, self.clusters, self.val_queries)
         return result
 
+    def _pool(self, query_rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The epoch's negative pool: every training photo, or ``pool_size`` of them drawn
+        with the epoch's seed, the epoch's queries always among them (sorted rows)."""
+        everyone = np.arange(len(self.train_rows))
+        size = self.conf["pool_size"]
+        if not size or size >= len(everyone):
+            return everyone
+        queries = np.unique(query_rows)
+        others = np.setdiff1d(everyone, queries)
+        extra = rng.choice(others, min(len(others), max(0, size - len(queries))), replace=False)
+        return np.sort(np.concatenate([queries, extra]))
+
     def epoch(self, model: Any, net: Any, optimizer: Any, epoch: int) -> dict[str, float]:
         """One epoch; returns its ``loss`` (per tuple), ``items`` (tuples) and ``steps``."""
         import ray
@@ -98,20 +112,24 @@ class GemEpochs:
         rng = np.random.default_rng(conf["seed"] * 1000 + epoch)  # the same on every worker
         chosen = np.sort(rng.permutation(len(self.train.queries))[: conf["queries"]])
         normalise = mean_std(net, self.device)
+        query_rows = self.train.queries[chosen]
+        pool = self._pool(query_rows, rng)  # training-set rows the actor holds, in order
         # 1. the negative pool, each worker its share
         if rank == 0:
-            ray.get(self.mining.reset.remote(epoch, len(self.train_rows)))
+            ray.get(self.mining.reset.remote(epoch, len(pool)))
         barrier(world)
-        share = worker_share(len(self.train_rows), rank, world)
+        share = worker_share(len(pool), rank, world)
         with torch.no_grad():
             net.eval()
-            vectors = embed(net, [self.photos[r] for r in self.train_rows[share]], normalise,
+            vectors = embed(net, self.photos.subset(self.train_rows[pool[share]]), normalise,
                             self.precision, self.device).cpu().numpy()  # fmt: skip
-        ray.get(self.mining.add.remote(share, vectors, self.train.clusters[share]))
+        ray.get(self.mining.add.remote(share, vectors, self.train.clusters[pool[share]]))
         barrier(world)
         # 2. negatives of the epoch's queries (mined once by the actor), 3. the global tuples
-        query_rows = self.train.queries[chosen]
-        negatives, _ = ray.get(self.mining.mine_rows.remote(query_rows, conf["nnum"]))
+        found, _ = ray.get(
+            self.mining.mine_rows.remote(np.searchsorted(pool, query_rows), conf["nnum"])
+        )
+        negatives = np.where(found >= 0, pool[np.maximum(found, 0)], -1)
         subset = TrainingSet(self.train.image_ids, self.train.clusters, query_rows,
                              tuple(self.train.positives[i] for i in chosen))  # fmt: skip
         tuples = epoch_tuples(subset, negatives, rng)
@@ -128,11 +146,12 @@ class GemEpochs:
         for step in range(steps):
             mine = tuples[step * per_step : (step + 1) * per_step][rank::world]
             optimizer.zero_grad()
-            images = [self.photos[self.train_rows[r]] for r in mine.ravel()]
+            images = self.photos.subset(self.train_rows[mine.ravel()])
             out = embed(model, images, normalise, self.precision, self.device, generator)
             loss = loss_fn(out.view(*mine.shape, -1))
             (loss * world).backward()  # DDP averages: × world makes it the global batch's sum
             optimizer.step()
             total += float(loss.detach())
+            report_progress(rank, epoch, step + 1, steps, total)
         return {"loss": sum_over_workers(total, world, self.device) / max(1, steps * per_step),
                 "items": steps * per_step, "steps": steps}  # fmt: skip
