@@ -20,7 +20,8 @@ from the latest checkpoint; worker failures are retried (``--max-failures``). At
 epoch's checkpoint (the off-the-shelf network is epoch 0) is copied to ``OUTPUT`` with
 ``metrics.json`` (every epoch, the best marked) and ``curves.png``; in GeM mode ``--whiten``
 then learns Lw from the training clusters' whitening pairs over that network's descriptors at
-extraction size and stores it as ``OUTPUT/whitening.npz``, which extract and evaluate apply.
+extraction size and stores it as ``OUTPUT/whitening.npz``, which extract and evaluate apply,
+unless it lowers the held-out clusters' mAP (``--keep-whitening``).
 ``--fold-whitening`` starts instead from a checkpoint's Lw folded into the head's FC layer
 (W = P, b = −P m), to fine-tune the whitening end to end as the GeM paper does.
 """
@@ -104,6 +105,8 @@ class TrainConf:
     """After training, learn Lw from the training clusters' pairs → OUTPUT/whitening.npz."""
     whiten_size: int = 1024
     """Longest side of the descriptors Lw is learned on (extract's default)."""
+    keep_whitening: Literal["if-better", "always"] = "if-better"
+    """Store Lw only when it does not lower the held-out clusters' mAP at --whiten-size."""
     fold_whitening: bool = False
     """Start from --weights' whitening.npz folded into the head's FC layer (W = P, b = −P m)."""
     # CGD mode
@@ -176,7 +179,7 @@ def train_loop(config: dict[str, Any]) -> None:
         # forward passes per step: DDP must not broadcast buffers in each one (a collective the
         # others would never join). Frozen BatchNorm has no buffers to keep in step anyway; CGD's
         # square photos in equal blocks give every worker the same passes.
-        kwargs = {"broadcast_buffers": conf["mode"] == "cgd" and not conf["freeze_bn"]}
+        kwargs = {"forward_sync_buffers": conf["mode"] == "cgd" and not conf["freeze_bn"]}
         model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=kwargs)
     rate = "tuples_per_s" if conf["mode"] == "gem" else "images_per_s"
 
@@ -424,18 +427,22 @@ def _learn_whitening(conf: TrainConf, target: Path, data: dict[str, Any]) -> dic
     except ValueError as err:
         logger.warning("no whitening learned: %s", err)
         return {"learned": False, "reason": str(err)}
+    found: dict[str, Any] = {"learned": True, "pairs": used, "max_size": conf.whiten_size}
+    row = {image_id: i for i, image_id in enumerate(desc.image_ids.tolist())}
+    if all(i in row for i in pool.image_ids.tolist()):  # else no figure rather than a skewed one
+        vectors = desc.vectors[[row[i] for i in pool.image_ids.tolist()]]
+        pool_row = {image_id: i for i, image_id in enumerate(pool.image_ids.tolist())}
+        queries = np.array([pool_row[i] for i in val.image_ids[val.queries].tolist()], np.int64)
+        found["val_map"] = cluster_map(vectors, pool.clusters, queries)
+        found["val_map_lw"] = cluster_map(apply_whitening(vectors, m, P), pool.clusters, queries)
+    lower = found.get("val_map_lw", 1.0) < found.get("val_map", 0.0)
+    found["kept"] = conf.keep_whitening == "always" or not lower
+    if not found["kept"]:  # Lw from few pairs can overfit: scenes never seen decide
+        logger.warning("Lw lowers the held-out mAP (%.4f → %.4f): not kept (--keep-whitening "
+                       "always keeps it)", found["val_map"], found["val_map_lw"])  # fmt: skip
+        return found
     save_whitening(target / WHITENING_FILE, m, P, pairs=used, pairs_uri=conf.pairs,
                    max_size=conf.whiten_size, network={"checkpoint": str(target)})  # fmt: skip
-    found = {"learned": True, "pairs": used, "max_size": conf.whiten_size}
-    row = {image_id: i for i, image_id in enumerate(desc.image_ids.tolist())}
-    if any(i not in row for i in pool.image_ids.tolist()):
-        return found  # a pool photo failed to describe: no figure rather than a skewed one
-    vectors = desc.vectors[[row[i] for i in pool.image_ids.tolist()]]
-    pool_row = {image_id: i for i, image_id in enumerate(pool.image_ids.tolist())}
-    queries = np.array([pool_row[i] for i in val.image_ids[val.queries].tolist()], np.int64)
-    whitened = apply_whitening(vectors, m, P)
-    found["val_map"] = cluster_map(vectors, pool.clusters, queries)
-    found["val_map_lw"] = cluster_map(whitened, pool.clusters, queries)
     return found
 
 

@@ -64,11 +64,11 @@ def test_training_checkpoints_the_best_epoch_and_resumes(pairs, tmp_path) -> Non
     from model.networks import load_network
     from pipeline.extract import ExtractConf, load_extract_network
 
-    best = train(_conf(pairs, tmp_path, whiten=True, whiten_size=160))
+    best = train(_conf(pairs, tmp_path, whiten=True, whiten_size=160, keep_whitening="always"))
     assert {p.name for p in Path(best).iterdir()} >= {"model.pt", "meta.json", "metrics.json",
                                                        "curves.png", "whitening.npz"}  # fmt: skip
     lw = json.loads(Path(best, "metrics.json").read_text())["whitening"]
-    assert lw["learned"] and lw["pairs"] >= 10 and 0 < lw["val_map"] <= 1
+    assert lw["learned"] and lw["kept"] and lw["pairs"] >= 10 and 0 < lw["val_map"] <= 1
     assert 0 < lw["val_map_lw"] <= 1
     _, whitening = load_extract_network(ExtractConf(images="", output="", weights=best))
     assert whitening is not None and whitening[1].shape == (1280, 1280)  # extract applies it
