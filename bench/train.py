@@ -4,8 +4,8 @@
 column as groups, incremental SfM, pairs), then ``pipeline.train`` runs 2 epochs with 1 and
 with 2 CPU workers on the same pairs, same seeds (``--image-size`` 362, 1 negative: the
 collection has 3 landmarks, one held out). The figure is the second epoch's (the first pays
-for the workers' start-up): rank 0's tuples per second, times the workers for the whole run,
-and its share of linear scaling. Tuples per second count the whole epoch (describing the
+for the workers' start-up): the run's tuples per second (one global batch a step, shared by
+the workers), per worker, and its share of linear scaling. Tuples per second count the whole epoch (describing the
 pool, mining, training). Same command, one after the other.
 """
 
@@ -71,7 +71,7 @@ def main(conf: BenchConf) -> dict:
                                queries=conf.queries, nnum=1, held_out=0.3,
                                name=f"bench-{workers}"))  # fmt: skip
         epochs = json.loads(Path(best, "metrics.json").read_text())["epochs"]
-        per_worker[workers] = epochs[-1]["tuples_per_s"]
+        per_worker[workers] = epochs[-1]["tuples_per_s"] / workers  # the run's: all workers
     ray.shutdown()
     share = per_worker[2] / per_worker[1]  # 2 workers' total over twice one worker's
     lines = [

@@ -13,7 +13,8 @@ cross-entropy; rank 0 scores Recall@K on held-out classes. Both: Adam (GeM's p a
 no weight decay on it), exponential decay, BatchNorm frozen (``--freeze-bn``), bf16 and
 channels-last on GPUs (``--precision``), augmentation by option.
 
-Every epoch each worker reports ``loss``, the validation figures, ``seconds`` and its rate; rank
+Every epoch each worker reports ``loss``, the validation figures, ``seconds`` and the run's rate
+(tuples or images per second, all workers together); rank
 0 attaches the checkpoint (``model.pt``, ``meta.json``: the layout ``extract`` and ``evaluate``
 take, plus ``train_state.pt`` to resume). A rerun with the same ``--name`` and storage resumes
 from the latest checkpoint; worker failures are retried (``--max-failures``). At the end the best
