@@ -5,8 +5,8 @@ column as groups, incremental SfM, pairs), then ``pipeline.train`` runs 2 epochs
 with 2 CPU workers on the same pairs, same seeds (``--image-size`` 362, 1 negative: the
 collection has 3 landmarks, one held out). The figure is the second epoch's (the first pays
 for the workers' start-up): the run's tuples per second (one global batch a step, shared by
-the workers), per worker, and its share of linear scaling. Tuples per second count the whole epoch (describing the
-pool, mining, training). Same command, one after the other.
+the workers), per worker, and its share of linear scaling. Tuples per second count the whole
+epoch (describing the pool, mining, training). Same command, one after the other.
 """
 
 from __future__ import annotations

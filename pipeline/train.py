@@ -424,7 +424,8 @@ def _learn_whitening(conf: TrainConf, target: Path, data: dict[str, Any]) -> dic
                                weights=str(target), max_size=conf.whiten_size)  # fmt: skip
         desc = read_descriptors(extract(settings))
     try:
-        m, P, used = whitening_from_pairs(desc.image_ids, desc.vectors, pairs)
+        mine = np.isin(desc.image_ids, train.image_ids)  # C_D from the training photos only
+        m, P, used = whitening_from_pairs(desc.image_ids[mine], desc.vectors[mine], pairs)
     except ValueError as err:
         logger.warning("no whitening learned: %s", err)
         return {"learned": False, "reason": str(err)}

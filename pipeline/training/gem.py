@@ -66,10 +66,11 @@ class GemEpochs:
         self.val_queries = np.array([row_of[i] for i in self.val.image_ids], np.int64)[
             self.val.queries
         ]
-        trained = set(self.train.image_ids.tolist())
+        # Lw sees the training clusters only: their pairs, and their photos as the scatter C_D
+        train_row = {image_id: i for i, image_id in enumerate(self.train.image_ids.tolist())}
         self.lw_pairs = np.array(
-            [(row_of[q], row_of[p]) for q, p in data["whitening_pairs"]
-             if q in trained and p in trained], np.int64,
+            [(train_row[q], train_row[p]) for q, p in data["whitening_pairs"]
+             if q in train_row and p in train_row], np.int64,
         ).reshape(-1, 2)  # fmt: skip
 
     def validate(self, net: Any) -> dict[str, float]:
@@ -84,7 +85,8 @@ class GemEpochs:
                             self.device).cpu().numpy()  # fmt: skip
         result = {"val_map": cluster_map(vectors, self.clusters, self.val_queries)}
         if len(self.lw_pairs) >= 10:  # fewer only overfits: no figure rather than a noisy one
-            m, P = learn_whitening(vectors, self.lw_pairs[:, 0], self.lw_pairs[:, 1])
+            trained = vectors[self.train_rows]
+            m, P = learn_whitening(trained, self.lw_pairs[:, 0], self.lw_pairs[:, 1])
             whitened = apply_whitening(vectors, m, P)
             result["val_map_lw"] = cluster_map(whitened, self.clusters, self.val_queries)
         return result
