@@ -95,6 +95,7 @@ class TrainConf:
     seed: int = 0
     # GeM mode
     nnum: int = 5
+    """GeM mode: hard negatives per query (nearest of other clusters, one per cluster)."""
     queries: int = 2000
     """Queries per epoch (all when there are fewer)."""
     pool_size: int | None = None
