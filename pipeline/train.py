@@ -340,6 +340,12 @@ def run(conf: TrainConf) -> str:
 
         train_rows, _ = split_classes(np.asarray(data["labels"]), conf.held_out, conf.seed)
         num_classes = len(set(np.asarray(data["labels"])[train_rows].tolist()))
+        if num_classes < conf.classes_per_batch * conf.workers:
+            raise ValueError(
+                f"{num_classes} training classes: a step's P×K batch needs --classes-per-batch "
+                f"{conf.classes_per_batch} × --workers {conf.workers} = "
+                f"{conf.classes_per_batch * conf.workers} of them; ask for fewer"
+            )
     if not ray.is_initialized():
         ray.init()
     out = Path(conf.output)

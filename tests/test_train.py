@@ -177,6 +177,8 @@ def test_cgd_mode_trains_on_classes_and_scores_recall_on_held_out_ones(
     meta = load_network(best).meta
     assert (meta.head, meta.num_classes, meta.descriptors) == ("cgd", 4, "SG")
     assert meta.remove_last_stride and not meta.learn_p  # the CGD paper's defaults
+    with pytest.raises(ValueError, match=r"4 training classes: .* = 6 of them"):
+        train(replace(conf, classes_per_batch=3, workers=2))  # named before any worker starts
 
 
 def test_bad_settings_are_named_before_anything_runs(tmp_path) -> None:
