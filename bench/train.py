@@ -30,8 +30,11 @@ class BenchConf:
     out: str | None = "bench/results/train_cpu.json"
 
 
-def _pairs(work: Path) -> tuple[str, str]:
-    from pipeline.datasets.landmarks import CONFS, generate, write_scene_manifest
+def scene_pairs(collection: Path, work: Path) -> tuple[str, str]:
+    """``(pairs, images)`` of a local built-in collection's landmark photos under ``work``:
+    ingest, the scene column as groups, incremental SfM, pairs (what the train tests and this
+    benchmark train on)."""
+    from pipeline.datasets.landmarks import write_scene_manifest
     from pipeline.descriptors import write_descriptors
     from pipeline.group import GroupConf
     from pipeline.group import run as group
@@ -42,13 +45,12 @@ def _pairs(work: Path) -> tuple[str, str]:
     from pipeline.sfm import SfmConf
     from pipeline.sfm import run as sfm
 
-    root = generate(CONFS["tiny"], work / "collections")
-    manifest = write_scene_manifest(root, work / "photos.csv")
+    manifest = write_scene_manifest(collection, work / "photos.csv")
     run = str(work / "run")
     images = ingest(IngestConf(source=str(manifest), output=run))
     ids = read_images(images, ["image_id"], ok_only=True).column(0).to_pylist()
     write_descriptors(f"{run}/d", ids, np.eye(len(ids), dtype=np.float32),
-                      network={"weights": "bench"})  # fmt: skip
+                      network={"weights": "scene column"})  # fmt: skip
     group(GroupConf(images=images, descriptors=f"{run}/d", output=f"{run}/groups"))
     sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm", mapper="incremental"))
     mine_pairs(PairsConf(sfm=f"{run}/sfm", output=f"{run}/pairs"))
@@ -63,7 +65,9 @@ def main(conf: BenchConf) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="cirray-bench-train-"))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    pairs, images = _pairs(work)
+    from pipeline.datasets.landmarks import CONFS, generate
+
+    pairs, images = scene_pairs(generate(CONFS["tiny"], work / "collections"), work)
     per_worker = {}
     for workers in (1, 2):
         best = train(TrainConf(pairs=pairs, images=images, output=str(work / f"train{workers}"),

@@ -25,28 +25,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pairs(ray_session, tiny_collection: Path, tmp_path_factory) -> dict[str, str]:
     """ingest → group (scene column) → sfm → pairs of the tiny collection's 3 landmarks."""
-    from pipeline.descriptors import write_descriptors
-    from pipeline.group import GroupConf
-    from pipeline.group import run as group
-    from pipeline.ingest import IngestConf, read_images
-    from pipeline.ingest import run as ingest
-    from pipeline.pairs import PairsConf
-    from pipeline.pairs import run as mine_pairs
-    from pipeline.sfm import SfmConf
-    from pipeline.sfm import run as sfm
+    from bench.train import scene_pairs
 
     tmp = tmp_path_factory.mktemp("train")
-    manifest = write_scene_manifest(tiny_collection, tmp / "photos.csv")
-    run = str(tmp / "run")
-    images = ingest(IngestConf(source=str(manifest), output=run))
-    ids = read_images(images, ["image_id"], ok_only=True).column(0).to_pylist()
-    write_descriptors(f"{run}/d", ids, np.eye(len(ids), dtype=np.float32),
-                      network={"weights": "test"})  # fmt: skip
-    group(GroupConf(images=images, descriptors=f"{run}/d", output=f"{run}/groups"))
-    sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm",
-                mapper="incremental"))  # fmt: skip
-    mine_pairs(PairsConf(sfm=f"{run}/sfm", output=f"{run}/pairs"))
-    return {"pairs": f"{run}/pairs", "images": images, "tmp": str(tmp)}
+    pairs, images = scene_pairs(tiny_collection, tmp)
+    return {"pairs": pairs, "images": images, "tmp": str(tmp)}
 
 
 def _conf(pairs: dict[str, str], out: Path, **changes) -> TrainConf:
