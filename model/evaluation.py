@@ -28,6 +28,7 @@ from numpy.typing import ArrayLike, NDArray
 from model.arrays import index_array
 
 __all__ = [
+    "cluster_map",
     "compute_map",
     "compute_map_at_positions",
     "evaluate_revisited",
@@ -460,3 +461,24 @@ def recall_at_k(
     hits = valid & (d_labels[np.where(valid, r, 0)] == q_labels[:, None])
     first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), np.iinfo(np.int64).max)
     return {k: float((first_hit < k).mean()) for k in k_list}
+
+
+def cluster_map(vectors: ArrayLike, clusters: ArrayLike, queries: ArrayLike) -> float:
+    """mAP of each query row against every row (itself left out), its cluster's rows positive.
+
+    The score of held-out scenes in training and of whitening choices: ``vectors`` ``[N, D]``
+    (unit rows), ``clusters`` ``[N]``, ``queries`` row indices. Every positive counts (the
+    revisited protocol's Medium: no junk beyond the query itself).
+    """
+    x = np.asarray(vectors)
+    labels = np.asarray(clusters)
+    rows = index_array(queries, len(x), "queries")
+    if x.ndim != 2 or len(labels) != len(x):
+        raise ValueError(f"vectors {x.shape} and clusters {labels.shape} need one row each")
+    ranks = np.argsort(-(x @ x[rows].T), axis=0, kind="stable")
+    everyone = np.arange(len(labels))
+    gnd = [
+        {"ok": np.flatnonzero((labels == labels[q]) & (everyone != q)), "junk": np.array([q])}
+        for q in rows.tolist()
+    ]
+    return float(compute_map(ranks, gnd)[0])

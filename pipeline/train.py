@@ -107,6 +107,11 @@ class TrainConf:
     """After training, learn Lw from the training clusters' pairs → OUTPUT/whitening.npz."""
     whiten_size: int = 1024
     """Longest side of the descriptors Lw is learned on (extract's default)."""
+    whiten_shrinkage: float | None = None
+    """Lw's shrinkage toward the identity in [0, 1] (0: the paper's Lw); unset: chosen by
+    cross-validation over the training clusters (pipeline.whiten's --shrinkage)."""
+    whiten_dim: int | None = None
+    """Lw's output size; unset: chosen by the same cross-validation."""
     keep_whitening: Literal["if-better", "always"] = "if-better"
     """Store Lw only when it does not lower the held-out clusters' mAP at --whiten-size."""
     fold_whitening: bool = False
@@ -279,6 +284,10 @@ def _check(conf: TrainConf) -> None:
         problems.append(f"--image-size must be at least 64, not {conf.image_size}")
     if conf.pool_size is not None and conf.pool_size < 2:
         problems.append(f"--pool-size must be at least 2, not {conf.pool_size}")
+    if conf.whiten_shrinkage is not None and not 0 <= conf.whiten_shrinkage <= 1:
+        problems.append(f"--whiten-shrinkage is a share in [0, 1], not {conf.whiten_shrinkage}")
+    if conf.whiten_dim is not None and conf.whiten_dim < 1:
+        problems.append(f"--whiten-dim must be at least 1, not {conf.whiten_dim}")
     if conf.margin is not None and conf.margin <= 0:
         problems.append(f"--margin must be positive, not {conf.margin}")
     if conf.fold_whitening:
@@ -414,43 +423,32 @@ def _learn_whitening(conf: TrainConf, target: Path, data: dict[str, Any]) -> dic
     """Lw of the best network from the training clusters' whitening pairs, over its
     descriptors at ``--whiten-size``, into ``target/whitening.npz``; returns what it learned
     from and the held-out clusters' mAP at that size without and with it."""
-    from model.whitening import apply_whitening, save_whitening
+    from model.whitening import save_whitening
     from pipeline.descriptors import read_descriptors
     from pipeline.extract import ExtractConf
     from pipeline.extract import run as extract
-    from pipeline.training.gem import cluster_map
-    from pipeline.tuples import split_clusters
-    from pipeline.whiten import WHITENING_FILE, whitening_from_pairs
+    from pipeline.whiten import WHITENING_FILE, held_out_whitening
 
-    pool = data["training_set"]
-    train, val = split_clusters(pool, conf.held_out, conf.seed)
-    trained = set(train.image_ids.tolist())
-    pairs = [(q, p) for q, p in data["whitening_pairs"] if q in trained and p in trained]
     with tempfile.TemporaryDirectory(dir=target) as scratch:
         settings = ExtractConf(images=conf.images, output=f"{scratch}/descriptors",
                                weights=str(target), max_size=conf.whiten_size)  # fmt: skip
         desc = read_descriptors(extract(settings))
     try:
-        mine = np.isin(desc.image_ids, train.image_ids)  # C_D from the training photos only
-        m, P, used = whitening_from_pairs(desc.image_ids[mine], desc.vectors[mine], pairs)
+        m, P, how = held_out_whitening(desc.image_ids, desc.vectors, data["training_set"],
+                                       data["whitening_pairs"], conf.held_out, conf.seed,
+                                       conf.whiten_shrinkage, conf.whiten_dim)  # fmt: skip
     except ValueError as err:
         logger.warning("no whitening learned: %s", err)
         return {"learned": False, "reason": str(err)}
-    found: dict[str, Any] = {"learned": True, "pairs": used, "max_size": conf.whiten_size}
-    row = {image_id: i for i, image_id in enumerate(desc.image_ids.tolist())}
-    if all(i in row for i in pool.image_ids.tolist()):  # else no figure rather than a skewed one
-        vectors = desc.vectors[[row[i] for i in pool.image_ids.tolist()]]
-        pool_row = {image_id: i for i, image_id in enumerate(pool.image_ids.tolist())}
-        queries = np.array([pool_row[i] for i in val.image_ids[val.queries].tolist()], np.int64)
-        found["val_map"] = cluster_map(vectors, pool.clusters, queries)
-        found["val_map_lw"] = cluster_map(apply_whitening(vectors, m, P), pool.clusters, queries)
+    found: dict[str, Any] = {"learned": True, **how, "max_size": conf.whiten_size}
     lower = found.get("val_map_lw", 1.0) < found.get("val_map", 0.0)
     found["kept"] = conf.keep_whitening == "always" or not lower
     if not found["kept"]:  # Lw from few pairs can overfit: scenes never seen decide
         logger.warning("Lw lowers the held-out mAP (%.4f → %.4f): not kept (--keep-whitening "
                        "always keeps it)", found["val_map"], found["val_map_lw"])  # fmt: skip
         return found
-    save_whitening(target / WHITENING_FILE, m, P, pairs=used, pairs_uri=conf.pairs,
+    lw_meta = {k: v for k, v in how.items() if not k.startswith("val_")}
+    save_whitening(target / WHITENING_FILE, m, P, **lw_meta, pairs_uri=conf.pairs,
                    max_size=conf.whiten_size, network={"checkpoint": str(target)})  # fmt: skip
     return found
 

@@ -3,7 +3,10 @@
     python -m pipeline.whiten --descriptors OUT/descriptors --pairs OUT/pairs --output OUT/lw
 
 The GeM paper's discriminative whitening: matching pairs' differences are whitened and the
-directions that separate non-matching photos most come first (``model.whitening``). The pairs
+directions that separate non-matching photos most come first (``model.whitening``). From a few
+hundred pairs, not the paper's thousands of 3D models, the plain Lw can overfit: its shrinkage
+and output size are chosen by cross-validation over the pairs' clusters (``--shrinkage`` and
+``--dim`` fix them; ``--shrinkage 0`` with the full dim is the paper's Lw). The pairs
 are the ``whitening_pairs.parquet`` that ``pipeline.pairs`` mined from the 3D models (each
 query with its most overlapping positive: no human label), the descriptors those that
 ``pipeline.extract`` wrote for the collection with the network to whiten (the off-the-shelf one,
@@ -18,13 +21,25 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model import storage
+from model.whitening import SHRINKAGES
 from pipeline.cli import location_problems, run_cli
 
-__all__ = ["WHITENING_FILE", "WhitenConf", "run", "whitening_from_pairs"]
+if TYPE_CHECKING:
+    from pipeline.tuples import TrainingSet
+
+__all__ = [
+    "WHITENING_FILE",
+    "WhitenConf",
+    "held_out_whitening",
+    "pool_clusters",
+    "run",
+    "whitening_from_pairs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +58,11 @@ class WhitenConf:
     """Checkpoint directory to write (model.pt, meta.json, whitening.npz)."""
     min_pairs: int = 10
     """Fewer usable pairs than this is an error: Lw from a handful of pairs only overfits."""
+    shrinkage: float | None = None
+    """Lw's shrinkage of the pairs' covariance toward the identity, in [0, 1] (0: the paper's
+    Lw); unset: chosen by cross-validation over the pairs' clusters."""
+    dim: int | None = None
+    """Output size (Lw's leading rows); unset: chosen by the same cross-validation."""
 
 
 def read_whitening_pairs(pairs: str) -> list[tuple[str, str]]:
@@ -60,11 +80,22 @@ def read_whitening_pairs(pairs: str) -> list[tuple[str, str]]:
 
 
 def whitening_from_pairs(
-    image_ids: np.ndarray, vectors: np.ndarray, pairs: list[tuple[str, str]], min_pairs: int = 10
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(m, P, pairs used)``: Lw learned over ``vectors`` from the pairs whose two photos both
-    have a row (``image_ids`` names the rows)."""
-    from model.whitening import learn_whitening
+    image_ids: np.ndarray,
+    vectors: np.ndarray,
+    pairs: list[tuple[str, str]],
+    min_pairs: int = 10,
+    clusters: np.ndarray | None = None,
+    shrinkage: float | None = None,
+    dim: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(m, P, how)``: Lw learned over ``vectors`` from the pairs whose two photos both have a
+    row (``image_ids`` names the rows), ``P`` cut to its output size.
+
+    ``shrinkage`` and ``dim`` left ``None`` are chosen by cross-validation over the rows'
+    ``clusters`` (``model.whitening.select_whitening``; no clusters: the paper's Lw). ``how``
+    says what was used: pairs, shrinkage, dim and the cross-validation's figures.
+    """
+    from model.whitening import learn_whitening, select_whitening
 
     row = {image_id: i for i, image_id in enumerate(np.asarray(image_ids).tolist())}
     usable = [(row[q], row[p]) for q, p in pairs if q in row and p in row]
@@ -74,14 +105,81 @@ def whitening_from_pairs(
             f"(at least {min_pairs} needed)"
         )
     q, p = np.array(usable, dtype=np.int64).T
-    m, P = learn_whitening(vectors, q, p)
-    return m, P, len(usable)
+    how: dict = {"pairs": len(usable)}
+    if (shrinkage is None or dim is None) and clusters is not None:
+        choice = select_whitening(vectors, clusters, q, p,
+                                  shrinkages=(shrinkage,) if shrinkage is not None else SHRINKAGES,
+                                  dims=(dim,) if dim is not None else None)  # fmt: skip
+        shrinkage, dim = choice.shrinkage, choice.dim
+        how["cross_validation"] = {"folds": choice.folds, "map": choice.score,
+                                   "map_plain": choice.plain,
+                                   "candidates": choice.table}  # fmt: skip
+    shrinkage = 0.0 if shrinkage is None else shrinkage
+    m, P = learn_whitening(vectors, q, p, shrinkage=shrinkage)
+    dim = P.shape[0] if dim is None else dim
+    if not 1 <= dim <= P.shape[0]:
+        raise ValueError(f"the whitening dim must lie in [1, {P.shape[0]}], not {dim}")
+    return m, P[:dim], {**how, "shrinkage": shrinkage, "dim": dim}
+
+
+def held_out_whitening(
+    image_ids: np.ndarray,
+    vectors: np.ndarray,
+    pool: TrainingSet,
+    pairs: list[tuple[str, str]],
+    held_out: float,
+    seed: int = 0,
+    shrinkage: float | None = None,
+    dim: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(m, P, how)``: Lw from the training clusters of ``split_clusters(pool, held_out,
+    seed)`` only (their pairs; their photos' scatter), and in ``how`` the held-out clusters'
+    queries' mAP against the whole pool without (``val_map``) and with it (``val_map_lw``).
+
+    ``vectors`` are rows named by ``image_ids`` (the collection's descriptors); the figures are
+    left out when some pool photo has no row, rather than skewed."""
+    from model.evaluation import cluster_map
+    from model.whitening import apply_whitening
+    from pipeline.tuples import split_clusters
+
+    train, val = split_clusters(pool, held_out, seed)
+    trained = set(train.image_ids.tolist())
+    cluster_of = dict(zip(train.image_ids.tolist(), train.clusters.tolist(), strict=True))
+    mine = np.isin(image_ids, train.image_ids)
+    ids = np.asarray(image_ids)[mine]
+    m, P, how = whitening_from_pairs(ids, vectors[mine],
+                                     [(q, p) for q, p in pairs if q in trained and p in trained],
+                                     clusters=np.array([cluster_of[i] for i in ids.tolist()]),
+                                     shrinkage=shrinkage, dim=dim)  # fmt: skip
+    row = {image_id: i for i, image_id in enumerate(np.asarray(image_ids).tolist())}
+    if all(i in row for i in pool.image_ids.tolist()):
+        x = vectors[[row[i] for i in pool.image_ids.tolist()]]
+        pool_row = {image_id: i for i, image_id in enumerate(pool.image_ids.tolist())}
+        queries = np.array([pool_row[i] for i in val.image_ids[val.queries].tolist()], np.int64)
+        how["val_map"] = cluster_map(x, pool.clusters, queries)
+        how["val_map_lw"] = cluster_map(apply_whitening(x, m, P), pool.clusters, queries)
+    return m, P, how
+
+
+def pool_clusters(pairs: str, image_ids: np.ndarray) -> np.ndarray:
+    """The SfM cluster of each of ``image_ids`` from a pairs output's pool; photos outside
+    the pool get a cluster of their own (never anyone's positive)."""
+    from pipeline.tuples import read_training_set
+
+    pool = read_training_set(pairs)
+    cluster_of = dict(zip(pool.image_ids.tolist(), pool.clusters.tolist(), strict=True))
+    ids = np.asarray(image_ids).tolist()
+    return np.array([cluster_of.get(i, -1 - k) for k, i in enumerate(ids)], np.int64)
 
 
 def _check(conf: WhitenConf) -> None:
     problems = []
     if conf.min_pairs < 1:
         problems.append(f"--min-pairs must be at least 1, not {conf.min_pairs}")
+    if conf.shrinkage is not None and not 0 <= conf.shrinkage <= 1:
+        problems.append(f"--shrinkage is a share in [0, 1], not {conf.shrinkage}")
+    if conf.dim is not None and conf.dim < 1:
+        problems.append(f"--dim must be at least 1, not {conf.dim}")
     problems += location_problems(
         descriptors=conf.descriptors, pairs=conf.pairs, output=conf.output
     )
@@ -121,22 +219,25 @@ def run(conf: WhitenConf) -> str:
             f"--descriptors: {conf.descriptors} are already whitened (the checkpoint "
             f"{network.get('checkpoint')} has a {WHITENING_FILE}); extract with the plain network"
         )
-    m, P, used = whitening_from_pairs(desc.image_ids, desc.vectors, pairs, conf.min_pairs)
+    clusters = pool_clusters(conf.pairs, desc.image_ids)
+    m, P, how = whitening_from_pairs(desc.image_ids, desc.vectors, pairs, conf.min_pairs,
+                                     clusters, conf.shrinkage, conf.dim)  # fmt: skip
     save_network(net, out)  # model.pt, then meta.json; whitening.npz after: it marks the end
     save_whitening(
         lw_uri,
         m,
         P,
-        pairs=used,
+        **how,
         descriptors=conf.descriptors,
         pairs_uri=conf.pairs,
         network={k: v for k, v in network.items() if k != "meta"},
     )
     logger.info(
-        "whitening learned from %d pairs over %d photos (dim %d) → %s",
-        used,
+        "whitening learned from %d pairs over %d photos (shrinkage %g, dim %d) → %s",
+        how["pairs"],
         len(desc.image_ids),
-        P.shape[0],
+        how["shrinkage"],
+        how["dim"],
         out,
     )
     return out

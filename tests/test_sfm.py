@@ -356,7 +356,16 @@ def test_whitening_learned_from_the_sfm_pairs_is_a_checkpoint_extract_applies(
                              output=str(tmp_path / "lw")))  # fmt: skip
     assert {p.name for p in Path(ckpt).iterdir()} >= {"model.pt", "meta.json", "whitening.npz"}
     params = load_whitening(f"{ckpt}/whitening.npz")
-    assert params.P.shape == (1280, 1280) and params.meta["pairs"] >= 40
+    assert params.meta["pairs"] >= 40 and params.P.shape == (params.meta["dim"], 1280)
+    assert params.meta["cross_validation"]["folds"] >= 2 and 0 <= params.meta["shrinkage"] <= 1
+    paper = whiten(WhitenConf(descriptors=plain, pairs=str(tmp_path / "pairs"),
+                              output=str(tmp_path / "lw0"), shrinkage=0.0, dim=1280))  # fmt: skip
+    fixed = load_whitening(f"{paper}/whitening.npz")  # the paper's Lw, as asked
+    assert fixed.P.shape == (1280, 1280) and fixed.meta["shrinkage"] == 0.0
+    assert "cross_validation" not in fixed.meta
+    with pytest.raises(ValueError, match="--shrinkage is a share"):
+        whiten(WhitenConf(descriptors=plain, pairs=str(tmp_path / "pairs"),
+                          output=str(tmp_path / "lw1"), shrinkage=1.5))  # fmt: skip
     whitened = extract(ExtractConf(images=f"{run}/images.parquet", output=str(tmp_path / "w"),
                                    weights=ckpt, max_size=240, threads_per_actor=2))  # fmt: skip
     a, b = read_descriptors(plain), read_descriptors(whitened)

@@ -52,9 +52,10 @@ def test_training_checkpoints_the_best_epoch_and_resumes(pairs, tmp_path) -> Non
                                                        "curves.png", "whitening.npz"}  # fmt: skip
     lw = json.loads(Path(best, "metrics.json").read_text())["whitening"]
     assert lw["learned"] and lw["kept"] and lw["pairs"] >= 10 and 0 < lw["val_map"] <= 1
-    assert 0 < lw["val_map_lw"] <= 1
+    assert 0 < lw["val_map_lw"] <= 1 and 0 <= lw["shrinkage"] <= 1
+    assert lw["cross_validation"]["folds"] >= 2  # shrinkage and dim chosen on training clusters
     _, whitening = load_extract_network(ExtractConf(images="", output="", weights=best))
-    assert whitening is not None and whitening[1].shape == (1280, 1280)  # extract applies it
+    assert whitening is not None and whitening[1].shape == (lw["dim"], 1280)  # extract applies it
     epochs = _epochs(best)
     assert all(0 < e["val_map_lw"] <= 1 for e in epochs)  # held-out mAP with Lw, every epoch
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
@@ -69,7 +70,7 @@ def test_training_checkpoints_the_best_epoch_and_resumes(pairs, tmp_path) -> Non
     # the GeM paper's second round: Lw folded into the head's FC layer, trained end to end
     folded = train(_conf(pairs, tmp_path / "folded", weights=best, fold_whitening=True,
                          epochs=1))  # fmt: skip
-    assert load_network(folded).meta.whitening_dim == 1280
+    assert load_network(folded).meta.whitening_dim == lw["dim"]
     # the same name and storage: resumes after epoch 2 instead of starting again
     again = _epochs(train(_conf(pairs, tmp_path, epochs=3)))
     assert again[:3] == [{**e, "best": again[i]["best"]} for i, e in enumerate(epochs)]

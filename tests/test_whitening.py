@@ -14,6 +14,7 @@ from model.whitening import (
     learn_whitening,
     load_whitening,
     save_whitening,
+    select_whitening,
 )
 
 
@@ -122,6 +123,78 @@ class TestLearnWhitening:
     def test_descriptors_must_be_rows(self):
         with pytest.raises(ValueError, match="2-D"):
             learn_whitening(np.zeros(5), [0], [1])
+
+
+class TestShrinkage:
+    def test_whitens_the_shrunk_pair_covariance(self):
+        X, q, p = paired_data(n_pairs=40)
+        D = X.shape[1]
+        _, P = learn_whitening(X, q, p, shrinkage=0.4)
+        diff = X[q] - X[p]
+        C_S = diff.T @ diff / len(q)
+        shrunk = 0.6 * C_S + 0.4 * np.trace(C_S) / D * np.eye(D)
+        assert np.allclose(P @ shrunk @ P.T, np.eye(D), atol=1e-8)
+        assert not np.allclose(P @ C_S @ P.T, np.eye(D), atol=1e-3)  # not the paper's Lw
+
+    def test_zero_is_the_papers_lw_and_shares_outside_zero_one_are_refused(self):
+        X, q, p = paired_data()
+        assert np.array_equal(learn_whitening(X, q, p)[1], learn_whitening(X, q, p, 0.0)[1])
+        for bad in (-0.1, 1.5):
+            with pytest.raises(ValueError, match="shrinkage is a share in"):
+                learn_whitening(X, q, p, shrinkage=bad)
+
+
+def scenes_in_few_directions(seed: int, n_clusters: int, views: int = 5, D: int = 48):
+    """Scenes that differ in 6 directions; their views vary in every direction, and strongly
+    in 4 others (light, viewpoint). Pairs: each scene's first view with each other one."""
+    rng = np.random.default_rng(seed)
+    centres = np.zeros((n_clusters, D))
+    centres[:, :6] = 3.0 * rng.normal(size=(n_clusters, 6))
+    noise = rng.normal(size=(n_clusters * views, D))
+    noise[:, 6:10] *= 5.0
+    x = centres.repeat(views, axis=0) + noise
+    clusters = np.arange(n_clusters).repeat(views)
+    q = np.arange(0, len(x), views).repeat(views - 1)
+    p = q + np.tile(np.arange(1, views), n_clusters)
+    return x, clusters, q, p
+
+
+class TestSelectWhitening:
+    def test_the_choice_of_left_out_clusters_holds_on_new_scenes(self):
+        """Few pairs per dimension: the paper's Lw whitens noise it cannot estimate; the
+        cross-validation prefers a shrunk, short Lw, and new scenes rank better with it."""
+        from model.evaluation import cluster_map
+
+        x, clusters, q, p = scenes_in_few_directions(0, 30)
+        choice = select_whitening(x, clusters, q, p, dims=(48, 6))
+        assert (choice.shrinkage, choice.dim, choice.folds) == (0.3, 6, 3)
+        assert len(choice.table) == 8 and choice.score == max(choice.table.values())
+        assert choice.score > choice.table["0/48"] + 0.1 and choice.score > choice.plain + 0.3
+        new, new_clusters, _, _ = scenes_in_few_directions(1, 20)
+        everyone = np.arange(len(new))
+
+        def new_scenes_map(shrinkage: float, dim: int) -> float:
+            m, P = learn_whitening(x, q, p, shrinkage)
+            return cluster_map(apply_whitening(new, m, P, dim), new_clusters, everyone)
+
+        assert new_scenes_map(0.3, 6) > new_scenes_map(0.0, 48) + 0.1
+
+    def test_too_few_clusters_leave_the_papers_lw(self, caplog):
+        x, clusters, q, p = scenes_in_few_directions(0, 4)
+        one = clusters[q] == 0
+        with caplog.at_level(logging.WARNING, logger="model.whitening"):
+            choice = select_whitening(x, clusters, q[one], p[one])
+        assert (choice.shrinkage, choice.dim, choice.folds) == (0.0, 48, 0)
+        assert "no cross-validation" in caplog.text
+
+    def test_bad_arguments_are_named(self):
+        x, clusters, q, p = scenes_in_few_directions(0, 6)
+        with pytest.raises(ValueError, match="one entry per row"):
+            select_whitening(x, clusters[:-1], q, p)
+        with pytest.raises(ValueError, match="dims must lie in"):
+            select_whitening(x, clusters, q, p, dims=(49,))
+        with pytest.raises(ValueError, match="shrinkages are shares"):
+            select_whitening(x, clusters, q, p, shrinkages=(2.0,))
 
 
 class TestPcaWhitening:

@@ -25,25 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from model.evaluation import cluster_map
 from pipeline.training.collective import barrier, report_progress, sum_over_workers
 from pipeline.training.images import decode_photos, embed, freeze_batchnorm, mean_std
 from pipeline.tuples import TrainingSet, epoch_tuples, split_clusters, worker_share
 
-__all__ = ["GemEpochs", "cluster_map"]
-
-
-def cluster_map(vectors: np.ndarray, clusters: np.ndarray, queries: np.ndarray) -> float:
-    """mAP of each query row against all rows (itself left out), its cluster's rows positive."""
-    from model.evaluation import compute_map
-
-    scores = vectors @ vectors[queries].T
-    ranks = np.argsort(-scores, axis=0, kind="stable")
-    everyone = np.arange(len(clusters))
-    gnd = [
-        {"ok": np.flatnonzero((clusters == clusters[q]) & (everyone != q)), "junk": np.array([q])}
-        for q in queries.tolist()
-    ]
-    return float(compute_map(ranks, gnd)[0])
+__all__ = ["GemEpochs"]
 
 
 class GemEpochs:
@@ -67,28 +54,30 @@ class GemEpochs:
             self.val.queries
         ]
         # Lw sees the training clusters only: their pairs, and their photos as the scatter C_D
-        train_row = {image_id: i for i, image_id in enumerate(self.train.image_ids.tolist())}
-        self.lw_pairs = np.array(
-            [(train_row[q], train_row[p]) for q, p in data["whitening_pairs"]
-             if q in train_row and p in train_row], np.int64,
-        ).reshape(-1, 2)  # fmt: skip
+        trained = set(self.train.image_ids.tolist())
+        self.lw_pairs = [(q, p) for q, p in data["whitening_pairs"]
+                         if q in trained and p in trained]  # fmt: skip
 
     def validate(self, net: Any) -> dict[str, float]:
         """Held-out queries against the whole pool, plain and with Lw (at training size)."""
         import torch
 
-        from model.whitening import apply_whitening, learn_whitening
+        from model.whitening import apply_whitening
+        from pipeline.whiten import whitening_from_pairs
 
         with torch.no_grad():
             net.eval()
             vectors = embed(net, self.photos, mean_std(net, self.device), self.precision,
                             self.device).cpu().numpy()  # fmt: skip
         result = {"val_map": cluster_map(vectors, self.clusters, self.val_queries)}
-        if len(self.lw_pairs) >= 10:  # fewer only overfits: no figure rather than a noisy one
-            trained = vectors[self.train_rows]
-            m, P = learn_whitening(trained, self.lw_pairs[:, 0], self.lw_pairs[:, 1])
-            whitened = apply_whitening(vectors, m, P)
-            result["val_map_lw"] = cluster_map(whitened, self.clusters, self.val_queries)
+        if len(self.lw_pairs) < 10:  # fewer only overfits: no figure rather than a noisy one
+            return result
+        m, P, _ = whitening_from_pairs(self.train.image_ids, vectors[self.train_rows],
+                                       self.lw_pairs, clusters=self.train.clusters,
+                                       shrinkage=self.conf["whiten_shrinkage"],
+                                       dim=self.conf["whiten_dim"])  # fmt: skip
+        result["val_map_lw"] = cluster_map(apply_whitening(vectors, m, P), self.clusters,
+                                           self.val_queries)  # fmt: skip
         return result
 
     def _pool(self, query_rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
