@@ -5,13 +5,16 @@ network that show another scene: the nearest of other clusters, at most one per 
 five views of one look-alike landmark count once). The reference code finds them with a dot
 product of every query against a random pool of a few thousand images and a full sort; here
 the pool is the whole collection, described anew each epoch by the training workers (each its
-share), held in one FAISS index by a :class:`MiningIndex` actor, and searched for the top
-``k`` only, ``k`` doubled for the queries whose first ``k`` did not hold ``nnum`` clusters.
+share), held by a :class:`MiningIndex` actor, and searched for the top ``k`` only, ``k``
+doubled for the queries whose first ``k`` did not hold ``nnum`` clusters. On a CPU the shares
+are searched where they arrived (``cluster.pool_search``: exact BLAS products, or a bfloat16
+first pass re-scored exactly on CPUs built for it); on a GPU, and past :data:`FLAT_MAX`, by a
+FAISS index.
 
 :func:`hard_negatives` is the functional core (an index, its rows' clusters, queries);
-:class:`MiningIndex` is the state that an epoch's workers fill and then ask. Torch-free; the
-actor is a plain class that ``ray.remote`` wraps (:func:`mining_actor`), so it is tested and
-benchmarked with and without Ray alike.
+:class:`MiningIndex` is the state that an epoch's workers fill and then ask. The actor is a
+plain class that ``ray.remote`` wraps (:func:`mining_actor`), so it is tested and benchmarked
+with and without Ray alike; only the bfloat16 search imports PyTorch.
 """
 
 from __future__ import annotations
@@ -23,9 +26,17 @@ from typing import Any
 import faiss
 import numpy as np
 
+from cluster.pool_search import Bf16Search, ExactSearch, fast_bf16
 from cluster.shards import gpu_count
 
-__all__ = ["MiningIndex", "hard_negatives", "mining_actor", "mining_factory"]
+__all__ = [
+    "BF16_MIN",
+    "FLAT_MAX",
+    "MiningIndex",
+    "hard_negatives",
+    "mining_actor",
+    "mining_factory",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,23 +44,31 @@ FLAT_MAX = 200_000
 """Pools up to this size are searched exactly (a BLAS product, the cheapest exact search on a
 CPU); larger ones by PCA-reduced candidates re-scored exactly (see :func:`mining_factory`)."""
 
+BF16_MIN = 20_000
+"""From this size, CPUs with bfloat16 hardware take their candidates from a bfloat16 product
+(``cluster.pool_search.Bf16Search``); smaller pools take well under a second exactly."""
+
 REFINE_FACTOR = 4
 """Candidates per wanted neighbour that the reduced search hands to the exact re-scoring."""
 
 
-def mining_factory(n: int, dim: int) -> str:
-    """The FAISS factory for a pool of ``n`` descriptors of ``dim``: ``Flat`` (exact) up to
-    :data:`FLAT_MAX`; beyond, ``PCA{r},Flat,RFlat`` with ``r = min(128, dim/4)``: candidates
-    from the reduced vectors, re-scored with the full ones. Measured (``bench/mining.py``, 2
-    CPU cores, 100,000 × 1,280): IVF-Flat probing an eighth of its lists was slower than Flat
-    there (its scan is not a matrix product) and found 65 % of the exact negatives."""
-    if n <= FLAT_MAX:
-        return "Flat"
-    return f"PCA{max(1, min(128, dim // 4))},Flat,RFlat"
+def mining_factory(n: int, dim: int, bf16: bool | None = None) -> str:
+    """The search for a pool of ``n`` descriptors of ``dim`` on a CPU: ``Flat`` (exact) up to
+    :data:`FLAT_MAX`, ``bf16`` (a bfloat16 first pass re-scored exactly) from
+    :data:`BF16_MIN` on CPUs with bfloat16 hardware (``bf16`` None: this one's); beyond,
+    ``PCA{r},Flat,RFlat`` with ``r = min(128, dim/4)``: candidates from the reduced vectors,
+    re-scored with the full ones. Measured (``bench/mining.py``, 2 CPU cores, 100,000 ×
+    1,280): IVF-Flat probing an eighth of its lists was slower than Flat there (its scan is
+    not a matrix product) and found 65 % of the exact negatives."""
+    if n > FLAT_MAX:
+        return f"PCA{max(1, min(128, dim // 4))},Flat,RFlat"
+    if n >= BF16_MIN and (fast_bf16() if bf16 is None else bf16):
+        return "bf16"
+    return "Flat"
 
 
 def hard_negatives(
-    index: faiss.Index,
+    index: faiss.Index | ExactSearch,
     pool_clusters: np.ndarray,
     queries: np.ndarray,
     query_clusters: np.ndarray,
@@ -64,6 +83,7 @@ def hard_negatives(
     ``4·nnum + 16`` and doubles, for the queries still short, until they are full, ``k``
     covers the whole index or the index has no more rows to give (an IVF index returns only
     what its probed lists hold): with an exact index the result is that of a full sort.
+    ``index`` is a FAISS index or anything with its ``d``, ``ntotal`` and ``search(x, k)``.
     """
     pool_clusters = np.asarray(pool_clusters, dtype=np.int64)
     query_clusters = np.asarray(query_clusters, dtype=np.int64)
@@ -128,6 +148,8 @@ class MiningIndex:
         self.factory = factory
         self.gpu = gpu and gpu_count() > 0
         self.seed = seed
+        if not self.gpu and factory in ("auto", "bf16"):
+            fast_bf16()  # imports PyTorch once, when the actor starts, not in an epoch's build
         self.epoch: int | None = None
         self.size = 0
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -142,6 +164,7 @@ class MiningIndex:
             raise ValueError(f"a pool needs at least one row, not {size}")
         self.epoch, self.size = epoch, size
         self._parts, self._index, self._mined = [], None, None
+        self._low: list[Any] = []  # the shares in bfloat16, when the pool is searched so
 
     def add(self, positions: Any, vectors: Any, clusters: Any) -> int:
         """Add a share of the pool; returns the rows held so far."""
@@ -158,47 +181,72 @@ class MiningIndex:
         if len(positions) and (positions.min() < 0 or positions.max() >= self.size):
             raise ValueError(f"positions must lie in 0..{self.size - 1}")
         self._parts.append((positions, vectors, clusters))
+        if self._factory(vectors.shape[1]) == "bf16":  # converted as it arrives, not at build
+            self._low.append(Bf16Search.lower(vectors))
         self._index, self._mined = None, None
         return self.held()
+
+    def _factory(self, dim: int) -> str:
+        if self.factory != "auto":
+            return self.factory
+        return "Flat" if self.gpu else mining_factory(self.size, dim)
 
     def held(self) -> int:
         return sum(len(p) for p, _, _ in self._parts)
 
     def _build(self) -> None:
         positions = np.concatenate([np.zeros(0, np.int64)] + [p for p, _, _ in self._parts])
-        order = np.argsort(positions, kind="stable")
-        if len(positions) != self.size or (np.diff(positions[order]) != 1).any():
+        if len(positions) != self.size or len(np.unique(positions)) != self.size:
             missing = self.size - len(np.unique(positions))
             raise ValueError(
                 f"epoch {self.epoch}'s pool is not whole: {len(positions)} rows added for "
                 f"{self.size} positions ({missing} missing, or some added twice)"
             )
-        vectors = np.concatenate([v for _, v, _ in self._parts])[order]
-        self._clusters = np.concatenate([c for _, _, c in self._parts])[order]
+        self._clusters = np.empty(self.size, np.int64)
+        for p, _, c in self._parts:
+            self._clusters[p] = c
+        dim = self._parts[0][1].shape[1]
         started = time.perf_counter()
-        factory = self.factory
-        if factory == "auto":
-            factory = mining_factory(len(vectors), vectors.shape[1])
-        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:  # PCA, IVF, ...: a seeded sample
-            rng = np.random.default_rng(self.seed)
-            sample = rng.choice(len(vectors), min(len(vectors), 8192), replace=False)
-            index.train(np.ascontiguousarray(vectors[np.sort(sample)]))
-        index.add(np.ascontiguousarray(vectors))
-        if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
-            faiss.downcast_index(index).k_factor = REFINE_FACTOR
-        if self.gpu:
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-        self._index, self._parts = index, [(positions[order], vectors, self._clusters)]
+        factory = self._factory(dim)
+        shares = [(p, v) for p, v, _ in self._parts]
+        if factory == "bf16" and not self.gpu:
+            self._index = Bf16Search(shares, self.size, self._low)
+        elif factory == "Flat" and not self.gpu:
+            self._index = ExactSearch(shares, self.size)
+        else:
+            self._index = self._faiss_index(factory)
         self.build_seconds = time.perf_counter() - started
         self.built_factory = factory
         logger.info(
             "mining pool of epoch %s: %d rows in %s in %.1f s",
             self.epoch,
-            len(vectors),
+            self.size,
             factory,
             self.build_seconds,
         )
+
+    def _faiss_index(self, factory: str) -> faiss.Index:
+        """A FAISS index of the pool in position order (GPU, or past :data:`FLAT_MAX`)."""
+        vectors = np.empty((self.size, self._parts[0][1].shape[1]), np.float32)
+        for p, v, _ in self._parts:
+            vectors[p] = v
+        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:  # PCA, IVF, ...: a seeded sample
+            rng = np.random.default_rng(self.seed)
+            sample = rng.choice(len(vectors), min(len(vectors), 8192), replace=False)
+            index.train(np.ascontiguousarray(vectors[np.sort(sample)]))
+        index.add(vectors)
+        if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
+            faiss.downcast_index(index).k_factor = REFINE_FACTOR
+        self._parts = [(np.arange(self.size), vectors, self._clusters)]
+        if self.gpu:
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        return index
+
+    def _vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        if isinstance(self._index, ExactSearch):
+            return self._index.rows(positions)
+        return self._parts[0][1][positions]  # _faiss_index left one part in position order
 
     def mine(
         self, queries: Any, query_clusters: Any, nnum: int = 5
@@ -224,9 +272,8 @@ class MiningIndex:
             self._build()
         if len(rows) and (rows.min() < 0 or rows.max() >= self.size):
             raise ValueError(f"query rows must lie in 0..{self.size - 1}")
-        vectors = self._parts[0][1]
-        found = hard_negatives(self._index, self._clusters, vectors[rows], self._clusters[rows],
-                               nnum)  # fmt: skip
+        found = hard_negatives(self._index, self._clusters, self._vectors_at(rows),
+                               self._clusters[rows], nnum)  # fmt: skip
         self._mined = (key, found)
         return found
 

@@ -6,7 +6,14 @@ import faiss
 import numpy as np
 import pytest
 
-from cluster.mining import FLAT_MAX, MiningIndex, hard_negatives, mining_actor, mining_factory
+from cluster.mining import (
+    BF16_MIN,
+    FLAT_MAX,
+    MiningIndex,
+    hard_negatives,
+    mining_actor,
+    mining_factory,
+)
 
 
 def _pool(n: int, dim: int, clusters: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +77,9 @@ def test_fewer_other_clusters_than_asked_pads_and_bad_input_is_named():
 def test_a_reduced_search_with_exact_rescoring_keeps_the_rules():
     """Past FLAT_MAX, auto searches PCA-reduced candidates and re-scores them exactly: the rules
     hold at any reduction, and with no reduction (a rotation) the result is the exact one."""
-    assert mining_factory(FLAT_MAX, 1280) == "Flat"
+    assert mining_factory(FLAT_MAX, 1280, bf16=False) == "Flat"
+    assert mining_factory(FLAT_MAX, 1280, bf16=True) == "bf16"
+    assert mining_factory(BF16_MIN - 1, 1280, bf16=True) == "Flat"
     assert mining_factory(FLAT_MAX + 1, 1280) == "PCA128,Flat,RFlat"
     assert mining_factory(FLAT_MAX + 1, 32) == "PCA8,Flat,RFlat"
     x, clusters = _pool(6000, 32, 300, seed=1)
@@ -91,6 +100,25 @@ def test_a_reduced_search_with_exact_rescoring_keeps_the_rules():
     rotated.reset(epoch=0, size=len(x))
     rotated.add(np.arange(len(x)), x, clusters)
     assert (rotated.mine(x[queries], clusters[queries], nnum=5)[0] == exact).all()
+
+
+@pytest.mark.parametrize("factory", ["Flat", "bf16"])
+def test_shares_searched_where_they_arrived_equal_the_reference(factory):
+    """Three interleaved shares, searched without being gathered: exactly, and by a bfloat16
+    first pass re-scored in float32 (the same negatives, exact similarities)."""
+    x, clusters = _pool(3000, 64, 150, seed=4)
+    mining = MiningIndex(factory=factory, gpu=False)
+    mining.reset(0, len(x))
+    for rank in range(3):
+        share = np.arange(rank, len(x), 3)
+        mining.add(share, x[share], clusters[share])
+    queries = np.arange(0, len(x), 11)
+    rows, sims = mining.mine(x[queries], clusters[queries], nnum=5)
+    assert mining.describe()["factory"] == factory
+    assert (rows == _reference(x, clusters, x[queries], clusters[queries], 5)).all()
+    assert np.allclose(sims, np.einsum("qd,qnd->qn", x[queries], x[rows]), atol=1e-5)
+    again, _ = mining.mine_rows(queries, 5)  # the held vectors of pool rows, from the shares
+    assert (again == rows).all()
 
 
 def test_the_actor_takes_shares_in_any_order_and_refuses_a_partial_pool(ray_session):
