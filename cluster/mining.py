@@ -180,9 +180,10 @@ class MiningIndex:
             )
         if len(positions) and (positions.min() < 0 or positions.max() >= self.size):
             raise ValueError(f"positions must lie in 0..{self.size - 1}")
-        self._parts.append((positions, vectors, clusters))
-        if self._factory(vectors.shape[1]) == "bf16":  # converted as it arrives, not at build
-            self._low.append(Bf16Search.lower(vectors))
+        if len(positions):  # a worker may have no share of a tiny pool
+            self._parts.append((positions, vectors, clusters))
+            if self._factory(vectors.shape[1]) == "bf16":  # converted as it comes, not at build
+                self._low.append(Bf16Search.lower(vectors))
         self._index, self._mined = None, None
         return self.held()
 

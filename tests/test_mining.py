@@ -112,6 +112,7 @@ def test_shares_searched_where_they_arrived_equal_the_reference(factory):
     for rank in range(3):
         share = np.arange(rank, len(x), 3)
         mining.add(share, x[share], clusters[share])
+    assert mining.add(np.zeros(0, np.int64), x[:0], clusters[:0]) == len(x)  # an empty share
     queries = np.arange(0, len(x), 11)
     rows, sims = mining.mine(x[queries], clusters[queries], nnum=5)
     assert mining.describe()["factory"] == factory
