@@ -71,7 +71,9 @@ def _fix_signs(P: NDArray[np.float64]) -> NDArray[np.float64]:
     return P * np.where(lead < 0, -1.0, 1.0)[:, None]
 
 
-def _inverse_cholesky(C: NDArray[np.float64], fallback_scale: float) -> NDArray[np.float64]:
+def _inverse_cholesky(
+    C: NDArray[np.float64], fallback_scale: float, log: bool = True
+) -> NDArray[np.float64]:
     """``W = L⁻¹`` with ``L Lᵀ = C + λI``; ``λ = 0`` when ``C`` is comfortably positive definite.
 
     ``W C' Wᵀ = I``, so ``W`` stands in for ``C'^-1/2``. A factorisation counts as failed when
@@ -92,7 +94,7 @@ def _inverse_cholesky(C: NDArray[np.float64], fallback_scale: float) -> NDArray[
         except np.linalg.LinAlgError:
             L = None
         if L is not None and np.min(np.diag(L)) ** 2 > 1e-10 * scale:
-            if load > 0:
+            if load > 0 and log:
                 logger.warning(
                     "C_S is not positive definite (rank-deficient: fewer pairs than dimensions, "
                     "or duplicate pairs?); used diagonal load %.3g (= %.0e x mean variance) "
@@ -109,7 +111,7 @@ def _inverse_cholesky(C: NDArray[np.float64], fallback_scale: float) -> NDArray[
 
 
 def learn_whitening(
-    X: ArrayLike, qidxs: ArrayLike, pidxs: ArrayLike, shrinkage: float = 0.0
+    X: ArrayLike, qidxs: ArrayLike, pidxs: ArrayLike, shrinkage: float = 0.0, *, log: bool = True
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Learn discriminative whitening (Lw) from matching pairs ``(X[qidxs[i]], X[pidxs[i]])``.
 
@@ -127,7 +129,8 @@ def learn_whitening(
     ``shrinkage`` α in [0, 1] learns from ``(1 - α) C_S + α (tr C_S / D) I`` instead: with fewer
     pairs than dimensions ``C_S`` is singular, and its inverse square root blows up the
     directions no pair happened to vary in (noise on other photos). The paper's Lw is α = 0;
-    :func:`select_whitening` picks α from held-out clusters.
+    :func:`select_whitening` picks α from held-out clusters (its many trials with ``log``
+    False).
     """
     x = descriptor_matrix(X, dtype=np.float64)
     n, D = x.shape
@@ -150,11 +153,13 @@ def learn_whitening(
         C_S = (1.0 - shrinkage) * C_S + shrinkage * (np.trace(C_S) / D) * np.eye(D)
     centred = x - m
     C_D = centred.T @ centred / n
-    W = _inverse_cholesky(C_S, fallback_scale=float(np.trace(C_D)) / D)
+    W = _inverse_cholesky(C_S, fallback_scale=float(np.trace(C_D)) / D, log=log)
     M = W @ C_D @ W.T
     eigvals, V = np.linalg.eigh((M + M.T) / 2)  # symmetrise away rounding; ascending order
     order = np.argsort(eigvals)[::-1]
     P = V[:, order].T @ W
+    if not log:
+        return m, _fix_signs(P)
     logger.info(
         "learned whitening from %d pairs over %d images, D=%d, shrinkage %g; top eigenvalues %s",
         q.size,
@@ -243,7 +248,7 @@ def select_whitening(
         seen = np.flatnonzero(~np.isin(labels, left_out))  # the rows Lw may learn from
         fq, fp = np.searchsorted(seen, q[~held]), np.searchsorted(seen, p[~held])
         for a in shrinkages:
-            m, P = learn_whitening(x[seen], fq, fp, shrinkage=a)
+            m, P = learn_whitening(x[seen], fq, fp, shrinkage=a, log=False)
             for d in dims:
                 found[(a, d)].append(cluster_map(apply_whitening(x, m, P, d), labels, queries))
     score = {c: float(np.mean(v)) for c, v in found.items()}
