@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import tyro
 
+from bench import write_results
 from model.extraction import DEFAULT_SCALES, ArrayImages, ExtractOptions, extract_descriptors
 from model.networks import NetworkMeta, build_network
 
@@ -199,10 +200,7 @@ def pipeline_main(conf: BenchConf) -> dict:
         "ratio_beside_ray": on_ray_rate / beside_rate,
         "rounds": {"in_process": alone, "in_process_beside_ray": beside, "ray_pipeline": on_ray},
     }
-    if conf.out:
-        Path(conf.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(conf.out).write_text(json.dumps({"lines": lines, **result}, indent=2))
-        Path(conf.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    write_results(conf.out, {"lines": lines, **result}, lines)
     return result
 
 

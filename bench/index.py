@@ -22,7 +22,6 @@ are searched with the nprobe the stage chose; the stage's through its sharded se
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -35,6 +34,7 @@ import faiss
 import numpy as np
 import tyro
 
+from bench import write_results
 from cluster import index_store
 from pipeline import index as stage
 from pipeline.descriptors import write_descriptors
@@ -246,11 +246,7 @@ def main(conf: BenchConf) -> dict:
             "train_plus_add": single_total / stage_build,
         },
     }
-    if conf.out:
-        out = Path(conf.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(payload, indent=2))
-        out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    write_results(conf.out, payload, lines)
     return payload
 
 

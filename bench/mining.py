@@ -19,15 +19,15 @@ same data, the reference first.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import tyro
+
+from bench import write_results
 
 
 @dataclass(frozen=True)
@@ -131,10 +131,7 @@ def main(conf: BenchConf) -> dict:
                             "build_seconds": info["build_seconds"]}  # fmt: skip
     ray.shutdown()
     print("\n".join(lines))
-    if conf.out:
-        Path(conf.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(conf.out).write_text(json.dumps({**results, "lines": lines}, indent=2))
-        Path(conf.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    write_results(conf.out, {**results, "lines": lines}, lines)
     return results
 
 

@@ -19,19 +19,18 @@ Seconds are measured on a separate run without tracing.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import time
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tyro
 
+from bench import write_results
 from model.evaluation import evaluate_revisited, evaluate_revisited_at_positions, ground_truth_items
 from model.retrieval import rank_and_locate, rank_by_similarity
 
@@ -193,11 +192,7 @@ def main(conf: BenchConf) -> dict:
         "max_abs_difference": diff,
         "same_top": same_top,
     }
-    if conf.out:
-        out = Path(conf.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(payload, indent=2))
-        out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    write_results(conf.out, payload, lines)
     return payload
 
 

@@ -21,7 +21,6 @@ say what the service's hops cost against FAISS itself, not what a cluster would 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import tempfile
@@ -35,6 +34,7 @@ import faiss
 import numpy as np
 import tyro
 
+from bench import write_results
 from bench.index import clustered
 
 
@@ -168,10 +168,7 @@ def main(conf: BenchConf) -> dict:
         )
     print("\n".join(lines))
     result = {"conf": asdict(conf), "rows": rows, "lines": lines}
-    if conf.out:
-        Path(conf.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(conf.out).write_text(json.dumps(result, indent=2))
-        Path(conf.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    write_results(conf.out, result, lines)
     return result
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import tyro
 
+from bench import write_results
+
 # Plain pycolmap, each scene alone: (registered in the largest model, photos); from the issue.
 PLAIN = {
     "sacre_coeur": (11, 12), "sceaux_castle": (11, 11), "fountain_p11": (11, 11),
@@ -130,7 +132,7 @@ def real(conf: BenchConf) -> dict:
     )
     print("\n".join(lines))
     payload = {"grouping": grouping, "per_scene": results, "seconds": seconds, "lines": lines}
-    _write(conf, payload, lines)
+    write_results(conf.out, payload, lines)
     return payload
 
 
@@ -171,15 +173,8 @@ def scaling(conf: BenchConf) -> dict:
     ]
     print("\n".join(lines))
     payload = {"one": one, "two": two, "share_of_linear": two / (2 * one), "lines": lines}
-    _write(conf, payload, lines)
+    write_results(conf.out, payload, lines)
     return payload
-
-
-def _write(conf: BenchConf, payload: dict, lines: list[str]) -> None:
-    if conf.out:
-        Path(conf.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(conf.out).write_text(json.dumps(payload, indent=2, default=str))
-        Path(conf.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

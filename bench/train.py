@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import tyro
 
+from bench import write_results
+
 
 @dataclass(frozen=True)
 class BenchConf:
@@ -87,10 +89,7 @@ def main(conf: BenchConf) -> dict:
     ]
     print("\n".join(lines))
     payload = {"tuples_per_s_per_worker": per_worker, "share_of_linear": share, "lines": lines}
-    if conf.out:
-        Path(conf.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(conf.out).write_text(json.dumps(payload, indent=2))
-        Path(conf.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    write_results(conf.out, payload, lines)
     return payload
 
 

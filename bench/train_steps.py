@@ -11,15 +11,15 @@ pycolmap: it runs wherever PyTorch does.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import tyro
+
+from bench import write_results
 
 
 @dataclass(frozen=True)
@@ -110,10 +110,7 @@ def main(conf: StepsConf) -> dict:
         "ratio": batched / reference,
         "lines": lines,
     }
-    out = Path(conf.out or f"bench/results/train_steps_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2))
-    out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    write_results(conf.out or f"bench/results/train_steps_{device.type}.json", payload, lines)
     return payload
 
 

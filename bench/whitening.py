@@ -12,13 +12,13 @@ one. Same code as ``pipeline.train``'s final step (:func:`pipeline.whiten.held_o
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import tyro
+
+from bench import write_results
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,7 @@ def main(conf: BenchConf) -> dict:
     lines.append(f"{'mean':<12}{mean['val_map']:>9.4f}{mean['val_map_lw']:>10.4f}"
                  f"{mean_chosen:>11.4f}")  # fmt: skip
     print("\n".join(lines))
-    if conf.out:
-        Path(conf.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(conf.out).write_text(json.dumps({"splits": rows, "lines": lines}, indent=2))
-        Path(conf.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    write_results(conf.out, {"splits": rows, "lines": lines}, lines)
     return {"splits": rows}
 
 
