@@ -70,6 +70,8 @@ class ExactSearch:
         self._local = np.empty(size, np.int64)
         for s, p in enumerate(self.positions):
             self._owner[p], self._local[p] = s, np.arange(len(p))
+        self._start = np.cumsum([0] + [len(p) for p in self.positions[:-1]])  # (share, row) ->
+        self._position = np.concatenate(self.positions)  # position: _position[_start[s] + row]
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """The vectors at ``positions`` (a copy)."""
@@ -136,10 +138,5 @@ class Bf16Search(ExactSearch):
             candidates.index_copy_(0, mine, _tensor(vectors).index_select(0, local[mine]))
         exact = torch.bmm(candidates.view(len(query), want, self.d), query.unsqueeze(2))
         exact = exact.squeeze(2).numpy()
-        owner, local = owner.view(len(query), want), local.view(len(query), want)
-        rows = np.empty(owner.shape, np.int64)
-        owner_np, local_np = owner.numpy(), local.numpy()
-        for s, p in enumerate(self.positions):
-            mine = owner_np == s
-            rows[mine] = p[local_np[mine]]
-        return _merge([exact], [rows], k)
+        rows = self._position[self._start[owner.numpy()] + local.numpy()]
+        return _merge([exact], [rows.reshape(len(query), want)], k)

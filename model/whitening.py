@@ -240,7 +240,7 @@ def select_whitening(
     parts = np.array_split(rng.permutation(groups), min(folds, len(groups)))
     found = {c: [] for c in candidates}
     plain = []
-    unit = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    unit = l2_normalize(x).astype(np.float32)
     for left_out in parts:
         held = np.isin(labels[q], left_out)
         queries = np.unique(q[held])

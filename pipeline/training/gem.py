@@ -44,7 +44,7 @@ class GemEpochs:
         self.rank, self.world = rank, world
         self.mining = data["mining"]
         pool: TrainingSet = data["training_set"]
-        self.clusters = pool.clusters
+        self.pool, self.clusters = pool, pool.clusters
         self.train, self.val = split_clusters(pool, conf["held_out"], conf["seed"])
         ids = pool.image_ids.tolist()
         self.photos = decode_photos(conf["images"], ids, conf["image_size"])
@@ -59,26 +59,23 @@ class GemEpochs:
                          if q in trained and p in trained]  # fmt: skip
 
     def validate(self, net: Any) -> dict[str, float]:
-        """Held-out queries against the whole pool, plain and with Lw (at training size)."""
+        """Held-out queries against the whole pool, plain and with Lw (at training size):
+        the training stage's final Lw step, on this epoch's vectors."""
         import torch
 
-        from model.whitening import apply_whitening
-        from pipeline.whiten import whitening_from_pairs
+        from pipeline.whiten import held_out_whitening
 
         with torch.no_grad():
             net.eval()
             vectors = embed(net, self.photos, mean_std(net, self.device), self.precision,
                             self.device).cpu().numpy()  # fmt: skip
-        result = {"val_map": cluster_map(vectors, self.clusters, self.val_queries)}
         if len(self.lw_pairs) < 10:  # fewer only overfits: no figure rather than a noisy one
-            return result
-        m, P, _ = whitening_from_pairs(self.train.image_ids, vectors[self.train_rows],
-                                       self.lw_pairs, clusters=self.train.clusters,
-                                       shrinkage=self.conf["whiten_shrinkage"],
-                                       dim=self.conf["whiten_dim"])  # fmt: skip
-        result["val_map_lw"] = cluster_map(apply_whitening(vectors, m, P), self.clusters,
-                                           self.val_queries)  # fmt: skip
-        return result
+            return {"val_map": cluster_map(vectors, self.clusters, self.val_queries)}
+        conf = self.conf
+        *_, how = held_out_whitening(self.pool.image_ids, vectors, self.pool, self.lw_pairs,
+                                     conf["held_out"], conf["seed"], conf["whiten_shrinkage"],
+                                     conf["whiten_dim"])  # fmt: skip
+        return {"val_map": how["val_map"], "val_map_lw": how["val_map_lw"]}
 
     def _pool(self, query_rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The epoch's negative pool: every training photo, or ``pool_size`` of them drawn
