@@ -15,6 +15,7 @@ file or an ``s3://`` URI, all read by :func:`model.weights.load_state_dict`; eve
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -122,6 +123,11 @@ class ResNetTrunk(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def stages(self) -> list[nn.Module]:
+        """The trunk in forward order, a stage each: the stem, layer1 .. layer4."""
+        stem = nn.ModuleList([self.conv1, self.bn1])
+        return [stem, self.layer1, self.layer2, self.layer3, self.layer4]
+
     def remove_last_stride(self) -> None:
         """Keep layer4 at layer3's resolution (CGD's change): 2× larger maps, same weights."""
         block = self.layer4[0]
@@ -148,6 +154,13 @@ class VGGTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+    def stages(self) -> list[nn.Module]:
+        """The trunk in forward order, a stage each: the 5 convolution blocks (each up to and
+        with its max pooling; the last has none)."""
+        cuts = [i + 1 for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
+        bounds = [0, *cuts, len(self.features)]
+        return [self.features[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
     def remove_last_stride(self) -> None:
         """Drop the pooling before the last convolutional block (the last stride left)."""

@@ -294,6 +294,12 @@ class EfficientNetLiteTrunk(nn.Module):
         x = self.blocks(x)
         return self.bn2(self.conv_head(x))
 
+    def stages(self) -> list[nn.Module]:
+        """The trunk in forward order, a stage each: the stem, the 7 block stages, the head
+        convolution (what fine-tuning may keep frozen from the first on)."""
+        return [nn.ModuleList([self.conv_stem, self.bn1]), *self.blocks,
+                nn.ModuleList([self.conv_head, self.bn2])]  # fmt: skip
+
     def remove_last_stride(self) -> None:
         """Run the last stride-2 stage at stride 1 (CGD's change): 2x larger maps, same weights.
 

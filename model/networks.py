@@ -37,6 +37,7 @@ __all__ = [
     "RetrievalNet",
     "build_network",
     "fold_whitening",
+    "freeze_trunk",
     "load_network",
     "parameter_groups",
     "save_network",
@@ -260,6 +261,24 @@ def parameter_groups(
     if p_params:
         groups.append({"params": p_params, "lr": lr * p_lr_factor, "weight_decay": 0.0})
     return groups
+
+
+def freeze_trunk(net: RetrievalNet, trainable_stages: int) -> int:
+    """Keep all but the trunk's last ``trainable_stages`` stages (``backbone.stages()``) at the
+    weights they have: few photos fit fewer weights, and no backward pass runs through a
+    frozen prefix. The head always trains. Returns how many parameters were frozen."""
+    stages = net.backbone.stages()
+    if not 0 <= trainable_stages <= len(stages):
+        raise ValueError(
+            f"{net.meta.backbone} has {len(stages)} stages; train 0 to {len(stages)} of them, "
+            f"not {trainable_stages}"
+        )
+    frozen = 0
+    for stage in stages[: len(stages) - trainable_stages]:
+        for param in stage.parameters():
+            frozen += param.numel() if param.requires_grad else 0
+            param.requires_grad_(False)
+    return frozen
 
 
 def _git_sha() -> str | None:

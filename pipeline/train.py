@@ -18,8 +18,9 @@ Every epoch each worker reports ``loss``, the validation figures, ``seconds`` an
 0 attaches the checkpoint (``model.pt``, ``meta.json``: the layout ``extract`` and ``evaluate``
 take, plus ``train_state.pt`` to resume). A rerun with the same ``--name`` and storage resumes
 from the latest checkpoint; worker failures are retried (``--max-failures``). At the end the best
-epoch's checkpoint (the off-the-shelf network is epoch 0) is copied to ``OUTPUT`` with
-``metrics.json`` (every epoch, the best marked) and ``curves.png``; in GeM mode ``--whiten``
+epoch's checkpoint (the off-the-shelf network is epoch 0) is published to ``OUTPUT`` (a folder
+or ``s3://`` prefix) with ``metrics.json`` (every epoch, the best marked), ``curves.png`` and,
+last, ``_SUCCESS``: a rerun of the same settings finds it and skips; in GeM mode ``--whiten``
 then learns Lw from the training clusters' whitening pairs over that network's descriptors at
 extraction size and stores it as ``OUTPUT/whitening.npz``, which extract and evaluate apply,
 unless it lowers the held-out clusters' mAP (``--keep-whitening``).
@@ -58,8 +59,8 @@ class TrainConf:
     images: str
     """images.parquet written by pipeline.ingest (the photos' bytes; CGD: their labels)."""
     output: str
-    """Local folder: the best checkpoint (model.pt, meta.json, whitening.npz), metrics.json,
-    curves.png."""
+    """Folder or s3:// prefix: the best checkpoint (model.pt, meta.json, whitening.npz),
+    metrics.json, curves.png, and _SUCCESS (the settings) once the run is whole."""
     pairs: str | None = None
     """GeM mode: the folder written by pipeline.pairs (pairs.parquet, pool.parquet)."""
     mode: Literal["gem", "cgd"] = "gem"
@@ -89,6 +90,9 @@ class TrainConf:
     augment: bool = False
     """Random crops, flips and brightness/contrast jitter of the training images."""
     freeze_bn: bool = True
+    trainable_stages: int | None = None
+    """Train only the trunk's last N stages and the head, the others kept at their start
+    weights (Lite0 has 9: the stem, 7 block stages, the head convolution); unset: all."""
     held_out: float = 0.2
     """GeM: share of the queries whose clusters are held out; CGD: share of the classes."""
     max_failures: int = 1
@@ -151,7 +155,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
     from ray.train import Checkpoint
 
-    from model.networks import parameter_groups, save_network
+    from model.networks import freeze_trunk, parameter_groups, save_network
     from pipeline.training.images import resolve_precision
 
     conf = config["conf"]
@@ -163,6 +167,8 @@ def train_loop(config: dict[str, Any]) -> None:
     mode = _epochs_class(conf["mode"])(conf, config["data"], precision, device, rank, world)
     torch.manual_seed(conf["seed"])
     net = initial_network(conf, getattr(mode, "num_classes", 0)).to(device)
+    if conf["trainable_stages"] is not None:
+        freeze_trunk(net, conf["trainable_stages"])
     if precision.channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(
@@ -288,6 +294,11 @@ def _check(conf: TrainConf) -> None:
         problems.append(f"--whiten-shrinkage is a share in [0, 1], not {conf.whiten_shrinkage}")
     if conf.whiten_dim is not None and conf.whiten_dim < 1:
         problems.append(f"--whiten-dim must be at least 1, not {conf.whiten_dim}")
+    if conf.trainable_stages is not None:
+        stages = _trunk_stages(conf.weights)
+        if not 0 <= conf.trainable_stages <= stages:
+            problems.append(f"--trainable-stages {conf.trainable_stages}: the trunk of "
+                            f"--weights {conf.weights} has {stages} stages")  # fmt: skip
     if conf.margin is not None and conf.margin <= 0:
         problems.append(f"--margin must be positive, not {conf.margin}")
     if conf.fold_whitening:
@@ -298,7 +309,9 @@ def _check(conf: TrainConf) -> None:
             problems.append("--fold-whitening needs --weights: a checkpoint with a whitening.npz")
         elif not storage.is_file(storage.join(conf.weights, WHITENING_FILE)):
             problems.append(f"--fold-whitening: {conf.weights} has no {WHITENING_FILE}")
-    locations = {"images": conf.images, **({"pairs": conf.pairs} if conf.pairs else {})}
+    locations = {"images": conf.images, "output": conf.output,
+                 **({"pairs": conf.pairs} if conf.pairs else {}),
+                 **({"storage_path": conf.storage_path} if conf.storage_path else {})}  # fmt: skip
     problems += location_problems(**locations)
     if not problems:
         from pipeline.ingest import read_images
@@ -309,6 +322,21 @@ def _check(conf: TrainConf) -> None:
             problems.append(f"--images: {err}")
     if problems:
         raise ValueError("\n".join(problems))
+
+
+def _trunk_stages(weights: str) -> int:
+    """How many stages the trunk that training starts from has (0 for a missing checkpoint:
+    named apart)."""
+    from model import storage
+    from model.backbones import build_backbone
+
+    name = "efficientnet_lite0"
+    if weights != "imagenet":
+        try:
+            name = json.loads(storage.read_text(storage.join(weights, "meta.json")))["backbone"]
+        except (OSError, ValueError, KeyError):
+            return 0
+    return len(build_backbone(name, None).stages())
 
 
 def _mode_data(conf: TrainConf) -> dict[str, Any]:
@@ -342,6 +370,9 @@ def run(conf: TrainConf) -> str:
     from ray.train.torch import TorchTrainer
 
     _check(conf)
+    if _is_done(conf):
+        logger.info("%s holds this run's result already; skipping", conf.output)
+        return conf.output.rstrip("/")
     data = _mode_data(conf)
     num_classes = 0
     if conf.mode == "cgd":
@@ -357,8 +388,7 @@ def run(conf: TrainConf) -> str:
             )
     if not ray.is_initialized():
         ray.init()
-    out = Path(conf.output)
-    storage_path = conf.storage_path or str((out / "ray").resolve())
+    storage_path = conf.storage_path or _default_storage(conf.output)
     mining = None
     if conf.mode == "gem":
         from cluster.mining import mining_actor
@@ -380,21 +410,65 @@ def run(conf: TrainConf) -> str:
     finally:
         if mining is not None:
             ray.kill(mining)
-    return _finish(conf, result, out, data, num_classes)
+    with tempfile.TemporaryDirectory(prefix="cirray-train-") as staging:
+        _finish(conf, result, Path(staging), data, num_classes)
+        _publish(Path(staging), conf)
+    return conf.output.rstrip("/")
 
 
-def _finish(conf: TrainConf, result: Any, out: Path, data: dict[str, Any],
-            num_classes: int) -> str:  # fmt: skip
+def _default_storage(output: str) -> str:
+    """Ray Train's storage when ``--storage-path`` is not given: ``OUTPUT/ray``."""
+    from model import storage
+
+    return (
+        storage.join(output, "ray")
+        if storage.is_remote(output)
+        else str((Path(output) / "ray").resolve())
+    )
+
+
+def _is_done(conf: TrainConf) -> bool:
+    """Whether ``OUTPUT`` holds a finished run of exactly these settings (its marker)."""
+    from model import storage
+
+    marker = storage.join(conf.output, storage.SUCCESS)
+    try:
+        return json.loads(storage.read_text(marker)) == conf.settings()
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def _publish(staging: Path, conf: TrainConf) -> None:
+    """``staging``'s files into ``OUTPUT`` (local or ``s3://``), beside Ray's storage there.
+
+    The marker goes first and comes back last with the run's settings; ``meta.json``, which
+    marks a checkpoint, is removed before and written after the weights and Lw it describes: a
+    reader never pairs an old ``meta.json`` with new weights, nor sees a half-written output
+    that looks whole.
+    """
+    from model import storage
+    from pipeline.whiten import WHITENING_FILE
+
+    out = conf.output.rstrip("/")
+    storage.remove(storage.join(out, storage.SUCCESS))
+    for stale in ("meta.json", "model.pt", WHITENING_FILE):
+        storage.remove(storage.join(out, stale))
+    files = sorted(staging.iterdir(), key=lambda f: (f.name == "meta.json", f.name))
+    for path in files:
+        storage.write_bytes(storage.join(out, path.name), path.read_bytes())
+    storage.write_text(storage.join(out, storage.SUCCESS), json.dumps(conf.settings()))
+
+
+def _finish(conf: TrainConf, result: Any, target: Path, data: dict[str, Any],
+            num_classes: int) -> None:  # fmt: skip
+    """The best epoch's checkpoint, its Lw, ``metrics.json`` and ``curves.png`` into the local
+    folder ``target``."""
     score = _epochs_class(conf.mode).score
     history = _history(result)
     scored = [h for h in history if h.get(score) is not None]
     best = max(scored, key=lambda h: (h[score], -h["epoch"]))
     for h in history:
         h["best"] = h["epoch"] == best["epoch"]
-    target = out  # the checkpoint layout itself: --weights OUTPUT for extract and evaluate
-    target.mkdir(parents=True, exist_ok=True)
-    for stale in ("meta.json", "model.pt", "whitening.npz"):  # meta first: never a mixed pair
-        (target / stale).unlink(missing_ok=True)
     if best["epoch"] == 0:
         logger.warning("no epoch beat the network it started from; keeping that one")
         import torch
@@ -415,8 +489,7 @@ def _finish(conf: TrainConf, result: Any, out: Path, data: dict[str, Any],
     (target / "metrics.json").write_text(json.dumps(payload, indent=2))
     _curves(history, target / "curves.png", score)
     logger.info("best epoch %d: %s %.4f (epoch 0: %s) → %s", best["epoch"], score, best[score],
-                history[0].get(score), target)  # fmt: skip
-    return str(target)
+                history[0].get(score), conf.output)  # fmt: skip
 
 
 def _learn_whitening(conf: TrainConf, target: Path, data: dict[str, Any]) -> dict[str, Any]:
@@ -429,7 +502,7 @@ def _learn_whitening(conf: TrainConf, target: Path, data: dict[str, Any]) -> dic
     from pipeline.extract import run as extract
     from pipeline.whiten import WHITENING_FILE, held_out_whitening
 
-    with tempfile.TemporaryDirectory(dir=target) as scratch:
+    with tempfile.TemporaryDirectory(prefix="cirray-lw-") as scratch:
         settings = ExtractConf(images=conf.images, output=f"{scratch}/descriptors",
                                weights=str(target), max_size=conf.whiten_size)  # fmt: skip
         desc = read_descriptors(extract(settings))
@@ -449,7 +522,7 @@ def _learn_whitening(conf: TrainConf, target: Path, data: dict[str, Any]) -> dic
         return found
     lw_meta = {k: v for k, v in how.items() if not k.startswith("val_")}
     save_whitening(target / WHITENING_FILE, m, P, **lw_meta, pairs_uri=conf.pairs,
-                   max_size=conf.whiten_size, network={"checkpoint": str(target)})  # fmt: skip
+                   max_size=conf.whiten_size, network={"checkpoint": conf.output})  # fmt: skip
     return found
 
 

@@ -173,6 +173,38 @@ def test_gem_p_trains_faster_and_without_decay() -> None:
     assert counted == sum(p.numel() for p in net.parameters())
 
 
+@pytest.mark.parametrize("backbone, stages", [("efficientnet_lite0", 9), ("vgg16", 5)])
+def test_a_frozen_trunk_prefix_gets_no_gradient(
+    backbone: str, stages: int, images: torch.Tensor
+) -> None:
+    """Only the last stages and the head train; the trunk's stages cover it in forward order."""
+    net = build_network(NetworkMeta(backbone=backbone), weights=None).train()
+    parts = net.backbone.stages()
+    assert len(parts) == stages
+    assert sum(p.numel() for s in parts for p in s.parameters()) == sum(
+        p.numel() for p in net.backbone.parameters()
+    )
+    x = images
+    for stage in parts:  # the stages in order are the trunk
+        x = stage(x) if not isinstance(stage, torch.nn.ModuleList) else stage[1](stage[0](x))
+    torch.testing.assert_close(x, net.backbone(images))
+    frozen = networks.freeze_trunk(net, 2)
+    assert frozen == sum(p.numel() for s in parts[:-2] for p in s.parameters())
+    net(images).sum().backward()
+    for i, stage in enumerate(parts):
+        grads = [p.grad for p in stage.parameters()]
+        assert (
+            all(g is None for g in grads)
+            if i < stages - 2
+            else any(g is not None and g.abs().sum() > 0 for g in grads)
+        )
+    assert net.head.pool.p.grad is not None
+    trained = sum(p.numel() for g in parameter_groups(net, 1e-3, 0.0) for p in g["params"])
+    assert trained == sum(p.numel() for p in net.parameters()) - frozen
+    with pytest.raises(ValueError, match=f"has {stages} stages; train 0 to {stages}"):
+        networks.freeze_trunk(net, stages + 1)
+
+
 def test_head_defaults_follow_each_paper(images: torch.Tensor) -> None:
     """GeM: strides kept, p learned. CGD: last stride removed, p fixed at 3 (no 10× group)."""
     gem_meta, cgd_meta = NetworkMeta(), NetworkMeta(head="cgd")

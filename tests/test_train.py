@@ -4,6 +4,7 @@ mode on a small generated collection's landmark labels."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model import storage
 from pipeline.datasets.landmarks import write_scene_manifest
 from pipeline.train import TrainConf
 from pipeline.train import run as train
@@ -32,7 +34,7 @@ def pairs(ray_session, tiny_collection: Path, tmp_path_factory) -> dict[str, str
     return {"pairs": pairs, "images": images, "tmp": str(tmp)}
 
 
-def _conf(pairs: dict[str, str], out: Path, **changes) -> TrainConf:
+def _conf(pairs: dict[str, str], out: Path | str, **changes) -> TrainConf:
     base = TrainConf(pairs=pairs["pairs"], images=pairs["images"], output=str(out), epochs=2,
                      image_size=128, queries=12, nnum=1, held_out=0.3, lr=1e-5,
                      tuples_per_step=3, name="t", whiten=False)  # fmt: skip
@@ -40,17 +42,26 @@ def _conf(pairs: dict[str, str], out: Path, **changes) -> TrainConf:
 
 
 def _epochs(best: str) -> list[dict]:
-    return json.loads(Path(best, "metrics.json").read_text())["epochs"]
+    return json.loads(storage.read_text(storage.join(best, "metrics.json")))["epochs"]
 
 
-def test_training_checkpoints_the_best_epoch_and_resumes(pairs, tmp_path) -> None:
+def test_training_checkpoints_the_best_epoch_and_resumes(
+    pairs, s3_bucket, tmp_path, caplog
+) -> None:
+    """Output and Ray Train's storage on the loopback S3 server, as on a cluster."""
     from model.networks import load_network
     from pipeline.extract import ExtractConf, load_extract_network
 
-    best = train(_conf(pairs, tmp_path, whiten=True, whiten_size=160, keep_whitening="always"))
-    assert {p.name for p in Path(best).iterdir()} >= {"model.pt", "meta.json", "metrics.json",
-                                                       "curves.png", "whitening.npz"}  # fmt: skip
-    lw = json.loads(Path(best, "metrics.json").read_text())["whitening"]
+    out = f"s3://{s3_bucket}/train"
+    conf = _conf(pairs, out, whiten=True, whiten_size=160, keep_whitening="always")
+    best = train(conf)
+    assert best == out
+    names = {f.removeprefix(f"{out}/") for f in storage.list_files(out)}
+    assert names >= {"model.pt", "meta.json", "metrics.json", "curves.png", "whitening.npz",
+                     "_SUCCESS"}  # fmt: skip
+    checkpoints = {n.split("/")[2] for n in names if re.match(r"ray/t/checkpoint_\d", n)}
+    assert len(checkpoints) == 2  # Ray Train's storage: OUTPUT/ray, on S3 too
+    lw = json.loads(storage.read_text(f"{out}/metrics.json"))["whitening"]
     assert lw["learned"] and lw["kept"] and lw["pairs"] >= 10 and 0 < lw["val_map"] <= 1
     assert 0 < lw["val_map_lw"] <= 1 and 0 <= lw["shrinkage"] <= 1
     assert lw["cross_validation"]["folds"] >= 2  # shrinkage and dim chosen on training clusters
@@ -67,12 +78,16 @@ def test_training_checkpoints_the_best_epoch_and_resumes(pairs, tmp_path) -> Non
     marked = max(epochs, key=lambda e: (e["val_map"], -e["epoch"]))
     assert next(e for e in epochs if e["best"]) == marked
     assert load_network(best).meta.backbone == "efficientnet_lite0"  # extract/evaluate take it
+    # the same settings again: the output is whole, nothing runs
+    caplog.set_level(logging.INFO, logger="pipeline.train")
+    assert train(conf) == out and "skipping" in caplog.text
+    assert set(storage.list_files(out)) == {f"{out}/{n}" for n in names}
     # the GeM paper's second round: Lw folded into the head's FC layer, trained end to end
     folded = train(_conf(pairs, tmp_path / "folded", weights=best, fold_whitening=True,
                          epochs=1))  # fmt: skip
     assert load_network(folded).meta.whitening_dim == lw["dim"]
     # the same name and storage: resumes after epoch 2 instead of starting again
-    again = _epochs(train(_conf(pairs, tmp_path, epochs=3)))
+    again = _epochs(train(_conf(pairs, out, epochs=3)))
     assert again[:3] == [{**e, "best": again[i]["best"]} for i, e in enumerate(epochs)]
     assert again[3]["steps"] == 3 * per_epoch
 
