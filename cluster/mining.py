@@ -74,11 +74,14 @@ def hard_negatives(
     query_clusters: np.ndarray,
     nnum: int = 5,
     k: int | None = None,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``nnum`` hardest negatives of each query: ``(rows, sims)``, ``[Q, nnum]``, best first.
 
-    A negative is a row of ``index`` whose cluster differs from the query's; each cluster gives
-    at most one (its most similar row). Rows are the index's positions (its ``ntotal`` order);
+    A negative is a row of ``index`` whose cluster differs from the query's (and, given the
+    boolean mask ``allowed`` over the rows, one it allows: held-out scenes are never
+    negatives); each cluster gives at most one (its most similar row). Rows are the index's
+    positions (its ``ntotal`` order);
     -1 and ``-inf`` pad where fewer than ``nnum`` other clusters exist. Search ``k`` starts at
     ``4·nnum + 16`` and doubles, for the queries still short, until they are full, ``k``
     covers the whole index or the index has no more rows to give (an IVF index returns only
@@ -96,6 +99,10 @@ def hard_negatives(
         raise ValueError(f"the index holds {index.ntotal} rows, the clusters {len(pool_clusters)}")
     if nnum < 1:
         raise ValueError(f"nnum must be at least 1, not {nnum}")
+    if allowed is not None:
+        allowed = np.asarray(allowed, dtype=bool)
+        if allowed.shape != (index.ntotal,):
+            raise ValueError(f"allowed must mask the index's {index.ntotal} rows")
     rows = np.full((len(x), nnum), -1, np.int64)
     sims = np.full((len(x), nnum), -np.inf, np.float32)
     todo = np.arange(len(x))
@@ -104,7 +111,8 @@ def hard_negatives(
         found_sims, found = index.search(x[todo], k)
         short = []
         for slot, q in enumerate(todo.tolist()):
-            taken = _take(found[slot], found_sims[slot], pool_clusters, query_clusters[q], nnum)
+            taken = _take(found[slot], found_sims[slot], pool_clusters, query_clusters[q], nnum,
+                          allowed)  # fmt: skip
             rows[q, : len(taken)] = [r for r, _ in taken]
             sims[q, : len(taken)] = [s for _, s in taken]
             if len(taken) < nnum and found[slot, -1] >= 0:  # -1: nothing more it can see
@@ -117,7 +125,12 @@ def hard_negatives(
 
 
 def _take(
-    found: np.ndarray, found_sims: np.ndarray, clusters: np.ndarray, own: int, nnum: int
+    found: np.ndarray,
+    found_sims: np.ndarray,
+    clusters: np.ndarray,
+    own: int,
+    nnum: int,
+    allowed: np.ndarray | None = None,
 ) -> list[tuple[int, float]]:
     taken: list[tuple[int, float]] = []
     seen = {own}
@@ -125,7 +138,7 @@ def _take(
         if row < 0:
             break
         cluster = int(clusters[row])
-        if cluster in seen:
+        if cluster in seen or (allowed is not None and not allowed[row]):
             continue
         seen.add(cluster)
         taken.append((row, sim))
@@ -195,7 +208,9 @@ class MiningIndex:
     def held(self) -> int:
         return sum(len(p) for p, _, _ in self._parts)
 
-    def _build(self) -> None:
+    def _check_whole(self) -> None:
+        if self.epoch is None:
+            raise ValueError("reset(epoch, size) and add the pool first")
         positions = np.concatenate([np.zeros(0, np.int64)] + [p for p, _, _ in self._parts])
         if len(positions) != self.size or len(np.unique(positions)) != self.size:
             missing = self.size - len(np.unique(positions))
@@ -203,6 +218,9 @@ class MiningIndex:
                 f"epoch {self.epoch}'s pool is not whole: {len(positions)} rows added for "
                 f"{self.size} positions ({missing} missing, or some added twice)"
             )
+
+    def _build(self) -> None:
+        self._check_whole()
         self._clusters = np.empty(self.size, np.int64)
         for p, _, c in self._parts:
             self._clusters[p] = c
@@ -254,29 +272,39 @@ class MiningIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(positions, sims)`` of each query's hardest negatives (see :func:`hard_negatives`)."""
         if self._index is None:
-            if self.epoch is None:
-                raise ValueError("reset(epoch, size) and add the pool first")
             self._build()
         return hard_negatives(self._index, self._clusters, queries, query_clusters, nnum)
 
-    def mine_rows(self, rows: Any, nnum: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    def mine_rows(
+        self, rows: Any, nnum: int = 5, allowed: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`mine` for queries that are pool rows themselves, by their positions: the
-        vectors the pool holds describe them (no second forward pass). Every worker of a
-        training run asks for the same rows; the answer is computed once per epoch."""
+        vectors the pool holds describe them (no second forward pass); ``allowed`` (a boolean
+        mask over the positions) names the rows negatives may come from, when not all. Every
+        worker of a training run asks the same; the answer is computed once per epoch."""
         rows = np.asarray(rows, dtype=np.int64)
-        key = (self.epoch, nnum, rows.tobytes())
+        allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
+        key = (self.epoch, nnum, rows.tobytes(), None if allowed is None else allowed.tobytes())
         if self._mined is not None and self._mined[0] == key:
             return self._mined[1]
         if self._index is None:
-            if self.epoch is None:
-                raise ValueError("reset(epoch, size) and add the pool first")
             self._build()
         if len(rows) and (rows.min() < 0 or rows.max() >= self.size):
             raise ValueError(f"query rows must lie in 0..{self.size - 1}")
         found = hard_negatives(self._index, self._clusters, self._vectors_at(rows),
-                               self._clusters[rows], nnum)  # fmt: skip
+                               self._clusters[rows], nnum, allowed=allowed)  # fmt: skip
         self._mined = (key, found)
         return found
+
+    def vectors(self) -> np.ndarray:
+        """The whole pool, ``[size, D]`` in position order (what validation ranks)."""
+        if self._index is not None:
+            return self._vectors_at(np.arange(self.size))
+        self._check_whole()
+        out = np.empty((self.size, self._parts[0][1].shape[1]), np.float32)
+        for positions, vectors, _ in self._parts:
+            out[positions] = vectors
+        return out
 
     def describe(self) -> dict[str, Any]:
         index = self._index

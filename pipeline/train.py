@@ -184,8 +184,8 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, steps, start = state["epoch"] + 1, state["steps"], state["start"]
-    elif rank == 0:  # epoch 0: the network before any step
-        start = mode.validate(net)
+    else:  # epoch 0: the network before any step (every worker describes, rank 0 scores)
+        start = mode.validate(net, 1)
     model = net
     if world > 1:
         # GeM mode groups each worker's images by size, so workers make different numbers of
@@ -201,13 +201,14 @@ def train_loop(config: dict[str, Any]) -> None:
         done = mode.epoch(model, net, optimizer, epoch)
         scheduler.step()
         steps += done["steps"]
+        figures = mode.validate(net, epoch + 1)  # described as the next epoch's pool
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch, "loss": done["loss"], "seconds": seconds,
-                   rate: done["items"] / seconds, "steps": steps, "start": start}  # fmt: skip
+                   rate: done["items"] / seconds, "steps": steps, "start": start,
+                   **figures}  # fmt: skip
         if rank != 0:
             ray.train.report(metrics)
             continue
-        metrics.update(mode.validate(net))
         with tempfile.TemporaryDirectory() as folder:
             save_network(net, folder)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

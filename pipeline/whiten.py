@@ -39,6 +39,7 @@ __all__ = [
     "pool_clusters",
     "run",
     "whitening_from_pairs",
+    "whitening_on_held_out",
 ]
 
 logger = logging.getLogger(__name__)
@@ -132,32 +133,54 @@ def held_out_whitening(
     shrinkage: float | None = None,
     dim: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``(m, P, how)``: Lw from the training clusters of ``split_clusters(pool, held_out,
-    seed)`` only (their pairs; their photos' scatter), and in ``how`` the held-out clusters'
-    queries' mAP against the whole pool without (``val_map``) and with it (``val_map_lw``).
+    """``(m, P, how)``: :func:`whitening_on_held_out` over the pool's photos, split by
+    ``split_clusters(pool, held_out, seed)``.
 
     ``vectors`` are rows named by ``image_ids`` (the collection's descriptors); the figures are
     left out when some pool photo has no row, rather than skewed."""
-    from model.evaluation import cluster_map
-    from model.whitening import apply_whitening
     from pipeline.tuples import split_clusters
 
     train, val = split_clusters(pool, held_out, seed)
-    trained = set(train.image_ids.tolist())
-    cluster_of = dict(zip(train.image_ids.tolist(), train.clusters.tolist(), strict=True))
-    mine = np.isin(image_ids, train.image_ids)
-    ids = np.asarray(image_ids)[mine]
-    m, P, how = whitening_from_pairs(ids, vectors[mine],
-                                     [(q, p) for q, p in pairs if q in trained and p in trained],
-                                     clusters=np.array([cluster_of[i] for i in ids.tolist()]),
-                                     shrinkage=shrinkage, dim=dim)  # fmt: skip
     row = {image_id: i for i, image_id in enumerate(np.asarray(image_ids).tolist())}
-    if all(i in row for i in pool.image_ids.tolist()):
-        x = vectors[[row[i] for i in pool.image_ids.tolist()]]
-        pool_row = {image_id: i for i, image_id in enumerate(pool.image_ids.tolist())}
+    present = np.array([i in row for i in pool.image_ids.tolist()], dtype=bool)
+    ids = pool.image_ids[present]
+    x = vectors[[row[i] for i in ids.tolist()]]
+    queries = None
+    if present.all():
+        pool_row = {image_id: i for i, image_id in enumerate(ids.tolist())}
         queries = np.array([pool_row[i] for i in val.image_ids[val.queries].tolist()], np.int64)
-        how["val_map"] = cluster_map(x, pool.clusters, queries)
-        how["val_map_lw"] = cluster_map(apply_whitening(x, m, P), pool.clusters, queries)
+    return whitening_on_held_out(ids, x, pool.clusters[present], np.isin(ids, train.image_ids),
+                                 queries, pairs, shrinkage, dim)  # fmt: skip
+
+
+def whitening_on_held_out(
+    image_ids: np.ndarray,
+    vectors: np.ndarray,
+    clusters: np.ndarray,
+    trained: np.ndarray,
+    queries: np.ndarray | None,
+    pairs: list[tuple[str, str]],
+    shrinkage: float | None = None,
+    dim: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(m, P, how)``: Lw from the rows of the mask ``trained`` only (the pairs among them,
+    their scatter; shrinkage and dim by cross-validation over their ``clusters`` unless
+    given), and in ``how`` the held-out ``queries``' (row indices) mAP against every row,
+    their cluster's rows positive, without (``val_map``) and with it (``val_map_lw``).
+    ``queries`` None: Lw alone."""
+    from model.evaluation import cluster_map
+    from model.whitening import apply_whitening
+
+    ids = np.asarray(image_ids)
+    trained = np.asarray(trained, dtype=bool)
+    inside = set(ids[trained].tolist())
+    m, P, how = whitening_from_pairs(ids[trained], vectors[trained],
+                                     [(q, p) for q, p in pairs if q in inside and p in inside],
+                                     clusters=np.asarray(clusters)[trained],
+                                     shrinkage=shrinkage, dim=dim)  # fmt: skip
+    if queries is not None:
+        how["val_map"] = cluster_map(vectors, clusters, queries)
+        how["val_map_lw"] = cluster_map(apply_whitening(vectors, m, P), clusters, queries)
     return m, P, how
 
 

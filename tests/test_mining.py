@@ -161,3 +161,26 @@ def test_mining_by_pool_rows_uses_the_held_vectors_and_answers_once_per_epoch():
     mining.reset(2, len(x))
     with pytest.raises(ValueError, match="not whole"):
         mining.mine_rows(rows, 4)  # a new epoch's pool, not last epoch's answer
+
+
+@pytest.mark.parametrize("factory", ["Flat", "bf16"])
+def test_negatives_only_from_allowed_rows_and_the_pool_handed_back_whole(factory):
+    """The pool holds held-out photos too (validation ranks them): mining never takes one,
+    and equals the reference over the allowed rows alone."""
+    x, clusters = _pool(900, 16, 60, seed=5)
+    mining = MiningIndex(factory=factory, gpu=False)
+    mining.reset(4, len(x))
+    for rank in range(2):
+        share = np.arange(rank, len(x), 2)
+        mining.add(share, x[share], clusters[share])
+    assert np.array_equal(mining.vectors(), x)  # position order, before any search
+    held_out = np.isin(clusters, [3, 7, 11])
+    allowed_rows = np.flatnonzero(~held_out)
+    queries = allowed_rows[::9]
+    found, _ = mining.mine_rows(queries, 5, allowed=~held_out)
+    expected = _reference(x[allowed_rows], clusters[allowed_rows], x[queries], clusters[queries], 5)
+    assert (found == allowed_rows[expected]).all()
+    assert not held_out[found].any()
+    assert np.array_equal(mining.vectors(), x)  # after the search too
+    with pytest.raises(ValueError, match="mask the index's 900 rows"):
+        mining.mine_rows(queries, 5, allowed=~held_out[:-1])

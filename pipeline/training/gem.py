@@ -2,21 +2,25 @@
 
 Each epoch, as the GeM paper does but over the whole pool instead of a random few thousand:
 
-1. every worker describes its share of the negative pool (the training clusters' photos, or a
-   seeded sample of ``pool_size`` of them that holds the epoch's queries) with the current
-   network, without gradients, and sends the descriptors to the mining-index actor
-   (``cluster.mining``);
-2. the actor mines ``nnum`` hard negatives (nearest of other clusters, one per cluster) for the
-   epoch's queries once, from the descriptors it holds, and every worker takes the same answer;
+1. the photos are described once with the current network, every worker its share, into the
+   mining-index actor (``cluster.mining``): the epoch's negative pool (the training clusters'
+   photos, or a seeded sample of ``pool_size`` of them that holds the epoch's queries) and the
+   held-out photos. The previous epoch's validation did it (the network has not changed since),
+   so only the first epoch of a resumed run describes at its start;
+2. the actor mines ``nnum`` hard negatives (nearest of other clusters, one per cluster, never
+   a held-out one) for the epoch's queries once, from the descriptors it holds, and every
+   worker takes the same answer;
 3. the epoch's tuples (query, a random positive, its negatives) come from one seeded draw shared
    by all workers: every optimizer step trains on the same global batch of ``tuples_per_step``
    tuples whatever the number of workers, each worker computing every ``world``-th of them. The
    contrastive loss is a sum over tuples and DDP averages gradients, so each worker scales its
    share's loss by ``world``: the step's gradient is the global batch's, exactly;
-4. rank 0 scores the held-out clusters: mAP of each held-out query against the whole pool, its
-   own cluster's photos positive (every positive counts, as in the revisited protocol's Medium
-   setup; there are no junk labels), without and with the Lw learned from the training
-   clusters' whitening pairs at the same resolution.
+4. validation: the workers describe the next epoch's photos (step 1 of the next epoch) and rank
+   0 scores the held-out clusters from the actor's vectors: mAP of each held-out query against
+   every described photo, its own cluster's photos positive (every positive counts, as in the
+   revisited protocol's Medium setup; there are no junk labels), without and with the Lw
+   learned from the training clusters' whitening pairs at the same resolution. No worker
+   describes the collection alone.
 """
 
 from __future__ import annotations
@@ -50,44 +54,76 @@ class GemEpochs:
         self.photos = decode_photos(conf["images"], ids, conf["image_size"])
         row_of = {image_id: i for i, image_id in enumerate(ids)}
         self.train_rows = np.array([row_of[i] for i in self.train.image_ids], np.int64)
-        self.val_queries = np.array([row_of[i] for i in self.val.image_ids], np.int64)[
-            self.val.queries
-        ]
+        self.val_rows = np.array([row_of[i] for i in self.val.image_ids], np.int64)
+        self.val_queries = self.val_rows[self.val.queries]
         # Lw sees the training clusters only: their pairs, and their photos as the scatter C_D
         trained = set(self.train.image_ids.tolist())
         self.lw_pairs = [(q, p) for q, p in data["whitening_pairs"]
                          if q in trained and p in trained]  # fmt: skip
+        self.described: tuple[int, np.ndarray] | None = None
+        """``(epoch, pool rows)``: the photos the actor holds, described for that epoch."""
 
-    def validate(self, net: Any) -> dict[str, float]:
-        """Held-out queries against the whole pool, plain and with Lw (at training size):
-        the training stage's final Lw step, on this epoch's vectors."""
-        import torch
-
-        from pipeline.whiten import held_out_whitening
-
-        with torch.no_grad():
-            net.eval()
-            vectors = embed(net, self.photos, mean_std(net, self.device), self.precision,
-                            self.device).cpu().numpy()  # fmt: skip
-        if len(self.lw_pairs) < 10:  # fewer only overfits: no figure rather than a noisy one
-            return {"val_map": cluster_map(vectors, self.clusters, self.val_queries)}
-        conf = self.conf
-        *_, how = held_out_whitening(self.pool.image_ids, vectors, self.pool, self.lw_pairs,
-                                     conf["held_out"], conf["seed"], conf["whiten_shrinkage"],
-                                     conf["whiten_dim"])  # fmt: skip
-        return {"val_map": how["val_map"], "val_map_lw": how["val_map_lw"]}
-
-    def _pool(self, query_rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """The epoch's negative pool: every training photo, or ``pool_size`` of them drawn
-        with the epoch's seed, the epoch's queries always among them (sorted rows)."""
+    def _draw(self, epoch: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+        """``(rng, chosen, negative pool)`` of ``epoch``: the same on every worker, whenever
+        drawn. ``chosen`` indexes the training queries; the pool holds training rows: every
+        one, or ``pool_size`` of them with the epoch's queries among them (sorted)."""
+        rng = np.random.default_rng(self.conf["seed"] * 1000 + epoch)
+        chosen = np.sort(rng.permutation(len(self.train.queries))[: self.conf["queries"]])
         everyone = np.arange(len(self.train_rows))
         size = self.conf["pool_size"]
         if not size or size >= len(everyone):
-            return everyone
-        queries = np.unique(query_rows)
+            return rng, chosen, everyone
+        queries = np.unique(self.train.queries[chosen])
         others = np.setdiff1d(everyone, queries)
         extra = rng.choice(others, min(len(others), max(0, size - len(queries))), replace=False)
-        return np.sort(np.concatenate([queries, extra]))
+        return rng, chosen, np.sort(np.concatenate([queries, extra]))
+
+    def describe(self, net: Any, epoch: int) -> None:
+        """Every worker describes its share of ``epoch``'s photos (its negative pool and the
+        held-out photos) with ``net`` as it stands, into the mining actor: what the epoch mines
+        from and what validation ranks, described once."""
+        import ray
+        import torch
+
+        _, _, pool = self._draw(epoch)
+        rows = np.union1d(self.train_rows[pool], self.val_rows)
+        if self.rank == 0:
+            ray.get(self.mining.reset.remote(epoch, len(rows)))
+        barrier(self.world)
+        share = worker_share(len(rows), self.rank, self.world)
+        with torch.no_grad():
+            net.eval()
+            vectors = embed(net, self.photos.subset(rows[share]), mean_std(net, self.device),
+                            self.precision, self.device).cpu().numpy()  # fmt: skip
+        ray.get(self.mining.add.remote(share, vectors, self.clusters[rows[share]]))
+        barrier(self.world)
+        self.described = (epoch, rows)
+
+    def validate(self, net: Any, epoch: int) -> dict[str, float]:
+        """Held-out queries against every described photo, plain and with the Lw learned
+        from the training clusters at training size (the training stage's final Lw step, on
+        this network's vectors). Every worker describes ``epoch``'s photos (the next one's
+        pool: :meth:`epoch` then mines without describing again); rank 0 scores."""
+        import ray
+
+        from pipeline.whiten import whitening_on_held_out
+
+        self.describe(net, epoch)
+        if self.rank != 0:
+            return {}
+        _, rows = self.described
+        vectors = ray.get(self.mining.vectors.remote())
+        clusters = self.clusters[rows]
+        queries = np.searchsorted(rows, self.val_queries)
+        ids = self.pool.image_ids[rows]
+        held = set(ids.tolist())
+        pairs = [(q, p) for q, p in self.lw_pairs if q in held and p in held]
+        if len(pairs) < 10:  # fewer only overfits: no figure rather than a noisy one
+            return {"val_map": cluster_map(vectors, clusters, queries)}
+        *_, how = whitening_on_held_out(ids, vectors, clusters, np.isin(rows, self.train_rows),
+                                        queries, pairs, self.conf["whiten_shrinkage"],
+                                        self.conf["whiten_dim"])  # fmt: skip
+        return {"val_map": how["val_map"], "val_map_lw": how["val_map_lw"]}
 
     def epoch(self, model: Any, net: Any, optimizer: Any, epoch: int) -> dict[str, float]:
         """One epoch; returns its ``loss`` (per tuple), ``items`` (tuples) and ``steps``."""
@@ -97,27 +133,17 @@ class GemEpochs:
         from model.losses import ContrastiveLoss
 
         conf, rank, world = self.conf, self.rank, self.world
-        rng = np.random.default_rng(conf["seed"] * 1000 + epoch)  # the same on every worker
-        chosen = np.sort(rng.permutation(len(self.train.queries))[: conf["queries"]])
-        normalise = mean_std(net, self.device)
-        query_rows = self.train.queries[chosen]
-        pool = self._pool(query_rows, rng)  # training-set rows the actor holds, in order
-        # 1. the negative pool, each worker its share
-        if rank == 0:
-            ray.get(self.mining.reset.remote(epoch, len(pool)))
-        barrier(world)
-        share = worker_share(len(pool), rank, world)
-        with torch.no_grad():
-            net.eval()
-            vectors = embed(net, self.photos.subset(self.train_rows[pool[share]]), normalise,
-                            self.precision, self.device).cpu().numpy()  # fmt: skip
-        ray.get(self.mining.add.remote(share, vectors, self.train.clusters[pool[share]]))
-        barrier(world)
+        rng, chosen, pool = self._draw(epoch)
+        # 1. the negative pool, each worker its share (unless validation just described it)
+        if self.described is None or self.described[0] != epoch:
+            self.describe(net, epoch)
+        _, rows = self.described
         # 2. negatives of the epoch's queries (mined once by the actor), 3. the global tuples
-        found, _ = ray.get(
-            self.mining.mine_rows.remote(np.searchsorted(pool, query_rows), conf["nnum"])
-        )
-        negatives = np.where(found >= 0, pool[np.maximum(found, 0)], -1)
+        query_rows = self.train.queries[chosen]
+        allowed = np.isin(rows, self.train_rows[pool])  # never a held-out scene
+        found, _ = ray.get(self.mining.mine_rows.remote(
+            np.searchsorted(rows, self.train_rows[query_rows]), conf["nnum"], allowed))  # fmt: skip
+        negatives = np.where(found >= 0, np.searchsorted(self.train_rows, rows[found]), -1)
         subset = TrainingSet(self.train.image_ids, self.train.clusters, query_rows,
                              tuple(self.train.positives[i] for i in chosen))  # fmt: skip
         tuples = epoch_tuples(subset, negatives, rng)
@@ -126,6 +152,7 @@ class GemEpochs:
         generator = None
         if conf["augment"]:
             generator = torch.Generator().manual_seed(conf["seed"] * 1000 + epoch * 16 + rank)
+        normalise = mean_std(net, self.device)
         loss_fn = ContrastiveLoss(margin=conf["margin"])
         model.train()
         if conf["freeze_bn"]:
