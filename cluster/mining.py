@@ -83,9 +83,11 @@ def hard_negatives(
     negatives); each cluster gives at most one (its most similar row). Rows are the index's
     positions (its ``ntotal`` order);
     -1 and ``-inf`` pad where fewer than ``nnum`` other clusters exist. Search ``k`` starts at
-    ``4·nnum + 16`` and doubles, for the queries still short, until they are full, ``k``
-    covers the whole index or the index has no more rows to give (an IVF index returns only
-    what its probed lists hold): with an exact index the result is that of a full sort.
+    ``4·nnum + 16`` plus the median size of the queries' own clusters in the index (a query's
+    own views come first and are skipped) and doubles, for the queries still short, until
+    they are full, ``k`` covers the whole index or the index has no more rows to give (an IVF
+    index returns only what its probed lists hold): with an exact index the result is that of
+    a full sort.
     ``index`` is a FAISS index or anything with its ``d``, ``ntotal`` and ``search(x, k)``.
     """
     pool_clusters = np.asarray(pool_clusters, dtype=np.int64)
@@ -106,45 +108,66 @@ def hard_negatives(
     rows = np.full((len(x), nnum), -1, np.int64)
     sims = np.full((len(x), nnum), -np.inf, np.float32)
     todo = np.arange(len(x))
-    k = min(k or 4 * nnum + 16, index.ntotal)
+    if k is None:
+        k = 4 * nnum + 16 + _median_own_cluster(pool_clusters, query_clusters)
+    k = min(k, index.ntotal)
     while len(todo) and k > 0:
         found_sims, found = index.search(x[todo], k)
-        short = []
-        for slot, q in enumerate(todo.tolist()):
-            taken = _take(found[slot], found_sims[slot], pool_clusters, query_clusters[q], nnum,
-                          allowed)  # fmt: skip
-            rows[q, : len(taken)] = [r for r, _ in taken]
-            sims[q, : len(taken)] = [s for _, s in taken]
-            if len(taken) < nnum and found[slot, -1] >= 0:  # -1: nothing more it can see
-                short.append(q)
+        slots = first_of_clusters(found, pool_clusters, query_clusters[todo], nnum, allowed)
+        taken = slots >= 0
+        picked = np.take_along_axis(found, np.maximum(slots, 0), axis=1)
+        rows[todo] = np.where(taken, picked, -1)
+        picked_sims = np.take_along_axis(found_sims, np.maximum(slots, 0), axis=1)
+        sims[todo] = np.where(taken, picked_sims, -np.inf)
         if k >= index.ntotal:
             break
-        todo = np.asarray(short, dtype=np.int64)
+        short = ~taken[:, -1] & (found[:, -1] >= 0)  # -1: nothing more the index can see
+        todo = todo[short]
         k = min(2 * k, index.ntotal)
     return rows, sims
 
 
-def _take(
+def _median_own_cluster(pool_clusters: np.ndarray, query_clusters: np.ndarray) -> int:
+    """The median number of rows the queries' own clusters hold in the pool."""
+    if not len(pool_clusters) or not len(query_clusters):
+        return 0
+    names, sizes = np.unique(pool_clusters, return_counts=True)
+    at = np.minimum(np.searchsorted(names, query_clusters), len(names) - 1)
+    return int(np.median(np.where(names[at] == query_clusters, sizes[at], 0)))
+
+
+def first_of_clusters(
     found: np.ndarray,
-    found_sims: np.ndarray,
     clusters: np.ndarray,
-    own: int,
+    own: np.ndarray,
     nnum: int,
     allowed: np.ndarray | None = None,
-) -> list[tuple[int, float]]:
-    taken: list[tuple[int, float]] = []
-    seen = {own}
-    for row, sim in zip(found.tolist(), found_sims.tolist(), strict=True):
-        if row < 0:
-            break
-        cluster = int(clusters[row])
-        if cluster in seen or (allowed is not None and not allowed[row]):
-            continue
-        seen.add(cluster)
-        taken.append((row, sim))
-        if len(taken) == nnum:
-            break
-    return taken
+) -> np.ndarray:
+    """``[Q, nnum]`` columns of ``found`` (rows best first, -1 padding at the end): per query,
+    its first ``nnum`` rows of distinct clusters other than its ``own`` (and ``allowed``), -1
+    where there are fewer. Sorting each query's clusters marks each one's first allowed row,
+    for all queries at once."""
+    valid = found >= 0
+    row = np.maximum(found, 0)
+    cluster = clusters[row]
+    ok = valid & (cluster != np.asarray(own)[:, None])
+    if allowed is not None:
+        ok &= allowed[row]
+    key = np.where(ok, cluster, np.iinfo(np.int64).min)  # what is not ok never comes first
+    order = np.argsort(key, axis=1, kind="stable")
+    ordered = np.take_along_axis(key, order, axis=1)
+    first_sorted = np.ones_like(ordered, dtype=bool)
+    first_sorted[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    first = np.empty_like(first_sorted)
+    np.put_along_axis(first, order, first_sorted, axis=1)
+    take = first & ok
+    take &= np.cumsum(take, axis=1) <= nnum
+    columns = np.argsort(~take, axis=1, kind="stable")[:, :nnum]
+    count = take.sum(axis=1)
+    width = min(nnum, found.shape[1])
+    slots = np.full((len(found), nnum), -1, np.int64)
+    slots[:, :width] = np.where(np.arange(width) < count[:, None], columns[:, :width], -1)
+    return slots
 
 
 class MiningIndex:

@@ -24,10 +24,13 @@ from typing import Any
 import faiss
 import numpy as np
 
-__all__ = ["EXTRA", "Bf16Search", "ExactSearch", "fast_bf16"]
+__all__ = ["BLOCK_BYTES", "EXTRA", "Bf16Search", "ExactSearch", "fast_bf16"]
 
 EXTRA = 8
 """Candidates beyond ``k`` that the bfloat16 pass hands to the exact re-scoring."""
+
+BLOCK_BYTES = 32 << 20
+"""The most a block of queries' bfloat16 scores (or float32 candidates) may take."""
 
 
 @functools.cache
@@ -118,25 +121,46 @@ class Bf16Search(ExactSearch):
         return _tensor(np.ascontiguousarray(vectors, dtype=np.float32)).to(torch.bfloat16)
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block by block of queries: each block's bfloat16 scores and float32 candidates sit in
+        buffers made once (fresh 100 MB arrays a block cost more in page faults than the
+        product), and each share's top ``k +`` :data:`EXTRA` go to the exact re-scoring."""
         torch = self._torch
         query = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         low_query = query.to(torch.bfloat16)
         want = min(k + EXTRA, self.ntotal)
-        scores, owners, locals_ = [], [], []
+        widest = max(len(low) for low in self._low)
+        block = max(1, min(len(query), BLOCK_BYTES // (2 * widest),
+                           BLOCK_BYTES // (4 * want * self.d)))  # fmt: skip
+        scores = torch.empty(block * widest, dtype=torch.bfloat16)
+        candidates = torch.empty((block * want, self.d), dtype=torch.float32)
+        sims = np.empty((len(query), k), np.float32)
+        rows = np.empty((len(query), k), np.int64)
+        for start in range(0, len(query), block):
+            stop = min(start + block, len(query))
+            sims[start:stop], rows[start:stop] = self._block(
+                query[start:stop], low_query[start:stop], k, want, scores, candidates
+            )
+        return sims, rows
+
+    def _block(self, query: Any, low_query: Any, k: int, want: int, scores: Any,
+               candidates: Any) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        torch = self._torch
+        b = len(query)
+        top, owners, locals_ = [], [], []
         for s, low in enumerate(self._low):
-            v, i = torch.topk(low_query @ low.T, min(want, len(low)), dim=1)
-            scores.append(v.float())
+            out = scores[: b * len(low)].view(b, len(low))
+            torch.mm(low_query, low.T, out=out)
+            v, i = torch.topk(out, min(want, len(low)), dim=1)
+            top.append(v.float())
             owners.append(torch.full_like(i, s))
             locals_.append(i)
-        pick = torch.topk(torch.cat(scores, 1), want, dim=1).indices
-        owner = torch.gather(torch.cat(owners, 1), 1, pick)
-        local = torch.gather(torch.cat(locals_, 1), 1, pick)
-        candidates = torch.empty((len(query) * want, self.d), dtype=torch.float32)
-        owner, local = owner.reshape(-1), local.reshape(-1)
+        pick = torch.topk(torch.cat(top, 1), want, dim=1).indices
+        owner = torch.gather(torch.cat(owners, 1), 1, pick).reshape(-1)
+        local = torch.gather(torch.cat(locals_, 1), 1, pick).reshape(-1)
+        gathered = candidates[: b * want]
         for s, vectors in enumerate(self.vectors):
             mine = torch.nonzero(owner == s).squeeze(1)
-            candidates.index_copy_(0, mine, _tensor(vectors).index_select(0, local[mine]))
-        exact = torch.bmm(candidates.view(len(query), want, self.d), query.unsqueeze(2))
-        exact = exact.squeeze(2).numpy()
-        rows = self._position[self._start[owner.numpy()] + local.numpy()]
-        return _merge([exact], [rows.reshape(len(query), want)], k)
+            gathered.index_copy_(0, mine, _tensor(vectors).index_select(0, local[mine]))
+        exact = torch.bmm(gathered.view(b, want, self.d), query.unsqueeze(2)).squeeze(2)
+        positions = self._position[self._start[owner.numpy()] + local.numpy()]
+        return _merge([exact.numpy()], [positions.reshape(b, want)], k)

@@ -107,6 +107,10 @@ class TrainConf:
     queries among them); default the whole training collection."""
     tuples_per_step: int = 5
     """Tuples per optimizer step, all workers together (the reference's batch of 5)."""
+    val_size: int | None = None
+    """GeM mode: longest side at which validation describes the photos; default --whiten-size
+    (extract's size: the epoch is chosen by how it will be used; at 362 px the ranking of
+    epochs differed). At the training size one description an epoch serves mining too."""
     whiten: bool = True
     """After training, learn Lw from the training clusters' pairs → OUTPUT/whitening.npz."""
     whiten_size: int = 1024
@@ -140,6 +144,7 @@ class TrainConf:
             **asdict(self),
             "margin": self.margin if self.margin is not None else (0.7 if gem else 0.1),
             "image_size": self.image_size or (362 if gem else 224),
+            "val_size": self.val_size or self.whiten_size,
         }
 
 
@@ -287,6 +292,8 @@ def _check(conf: TrainConf) -> None:
         problems.append(f"--lr must be positive, not {conf.lr}")
     if not 0 < conf.held_out < 1:
         problems.append(f"--held-out is a share in (0, 1), not {conf.held_out}")
+    if conf.val_size is not None and conf.val_size < 64:
+        problems.append(f"--val-size must be at least 64, not {conf.val_size}")
     if conf.image_size is not None and conf.image_size < 64:
         problems.append(f"--image-size must be at least 64, not {conf.image_size}")
     if conf.pool_size is not None and conf.pool_size < 2:
@@ -390,11 +397,16 @@ def run(conf: TrainConf) -> str:
     if not ray.is_initialized():
         ray.init()
     storage_path = conf.storage_path or _default_storage(conf.output)
-    mining = None
+    actors = []
     if conf.mode == "gem":
         from cluster.mining import mining_actor
 
-        mining = data["mining"] = mining_actor(num_cpus=0, gpu=conf.use_gpu)
+        actors.append(mining_actor(num_cpus=0, gpu=conf.use_gpu))
+        data["mining"] = actors[-1]
+        settings = conf.settings()
+        if settings["val_size"] != settings["image_size"]:  # the held-out vectors' mailbox
+            actors.append(mining_actor(num_cpus=0, gpu=False))
+            data["validation"] = actors[-1]
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"conf": conf.settings(), "data": data},
@@ -409,8 +421,8 @@ def run(conf: TrainConf) -> str:
     try:
         result = trainer.fit()
     finally:
-        if mining is not None:
-            ray.kill(mining)
+        for actor in actors:
+            ray.kill(actor)
     with tempfile.TemporaryDirectory(prefix="cirray-train-") as staging:
         _finish(conf, result, Path(staging), data, num_classes)
         _publish(Path(staging), conf)

@@ -36,8 +36,8 @@ def pairs(ray_session, tiny_collection: Path, tmp_path_factory) -> dict[str, str
 
 def _conf(pairs: dict[str, str], out: Path | str, **changes) -> TrainConf:
     base = TrainConf(pairs=pairs["pairs"], images=pairs["images"], output=str(out), epochs=2,
-                     image_size=128, queries=12, nnum=1, held_out=0.3, lr=1e-5,
-                     tuples_per_step=3, name="t", whiten=False)  # fmt: skip
+                     image_size=128, val_size=128, queries=12, nnum=1, held_out=0.3,
+                     lr=1e-5, tuples_per_step=3, name="t", whiten=False)  # fmt: skip
     return replace(base, **changes)
 
 
@@ -53,7 +53,8 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     from pipeline.extract import ExtractConf, load_extract_network
 
     out = f"s3://{s3_bucket}/train"
-    conf = _conf(pairs, out, whiten=True, whiten_size=160, keep_whitening="always")
+    conf = _conf(pairs, out, whiten=True, whiten_size=160, val_size=None,
+                 keep_whitening="always")  # fmt: skip
     best = train(conf)
     assert best == out
     names = {f.removeprefix(f"{out}/") for f in storage.list_files(out)}
@@ -77,6 +78,9 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     assert sum(e["best"] for e in epochs) == 1
     marked = max(epochs, key=lambda e: (e["val_map"], -e["epoch"]))
     assert next(e for e in epochs if e["best"]) == marked
+    # validation scored the epochs at extract's size (--whiten-size): what extract then gives
+    print(f"\nbest epoch {marked['val_map']:.4f}, extracted {lw['val_map']:.4f}")
+    assert marked["val_map"] == pytest.approx(lw["val_map"], abs=0.01)
     assert load_network(best).meta.backbone == "efficientnet_lite0"  # extract/evaluate take it
     # the same settings again: the output is whole, nothing runs
     caplog.set_level(logging.INFO, logger="pipeline.train")
@@ -183,8 +187,10 @@ def test_cgd_mode_trains_on_classes_and_scores_recall_on_held_out_ones(
 def test_bad_settings_are_named_before_anything_runs(tmp_path) -> None:
     with pytest.raises(ValueError) as err:
         train(TrainConf(images=str(tmp_path / "none"), output=str(tmp_path / "o"), workers=3,
-                        tuples_per_step=2, precision="fp16", mode="gem"))  # fmt: skip
+                        tuples_per_step=2, precision="fp16", mode="gem",
+                        trainable_stages=10))  # fmt: skip
     message = str(err.value)
+    assert "--trainable-stages 10: the trunk of --weights imagenet has 9 stages" in message
     assert "--pairs is needed in GeM mode" in message
     assert "--tuples-per-step 2 must be at least --workers 3" in message
     assert "--precision 'fp16'" in message

@@ -56,6 +56,15 @@ class GemEpochs:
         self.train_rows = np.array([row_of[i] for i in self.train.image_ids], np.int64)
         self.val_rows = np.array([row_of[i] for i in self.val.image_ids], np.int64)
         self.val_queries = self.val_rows[self.val.queries]
+        # validation ranks the held-out photos among every training photo (or a fixed sample
+        # of --pool-size of them), at --val-size: the size extract will describe at
+        fixed = self._sample(np.random.default_rng(conf["seed"]))
+        self.val_set = np.union1d(self.val_rows, self.train_rows[fixed])
+        self.validation = data.get("validation")  # an actor when val_size is its own size
+        if self.validation is not None:  # each worker holds its share at that size
+            mine = self.val_set[worker_share(len(self.val_set), rank, world)]
+            self.val_photos = decode_photos(conf["images"], [ids[r] for r in mine],
+                                            conf["val_size"])  # fmt: skip
         # Lw sees the training clusters only: their pairs, and their photos as the scatter C_D
         trained = set(self.train.image_ids.tolist())
         self.lw_pairs = [(q, p) for q, p in data["whitening_pairs"]
@@ -63,56 +72,76 @@ class GemEpochs:
         self.described: tuple[int, np.ndarray] | None = None
         """``(epoch, pool rows)``: the photos the actor holds, described for that epoch."""
 
+    def _sample(self, rng: np.random.Generator, keep: np.ndarray | None = None) -> np.ndarray:
+        """Training rows (sorted): every one, or ``pool_size`` of them drawn by ``rng``, the
+        rows of ``keep`` always among them."""
+        everyone = np.arange(len(self.train_rows))
+        size = self.conf["pool_size"]
+        if not size or size >= len(everyone):
+            return everyone
+        keep = np.unique(keep) if keep is not None else np.zeros(0, np.int64)
+        others = np.setdiff1d(everyone, keep)
+        extra = rng.choice(others, min(len(others), max(0, size - len(keep))), replace=False)
+        return np.sort(np.concatenate([keep, extra]))
+
     def _draw(self, epoch: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
         """``(rng, chosen, negative pool)`` of ``epoch``: the same on every worker, whenever
         drawn. ``chosen`` indexes the training queries; the pool holds training rows: every
         one, or ``pool_size`` of them with the epoch's queries among them (sorted)."""
         rng = np.random.default_rng(self.conf["seed"] * 1000 + epoch)
         chosen = np.sort(rng.permutation(len(self.train.queries))[: self.conf["queries"]])
-        everyone = np.arange(len(self.train_rows))
-        size = self.conf["pool_size"]
-        if not size or size >= len(everyone):
-            return rng, chosen, everyone
-        queries = np.unique(self.train.queries[chosen])
-        others = np.setdiff1d(everyone, queries)
-        extra = rng.choice(others, min(len(others), max(0, size - len(queries))), replace=False)
-        return rng, chosen, np.sort(np.concatenate([queries, extra]))
+        return rng, chosen, self._sample(rng, keep=self.train.queries[chosen])
 
-    def describe(self, net: Any, epoch: int) -> None:
-        """Every worker describes its share of ``epoch``'s photos (its negative pool and the
-        held-out photos) with ``net`` as it stands, into the mining actor: what the epoch mines
-        from and what validation ranks, described once."""
+    def _describe_into(self, net: Any, actor: Any, epoch: int, rows: np.ndarray,
+                       photos: Any) -> None:  # fmt: skip
+        """Every worker describes ``photos``, its share of ``rows``, into ``actor``."""
         import ray
         import torch
 
-        _, _, pool = self._draw(epoch)
-        rows = np.union1d(self.train_rows[pool], self.val_rows)
         if self.rank == 0:
-            ray.get(self.mining.reset.remote(epoch, len(rows)))
+            ray.get(actor.reset.remote(epoch, len(rows)))
         barrier(self.world)
         share = worker_share(len(rows), self.rank, self.world)
         with torch.no_grad():
             net.eval()
-            vectors = embed(net, self.photos.subset(rows[share]), mean_std(net, self.device),
-                            self.precision, self.device).cpu().numpy()  # fmt: skip
-        ray.get(self.mining.add.remote(share, vectors, self.clusters[rows[share]]))
+            vectors = embed(net, photos, mean_std(net, self.device), self.precision,
+                            self.device).cpu().numpy()  # fmt: skip
+        ray.get(actor.add.remote(share, vectors, self.clusters[rows[share]]))
         barrier(self.world)
+
+    def describe(self, net: Any, epoch: int) -> None:
+        """Every worker describes its share of ``epoch``'s photos at training size with
+        ``net`` as it stands, into the mining actor: the epoch's negative pool, and the
+        validation set when validation is at training size (described once for both)."""
+        _, _, pool = self._draw(epoch)
+        rows = self.train_rows[pool]
+        if self.validation is None:
+            rows = np.union1d(rows, self.val_set)
+        share = worker_share(len(rows), self.rank, self.world)
+        self._describe_into(net, self.mining, epoch, rows, self.photos.subset(rows[share]))
         self.described = (epoch, rows)
 
     def validate(self, net: Any, epoch: int) -> dict[str, float]:
-        """Held-out queries against every described photo, plain and with the Lw learned
-        from the training clusters at training size (the training stage's final Lw step, on
-        this network's vectors). Every worker describes ``epoch``'s photos (the next one's
-        pool: :meth:`epoch` then mines without describing again); rank 0 scores."""
+        """Held-out queries against the validation set (every training photo, or a fixed
+        sample), plain and with the Lw learned from the training clusters, at ``val_size``:
+        the training stage's final Lw step, on this network's vectors. Every worker describes
+        ``epoch``'s pool (so :meth:`epoch` mines without describing again) and its share of
+        the validation set (the same description at training size); rank 0 scores."""
         import ray
 
         from pipeline.whiten import whitening_on_held_out
 
         self.describe(net, epoch)
+        if self.validation is not None:
+            self._describe_into(net, self.validation, epoch, self.val_set, self.val_photos)
         if self.rank != 0:
             return {}
-        _, rows = self.described
-        vectors = ray.get(self.mining.vectors.remote())
+        if self.validation is not None:
+            vectors = ray.get(self.validation.vectors.remote())
+        else:
+            _, rows = self.described
+            vectors = ray.get(self.mining.vectors.remote())[np.searchsorted(rows, self.val_set)]
+        rows = self.val_set
         clusters = self.clusters[rows]
         queries = np.searchsorted(rows, self.val_queries)
         ids = self.pool.image_ids[rows]
