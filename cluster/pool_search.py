@@ -24,13 +24,16 @@ from typing import Any
 import faiss
 import numpy as np
 
-__all__ = ["BLOCK_BYTES", "EXTRA", "Bf16Search", "ExactSearch", "fast_bf16"]
+__all__ = ["CANDIDATE_BYTES", "EXTRA", "SCORE_BYTES", "Bf16Search", "ExactSearch", "fast_bf16"]
 
 EXTRA = 8
 """Candidates beyond ``k`` that the bfloat16 pass hands to the exact re-scoring."""
 
-BLOCK_BYTES = 32 << 20
-"""The most a block of queries' bfloat16 scores (or float32 candidates) may take."""
+SCORE_BYTES = 128 << 20
+"""The most a block of queries' bfloat16 scores against one share may take."""
+
+CANDIDATE_BYTES = 16 << 20
+"""The most the float32 candidates re-scored at a time may take."""
 
 
 @functools.cache
@@ -121,31 +124,35 @@ class Bf16Search(ExactSearch):
         return _tensor(np.ascontiguousarray(vectors, dtype=np.float32)).to(torch.bfloat16)
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Block by block of queries: each block's bfloat16 scores and float32 candidates sit in
-        buffers made once (fresh 100 MB arrays a block cost more in page faults than the
-        product), and each share's top ``k +`` :data:`EXTRA` go to the exact re-scoring."""
+        """Block by block of queries: each block's bfloat16 scores sit in a buffer made once
+        (fresh arrays of 100 MB cost more in page faults than the product), each share's top
+        ``k +`` :data:`EXTRA` are merged, and the candidates re-scored exactly in float32,
+        a part of the block at a time."""
         torch = self._torch
         query = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         low_query = query.to(torch.bfloat16)
         want = min(k + EXTRA, self.ntotal)
         widest = max(len(low) for low in self._low)
-        block = max(1, min(len(query), BLOCK_BYTES // (2 * widest),
-                           BLOCK_BYTES // (4 * want * self.d)))  # fmt: skip
+        block = max(1, min(len(query), SCORE_BYTES // (2 * widest)))
         scores = torch.empty(block * widest, dtype=torch.bfloat16)
-        candidates = torch.empty((block * want, self.d), dtype=torch.float32)
+        part = max(1, min(block, CANDIDATE_BYTES // (4 * want * self.d)))
+        candidates = torch.empty((part * want, self.d), dtype=torch.float32)
         sims = np.empty((len(query), k), np.float32)
         rows = np.empty((len(query), k), np.int64)
         for start in range(0, len(query), block):
             stop = min(start + block, len(query))
-            sims[start:stop], rows[start:stop] = self._block(
-                query[start:stop], low_query[start:stop], k, want, scores, candidates
-            )
+            owner, local = self._candidates(low_query[start:stop], want, scores)
+            for a in range(0, stop - start, part):
+                b = min(a + part, stop - start)
+                sims[start + a : start + b], rows[start + a : start + b] = self._rescore(
+                    query[start + a : start + b], owner[a:b], local[a:b], k, candidates
+                )
         return sims, rows
 
-    def _block(self, query: Any, low_query: Any, k: int, want: int, scores: Any,
-               candidates: Any) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    def _candidates(self, low_query: Any, want: int, scores: Any) -> tuple[Any, Any]:
+        """``(share, row in it)`` ``[b, want]`` of a block's best bfloat16 scores."""
         torch = self._torch
-        b = len(query)
+        b = len(low_query)
         top, owners, locals_ = [], [], []
         for s, low in enumerate(self._low):
             out = scores[: b * len(low)].view(b, len(low))
@@ -155,8 +162,16 @@ class Bf16Search(ExactSearch):
             owners.append(torch.full_like(i, s))
             locals_.append(i)
         pick = torch.topk(torch.cat(top, 1), want, dim=1).indices
-        owner = torch.gather(torch.cat(owners, 1), 1, pick).reshape(-1)
-        local = torch.gather(torch.cat(locals_, 1), 1, pick).reshape(-1)
+        return torch.gather(torch.cat(owners, 1), 1, pick), torch.gather(
+            torch.cat(locals_, 1), 1, pick
+        )
+
+    def _rescore(self, query: Any, owner: Any, local: Any, k: int,
+                 candidates: Any) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """The exact top ``k`` of each query's candidates, in float32."""
+        torch = self._torch
+        b, want = owner.shape
+        owner, local = owner.reshape(-1), local.reshape(-1)
         gathered = candidates[: b * want]
         for s, vectors in enumerate(self.vectors):
             mine = torch.nonzero(owner == s).squeeze(1)

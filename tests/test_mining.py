@@ -122,6 +122,20 @@ def test_shares_searched_where_they_arrived_equal_the_reference(factory):
     assert (again == rows).all()
 
 
+def test_bf16_search_in_small_blocks_equals_one_block(monkeypatch):
+    """Query blocks and re-scoring parts that do not divide the queries: the same answer."""
+    import cluster.pool_search as pool_search
+
+    x, _ = _pool(3000, 64, 150, seed=6)
+    shares = [(s, x[s]) for s in (np.arange(r, len(x), 3) for r in range(3))]
+    queries = x[::7]
+    whole = pool_search.Bf16Search(shares, len(x)).search(queries, 30)
+    monkeypatch.setattr(pool_search, "SCORE_BYTES", 2 * 1000 * 50)  # 50 queries a block
+    monkeypatch.setattr(pool_search, "CANDIDATE_BYTES", 4 * 38 * 64 * 7)  # 7 re-scored at once
+    sims, rows = pool_search.Bf16Search(shares, len(x)).search(queries, 30)
+    assert (rows == whole[1]).all() and np.allclose(sims, whole[0], atol=1e-6)
+
+
 def test_the_actor_takes_shares_in_any_order_and_refuses_a_partial_pool(ray_session):
     import ray
 
