@@ -6,7 +6,8 @@ with 2 CPU workers on the same pairs, same seeds (``--image-size`` 362, 1 negati
 collection has 3 landmarks, one held out). The figure is the second epoch's (the first pays
 for the workers' start-up): the run's tuples per second (one global batch a step, shared by
 the workers), per worker, and its share of linear scaling. Tuples per second count the whole
-epoch (describing the pool, mining, training). Same command, one after the other.
+epoch (describing the pool, mining, training, and validation at the training size, which
+shares the pool's description). Same command, one after the other.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main(conf: BenchConf) -> dict:
         best = train(TrainConf(pairs=pairs, images=images, output=str(work / f"train{workers}"),
                                workers=workers, epochs=conf.epochs, image_size=conf.image_size,
                                queries=conf.queries, nnum=1, held_out=0.3,
+                               val_size=conf.image_size, whiten=False,
                                name=f"bench-{workers}"))  # fmt: skip
         epochs = json.loads(Path(best, "metrics.json").read_text())["epochs"]
         per_worker[workers] = epochs[-1]["tuples_per_s"] / workers  # the run's: all workers

@@ -206,7 +206,7 @@ def train_loop(config: dict[str, Any]) -> None:
         done = mode.epoch(model, net, optimizer, epoch)
         scheduler.step()
         steps += done["steps"]
-        figures = mode.validate(net, epoch + 1)  # described as the next epoch's pool
+        figures = mode.validate(net, epoch + 1 if epoch < conf["epochs"] else None)
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch, "loss": done["loss"], "seconds": seconds,
                    rate: done["items"] / seconds, "steps": steps, "start": start,
@@ -216,6 +216,7 @@ def train_loop(config: dict[str, Any]) -> None:
             continue
         with tempfile.TemporaryDirectory() as folder:
             save_network(net, folder)
+            mode.add_to_checkpoint(Path(folder))
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "epoch": epoch, "steps": steps, "start": start},
                        Path(folder) / "train_state.pt")  # fmt: skip
@@ -498,34 +499,38 @@ def _finish(conf: TrainConf, result: Any, target: Path, data: dict[str, Any],
     payload: dict[str, Any] = {"settings": conf.settings(), "epochs": history,
                                "best_epoch": best["epoch"], "score": score}  # fmt: skip
     if conf.mode == "gem" and conf.whiten:
-        payload["whitening"] = _learn_whitening(conf, target, data)
+        payload["whitening"] = _learn_whitening(conf, target, data, result, best)
     (target / "metrics.json").write_text(json.dumps(payload, indent=2))
     _curves(history, target / "curves.png", score)
     logger.info("best epoch %d: %s %.4f (epoch 0: %s) → %s", best["epoch"], score, best[score],
                 history[0].get(score), conf.output)  # fmt: skip
 
 
-def _learn_whitening(conf: TrainConf, target: Path, data: dict[str, Any]) -> dict[str, Any]:
+def _learn_whitening(conf: TrainConf, target: Path, data: dict[str, Any], result: Any,
+                     best: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Lw of the best network from the training clusters' whitening pairs, over its
     descriptors at ``--whiten-size``, into ``target/whitening.npz``; returns what it learned
-    from and the held-out clusters' mAP at that size without and with it."""
-    from model.whitening import save_whitening
-    from pipeline.descriptors import read_descriptors
-    from pipeline.extract import ExtractConf
-    from pipeline.extract import run as extract
-    from pipeline.whiten import WHITENING_FILE, held_out_whitening
+    from and the held-out clusters' mAP at that size without and with it. The best epoch's
+    validation learned it already when it ran at that size (its checkpoint holds it);
+    otherwise the best network describes the collection at that size here."""
+    from model.whitening import load_whitening, save_whitening
+    from pipeline.whiten import LW_META, WHITENING_FILE
 
-    with tempfile.TemporaryDirectory(prefix="cirray-lw-") as scratch:
-        settings = ExtractConf(images=conf.images, output=f"{scratch}/descriptors",
-                               weights=str(target), max_size=conf.whiten_size)  # fmt: skip
-        desc = read_descriptors(extract(settings))
-    try:
-        m, P, how = held_out_whitening(desc.image_ids, desc.vectors, data["training_set"],
-                                       data["whitening_pairs"], conf.held_out, conf.seed,
-                                       conf.whiten_shrinkage, conf.whiten_dim)  # fmt: skip
-    except ValueError as err:
-        logger.warning("no whitening learned: %s", err)
-        return {"learned": False, "reason": str(err)}
+    stored = None
+    if conf.settings()["val_size"] == conf.whiten_size and best["epoch"] > 0:
+        checkpoint = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
+        with checkpoint.as_directory() as folder:
+            if (Path(folder) / WHITENING_FILE).is_file():
+                stored = load_whitening(Path(folder) / WHITENING_FILE)
+    if stored is not None:
+        m, P = stored.m, stored.P
+        how = {**stored.meta, "val_map": best["val_map"], "val_map_lw": best["val_map_lw"]}
+    else:
+        try:
+            m, P, how = _whitening_at_size(conf, target, data)
+        except ValueError as err:
+            logger.warning("no whitening learned: %s", err)
+            return {"learned": False, "reason": str(err)}
     found: dict[str, Any] = {"learned": True, **how, "max_size": conf.whiten_size}
     lower = found.get("val_map_lw", 1.0) < found.get("val_map", 0.0)
     found["kept"] = conf.keep_whitening == "always" or not lower
@@ -533,10 +538,28 @@ def _learn_whitening(conf: TrainConf, target: Path, data: dict[str, Any]) -> dic
         logger.warning("Lw lowers the held-out mAP (%.4f → %.4f): not kept (--keep-whitening "
                        "always keeps it)", found["val_map"], found["val_map_lw"])  # fmt: skip
         return found
-    lw_meta = {k: v for k, v in how.items() if not k.startswith("val_")}
+    lw_meta = {k: v for k, v in how.items() if k in LW_META}
     save_whitening(target / WHITENING_FILE, m, P, **lw_meta, pairs_uri=conf.pairs,
                    max_size=conf.whiten_size, network={"checkpoint": conf.output})  # fmt: skip
     return found
+
+
+def _whitening_at_size(conf: TrainConf, target: Path,
+                       data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+    """``held_out_whitening`` over the checkpoint in ``target``'s descriptors of the
+    collection at ``--whiten-size`` (extract's own run)."""
+    from pipeline.descriptors import read_descriptors
+    from pipeline.extract import ExtractConf
+    from pipeline.extract import run as extract
+    from pipeline.whiten import held_out_whitening
+
+    with tempfile.TemporaryDirectory(prefix="cirray-lw-") as scratch:
+        settings = ExtractConf(images=conf.images, output=f"{scratch}/descriptors",
+                               weights=str(target), max_size=conf.whiten_size)  # fmt: skip
+        desc = read_descriptors(extract(settings))
+    return held_out_whitening(desc.image_ids, desc.vectors, data["training_set"],
+                              data["whitening_pairs"], conf.held_out, conf.seed,
+                              conf.whiten_shrinkage, conf.whiten_dim)  # fmt: skip
 
 
 def _history(result: Any) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from pipeline.tuples import TrainingSet
 
 __all__ = [
+    "LW_META",
     "WHITENING_FILE",
     "WhitenConf",
     "held_out_whitening",
@@ -45,6 +46,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WHITENING_FILE = "whitening.npz"
+
+LW_META = ("pairs", "shrinkage", "dim", "cross_validation")
+"""What ``whitening.npz`` records of how its Lw was learned (``whitening_from_pairs``' how)."""
 
 
 @dataclass(frozen=True)

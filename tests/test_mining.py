@@ -45,6 +45,16 @@ def _reference(pool, clusters, queries, query_clusters, nnum):
     return out
 
 
+def _filled(factory: str, x: np.ndarray, clusters: np.ndarray, workers: int) -> MiningIndex:
+    """A CPU mining pool filled as ``workers`` training workers fill it: interleaved shares."""
+    mining = MiningIndex(factory=factory, gpu=False)
+    mining.reset(0, len(x))
+    for rank in range(workers):
+        share = np.arange(rank, len(x), workers)
+        mining.add(share, x[share], clusters[share])
+    return mining
+
+
 def _flat(x: np.ndarray) -> faiss.Index:
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
@@ -107,11 +117,7 @@ def test_shares_searched_where_they_arrived_equal_the_reference(factory):
     """Three interleaved shares, searched without being gathered: exactly, and by a bfloat16
     first pass re-scored in float32 (the same negatives, exact similarities)."""
     x, clusters = _pool(3000, 64, 150, seed=4)
-    mining = MiningIndex(factory=factory, gpu=False)
-    mining.reset(0, len(x))
-    for rank in range(3):
-        share = np.arange(rank, len(x), 3)
-        mining.add(share, x[share], clusters[share])
+    mining = _filled(factory, x, clusters, workers=3)
     assert mining.add(np.zeros(0, np.int64), x[:0], clusters[:0]) == len(x)  # an empty share
     queries = np.arange(0, len(x), 11)
     rows, sims = mining.mine(x[queries], clusters[queries], nnum=5)
@@ -182,11 +188,7 @@ def test_negatives_only_from_allowed_rows_and_the_pool_handed_back_whole(factory
     """The pool holds held-out photos too (validation ranks them): mining never takes one,
     and equals the reference over the allowed rows alone."""
     x, clusters = _pool(900, 16, 60, seed=5)
-    mining = MiningIndex(factory=factory, gpu=False)
-    mining.reset(4, len(x))
-    for rank in range(2):
-        share = np.arange(rank, len(x), 2)
-        mining.add(share, x[share], clusters[share])
+    mining = _filled(factory, x, clusters, workers=2)
     assert np.array_equal(mining.vectors(), x)  # position order, before any search
     held_out = np.isin(clusters, [3, 7, 11])
     allowed_rows = np.flatnonzero(~held_out)

@@ -50,7 +50,11 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
 ) -> None:
     """Output and Ray Train's storage on the loopback S3 server, as on a cluster."""
     from model.networks import load_network
+    from pipeline.descriptors import read_descriptors
     from pipeline.extract import ExtractConf, load_extract_network
+    from pipeline.extract import run as extract
+    from pipeline.tuples import read_training_set
+    from pipeline.whiten import held_out_whitening, read_whitening_pairs
 
     out = f"s3://{s3_bucket}/train"
     conf = _conf(pairs, out, whiten=True, whiten_size=160, val_size=None,
@@ -78,9 +82,15 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     assert sum(e["best"] for e in epochs) == 1
     marked = max(epochs, key=lambda e: (e["val_map"], -e["epoch"]))
     assert next(e for e in epochs if e["best"]) == marked
-    # validation scored the epochs at extract's size (--whiten-size): what extract then gives
-    print(f"\nbest epoch {marked['val_map']:.4f}, extracted {lw['val_map']:.4f}")
-    assert marked["val_map"] == pytest.approx(lw["val_map"], abs=0.01)
+    # validation scored the epochs at extract's size (--whiten-size) with the Lw the output
+    # holds: extract's descriptors of the output give the held-out clusters that mAP
+    extracted = extract(ExtractConf(images=pairs["images"], output=str(tmp_path / "d"),
+                                    weights=best, max_size=160))  # fmt: skip
+    desc = read_descriptors(extracted)
+    *_, found = held_out_whitening(desc.image_ids, desc.vectors, read_training_set(pairs["pairs"]),
+                                   read_whitening_pairs(pairs["pairs"]), 0.3, 0)  # fmt: skip
+    print(f"\nbest epoch + Lw {marked['val_map_lw']:.4f}, extracted {found['val_map']:.4f}")
+    assert marked["val_map_lw"] == pytest.approx(found["val_map"], abs=0.01)
     assert load_network(best).meta.backbone == "efficientnet_lite0"  # extract/evaluate take it
     # the same settings again: the output is whole, nothing runs
     caplog.set_level(logging.INFO, logger="pipeline.train")
@@ -103,6 +113,8 @@ def test_two_workers_reproduce_one_workers_first_epoch(pairs, tmp_path) -> None:
     settings = {"epochs": 1, "tuples_per_step": 3, "device_batch": 2, "pool_size": 20}
     one = _epochs(train(_conf(pairs, tmp_path / "one", **settings)))
     two = _epochs(train(_conf(pairs, tmp_path / "two", workers=2, **settings)))
+    print(f"\nepoch-1 loss: 1 worker {one[1]['loss']:.9f}, 2 workers {two[1]['loss']:.9f}; "
+          f"held-out mAP {one[1]['val_map']:.6f} and {two[1]['val_map']:.6f}")  # fmt: skip
     assert one[1]["steps"] == two[1]["steps"] > 1  # more than one step: updates compared too
     assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-4)
     assert two[1]["val_map"] == pytest.approx(one[1]["val_map"], abs=1e-4)

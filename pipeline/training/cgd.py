@@ -76,7 +76,7 @@ class CgdEpochs:
         self.val_labels = labels[val]
         self.num_classes = len(classes)
 
-    def validate(self, net: Any, epoch: int) -> dict[str, float]:
+    def validate(self, net: Any, next_epoch: int | None) -> dict[str, float]:
         """Rank 0 scores the held-out classes (few photos); the other workers go on."""
         import torch
 
@@ -87,6 +87,9 @@ class CgdEpochs:
             vectors = embed(net, self.val_photos, mean_std(net, self.device), self.precision,
                             self.device).cpu().numpy()  # fmt: skip
         return held_out_recall(vectors, self.val_labels)
+
+    def add_to_checkpoint(self, folder: Any) -> None:
+        """Nothing beyond the weights: CGD mode learns no Lw."""
 
     def epoch(self, model: Any, net: Any, optimizer: Any, epoch: int) -> dict[str, float]:
         import torch

@@ -25,6 +25,8 @@ Each epoch, as the GeM paper does but over the whole pool instead of a random fe
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,6 +73,10 @@ class GemEpochs:
                          if q in trained and p in trained]  # fmt: skip
         self.described: tuple[int, np.ndarray] | None = None
         """``(epoch, pool rows)``: the photos the actor holds, described for that epoch."""
+        self.held_rows = np.zeros(0, np.int64)
+        """The pool rows the mining actor holds, in its position order."""
+        self.lw: tuple[np.ndarray, np.ndarray, dict] | None = None
+        """Rank 0: ``(m, P, how)`` of the Lw the last validation learned."""
 
     def _sample(self, rng: np.random.Generator, keep: np.ndarray | None = None) -> np.ndarray:
         """Training rows (sorted): every one, or ``pool_size`` of them drawn by ``rng``, the
@@ -93,8 +99,9 @@ class GemEpochs:
         return rng, chosen, self._sample(rng, keep=self.train.queries[chosen])
 
     def _describe_into(self, net: Any, actor: Any, epoch: int, rows: np.ndarray,
-                       photos: Any) -> None:  # fmt: skip
-        """Every worker describes ``photos``, its share of ``rows``, into ``actor``."""
+                       photos: Any, size: int) -> None:  # fmt: skip
+        """Every worker describes ``photos``, its share of ``rows`` at longest side ``size``,
+        into ``actor``; forward passes hold as many pixels as the training size's do."""
         import ray
         import torch
 
@@ -102,57 +109,79 @@ class GemEpochs:
             ray.get(actor.reset.remote(epoch, len(rows)))
         barrier(self.world)
         share = worker_share(len(rows), self.rank, self.world)
+        scale = (self.conf["image_size"] / size) ** 2
+        precision = replace(self.precision,
+                            batch_size=max(1, int(self.precision.batch_size * scale)))  # fmt: skip
         with torch.no_grad():
             net.eval()
-            vectors = embed(net, photos, mean_std(net, self.device), self.precision,
+            vectors = embed(net, photos, mean_std(net, self.device), precision,
                             self.device).cpu().numpy()  # fmt: skip
         ray.get(actor.add.remote(share, vectors, self.clusters[rows[share]]))
         barrier(self.world)
 
-    def describe(self, net: Any, epoch: int) -> None:
+    def describe(self, net: Any, epoch: int, pool: bool = True) -> None:
         """Every worker describes its share of ``epoch``'s photos at training size with
-        ``net`` as it stands, into the mining actor: the epoch's negative pool, and the
-        validation set when validation is at training size (described once for both)."""
-        _, _, pool = self._draw(epoch)
-        rows = self.train_rows[pool]
+        ``net`` as it stands, into the mining actor: the epoch's negative pool (unless
+        ``pool`` is false), and the validation set when validation is at training size
+        (described once for both)."""
+        rows = self.train_rows[self._draw(epoch)[2]] if pool else np.zeros(0, np.int64)
         if self.validation is None:
             rows = np.union1d(rows, self.val_set)
         share = worker_share(len(rows), self.rank, self.world)
-        self._describe_into(net, self.mining, epoch, rows, self.photos.subset(rows[share]))
-        self.described = (epoch, rows)
+        self._describe_into(net, self.mining, epoch, rows, self.photos.subset(rows[share]),
+                            self.conf["image_size"])  # fmt: skip
+        self.held_rows = rows
+        self.described = (epoch, rows) if pool else None
 
-    def validate(self, net: Any, epoch: int) -> dict[str, float]:
+    def validate(self, net: Any, next_epoch: int | None) -> dict[str, float]:
         """Held-out queries against the validation set (every training photo, or a fixed
         sample), plain and with the Lw learned from the training clusters, at ``val_size``:
         the training stage's final Lw step, on this network's vectors. Every worker describes
-        ``epoch``'s pool (so :meth:`epoch` mines without describing again) and its share of
-        the validation set (the same description at training size); rank 0 scores."""
+        ``next_epoch``'s pool (so :meth:`epoch` mines without describing again; None: there is
+        none) and its share of the validation set (the same description at training size);
+        rank 0 scores."""
         import ray
 
         from pipeline.whiten import whitening_on_held_out
 
-        self.describe(net, epoch)
+        if self.validation is None or next_epoch is not None:
+            self.describe(net, next_epoch or 0, pool=next_epoch is not None)
         if self.validation is not None:
-            self._describe_into(net, self.validation, epoch, self.val_set, self.val_photos)
+            self._describe_into(net, self.validation, next_epoch or 0, self.val_set,
+                                self.val_photos, self.conf["val_size"])  # fmt: skip
         if self.rank != 0:
             return {}
         if self.validation is not None:
             vectors = ray.get(self.validation.vectors.remote())
         else:
-            _, rows = self.described
-            vectors = ray.get(self.mining.vectors.remote())[np.searchsorted(rows, self.val_set)]
+            vectors = ray.get(self.mining.vectors.remote())
+            vectors = vectors[np.searchsorted(self.held_rows, self.val_set)]
         rows = self.val_set
         clusters = self.clusters[rows]
         queries = np.searchsorted(rows, self.val_queries)
         ids = self.pool.image_ids[rows]
         held = set(ids.tolist())
         pairs = [(q, p) for q, p in self.lw_pairs if q in held and p in held]
+        self.lw = None
         if len(pairs) < 10:  # fewer only overfits: no figure rather than a noisy one
             return {"val_map": cluster_map(vectors, clusters, queries)}
-        *_, how = whitening_on_held_out(ids, vectors, clusters, np.isin(rows, self.train_rows),
-                                        queries, pairs, self.conf["whiten_shrinkage"],
-                                        self.conf["whiten_dim"])  # fmt: skip
+        m, P, how = whitening_on_held_out(ids, vectors, clusters, np.isin(rows, self.train_rows),
+                                          queries, pairs, self.conf["whiten_shrinkage"],
+                                          self.conf["whiten_dim"])  # fmt: skip
+        self.lw = (m, P, how)
         return {"val_map": how["val_map"], "val_map_lw": how["val_map_lw"]}
+
+    def add_to_checkpoint(self, folder: Path) -> None:
+        """Rank 0: the Lw the last validation learned, as ``whitening.npz`` beside the weights,
+        when it was learned at --whiten-size (the training stage's final Lw then takes it)."""
+        from model.whitening import save_whitening
+        from pipeline.whiten import LW_META, WHITENING_FILE
+
+        if self.lw is None or self.conf["val_size"] != self.conf["whiten_size"]:
+            return
+        m, P, how = self.lw
+        save_whitening(folder / WHITENING_FILE, m, P,
+                       **{k: v for k, v in how.items() if k in LW_META})  # fmt: skip
 
     def epoch(self, model: Any, net: Any, optimizer: Any, epoch: int) -> dict[str, float]:
         """One epoch; returns its ``loss`` (per tuple), ``items`` (tuples) and ``steps``."""
