@@ -7,7 +7,8 @@ collection has 3 landmarks, one held out). The figure is the second epoch's (the
 for the workers' start-up): the run's tuples per second (one global batch a step, shared by
 the workers), per worker, and its share of linear scaling. Tuples per second count the whole
 epoch (describing the pool, mining, training, and validation at the training size, which
-shares the pool's description). Same command, one after the other.
+shares the pool's description); the steps-only figure counts the optimizer steps alone (DDP's
+own scaling). Same command, one after the other.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main(conf: BenchConf) -> dict:
     from pipeline.datasets.landmarks import CONFS, generate
 
     pairs, images = scene_pairs(generate(CONFS["tiny"], work / "collections"), work)
-    per_worker = {}
+    per_worker, steps_per_worker = {}, {}
     for workers in (1, 2):
         best = train(TrainConf(pairs=pairs, images=images, output=str(work / f"train{workers}"),
                                workers=workers, epochs=conf.epochs, image_size=conf.image_size,
@@ -79,18 +80,25 @@ def main(conf: BenchConf) -> dict:
                                val_size=conf.image_size, whiten=False,
                                name=f"bench-{workers}"))  # fmt: skip
         epochs = json.loads(Path(best, "metrics.json").read_text())["epochs"]
-        per_worker[workers] = epochs[-1]["tuples_per_s"] / workers  # the run's: all workers
+        last = epochs[-1]
+        per_worker[workers] = last["tuples_per_s"] / workers  # the run's: all workers
+        tuples = last["tuples_per_s"] * last["seconds"]
+        steps_per_worker[workers] = tuples / last["steps_seconds"] / workers
     ray.shutdown()
     share = per_worker[2] / per_worker[1]  # 2 workers' total over twice one worker's
+    steps_share = steps_per_worker[2] / steps_per_worker[1]
     lines = [
         f"device: {platform.machine()} CPU, {os.cpu_count()} cores; built-in tiny collection's SfM "
         f"pairs, {conf.image_size} px, 1 negative, epoch {conf.epochs} of {conf.epochs}",
-        f"1 worker    {per_worker[1]:6.2f} tuples/s per worker, {per_worker[1]:6.2f} in all",
-        f"2 workers   {per_worker[2]:6.2f} tuples/s per worker, {2 * per_worker[2]:6.2f} in all",
-        f"share of linear scaling  {share:5.2f}",
+        "tuples/s per worker    whole epoch   optimizer steps only",
+        f"1 worker               {per_worker[1]:11.2f}   {steps_per_worker[1]:20.2f}",
+        f"2 workers              {per_worker[2]:11.2f}   {steps_per_worker[2]:20.2f}",
+        f"share of linear        {share:11.2f}   {steps_share:20.2f}",
     ]
     print("\n".join(lines))
-    payload = {"tuples_per_s_per_worker": per_worker, "share_of_linear": share, "lines": lines}
+    payload = {"tuples_per_s_per_worker": per_worker, "share_of_linear": share,
+               "steps_tuples_per_s_per_worker": steps_per_worker,
+               "steps_share_of_linear": steps_share, "lines": lines}  # fmt: skip
     write_results(conf.out, payload, lines)
     return payload
 

@@ -210,7 +210,7 @@ def train_loop(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch, "loss": done["loss"], "seconds": seconds,
                    rate: done["items"] / seconds, "steps": steps, "start": start,
-                   **figures}  # fmt: skip
+                   "steps_seconds": done["steps_seconds"], **figures}  # fmt: skip
         if rank != 0:
             ray.train.report(metrics)
             continue

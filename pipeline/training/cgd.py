@@ -13,6 +13,7 @@ others the database), classes the network never saw.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -116,7 +117,7 @@ class CgdEpochs:
         model.train()
         if conf["freeze_bn"]:
             freeze_batchnorm(model)
-        total = 0.0
+        total, started = 0.0, time.perf_counter()
         for step in range(steps):
             start = step * block * world + rank * block
             rows = order[start : start + block]
@@ -130,5 +131,7 @@ class CgdEpochs:
             optimizer.step()
             total += float(loss.detach())
             report_progress(rank, epoch, step + 1, steps, total)
+        steps_seconds = time.perf_counter() - started
         return {"loss": sum_over_workers(total, world, self.device) / (steps * world),
-                "items": steps * block * world, "steps": steps}  # fmt: skip
+                "items": steps * block * world, "steps": steps,
+                "steps_seconds": steps_seconds}  # fmt: skip

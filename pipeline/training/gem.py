@@ -25,6 +25,7 @@ Each epoch, as the GeM paper does but over the whole pool instead of a random fe
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,7 @@ class GemEpochs:
         model.train()
         if conf["freeze_bn"]:
             freeze_batchnorm(model)
-        total = 0.0
+        total, started = 0.0, time.perf_counter()
         for step in range(steps):
             mine = tuples[step * per_step : (step + 1) * per_step][rank::world]
             optimizer.zero_grad()
@@ -226,5 +227,7 @@ class GemEpochs:
             optimizer.step()
             total += float(loss.detach())
             report_progress(rank, epoch, step + 1, steps, total)
+        steps_seconds = time.perf_counter() - started
         return {"loss": sum_over_workers(total, world, self.device) / max(1, steps * per_step),
-                "items": steps * per_step, "steps": steps}  # fmt: skip
+                "items": steps * per_step, "steps": steps,
+                "steps_seconds": steps_seconds}  # fmt: skip
