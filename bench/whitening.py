@@ -44,7 +44,12 @@ def main(conf: BenchConf) -> dict:
         f"device: {platform.machine()} CPU, {os.cpu_count()} cores; {len(desc.image_ids)} photos "
         f"described at {settings.get('max_size')} px by {desc.manifest['network'].get('weights')}",
         f"held out: {conf.held_out:.0%} of the queries in whole clusters; mAP of their queries "
-        "against the whole pool",
+        "against the whole pool"
+        + (
+            "; positives their 3D model's photos, the rest of their cluster junk"
+            if pool.models is not None
+            else ""
+        ),
         f"{'seed':<6}{'pairs':>6}{'plain':>9}{'paper Lw':>10}{'chosen Lw':>11}  chosen",
     ]
     rows = []

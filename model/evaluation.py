@@ -463,22 +463,34 @@ def recall_at_k(
     return {k: float((first_hit < k).mean()) for k in k_list}
 
 
-def cluster_map(vectors: ArrayLike, clusters: ArrayLike, queries: ArrayLike) -> float:
+def cluster_map(
+    vectors: ArrayLike, clusters: ArrayLike, queries: ArrayLike, models: ArrayLike | None = None
+) -> float:
     """mAP of each query row against every row (itself left out), its cluster's rows positive.
 
     The score of held-out scenes in training and of whitening choices: ``vectors`` ``[N, D]``
     (unit rows), ``clusters`` ``[N]``, ``queries`` row indices. Every positive counts (the
-    revisited protocol's Medium: no junk beyond the query itself).
+    revisited protocol's Medium: no junk beyond the query itself). With ``models`` (each row's
+    3D model, ``None`` where it has none) a query's positives are the rows of its own model
+    and the rest of its cluster is junk: grouped with it but not shown by geometry to be the
+    same place (a cluster may join two scenes), as the revisited protocol treats the unsure.
     """
     x = np.asarray(vectors)
     labels = np.asarray(clusters)
     rows = index_array(queries, len(x), "queries")
     if x.ndim != 2 or len(labels) != len(x):
         raise ValueError(f"vectors {x.shape} and clusters {labels.shape} need one row each")
+    model_of = None if models is None else np.asarray(models, dtype=object)
+    if model_of is not None and len(model_of) != len(x):
+        raise ValueError(f"models {model_of.shape} need one entry per row of vectors {x.shape}")
     ranks = np.argsort(-(x @ x[rows].T), axis=0, kind="stable")
     everyone = np.arange(len(labels))
-    gnd = [
-        {"ok": np.flatnonzero((labels == labels[q]) & (everyone != q)), "junk": np.array([q])}
-        for q in rows.tolist()
-    ]
+    gnd = []
+    for q in rows.tolist():
+        together = labels == labels[q]
+        if model_of is None or model_of[q] is None:
+            gnd.append({"ok": np.flatnonzero(together & (everyone != q)), "junk": np.array([q])})
+            continue
+        ok = (model_of == model_of[q]) & together & (everyone != q)
+        gnd.append({"ok": np.flatnonzero(ok), "junk": np.flatnonzero(together & ~ok)})
     return float(compute_map(ranks, gnd)[0])

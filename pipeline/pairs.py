@@ -12,8 +12,9 @@ photo. Training draws one of them at random each epoch (``train``). Each photo k
 Output ``PAIRS/``: ``pairs.parquet`` (query_id, positives (list of image_id, best first),
 overlaps (the shared fraction of each), cluster_id, model_id); ``whitening_pairs.parquet``
 (query_id, positive_id: each query with its most overlapping positive, for learned whitening);
-``pool.parquet`` (image_id, cluster_id: every photo with a cluster, the negative pool of
-training); ``manifest.json`` with the settings and counts; ``_SUCCESS`` last.
+``pool.parquet`` (image_id, cluster_id, model_id: every photo with a cluster, the negative
+pool of training, with its 3D model where it is registered); ``manifest.json`` with the
+settings and counts; ``_SUCCESS`` last.
 ``--export-pkl FILE`` writes the same pairs in cnnimageretrieval-pytorch's layout
 (``{"train": {"cids", "cluster", "qidxs", "pidxs"}}``, one positive per query, image ids as
 ``cids``), so its users can train on them.
@@ -158,11 +159,13 @@ def run(conf: PairsConf) -> str:
             "positive_id": pa.array([positives[q][0][0] for q in queries], pa.string()),
         }
     )
-    pooled = sorted((r["image_id"], r["cluster_id"]) for r in rows if r["cluster_id"] is not None)
+    pooled = sorted((r["image_id"], r["cluster_id"], r["model_id"] if r["registered"] else None)
+                    for r in rows if r["cluster_id"] is not None)  # fmt: skip
     pool = pa.table(
         {
-            "image_id": pa.array([i for i, _ in pooled], pa.string()),
-            "cluster_id": pa.array([c for _, c in pooled], pa.int64()),
+            "image_id": pa.array([i for i, _, _ in pooled], pa.string()),
+            "cluster_id": pa.array([c for _, c, _ in pooled], pa.int64()),
+            "model_id": pa.array([m for _, _, m in pooled], pa.string()),
         }
     )
     for name, data in (

@@ -31,6 +31,8 @@ class TrainingSet:
     """int64 ``[Q]``: pool rows of the queries."""
     positives: tuple[np.ndarray, ...]
     """Per query, the pool rows of its positive candidates (best first)."""
+    models: np.ndarray | None = None
+    """object ``[N]``: each pool photo's 3D model (None where unregistered), when known."""
 
     def __post_init__(self) -> None:
         if len(self.queries) != len(self.positives):
@@ -52,6 +54,7 @@ class TrainingSet:
             clusters=self.clusters[inside],
             queries=new_row[self.queries[chosen]],
             positives=tuple(new_row[self.positives[i]] for i in chosen),
+            models=None if self.models is None else self.models[inside],
         )
 
 
@@ -79,11 +82,15 @@ def read_training_set(pairs: str) -> TrainingSet:
         if query in row and rows:
             queries.append(row[query])
             positives.append(np.array(rows, np.int64))
+    models = None  # pairs mined before pool.parquet named the models
+    if "model_id" in pool.column_names:
+        models = np.array(pool["model_id"].to_pylist(), dtype=object)
     return TrainingSet(
         image_ids=image_ids,
         clusters=pool["cluster_id"].to_numpy().astype(np.int64),
         queries=np.array(queries, np.int64),
         positives=tuple(positives),
+        models=models,
     )
 
 

@@ -153,8 +153,9 @@ def held_out_whitening(
     if present.all():
         pool_row = {image_id: i for i, image_id in enumerate(ids.tolist())}
         queries = np.array([pool_row[i] for i in val.image_ids[val.queries].tolist()], np.int64)
+    models = None if pool.models is None else pool.models[present]
     return whitening_on_held_out(ids, x, pool.clusters[present], np.isin(ids, train.image_ids),
-                                 queries, pairs, shrinkage, dim)  # fmt: skip
+                                 queries, pairs, shrinkage, dim, models)  # fmt: skip
 
 
 def whitening_on_held_out(
@@ -166,12 +167,14 @@ def whitening_on_held_out(
     pairs: list[tuple[str, str]],
     shrinkage: float | None = None,
     dim: int | None = None,
+    models: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(m, P, how)``: Lw from the rows of the mask ``trained`` only (the pairs among them,
     their scatter; shrinkage and dim by cross-validation over their ``clusters`` unless
     given), and in ``how`` the held-out ``queries``' (row indices) mAP against every row,
-    their cluster's rows positive, without (``val_map``) and with it (``val_map_lw``).
-    ``queries`` None: Lw alone."""
+    their cluster's rows positive (their 3D model's, the rest of the cluster junk, given
+    ``models``), without (``val_map``) and with it (``val_map_lw``). ``queries`` None: Lw
+    alone."""
     from model.evaluation import cluster_map
     from model.whitening import apply_whitening
 
@@ -183,8 +186,8 @@ def whitening_on_held_out(
                                      clusters=np.asarray(clusters)[trained],
                                      shrinkage=shrinkage, dim=dim)  # fmt: skip
     if queries is not None:
-        how["val_map"] = cluster_map(vectors, clusters, queries)
-        how["val_map_lw"] = cluster_map(apply_whitening(vectors, m, P), clusters, queries)
+        how["val_map"] = cluster_map(vectors, clusters, queries, models)
+        how["val_map_lw"] = cluster_map(apply_whitening(vectors, m, P), clusters, queries, models)
     return m, P, how
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from model.evaluation import (
+    cluster_map,
     compute_map,
     compute_map_at_positions,
     evaluate_revisited,
@@ -400,3 +401,29 @@ class TestAtPositionsValidation:
             )
         with pytest.raises(ValueError, match="both ok and junk"):
             compute_map_at_positions([([0], [0])], [{"ok": [0], "junk": [0]}])
+
+
+class TestClusterMap:
+    """Held-out scenes scored by their SfM clusters, or by their 3D models within them."""
+
+    # rows: 0 query (cluster 0, model A), 1 model A, 2 model B of the same cluster (a group
+    # that joined two scenes), 3 unregistered in cluster 0, 4 another cluster
+    x = np.array([[1.0, 0.0], [0.6, 0.8], [0.99, 0.141], [0.0, 1.0], [0.9, 0.436]])
+    clusters = np.array([0, 0, 0, 0, 1])
+    models = np.array(["A", "A", "B", None, "C"], dtype=object)
+
+    def test_clusters_count_every_photo_of_the_cluster(self):
+        ranks = np.argsort(-(self.x @ self.x[[0]].T), axis=0, kind="stable")  # 0, 2, 4, 1, 3
+        expected = compute_map(ranks, [{"ok": [1, 2, 3], "junk": [0]}])[0]
+        assert cluster_map(self.x, self.clusters, [0]) == pytest.approx(expected)
+
+    def test_models_count_the_query_model_and_make_the_rest_of_the_cluster_junk(self):
+        ranks = np.argsort(-(self.x @ self.x[[0]].T), axis=0, kind="stable")
+        expected = compute_map(ranks, [{"ok": [1], "junk": [0, 2, 3]}])[0]
+        found = cluster_map(self.x, self.clusters, [0], self.models)
+        assert found == pytest.approx(expected) == 0.25  # junk out: 4, then 1 (trapezoid AP)
+        assert cluster_map(self.x, self.clusters, [3], self.models) == pytest.approx(
+            cluster_map(self.x, self.clusters, [3])
+        )  # a query with no model is scored by its cluster
+        with pytest.raises(ValueError, match="one entry per row"):
+            cluster_map(self.x, self.clusters, [0], self.models[:-1])

@@ -411,6 +411,7 @@ def test_training_tuples_from_the_pairs_and_mined_negatives(landmarks, tmp_path)
     for q, p, *negs in tuples.tolist():
         assert landmark_of[p] == landmark_of[q] >= 0 and p != q
         assert data.clusters[p] == data.clusters[q]
+        assert data.models[p] == data.models[q] is not None  # positives from the query's model
         assert data.clusters[q] not in data.clusters[negs] and len(set(data.clusters[negs])) == 2
     again = epoch_tuples(data, negatives, np.random.default_rng(1))
     assert (again[:, 0] == tuples[:, 0]).all()  # same queries, positives drawn anew

@@ -163,12 +163,13 @@ class GemEpochs:
         ids = self.pool.image_ids[rows]
         held = set(ids.tolist())
         pairs = [(q, p) for q, p in self.lw_pairs if q in held and p in held]
+        models = None if self.pool.models is None else self.pool.models[rows]
         self.lw = None
         if len(pairs) < 10:  # fewer only overfits: no figure rather than a noisy one
-            return {"val_map": cluster_map(vectors, clusters, queries)}
+            return {"val_map": cluster_map(vectors, clusters, queries, models)}
         m, P, how = whitening_on_held_out(ids, vectors, clusters, np.isin(rows, self.train_rows),
                                           queries, pairs, self.conf["whiten_shrinkage"],
-                                          self.conf["whiten_dim"])  # fmt: skip
+                                          self.conf["whiten_dim"], models)  # fmt: skip
         self.lw = (m, P, how)
         return {"val_map": how["val_map"], "val_map_lw": how["val_map_lw"]}
 
