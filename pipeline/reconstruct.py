@@ -131,6 +131,7 @@ def reconstruct_group(
         )
     import pycolmap
 
+    pycolmap.set_random_seed(options.seed)  # the same photos give the same models
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="cirray-sfm-", dir=scratch) as tmp:
@@ -170,10 +171,12 @@ def reconstruct_group(
         matching.num_threads = options.threads
         matching.use_gpu = False
         matching.guided_matching = options.guided_matching
+        verification = pycolmap.TwoViewGeometryOptions()
+        verification.ransac.random_seed = options.seed  # unseeded (-1), reruns differ
         if pairs is None or len(photos) <= options.exhaustive_max:
-            pycolmap.match_exhaustive(
-                database, matching_options=matching, device=pycolmap.Device.cpu
-            )
+            pycolmap.match_exhaustive(database, matching_options=matching,
+                                      verification_options=verification,
+                                      device=pycolmap.Device.cpu)  # fmt: skip
         else:
             pair_file = root / "pairs.txt"
             name_of = {image_id: name for name, image_id in names.items()}
@@ -183,6 +186,7 @@ def reconstruct_group(
             pycolmap.match_image_pairs(
                 database,
                 matching_options=matching,
+                verification_options=verification,
                 pairing_options=pairing,
                 device=pycolmap.Device.cpu,
             )
