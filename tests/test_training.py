@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.ingest import image_id
 from pipeline.training.cgd import held_out_recall, split_classes
 from pipeline.training.images import embed, freeze_batchnorm, mean_std, resolve_precision
 
@@ -66,3 +67,26 @@ def test_held_out_recall_equals_a_brute_force_count() -> None:
             others = [i for i in np.argsort(-(x @ x[q])) if i != q][:k]
             hits += any(labels[i] == labels[q] for i in others)
         assert found[f"val_recall@{k}"] == pytest.approx(hits / 30)
+
+
+def test_validation_photos_are_extracts_pixels_and_training_photos_near_them(
+    photos_dir, tmp_path
+) -> None:
+    """Real photos at 1024 px: held losslessly (validation's) they are, to the byte, the pixels
+    extract's decoding gives; held as JPEG (training's) they differ by re-encoding only."""
+    from pipeline.extract import decode_photo
+    from pipeline.training.images import decode_photos
+    from tests.test_extract import _write_images
+
+    paths = sorted(photos_dir.glob("*/*.jpg"))[::60][:5]
+    images = _write_images(tmp_path, paths)
+    ids = [image_id(p.read_bytes()) for p in paths]
+    lossless = decode_photos(str(images), ids, 1024, lossless=True)
+    lossy = decode_photos(str(images), ids, 1024)
+    for i, path in enumerate(paths):
+        expected = decode_photo(path.read_bytes(), 1024)
+        assert lossless.shapes[i] == expected.shape[:2] and max(expected.shape) == 1024
+        np.testing.assert_array_equal(lossless[i], expected)
+        error = np.abs(lossy[i].astype(np.int16) - expected).mean()
+        assert 0 < error < 3, f"{path.name}: JPEG moved pixels {error:.2f} on average"
+    assert lossy.nbytes < lossless.nbytes

@@ -67,7 +67,7 @@ class GemEpochs:
         if self.validation is not None:  # each worker holds its share at that size
             mine = self.val_set[worker_share(len(self.val_set), rank, world)]
             self.val_photos = decode_photos(conf["images"], [ids[r] for r in mine],
-                                            conf["val_size"])  # fmt: skip
+                                            conf["val_size"], lossless=True)  # fmt: skip
         # Lw sees the training clusters only: their pairs, and their photos as the scatter C_D
         trained = set(self.train.image_ids.tolist())
         self.lw_pairs = [(q, p) for q, p in data["whitening_pairs"]

@@ -46,12 +46,13 @@ def resolve_precision(name: str, device: Any, batch_size: int | None = None) -> 
 
 
 class TrainingPhotos(Sequence[np.ndarray]):
-    """A worker's photos at training size, held as JPEG (quality 95) and decoded when used.
+    """A worker's photos at training size, held encoded and decoded when used.
 
     Every worker needs the whole pool (any photo can be a negative), so decoded pixels would
-    cost ``N × H × W × 3`` bytes per worker (about 29 GB for 100,000 photos at 362 px); the
-    re-encoded photos take a tenth of that, and decoding one is a millisecond beside its
-    forward and backward pass.
+    cost ``N × H × W × 3`` bytes per worker (about 29 GB for 100,000 photos at 362 px); JPEG at
+    quality 95 takes a tenth of that, and decoding one is a millisecond beside its forward and
+    backward pass. Validation photos are held as PNG instead (lossless, about half the pixels'
+    bytes), so that validation scores the very pixels extract describes.
     """
 
     def __init__(self, encoded: list[bytes], shapes: list[tuple[int, int]]) -> None:
@@ -80,11 +81,16 @@ class TrainingPhotos(Sequence[np.ndarray]):
 
 
 def decode_photos(
-    images: str, image_ids: Sequence[str], max_size: int, square: bool = False
+    images: str,
+    image_ids: Sequence[str],
+    max_size: int,
+    square: bool = False,
+    lossless: bool = False,
 ) -> TrainingPhotos:
     """The photos of ``images.parquet`` named by ``image_ids``, upright RGB, in that order: at
-    most ``max_size`` a side (aspect kept), or ``max_size`` × ``max_size`` when ``square``
-    (CGD's fixed training size)."""
+    most ``max_size`` a side (aspect kept; extract's decoding), or ``max_size`` × ``max_size``
+    when ``square`` (CGD's fixed training size). ``lossless`` keeps them as PNG rather than
+    JPEG: the pixels extract's ``decode_photo`` gives, exactly."""
     import io
 
     from PIL import Image
@@ -104,7 +110,10 @@ def decode_photos(
         if square:
             img = img.resize((max_size, max_size), Image.BILINEAR)
         buffer = io.BytesIO()
-        img.save(buffer, format="JPEG", quality=95)
+        if lossless:  # level 1: PNG's fast setting; size is nearly level 6's on photos
+            img.save(buffer, format="PNG", compress_level=1)
+        else:
+            img.save(buffer, format="JPEG", quality=95)
         encoded.append(buffer.getvalue())
         shapes.append((img.height, img.width))
     return TrainingPhotos(encoded, shapes)
