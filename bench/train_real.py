@@ -41,8 +41,9 @@ class BenchConf:
     out: str | None = "bench/results/train_real_cpu.json"
 
 
-def _scenes(conf: BenchConf, seed: int) -> list[str]:
-    """The held-out clusters' scene names (from the photos' folders: for reading only)."""
+def _held_out(conf: BenchConf, seed: int) -> tuple[list[str], int]:
+    """The held-out clusters' scene names (from the photos' folders: for reading only) and
+    their number of queries."""
     from collections import Counter
 
     from pipeline.ingest import read_images
@@ -52,7 +53,7 @@ def _scenes(conf: BenchConf, seed: int) -> list[str]:
     table = read_images(conf.images, ["image_id", "scene"])
     scene = dict(zip(table["image_id"].to_pylist(), table["scene"].to_pylist(), strict=True))
     found = Counter(scene.get(i) or "?" for i in val.image_ids.tolist())
-    return [name for name, _ in found.most_common()]
+    return [name for name, _ in found.most_common()], len(val.queries)
 
 
 def main(conf: BenchConf) -> dict:
@@ -72,7 +73,8 @@ def main(conf: BenchConf) -> dict:
         epochs, lw = metrics["epochs"], metrics["whitening"]
         best = next(e for e in epochs if e["best"])
         trained = max(epochs[1:], key=lambda e: e["val_map"])  # fine-tuning's best, kept or not
-        rows.append({"seed": seed, "scenes": _scenes(conf, seed), "epochs": epochs,
+        scenes, queries = _held_out(conf, seed)
+        rows.append({"seed": seed, "scenes": scenes, "queries": queries, "epochs": epochs,
                      "best_epoch": best["epoch"], "off_the_shelf": epochs[0]["val_map"],
                      "fine_tuned": trained["val_map"], "fine_tuned_epoch": trained["epoch"],
                      "lw": lw.get("val_map_lw"), "lw_kept": lw.get("kept", False)})  # fmt: skip
@@ -81,20 +83,19 @@ def main(conf: BenchConf) -> dict:
         f"device: {platform.machine()} CPU, {os.cpu_count()} cores; {conf.workers} CPU workers; "
         f"lr {conf.lr:g}, {conf.epochs} epochs of {conf.queries} queries",
         "held-out mAP at 1024 px (positives: the query's 3D model; rest of its cluster junk)",
-        f"{'split':<6}{'held out':<44}{'off the shelf':>14}{'fine-tuned':>11}"
-        f"{'kept epoch':>11}{'+ Lw':>8}  kept",
+        f"{'split':<6}{'off the shelf':>14}{'fine-tuned':>11}{'kept epoch':>11}{'+ Lw':>8}  kept",
     ]
     for r in rows:
+        epochs = r["epochs"]
         kept = ("fine-tuned" if r["best_epoch"] else "off the shelf") + (
             " + Lw" if r["lw_kept"] else ""
         )
-        lines.append(
-            f"{r['seed']:<6}{', '.join(r['scenes'])[:43]:<44}{r['off_the_shelf']:>14.4f}"
-            f"{r['fine_tuned']:>11.4f}{r['best_epoch']:>11}{r['lw'] or float('nan'):>8.4f}  {kept}"
-        )
-        lines.append(
-            "      by epoch: " + "  ".join(f"{e['epoch']}: {e['val_map']:.4f}" for e in r["epochs"])
-        )
+        lines += [
+            f"{r['seed']:<6}{r['off_the_shelf']:>14.4f}{r['fine_tuned']:>11.4f}"
+            f"{r['best_epoch']:>11}{r['lw'] or float('nan'):>8.4f}  {kept}",
+            f"      held out: {', '.join(r['scenes'])} ({r['queries']} queries)",
+            "      by epoch: " + "  ".join(f"{e['epoch']}: {e['val_map']:.4f}" for e in epochs),
+        ]
     print("\n".join(lines))
     write_results(conf.out, {"splits": rows, "lines": lines}, lines)
     return {"splits": rows}

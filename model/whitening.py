@@ -35,6 +35,7 @@ __all__ = [
     "load_whitening",
     "save_whitening",
     "select_whitening",
+    "whitening_dims",
 ]
 
 logger = logging.getLogger(__name__)
@@ -192,6 +193,17 @@ class WhiteningChoice(NamedTuple):
     folds: int
 
 
+def whitening_dims(D: int, rows: int) -> tuple[int, ...]:
+    """The output sizes worth trying for an Lw learned from ``rows`` photos: all ``D``, and
+    the reduced sizes no larger than the rank of their scatter ``C_D`` (``rows - 1``).
+
+    Past that rank ``C_D`` has no variance to order the remaining directions by, so which of
+    them a cut keeps is rounding noise (measured on the real photos: a 512 cut from 200
+    photos moved held-out mAP by 0.01 under 1e-7 noise on the descriptors); all ``D`` is a
+    rotation and so does not depend on that order."""
+    return tuple(sorted({D, *(d for d in REDUCED_DIMS if d < D and d <= rows - 1)}, reverse=True))
+
+
 def select_whitening(
     X: ArrayLike,
     clusters: ArrayLike,
@@ -227,10 +239,8 @@ def select_whitening(
         raise ValueError(f"qidxs and pidxs must be pairs: {q.size} and {p.size} entries")
     if any(not 0.0 <= a <= 1.0 for a in shrinkages) or not shrinkages:
         raise ValueError(f"shrinkages are shares in [0, 1], not {shrinkages}")
-    dims = dims or tuple(sorted({D, *(d for d in REDUCED_DIMS if d < D)}, reverse=True))
-    if any(not 1 <= d <= D for d in dims):
+    if dims is not None and any(not 1 <= d <= D for d in dims):
         raise ValueError(f"dims must lie in [1, {D}], not {dims}")
-    candidates = [(a, d) for a in shrinkages for d in dims]
     groups = np.unique(labels[q])
     if len(groups) < 2 or folds < 2:
         logger.warning("%d cluster(s) with pairs: no cross-validation, the paper's Lw",
@@ -238,6 +248,9 @@ def select_whitening(
         return WhiteningChoice(0.0, D, float("nan"), float("nan"), {}, 0)
     rng = np.random.default_rng(seed)
     parts = np.array_split(rng.permutation(groups), min(folds, len(groups)))
+    if dims is None:
+        dims = whitening_dims(D, min(int((~np.isin(labels, g)).sum()) for g in parts))
+    candidates = [(a, d) for a in shrinkages for d in dims]
     found = {c: [] for c in candidates}
     plain = []
     unit = l2_normalize(x).astype(np.float32)

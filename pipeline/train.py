@@ -18,7 +18,8 @@ Every epoch each worker reports ``loss``, the validation figures, ``seconds`` an
 0 attaches the checkpoint (``model.pt``, ``meta.json``: the layout ``extract`` and ``evaluate``
 take, plus ``train_state.pt`` to resume). A rerun with the same ``--name`` and storage resumes
 from the latest checkpoint; worker failures are retried (``--max-failures``). At the end the best
-epoch's checkpoint (the off-the-shelf network is epoch 0) is published to ``OUTPUT`` (a folder
+epoch's checkpoint (the off-the-shelf network is epoch 0; in GeM mode with ``--whiten``, best as
+handed over: with its validation's Lw where that is kept) is published to ``OUTPUT`` (a folder
 or ``s3://`` prefix) with ``metrics.json`` (every epoch, the best marked), ``curves.png`` and,
 last, ``_SUCCESS``: a rerun of the same settings finds it and skips; in GeM mode ``--whiten``
 then learns Lw from the training clusters' whitening pairs over that network's descriptors at
@@ -480,7 +481,7 @@ def _finish(conf: TrainConf, result: Any, target: Path, data: dict[str, Any],
     score = _epochs_class(conf.mode).score
     history = _history(result)
     scored = [h for h in history if h.get(score) is not None]
-    best = max(scored, key=lambda h: (h[score], -h["epoch"]))
+    best = max(scored, key=lambda h: (_handed_over(conf, h, score), -h["epoch"]))
     for h in history:
         h["best"] = h["epoch"] == best["epoch"]
     if best["epoch"] == 0:
@@ -497,13 +498,33 @@ def _finish(conf: TrainConf, result: Any, target: Path, data: dict[str, Any],
             shutil.copy2(Path(folder) / "model.pt", target / "model.pt")
             shutil.copy2(Path(folder) / "meta.json", target / "meta.json")
     payload: dict[str, Any] = {"settings": conf.settings(), "epochs": history,
-                               "best_epoch": best["epoch"], "score": score}  # fmt: skip
+                               "best_epoch": best["epoch"], "score": score,
+                               "selected_by": _selection(conf, score)}  # fmt: skip
     if conf.mode == "gem" and conf.whiten:
         payload["whitening"] = _learn_whitening(conf, target, data, result, best)
     (target / "metrics.json").write_text(json.dumps(payload, indent=2))
-    _curves(history, target / "curves.png", score)
-    logger.info("best epoch %d: %s %.4f (epoch 0: %s) → %s", best["epoch"], score, best[score],
-                history[0].get(score), conf.output)  # fmt: skip
+    kept = _handed_over(conf, best, score)
+    _curves(history, target / "curves.png", score, kept)
+    logger.info("kept epoch %d: %s %.4f (epoch 0: %.4f) → %s", best["epoch"],
+                payload["selected_by"], kept, _handed_over(conf, history[0], score),
+                conf.output)  # fmt: skip
+
+
+def _selection(conf: TrainConf, score: str) -> str:
+    """How the kept epoch is chosen: by the figure of what the run hands over."""
+    if conf.mode != "gem" or not conf.whiten:
+        return score
+    return "val_map_lw" if conf.keep_whitening == "always" else "max(val_map, val_map_lw)"
+
+
+def _handed_over(conf: TrainConf, epoch: dict[str, Any], score: str) -> float:
+    """``epoch``'s held-out figure as the run would hand it over: with the Lw its validation
+    learned when the run keeps one (``--keep-whitening always``, or ``if-better`` where it
+    raises the figure), so that an epoch is not kept for a plain figure its Lw undoes."""
+    plain, lw = epoch[score], epoch.get("val_map_lw")
+    if conf.mode != "gem" or not conf.whiten or lw is None:
+        return plain
+    return lw if conf.keep_whitening == "always" else max(plain, lw)
 
 
 def _learn_whitening(conf: TrainConf, target: Path, data: dict[str, Any], result: Any,
@@ -572,7 +593,8 @@ def _history(result: Any) -> list[dict[str, Any]]:
     return history
 
 
-def _curves(history: list[dict[str, Any]], path: Path, score: str) -> None:
+def _curves(history: list[dict[str, Any]], path: Path, score: str, kept: float) -> None:
+    """Loss and the held-out figures per epoch; a star at the kept epoch's handed-over figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -586,8 +608,8 @@ def _curves(history: list[dict[str, Any]], path: Path, score: str) -> None:
         scored = [h for h in history if h.get(key) is not None]
         right.plot([h["epoch"] for h in scored], [h[key] for h in scored], "o-",
                    label=key.removeprefix("val_"))  # fmt: skip
-    best = max((h for h in history if h.get(score) is not None), key=lambda h: h[score])
-    right.plot([best["epoch"]], [best[score]], "r*", markersize=14, label="best")
+    best = next(h for h in history if h["best"])
+    right.plot([best["epoch"]], [kept], "r*", markersize=14, label="kept")
     right.set(xlabel="epoch", ylabel="held-out score", title="validation (never trained on)")
     right.legend()
     fig.tight_layout()

@@ -80,7 +80,8 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     per_epoch = epochs[1]["steps"]
     assert per_epoch > 0 and epochs[2]["steps"] == 2 * per_epoch
     assert sum(e["best"] for e in epochs) == 1
-    marked = max(epochs, key=lambda e: (e["val_map"], -e["epoch"]))
+    # kept: the epoch whose figure with its Lw is highest (--keep-whitening always hands Lw on)
+    marked = max(epochs, key=lambda e: (e["val_map_lw"], -e["epoch"]))
     assert next(e for e in epochs if e["best"]) == marked
     # validation scored the epochs at extract's size (--whiten-size) with the Lw the output
     # holds: extract's descriptors of the output give the held-out clusters that mAP
@@ -90,7 +91,7 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     *_, found = held_out_whitening(desc.image_ids, desc.vectors, read_training_set(pairs["pairs"]),
                                    read_whitening_pairs(pairs["pairs"]), 0.3, 0)  # fmt: skip
     print(f"\nbest epoch + Lw {marked['val_map_lw']:.4f}, extracted {found['val_map']:.4f}")
-    assert marked["val_map_lw"] == pytest.approx(found["val_map"], abs=0.01)
+    assert marked["val_map_lw"] == pytest.approx(found["val_map"], abs=1e-3)
     assert load_network(best).meta.backbone == "efficientnet_lite0"  # extract/evaluate take it
     # the same settings again: the output is whole, nothing runs
     caplog.set_level(logging.INFO, logger="pipeline.train")

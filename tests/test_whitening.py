@@ -15,6 +15,7 @@ from model.whitening import (
     load_whitening,
     save_whitening,
     select_whitening,
+    whitening_dims,
 )
 
 
@@ -178,6 +179,20 @@ class TestSelectWhitening:
             return cluster_map(apply_whitening(new, m, P, dim), new_clusters, everyone)
 
         assert new_scenes_map(choice.shrinkage, choice.dim) > new_scenes_map(0.0, 48) + 0.1
+
+    def test_no_cut_past_the_rank_of_the_photos_scatter(self):
+        """Fewer photos than dimensions: a cut past the rank of ``C_D`` would keep directions
+        ordered by rounding noise, so only cuts within it (and all D) are tried, and the
+        choice and its figure stand under 1e-7 noise on the descriptors."""
+        assert whitening_dims(600, 1000) == (600, 512, 256, 128)
+        assert whitening_dims(600, 200) == (600, 128) and whitening_dims(600, 100) == (600,)
+        x, clusters, q, p = scenes_in_few_directions(0, 60, D=600)  # 300 photos, 600 dims
+        choice = select_whitening(x, clusters, q, p)
+        assert {k.split("/")[1] for k in choice.table} == {"600", "128"}  # folds see ~200
+        noisy = x + 1e-7 * np.random.default_rng(1).normal(size=x.shape)
+        again = select_whitening(noisy, clusters, q, p)
+        assert (again.shrinkage, again.dim) == (choice.shrinkage, choice.dim)
+        assert again.score == pytest.approx(choice.score, abs=1e-6)
 
     def test_too_few_clusters_leave_the_papers_lw(self, caplog):
         x, clusters, q, p = scenes_in_few_directions(0, 4)
