@@ -53,6 +53,9 @@ def scene_pairs(collection: Path, work: Path) -> tuple[str, str]:
     run = str(work / "run")
     images = ingest(IngestConf(source=str(manifest), output=run))
     ids = read_images(images, ["image_id"], ok_only=True).column(0).to_pylist()
+    if not ids:
+        first = read_images(images, ["uri", "error"]).slice(0, 1).to_pylist()
+        raise ValueError(f"no photo of {manifest} could be ingested; the first: {first}")
     write_descriptors(f"{run}/d", ids, np.eye(len(ids), dtype=np.float32),
                       network={"weights": "scene column"})  # fmt: skip
     group(GroupConf(images=images, descriptors=f"{run}/d", output=f"{run}/groups"))

@@ -380,6 +380,7 @@ def run(conf: TrainConf) -> str:
     from ray.train.torch import TorchTrainer
 
     _check(conf)
+    conf = _with_absolute_paths(conf)
     if _is_done(conf):
         logger.info("%s holds this run's result already; skipping", conf.output)
         return conf.output.rstrip("/")
@@ -429,6 +430,25 @@ def run(conf: TrainConf) -> str:
         _finish(conf, result, Path(staging), data, num_classes)
         _publish(Path(staging), conf)
     return conf.output.rstrip("/")
+
+
+def _with_absolute_paths(conf: TrainConf) -> TrainConf:
+    """``conf`` with its local paths absolute: Ray Train's workers do not run in the driver's
+    folder, so ``--images run/images.parquet`` must reach them as the driver means it.
+    ``--weights`` changes only when it names an existing path (not ``imagenet``)."""
+    from dataclasses import replace
+
+    from model import storage
+
+    def absolute(uri: str | None, must_exist: bool = False) -> str | None:
+        if uri is None or storage.is_remote(uri):
+            return uri
+        path = storage.local_path(uri)
+        return uri if must_exist and not path.exists() else str(path.resolve())
+
+    return replace(conf, pairs=absolute(conf.pairs), images=absolute(conf.images),
+                   output=absolute(conf.output), storage_path=absolute(conf.storage_path),
+                   weights=absolute(conf.weights, must_exist=True))  # fmt: skip
 
 
 def _default_storage(output: str) -> str:

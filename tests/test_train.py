@@ -165,8 +165,10 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(pairs, tmp_path) -> No
 
 
 def test_cgd_mode_trains_on_classes_and_scores_recall_on_held_out_ones(
-    ray_session, tmp_path
+    ray_session, tmp_path, monkeypatch
 ) -> None:
+    """Run from the output's folder with relative paths, as the README's commands are: the
+    workers, which run elsewhere, get them made absolute."""
     from model.networks import load_network
     from pipeline.datasets.landmarks import generate
     from pipeline.datasets.landmarks.conf import LandmarksConf
@@ -178,11 +180,13 @@ def test_cgd_mode_trains_on_classes_and_scores_recall_on_held_out_ones(
                           allow_few_views=True)  # fmt: skip
     root = generate(small, tmp_path)
     manifest = write_scene_manifest(root, tmp_path / "photos.csv")
-    images = ingest(IngestConf(source=str(manifest), output=str(tmp_path / "run")))
-    conf = TrainConf(images=images, output=str(tmp_path / "cgd"), mode="cgd", name="cgd",
+    ingest(IngestConf(source=str(manifest), output=str(tmp_path / "run")))
+    monkeypatch.chdir(tmp_path)
+    conf = TrainConf(images="run/images.parquet", output="cgd", mode="cgd", name="cgd",
                      epochs=2, image_size=96, classes_per_batch=2,
                      photos_per_class=3, held_out=0.34, lr=1e-4)  # fmt: skip
     best = train(conf)
+    assert best == str(tmp_path.resolve() / "cgd")
     payload = json.loads(Path(best, "metrics.json").read_text())
     epochs = payload["epochs"]
     assert payload["score"] == "val_recall@1" and [e["epoch"] for e in epochs] == [0, 1, 2]

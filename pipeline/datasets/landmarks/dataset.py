@@ -118,7 +118,7 @@ def write_scene_manifest(dataset_dir: str | Path, path: str | Path) -> Path:
     landmark photos, distractors left out: the input of the SfM and training stages' checks."""
     import csv
 
-    root, out = Path(dataset_dir), Path(path)
+    root, out = Path(dataset_dir).resolve(), Path(path)  # ingest reads relative to the CSV
     with out.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["uri", "scene"])
