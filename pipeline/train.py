@@ -501,7 +501,9 @@ def _finish(conf: TrainConf, result: Any, target: Path, data: dict[str, Any],
     score = _epochs_class(conf.mode).score
     history = _history(result)
     scored = [h for h in history if h.get(score) is not None]
-    best = max(scored, key=lambda h: (_handed_over(conf, h, score), -h["epoch"]))
+    # ties (Lw can saturate a small held-out set) go to the better plain network, then the
+    # earlier epoch
+    best = max(scored, key=lambda h: (_handed_over(conf, h, score), h[score], -h["epoch"]))
     for h in history:
         h["best"] = h["epoch"] == best["epoch"]
     if best["epoch"] == 0:

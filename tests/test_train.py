@@ -81,7 +81,7 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     assert per_epoch > 0 and epochs[2]["steps"] == 2 * per_epoch
     assert sum(e["best"] for e in epochs) == 1
     # kept: the epoch whose figure with its Lw is highest (--keep-whitening always hands Lw on)
-    marked = max(epochs, key=lambda e: (e["val_map_lw"], -e["epoch"]))
+    marked = max(epochs, key=lambda e: (e["val_map_lw"], e["val_map"], -e["epoch"]))
     assert next(e for e in epochs if e["best"]) == marked
     # validation scored the epochs at extract's size (--whiten-size) with the Lw the output
     # holds: extract's descriptors of the output give the held-out clusters that mAP
