@@ -527,8 +527,9 @@ def _finish(conf: TrainConf, result: Any, target: Path, data: dict[str, Any],
     (target / "metrics.json").write_text(json.dumps(payload, indent=2))
     kept = _handed_over(conf, best, score)
     _curves(history, target / "curves.png", score, kept)
-    logger.info("kept epoch %d: %s %.4f (epoch 0: %.4f) → %s", best["epoch"],
-                payload["selected_by"], kept, _handed_over(conf, history[0], score),
+    start = history[0] if history[0].get(score) is not None else None
+    logger.info("kept epoch %d: %s %.4f (epoch 0: %s) → %s", best["epoch"],
+                payload["selected_by"], kept, start and round(_handed_over(conf, start, score), 4),
                 conf.output)  # fmt: skip
 
 

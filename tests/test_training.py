@@ -90,3 +90,18 @@ def test_validation_photos_are_extracts_pixels_and_training_photos_near_them(
         error = np.abs(lossy[i].astype(np.int16) - expected).mean()
         assert 0 < error < 3, f"{path.name}: JPEG moved pixels {error:.2f} on average"
     assert lossy.nbytes < lossless.nbytes
+
+
+def test_an_epoch_is_scored_as_the_run_hands_it_over() -> None:
+    """With Lw kept if better, an epoch's figure is the higher of plain and with its Lw; with
+    Lw always kept, the Lw figure; without Lw, or in CGD mode, the plain one."""
+    from pipeline.train import TrainConf, _handed_over
+
+    gem = TrainConf(pairs="p", images="i", output="o")
+    epoch = {"val_map": 0.99, "val_map_lw": 0.97}
+    assert _handed_over(gem, epoch, "val_map") == 0.99
+    assert _handed_over(gem, {**epoch, "val_map_lw": 0.995}, "val_map") == 0.995
+    assert _handed_over(TrainConf(pairs="p", images="i", output="o", keep_whitening="always"),
+                        epoch, "val_map") == 0.97  # fmt: skip
+    assert _handed_over(TrainConf(pairs="p", images="i", output="o", whiten=False),
+                        epoch, "val_map") == 0.99  # fmt: skip
