@@ -36,8 +36,8 @@ import tyro
 
 from bench import write_results
 from cluster import index_store
+from model.descriptors import write_descriptors
 from pipeline import index as stage
-from pipeline.descriptors import write_descriptors
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ def through_actor(
 
     actor = mining_actor(num_cpus=os.cpu_count() or 1, factory=factory)
     ray.get(actor.describe.remote())  # started before the clock
-    # two workers' shares, every other row each (pipeline.tuples.worker_share), as they hold them
+    # two workers' shares, every other row each (pipeline.train.tuples.worker_share), as they
+    # hold them
     shares = [(h, pool[h], clusters[h]) for h in (np.arange(r, len(pool), 2) for r in (0, 1))]
     started = time.perf_counter()
     ray.get(actor.reset.remote(0, len(pool)))

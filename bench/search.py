@@ -96,7 +96,7 @@ def main(conf: BenchConf) -> dict:
     from ray import serve
 
     from cluster.client import SearchClient
-    from pipeline.descriptors import write_descriptors
+    from model.descriptors import write_descriptors
     from pipeline.index import IndexConf
     from pipeline.index import run as build_index
     from pipeline.serve import APP_NAME, ServeConf, build_app

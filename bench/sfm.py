@@ -140,9 +140,9 @@ def scaling(conf: BenchConf) -> dict:
     """Two groups one at a time against two at once (1 thread each)."""
     import ray
 
-    from pipeline.datasets.landmarks import CONFS, generate
-    from pipeline.reconstruct import ReconstructOptions, reconstruct_group
+    from model.datasets.landmarks import CONFS, generate
     from pipeline.sfm import sfm_worker_env
+    from pipeline.sfm.reconstruct import ReconstructOptions, reconstruct_group
 
     root = generate(CONFS["sfm"], Path(tempfile.mkdtemp(prefix="cirray-bench-sfm-")))
     groups = [sorted((root / "jpg").glob(f"lm0{i}_*.jpg")) for i in (0, 1)]

@@ -38,8 +38,8 @@ def scene_pairs(collection: Path, work: Path) -> tuple[str, str]:
     """``(pairs, images)`` of a local built-in collection's landmark photos under ``work``:
     ingest, the scene column as groups, incremental SfM, pairs (what the train tests and this
     benchmark train on)."""
-    from pipeline.datasets.landmarks import write_scene_manifest
-    from pipeline.descriptors import write_descriptors
+    from model.datasets.landmarks import write_scene_manifest
+    from model.descriptors import write_descriptors
     from pipeline.group import GroupConf
     from pipeline.group import run as group
     from pipeline.ingest import IngestConf, read_images
@@ -72,7 +72,7 @@ def main(conf: BenchConf) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="cirray-bench-train-"))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    from pipeline.datasets.landmarks import CONFS, generate
+    from model.datasets.landmarks import CONFS, generate
 
     pairs, images = scene_pairs(generate(CONFS["tiny"], work / "collections"), work)
     per_worker, steps_per_worker = {}, {}

@@ -39,7 +39,7 @@ def main(conf: BenchConf) -> dict:
     import ray
 
     from bench.train import scene_pairs
-    from pipeline.datasets.landmarks import CONFS, generate
+    from model.datasets.landmarks import CONFS, generate
     from pipeline.evaluate import EvaluateConf
     from pipeline.evaluate import run as evaluate
     from pipeline.train import TrainConf

@@ -46,8 +46,8 @@ def _held_out(conf: BenchConf, seed: int) -> tuple[list[str], int]:
     their number of queries."""
     from collections import Counter
 
+    from model.training_set import read_training_set, split_clusters
     from pipeline.ingest import read_images
-    from pipeline.tuples import read_training_set, split_clusters
 
     _, val = split_clusters(read_training_set(conf.pairs), conf.held_out, seed)
     table = read_images(conf.images, ["image_id", "scene"])

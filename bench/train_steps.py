@@ -36,7 +36,7 @@ class StepsConf:
 
 def _network(device: torch.device) -> torch.nn.Module:
     from model.networks import NetworkMeta, build_network
-    from pipeline.training.images import freeze_batchnorm
+    from pipeline.train.images import freeze_batchnorm
 
     torch.manual_seed(0)
     net = build_network(NetworkMeta(backbone="efficientnet_lite0"), "imagenet").to(device)
@@ -48,7 +48,7 @@ def _network(device: torch.device) -> torch.nn.Module:
 def _rate(conf: StepsConf, device: torch.device, way: str) -> float:
     """Tuples per second of ``way``: ``reference`` or ``batched``."""
     from model.losses import ContrastiveLoss
-    from pipeline.training.images import embed, mean_std, resolve_precision
+    from pipeline.train.images import embed, mean_std, resolve_precision
 
     net = _network(device)
     precision = resolve_precision("fp32" if way == "reference" else "auto", device)

@@ -7,7 +7,7 @@ whitening pairs, their photos' scatter), once as the paper does (no shrinkage, e
 and once with the shrinkage and output size that cross-validation over the training clusters
 picks (``pipeline.whiten``'s default, and the training stage's). Printed: the held-out
 queries' mAP against the whole pool without whitening, with the paper's Lw and with the chosen
-one. Same code as ``pipeline.train``'s final step (:func:`pipeline.whiten.held_out_whitening`).
+one. Same code as ``pipeline.train``'s final step (:func:`model.whitening_fit.held_out_whitening`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ class BenchConf:
 
 
 def main(conf: BenchConf) -> dict:
-    from pipeline.descriptors import read_descriptors
-    from pipeline.tuples import read_training_set
-    from pipeline.whiten import held_out_whitening, read_whitening_pairs
+    from model.descriptors import read_descriptors
+    from model.training_set import read_training_set
+    from model.whitening_fit import held_out_whitening, read_whitening_pairs
 
     desc = read_descriptors(conf.descriptors)
     pool, pairs = read_training_set(conf.pairs), read_whitening_pairs(conf.pairs)

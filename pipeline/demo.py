@@ -23,18 +23,18 @@ from typing import Any
 import torch
 
 from model.backbones import build_backbone
+from model.cli import run_cli
+from model.datasets.folders import load_folder
+from model.datasets.landmarks import CONFS, generate
+from model.datasets.revisited import load_revisited
+from model.datasets.sets import Availability, RetrievalSet, same_label_pairs
+from model.describe import describe_set
 from model.extraction import DEFAULT_SCALES, ExtractOptions
 from model.heads import GeMHead
+from model.report import write_report
+from model.results import write_json
+from model.scoring import PostProcess, score, summary_map
 from model.whitening import learn_whitening
-from pipeline.cli import run_cli
-from pipeline.datasets.folders import load_folder
-from pipeline.datasets.landmarks import CONFS, generate
-from pipeline.datasets.revisited import load_revisited
-from pipeline.datasets.sets import Availability, RetrievalSet, same_label_pairs
-from pipeline.describe import describe_set
-from pipeline.report import write_report
-from pipeline.results import write_json
-from pipeline.scoring import PostProcess, score, summary_map
 
 logger = logging.getLogger("pipeline.demo")
 
@@ -49,7 +49,7 @@ class DemoConf:
     """A folder of your own photos: a sub-folder per scene gives mAP; a flat folder gives
     each photo's nearest neighbours. Default: the built-in landmark collection."""
     collection: str = "demo"
-    """Preset of the built-in collection (see pipeline.datasets.landmarks.CONFS)."""
+    """Preset of the built-in collection (see model.datasets.landmarks.CONFS)."""
     output: str = "outputs/demo"
     """Where the generated photos, results.json and the HTML reports go."""
     networks: tuple[str, ...] = (

@@ -9,9 +9,9 @@ ground truth. Queries are their photos cropped to ``bbx``; database images are r
 ``max_size`` (never enlarged) and a query crop by its whole photo's factor; photos are read in
 their stored pixel frame, as the protocol defines its boxes. A partial or damaged copy is
 evaluated on what is there: every missing or unusable photo is counted and named, in the
-output and in ``metrics.json``. Descriptors are cached per photo (``pipeline.descriptor_cache``)
+output and in ``metrics.json``. Descriptors are cached per photo (``model.descriptor_cache``)
 so trying αQE or whitening variants never extracts again; metrics are exact at any database
-size without a full ranking (``pipeline.scoring``).
+size without a full ranking (``model.scoring``).
 """
 
 from __future__ import annotations
@@ -27,18 +27,18 @@ import torch
 
 from model import storage
 from model.backbones import BackboneName
+from model.cli import run_cli
+from model.datasets.revisited import load_revisited
+from model.datasets.sets import IMAGE_SUFFIXES, RetrievalSet
+from model.describe import describe_set
+from model.descriptor_cache import DescriptorCache, digest
 from model.extraction import ExtractOptions
 from model.networks import NetworkMeta, RetrievalNet, build_network, load_network
 from model.pooling import PoolingName
+from model.report import write_report
+from model.results import write_json
+from model.scoring import PostProcess, format_metrics, score
 from model.whitening import load_whitening
-from pipeline.cli import run_cli
-from pipeline.datasets.revisited import load_revisited
-from pipeline.datasets.sets import IMAGE_SUFFIXES, RetrievalSet
-from pipeline.describe import describe_set
-from pipeline.descriptor_cache import DescriptorCache, digest
-from pipeline.report import write_report
-from pipeline.results import write_json
-from pipeline.scoring import PostProcess, format_metrics, score
 
 __all__ = ["EvaluateConf", "run"]
 

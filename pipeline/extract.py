@@ -4,14 +4,14 @@
 
 Ray Data reads the photo bytes that ingest kept, decodes and resizes them in CPU tasks
 (``model.images``: a bad photo is a row with its reason, never a stop), and describes them on a
-pool of actors that each hold the network once (``model.extraction.describe_batch``: batched by
-size inside each block, channels-last, bf16 autocast and a GPU per actor where there are GPUs).
-Learned whitening is applied when the network has it (a checkpoint directory with
-``whitening.npz`` beside ``model.pt``).
+pool of actors that each hold the network once (``model.describer.Describer``; its
+``model.extraction.describe_batch``: batched by size inside each block, channels-last, bf16
+autocast and a GPU per actor where there are GPUs). Learned whitening is applied when the
+network has it (a checkpoint directory with ``whitening.npz`` beside ``model.pt``).
 
-Output: the descriptor table of ``pipeline.descriptors`` (``image_id``, ``vector``, ``error``
+Output: the descriptor table of ``model.descriptors`` (``image_id``, ``vector``, ``error``
 parts, then ``manifest.json`` with network, settings, dimension, counts and failures, and
-``_SUCCESS`` last), which ``pipeline.descriptors.read_descriptors`` reads. A rerun of an
+``_SUCCESS`` last), which ``model.descriptors.read_descriptors`` reads. A rerun of an
 interrupted extraction describes only the photos not in its finished part files; a complete
 output is skipped.
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,22 +28,20 @@ import numpy as np
 
 from model import storage
 from model.backbones import BackboneName
-from model.extraction import resized_size
-from model.images import BadImage, decode_image, read_size
+from model.cli import location_problems, run_cli
+from model.describer import (
+    Describer,
+    NetworkSettings,
+    decode_photo,
+    is_checkpoint,
+    load_extract_network,
+)
+from model.descriptors import DESCRIPTOR_MANIFEST
+from model.images import BadImage
 from model.pooling import PoolingName
-from pipeline.cli import location_problems, run_cli
-from pipeline.descriptors import DESCRIPTOR_MANIFEST
 from pipeline.ingest import read_images, read_images_dataset
 
-__all__ = [
-    "Describer",
-    "ExtractConf",
-    "conf_for_network",
-    "decode_batch",
-    "decode_photo",
-    "load_extract_network",
-    "run",
-]
+__all__ = ["ExtractConf", "decode_batch", "network_settings", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +78,18 @@ class ExtractConf:
     decode_batch_size: int = 16
 
 
+def network_settings(conf: ExtractConf) -> NetworkSettings:
+    """The network of ``conf`` and how it sees a photo (``model.describer``)."""
+    return NetworkSettings(
+        weights=conf.weights,
+        backbone=conf.backbone,
+        pooling=conf.pooling,
+        p=conf.p,
+        max_size=conf.max_size,
+        scales=tuple(conf.scales),
+    )
+
+
 def run(conf: ExtractConf) -> str:
     """Describe every photo of ``conf.images``; returns the output URI."""
     import ray
@@ -115,7 +124,11 @@ def run(conf: ExtractConf) -> str:
     )
     described = decoded.map_batches(
         Describer,
-        fn_constructor_kwargs={"conf": asdict(conf)},
+        fn_constructor_kwargs={
+            "settings": network_settings(conf),
+            "device_batch_size": conf.device_batch_size,
+            "threads_per_actor": conf.threads_per_actor,
+        },
         batch_size=conf.batch_size,
         num_gpus=per_actor,
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -171,95 +184,6 @@ def decode_batch(
     return {"image_id": np.array(ids, dtype=object), "pixels": pixels, "error": reasons}
 
 
-def decode_photo(raw: bytes, max_size: int) -> np.ndarray | BadImage:
-    """One photo's bytes → upright RGB ``uint8`` at most ``max_size`` a side, or why not."""
-    size = read_size(raw, exif_transpose=True)
-    if isinstance(size, BadImage):
-        return size
-    return decode_image(raw, exif_transpose=True, size=resized_size(*size, max_size))
-
-
-class Describer:
-    """A Ray Data actor: the network loaded once, batches of decoded photos in, descriptors out."""
-
-    def __init__(self, conf: dict[str, Any]) -> None:
-        import torch
-
-        from model.extraction import ExtractOptions
-
-        self.conf = ExtractConf(**{**conf, "scales": tuple(conf["scales"])})
-        self.net, self.whitening = load_extract_network(self.conf)
-        self.options = ExtractOptions(
-            scales=self.conf.scales, batch_size=self.conf.device_batch_size, progress=False
-        )
-        self.device = self.options.resolved_device()
-        if self.device.type == "cpu":  # Ray gives an actor one thread; the network wants more
-            torch.set_num_threads(self.conf.threads_per_actor or os.cpu_count() or 1)
-        self.dim = self.whitening[1].shape[0] if self.whitening is not None else self.net.out_dim
-        memory_format = torch.channels_last if self.options.channels_last else None
-        self.net.to(self.device, memory_format=memory_format).eval()
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        ids, pixels = [str(i) for i in batch["image_id"]], list(batch["pixels"])
-        # An all-None column may reach us as floats (NaN): only strings are reasons.
-        errors = [e if isinstance(e, str) else None for e in batch["error"]]
-        good = [i for i, error in enumerate(errors) if error is None]
-        vectors: list[np.ndarray | None] = [None] * len(ids)
-        for row, vector in zip(good, self.describe([pixels[i] for i in good]), strict=True):
-            if vector is None:
-                errors[row] = f"{ids[row]}: non-finite descriptor"
-                logger.warning("skipping %s", errors[row])
-            vectors[row] = vector
-        return _descriptor_table(ids, vectors, errors, self.dim)
-
-    def describe(self, pixels: list[np.ndarray]) -> list[np.ndarray | None]:
-        """Descriptors (float32 ``[dim]``, whitened when the network has it) of decoded photos;
-        ``None`` for one whose descriptor is not finite."""
-        from model.extraction import describe_batch, size_grouped_batches
-
-        vectors: list[np.ndarray | None] = [None] * len(pixels)
-        sizes = [image.shape[:2] for image in pixels]
-        for rows in size_grouped_batches(sizes, self.options.batch_size_for(self.device)):
-            out = describe_batch(
-                self.net.backbone,
-                {"descriptor": self.net.head},
-                np.stack([pixels[i] for i in rows]),
-                self.options.scales,
-                bf16=self.options.resolved_bf16(),
-                channels_last=self.options.channels_last,
-                device=self.device,
-            )["descriptor"]
-            if self.whitening is not None:
-                from model.whitening import apply_whitening
-
-                out = apply_whitening(out, *self.whitening)
-            for row, vector in zip(rows, out, strict=True):
-                if np.isfinite(vector).all():
-                    vectors[row] = vector.astype(np.float32)
-        return vectors
-
-
-def _descriptor_table(
-    ids: list[str], vectors: list[np.ndarray | None], errors: list[str | None], dim: int
-) -> Any:
-    """``image_id``, ``vector`` (fixed-size float32 list, null where it failed) and ``error``."""
-    import pyarrow as pa
-
-    flat = np.zeros((len(ids), dim), np.float32)
-    for row, vector in enumerate(vectors):
-        if vector is not None:
-            flat[row] = vector
-    missing = pa.array([v is None for v in vectors], type=pa.bool_())
-    column = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=missing)
-    return pa.table(
-        {
-            "image_id": pa.array(ids, type=pa.string()),
-            "vector": column,
-            "error": pa.array(errors, type=pa.string()),
-        }
-    )
-
-
 def _buffer(uri: str) -> Any:
     import pyarrow as pa
 
@@ -312,52 +236,10 @@ def _finished_ids(out: str) -> set[str]:
     return done
 
 
-def load_extract_network(
-    conf: ExtractConf,
-) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
-    """The network of ``conf.weights`` in eval mode, and its ``(m, P)`` whitening if it has one."""
-    from model.networks import NetworkMeta, build_network, load_network
-    from model.whitening import load_whitening
-
-    if _is_checkpoint(conf.weights):
-        net = load_network(conf.weights)
-        lw_uri = storage.join(conf.weights, "whitening.npz")
-        whitening = None
-        if storage.is_file(lw_uri):
-            params = load_whitening(lw_uri)
-            whitening = (params.m, params.P)
-        return net.eval(), whitening
-    meta = NetworkMeta(backbone=conf.backbone, pooling=conf.pooling, p=conf.p)
-    return build_network(meta, conf.weights).eval(), None
-
-
-def conf_for_network(network: dict[str, Any], settings: dict[str, Any]) -> ExtractConf:
-    """The extraction settings that made descriptors, from their manifest's ``network`` and
-    ``settings`` (what the serving embedder needs to describe a query the same way)."""
-    meta = network.get("meta") or {}
-    weights = network.get("checkpoint") or network.get("weights")
-    if not weights:
-        raise ValueError(f"the manifest names no network weights: {network}")
-    return ExtractConf(
-        images="",
-        output="",
-        weights=str(weights),
-        backbone=meta.get("backbone", "efficientnet_lite0"),
-        pooling=meta.get("pooling", "gem"),
-        p=float(meta.get("p", 3.0)),
-        max_size=int(settings.get("max_size", 1024)),
-        scales=tuple(float(s) for s in settings.get("scales", (1.0,))),
-    )
-
-
-def _is_checkpoint(weights: str) -> bool:
-    return weights != "imagenet" and storage.is_file(storage.join(weights, "meta.json"))
-
-
 def _network_identity(conf: ExtractConf) -> tuple[dict[str, Any], dict[str, Any]]:
     """What made the descriptors, for the manifest; loads the network once to check it."""
-    net, whitening = load_extract_network(conf)
-    if _is_checkpoint(conf.weights):
+    net, whitening = load_extract_network(network_settings(conf))
+    if is_checkpoint(conf.weights):
         network = {
             "checkpoint": conf.weights,
             "model": storage.file_signature(storage.join(conf.weights, "model.pt")),

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from model import storage
+from model.cli import location_problems, run_cli
 from model.clustering import (
     DEFAULT_K,
     DEFAULT_THRESHOLD,
@@ -45,7 +46,6 @@ from model.clustering import (
     group_descriptors,
     relabel_by_size,
 )
-from pipeline.cli import location_problems, run_cli
 
 __all__ = [
     "CANDIDATES_FILE",
@@ -225,7 +225,7 @@ def _check(conf: GroupConf) -> None:
 
 def run(conf: GroupConf) -> str:
     """Group the photos of ``conf.images``; returns the URI of groups.parquet."""
-    from pipeline.descriptors import read_descriptors
+    from model.descriptors import read_descriptors
     from pipeline.ingest import read_images
 
     _check(conf)

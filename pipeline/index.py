@@ -55,8 +55,8 @@ import numpy as np
 
 from cluster import index_store
 from model import storage
-from pipeline.cli import run_cli
-from pipeline.descriptors import (
+from model.cli import run_cli
+from model.descriptors import (
     DESCRIPTOR_MANIFEST,
     Descriptors,
     problem_text,

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from model import storage
-from pipeline.cli import location_problems, run_cli
+from model.cli import location_problems, run_cli
 
 __all__ = [
     "PAIRS_FILE",

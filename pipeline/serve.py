@@ -31,7 +31,7 @@ from typing import Any
 
 from cluster import index_store
 from model import storage
-from pipeline.cli import run_cli
+from model.cli import run_cli
 
 __all__ = ["APP_NAME", "ServeConf", "app_builder", "build_app", "run"]
 
@@ -153,8 +153,8 @@ def _slots(conf: ServeConf, manifest: dict[str, Any]) -> int:
 def build_app(conf: ServeConf) -> Any:
     """The bound Serve application, for ``serve.run``."""
     from cluster.app import SearchApp
+    from cluster.embedder import Embedder
     from cluster.router import IndexShard, SearchRouter
-    from pipeline.embedder import Embedder
 
     manifest = _check(conf)
     version = int(manifest["version"])

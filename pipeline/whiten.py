@@ -12,43 +12,28 @@ query with its most overlapping positive: no human label), the descriptors those
 ``pipeline.extract`` wrote for the collection with the network to whiten (the off-the-shelf one,
 or a training checkpoint). Output: a checkpoint directory (``model.pt`` and ``meta.json`` of
 that network, ``whitening.npz`` beside them) that ``pipeline.extract --weights`` and
-``pipeline.evaluate --weights`` take as it is. The training stage learns its Lw the same way
-(:func:`whitening_from_pairs`) from its own network's descriptors.
+``pipeline.evaluate --weights`` take as it is. The fitting itself is ``model.whitening_fit``
+(:func:`~model.whitening_fit.whitening_from_pairs`), which the training stage uses the same way
+on its own network's descriptors.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from model import storage
-from model.whitening import SHRINKAGES
-from pipeline.cli import location_problems, run_cli
+from model.cli import location_problems, run_cli
+from model.whitening_fit import (
+    WHITENING_FILE,
+    pool_clusters,
+    read_whitening_pairs,
+    whitening_from_pairs,
+)
 
-if TYPE_CHECKING:
-    from pipeline.tuples import TrainingSet
-
-__all__ = [
-    "LW_META",
-    "WHITENING_FILE",
-    "WhitenConf",
-    "held_out_whitening",
-    "pool_clusters",
-    "run",
-    "whitening_from_pairs",
-    "whitening_on_held_out",
-]
+__all__ = ["WhitenConf", "run"]
 
 logger = logging.getLogger(__name__)
-
-WHITENING_FILE = "whitening.npz"
-
-LW_META = ("pairs", "shrinkage", "dim", "cross_validation")
-"""What ``whitening.npz`` records of how its Lw was learned (``whitening_from_pairs``' how)."""
 
 
 @dataclass(frozen=True)
@@ -70,138 +55,6 @@ class WhitenConf:
     """Output size (Lw's leading rows); unset: chosen by the same cross-validation."""
 
 
-def read_whitening_pairs(pairs: str) -> list[tuple[str, str]]:
-    """``(query_id, positive_id)`` of a complete pairs output."""
-    import pyarrow.parquet as pq
-
-    from pipeline.pairs import WHITENING_PAIRS_FILE
-
-    folder = pairs.rstrip("/")
-    if not storage.is_complete(folder):
-        raise ValueError(f"{folder} is not a complete pairs output (no {storage.SUCCESS})")
-    data = storage.read_bytes(storage.join(folder, WHITENING_PAIRS_FILE))
-    table = pq.read_table(io.BytesIO(data))
-    return list(zip(table["query_id"].to_pylist(), table["positive_id"].to_pylist(), strict=True))
-
-
-def whitening_from_pairs(
-    image_ids: np.ndarray,
-    vectors: np.ndarray,
-    pairs: list[tuple[str, str]],
-    min_pairs: int = 10,
-    clusters: np.ndarray | None = None,
-    shrinkage: float | None = None,
-    dim: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``(m, P, how)``: Lw learned over ``vectors`` from the pairs whose two photos both have a
-    row (``image_ids`` names the rows), ``P`` cut to its output size.
-
-    ``shrinkage`` and ``dim`` left ``None`` are chosen by cross-validation over the rows'
-    ``clusters`` (``model.whitening.select_whitening``; no clusters: the paper's Lw). ``how``
-    says what was used: pairs, shrinkage, dim and the cross-validation's figures.
-    """
-    from model.whitening import learn_whitening, select_whitening
-
-    row = {image_id: i for i, image_id in enumerate(np.asarray(image_ids).tolist())}
-    usable = [(row[q], row[p]) for q, p in pairs if q in row and p in row]
-    if len(usable) < min_pairs:
-        raise ValueError(
-            f"{len(usable)} of {len(pairs)} whitening pairs have both photos described "
-            f"(at least {min_pairs} needed)"
-        )
-    q, p = np.array(usable, dtype=np.int64).T
-    how: dict = {"pairs": len(usable)}
-    if (shrinkage is None or dim is None) and clusters is not None:
-        choice = select_whitening(vectors, clusters, q, p,
-                                  shrinkages=(shrinkage,) if shrinkage is not None else SHRINKAGES,
-                                  dims=(dim,) if dim is not None else None)  # fmt: skip
-        shrinkage, dim = choice.shrinkage, choice.dim
-        how["cross_validation"] = {"folds": choice.folds, "map": choice.score,
-                                   "map_plain": choice.plain,
-                                   "candidates": choice.table}  # fmt: skip
-    shrinkage = 0.0 if shrinkage is None else shrinkage
-    m, P = learn_whitening(vectors, q, p, shrinkage=shrinkage)
-    dim = P.shape[0] if dim is None else dim
-    if not 1 <= dim <= P.shape[0]:
-        raise ValueError(f"the whitening dim must lie in [1, {P.shape[0]}], not {dim}")
-    return m, P[:dim], {**how, "shrinkage": shrinkage, "dim": dim}
-
-
-def held_out_whitening(
-    image_ids: np.ndarray,
-    vectors: np.ndarray,
-    pool: TrainingSet,
-    pairs: list[tuple[str, str]],
-    held_out: float,
-    seed: int = 0,
-    shrinkage: float | None = None,
-    dim: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``(m, P, how)``: :func:`whitening_on_held_out` over the pool's photos, split by
-    ``split_clusters(pool, held_out, seed)``.
-
-    ``vectors`` are rows named by ``image_ids`` (the collection's descriptors); the figures are
-    left out when some pool photo has no row, rather than skewed."""
-    from pipeline.tuples import split_clusters
-
-    train, val = split_clusters(pool, held_out, seed)
-    row = {image_id: i for i, image_id in enumerate(np.asarray(image_ids).tolist())}
-    present = np.array([i in row for i in pool.image_ids.tolist()], dtype=bool)
-    ids = pool.image_ids[present]
-    x = vectors[[row[i] for i in ids.tolist()]]
-    queries = None
-    if present.all():
-        pool_row = {image_id: i for i, image_id in enumerate(ids.tolist())}
-        queries = np.array([pool_row[i] for i in val.image_ids[val.queries].tolist()], np.int64)
-    models = None if pool.models is None else pool.models[present]
-    return whitening_on_held_out(ids, x, pool.clusters[present], np.isin(ids, train.image_ids),
-                                 queries, pairs, shrinkage, dim, models)  # fmt: skip
-
-
-def whitening_on_held_out(
-    image_ids: np.ndarray,
-    vectors: np.ndarray,
-    clusters: np.ndarray,
-    trained: np.ndarray,
-    queries: np.ndarray | None,
-    pairs: list[tuple[str, str]],
-    shrinkage: float | None = None,
-    dim: int | None = None,
-    models: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``(m, P, how)``: Lw from the rows of the mask ``trained`` only (the pairs among them,
-    their scatter; shrinkage and dim by cross-validation over their ``clusters`` unless
-    given), and in ``how`` the held-out ``queries``' (row indices) mAP against every row,
-    their cluster's rows positive (their 3D model's, the rest of the cluster junk, given
-    ``models``), without (``val_map``) and with it (``val_map_lw``). ``queries`` None: Lw
-    alone."""
-    from model.evaluation import cluster_map
-    from model.whitening import apply_whitening
-
-    ids = np.asarray(image_ids)
-    trained = np.asarray(trained, dtype=bool)
-    inside = set(ids[trained].tolist())
-    m, P, how = whitening_from_pairs(ids[trained], vectors[trained],
-                                     [(q, p) for q, p in pairs if q in inside and p in inside],
-                                     clusters=np.asarray(clusters)[trained],
-                                     shrinkage=shrinkage, dim=dim)  # fmt: skip
-    if queries is not None:
-        how["val_map"] = cluster_map(vectors, clusters, queries, models)
-        how["val_map_lw"] = cluster_map(apply_whitening(vectors, m, P), clusters, queries, models)
-    return m, P, how
-
-
-def pool_clusters(pairs: str, image_ids: np.ndarray) -> np.ndarray:
-    """The SfM cluster of each of ``image_ids`` from a pairs output's pool; photos outside
-    the pool get a cluster of their own (never anyone's positive)."""
-    from pipeline.tuples import read_training_set
-
-    pool = read_training_set(pairs)
-    cluster_of = dict(zip(pool.image_ids.tolist(), pool.clusters.tolist(), strict=True))
-    ids = np.asarray(image_ids).tolist()
-    return np.array([cluster_of.get(i, -1 - k) for k, i in enumerate(ids)], np.int64)
-
-
 def _check(conf: WhitenConf) -> None:
     problems = []
     if conf.min_pairs < 1:
@@ -219,10 +72,10 @@ def _check(conf: WhitenConf) -> None:
 
 def run(conf: WhitenConf) -> str:
     """Learn Lw and write the whitened checkpoint; returns its directory."""
+    from model.describer import conf_for_network, load_extract_network
+    from model.descriptors import read_descriptors
     from model.networks import save_network
     from model.whitening import save_whitening
-    from pipeline.descriptors import read_descriptors
-    from pipeline.extract import conf_for_network, load_extract_network
 
     _check(conf)
     out = conf.output.rstrip("/")

@@ -90,7 +90,7 @@ def photos_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_photo_set(photos_dir: Path):
     """The shared photos as a retrieval set: every photo a query, its scene's others positive."""
-    from pipeline.datasets.folders import load_folder
+    from model.datasets.folders import load_folder
 
     return load_folder(photos_dir)
 
@@ -117,7 +117,7 @@ def tiny_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
     It is in the revisited layout: ``<root>/landmarks-tiny/{jpg/, gnd_landmarks-tiny.pkl}``.
     Tests that change it copy it first.
     """
-    from pipeline.datasets.landmarks import CONFS, generate
+    from model.datasets.landmarks import CONFS, generate
 
     return generate(CONFS["tiny"], tmp_path_factory.mktemp("collections"))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.datasets.revisited import load_revisited
+from model.datasets.revisited import load_revisited
 from pipeline.demo import DemoConf, main
 
 

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from model.backbones import build_backbone
+from model.descriptor_cache import DescriptorCache
 from model.extraction import ExtractOptions, ImageFiles, extract_multihead
 from model.heads import GeMHead
-from pipeline.descriptor_cache import DescriptorCache
 
 
 @pytest.fixture(scope="module")

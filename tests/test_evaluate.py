@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.datasets.revisited import load_revisited
 from model.evaluation import evaluate_revisited
 from model.extraction import ArrayImages, ExtractOptions, ImageFiles, extract_descriptors
 from model.networks import NetworkMeta, build_network
 from model.retrieval import rank_by_similarity
-from pipeline.datasets.revisited import load_revisited
+from model.scoring import format_metrics
 from pipeline.evaluate import EvaluateConf, run
-from pipeline.scoring import format_metrics
 
 MAX_SIZE = 256
 
@@ -280,8 +280,8 @@ def test_command_line_with_whitening_file(conf, tiny_collection, network, tmp_pa
     import subprocess
     import sys
 
+    from model.datasets.sets import same_label_pairs
     from model.whitening import learn_whitening, save_whitening
-    from pipeline.datasets.sets import same_label_pairs
 
     rset = load_revisited(tiny_collection)
     db = extract_descriptors(

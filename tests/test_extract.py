@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from model.descriptors import read_descriptors
 from model.extraction import ExtractOptions, ImageFiles, extract_descriptors
 from model.networks import NetworkMeta, build_network
-from pipeline.descriptors import read_descriptors
 from pipeline.extract import ExtractConf, run
 from pipeline.ingest import IMAGES_SCHEMA, image_id
 

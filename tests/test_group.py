@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from model import storage
-from pipeline.descriptors import write_descriptors
+from model.descriptors import write_descriptors
 from pipeline.group import (
     GroupConf,
     attach_candidates,

@@ -15,8 +15,8 @@ import pytest
 
 from cluster import index_store
 from model import storage
+from model.descriptors import read_descriptors, write_descriptors
 from pipeline import index as stage
-from pipeline.descriptors import read_descriptors, write_descriptors
 from pipeline.index import IndexConf, choose_factory, run
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from model import storage
-from pipeline.datasets import landmarks
-from pipeline.datasets.landmarks import (
+from model.datasets import landmarks
+from model.datasets.landmarks import (
     CONFS,
     DatasetConflictError,
     IncompleteDatasetError,
@@ -30,7 +30,7 @@ from pipeline.datasets.landmarks import (
     load_ground_truth,
     visible_points,
 )
-from pipeline.datasets.landmarks.render import Camera, TexturedQuad, intrinsics, look_at, render
+from model.datasets.landmarks.render import Camera, TexturedQuad, intrinsics, look_at, render
 
 TINY = CONFS["tiny"]
 # A collection small enough to generate in well under a second, for the publishing tests.
@@ -513,7 +513,7 @@ def test_a_crash_leaves_no_collection_behind(
     def crash(*args: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("pipeline.datasets.landmarks.writer._write_tables", crash)
+    monkeypatch.setattr("model.datasets.landmarks.writer._write_tables", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         generate(SMALL, tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -535,7 +535,7 @@ def test_generates_to_s3_and_skips_when_complete(
     assert all(storage.read_bytes(uploaded[n]) == b for n, b in _files(local).items())
 
     signature = storage.file_signature(marker)
-    with caplog.at_level(logging.INFO, logger="pipeline.datasets.landmarks"):
+    with caplog.at_level(logging.INFO, logger="model.datasets.landmarks"):
         assert generate(SMALL, root, progress=False) == out
     assert "skipping" in caplog.text
     assert storage.file_signature(marker) == signature
@@ -555,7 +555,7 @@ def test_a_failure_while_writing_publishes_nothing(
         assert (out / f"gnd_{conf.name}.pkl").is_file()
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("pipeline.datasets.landmarks.publish.write_collection", write_then_fail)
+    monkeypatch.setattr("model.datasets.landmarks.publish.write_collection", write_then_fail)
     with pytest.raises(RuntimeError, match="disk full"):
         generate(SMALL, root, progress=False)
     assert not storage.exists(storage.join(root, SMALL.name))

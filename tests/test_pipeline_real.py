@@ -14,7 +14,7 @@ import pytest
 
 from cluster.index_store import read_manifest, search
 from model import storage
-from pipeline.descriptors import read_descriptors
+from model.descriptors import read_descriptors
 from pipeline.extract import ExtractConf
 from pipeline.extract import run as extract
 from pipeline.group import GroupConf, read_groups

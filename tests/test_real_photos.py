@@ -1,6 +1,6 @@
 """Off-the-shelf retrieval on the shared real photos (17 scenes): the pretrained network sees."""
 
-from pipeline.scoring import PostProcess, score
+from model.scoring import PostProcess, score
 
 
 def test_pretrained_lite0_gem_retrieves_real_scenes(real_photo_set, lite0_real_descriptors):

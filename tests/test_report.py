@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.datasets.folders import load_folder
+from model.datasets.revisited import load_revisited
+from model.datasets.sets import RetrievalSet
 from model.evaluation import compute_map
 from model.extraction import ExtractOptions, ImageFiles, extract_descriptors
 from model.networks import NetworkMeta, build_network
-from pipeline.datasets.folders import load_folder
-from pipeline.datasets.revisited import load_revisited
-from pipeline.datasets.sets import RetrievalSet
-from pipeline.report import VERDICT_COLOURS, write_report
-from pipeline.scoring import score
+from model.report import VERDICT_COLOURS, write_report
+from model.scoring import score
 
 MAX_SIZE = 128  # small photos keep the descriptors quick; the ranking is still a real one
 TOP_K = 10

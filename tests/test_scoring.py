@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.datasets.sets import RetrievalSet
 from model.evaluation import compute_map, evaluate_revisited
 from model.retrieval import alpha_qe, l2_normalize, rank_by_similarity
-from pipeline.datasets.sets import RetrievalSet
-from pipeline.scoring import PostProcess, score
+from model.scoring import PostProcess, score
 
 
 def _scenes(n_scenes: int = 5, per_scene: int = 6, dim: int = 16, seed: int = 0):

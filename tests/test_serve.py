@@ -19,8 +19,8 @@ from cluster import index_store
 from cluster.client import SearchClient, SearchError
 from cluster.router import merge_slots
 from cluster.shards import ShardSet, slot_shards
+from model.descriptors import write_descriptors
 from model.retrieval import alpha_qe
-from pipeline.descriptors import write_descriptors
 from pipeline.index import IndexConf
 from pipeline.index import run as build_index
 from pipeline.serve import APP_NAME, ServeConf, build_app

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from model import storage
-from pipeline.datasets.landmarks import load_cameras
+from model.datasets.landmarks import load_cameras
 from pipeline.group import GroupConf
 from pipeline.group import run as group
 from pipeline.ingest import IngestConf
@@ -60,7 +60,7 @@ def landmarks(ray_session, tiny_collection: Path, tmp_path_factory) -> dict:
     images = ingest(IngestConf(source=str(manifest), output=run))
     # Descriptors are not needed to group by the scene column; group reads them for the
     # manifest only, so a tiny synthetic table of the right ids stands in.
-    from pipeline.descriptors import write_descriptors
+    from model.descriptors import write_descriptors
     from pipeline.ingest import read_images
 
     table = read_images(images, ["image_id", "uri"], ok_only=True)
@@ -180,7 +180,7 @@ def test_bad_photos_a_lone_photo_and_a_blank_scene_are_each_reported(ray_session
         Image.new("RGB", (320, 240), (120 + 20 * i, 160, 200)).save(photos / "blank" / f"{i}.jpg")
     run = str(tmp_path / "run")
     images = ingest(IngestConf(source=str(photos), output=run))
-    from pipeline.descriptors import write_descriptors
+    from model.descriptors import write_descriptors
     from pipeline.ingest import read_images
 
     everything = read_images(images, ["uri", "error"]).to_pylist()
@@ -340,8 +340,8 @@ def test_whitening_learned_from_the_sfm_pairs_is_a_checkpoint_extract_applies(
 ) -> None:
     """pipeline.whiten: Lw from the mined whitening pairs over ImageNet Lite0 descriptors, as a
     checkpoint; extracting with it gives the plain descriptors whitened, evaluate picks it up."""
+    from model.descriptors import read_descriptors
     from model.whitening import apply_whitening, load_whitening
-    from pipeline.descriptors import read_descriptors
     from pipeline.evaluate import EvaluateConf, _post_process
     from pipeline.extract import ExtractConf
     from pipeline.extract import run as extract
@@ -390,7 +390,8 @@ def test_training_tuples_from_the_pairs_and_mined_negatives(landmarks, tmp_path)
     """pairs → pool and queries → negatives from the mining index → one epoch's tuples; whole
     landmarks held out for validation; worker shares partition the rows."""
     from cluster.mining import MiningIndex
-    from pipeline.tuples import epoch_tuples, read_training_set, split_clusters, worker_share
+    from model.training_set import read_training_set, split_clusters
+    from pipeline.train.tuples import epoch_tuples, worker_share
 
     mine_pairs(PairsConf(sfm=landmarks["sfm"], output=str(tmp_path / "pairs")))
     data = read_training_set(str(tmp_path / "pairs"))

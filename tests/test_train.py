@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from model import storage
-from pipeline.datasets.landmarks import write_scene_manifest
+from model.datasets.landmarks import write_scene_manifest
 from pipeline.train import TrainConf
 from pipeline.train import run as train
 
@@ -49,12 +49,13 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     pairs, s3_bucket, tmp_path, caplog
 ) -> None:
     """Output and Ray Train's storage on the loopback S3 server, as on a cluster."""
+    from model.describer import NetworkSettings, load_extract_network
+    from model.descriptors import read_descriptors
     from model.networks import load_network
-    from pipeline.descriptors import read_descriptors
-    from pipeline.extract import ExtractConf, load_extract_network
+    from model.training_set import read_training_set
+    from model.whitening_fit import held_out_whitening, read_whitening_pairs
+    from pipeline.extract import ExtractConf
     from pipeline.extract import run as extract
-    from pipeline.tuples import read_training_set
-    from pipeline.whiten import held_out_whitening, read_whitening_pairs
 
     out = f"s3://{s3_bucket}/train"
     conf = _conf(pairs, out, whiten=True, whiten_size=160, val_size=None,
@@ -70,7 +71,7 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     assert lw["learned"] and lw["kept"] and lw["pairs"] >= 10 and 0 < lw["val_map"] <= 1
     assert 0 < lw["val_map_lw"] <= 1 and 0 <= lw["shrinkage"] <= 1
     assert lw["cross_validation"]["folds"] >= 2  # shrinkage and dim chosen on training clusters
-    _, whitening = load_extract_network(ExtractConf(images="", output="", weights=best))
+    _, whitening = load_extract_network(NetworkSettings(weights=best))
     assert whitening is not None and whitening[1].shape == (lw["dim"], 1280)  # extract applies it
     epochs = _epochs(best)
     assert all(0 < e["val_map_lw"] <= 1 for e in epochs)  # held-out mAP with Lw, every epoch
@@ -169,9 +170,9 @@ def test_cgd_mode_trains_on_classes_and_scores_recall_on_held_out_ones(
 ) -> None:
     """Run from the output's folder with relative paths, as the README's commands are: the
     workers, which run elsewhere, get them made absolute."""
+    from model.datasets.landmarks import generate
+    from model.datasets.landmarks.conf import LandmarksConf
     from model.networks import load_network
-    from pipeline.datasets.landmarks import generate
-    from pipeline.datasets.landmarks.conf import LandmarksConf
     from pipeline.ingest import IngestConf
     from pipeline.ingest import run as ingest
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.ingest import image_id
-from pipeline.training.cgd import held_out_recall, split_classes
-from pipeline.training.images import embed, freeze_batchnorm, mean_std, resolve_precision
+from pipeline.train.cgd import held_out_recall, split_classes
+from pipeline.train.images import embed, freeze_batchnorm, mean_std, resolve_precision
 
 
 def test_batched_by_size_equals_one_image_at_a_time() -> None:
@@ -74,8 +74,8 @@ def test_validation_photos_are_extracts_pixels_and_training_photos_near_them(
 ) -> None:
     """Real photos at 1024 px: held losslessly (validation's) they are, to the byte, the pixels
     extract's decoding gives; held as JPEG (training's) they differ by re-encoding only."""
-    from pipeline.extract import decode_photo
-    from pipeline.training.images import decode_photos
+    from model.describer import decode_photo
+    from pipeline.train.images import decode_photos
     from tests.test_extract import _write_images
 
     paths = sorted(photos_dir.glob("*/*.jpg"))[::60][:5]

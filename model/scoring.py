@@ -1,0 +1,116 @@
+"""Scoring descriptors of a retrieval set: whitening, αQE, then the metrics its protocol defines.
+
+The one place where post-processing is applied before ranking and where a ``RetrievalSet``'s
+protocol picks the figures: Easy/Medium/Hard mAP and mP@k (revisited), mAP and mP@k (original
+Oxford5k/Paris6k), mAP, mP@k and recall@k (scene folders). Metrics are exact without a full
+ranking: the positions of each query's ground-truth images come from the scores, with each
+query's top ``top_k`` for the report, in one pass (``model.retrieval.rank_and_locate``), so a
+million-image database needs one block of scores at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from model.datasets.sets import RetrievalSet
+from model.evaluation import (
+    compute_map_at_positions,
+    evaluate_revisited_at_positions,
+    ground_truth_items,
+    recall_at_k,
+)
+from model.retrieval import alpha_qe, rank_and_locate, rank_by_similarity
+from model.whitening import apply_whitening
+
+__all__ = ["PostProcess", "Scored", "format_metrics", "score", "summary_map"]
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """What happens to descriptors between extraction and ranking."""
+
+    whitening: tuple[np.ndarray, np.ndarray] | None = None  # (m, P) of learned whitening
+    whitening_dim: int | None = None
+    qe_k: int = 0  # αQE neighbours; 0 for none
+    qe_alpha: float = 3.0
+
+    @property
+    def label(self) -> str:
+        parts = ["Lw" if self.whitening is not None else ""]
+        if self.qe_k:
+            parts.append(f"αQE(k={self.qe_k}, α={self.qe_alpha:g})")
+        return " + ".join(p for p in parts if p) or "plain"
+
+
+class Scored(NamedTuple):
+    """Metrics, each query's top ``top_k`` database indices (best first), each query's AP."""
+
+    metrics: dict[str, Any]
+    ranks: np.ndarray
+    aps: np.ndarray
+
+
+def score(
+    db: np.ndarray,
+    queries: np.ndarray,
+    rset: RetrievalSet,
+    post: PostProcess = PostProcess(),
+    kappas: tuple[int, ...] = (1, 5, 10),
+    top_k: int = 100,
+) -> Scored:
+    """Score ``queries`` against ``db`` (the set's database, then any distractors).
+
+    Query APs are those of the medium protocol for revisited sets (NaN without positives).
+    """
+    if post.whitening is not None:
+        m, P = post.whitening
+        db = apply_whitening(db, m, P, post.whitening_dim)
+        queries = apply_whitening(queries, m, P, post.whitening_dim)
+    self_rows = np.arange(len(queries)) if rset.queries_are_database else None
+    if post.qe_k:
+        queries = alpha_qe(queries, db, k=post.qe_k, alpha=post.qe_alpha, query_rows=self_rows)
+    depth = min(max(top_k, max(kappas, default=1) + 1), len(db))
+    n_q = len(queries)
+    if rset.gnd is None or rset.protocol == "none":
+        return Scored({}, rank_by_similarity(queries, db, topk=depth), np.full(n_q, np.nan))
+    items = ground_truth_items(rset.gnd)
+    ranks, located = rank_and_locate(queries, db, items, topk=depth)
+    positions = list(zip(items, located, strict=True))
+    if rset.protocol == "revisited":
+        metrics = evaluate_revisited_at_positions(positions, rset.gnd, kappas, n_db=len(db))
+        medium = [{"ok": rset.positives(j), "junk": g["junk"]} for j, g in enumerate(rset.gnd)]
+        _, aps, _, _ = compute_map_at_positions(positions, medium, n_db=len(db))
+        return Scored(metrics, ranks, aps)
+    m_ap, aps, mpr, _ = compute_map_at_positions(positions, rset.gnd, kappas, n_db=len(db))
+    metrics = {"map": m_ap, "mp@k": dict(zip(kappas, map(float, mpr), strict=True))}
+    if rset.protocol == "scenes":
+        # Recall@k must not count the query itself, which ranks first among its own photos.
+        others = np.stack([row[row != j][: max(kappas)] for j, row in enumerate(ranks)])
+        labels = rset.db_labels
+        metrics["recall@k"] = recall_at_k(others, labels, labels, kappas)
+    return Scored(metrics, ranks, aps)
+
+
+def summary_map(metrics: dict[str, Any]) -> dict[str, float]:
+    """The mAP figures of a metrics dict: ``{"E","M","H"}`` or ``{"mAP"}``."""
+    if "medium" in metrics:
+        return {k[0].upper(): metrics[k]["map"] for k in ("easy", "medium", "hard")}
+    return {"mAP": metrics["map"]} if "map" in metrics else {}
+
+
+def format_metrics(dataset: str, metrics: dict[str, Any], kappas: tuple[int, ...]) -> str:
+    """The papers' lines, in percent with one decimal: mAP (E/M/H or one) and mP@k."""
+    if "medium" not in metrics:
+        prs = [round(100 * metrics["mp@k"][k], 1) for k in kappas]
+        return (
+            f">> {dataset}: mAP {100 * metrics['map']:.1f}\n>> {dataset}: mP@k{list(kappas)} {prs}"
+        )
+    parts = ("easy", "medium", "hard")
+    maps = ", ".join(f"{p[0].upper()}: {100 * metrics[p]['map']:.1f}" for p in parts)
+    prs = ", ".join(
+        f"{p[0].upper()}: {[round(100 * metrics[p]['mp@k'][k], 1) for k in kappas]}" for p in parts
+    )
+    return f">> {dataset}: mAP {maps}\n>> {dataset}: mP@k{list(kappas)} {prs}"
