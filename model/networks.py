@@ -46,6 +46,9 @@ __all__ = [
 META_FORMAT = 1
 """The ``meta.json`` format this code writes and reads."""
 
+CHECKPOINT_KEYS = frozenset({"identity"})
+"""Keys of ``meta.json`` that describe the checkpoint, not the network."""
+
 HEAD_DEFAULTS: dict[str, dict[str, bool]] = {
     # The GeM paper: the trunk keeps its strides, GeM's p is learned (at 10× the rate).
     "gem": {"remove_last_stride": False, "learn_p": True},
@@ -186,7 +189,12 @@ def load_network(directory: str | Path) -> RetrievalNet:
         raise FileNotFoundError(
             f"{base.rstrip('/')} is not a checkpoint: it has no meta.json"
         ) from None
-    meta, caveat = _parse_meta(json.loads(raw), meta_uri)
+    meta, caveat = _parse_meta(
+        {k: v for k, v in json.loads(raw).items() if k not in CHECKPOINT_KEYS}
+        if isinstance(json.loads(raw), dict)
+        else json.loads(raw),
+        meta_uri,
+    )
     net = build_network(meta, weights=None)
     state = load_state_dict(join(base, "model.pt"))
     try:
@@ -197,6 +205,27 @@ def load_network(directory: str | Path) -> RetrievalNet:
         raise WeightsError(
             f"{join(base, 'model.pt')} does not fit the network its meta.json describes: "
             f"{detail}{hint}"
+        ) from err
+    return net
+
+
+def meta_from_json(data: Any, source: str) -> NetworkMeta:
+    """The ``NetworkMeta`` of a checkpoint's parsed ``meta.json`` (its own keys, such as the
+    checkpoint's ``identity``, left aside); ``ValueError`` naming ``source`` when it is not one."""
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in CHECKPOINT_KEYS}
+    return _parse_meta(data, source)[0]
+
+
+def network_from(meta: NetworkMeta, state: dict[str, Any], where: str) -> RetrievalNet:
+    """The network ``meta`` describes with the weights ``state`` (``where`` names them)."""
+    net = build_network(meta, weights=None)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise WeightsError(
+            f"{where} does not fit the network its meta.json describes: {detail}"
         ) from err
     return net
 

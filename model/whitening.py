@@ -357,6 +357,13 @@ def save_whitening(
     storage.write_bytes(path, buffer.getvalue())
 
 
+def whitening_bytes(m: ArrayLike, P: ArrayLike, **meta: Any) -> bytes:
+    """What ``save_whitening`` writes, as bytes (to hash or to store elsewhere)."""
+    buffer = io.BytesIO()
+    save_whitening(buffer, m, P, **meta)
+    return buffer.getvalue()
+
+
 def load_whitening(path: str | os.PathLike[str] | BinaryIO) -> WhiteningParams:
     """Read what ``save_whitening`` wrote (a path, an ``s3://`` URI or a binary file object)."""
     if hasattr(path, "read"):

@@ -1,0 +1,774 @@
+"""The tables the stages hand each other: one spec each, and one completion marker for all.
+
+Every stage writes an *output*: a folder (local or ``s3://``) holding its tables and, written
+last, ``manifest.json``. The manifest is the only completion marker: a folder without it is
+unfinished, whatever else it holds. It records
+
+- ``stage`` and ``format``: what kind of output this is (the table specs it holds);
+- ``fingerprint``: a hash of what went in (the ``inputs``' identities) and of the settings that
+  change the content; a rerun whose fingerprint matches has nothing to do;
+- ``identity``: the fingerprint and the stored files, hashed; the next stage's input identity,
+  so a change anywhere upstream reaches every stage after it;
+- ``sources``: where each input was read, resolved (absolute paths, and the path relative to
+  this output so that a run folder that moved still finds its inputs);
+- ``code``: the version of this code that wrote it; ``details``: the stage's own counts.
+
+A :class:`Table` names one table, its schema and where its rows lie in an output (one file, or
+part files directly in the output folder); ``read`` takes the output folder or the table's file,
+checks the marker and reads through a pyarrow dataset on the storage layer's filesystem, in
+parallel and with projection. Nothing else in the project names these files.
+
+pyarrow and NumPy only, no torch and no Ray: ``cluster/`` and the SfM workers read tables too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from model import storage
+
+__all__ = [
+    "CANDIDATES",
+    "DESCRIPTORS",
+    "DESCRIPTORS_OUTPUT",
+    "GROUPS",
+    "GROUPS_OUTPUT",
+    "IMAGES",
+    "IMAGES_OUTPUT",
+    "INDEX_VERSION",
+    "MANIFEST",
+    "OUTPUTS",
+    "PAIRS",
+    "PAIRS_OUTPUT",
+    "POOL",
+    "SFM_GROUPS",
+    "SFM_IMAGES",
+    "SFM_MODELS",
+    "SFM_OUTPUT",
+    "TRAIN_OUTPUT",
+    "WHITENING_PAIRS",
+    "WHITEN_OUTPUT",
+    "Manifest",
+    "Output",
+    "OutputChanged",
+    "Table",
+    "code_version",
+    "fingerprint",
+    "resolve",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+"""Every output's completion marker, written last."""
+
+MANIFEST_FORMAT = "cirray.output/1"
+_HASH_CHARS = 20
+_READ_THREADS = 16
+
+
+# ----------------------------------------------------------------------------- identities
+
+
+def _digest(payload: Any) -> str:
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:_HASH_CHARS]
+
+
+def fingerprint(stage: str, version: int, inputs: Mapping[str, str], settings: Mapping) -> str:
+    """What an output is made from: the stage and its format, its inputs' identities and the
+    settings that change its content. Equal fingerprints mean equal outputs."""
+    return _digest({"stage": stage, "format": version, "inputs": inputs, "settings": settings})
+
+
+@functools.cache
+def code_version() -> str:
+    """This code's version: the package version, and the git commit where there is one."""
+    try:
+        version = importlib.metadata.version("cirray")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0+unknown"
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return version
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=root, capture_output=True, text=True, check=True, timeout=5,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{sha}" if sha else version
+
+
+def resolve(uri: str) -> str:
+    """A location as it is stored: a local path absolute and without links, a URI as given."""
+    text = str(uri).rstrip("/") or "/"
+    if storage.is_remote(text):
+        return text
+    return str(storage.local_path(text).resolve())
+
+
+def _relative(uri: str, base: str) -> str | None:
+    """``uri`` relative to the folder ``base`` when both are local or in one bucket."""
+    if storage.is_remote(uri) != storage.is_remote(base):
+        return None
+    if storage.is_remote(uri):
+        a_scheme, _, a = uri.partition("://")
+        b_scheme, _, b = base.partition("://")
+        if a_scheme != b_scheme or a.split("/", 1)[0] != b.split("/", 1)[0]:
+            return None
+        return _posix_relpath(a, b)
+    return _posix_relpath(uri, base)
+
+
+def _posix_relpath(path: str, start: str) -> str:
+    import posixpath
+
+    return posixpath.relpath(path, start)
+
+
+# ----------------------------------------------------------------------------- the manifest
+
+
+class OutputChanged(ValueError):
+    """An output exists, made from other settings; the stage stops rather than replace it."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What ``manifest.json`` holds (see the module's docstring)."""
+
+    stage: str
+    version: int
+    fingerprint: str
+    identity: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, list[str]] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    code: str = ""
+    created: str = ""
+    uri: str = ""
+    """Where it was read (not stored)."""
+
+    def to_json(self) -> str:
+        data = {
+            "format": MANIFEST_FORMAT,
+            "stage": self.stage,
+            "version": self.version,
+            "fingerprint": self.fingerprint,
+            "identity": self.identity,
+            "inputs": self.inputs,
+            "sources": self.sources,
+            "settings": self.settings,
+            "files": self.files,
+            "rows": self.rows,
+            "details": self.details,
+            "code": self.code,
+            "created": self.created,
+        }
+        return json.dumps(data, indent=2, default=_json_default)
+
+    @classmethod
+    def from_json(cls, text: str, uri: str) -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{uri} is not JSON: {err}") from err
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise ValueError(
+                f"{uri} is not a manifest of this version of cirray ({MANIFEST_FORMAT}); "
+                "run the stage again with --overwrite"
+            )
+        keys = {
+            "stage", "version", "fingerprint", "identity", "inputs", "sources", "settings",
+            "files", "rows", "details", "code", "created",
+        }  # fmt: skip
+        return cls(**{k: v for k, v in data.items() if k in keys}, uri=uri)
+
+    def source(self, name: str) -> str:
+        """Where input ``name`` lies now: relative to this output when that is still there
+        (a run folder moved whole), else where it was read."""
+        entry = self.sources[name]
+        folder = self.uri.rsplit("/", 1)[0] if self.uri else ""
+        relative = entry.get("relative")
+        if relative and folder:
+            moved = _join_relative(folder, relative)
+            if moved != entry["uri"] and storage.exists(moved):
+                return moved
+        return str(entry["uri"])
+
+    def changed_settings(self, settings: Mapping[str, Any]) -> list[str]:
+        """``"name: old → new"`` for each setting that differs from ``settings``."""
+        old, new = _plain(self.settings), _plain(dict(settings))
+        return [
+            f"{name}: {_shown(old.get(name))} → {_shown(new.get(name))}"
+            for name in sorted(set(old) | set(new))
+            if old.get(name) != new.get(name)
+        ]
+
+
+def _join_relative(folder: str, relative: str) -> str:
+    import posixpath
+
+    if storage.is_remote(folder):
+        scheme, _, path = folder.partition("://")
+        return f"{scheme}://{posixpath.normpath(posixpath.join(path, relative))}"
+    return posixpath.normpath(posixpath.join(folder, relative))
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table of an output: its name, schema and where its rows lie in the output folder."""
+
+    name: str
+    stage: str
+    schema: pa.Schema
+    file: str | None
+    """The table's file in the output folder; ``None``: Parquet parts in the folder itself."""
+    optional: bool = False
+    """Outputs may lack it (read gives an empty table)."""
+
+    @property
+    def output(self) -> Output:
+        return OUTPUTS[self.stage]
+
+    def read(
+        self,
+        uri: str,
+        columns: Sequence[str] | None = None,
+        filter: pads.Expression | None = None,
+    ) -> pa.Table:
+        """The rows of a complete output (its folder, or this table's file), ``columns`` only.
+
+        ``FileNotFoundError`` when nothing is there, ``ValueError`` naming the problem when it
+        is unfinished, of another stage, or of another schema.
+        """
+        manifest = self.output.manifest(uri)
+        return self.read_from(manifest, columns, filter)
+
+    def read_from(
+        self,
+        manifest: Manifest,
+        columns: Sequence[str] | None = None,
+        filter: pads.Expression | None = None,
+    ) -> pa.Table:
+        """Like ``read``, for an output whose manifest was read already."""
+        wanted = list(columns) if columns is not None else self.schema.names
+        self.check_columns(wanted)
+        schema = pa.schema([self.schema.field(c) for c in wanted])
+        files = self.files(manifest)
+        if not files:
+            return schema.empty_table()
+        dataset = self._dataset(files, manifest.uri)
+        self.check_schema(dataset.schema, where=files[0], columns=wanted)
+        table = dataset.to_table(columns=wanted, filter=filter, use_threads=True)
+        return table.cast(schema)
+
+    def read_file(self, uri: str, columns: Sequence[str] | None = None) -> pa.Table:
+        """One file of this table read directly (a shard's id map, a part being resumed);
+        ``ValueError`` naming it when it is unreadable or of another schema."""
+        wanted = list(columns) if columns is not None else self.schema.names
+        self.check_columns(wanted)
+        try:
+            filesystem, path = storage.arrow_filesystem(uri)
+            with filesystem.open_input_file(path) as handle:
+                parquet = pq.ParquetFile(handle)
+                self.check_schema(parquet.schema_arrow, where=uri, columns=wanted)
+                table = parquet.read(columns=wanted)
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowException) as err:
+            raise ValueError(f"{uri} is not a readable Parquet file ({err})") from err
+        return table.cast(pa.schema([self.schema.field(c) for c in wanted]))
+
+    def read_unpublished(
+        self, uri: str, columns: Sequence[str] | None = None
+    ) -> tuple[pa.Table, list[str]]:
+        """The rows of every readable part in an output folder that may be unfinished (what
+        an interrupted run already wrote), and the parts that could not be read, each with
+        its reason. For resuming; readers of finished outputs use ``read``."""
+        if self.file is not None:
+            raise ValueError(f"{self.name} is one file, not parts")
+        folder = self.output.locate(uri)
+        wanted = list(columns) if columns is not None else self.schema.names
+        schema = pa.schema([self.schema.field(c) for c in wanted])
+        if not storage.exists(folder):
+            return schema.empty_table(), []
+        parts = [storage.join(folder, n) for n in sorted(_sizes(folder)) if n.endswith(".parquet")]
+
+        def read(part: str) -> pa.Table | str:
+            try:
+                return self.read_file(part, wanted)
+            except ValueError as err:
+                return str(err)
+
+        with ThreadPoolExecutor(_READ_THREADS) as pool:
+            found = list(pool.map(read, parts))
+        tables = [t for t in found if not isinstance(t, str)]
+        bad = [t for t in found if isinstance(t, str)]
+        return (pa.concat_tables(tables) if tables else schema.empty_table()), bad
+
+    def dataset(self, uri: str) -> pads.Dataset:
+        """The table of a complete output as a pyarrow dataset (lazily read, by part)."""
+        manifest = self.output.manifest(uri)
+        files = self.files(manifest)
+        if not files:
+            raise ValueError(f"{manifest.uri} holds no {self.name} rows")
+        return self._dataset(files, manifest.uri)
+
+    def ray_dataset(self, uri: str, columns: Sequence[str] | None = None) -> Any:
+        """The table of a complete output as a Ray dataset: its listed files, read by Ray Data's
+        tasks where the work runs (one block per file), ``columns`` only."""
+        import ray.data
+
+        manifest = self.output.manifest(uri)
+        files = self.files(manifest)
+        if not files:
+            raise ValueError(f"{manifest.uri.rsplit('/', 1)[0]} holds no {self.name} rows")
+        wanted = list(columns) if columns is not None else self.schema.names
+        self.check_columns(wanted)
+        filesystem, _ = storage.arrow_filesystem(files[0])
+        paths = [storage.arrow_filesystem(f)[1] for f in files]
+        return ray.data.read_parquet(paths, filesystem=filesystem, columns=wanted)
+
+    def files(self, manifest: Manifest) -> list[str]:
+        """URIs of this table's files in an output, as its manifest lists them."""
+        folder = manifest.uri.rsplit("/", 1)[0]
+        names = manifest.files.get(self.name)
+        if names is None:
+            if self.optional:
+                return []
+            raise ValueError(f"{folder} has no {self.name} table; run {self.stage} again")
+        return [storage.join(folder, name) for name in names]
+
+    def _dataset(self, files: list[str], where: str) -> pads.Dataset:
+        filesystem, _ = storage.arrow_filesystem(files[0])
+        paths = [storage.arrow_filesystem(f)[1] for f in files]
+        try:
+            return pads.dataset(paths, filesystem=filesystem, format="parquet")
+        except (OSError, pa.ArrowException) as err:
+            raise ValueError(
+                f"{self.name} of {where.rsplit('/', 1)[0]} cannot be read ({err}); "
+                f"run {self.stage} again"
+            ) from err
+
+    def check_columns(self, columns: Iterable[str]) -> None:
+        unknown = [c for c in columns if c not in self.schema.names]
+        if unknown:
+            raise ValueError(f"{self.name} has no column(s) {', '.join(unknown)}")
+
+    def check_schema(
+        self, schema: pa.Schema, where: str = "", columns: Sequence[str] | None = None
+    ) -> None:
+        """``ValueError`` naming every missing or mistyped column of ``schema`` (extra columns
+        are allowed); only ``columns`` when given."""
+        wanted = list(columns) if columns is not None else self.schema.names
+        missing = [c for c in wanted if c not in schema.names]
+        mistyped = [
+            f"{c} is {schema.field(c).type}, expected {self.schema.field(c).type}"
+            for c in wanted
+            if c in schema.names
+            and not _compatible(schema.field(c).type, self.schema.field(c).type)
+        ]
+        if missing or mistyped:
+            what = ([f"missing column(s) {', '.join(missing)}"] if missing else []) + mistyped
+            raise ValueError(
+                f"{where or self.name} is not a {self.name} table of pipeline.{self.stage}: "
+                f"{'; '.join(what)}"
+            )
+
+    def conform(self, table: pa.Table) -> pa.Table:
+        """``table`` with exactly this schema's columns, in order and cast (``ValueError``
+        naming what does not fit)."""
+        self.check_schema(table.schema)
+        return table.select(self.schema.names).cast(self.schema)
+
+    def write(self, folder: str, table: pa.Table, part: str | None = None, **options: Any) -> str:
+        """Write ``table`` into the output ``folder`` (whole, or never); returns its name there.
+
+        A table stored as parts needs ``part`` (its file name: ``part-<…>.parquet``). The
+        output is complete only once its ``Output.publish`` writes the manifest.
+        """
+        if self.file is None:
+            if not part:
+                raise ValueError(f"{self.name} is stored in parts: name the part")
+            name = part if part.endswith(".parquet") else f"{part}.parquet"
+        else:
+            name = self.file
+        storage.write_bytes(
+            storage.join(folder, name), parquet_bytes(self.conform(table), **options)
+        )
+        return name
+
+
+def _compatible(found: pa.DataType, expected: pa.DataType) -> bool:
+    if found.equals(expected):
+        return True
+    lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+    if any(f(found) for f in lists) and any(f(expected) for f in lists):
+        return _compatible(found.value_type, expected.value_type)
+    if pa.types.is_floating(found) and pa.types.is_floating(expected):
+        return True
+    if pa.types.is_integer(found) and pa.types.is_integer(expected):
+        return True
+    return (pa.types.is_string(found) or pa.types.is_large_string(found)) and (
+        pa.types.is_string(expected) or pa.types.is_large_string(expected)
+    )
+
+
+def parquet_bytes(table: pa.Table, **options: Any) -> bytes:
+    """A Parquet file's bytes (zstd unless ``options`` say otherwise)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **{"compression": "zstd", **options})
+    return sink.getvalue().to_pybytes()
+
+
+@dataclass(frozen=True)
+class Output:
+    """What one stage writes: its tables and the manifest that completes them."""
+
+    stage: str
+    tables: tuple[str, ...]
+    version: int = 1
+    folder: str | None = None
+    """A fixed folder name the output takes inside the given location (ingest's
+    ``images.parquet``); ``None``: the given location is the output."""
+
+    def locate(self, uri: str) -> str:
+        """The output folder for ``uri``: the folder, or one of its tables' files."""
+        text = str(uri).rstrip("/")
+        last = text.rsplit("/", 1)[-1]
+        files = {t.file for t in self.table_specs() if t.file}
+        if last in files or last == MANIFEST:
+            return text.rsplit("/", 1)[0]
+        if self.folder and last != self.folder:
+            return storage.join(text, self.folder)
+        return text
+
+    def table_specs(self) -> list[Table]:
+        return [TABLES[name] for name in self.tables]
+
+    def manifest_uri(self, uri: str) -> str:
+        return storage.join(self.locate(uri), MANIFEST)
+
+    def is_complete(self, uri: str) -> bool:
+        """Whether a complete output of this stage is at ``uri``."""
+        try:
+            self.manifest(uri)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def existing(self, uri: str) -> Manifest | None:
+        """The manifest of a complete output of this stage at ``uri``, or ``None``."""
+        try:
+            return self.manifest(uri)
+        except FileNotFoundError:
+            return None
+
+    def manifest(self, uri: str) -> Manifest:
+        """The manifest of the complete output at ``uri``; ``FileNotFoundError`` when nothing is
+        there, ``ValueError`` (one line) when it is unfinished or another stage's output."""
+        folder = self.locate(uri)
+        marker = storage.join(folder, MANIFEST)
+        try:
+            text = storage.read_text(marker)
+        except FileNotFoundError:
+            if storage.exists(folder):
+                raise ValueError(
+                    f"{folder} is not a complete {self.stage} output (no {MANIFEST}); "
+                    f"run pipeline.{self.stage} again to complete it"
+                ) from None
+            raise FileNotFoundError(
+                f"no {self.stage} output at {folder}; run pipeline.{self.stage} first"
+            ) from None
+        manifest = Manifest.from_json(text, storage.join(resolve(folder), MANIFEST))
+        if manifest.stage != self.stage:
+            raise ValueError(f"{folder} is a {manifest.stage} output, not a {self.stage} output")
+        if manifest.version != self.version:
+            raise ValueError(
+                f"{folder} is a {self.stage} output of format {manifest.version}, this code "
+                f"reads {self.version}; run pipeline.{self.stage} again with --overwrite"
+            )
+        return manifest
+
+    def fingerprint(self, inputs: Mapping[str, str], settings: Mapping[str, Any]) -> str:
+        return fingerprint(self.stage, self.version, inputs, _plain(dict(settings)))
+
+    def plan(
+        self,
+        uri: str,
+        inputs: Mapping[str, str],
+        settings: Mapping[str, Any],
+        *,
+        overwrite: bool = False,
+    ) -> tuple[str, Manifest | None]:
+        """What a run must do at ``uri``: ``("skip", manifest)`` when a complete output has this
+        fingerprint; ``("update", manifest)`` when one was made with these settings from other
+        inputs (the stage redoes what the new inputs touch); ``("new", None)`` when there is
+        none, or it is replaced (``overwrite``). An output made with other settings is an
+        ``OutputChanged`` naming each change, unless ``overwrite``.
+        """
+        try:
+            manifest = self.manifest(uri)
+        except FileNotFoundError:
+            return "new", None
+        except ValueError:
+            if overwrite or not storage.exists(self.manifest_uri(uri)):
+                return "new", None  # unfinished: the stage completes or redoes it
+            raise
+        if manifest.fingerprint == self.fingerprint(inputs, settings):
+            return "skip", manifest
+        changes = manifest.changed_settings(settings)
+        if changes and not overwrite:
+            raise OutputChanged(
+                f"{self.locate(uri)} was made with other settings ({'; '.join(changes)}); "
+                "run with --overwrite to replace it, or choose another --output"
+            )
+        if changes:
+            return "new", None
+        return "update", manifest
+
+    def publish(
+        self,
+        uri: str,
+        *,
+        inputs: Mapping[str, Manifest | str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        details: Mapping[str, Any] | None = None,
+        files: Mapping[str, Sequence[str]] | None = None,
+        rows: Mapping[str, int] | None = None,
+    ) -> Manifest:
+        """Write the manifest of the output at ``uri`` last: the output is complete from now.
+
+        ``inputs`` maps each input's name to its manifest (or, for an input that is no stage
+        output — a photo folder, a checkpoint — an identity string). ``files`` lists each
+        table's files in the folder: by default a table's own file, or every ``part-*`` file
+        for a table in parts. Row counts are read from the files' footers unless given.
+        """
+        folder = resolve(self.locate(uri))
+        settings = _plain(dict(settings or {}))
+        identities, sources = {}, {}
+        for name, value in (inputs or {}).items():
+            if isinstance(value, Manifest):
+                identities[name] = value.identity
+                where = value.uri.rsplit("/", 1)[0]
+                sources[name] = {"uri": where, "relative": _relative(where, folder)}
+            else:
+                identities[name] = str(value)
+        listed = dict(files) if files is not None else self._listed(folder)
+        sizes = _sizes(folder)
+        missing = [n for names in listed.values() for n in names if n not in sizes]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks {', '.join(missing[:3])}; cannot publish")
+        counts = dict(rows) if rows is not None else {}
+        for name, names in listed.items():
+            if name not in counts:
+                counts[name] = _count_rows([storage.join(folder, n) for n in names])
+        fp = self.fingerprint(identities, settings)
+        stored = {t: sorted((n, sizes[n]) for n in names) for t, names in listed.items()}
+        manifest = Manifest(
+            stage=self.stage,
+            version=self.version,
+            fingerprint=fp,
+            identity=_digest({"fingerprint": fp, "files": stored}),
+            inputs=identities,
+            sources=sources,
+            settings=settings,
+            files={t: sorted(names) for t, names in listed.items()},
+            rows=counts,
+            details=_plain(dict(details or {})),
+            code=code_version(),
+            created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            uri=storage.join(folder, MANIFEST),
+        )
+        storage.write_text(manifest.uri, manifest.to_json())
+        return manifest
+
+    def unpublish(self, uri: str) -> None:
+        """Remove the marker first: from now a reader sees the output as unfinished."""
+        storage.remove(self.manifest_uri(uri))
+
+    def clear(self, uri: str) -> None:
+        """Remove the whole output (marker first)."""
+        self.unpublish(uri)
+        storage.remove(self.locate(uri))
+
+    def _listed(self, folder: str) -> dict[str, list[str]]:
+        names = sorted(_sizes(folder))
+        listed: dict[str, list[str]] = {}
+        for table in self.table_specs():
+            if table.file is None:
+                listed[table.name] = [n for n in names if n.endswith(".parquet")]
+            elif table.file in names:
+                listed[table.name] = [table.file]
+            elif not table.optional:
+                raise FileNotFoundError(f"{folder} lacks {table.file}; cannot publish")
+        return listed
+
+
+def _sizes(folder: str) -> dict[str, int]:
+    """Name → size of every file directly in ``folder`` (one listing, also on S3)."""
+    filesystem, path = storage.arrow_filesystem(folder)
+    selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+    return {
+        info.base_name: int(info.size or 0)
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File and not info.base_name.startswith(".")
+    }
+
+
+def _count_rows(files: list[str]) -> int:
+    if not files:
+        return 0
+    filesystem, _ = storage.arrow_filesystem(files[0])
+    paths = [storage.arrow_filesystem(f)[1] for f in files]
+    return int(pads.dataset(paths, filesystem=filesystem, format="parquet").count_rows())
+
+
+# ----------------------------------------------------------------------------- the tables
+
+_VECTOR = pa.list_(pa.float32())
+
+TABLES: dict[str, Table] = {}
+OUTPUTS: dict[str, Output] = {}
+
+
+def _table(name: str, stage: str, fields: list[tuple[str, pa.DataType]], file: str | None,
+           optional: bool = False) -> Table:  # fmt: skip
+    spec = Table(name, stage, pa.schema(fields), file, optional)
+    TABLES[name] = spec
+    return spec
+
+
+def _output(stage: str, tables: Sequence[Table], folder: str | None = None) -> Output:
+    spec = Output(stage, tuple(t.name for t in tables), folder=folder)
+    OUTPUTS[stage] = spec
+    return spec
+
+
+IMAGES = _table("images", "ingest", [
+    ("image_id", pa.string()),  # null when the photo failed
+    ("uri", pa.string()),
+    ("width", pa.int32()),  # upright (EXIF rotation applied)
+    ("height", pa.int32()),
+    ("scene", pa.string()),
+    ("label", pa.string()),
+    ("error", pa.string()),  # null when fine, else "<kind>: <detail>"
+    ("format", pa.string()),  # as PIL names it
+    ("size_bytes", pa.int64()),
+    ("bytes", pa.binary()),  # the encoded photo, null when it failed
+], file=None)  # fmt: skip
+"""ingest: one row per source URI; usable exactly when ``error`` is null."""
+
+DESCRIPTORS = _table("descriptors", "extract", [
+    ("image_id", pa.string()),
+    ("vector", _VECTOR),  # L2-normalised; null when the photo could not be described
+    ("error", pa.string()),
+], file=None)  # fmt: skip
+"""extract: one row per usable photo (vectors of one dimension)."""
+
+GROUPS = _table("groups", "group", [
+    ("image_id", pa.string()), ("group_id", pa.int64()),
+], file="groups.parquet")  # fmt: skip
+"""group: each usable, described photo's candidate scene (-1: a singleton)."""
+
+CANDIDATES = _table("candidates", "group", [
+    ("image_id", pa.string()), ("group_id", pa.int64()), ("similarity", pa.float32()),
+], file="candidates.parquet", optional=True)  # fmt: skip
+"""group: leftover photos offered to other groups for SfM."""
+
+SFM_IMAGES = _table("sfm_images", "sfm", [
+    ("image_id", pa.string()), ("group_id", pa.int64()), ("attached", pa.bool_()),
+    ("model_id", pa.string()), ("registered", pa.bool_()), ("cluster_id", pa.int64()),
+    ("centre_x", pa.float64()), ("centre_y", pa.float64()), ("centre_z", pa.float64()),
+    ("point3d_ids", pa.list_(pa.int64())), ("scale", pa.float64()),
+    ("observations", pa.int64()),
+], file="sfm_images.parquet")  # fmt: skip
+"""sfm: one row per grouped photo, its model and 3D points where registered."""
+
+SFM_MODELS = _table("sfm_models", "sfm", [
+    ("model_id", pa.string()), ("group_id", pa.int64()), ("images", pa.int64()),
+    ("points", pa.int64()), ("mean_reprojection_error", pa.float64()),
+    ("mean_track_length", pa.float64()), ("mapper", pa.string()), ("seconds", pa.float64()),
+], file="sfm_models.parquet")  # fmt: skip
+
+SFM_GROUPS = _table("sfm_groups", "sfm", [
+    ("group_id", pa.int64()), ("photos", pa.int64()), ("offered", pa.int64()),
+    ("status", pa.string()), ("reason", pa.string()), ("seconds", pa.float64()),
+], file="sfm_groups.parquet")  # fmt: skip
+
+PAIRS = _table("pairs", "pairs", [
+    ("query_id", pa.string()), ("positives", pa.list_(pa.string())),
+    ("overlaps", pa.list_(pa.float32())), ("cluster_id", pa.int64()), ("model_id", pa.string()),
+], file="pairs.parquet")  # fmt: skip
+"""pairs: each query's positive candidates, best first."""
+
+WHITENING_PAIRS = _table("whitening_pairs", "pairs", [
+    ("query_id", pa.string()), ("positive_id", pa.string()),
+], file="whitening_pairs.parquet")  # fmt: skip
+"""pairs: each query with its most overlapping positive (learned whitening)."""
+
+POOL = _table("pool", "pairs", [
+    ("image_id", pa.string()), ("cluster_id", pa.int64()), ("model_id", pa.string()),
+], file="pool.parquet")  # fmt: skip
+"""pairs: every photo with a cluster (training's negative pool), its 3D model if registered."""
+
+INDEX_IDS = _table("index_ids", "index", [
+    ("id", pa.int64()), ("image_id", pa.string()),
+], file=None)  # fmt: skip
+"""index: a shard's id map (global id, image_id), beside the shard's FAISS file."""
+
+IMAGES_OUTPUT = _output("ingest", [IMAGES], folder="images.parquet")
+DESCRIPTORS_OUTPUT = _output("extract", [DESCRIPTORS])
+GROUPS_OUTPUT = _output("group", [GROUPS, CANDIDATES])
+SFM_OUTPUT = _output("sfm", [SFM_IMAGES, SFM_MODELS, SFM_GROUPS])
+PAIRS_OUTPUT = _output("pairs", [PAIRS, WHITENING_PAIRS, POOL])
+TRAIN_OUTPUT = _output("train", [])
+"""train: a checkpoint (``model.checkpoint``) with its metrics; the manifest completes the run."""
+WHITEN_OUTPUT = _output("whiten", [])
+"""whiten: a checkpoint with its learned whitening."""
+INDEX_VERSION = _output("index", [])
+"""index: a version folder ``INDEX/vN`` (FAISS shards and id maps listed in ``details``)."""
