@@ -10,9 +10,9 @@ Publishing never leaves a half-written result that looks whole:
 
 - ``write_bytes`` writes one file: locally to a temporary name in the same folder, then renamed;
   on an object store one PUT, which appears whole or not at all.
-- ``publish_directory`` stages a whole folder locally; locally it is renamed into place with its
-  marker inside, on an object store its files are uploaded first and the marker last, so a
-  reader that waits for the marker (``is_complete``) only ever sees complete folders.
+- ``publish_directory`` stages a whole folder locally; locally it is renamed into place whole,
+  on an object store its files are uploaded first and its marker (the file named ``last``)
+  after them, so a reader that waits for the marker only ever sees complete folders.
 """
 
 from __future__ import annotations
@@ -28,12 +28,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "SUCCESS",
     "arrow_filesystem",
     "bucket_problem",
     "exists",
     "file_signature",
-    "is_complete",
     "is_file",
     "is_remote",
     "join",
@@ -49,9 +47,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-SUCCESS = "_SUCCESS"
-"""The marker a published folder holds once it is complete."""
 
 _STAGED = ".staged"
 
@@ -235,36 +230,33 @@ def bucket_problem(uri: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def is_complete(uri: str | os.PathLike[str], marker: str = SUCCESS) -> bool:
-    """Whether the folder ``uri`` was published whole (its marker exists)."""
+SUCCESS = "_SUCCESS"  # TEMPORARY: removed once every stage publishes a manifest
+
+
+def is_complete(uri: str | os.PathLike[str], marker: str = SUCCESS) -> bool:  # TEMPORARY
     return is_file(join(uri, marker))
 
 
 @contextlib.contextmanager
-def publish_directory(
-    uri: str | os.PathLike[str], marker: str | None = SUCCESS, marker_text: str = ""
-) -> Iterator[Path]:
+def publish_directory(uri: str | os.PathLike[str], last: str | None = None) -> Iterator[Path]:
     """Yield a local staging folder; when the block ends without error, it is published at ``uri``.
 
-    Locally the staging folder sits beside the target and is renamed into place (an older
-    folder there is swapped out first); on an object store the old marker is deleted, the old
-    files removed, the new ones uploaded and the marker written last. An error in the block
-    publishes nothing and leaves what was at ``uri`` as it was. ``marker=None`` writes no
-    marker (the caller's own last file marks completion). ``FileExistsError`` when another
-    process published the same local folder in between.
+    Locally the staging folder sits beside the target and is renamed into place whole (an older
+    folder there is swapped out first); on an object store the old marker (the staged file
+    named ``last``) is deleted, the old files removed, the new ones uploaded and the marker
+    uploaded after all of them. An error in the block publishes nothing and leaves what was at
+    ``uri`` as it was. ``FileExistsError`` when another process published the same local folder
+    in between.
     """
     text = str(uri).rstrip("/")
     if is_remote(text):
         staging = Path(tempfile.mkdtemp(prefix="cirray-publish-"))
         try:
             yield staging
-            if marker:
-                (staging / marker).unlink(missing_ok=True)
-                remove(join(text, marker))
+            if last:
+                remove(join(text, last))
             remove(text)
-            _upload_tree(staging, text)
-            if marker:
-                write_text(join(text, marker), marker_text)
+            _upload_tree(staging, text, last)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return
@@ -275,8 +267,6 @@ def publish_directory(
     )
     try:
         yield staging
-        if marker:
-            (staging / marker).write_text(marker_text)
         _swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -298,8 +288,9 @@ def _swap_in(staging: Path, target: Path) -> None:
             shutil.rmtree(retired, ignore_errors=True)
 
 
-def _upload_tree(local: Path, uri: str) -> None:
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+def _upload_tree(local: Path, uri: str, last: str | None) -> None:
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    for path in sorted(files, key=lambda p: p.relative_to(local).as_posix() == last):
         write_bytes(join(uri, path.relative_to(local).as_posix()), path.read_bytes())
 
 
@@ -325,8 +316,9 @@ def stage_to_local(uri: str | os.PathLike[str], cache_dir: str | os.PathLike[str
     if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"nothing at {text}")
     logger.info("copying %s to %s", text, target)
-    with publish_directory(target, marker=_STAGED, marker_text=text) as staging:
+    with publish_directory(target, last=_STAGED) as staging:
         pafs.copy_files(path, str(staging), source_filesystem=filesystem, use_threads=True)
+        (staging / _STAGED).write_text(text)
     return target
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from model import storage
+from model import storage, tables
 from model.datasets import landmarks
 from model.datasets.landmarks import (
     CONFS,
@@ -271,7 +270,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cameras(tiny_dir: Path) -> dict[str, dict]:
-    return {row["name"]: row for row in pq.read_table(tiny_dir / "cameras.parquet").to_pylist()}
+    return {row["name"]: row for row in landmarks.load_cameras(tiny_dir).to_pylist()}
 
 
 @pytest.fixture(scope="module")
@@ -280,8 +279,11 @@ def ground_truth(tiny_dir: Path) -> dict:
 
 
 def _files(root: Path) -> dict[str, bytes]:
+    """Every file of a collection but its manifest (which records when it was written)."""
     return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != tables.MANIFEST
     }
 
 
@@ -322,7 +324,7 @@ def test_layout_is_the_revisited_one(tiny_dir: Path, ground_truth: dict, cameras
         LandmarksConf(**{**config["config"], "image_size": tuple(config["config"]["image_size"])})
         == TINY
     )
-    assert (tiny_dir / "_SUCCESS").is_file()
+    assert (tiny_dir / tables.MANIFEST).is_file()
     assert not [p for p in tiny_dir.parent.iterdir() if p.name.startswith(".")], "temporary left"
 
 
@@ -473,7 +475,7 @@ def _shared_area_small(query_visible: np.ndarray, image: tuple, conf: LandmarksC
 
 
 def test_rerun_finds_the_collection_and_skips(tiny_dir: Path) -> None:
-    marker = tiny_dir / "_SUCCESS"
+    marker = tiny_dir / tables.MANIFEST
     photo = tiny_dir / "jpg" / "lm00_v00.jpg"
     before = (marker.stat().st_mtime_ns, photo.stat().st_mtime_ns)
     assert generate(TINY, tiny_dir.parent, progress=False) == tiny_dir
@@ -493,10 +495,10 @@ def test_cli_reports_the_collection(tiny_dir: Path, capsys: pytest.CaptureFixtur
 
 def test_overwrite_regenerates(tmp_path: Path) -> None:
     out = generate(SMALL, tmp_path, progress=False)
-    before = (out / "_SUCCESS").stat().st_mtime_ns
+    before = (out / tables.MANIFEST).stat().st_mtime_ns
     files = _files(out)
     assert generate(SMALL, tmp_path, overwrite=True, progress=False) == out
-    assert (out / "_SUCCESS").stat().st_mtime_ns != before
+    assert (out / tables.MANIFEST).stat().st_mtime_ns != before
     assert _files(out) == files
     assert [p.name for p in tmp_path.iterdir()] == [SMALL.name]
 
@@ -525,12 +527,16 @@ def test_generates_to_s3_and_skips_when_complete(
     root = f"s3://{s3_bucket}/data"
     out = generate(SMALL, root, progress=False)
     assert out == f"{root}/{SMALL.name}"
-    marker = storage.join(out, "_SUCCESS")
-    assert storage.read_text(marker) == SMALL.digest() + "\n"
+    marker = storage.join(out, tables.MANIFEST)
+    assert tables.LANDMARKS_OUTPUT.manifest(out).details["digest"] == SMALL.digest()
     assert storage.is_file(storage.join(out, f"gnd_{SMALL.name}.pkl"))
     assert load_ground_truth(out)["qimlist"] == ["lm00_q0"]
     local = generate(SMALL, tmp_path, progress=False)  # the same bytes as a local collection
-    uploaded = {name.removeprefix(f"{out}/"): name for name in storage.list_files(out)}
+    uploaded = {
+        name.removeprefix(f"{out}/"): name
+        for name in storage.list_files(out)
+        if not name.endswith(tables.MANIFEST)
+    }
     assert uploaded.keys() == _files(local).keys()
     assert all(storage.read_bytes(uploaded[n]) == b for n, b in _files(local).items())
 
@@ -551,7 +557,7 @@ def test_a_failure_while_writing_publishes_nothing(
     write_collection = landmarks.writer.write_collection
 
     def write_then_fail(conf: LandmarksConf, out: Path, progress: bool) -> None:
-        write_collection(conf, out, progress)  # every file but _SUCCESS is staged
+        write_collection(conf, out, progress)  # every file but the manifest is staged
         assert (out / f"gnd_{conf.name}.pkl").is_file()
         raise RuntimeError("disk full")
 
@@ -567,7 +573,7 @@ def test_a_failure_while_writing_publishes_nothing(
 
 def test_an_incomplete_collection_is_reported(tmp_path: Path) -> None:
     (tmp_path / SMALL.name / "jpg").mkdir(parents=True)
-    with pytest.raises(IncompleteDatasetError, match="_SUCCESS"):
+    with pytest.raises(IncompleteDatasetError, match="no complete landmark collection"):
         load_ground_truth(tmp_path / SMALL.name)
     out = generate(SMALL, tmp_path, progress=False)  # a partial directory is replaced
     assert load_ground_truth(out)["qimlist"] == ["lm00_q0"]

@@ -43,29 +43,30 @@ def test_write_read_list_remove(base: str) -> None:
 
 def test_publish_directory_appears_whole_or_not_at_all(base: str) -> None:
     target = storage.join(base, "result")
-    with storage.publish_directory(target, marker_text="v1") as staging:
+    with storage.publish_directory(target, last="marker") as staging:
+        (staging / "marker").write_text("v1")
         (staging / "part-0.bin").write_bytes(b"one")
         (staging / "sub").mkdir()
         (staging / "sub" / "part-1.bin").write_bytes(b"two")
         assert not storage.exists(target)  # nothing visible before the block ends
-    assert storage.is_complete(target)
-    assert storage.read_text(storage.join(target, storage.SUCCESS)) == "v1"
+    assert storage.read_text(storage.join(target, "marker")) == "v1"
     assert storage.read_bytes(storage.join(target, "sub/part-1.bin")) == b"two"
 
     # A failed rewrite leaves v1 as it was.
     with (
         pytest.raises(RuntimeError, match="crash"),
-        storage.publish_directory(target, marker_text="v2") as staging,
+        storage.publish_directory(target, last="marker") as staging,
     ):
         (staging / "part-0.bin").write_bytes(b"half")
         raise RuntimeError("crash")
     assert storage.read_bytes(storage.join(target, "part-0.bin")) == b"one"
-    assert storage.read_text(storage.join(target, storage.SUCCESS)) == "v1"
+    assert storage.read_text(storage.join(target, "marker")) == "v1"
 
-    with storage.publish_directory(target, marker_text="v3") as staging:  # a rewrite replaces
+    with storage.publish_directory(target, last="marker") as staging:  # a rewrite replaces
         (staging / "only.bin").write_bytes(b"three")
+        (staging / "marker").write_text("v3")
     names = sorted(f.rsplit("/", 1)[-1] for f in storage.list_files(target))
-    assert names == [storage.SUCCESS, "only.bin"]
+    assert names == ["marker", "only.bin"]
 
 
 def test_local_write_leaves_no_temporary_file(tmp_path: Path) -> None:

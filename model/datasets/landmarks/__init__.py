@@ -14,7 +14,7 @@ The output is laid out like the revisited Oxford and Paris sets (cnnimageretriev
                                        (-1: distractor), fx fy cx cy width height, R (9, row-
                                        major, world to camera), t, centre, landmark_centre
     <root>/<name>/config.json          the configuration and its digest
-    <root>/<name>/_SUCCESS             written last: the set is complete only when it exists
+    <root>/<name>/manifest.json        written last: the set is complete only when it exists
 
 The retrieval ground truth comes from the geometry. A photo sees those of its landmark's surface
 samples that are in frame and not occluded (by the depth buffer). For a query and a database
@@ -49,7 +49,7 @@ The package, one job a module, in the order the generator uses them:
     dataset       the file names, the camera table and reading a complete collection back
     writer        writing the photos and the tables into a directory
     publish       generate: staging, then publishing through the storage layer (a rename into
-                  place locally, an upload with `_SUCCESS` last to `s3://`)
+                  place locally, an upload with the manifest last to `s3://`)
     cli           the command line (also `python -m pipeline.landmarks`)
 """
 
@@ -62,10 +62,8 @@ from model.datasets.landmarks.conf import (
     LandmarksConf,
 )
 from model.datasets.landmarks.dataset import (
-    CAMERAS_FILE,
     CONFIG_FILE,
     IMAGE_DIR,
-    SUCCESS_FILE,
     DatasetConflictError,
     IncompleteDatasetError,
     camera_from_record,
@@ -80,14 +78,12 @@ from model.datasets.landmarks.scene import Scene, build_scene, texture_density
 from model.datasets.landmarks.style import RGB
 
 __all__ = [
-    "CAMERAS_FILE",
     "CONFIG_FILE",
     "CONFS",
     "GENERATOR_VERSION",
     "IMAGE_DIR",
     "MIN_VIEWS_FOR_SFM",
     "RGB",
-    "SUCCESS_FILE",
     "Args",
     "DatasetConflictError",
     "IncompleteDatasetError",

@@ -8,22 +8,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from model import storage
+from model import storage, tables
 from model.datasets.landmarks.cameras import Shot
 from model.datasets.landmarks.render import Camera
 from model.datasets.landmarks.scene import Scene
 from model.datasets.revisited import load_ground_truth_pickle
 
-SUCCESS_FILE = "_SUCCESS"
-CAMERAS_FILE = "cameras.parquet"
 CONFIG_FILE = "config.json"
 IMAGE_DIR = "jpg"
 
 
 class IncompleteDatasetError(FileNotFoundError):
-    """The data set directory lacks `_SUCCESS`: it is missing, partial or still being written."""
+    """The data set directory has no manifest: it is missing, partial or still being written."""
 
 
 class DatasetConflictError(FileExistsError):
@@ -50,23 +47,7 @@ def camera_record(shot: Shot, scene: Scene) -> dict[str, Any]:
     }
 
 
-CAMERA_SCHEMA = pa.schema(
-    [
-        ("name", pa.string()),
-        ("role", pa.string()),
-        ("landmark", pa.int32()),
-        ("fx", pa.float64()),
-        ("fy", pa.float64()),
-        ("cx", pa.float64()),
-        ("cy", pa.float64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("R", pa.list_(pa.float64(), 9)),
-        ("t", pa.list_(pa.float64(), 3)),
-        ("centre", pa.list_(pa.float64(), 3)),
-        ("landmark_centre", pa.list_(pa.float64(), 3)),
-    ]
-)
+CAMERA_SCHEMA = tables.CAMERAS.schema
 
 
 def camera_from_record(record: Mapping[str, Any]) -> Camera:
@@ -80,13 +61,14 @@ def camera_from_record(record: Mapping[str, Any]) -> Camera:
     )
 
 
-def _require_complete(dataset_dir: str | Path) -> None:
-    if not storage.is_file(storage.join(dataset_dir, SUCCESS_FILE)):
+def _require_complete(dataset_dir: str | Path) -> tables.Manifest:
+    try:
+        return tables.LANDMARKS_OUTPUT.manifest(str(dataset_dir))
+    except (OSError, ValueError) as err:
         raise IncompleteDatasetError(
-            f"{dataset_dir} has no {SUCCESS_FILE}: the landmark collection there is missing or "
-            "incomplete; generate it with generate(conf, root) or "
-            "`python -m pipeline.landmarks --conf <preset> --root <dir>`"
-        )
+            f"{dataset_dir} is no complete landmark collection ({err}); generate it with "
+            "generate(conf, root) or `python -m pipeline.landmarks --conf <preset> --root <dir>`"
+        ) from None
 
 
 def _dataset_name(dataset_dir: str | Path) -> str:
@@ -108,9 +90,7 @@ def load_ground_truth(dataset_dir: str | Path) -> dict[str, Any]:
 
 def load_cameras(dataset_dir: str | Path) -> pa.Table:
     """The camera table (one row per image) of a complete collection (local path or URI)."""
-    _require_complete(dataset_dir)
-    data = storage.read_bytes(storage.join(dataset_dir, CAMERAS_FILE))
-    return pq.read_table(pa.BufferReader(data))
+    return tables.CAMERAS.read_from(_require_complete(dataset_dir))
 
 
 def write_scene_manifest(dataset_dir: str | Path, path: str | Path) -> Path:

@@ -1,15 +1,15 @@
-"""Generating a collection: staged locally and published through the storage layer with
-`_SUCCESS` written last, kept when a complete one of the same configuration is already there."""
+"""Generating a collection: staged locally and published through the storage layer with its
+manifest written last, kept when a complete one of the same configuration is already there."""
 
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
-from model import storage
+from model import storage, tables
 from model.datasets.landmarks.conf import LandmarksConf
-from model.datasets.landmarks.dataset import CONFIG_FILE, SUCCESS_FILE, DatasetConflictError
+from model.datasets.landmarks.dataset import DatasetConflictError
 from model.datasets.landmarks.writer import write_collection
 
 logger = logging.getLogger(__package__)  # "model.datasets.landmarks"
@@ -17,12 +17,11 @@ logger = logging.getLogger(__package__)  # "model.datasets.landmarks"
 
 def _existing_digest(out: str) -> str | None:
     """The digest of a complete collection at `out`, None when there is none ("" unreadable)."""
-    if not storage.is_file(storage.join(out, SUCCESS_FILE)):
-        return None
     try:
-        return json.loads(storage.read_text(storage.join(out, CONFIG_FILE)))["digest"]
-    except (OSError, ValueError, KeyError):
+        manifest = tables.LANDMARKS_OUTPUT.existing(out)
+    except ValueError:
         return ""
+    return None if manifest is None else str(manifest.details.get("digest", ""))
 
 
 def _check_existing(conf: LandmarksConf, out: str) -> bool:
@@ -48,8 +47,8 @@ def generate(
     as it is (the call returns at once) unless `overwrite`; a complete one of another
     configuration raises `DatasetConflictError` unless `overwrite`. Everything is written to a
     local staging directory and published by `model.storage.publish_directory`: locally renamed
-    into place with `_SUCCESS` inside, on an object store uploaded with `_SUCCESS` last, so a
-    crash never leaves a set that looks whole.
+    into place with its manifest inside, on an object store uploaded with the manifest last, so
+    a crash never leaves a set that looks whole.
     """
     out = storage.join(root, conf.name)
     location: Path | str = out if storage.is_remote(out) else storage.local_path(out)
@@ -59,10 +58,11 @@ def generate(
         )
         return location
     try:
-        with storage.publish_directory(
-            out, marker=SUCCESS_FILE, marker_text=conf.digest() + "\n"
-        ) as staging:
+        with storage.publish_directory(out, last=tables.MANIFEST) as staging:
             write_collection(conf, staging, progress)
+            tables.LANDMARKS_OUTPUT.publish(
+                str(staging), settings=asdict(conf), details={"digest": conf.digest()}
+            )
     except FileExistsError:
         # Another process published the same local folder meanwhile: the same bytes if it is
         # the same configuration, so its copy is kept.

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from model import tables
 from model.datasets.landmarks.cameras import Shot, distractor_shot, landmark_shots
 from model.datasets.landmarks.conf import GENERATOR_VERSION, LandmarksConf
 from model.datasets.landmarks.dataset import (
     CAMERA_SCHEMA,
-    CAMERAS_FILE,
     CONFIG_FILE,
     IMAGE_DIR,
     camera_record,
@@ -93,9 +92,7 @@ def write_collection(conf: LandmarksConf, out: Path, progress: bool) -> None:
 
 
 def _write_tables(conf: LandmarksConf, out: Path, collection: _Collection) -> None:
-    pq.write_table(
-        pa.Table.from_pylist(collection.records, schema=CAMERA_SCHEMA), out / CAMERAS_FILE
-    )
+    tables.CAMERAS.write(str(out), pa.Table.from_pylist(collection.records, schema=CAMERA_SCHEMA))
     ground_truth = {
         "imlist": collection.database,
         "qimlist": collection.queries,
