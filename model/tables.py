@@ -44,6 +44,7 @@ from pyarrow import fs as pafs
 from model import storage
 
 __all__ = [
+    "CAMERAS",
     "CANDIDATES",
     "DESCRIPTORS",
     "DESCRIPTORS_OUTPUT",
@@ -52,6 +53,7 @@ __all__ = [
     "IMAGES",
     "IMAGES_OUTPUT",
     "INDEX_VERSION",
+    "LANDMARKS_OUTPUT",
     "MANIFEST",
     "OUTPUTS",
     "PAIRS",
@@ -350,6 +352,16 @@ class Table:
         bad = [t for t in found if isinstance(t, str)]
         return (pa.concat_tables(tables) if tables else schema.empty_table()), bad
 
+    def parts(self, uri: str) -> list[str]:
+        """The part files now in an output folder that may be unfinished (a resume that
+        rewrites or removes some of them); readers of finished outputs use ``read``."""
+        if self.file is not None:
+            raise ValueError(f"{self.name} is one file, not parts")
+        folder = self.output.locate(uri)
+        if not storage.exists(folder):
+            return []
+        return [storage.join(folder, n) for n in sorted(_sizes(folder)) if n.endswith(".parquet")]
+
     def dataset(self, uri: str) -> pads.Dataset:
         """The table of a complete output as a pyarrow dataset (lazily read, by part)."""
         manifest = self.output.manifest(uri)
@@ -465,6 +477,13 @@ def parquet_bytes(table: pa.Table, **options: Any) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def read_parquet_file(uri: str) -> pa.Table:
+    """A Parquet file that is no stage's table (a photo manifest a user gives ingest)."""
+    filesystem, path = storage.arrow_filesystem(uri)
+    with filesystem.open_input_file(path) as handle:
+        return pq.ParquetFile(handle).read()
+
+
 @dataclass(frozen=True)
 class Output:
     """What one stage writes: its tables and the manifest that completes them."""
@@ -502,10 +521,15 @@ class Output:
         return True
 
     def existing(self, uri: str) -> Manifest | None:
-        """The manifest of a complete output of this stage at ``uri``, or ``None``."""
+        """The manifest of a complete output of this stage at ``uri``; ``None`` when there is
+        none or only an unfinished one; ``ValueError`` for another stage's or format's."""
         try:
             return self.manifest(uri)
         except FileNotFoundError:
+            return None
+        except ValueError:
+            if storage.is_file(self.manifest_uri(uri)):
+                raise
             return None
 
     def manifest(self, uri: str) -> Manifest:
@@ -766,6 +790,16 @@ DESCRIPTORS_OUTPUT = _output("extract", [DESCRIPTORS])
 GROUPS_OUTPUT = _output("group", [GROUPS, CANDIDATES])
 SFM_OUTPUT = _output("sfm", [SFM_IMAGES, SFM_MODELS, SFM_GROUPS])
 PAIRS_OUTPUT = _output("pairs", [PAIRS, WHITENING_PAIRS, POOL])
+CAMERAS = _table("cameras", "landmarks", [
+    ("name", pa.string()), ("role", pa.string()), ("landmark", pa.int32()),
+    ("fx", pa.float64()), ("fy", pa.float64()), ("cx", pa.float64()), ("cy", pa.float64()),
+    ("width", pa.int32()), ("height", pa.int32()),
+    ("R", pa.list_(pa.float64(), 9)), ("t", pa.list_(pa.float64(), 3)),
+    ("centre", pa.list_(pa.float64(), 3)), ("landmark_centre", pa.list_(pa.float64(), 3)),
+], file="cameras.parquet")  # fmt: skip
+"""landmarks: the built-in collection's cameras, a row per photo (``model.datasets.landmarks``)."""
+
+LANDMARKS_OUTPUT = _output("landmarks", [CAMERAS])
 TRAIN_OUTPUT = _output("train", [])
 """train: a checkpoint (``model.checkpoint``) with its metrics; the manifest completes the run."""
 WHITEN_OUTPUT = _output("whiten", [])
