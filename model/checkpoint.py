@@ -14,13 +14,15 @@ import hashlib
 import io
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from model import storage
 from model.networks import META_FORMAT, NetworkMeta, RetrievalNet, meta_from_json, network_from
+from model.tables import code_version
 from model.whitening import WhiteningParams, load_whitening, whitening_bytes
 
 __all__ = [
@@ -108,8 +110,6 @@ def load(uri: str, *, device: str = "cpu") -> Checkpoint:
     ``FileNotFoundError`` when it is not a checkpoint, ``ValueError`` when its files do not
     match the identity its ``meta.json`` records (changed after it was written).
     """
-    import torch
-
     base = str(uri).rstrip("/")
     meta = read_meta(base)
     weights = storage.read_bytes(storage.join(base, MODEL_FILE))
@@ -143,8 +143,6 @@ def save(
     ``load`` returned. ``extra`` goes into ``meta.json`` beside the network's meta. Returns the
     checkpoint's identity.
     """
-    import torch
-
     base = str(uri).rstrip("/")
     meta_uri = storage.join(base, META_FILE)
     if storage.is_file(meta_uri):
@@ -167,19 +165,11 @@ def save(
         "format": META_FORMAT,
         **network_meta_json(network.meta),
         "identity": found,
-        "extra": {**network.meta.extra, **dict(extra or {}), "code": _code_version()},
+        "extra": {**network.meta.extra, **dict(extra or {}), "code": code_version()},
     }
     storage.write_text(meta_uri, json.dumps(meta, indent=2, sort_keys=True, default=str))
     return found
 
 
 def network_meta_json(meta: NetworkMeta) -> dict[str, Any]:
-    from dataclasses import asdict
-
     return asdict(meta)
-
-
-def _code_version() -> str:
-    from model.tables import code_version
-
-    return code_version()

@@ -29,6 +29,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import posixpath
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -112,8 +113,12 @@ def code_version() -> str:
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=root, capture_output=True, text=True, check=True, timeout=5,
-        ).stdout.strip()  # fmt: skip
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return version
     return f"{version}+g{sha}" if sha else version
@@ -141,8 +146,6 @@ def _relative(uri: str, base: str) -> str | None:
 
 
 def _posix_relpath(path: str, start: str) -> str:
-    import posixpath
-
     return posixpath.relpath(path, start)
 
 
@@ -202,9 +205,19 @@ class Manifest:
                 "run the stage again with --overwrite"
             )
         keys = {
-            "stage", "version", "fingerprint", "identity", "inputs", "sources", "settings",
-            "files", "rows", "details", "code", "created",
-        }  # fmt: skip
+            "stage",
+            "version",
+            "fingerprint",
+            "identity",
+            "inputs",
+            "sources",
+            "settings",
+            "files",
+            "rows",
+            "details",
+            "code",
+            "created",
+        }
         return cls(**{k: v for k, v in data.items() if k in keys}, uri=uri)
 
     def source(self, name: str) -> str:
@@ -230,8 +243,6 @@ class Manifest:
 
 
 def _join_relative(folder: str, relative: str) -> str:
-    import posixpath
-
     if storage.is_remote(folder):
         scheme, _, path = folder.partition("://")
         return f"{scheme}://{posixpath.normpath(posixpath.join(path, relative))}"
@@ -373,7 +384,7 @@ class Table:
     def ray_dataset(self, uri: str, columns: Sequence[str] | None = None) -> Any:
         """The table of a complete output as a Ray dataset: its listed files, read by Ray Data's
         tasks where the work runs (one block per file), ``columns`` only."""
-        import ray.data
+        import ray.data  # Ray only where a stage runs on it: cluster/ and SfM workers read too
 
         manifest = self.output.manifest(uri)
         files = self.files(manifest)
@@ -700,8 +711,13 @@ TABLES: dict[str, Table] = {}
 OUTPUTS: dict[str, Output] = {}
 
 
-def _table(name: str, stage: str, fields: list[tuple[str, pa.DataType]], file: str | None,
-           optional: bool = False) -> Table:  # fmt: skip
+def _table(
+    name: str,
+    stage: str,
+    fields: list[tuple[str, pa.DataType]],
+    file: str | None,
+    optional: bool = False,
+) -> Table:
     spec = Table(name, stage, pa.schema(fields), file, optional)
     TABLES[name] = spec
     return spec
@@ -713,76 +729,158 @@ def _output(stage: str, tables: Sequence[Table], folder: str | None = None) -> O
     return spec
 
 
-IMAGES = _table("images", "ingest", [
-    ("image_id", pa.string()),  # null when the photo failed
-    ("uri", pa.string()),
-    ("width", pa.int32()),  # upright (EXIF rotation applied)
-    ("height", pa.int32()),
-    ("scene", pa.string()),
-    ("label", pa.string()),
-    ("error", pa.string()),  # null when fine, else "<kind>: <detail>"
-    ("format", pa.string()),  # as PIL names it
-    ("size_bytes", pa.int64()),
-    ("bytes", pa.binary()),  # the encoded photo, null when it failed
-], file=None)  # fmt: skip
+IMAGES = _table(
+    "images",
+    "ingest",
+    [
+        ("image_id", pa.string()),  # null when the photo failed
+        ("uri", pa.string()),
+        ("width", pa.int32()),  # upright (EXIF rotation applied)
+        ("height", pa.int32()),
+        ("scene", pa.string()),
+        ("label", pa.string()),
+        ("error", pa.string()),  # null when fine, else "<kind>: <detail>"
+        ("format", pa.string()),  # as PIL names it
+        ("size_bytes", pa.int64()),
+        ("bytes", pa.binary()),  # the encoded photo, null when it failed
+    ],
+    file=None,
+)
 """ingest: one row per source URI; usable exactly when ``error`` is null."""
 
-DESCRIPTORS = _table("descriptors", "extract", [
-    ("image_id", pa.string()),
-    ("vector", _VECTOR),  # L2-normalised; null when the photo could not be described
-    ("error", pa.string()),
-], file=None)  # fmt: skip
+DESCRIPTORS = _table(
+    "descriptors",
+    "extract",
+    [
+        ("image_id", pa.string()),
+        ("vector", _VECTOR),  # L2-normalised; null when the photo could not be described
+        ("error", pa.string()),
+    ],
+    file=None,
+)
 """extract: one row per usable photo (vectors of one dimension)."""
 
-GROUPS = _table("groups", "group", [
-    ("image_id", pa.string()), ("group_id", pa.int64()),
-], file="groups.parquet")  # fmt: skip
+GROUPS = _table(
+    "groups",
+    "group",
+    [
+        ("image_id", pa.string()),
+        ("group_id", pa.int64()),
+    ],
+    file="groups.parquet",
+)
 """group: each usable, described photo's candidate scene (-1: a singleton)."""
 
-CANDIDATES = _table("candidates", "group", [
-    ("image_id", pa.string()), ("group_id", pa.int64()), ("similarity", pa.float32()),
-], file="candidates.parquet", optional=True)  # fmt: skip
+CANDIDATES = _table(
+    "candidates",
+    "group",
+    [
+        ("image_id", pa.string()),
+        ("group_id", pa.int64()),
+        ("similarity", pa.float32()),
+    ],
+    file="candidates.parquet",
+    optional=True,
+)
 """group: leftover photos offered to other groups for SfM."""
 
-SFM_IMAGES = _table("sfm_images", "sfm", [
-    ("image_id", pa.string()), ("group_id", pa.int64()), ("attached", pa.bool_()),
-    ("model_id", pa.string()), ("registered", pa.bool_()), ("cluster_id", pa.int64()),
-    ("centre_x", pa.float64()), ("centre_y", pa.float64()), ("centre_z", pa.float64()),
-    ("point3d_ids", pa.list_(pa.int64())), ("scale", pa.float64()),
-    ("observations", pa.int64()),
-], file="sfm_images.parquet")  # fmt: skip
+SFM_IMAGES = _table(
+    "sfm_images",
+    "sfm",
+    [
+        ("image_id", pa.string()),
+        ("group_id", pa.int64()),
+        ("attached", pa.bool_()),
+        ("model_id", pa.string()),
+        ("registered", pa.bool_()),
+        ("cluster_id", pa.int64()),
+        ("centre_x", pa.float64()),
+        ("centre_y", pa.float64()),
+        ("centre_z", pa.float64()),
+        ("point3d_ids", pa.list_(pa.int64())),
+        ("scale", pa.float64()),
+        ("observations", pa.int64()),
+    ],
+    file="sfm_images.parquet",
+)
 """sfm: one row per grouped photo, its model and 3D points where registered."""
 
-SFM_MODELS = _table("sfm_models", "sfm", [
-    ("model_id", pa.string()), ("group_id", pa.int64()), ("images", pa.int64()),
-    ("points", pa.int64()), ("mean_reprojection_error", pa.float64()),
-    ("mean_track_length", pa.float64()), ("mapper", pa.string()), ("seconds", pa.float64()),
-], file="sfm_models.parquet")  # fmt: skip
+SFM_MODELS = _table(
+    "sfm_models",
+    "sfm",
+    [
+        ("model_id", pa.string()),
+        ("group_id", pa.int64()),
+        ("images", pa.int64()),
+        ("points", pa.int64()),
+        ("mean_reprojection_error", pa.float64()),
+        ("mean_track_length", pa.float64()),
+        ("mapper", pa.string()),
+        ("seconds", pa.float64()),
+    ],
+    file="sfm_models.parquet",
+)
 
-SFM_GROUPS = _table("sfm_groups", "sfm", [
-    ("group_id", pa.int64()), ("photos", pa.int64()), ("offered", pa.int64()),
-    ("status", pa.string()), ("reason", pa.string()), ("seconds", pa.float64()),
-], file="sfm_groups.parquet")  # fmt: skip
+SFM_GROUPS = _table(
+    "sfm_groups",
+    "sfm",
+    [
+        ("group_id", pa.int64()),
+        ("photos", pa.int64()),
+        ("offered", pa.int64()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("seconds", pa.float64()),
+    ],
+    file="sfm_groups.parquet",
+)
 
-PAIRS = _table("pairs", "pairs", [
-    ("query_id", pa.string()), ("positives", pa.list_(pa.string())),
-    ("overlaps", pa.list_(pa.float32())), ("cluster_id", pa.int64()), ("model_id", pa.string()),
-], file="pairs.parquet")  # fmt: skip
+PAIRS = _table(
+    "pairs",
+    "pairs",
+    [
+        ("query_id", pa.string()),
+        ("positives", pa.list_(pa.string())),
+        ("overlaps", pa.list_(pa.float32())),
+        ("cluster_id", pa.int64()),
+        ("model_id", pa.string()),
+    ],
+    file="pairs.parquet",
+)
 """pairs: each query's positive candidates, best first."""
 
-WHITENING_PAIRS = _table("whitening_pairs", "pairs", [
-    ("query_id", pa.string()), ("positive_id", pa.string()),
-], file="whitening_pairs.parquet")  # fmt: skip
+WHITENING_PAIRS = _table(
+    "whitening_pairs",
+    "pairs",
+    [
+        ("query_id", pa.string()),
+        ("positive_id", pa.string()),
+    ],
+    file="whitening_pairs.parquet",
+)
 """pairs: each query with its most overlapping positive (learned whitening)."""
 
-POOL = _table("pool", "pairs", [
-    ("image_id", pa.string()), ("cluster_id", pa.int64()), ("model_id", pa.string()),
-], file="pool.parquet")  # fmt: skip
+POOL = _table(
+    "pool",
+    "pairs",
+    [
+        ("image_id", pa.string()),
+        ("cluster_id", pa.int64()),
+        ("model_id", pa.string()),
+    ],
+    file="pool.parquet",
+)
 """pairs: every photo with a cluster (training's negative pool), its 3D model if registered."""
 
-INDEX_IDS = _table("index_ids", "index", [
-    ("id", pa.int64()), ("image_id", pa.string()),
-], file=None)  # fmt: skip
+INDEX_IDS = _table(
+    "index_ids",
+    "index",
+    [
+        ("id", pa.int64()),
+        ("image_id", pa.string()),
+    ],
+    file=None,
+)
 """index: a shard's id map (global id, image_id), beside the shard's FAISS file."""
 
 IMAGES_OUTPUT = _output("ingest", [IMAGES], folder="images.parquet")
@@ -790,13 +888,26 @@ DESCRIPTORS_OUTPUT = _output("extract", [DESCRIPTORS])
 GROUPS_OUTPUT = _output("group", [GROUPS, CANDIDATES])
 SFM_OUTPUT = _output("sfm", [SFM_IMAGES, SFM_MODELS, SFM_GROUPS])
 PAIRS_OUTPUT = _output("pairs", [PAIRS, WHITENING_PAIRS, POOL])
-CAMERAS = _table("cameras", "landmarks", [
-    ("name", pa.string()), ("role", pa.string()), ("landmark", pa.int32()),
-    ("fx", pa.float64()), ("fy", pa.float64()), ("cx", pa.float64()), ("cy", pa.float64()),
-    ("width", pa.int32()), ("height", pa.int32()),
-    ("R", pa.list_(pa.float64(), 9)), ("t", pa.list_(pa.float64(), 3)),
-    ("centre", pa.list_(pa.float64(), 3)), ("landmark_centre", pa.list_(pa.float64(), 3)),
-], file="cameras.parquet")  # fmt: skip
+CAMERAS = _table(
+    "cameras",
+    "landmarks",
+    [
+        ("name", pa.string()),
+        ("role", pa.string()),
+        ("landmark", pa.int32()),
+        ("fx", pa.float64()),
+        ("fy", pa.float64()),
+        ("cx", pa.float64()),
+        ("cy", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("R", pa.list_(pa.float64(), 9)),
+        ("t", pa.list_(pa.float64(), 3)),
+        ("centre", pa.list_(pa.float64(), 3)),
+        ("landmark_centre", pa.list_(pa.float64(), 3)),
+    ],
+    file="cameras.parquet",
+)
 """landmarks: the built-in collection's cameras, a row per photo (``model.datasets.landmarks``)."""
 
 LANDMARKS_OUTPUT = _output("landmarks", [CAMERAS])
