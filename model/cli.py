@@ -9,15 +9,17 @@ several problems puts one on each line) and exits with status 2 instead of a tra
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import pprint
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import tyro
 
-__all__ = ["USER_ERRORS", "location_problems", "run_cli"]
+__all__ = ["USER_ERRORS", "location_problems", "log_settings", "run_cli"]
 
 Conf = TypeVar("Conf")
 
@@ -37,10 +39,19 @@ def location_problems(**flags: str) -> list[str]:
     return problems
 
 
+def log_settings(logger: logging.Logger, stage: str, conf: Any) -> None:
+    """A stage's resolved settings, logged once as it starts: what a run did is in its log."""
+    settings = dataclasses.asdict(conf) if dataclasses.is_dataclass(conf) else conf
+    logger.info("%s settings:\n%s", stage, pprint.pformat(settings, sort_dicts=False))
+
+
 def run_cli(main: Callable[[Conf], Any], conf_type: type[Conf]) -> None:
-    """Parse ``sys.argv`` into ``conf_type`` and run ``main`` on it."""
+    """Parse ``sys.argv`` into ``conf_type`` and run ``main`` on it.
+
+    A config made of parts (nested dataclasses) keeps flat flag names: ``--lr``, not
+    ``--gem.lr``; the parts' field names are distinct for that reason."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    conf = tyro.cli(conf_type)
+    conf = tyro.cli(conf_type, config=(tyro.conf.OmitArgPrefixes,))
     try:
         main(conf)
     except USER_ERRORS as err:
