@@ -1,21 +1,21 @@
 """image_id → where the photo came from, and a thumbnail of it, for the search service.
 
-An index version knows its photos by image_id only. Its manifest names the descriptor tables
-that made each version (``history``), each descriptor manifest names the ``images.parquet``
-that ingest wrote, and that table holds every photo's ``uri`` and bytes. The catalog reads the
-small columns (``image_id``, ``uri``) of those tables once and remembers, for each image_id,
-the part file, row group and row that hold its bytes, so a thumbnail reads one row group's
-``bytes`` column (a few photos: ingest writes small row groups), never the whole table. Recent
-thumbnails are kept in memory.
+An index version knows its photos by image_id only. Its manifest names the descriptor outputs
+that made each version (``history``), each descriptors manifest names the images output it
+described (its ``images`` source), and that table holds every photo's ``uri`` and bytes. The
+catalog reads the small columns (``image_id``, ``uri``) of those tables once and remembers,
+for each image_id, the part file, row group and row that hold its bytes, so a thumbnail reads
+one row group's ``bytes`` column (a few photos: ingest writes small row groups), never the
+whole table. Recent thumbnails are kept in memory.
 
-It reads DESIGN.md's ``images.parquet`` layout directly (a folder of Parquet parts with a
-``_SUCCESS`` marker): the service must not depend on the pipeline's code. Torch-free.
+It reads the images table through its spec (``model.tables.IMAGES``: the parts its manifest
+lists, row group by row group): the service must not depend on the pipeline's code.
+Torch-free.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import threading
 from collections import OrderedDict
@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from model import storage
+from model.tables import DESCRIPTORS_OUTPUT, IMAGES, IMAGES_OUTPUT
 
 __all__ = ["ImageCatalog", "Photo", "images_of_manifest", "read_photo_bytes", "thumbnail_jpeg"]
 
@@ -37,10 +36,10 @@ THUMBNAIL_SIDE = 256
 
 
 def images_of_manifest(manifest: Mapping[str, Any]) -> list[str]:
-    """The ``images.parquet`` tables behind every version up to this one, oldest first.
+    """The images outputs behind every version up to this one, oldest first.
 
-    Each entry of the index manifest's ``history`` names the descriptor table a build added;
-    each descriptor manifest names the images table it described. Tables that cannot be read
+    Each entry of the index manifest's ``history`` names the descriptors output a build added;
+    each descriptors manifest names the images output it described. Outputs that cannot be read
     are logged and left out (their photos then have no uri or thumbnail, and search still works).
     """
     descriptors = [entry["descriptors"] for entry in manifest.get("history") or []]
@@ -48,15 +47,23 @@ def images_of_manifest(manifest: Mapping[str, Any]) -> list[str]:
         descriptors = [manifest["descriptors"]["uri"]]
     images: list[str] = []
     for uri in descriptors:
-        try:
-            described = json.loads(storage.read_text(storage.join(uri, "manifest.json")))
-        except (OSError, ValueError) as err:
-            logger.warning("no photos for descriptors %s: %s", uri, err)
-            continue
-        source = described.get("images")
+        source = _images_of_descriptors(uri)
         if source and source not in images:
-            images.append(str(source))
+            images.append(source)
     return images
+
+
+def _images_of_descriptors(uri: str) -> str | None:
+    """The images output a descriptors output described (``None``, logged, when unknown)."""
+    try:
+        described = DESCRIPTORS_OUTPUT.manifest(uri)
+    except (OSError, ValueError) as err:
+        logger.warning("no photos for descriptors %s: %s", uri, err)
+        return None
+    if "images" in described.sources:
+        return described.source("images")
+    source = described.details.get("images")
+    return str(source) if source else None
 
 
 @dataclass(frozen=True)
@@ -69,9 +76,8 @@ class Photo:
 
 
 def _table_folder(uri: str) -> str:
-    """``OUT`` or ``OUT/images.parquet`` → the folder of parts."""
-    uri = uri.rstrip("/")
-    return uri if uri.endswith("images.parquet") else storage.join(uri, "images.parquet")
+    """``OUT`` or the images output itself → the images output's folder."""
+    return IMAGES_OUTPUT.locate(uri)
 
 
 class ImageCatalog:
@@ -107,26 +113,21 @@ class ImageCatalog:
         return len(self._photos) - before
 
     def read_table(self, images: str) -> None:
-        """Read one images table (``OUT`` or ``OUT/images.parquet``); raises when it is not a
-        complete, readable one (``add`` logs that and goes on)."""
-        folder = _table_folder(images)
-        if not storage.is_complete(folder):
-            raise ValueError(f"{folder} is not a complete images table (no {storage.SUCCESS})")
-        for part in storage.list_files(folder, (".parquet",), recursive=False):
-            fs, path = storage.arrow_filesystem(part)
-            with fs.open_input_file(path) as handle:
-                reader = pq.ParquetFile(handle)
-                for group in range(reader.num_row_groups):
-                    table = reader.read_row_group(group, columns=["image_id", "uri", "error"])
-                    ids = table.column("image_id").to_pylist()
-                    uris = table.column("uri").to_pylist()
-                    errors = table.column("error").to_pylist()
-                    for row, (image_id, uri, error) in enumerate(
-                        zip(ids, uris, errors, strict=True)
-                    ):
-                        if image_id is None or error is not None or image_id in self._photos:
-                            continue
-                        self._photos[image_id] = Photo(image_id, uri, part, group, row)
+        """Read one images output (``OUT`` or its folder); raises when it is not a complete,
+        readable one (``add`` logs that and goes on)."""
+        manifest = IMAGES_OUTPUT.manifest(images)
+        for part in IMAGES.files(manifest):
+            groups = IMAGES.row_groups(part, ["image_id", "uri", "error"])
+            for group, table in enumerate(groups):
+                self._add_row_group(table, part, group)
+
+    def _add_row_group(self, table: Any, part: str, group: int) -> None:
+        """Remember where each usable photo of one row group lies (the first one met wins)."""
+        columns = (table.column(c).to_pylist() for c in ("image_id", "uri", "error"))
+        for row, (image_id, uri, error) in enumerate(zip(*columns, strict=True)):
+            if image_id is None or error is not None or image_id in self._photos:
+                continue
+            self._photos[image_id] = Photo(image_id, uri, part, group, row)
 
     def uri(self, image_id: str) -> str | None:
         photo = self._photos.get(image_id)
@@ -169,10 +170,7 @@ def read_photo_bytes(photos: Iterable[Photo]) -> dict[str, bytes]:
         by_group.setdefault((photo.part, photo.row_group), []).append(photo)
     out: dict[str, bytes] = {}
     for (part, row_group), wanted in by_group.items():
-        fs, path = storage.arrow_filesystem(part)
-        with fs.open_input_file(path) as handle:
-            column = pq.ParquetFile(handle).read_row_group(row_group, columns=["bytes"])
-        data = column.column("bytes")
+        data = IMAGES.read_row_group(part, row_group, ["bytes"]).column("bytes")
         for photo in wanted:
             out[photo.image_id] = data[photo.row].as_py()
     return out

@@ -2,7 +2,8 @@
 
 ``NetworkSettings`` names a network and how it sees a photo (weights or checkpoint, backbone,
 pooling, longer side, scales); ``load_extract_network`` loads it with its learned whitening
-when a checkpoint has one (``whitening.npz`` beside ``model.pt``); ``decode_photo`` turns a
+when a checkpoint has one (``model.checkpoint``), ``network_identity`` names it for a
+fingerprint; ``decode_photo`` turns a
 photo's bytes into the pixels it sees; ``Describer`` holds the network once and describes
 batches of decoded photos (``model.extraction.describe_batch``: batched by size, channels-last,
 bf16 autocast on a GPU). The extract stage (``pipeline.extract``) runs ``Describer`` as a Ray
@@ -13,6 +14,7 @@ back; training and whitening load their networks the same way.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -20,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from model import storage
+from model import checkpoint, storage
 from model.backbones import BackboneName
 from model.extraction import resized_size
 from model.images import BadImage, decode_image, read_size
+from model.networks import NetworkMeta, build_network
 from model.pooling import PoolingName
 
 __all__ = [
@@ -31,11 +34,14 @@ __all__ = [
     "NetworkSettings",
     "conf_for_network",
     "decode_photo",
-    "is_checkpoint",
     "load_extract_network",
+    "network_identity",
 ]
 
 logger = logging.getLogger(__name__)
+
+PACKAGED_WEIGHTS = frozenset({"imagenet", "random"})
+"""Weights named rather than stored: the backbone's packaged ones, or none."""
 
 
 @dataclass(frozen=True)
@@ -154,20 +160,25 @@ def load_extract_network(
     settings: NetworkSettings,
 ) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
     """The network of ``settings.weights`` in eval mode, and its ``(m, P)`` whitening if it has
-    one."""
-    from model.networks import NetworkMeta, build_network, load_network
-    from model.whitening import load_whitening
-
-    if is_checkpoint(settings.weights):
-        net = load_network(settings.weights)
-        lw_uri = storage.join(settings.weights, "whitening.npz")
-        whitening = None
-        if storage.is_file(lw_uri):
-            params = load_whitening(lw_uri)
-            whitening = (params.m, params.P)
-        return net.eval(), whitening
+    one (a checkpoint's, through ``model.checkpoint``)."""
+    if checkpoint.is_checkpoint(settings.weights):
+        loaded = checkpoint.load(settings.weights)
+        lw = loaded.whitening
+        return loaded.network, (None if lw is None else (lw.m, lw.P))
     meta = NetworkMeta(backbone=settings.backbone, pooling=settings.pooling, p=settings.p)
     return build_network(meta, settings.weights).eval(), None
+
+
+def network_identity(settings: NetworkSettings) -> str:
+    """What the descriptors' network is, for a fingerprint: a checkpoint's content identity,
+    a weights file's content hash, or the packaged weights' name with the head's settings."""
+    head = f"{settings.backbone}/{settings.pooling}/p{settings.p:g}"
+    if checkpoint.is_checkpoint(settings.weights):
+        return checkpoint.identity(settings.weights)
+    if settings.weights in PACKAGED_WEIGHTS:
+        return f"{settings.weights}/{head}"
+    digest = hashlib.sha256(storage.read_bytes(settings.weights)).hexdigest()[:20]
+    return f"file:{digest}/{head}"
 
 
 def conf_for_network(network: dict[str, Any], settings: dict[str, Any]) -> NetworkSettings:
@@ -185,8 +196,3 @@ def conf_for_network(network: dict[str, Any], settings: dict[str, Any]) -> Netwo
         max_size=int(settings.get("max_size", 1024)),
         scales=tuple(float(s) for s in settings.get("scales", (1.0,))),
     )
-
-
-def is_checkpoint(weights: str) -> bool:
-    """Whether ``weights`` is a training checkpoint directory (it has ``meta.json``)."""
-    return weights != "imagenet" and storage.is_file(storage.join(weights, "meta.json"))

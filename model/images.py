@@ -12,6 +12,7 @@ and never rotates (cnnimageretrieval-pytorch and revisitop read pixels as stored
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -23,10 +24,12 @@ from PIL import Image, ImageOps
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "IMAGE_ID_CHARS",
     "MIN_SIDE",
     "BadImage",
     "ImageSource",
     "decode_image",
+    "image_id",
     "open_image",
     "read_size",
 ]
@@ -36,6 +39,9 @@ MIN_SIDE = 16
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 """Photos with more pixels are refused as decompression bombs: PIL's own hard limit, above any
 camera's resolution (a 200-megapixel phone photo passes)."""
+
+IMAGE_ID_CHARS = 20
+"""Hex characters of the SHA-256 of a photo's bytes kept as its ``image_id`` (80 bits)."""
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -49,6 +55,12 @@ class BadImage:
     """Why a photo cannot be used (a value, so that one bad photo never stops a run)."""
 
     reason: str
+
+
+def image_id(data: bytes) -> str:
+    """A photo's key: the first ``IMAGE_ID_CHARS`` hex characters of the SHA-256 of its bytes,
+    so byte-identical photos at two URIs share it and every stage keys by it."""
+    return hashlib.sha256(data).hexdigest()[:IMAGE_ID_CHARS]
 
 
 _STREAM_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")

@@ -363,6 +363,24 @@ class Table:
         bad = [t for t in found if isinstance(t, str)]
         return (pa.concat_tables(tables) if tables else schema.empty_table()), bad
 
+    def row_groups(self, file: str, columns: Sequence[str]) -> Iterable[pa.Table]:
+        """Each row group of one of this table's files in turn, ``columns`` only: where each
+        row lies, for a reader that later fetches one row group (``read_row_group``)."""
+        self.check_columns(columns)
+        filesystem, path = storage.arrow_filesystem(file)
+        with filesystem.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            self.check_schema(parquet.schema_arrow, where=file, columns=columns)
+            for group in range(parquet.num_row_groups):
+                yield parquet.read_row_group(group, columns=list(columns))
+
+    def read_row_group(self, file: str, group: int, columns: Sequence[str]) -> pa.Table:
+        """One row group of one of this table's files (a thumbnail's photo bytes)."""
+        self.check_columns(columns)
+        filesystem, path = storage.arrow_filesystem(file)
+        with filesystem.open_input_file(path) as handle:
+            return pq.ParquetFile(handle).read_row_group(group, columns=list(columns))
+
     def parts(self, uri: str) -> list[str]:
         """The part files now in an output folder that may be unfinished (a resume that
         rewrites or removes some of them); readers of finished outputs use ``read``."""

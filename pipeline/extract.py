@@ -2,44 +2,50 @@
 
     python -m pipeline.extract --images OUT/images.parquet --output OUT/descriptors
 
-Ray Data reads the photo bytes that ingest kept, decodes and resizes them in CPU tasks
-(``model.images``: a bad photo is a row with its reason, never a stop), and describes them on a
-pool of actors that each hold the network once (``model.describer.Describer``; its
-``model.extraction.describe_batch``: batched by size inside each block, channels-last, bf16
-autocast and a GPU per actor where there are GPUs). Learned whitening is applied when the
-network has it (a checkpoint directory with ``whitening.npz`` beside ``model.pt``).
+Ray Data reads the photo bytes that ingest kept (``model.tables.IMAGES``), decodes and resizes
+them in CPU tasks (``model.images``: a bad photo is a row with its reason, never a stop), and
+describes them on a pool of actors that each hold the network once
+(``model.describer.Describer``; its ``model.extraction.describe_batch``: batched by size inside
+each block, channels-last, bf16 autocast and a GPU per actor where there are GPUs). Learned
+whitening is applied when the network has it (a checkpoint with whitening,
+``model.checkpoint``).
 
-Output: the descriptor table of ``model.descriptors`` (``image_id``, ``vector``, ``error``
-parts, then ``manifest.json`` with network, settings, dimension, counts and failures, and
-``_SUCCESS`` last), which ``model.descriptors.read_descriptors`` reads. A rerun of an
-interrupted extraction describes only the photos not in its finished part files; a complete
-output is skipped.
+Output: the descriptor table (``model.tables.DESCRIPTORS``: ``image_id``, ``vector``, ``error``
+parts), then its manifest, published last: inputs the images output and the network's
+identity, settings what changes a vector (longer side, scales, whitening, dimension), details
+the network, counts and failures, which ``model.descriptors.read_descriptors`` reads.
+
+Resume by fingerprint: the same images and network with the same settings are skipped; new
+photos in the images output (same network and settings) describe only the photos without a
+row yet, keep the rows of photos still there and drop those of photos gone; another network
+or setting stops with one line naming it, unless ``--overwrite`` (which replaces the output).
+An interrupted run describes only the photos not in its part files.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from model import storage
+from model import checkpoint, storage, tables
 from model.backbones import BackboneName
-from model.cli import location_problems, run_cli
+from model.cli import location_problems, log_settings, run_cli
 from model.describer import (
     Describer,
     NetworkSettings,
     decode_photo,
-    is_checkpoint,
     load_extract_network,
+    network_identity,
 )
-from model.descriptors import DESCRIPTOR_MANIFEST
 from model.images import BadImage
 from model.pooling import PoolingName
-from pipeline.ingest import read_images, read_images_dataset
+from model.tables import DESCRIPTORS, DESCRIPTORS_OUTPUT, IMAGES, IMAGES_OUTPUT, Manifest
 
 __all__ = ["ExtractConf", "decode_batch", "network_settings", "run"]
 
@@ -51,12 +57,12 @@ class ExtractConf:
     """Settings of one extraction; every field is a command-line flag."""
 
     images: str
-    """images.parquet written by pipeline.ingest (a path or s3:// URI)."""
+    """The images output written by pipeline.ingest (its folder, a path or s3:// URI)."""
     output: str
     """Folder or s3:// prefix for the descriptor parts and their manifest."""
     weights: str = "imagenet"
     """imagenet (the backbone's packaged ImageNet weights), a weights file, or a training
-    checkpoint directory (model.pt + meta.json, and whitening.npz when it has one)."""
+    checkpoint directory (``model.checkpoint``, with its whitening when it has one)."""
     backbone: BackboneName = "efficientnet_lite0"
     pooling: PoolingName = "gem"
     p: float = 3.0
@@ -76,6 +82,28 @@ class ExtractConf:
     device_batch_size: int | None = None
     """Images per forward pass: default 64 on a GPU, 1 on a CPU."""
     decode_batch_size: int = 16
+    overwrite: bool = False
+    """Replace an output made with another network or settings (else the run stops)."""
+
+
+@dataclass(frozen=True)
+class _Network:
+    """The network as the output records it: its identity, its description and settings."""
+
+    identity: str
+    description: dict[str, Any]
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Photos:
+    """What the images output asks of this run."""
+
+    usable: frozenset[str]
+    """image_ids of the usable photos."""
+    duplicates: frozenset[tuple[str, str]]
+    """``(image_id, uri)`` of rows whose photo an earlier row already has."""
+    not_ingested: int
 
 
 def network_settings(conf: ExtractConf) -> NetworkSettings:
@@ -92,22 +120,75 @@ def network_settings(conf: ExtractConf) -> NetworkSettings:
 
 def run(conf: ExtractConf) -> str:
     """Describe every photo of ``conf.images``; returns the output URI."""
-    import ray
-
     started = time.perf_counter()
+    log_settings(logger, "extract", conf)
     _check(conf)
-    out = conf.output.rstrip("/")
-    if storage.is_complete(out):
+    out = tables.resolve(conf.output)
+    images = IMAGES_OUTPUT.manifest(conf.images)
+    network = _network_identity(conf)
+    inputs = {"images": images, "network": network.identity}
+    action, previous = _plan(conf, out, inputs, network)
+    if action == "skip":
         logger.info("%s is complete; skipping", out)
         return out
-    duplicates, unusable = _duplicate_rows(conf.images)  # also checks images is whole
-    network, settings = _network_identity(conf)
-    if not ray.is_initialized():
-        ray.init()
-    done = _finished_ids(out)
+    photos = _photos(images)
+    done = _described_ids(out, previous, photos.usable)
+    DESCRIPTORS_OUTPUT.unpublish(out)
     if done:
         logger.info("resuming: %d photos already described in %s", len(done), out)
-    images = read_images_dataset(conf.images, ["image_id", "uri", "bytes", "error"])
+    _describe(conf, out, photos, done)
+    manifest = DESCRIPTORS_OUTPUT.publish(
+        out,
+        inputs=inputs,
+        settings=network.settings,
+        details=_details(out, network, photos, time.perf_counter() - started),
+    )
+    details = manifest.details
+    logger.info(
+        "described %d photos (%d failed) into %s in %.1f s",
+        details["count"],
+        len(details["failed"]),
+        out,
+        details["seconds"],
+    )
+    return out
+
+
+def _plan(
+    conf: ExtractConf, out: str, inputs: dict[str, Any], network: _Network
+) -> tuple[str, Manifest | None]:
+    """What this run does at ``out`` (``Output.plan``), a network change stopping it too;
+    an output replaced (``--overwrite``) is cleared first."""
+    identities = {k: v.identity if isinstance(v, Manifest) else v for k, v in inputs.items()}
+    action, previous = DESCRIPTORS_OUTPUT.plan(
+        out, identities, network.settings, overwrite=conf.overwrite
+    )
+    if action == "update" and previous is not None:
+        old = previous.inputs.get("network")
+        if old != network.identity and not conf.overwrite:
+            raise tables.OutputChanged(
+                f"{out} was made with another network (network: {old} → {network.identity}); "
+                "run with --overwrite to replace it, or choose another --output"
+            )
+        if old != network.identity:
+            action = "new"
+    replaced = action == "new" and storage.exists(DESCRIPTORS_OUTPUT.manifest_uri(out))
+    if replaced and conf.overwrite:
+        logger.info("replacing %s (--overwrite)", out)
+        DESCRIPTORS_OUTPUT.clear(out)
+        previous = None
+    return action, previous
+
+
+def _describe(conf: ExtractConf, out: str, photos: _Photos, done: set[str]) -> None:
+    """Describe the usable photos not in ``done`` on Ray Data, written as parts into ``out``."""
+    import ray  # the driver's cluster, joined only when there is work
+
+    if not photos.usable - done:
+        return
+    if not ray.is_initialized():
+        ray.init()
+    dataset = IMAGES.ray_dataset(conf.images, ["image_id", "uri", "bytes", "error"])
     gpus = float(ray.cluster_resources().get("GPU", 0))
     per_actor = conf.gpus_per_actor if conf.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     actors = conf.actors or (max(1, int(gpus // max(per_actor, 1))) if per_actor else 1)
@@ -115,9 +196,9 @@ def run(conf: ExtractConf) -> str:
     # pool keeps Ray Data from fusing it into them, where decoding and describing would take
     # turns instead of overlapping.
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    decoded = images.map_batches(
+    decoded = dataset.map_batches(
         decode_batch,
-        fn_kwargs={"max_size": conf.max_size, "skip_ids": done, "skip_rows": duplicates},
+        fn_kwargs={"max_size": conf.max_size, "skip_ids": done, "skip_rows": photos.duplicates},
         batch_size=conf.decode_batch_size,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=max(cpus, actors + 1)),
@@ -134,18 +215,6 @@ def run(conf: ExtractConf) -> str:
         compute=ray.data.ActorPoolStrategy(size=actors),
     )
     described.write_parquet(out)
-    manifest = _manifest(out, conf, network, settings, time.perf_counter() - started)
-    manifest["not_ingested"] = unusable
-    storage.write_text(storage.join(out, DESCRIPTOR_MANIFEST), json.dumps(manifest, indent=2))
-    storage.write_text(storage.join(out, storage.SUCCESS), "")
-    logger.info(
-        "described %d photos (%d failed) into %s in %.1f s",
-        manifest["count"],
-        len(manifest["failed"]),
-        out,
-        manifest["seconds"],
-    )
-    return out
 
 
 def decode_batch(
@@ -184,12 +253,6 @@ def decode_batch(
     return {"image_id": np.array(ids, dtype=object), "pixels": pixels, "error": reasons}
 
 
-def _buffer(uri: str) -> Any:
-    import pyarrow as pa
-
-    return pa.BufferReader(storage.read_bytes(uri))
-
-
 def _check(conf: ExtractConf) -> None:
     problems = []
     if conf.max_size < 1:
@@ -203,10 +266,10 @@ def _check(conf: ExtractConf) -> None:
         raise ValueError("\n".join(problems))
 
 
-def _duplicate_rows(images: str) -> tuple[frozenset[tuple[str, str]], int]:
-    """``(image_id, uri)`` of every row whose photo an earlier row already has (same bytes),
-    and how many rows failed at ingest; reading ``images`` checks it is complete and whole."""
-    table = read_images(images, ["image_id", "uri", "error"])
+def _photos(images: Manifest) -> _Photos:
+    """The usable photos of the images output, the rows repeating a photo (same bytes), and
+    how many rows failed at ingest; reading it checks that it is whole."""
+    table = IMAGES.read_from(images, ["image_id", "uri", "error"])
     seen: set[str] = set()
     duplicates = set()
     failed = 0
@@ -214,71 +277,76 @@ def _duplicate_rows(images: str) -> tuple[frozenset[tuple[str, str]], int]:
     for image_id, uri, error in zip(*columns, strict=True):
         if error is not None:
             failed += 1
-        elif image_id in seen:
+            continue
+        if image_id in seen:
             duplicates.add((image_id, uri))
         seen.add(image_id)
-    return frozenset(duplicates), failed
+    return _Photos(frozenset(seen), frozenset(duplicates), failed)
 
 
-def _finished_ids(out: str) -> set[str]:
-    """Image ids in the readable part files of an unfinished earlier run."""
-    import pyarrow.parquet as pq
-
-    if not storage.exists(out):
-        return set()
+def _described_ids(out: str, previous: Manifest | None, usable: frozenset[str]) -> set[str]:
+    """The photos already described in ``out`` (by a complete output being updated, or an
+    interrupted run) that stay: parts that cannot be read are removed, and rows of photos no
+    longer in the images output are dropped from their parts."""
     done: set[str] = set()
-    for part in storage.list_files(out, suffixes=(".parquet",)):
+    still = pa.array(sorted(usable), pa.string())
+    for part in DESCRIPTORS.parts(out):
         try:
-            done.update(pq.read_table(_buffer(part), columns=["image_id"]).column(0).to_pylist())
-        except (OSError, ValueError) as err:  # a part cut short by the crash
+            ids = DESCRIPTORS.read_file(part, ["image_id"])["image_id"]
+        except ValueError as err:  # a part cut short by a crash
             logger.warning("removing unreadable part %s: %s", part, err)
             storage.remove(part)
+            continue
+        kept = pc.is_in(ids, still)
+        if not pc.all(kept).as_py():
+            _drop_rows(out, part, kept)
+        done.update(ids.filter(kept).to_pylist())
+    if previous is not None:
+        logger.info("updating %s: %d photos described, kept", out, len(done))
     return done
 
 
-def _network_identity(conf: ExtractConf) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What made the descriptors, for the manifest; loads the network once to check it."""
-    net, whitening = load_extract_network(network_settings(conf))
-    if is_checkpoint(conf.weights):
-        network = {
-            "checkpoint": conf.weights,
-            "model": storage.file_signature(storage.join(conf.weights, "model.pt")),
-            "meta": asdict(net.meta),
-        }
+def _drop_rows(out: str, part: str, kept: pa.ChunkedArray) -> None:
+    """Rewrite ``part`` with the ``kept`` rows only (removed when none is)."""
+    table = DESCRIPTORS.read_file(part).filter(kept)
+    logger.info("dropping %d rows of photos gone from %s", len(kept) - table.num_rows, part)
+    if table.num_rows:
+        DESCRIPTORS.write(out, table, part=part.rsplit("/", 1)[-1])
     else:
-        network = {"weights": conf.weights, "meta": asdict(net.meta)}
+        storage.remove(part)
+
+
+def _network_identity(conf: ExtractConf) -> _Network:
+    """What made the descriptors; loads the network once to check it and learn its size."""
+    settings = network_settings(conf)
+    net, whitening = load_extract_network(settings)
+    if checkpoint.is_checkpoint(conf.weights):
+        description = {"checkpoint": tables.resolve(conf.weights), "meta": asdict(net.meta)}
+    else:
+        description = {"weights": conf.weights, "meta": asdict(net.meta)}
     dim = whitening[1].shape[0] if whitening is not None else net.out_dim
-    settings = {
+    content = {
         "max_size": conf.max_size,
         "scales": list(conf.scales),
         "whitening": whitening is not None,
         "exif_transpose": True,
         "dim": int(dim),
     }
-    return network, settings
+    identity = network_identity(settings)
+    return _Network(identity, {**description, "identity": identity}, content)
 
 
-def _manifest(
-    out: str, conf: ExtractConf, network: dict, settings: dict, seconds: float
-) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
-    files, count, failed = [], 0, []
-    for part in storage.list_files(out, suffixes=(".parquet",)):
-        table = pq.read_table(_buffer(part), columns=["image_id", "error"])
-        errors = table.column("error").to_pylist()
-        count += sum(e is None for e in errors)
-        failed += [e for e in errors if e is not None]
-        files.append(part.rsplit("/", 1)[-1])
+def _details(out: str, network: _Network, photos: _Photos, seconds: float) -> dict[str, Any]:
+    """The manifest's details: the network, its settings, the counts and failures."""
+    table = DESCRIPTORS.read_unpublished(out, ["image_id", "error"])[0]
+    errors = table["error"].to_pylist()
     return {
-        "format": 1,
-        "images": conf.images,
-        "dim": settings["dim"],
-        "count": count,
-        "failed": failed,
-        "network": network,
-        "settings": settings,
-        "files": files,
+        "network": network.description,
+        "settings": network.settings,
+        "dim": network.settings["dim"],
+        "count": sum(e is None for e in errors),
+        "failed": [e for e in errors if e is not None],
+        "not_ingested": photos.not_ingested,
         "seconds": round(seconds, 2),
     }
 

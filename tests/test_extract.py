@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
+from model import storage, tables
 from model.descriptors import read_descriptors
 from model.extraction import ExtractOptions, ImageFiles, extract_descriptors
+from model.images import image_id
 from model.networks import NetworkMeta, build_network
+from model.tables import DESCRIPTORS, DESCRIPTORS_OUTPUT, IMAGES, IMAGES_OUTPUT, OutputChanged
 from pipeline.extract import ExtractConf, run
-from pipeline.ingest import IMAGES_SCHEMA, image_id
 
 MAX_SIZE = 128
 
 
-def _write_images(folder: Path, paths: list[Path], extra=()) -> Path:
-    """An ingest output as pipeline.ingest writes it: parts of IMAGES_SCHEMA, then _SUCCESS.
+def _write_images(folder: Path, paths: list[Path], extra=(), *, publish: bool = True) -> Path:
+    """An ingest output as pipeline.ingest writes it: a part of the images table, then its
+    manifest (its source input the rows' uris).
 
     ``extra`` rows are ``(uri, bytes or None, error or None)``; ids are content hashes.
     """
@@ -36,17 +38,24 @@ def _write_images(folder: Path, paths: list[Path], extra=()) -> Path:
     full = pa.table(
         {
             f.name: table[f.name] if f.name in table.column_names else pa.nulls(len(rows), f.type)
-            for f in IMAGES_SCHEMA
+            for f in IMAGES.schema
         },
-        schema=IMAGES_SCHEMA,
+        schema=IMAGES.schema,
     )
-    images = folder / "images.parquet"
-    images.mkdir(parents=True, exist_ok=True)
-    for old in images.glob("*"):
-        old.unlink()
-    pq.write_table(full, images / "part-0.parquet")
-    (images / "_SUCCESS").write_text("{}")
+    images = Path(IMAGES_OUTPUT.locate(str(folder)))
+    IMAGES_OUTPUT.clear(str(images))
+    IMAGES.write(str(images), full, part="part-0")
+    if publish:
+        IMAGES_OUTPUT.publish(str(images), inputs={"source": "|".join(u for u, _, _ in rows)})
     return images
+
+
+def _part_ids(out: str) -> dict[str, list[str]]:
+    """image_ids of each descriptor part file now in ``out``."""
+    return {
+        part: DESCRIPTORS.read_file(part, ["image_id"])["image_id"].to_pylist()
+        for part in DESCRIPTORS.parts(out)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -81,35 +90,100 @@ def test_actor_pool_equals_in_process_extraction(ray_session, photos, tmp_path: 
     assert (
         manifest["dim"] == 1280 and manifest["network"]["meta"]["backbone"] == "efficientnet_lite0"
     )
-    assert json.loads((tmp_path / "desc" / "manifest.json").read_text())["count"] == len(photos)
+    assert DESCRIPTORS_OUTPUT.manifest(out).details["count"] == len(photos)
+    assert desc.output.source("images") == str(images) and desc.identity
 
 
-def test_rerun_skips_and_resumes(ray_session, photos, tmp_path: Path) -> None:
+def test_same_fingerprint_skips(ray_session, photos, tmp_path: Path, caplog) -> None:
+    images = _write_images(tmp_path, photos[:3])
+    conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
+    out = run(conf)
+    written = {p: p.stat().st_mtime_ns for p in Path(out).iterdir()}
+    with caplog.at_level(logging.INFO, logger="pipeline.extract"):
+        assert run(conf) == out
+    assert "is complete; skipping" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in Path(out).iterdir()} == written
+
+
+def test_new_photos_are_the_only_ones_described(ray_session, photos, tmp_path: Path) -> None:
+    """Photos ingested since into the same images output: a rerun describes those only, keeps
+    the rows it has, and the output's identity changes (a later stage sees the change)."""
     images = _write_images(tmp_path, photos[:4])
     conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
     out = run(conf)
-    first = sorted(Path(out).glob("*.parquet"))
-    run(conf)  # complete: skipped, nothing rewritten
-    assert sorted(Path(out).glob("*.parquet")) == first
-    # An interrupted run: its parts are there, the marker and manifest are not.
-    (Path(out) / "_SUCCESS").unlink()
-    (Path(out) / "manifest.json").unlink()
+    before, identity = _part_ids(out), read_descriptors(out).identity
     _write_images(tmp_path, photos[:6])  # two more photos since
     run(conf)
+    after = _part_ids(out)
+    assert all(after[part] == ids for part, ids in before.items())  # kept as they were
+    new = sorted(i for part, ids in after.items() if part not in before for i in ids)
+    assert new == sorted(image_id(p.read_bytes()) for p in photos[4:6])
     desc = read_descriptors(out)
     assert desc.manifest["count"] == 6 and len(set(desc.image_ids)) == 6
-    assert len(list(Path(out).glob("*.parquet"))) > len(first)  # only the new ones written
+    assert desc.identity != identity
+
+
+def test_photos_gone_from_the_images_lose_their_rows(ray_session, photos, tmp_path) -> None:
+    images = _write_images(tmp_path, photos[:3])
+    conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
+    run(conf)
+    _write_images(tmp_path, photos[1:3])
+    desc = read_descriptors(run(conf))
+    assert sorted(desc.image_ids) == sorted(image_id(p.read_bytes()) for p in photos[1:3])
+
+
+def test_an_interrupted_run_resumes(ray_session, photos, tmp_path: Path) -> None:
+    images = _write_images(tmp_path, photos[:3])
+    conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
+    out = run(conf)
+    first = _part_ids(out)
+    DESCRIPTORS_OUTPUT.unpublish(out)  # killed before its manifest
+    run(conf)
+    assert all(part in _part_ids(out) for part in first)
+    assert read_descriptors(out).manifest["count"] == 3
+
+
+def test_another_setting_stops_naming_it_and_overwrite_replaces(
+    ray_session, photos, tmp_path: Path
+) -> None:
+    images = _write_images(tmp_path, photos[:2])
+    conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
+    out = run(conf)
+    with pytest.raises(OutputChanged) as err:
+        run(ExtractConf(images=str(images), output=out, max_size=32))
+    message = str(err.value)
+    assert len(message.splitlines()) == 1
+    assert "max_size: 64 → 32" in message and "--overwrite" in message
+    assert read_descriptors(out).manifest["settings"]["max_size"] == 64  # untouched
+
+    replaced = run(ExtractConf(images=str(images), output=out, max_size=32, overwrite=True))
+    desc = read_descriptors(replaced)
+    assert desc.manifest["settings"]["max_size"] == 32 and desc.manifest["count"] == 2
+    assert desc.output.settings["max_size"] == 32
+
+
+def test_another_network_stops_naming_it(ray_session, photos, tmp_path: Path) -> None:
+    images = _write_images(tmp_path, photos[:1])
+    out = run(ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=32))
+    with pytest.raises(OutputChanged, match="another network") as err:
+        run(ExtractConf(images=str(images), output=out, max_size=32, p=4.0))
+    assert "imagenet/efficientnet_lite0/gem/p3 → imagenet/efficientnet_lite0/gem/p4" in str(
+        err.value
+    )
+    assert "--overwrite" in str(err.value)
 
 
 def test_bad_input_is_named_before_any_work(photos, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"run pipeline\.ingest first"):
         run(ExtractConf(images=str(tmp_path / "none.parquet"), output=str(tmp_path / "d")))
-    images = _write_images(tmp_path, photos[:1])
-    (images / "_SUCCESS").unlink()
-    with pytest.raises(ValueError, match="unfinished"):
+    images = _write_images(tmp_path, photos[:1], publish=False)
+    with pytest.raises(ValueError, match="not a complete ingest output"):
         run(ExtractConf(images=str(images), output=str(tmp_path / "d")))
-    pq.write_table(pa.table({"uri": ["x"], "pixels": [b""]}), images / "part-0.parquet")
-    (images / "_SUCCESS").write_text("{}")
+    storage.write_bytes(
+        str(images / "part-0.parquet"),
+        tables.parquet_bytes(pa.table({"uri": ["x"], "pixels": [b""]})),
+    )
+    IMAGES_OUTPUT.publish(str(images))
     with pytest.raises(ValueError, match="image_id"):
         run(ExtractConf(images=str(images), output=str(tmp_path / "d")))
     with pytest.raises(ValueError, match="--max-size must be at least 1"):
@@ -117,19 +191,18 @@ def test_bad_input_is_named_before_any_work(photos, tmp_path: Path) -> None:
 
 
 def test_images_and_descriptors_on_s3(ray_session, photos, s3_bucket: str, tmp_path) -> None:
-    from model import storage
-
     local = _write_images(tmp_path, photos[:3])
+    remote = IMAGES_OUTPUT.locate(f"s3://{s3_bucket}/run")
     for path in local.iterdir():
-        storage.write_bytes(f"s3://{s3_bucket}/run/images.parquet/{path.name}", path.read_bytes())
+        storage.write_bytes(f"{remote}/{path.name}", path.read_bytes())
     out = run(
         ExtractConf(
-            images=f"s3://{s3_bucket}/run/images.parquet",
+            images=remote,
             output=f"s3://{s3_bucket}/run/descriptors",
             max_size=64,
         )
     )
-    assert out == f"s3://{s3_bucket}/run/descriptors" and storage.is_complete(out)
+    assert out == f"s3://{s3_bucket}/run/descriptors" and DESCRIPTORS_OUTPUT.is_complete(out)
     desc = read_descriptors(out)
     assert len(desc.image_ids) == 3 and desc.vectors.shape == (3, 1280)
     assert desc.manifest["count"] == 3
@@ -138,14 +211,14 @@ def test_images_and_descriptors_on_s3(ray_session, photos, s3_bucket: str, tmp_p
 
 def test_a_checkpoint_brings_its_whitening(ray_session, photos, tmp_path: Path) -> None:
     """A checkpoint directory with whitening.npz gives whitened descriptors, as evaluate would."""
-    from model.networks import save_network
-    from model.whitening import apply_whitening, save_whitening
+    from model import checkpoint as checkpoints
+    from model.whitening import apply_whitening
 
     net = build_network(NetworkMeta(), "imagenet").eval()
-    checkpoint = save_network(net, tmp_path / "ckpt")
+    checkpoint = str(tmp_path / "ckpt")
     rng = np.random.default_rng(0)
     m, P = rng.normal(size=1280) * 0.01, rng.normal(size=(64, 1280))
-    save_whitening(f"{checkpoint}/whitening.npz", m, P)
+    checkpoints.save(checkpoint, net, whitening=(m, P))
     images = _write_images(tmp_path, photos[:3])
     conf = ExtractConf(
         images=str(images), output=str(tmp_path / "desc"), weights=checkpoint, max_size=64

@@ -27,19 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import pytest
 from PIL import Image, ImageOps
 
 from model import storage
-from pipeline.ingest import (
-    IMAGES_SCHEMA,
-    IngestConf,
-    check_images_schema,
-    read_images,
-    read_images_dataset,
-    run,
-)
+from model.tables import IMAGES, IMAGES_OUTPUT, OutputChanged, parquet_bytes
+from pipeline.ingest import IngestConf, run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -283,7 +277,7 @@ def web_run(
     out = run(conf)
     seconds = time.monotonic() - start
     assert out == str(root / "out" / "images.parquet")
-    return _WebRun(conf, read_images(out), Counter(web.requests), served, copies, twice, seconds)
+    return _WebRun(conf, IMAGES.read(out), Counter(web.requests), served, copies, twice, seconds)
 
 
 def test_every_good_web_photo_is_ingested_once_upright(web_run: _WebRun, web: _Web) -> None:
@@ -334,7 +328,7 @@ def test_rerun_fetches_again_only_the_transient_failures(web_run: _WebRun, web: 
     web.routes["/unavailable.jpg"] = _ok(web_run.photos["/flaky.jpg"].data)  # back up
     run(web_run.conf)
     assert dict(web.requests) == {"/slow.jpg": 1 + web_run.conf.retries, "/unavailable.jpg": 1}
-    rows = _rows(read_images(web_run.conf.output))
+    rows = _rows(IMAGES.read(web_run.conf.output))
     assert rows[web.url("/unavailable.jpg")]["error"] is None
     assert rows[web.url("/slow.jpg")]["error"].startswith("timeout: ")
     assert rows[web.url("/missing.jpg")]["error"].startswith("http 404: ")
@@ -350,9 +344,13 @@ def test_rerun_fetches_again_only_the_transient_failures(web_run: _WebRun, web: 
 
 def _part_uris(images: Path) -> list[str]:
     uris: list[str] = []
-    for part in sorted(images.glob("part-*.parquet")):
-        uris += pq.read_table(part, columns=["uri"])["uri"].to_pylist()
+    for part in IMAGES.parts(str(images)):
+        uris += IMAGES.read_file(part, ["uri"])["uri"].to_pylist()
     return uris
+
+
+def _uris_by_part(images: str) -> dict[str, list[str]]:
+    return {p: IMAGES.read_file(p, ["uri"])["uri"].to_pylist() for p in IMAGES.parts(images)}
 
 
 def test_killed_ingest_resumes_fetching_only_what_is_missing(
@@ -404,7 +402,7 @@ def test_killed_ingest_resumes_fetching_only_what_is_missing(
         log.close()
     written = _part_uris(images)
     assert len(written) == 2 * flags["batch_size"]
-    assert not (images / storage.SUCCESS).exists()
+    assert not IMAGES_OUTPUT.is_complete(str(images))
 
     web.open()
     web.reset_counts()
@@ -412,7 +410,7 @@ def test_killed_ingest_resumes_fetching_only_what_is_missing(
     fetched = {web.url(p): n for p, n in web.requests.items()}
     assert set(fetched) == {web.url(p) for p in paths} - set(written)  # only what was missing
     assert set(fetched.values()) == {1}
-    final = read_images(str(out))
+    final = IMAGES.read(str(out))
     assert sorted(final["uri"].to_pylist()) == sorted(web.url(p) for p in paths)
     assert final["error"].null_count == final.num_rows
 
@@ -444,7 +442,8 @@ def test_folder_source_scenes_from_subfolders_and_a_complete_rerun_skips(
     placed = _photo_tree(tmp_path / "photos", photos[:12])
     conf = IngestConf(source=str(tmp_path / "photos"), output=str(tmp_path / "out"), batch_size=4)
     images = run(conf)
-    table = read_images(images, ["uri", "scene", "image_id", "width", "height"], ok_only=True)
+    usable = pc.field("error").is_null()
+    table = IMAGES.read(images, ["uri", "scene", "image_id", "width", "height"], filter=usable)
     rows = _rows(table)
     assert len(rows) == len(placed)
     for rel, photo in placed.items():
@@ -460,6 +459,47 @@ def test_folder_source_scenes_from_subfolders_and_a_complete_rerun_skips(
     assert {p: p.stat().st_mtime_ns for p in Path(images).iterdir()} == parts
 
 
+def test_photos_added_to_the_source_are_the_only_ones_ingested(
+    photos: list[_Photo], tmp_path: Path, ray_session: None
+) -> None:
+    _photo_tree(tmp_path / "photos", photos[:4])
+    conf = IngestConf(source=str(tmp_path / "photos"), output=str(tmp_path / "out"), batch_size=4)
+    images = run(conf)
+    before = _uris_by_part(images)
+    identity = IMAGES_OUTPUT.manifest(images).identity
+    for photo in photos[4:6]:
+        (tmp_path / "photos" / "new" / photo.name).parent.mkdir(exist_ok=True)
+        (tmp_path / "photos" / "new" / photo.name).write_bytes(photo.data)
+    assert run(conf) == images
+    after = _uris_by_part(images)
+    assert all(after[part] == uris for part, uris in before.items())  # kept as they were
+    new = sorted(u for part, uris in after.items() if part not in before for u in uris)
+    assert new == sorted(str(tmp_path / "photos" / "new" / p.name) for p in photos[4:6])
+    manifest = IMAGES_OUTPUT.manifest(images)
+    assert manifest.identity != identity and manifest.details["ingested"] == 6
+
+
+def test_another_setting_stops_naming_it_and_overwrite_replaces(
+    photos: list[_Photo], tmp_path: Path, ray_session: None
+) -> None:
+    _photo_tree(tmp_path / "photos", photos[:2])
+    conf = IngestConf(source=str(tmp_path / "photos"), output=str(tmp_path / "out"))
+    images = run(conf)
+    smallest = min(min(p.size) for p in photos[:2])
+    stricter = replace(conf, min_side=smallest + 1)
+    with pytest.raises(OutputChanged) as err:
+        run(stricter)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and "--overwrite" in message
+    assert f"min_side: 16 → {smallest + 1}" in message
+    assert IMAGES_OUTPUT.manifest(images).settings["min_side"] == 16  # untouched
+
+    run(replace(stricter, overwrite=True))
+    table = IMAGES.read(images, ["error"])
+    assert any((e or "").startswith("too small") for e in table["error"].to_pylist())
+    assert IMAGES_OUTPUT.manifest(images).settings["min_side"] == smallest + 1
+
+
 def test_s3_prefix_to_s3_output_gives_the_rows_of_a_local_manifest(
     photos: list[_Photo], tmp_path: Path, s3_bucket: str, ray_session: None
 ) -> None:
@@ -472,7 +512,7 @@ def test_s3_prefix_to_s3_output_gives_the_rows_of_a_local_manifest(
     s3_conf = IngestConf(source=f"s3://{s3_bucket}/photos", output=f"s3://{s3_bucket}/out")
     s3_images = run(s3_conf)
     assert s3_images == f"s3://{s3_bucket}/out/images.parquet"
-    assert storage.is_complete(s3_images)
+    assert IMAGES_OUTPUT.is_complete(s3_images)
 
     # The same photos through a local Parquet manifest with relative paths and integer labels.
     manifest = pa.table(
@@ -482,20 +522,20 @@ def test_s3_prefix_to_s3_output_gives_the_rows_of_a_local_manifest(
             "label": list(range(len(placed))),
         }
     )
-    pq.write_table(manifest, tmp_path / "manifest.parquet")
-    local = read_images(run(IngestConf(str(tmp_path / "manifest.parquet"), str(tmp_path / "out"))))
+    (tmp_path / "manifest.parquet").write_bytes(parquet_bytes(manifest))
+    local = IMAGES.read(run(IngestConf(str(tmp_path / "manifest.parquet"), str(tmp_path / "out"))))
 
     def key(table: pa.Table) -> list[tuple]:
         cols = ["image_id", "scene", "width", "height", "error", "size_bytes"]
         return sorted(tuple(r[c] for c in cols) for r in table.to_pylist())
 
-    remote = read_images(s3_images)
+    remote = IMAGES.read(s3_images)
     assert key(remote) == key(local) and remote.num_rows == len(placed)
     assert sorted(local["label"].to_pylist()) == sorted(str(i) for i in range(len(placed)))
-    assert read_images_dataset(s3_images, ["image_id", "bytes"]).count() == len(placed)
-    marker = storage.read_text(storage.join(s3_images, storage.SUCCESS))
+    assert IMAGES.ray_dataset(s3_images, ["image_id", "bytes"]).count() == len(placed)
+    marker = IMAGES_OUTPUT.manifest(s3_images)
     assert run(s3_conf) == s3_images  # complete: skipped
-    assert storage.read_text(storage.join(s3_images, storage.SUCCESS)) == marker
+    assert IMAGES_OUTPUT.manifest(s3_images) == marker
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -538,24 +578,11 @@ def test_bad_input_is_reported_at_once_before_any_fetch(
     (tmp_path / "web.csv").write_text(f"uri\n{web.url('/p/ok.png')}\n")
     other = tmp_path / "other" / "images.parquet"
     other.mkdir(parents=True)
-    pq.write_table(pa.table({"uri": ["x"], "width": ["wide"]}), other / "part-0.parquet")
+    (other / "part-0.parquet").write_bytes(parquet_bytes(pa.table({"uri": ["x"], "width": ["a"]})))
     message = problems(source=str(tmp_path / "web.csv"), output=str(other.parent))
-    assert "missing column(s) image_id, height" in message
+    assert "missing column(s) image_id, error, height" in message
     assert "width is string, expected int32" in message
     assert not web.requests
-
-
-def test_check_images_schema_names_missing_and_mistyped_columns() -> None:
-    check_images_schema(IMAGES_SCHEMA)
-    check_images_schema(
-        pa.schema([("image_id", pa.string()), ("bytes", pa.binary())]),
-        columns=["image_id", "bytes"],
-    )
-    other = pa.schema([("image_id", pa.int64()), ("uri", pa.string())])
-    with pytest.raises(
-        ValueError, match=r"x\.parquet .*missing column\(s\) width.*image_id is int64"
-    ):
-        check_images_schema(other, where="x.parquet")
 
 
 def test_cli_bad_source_exits_2_with_one_error_line(tmp_path: Path) -> None:

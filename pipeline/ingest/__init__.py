@@ -1,13 +1,14 @@
 """The ingest stage: a photo collection becomes one table of checked photos with their bytes.
 
-``python -m pipeline.ingest --source SRC --output OUT`` writes ``OUT/images.parquet``.
+``python -m pipeline.ingest --source SRC --output OUT`` writes the images output
+(``model.tables.IMAGES_OUTPUT``, a folder inside ``OUT``) and returns its location.
 
 Why: every later stage needs the same thing from a collection, whatever it came as (a folder,
 an ``s3://`` prefix, a manifest of local, ``s3://`` and web URIs): each photo once, keyed by
-the hash of its bytes, its upright size, its scene and label where known, and the bytes
-themselves, so that no later stage ever fetches a URL again or meets a photo it cannot decode.
-A photo that cannot be had (a 404, a timeout, too big, not an image, truncated, a
-decompression bomb, too small) is a row with its reason, never a stop.
+the hash of its bytes (``model.images.image_id``), its upright size, its scene and label where
+known, and the bytes themselves, so that no later stage ever fetches a URL again or meets a
+photo it cannot decode. A photo that cannot be had (a 404, a timeout, too big, not an image,
+truncated, a decompression bomb, too small) is a row with its reason, never a stop.
 
 How:
 
@@ -17,30 +18,27 @@ How:
 2. The source becomes a list of unique URIs with their ``scene`` and ``label``. A folder or
    prefix is searched recursively for ``.jpg``/``.jpeg``/``.png`` files; the scene is the
    sub-folder relative to the source (null for photos directly in it). Relative paths in a
-   manifest are relative to the manifest's folder; local paths are made absolute.
-3. Resume: the URIs already in complete part files are taken away (an anti-join on ``uri``),
-   so an interrupted ingest of a million URLs fetches only what is missing. Rows that failed
-   transiently (5xx, 408, 429, timeouts, dropped connections, I/O errors) are taken out of
-   their parts first and fetched again, unless ``--no-retry-transient``; final failures (404,
-   not an image, ...) stay as they are. An output whose marker covers exactly this source
-   and holds no transient failure is skipped at once.
+   manifest are relative to the manifest's folder; local paths are stored resolved.
+3. Resume by fingerprint (the source's rows, digested, and the settings that decide which
+   photos pass): an output with this fingerprint and no transient failure is skipped at once;
+   one made from another source (photos added) fetches only the URIs not in its parts (an
+   anti-join on ``uri``), as does an interrupted run. Rows that failed transiently (5xx, 408,
+   429, timeouts, dropped connections, I/O errors) are taken out of their parts and fetched
+   again, unless ``--no-retry-transient``. An output made with other settings stops the run
+   with one line naming them, unless ``--overwrite``.
 4. On Ray Data, the missing URIs are split into blocks of ``batch_size``; each block is one
    task (``map_batches`` with a function: nothing is held between batches) that fetches its
    URIs on a thread pool (``pipeline.ingest.fetch``: the web policy), checks each photo by a full
-   decode (``model.images``, EXIF rotation applied), and writes its rows as one part file.
-   Only a small summary per row (uri, image_id, error) comes back to the driver, never the
-   photo bytes. A Ray task that is retried writes the same part name again.
-5. Once every URI of the source has its row, the marker is written last.
+   decode (``model.images``, EXIF rotation applied), and writes its rows as one part file
+   (``IMAGES.write``: photo bytes stored as they are, small row groups so that the service
+   reads one thumbnail cheaply). Only a small summary per row (uri, image_id, error) comes back
+   to the driver, never the photo bytes. A Ray task that is retried writes the same part again.
+5. Once every URI of the source has its row, the manifest is published last (its ``details``:
+   the source and the counts).
 
-Layout: ``OUT/images.parquet/`` is a folder of ``part-<run>-<batch>.parquet`` files and a
-``_SUCCESS`` marker (JSON: the settings, the source's URI count and digest, the counts). Each
-part is written whole or not at all (a temporary name, then a rename; one PUT on S3), so after
-a kill every part there is complete and the anti-join can trust it. Ray Data
-(``read_parquet``), pyarrow and pandas read the folder as one dataset. One row per source URI:
-byte-identical photos at two URIs are two rows sharing an ``image_id`` (later stages key by
-``image_id`` and keep one). ``IMAGES_SCHEMA`` gives the columns; ``read_images`` and
-``read_images_dataset`` read a complete output without knowing its layout, and
-``check_images_schema`` names what is wrong with a table of another schema.
+One row per source URI: byte-identical photos at two URIs are two rows sharing an
+``image_id`` (later stages key by ``image_id`` and keep one). Readers use
+``model.tables.IMAGES`` (``read``, ``ray_dataset``).
 
 Nothing here imports torch (pycolmap in later stages crashes when torch came first).
 """
@@ -49,31 +47,35 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
-import pprint
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
-from model import storage
+from model import storage, tables
+from model.cli import log_settings
 from model.datasets.sets import IMAGE_SUFFIXES
-from model.images import DEFAULT_MAX_PIXELS, MIN_SIDE, BadImage, open_image, read_size
+from model.images import (
+    DEFAULT_MAX_PIXELS,
+    MIN_SIDE,
+    BadImage,
+    image_id,
+    open_image,
+    read_size,
+)
+from model.tables import IMAGES, IMAGES_OUTPUT, Manifest
 from pipeline.ingest.fetch import FetchPolicy, failure_kind, fetch, http_session, is_transient
 
 if TYPE_CHECKING:
-    import ray.data
     import requests
 
 # What PIL and requests import on first use is imported now, while a worker loads this module in
@@ -86,63 +88,29 @@ import pandas  # noqa: F401  (Ray Data checks a task's output with it, imported 
 
 Image.init()  # every image plugin
 
-__all__ = [
-    "IMAGES_FILE",
-    "IMAGES_SCHEMA",
-    "IMAGE_ID_CHARS",
-    "IngestConf",
-    "check_images_schema",
-    "image_id",
-    "images_uri",
-    "read_images",
-    "read_images_dataset",
-    "run",
-]
+__all__ = ["IngestConf", "run"]
 
 logger = logging.getLogger(__name__)
 
-IMAGES_FILE = "images.parquet"
-"""The name of ingest's output folder inside ``OUT``."""
-
-IMAGE_ID_CHARS = 20
-"""Hex characters of the SHA-256 of a photo's bytes kept as its ``image_id`` (80 bits)."""
-
-IMAGES_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),  # null when the photo failed
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("width", pa.int32()),  # upright (EXIF rotation applied)
-        pa.field("height", pa.int32()),
-        pa.field("scene", pa.string()),
-        pa.field("label", pa.string()),
-        pa.field("error", pa.string()),  # null when fine, else "<kind>: <detail>"
-        pa.field("format", pa.string()),  # as PIL names it: JPEG, PNG, ...
-        pa.field("size_bytes", pa.int64()),
-        pa.field("bytes", pa.binary()),  # the encoded photo, null when it failed
-    ]
-)
-"""The columns of ``images.parquet``; a row is usable exactly when ``error`` is null, and then
-``image_id``, ``width``, ``height``, ``format``, ``size_bytes`` and ``bytes`` are set."""
-
 _RESULT_SCHEMA = pa.schema(
-    [("uri", pa.string()), ("image_id", pa.string()), ("error", pa.string()), ("part", pa.string())]
+    [("uri", pa.string()), ("image_id", pa.string()), ("error", pa.string())]
 )
-_MARKER_FORMAT = "cirray.images/1"
+_RESUME_COLUMNS = ["uri", "image_id", "error", "width", "height"]
+"""Read from the parts already there: the anti-join's, and enough to tell another schema."""
 _DECODES_AT_ONCE = 2  # full decodes per task at a time: bounds its memory and CPU
-_READ_THREADS = 16
 _SOURCE_HINT = "expected a folder of photos, an s3:// prefix, or a .csv/.parquet manifest"
 
 
 @dataclass(frozen=True)
 class IngestConf:
-    """Ingest a photo collection into ``OUTPUT/images.parquet``."""
+    """Ingest a photo collection into the images output under ``OUTPUT``."""
 
     source: str
     """A folder of photos (a sub-folder per scene), an ``s3://`` prefix, or a ``.csv`` /
     ``.parquet`` manifest with a ``uri`` column (local paths, ``s3://``, ``http(s)://``) and
     optional ``scene`` and ``label`` columns."""
     output: str
-    """Folder or ``s3://`` prefix to write ``images.parquet`` under."""
+    """Folder or ``s3://`` prefix to write the images output under."""
     batch_size: int = 64
     """Photos per Ray task and per part file (keep a part's bytes to tens of MB)."""
     workers: int = 0
@@ -167,6 +135,8 @@ class IngestConf:
     """Photos with more pixels fail as a ``decompression bomb``."""
     retry_transient: bool = True
     """On a re-run, fetch again the photos that failed transiently (5xx, timeouts, ...)."""
+    overwrite: bool = False
+    """Replace an output made with other settings (else the run stops and names them)."""
 
     def policy(self) -> FetchPolicy:
         return FetchPolicy(
@@ -176,6 +146,16 @@ class IngestConf:
             backoff_s=self.backoff_s,
             max_bytes=self.max_bytes,
         )
+
+    def content_settings(self) -> dict[str, int]:
+        """The settings that decide which photos pass (a final ``too big``, ``too small`` or
+        ``decompression bomb``); timeouts and retries only delay a photo (a transient failure
+        is fetched again), so they are not part of the output's fingerprint."""
+        return {
+            "min_side": self.min_side,
+            "max_pixels": self.max_pixels,
+            "max_bytes": self.max_bytes,
+        }
 
     def problems(self) -> list[str]:
         """What is wrong with the settings, one message each."""
@@ -212,114 +192,75 @@ class _Photo:
     format: str | None = None
 
 
-# ----------------------------------------------------------------------------- public API
-
-
-def image_id(data: bytes) -> str:
-    """A photo's key: the first ``IMAGE_ID_CHARS`` hex characters of the SHA-256 of its bytes."""
-    return hashlib.sha256(data).hexdigest()[:IMAGE_ID_CHARS]
-
-
-def images_uri(uri: str) -> str:
-    """``OUT/images.parquet`` for ``OUT`` or for ``OUT/images.parquet`` itself."""
-    text = str(uri).rstrip("/")
-    return text if text.rsplit("/", 1)[-1] == IMAGES_FILE else storage.join(text, IMAGES_FILE)
-
-
-def check_images_schema(
-    schema: pa.Schema, where: str = IMAGES_FILE, columns: Sequence[str] | None = None
-) -> None:
-    """Raise ``ValueError`` naming every missing or mistyped column of ``IMAGES_SCHEMA`` (only
-    ``columns`` of it when given) in ``schema``; extra columns are allowed."""
-    wanted = list(columns) if columns is not None else IMAGES_SCHEMA.names
-    unknown = [c for c in wanted if c not in IMAGES_SCHEMA.names]
-    if unknown:
-        raise ValueError(f"no such images.parquet columns: {', '.join(unknown)}")
-    missing = [c for c in wanted if c not in schema.names]
-    mistyped = [
-        f"{c} is {schema.field(c).type}, expected {IMAGES_SCHEMA.field(c).type}"
-        for c in wanted
-        if c in schema.names and not schema.field(c).type.equals(IMAGES_SCHEMA.field(c).type)
-    ]
-    if missing or mistyped:
-        what = ([f"missing column(s) {', '.join(missing)}"] if missing else []) + mistyped
-        raise ValueError(
-            f"{where} is not an images table written by pipeline.ingest: {'; '.join(what)}"
-        )
-
-
-def read_images(
-    uri: str, columns: Sequence[str] | None = None, *, ok_only: bool = False
-) -> pa.Table:
-    """The rows of a complete ingest output (``OUT`` or ``OUT/images.parquet``) as one table.
-
-    ``columns`` picks columns (all of ``IMAGES_SCHEMA`` by default), ``ok_only`` keeps the
-    usable rows (``error`` null). ``FileNotFoundError`` when there is no output there,
-    ``ValueError`` when it is unfinished or of another schema.
-    """
-    parts = _complete_parts(images_uri(uri))
-    cols = list(columns) if columns is not None else IMAGES_SCHEMA.names
-    check_images_schema(IMAGES_SCHEMA, columns=cols)  # unknown column names
-    read = [*cols, "error"] if ok_only and "error" not in cols else cols
-    with ThreadPoolExecutor(_READ_THREADS) as pool:
-        tables = list(pool.map(partial(_read_part, columns=read), parts))
-    problems = [t for t in tables if isinstance(t, str)]
-    if problems:
-        raise ValueError("\n".join(problems))
-    schema = pa.schema([IMAGES_SCHEMA.field(c) for c in read])
-    table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
-    if ok_only:
-        table = table.filter(pc.is_null(table["error"])).select(cols)
-    return table
-
-
-def read_images_dataset(uri: str, columns: Sequence[str] | None = None) -> ray.data.Dataset:
-    """A complete ingest output as a Ray dataset (one block per part file, lazily read)."""
-    import ray.data
-
-    images = images_uri(uri)
-    parts = _complete_parts(images)
-    if not parts:
-        raise ValueError(f"{images} holds no part files")
-    if columns is not None:
-        check_images_schema(IMAGES_SCHEMA, columns=columns)
-    first = _read_part(parts[0], columns=[])
-    if isinstance(first, str):
-        raise ValueError(first)
-    dataset = ray.data.read_parquet(parts)
-    return dataset.select_columns(list(columns)) if columns is not None else dataset
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
 def run(conf: IngestConf) -> str:
-    """Ingest ``conf.source`` into ``conf.output``; returns the URI of ``images.parquet``."""
+    """Ingest ``conf.source`` into ``conf.output``; returns the images output's folder."""
     start = time.monotonic()
-    logger.info("ingest:\n%s", pprint.pformat(asdict(conf)))
-    images = images_uri(conf.output)
+    log_settings(logger, "ingest", conf)
+    images = tables.resolve(IMAGES_OUTPUT.locate(conf.output))
+    source = _checked_source(conf, images)
+    inputs = {"source": _source_digest(source)}
+    settings = conf.content_settings()
+    action, manifest = IMAGES_OUTPUT.plan(images, inputs, settings, overwrite=conf.overwrite)
+    if action == "skip" and manifest is not None and not _retries_due(conf, manifest):
+        logger.info("%s is complete for this source; skipping", images)
+        logger.info("%s", _summary_line(conf, images, manifest.details, fetched=0, seconds=0.0))
+        return images
+    if action == "new" and conf.overwrite and storage.exists(IMAGES_OUTPUT.manifest_uri(images)):
+        logger.info("replacing %s (--overwrite)", images)
+        IMAGES_OUTPUT.clear(images)
+
+    existing = _read_existing(images)
+    todo, retry = _missing_rows(conf, source, existing)
+    IMAGES_OUTPUT.unpublish(images)  # from now the output is unfinished
+    if len(retry):
+        _forget_rows(images, retry)
+        existing = existing.filter(pc.invert(pc.is_in(existing["uri"], retry)))
+    fetch_start = time.monotonic()
+    new = _fetch_missing(todo, conf, images) if todo.num_rows else _RESULT_SCHEMA.empty_table()
+    fetch_seconds = time.monotonic() - fetch_start
+
+    rows = _source_rows(images, source, existing, new)
+    details = {"source": _stored_source(conf.source), "uris": source.num_rows, **_counts(rows)}
+    IMAGES_OUTPUT.publish(images, inputs=inputs, settings=settings, details=details)
+    extra = existing.filter(pc.invert(pc.is_in(existing["uri"], source["uri"]))).num_rows
+    if extra:
+        logger.info("%d rows of uris not in this source stay in %s", extra, images)
+    _log_examples(rows)
+    logger.info("%s", _summary_line(conf, images, details, new.num_rows, fetch_seconds))
+    logger.info("ingest finished in %.1f s", time.monotonic() - start)
+    return images
+
+
+def _checked_source(conf: IngestConf, images: str) -> pa.Table:
+    """The source's rows, or ``ValueError`` listing every problem of the input at once."""
     source, problems = _read_source(conf.source)
     problems = conf.problems() + problems + _output_problems(conf.output, images)
     if problems or source is None:
         raise ValueError("\n".join(problems))
-    digest = _uri_digest(source["uri"])
-    marker = _read_marker(images)
-    if (
-        marker is not None
-        and marker.get("uri_digest") == digest
-        and not (conf.retry_transient and marker.get("transient", 0))
-    ):
-        logger.info("%s is complete for this source; skipping", images)
-        logger.info("%s", _summary_line(conf, images, marker, fetched=0, seconds=0.0))
-        return images
+    return source
 
-    existing, problems = _read_existing(images)
-    if problems:
-        raise ValueError("\n".join(problems))
-    retry = _transient_rows(existing, source["uri"]) if conf.retry_transient else None
-    done = pc.is_in(source["uri"], existing["uri"])
-    if retry is not None:
-        done = pc.and_(done, pc.invert(pc.is_in(source["uri"], retry)))
+
+def _retries_due(conf: IngestConf, manifest: Manifest) -> bool:
+    """Whether a complete output still has transient failures this run fetches again."""
+    return conf.retry_transient and bool(manifest.details.get("transient", 0))
+
+
+def _missing_rows(
+    conf: IngestConf, source: pa.Table, existing: pa.Table
+) -> tuple[pa.Table, pa.Array]:
+    """The source rows to fetch (no row yet, or a transient failure to retry) and the uris
+    whose rows are retried."""
+    retry = (
+        _transient_rows(existing, source["uri"])
+        if conf.retry_transient
+        else pa.array([], pa.string())
+    )
+    done = pc.and_(
+        pc.is_in(source["uri"], existing["uri"]), pc.invert(pc.is_in(source["uri"], retry))
+    )
     todo = source.filter(pc.invert(done))
     logger.info(
         "%d photos in the source: %d already ingested, %d to fetch (%d again after a "
@@ -327,19 +268,13 @@ def run(conf: IngestConf) -> str:
         source.num_rows,
         source.num_rows - todo.num_rows,
         todo.num_rows,
-        0 if retry is None else len(retry),
+        len(retry),
     )
+    return todo, retry
 
-    new = _RESULT_SCHEMA.empty_table()
-    fetch_start = time.monotonic()
-    if todo.num_rows or marker is None or marker.get("uri_digest") != digest:
-        storage.remove(storage.join(images, storage.SUCCESS))  # no longer complete
-    if retry is not None and len(retry):
-        existing = _forget_rows(images, existing, retry)
-    if todo.num_rows:
-        new = _fetch_missing(todo, conf, images)
-    fetch_seconds = time.monotonic() - fetch_start
 
+def _source_rows(images: str, source: pa.Table, existing: pa.Table, new: pa.Table) -> pa.Table:
+    """The summaries of the source's rows, checked to cover every source URI."""
     rows = pa.concat_tables([existing.select(_RESULT_SCHEMA.names).cast(_RESULT_SCHEMA), new])
     rows = rows.filter(pc.is_in(rows["uri"], source["uri"]))
     distinct = pc.count_distinct(rows["uri"]).as_py()
@@ -348,41 +283,29 @@ def run(conf: IngestConf) -> str:
     uncovered = source.num_rows - distinct
     if uncovered:
         raise RuntimeError(f"{uncovered} photos of the source have no row; run ingest again")
-    counts = _counts(rows)
-    marker = {
-        "format": _MARKER_FORMAT,
-        "source": conf.source,
-        "uris": source.num_rows,
-        "uri_digest": digest,
-        **counts,
-        "conf": asdict(conf),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    storage.write_text(storage.join(images, storage.SUCCESS), json.dumps(marker, indent=1))
-    extra = existing.filter(pc.invert(pc.is_in(existing["uri"], source["uri"]))).num_rows
-    if extra:
-        logger.info("%d rows of uris not in this source stay in %s", extra, images)
-    _log_examples(rows)
-    logger.info("%s", _summary_line(conf, images, marker, new.num_rows, fetch_seconds))
-    logger.info("ingest finished in %.1f s", time.monotonic() - start)
-    return images
+    return rows
+
+
+def _stored_source(source: str) -> str:
+    """The source as the manifest keeps it: a local path resolved."""
+    return tables.resolve(source)
 
 
 def _summary_line(
-    conf: IngestConf, images: str, marker: dict[str, Any], fetched: int, seconds: float
+    conf: IngestConf, images: str, counts: dict[str, Any], fetched: int, seconds: float
 ) -> str:
-    failed = marker.get("failed", {})
+    failed = counts.get("failed", {})
     by_kind = ", ".join(f"{kind}: {n}" for kind, n in sorted(failed.items(), key=lambda kv: -kv[1]))
     line = (
-        f"ingest summary: {marker.get('uris', 0)} photos from {conf.source}: "
-        f"{marker.get('ingested', 0)} ingested ({marker.get('duplicates', 0)} byte-identical to "
+        f"ingest summary: {counts.get('uris', 0)} photos from {conf.source}: "
+        f"{counts.get('ingested', 0)} ingested ({counts.get('duplicates', 0)} byte-identical to "
         f"another), {sum(failed.values())} failed" + (f" ({by_kind})" if by_kind else "")
     )
     if fetched:
         line += f"; {fetched} fetched in this run in {seconds:.1f} s ({fetched / seconds:.1f}/s)"
     else:
         line += "; nothing fetched in this run"
-    transient = marker.get("transient", 0)
+    transient = counts.get("transient", 0)
     if transient:
         line += f"; {transient} failed transiently and are fetched again by a re-run"
     return f"{line}; written to {images}"
@@ -416,12 +339,13 @@ def _retried(error: str | None) -> bool:
     return error is not None and (is_transient(error) or failure_kind(error) == "unexpected")
 
 
-def _uri_digest(uris: pa.ChunkedArray) -> str:
+def _source_digest(source: pa.Table) -> str:
+    """The source's identity: its rows (uri, scene, label), in any order."""
     h = hashlib.sha256()
-    for uri in sorted(uris.to_pylist()):
-        h.update(uri.encode())
-        h.update(b"\n")
-    return h.hexdigest()
+    rows = zip(*(source[c].to_pylist() for c in ("uri", "scene", "label")), strict=True)
+    for uri, scene, label in sorted(rows, key=lambda r: r[0]):
+        h.update(f"{uri}\t{scene or ''}\t{label or ''}\n".encode())
+    return h.hexdigest()[:20]
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -520,16 +444,15 @@ def _read_manifest(source: str, files: list[str]) -> tuple[pa.Table | None, list
 
 
 def _manifest_table(uri: str) -> pa.Table:
-    data = storage.read_bytes(uri)
     if uri.lower().endswith(".csv"):
         from pyarrow import csv
 
         text_columns = {name: pa.string() for name in ("uri", "scene", "label")}
         return csv.read_csv(
-            io.BytesIO(data),
+            io.BytesIO(storage.read_bytes(uri)),
             convert_options=csv.ConvertOptions(column_types=text_columns, strings_can_be_null=True),
         )
-    return pq.read_table(io.BytesIO(data))
+    return tables.read_parquet_file(uri)
 
 
 def _parent(uri: str) -> str:
@@ -537,19 +460,19 @@ def _parent(uri: str) -> str:
 
 
 def _resolve(uri: str, base: str) -> str:
-    """A manifest's uri: remote as is, a local path absolute (relative to the manifest)."""
+    """A manifest's uri: remote as is, a local path resolved (relative to the manifest)."""
     if storage.is_remote(uri):
         return uri
     path = uri.removeprefix("file://")
     if os.path.isabs(os.path.expanduser(path)):
-        return os.path.abspath(os.path.expanduser(path))
+        return tables.resolve(os.path.expanduser(path))
     if storage.is_remote(base):
         return storage.join(base, path)
-    return os.path.abspath(os.path.join(storage.local_path(base), path))
+    return tables.resolve(os.path.join(storage.local_path(base), path))
 
 
 def _list_folder(source: str) -> tuple[pa.Table | None, list[str]]:
-    root = source.rstrip("/") if storage.is_remote(source) else os.path.abspath(source)
+    root = tables.resolve(source)
     files = storage.list_files(root, IMAGE_SUFFIXES)
     if not files:
         return None, [f"no photos ({', '.join(IMAGE_SUFFIXES)}) under {source}"]
@@ -582,55 +505,13 @@ def _output_problems(output: str, images: str) -> list[str]:
 # ----------------------------------------------------------------------------- what is there
 
 
-def _read_part(uri: str, columns: Sequence[str]) -> pa.Table | str:
-    """The ``columns`` of one part file (only those bytes are read), or what is wrong with it."""
-    try:
-        filesystem, path = storage.arrow_filesystem(uri)
-        with filesystem.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            check_images_schema(parquet.schema_arrow, where=uri)
-            return parquet.read(columns=list(columns))
-    except ValueError as err:
-        return str(err)
-    except (OSError, pa.ArrowException) as err:
-        return f"{uri} is not a readable Parquet file ({err}); delete it and run ingest again"
-
-
-def _complete_parts(images: str) -> list[str]:
-    if not storage.exists(images):
-        raise FileNotFoundError(f"no {IMAGES_FILE} at {images}; run pipeline.ingest first")
-    if not storage.is_complete(images):
-        raise ValueError(
-            f"{images} is unfinished (no {storage.SUCCESS} marker); run pipeline.ingest again "
-            "to complete it"
-        )
-    return storage.list_files(images, (".parquet",), recursive=False)
-
-
-def _read_marker(images: str) -> dict[str, Any] | None:
-    try:
-        marker = json.loads(storage.read_text(storage.join(images, storage.SUCCESS)))
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) and marker.get("format") == _MARKER_FORMAT else None
-
-
-def _read_existing(images: str) -> tuple[pa.Table, list[str]]:
-    """uri, image_id, error and part name of every row already written, or the problems."""
-    empty = _RESULT_SCHEMA.empty_table()
-    if not storage.exists(images):
-        return empty, []
-    parts = storage.list_files(images, (".parquet",), recursive=False)
-    with ThreadPoolExecutor(_READ_THREADS) as pool:
-        tables = list(pool.map(partial(_read_part, columns=["uri", "image_id", "error"]), parts))
-    problems = [t for t in tables if isinstance(t, str)]
+def _read_existing(images: str) -> pa.Table:
+    """uri, image_id and error of every row already written (a finished or an interrupted
+    output); ``ValueError`` naming every part that cannot be read or is of another schema."""
+    existing, problems = IMAGES.read_unpublished(images, _RESUME_COLUMNS)
     if problems:
-        return empty, problems
-    named = [
-        t.append_column("part", pa.array([p.rsplit("/", 1)[-1]] * t.num_rows, pa.string()))
-        for p, t in zip(parts, tables, strict=True)
-    ]
-    return (pa.concat_tables(named).cast(_RESULT_SCHEMA) if named else empty), []
+        raise ValueError("\n".join(problems))
+    return existing.select(_RESULT_SCHEMA.names)
 
 
 def _transient_rows(existing: pa.Table, source_uris: pa.ChunkedArray) -> pa.Array:
@@ -641,18 +522,17 @@ def _transient_rows(existing: pa.Table, source_uris: pa.ChunkedArray) -> pa.Arra
     return pa.array([u for u, e in zip(uris, errors, strict=True) if _retried(e)], pa.string())
 
 
-def _forget_rows(images: str, existing: pa.Table, uris: pa.Array) -> pa.Table:
+def _forget_rows(images: str, uris: pa.Array) -> None:
     """Take the rows of ``uris`` out of their parts (rewritten whole, or removed when empty)."""
-    drop = pc.is_in(existing["uri"], uris)
-    for part in sorted(set(existing.filter(drop)["part"].to_pylist())):
-        uri = storage.join(images, part)
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    for part in IMAGES.parts(images):
+        if not pc.any(pc.is_in(IMAGES.read_file(part, ["uri"])["uri"], uris)).as_py():
+            continue
+        table = IMAGES.read_file(part)
         kept = table.filter(pc.invert(pc.is_in(table["uri"], uris)))
         if kept.num_rows:
-            storage.write_bytes(uri, _parquet_bytes(kept.cast(IMAGES_SCHEMA)))
+            _write_part(images, kept, part.rsplit("/", 1)[-1])
         else:
-            storage.remove(uri)
-    return existing.filter(pc.invert(drop))
+            storage.remove(part)
 
 
 # ----------------------------------------------------------------------------- the Ray part
@@ -711,17 +591,12 @@ def _ingest_batch(batch: pa.Table, *, images: str, run_id: str, settings: _Setti
             "size_bytes": [None if p.data is None else len(p.data) for p in photos],
             "bytes": [p.data for p in photos],
         },
-        schema=IMAGES_SCHEMA,
+        schema=IMAGES.schema,
     )
-    name = f"part-{run_id}-{hashlib.sha1(chr(10).join(uris).encode()).hexdigest()[:12]}.parquet"
-    storage.write_bytes(storage.join(images, name), _parquet_bytes(table))
+    name = f"part-{run_id}-{hashlib.sha1(chr(10).join(uris).encode()).hexdigest()[:12]}"
+    _write_part(images, table, name)
     return pa.table(
-        {
-            "uri": uris,
-            "image_id": table["image_id"],
-            "error": table["error"],
-            "part": [name] * len(uris),
-        },
+        {"uri": uris, "image_id": table["image_id"], "error": table["error"]},
         schema=_RESULT_SCHEMA,
     )
 
@@ -768,16 +643,16 @@ _ROW_GROUP = 8
 """Photos per Parquet row group: the search service reads one row group for one thumbnail."""
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    """A part file: the photo bytes stored as they are (already compressed), the rest zstd."""
-    small = [n for n in table.column_names if n != "bytes"]
-    sink = pa.BufferOutputStream()
-    pq.write_table(
+def _write_part(images: str, table: pa.Table, name: str) -> None:
+    """One part file, whole or never: the photo bytes stored as they are (already
+    compressed), the rest zstd, in small row groups."""
+    small = [n for n in IMAGES.schema.names if n != "bytes"]
+    IMAGES.write(
+        images,
         table,
-        sink,
-        compression={n: ("none" if n == "bytes" else "zstd") for n in table.column_names},
+        part=name,
         row_group_size=_ROW_GROUP,
+        compression={n: ("none" if n == "bytes" else "zstd") for n in IMAGES.schema.names},
         use_dictionary=small,
         write_statistics=small,
     )
-    return sink.getvalue().to_pybytes()
