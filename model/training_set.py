@@ -1,7 +1,7 @@
 """The GeM mode's training data: the pairs stage's queries, positives and pool, as rows.
 
-Training works on rows of one pool (every photo with a cluster, ``pool.parquet``): a query is a
-row, its positive candidates are rows of its cluster's 3D model (``pairs.parquet``), and its
+Training works on rows of one pool (every photo with a cluster, ``tables.POOL``): a query is a
+row, its positive candidates are rows of its cluster's 3D model (``tables.PAIRS``), and its
 negatives are rows of other clusters that the mining index (``cluster.mining``) returns each
 epoch (the epoch's tuples: ``pipeline.train.tuples``). Validation holds out whole clusters
 (scenes the network never trains on), as the issue's "held-out scenes" ask; the whiten stage
@@ -11,12 +11,11 @@ loop turns rows into images.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 
-from model import storage
+from model import tables
 
 __all__ = ["TrainingSet", "read_training_set", "split_clusters"]
 
@@ -59,19 +58,11 @@ class TrainingSet:
 
 
 def read_training_set(pairs: str) -> TrainingSet:
-    """The training set of a complete pairs output (``pairs.parquet`` and ``pool.parquet``)."""
-    import pyarrow.parquet as pq
-
-    from pipeline.pairs import PAIRS_FILE, POOL_FILE
-
-    folder = pairs.rstrip("/").removesuffix(f"/{PAIRS_FILE}")
-    if not storage.is_complete(folder):
-        raise ValueError(f"{folder} is not a complete pairs output (no {storage.SUCCESS})")
-    try:
-        pool = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(folder, POOL_FILE))))
-    except FileNotFoundError as err:
-        raise ValueError(f"{folder} has no {POOL_FILE}: mine the pairs again") from err
-    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(folder, PAIRS_FILE))))
+    """The training set of a complete pairs output (its folder or any of its files): the pool,
+    and each query with its positives in the pool."""
+    manifest = tables.PAIRS_OUTPUT.manifest(pairs)
+    pool = tables.POOL.read_from(manifest)
+    table = tables.PAIRS.read_from(manifest, ["query_id", "positives"])
     image_ids = np.array(pool["image_id"].to_pylist(), dtype=object)
     row = {image_id: i for i, image_id in enumerate(image_ids.tolist())}
     queries, positives = [], []
@@ -82,15 +73,12 @@ def read_training_set(pairs: str) -> TrainingSet:
         if query in row and rows:
             queries.append(row[query])
             positives.append(np.array(rows, np.int64))
-    models = None  # pairs mined before pool.parquet named the models
-    if "model_id" in pool.column_names:
-        models = np.array(pool["model_id"].to_pylist(), dtype=object)
     return TrainingSet(
         image_ids=image_ids,
         clusters=pool["cluster_id"].to_numpy().astype(np.int64),
         queries=np.array(queries, np.int64),
         positives=tuple(positives),
-        models=models,
+        models=np.array(pool["model_id"].to_pylist(), dtype=object),
     )
 
 

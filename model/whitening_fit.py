@@ -1,7 +1,7 @@
 """Lw fitted to pairs of described photos: its cross-validated choice and held-out scoring.
 
 The GeM paper's discriminative whitening (``model.whitening``) learned from matching pairs
-(the SfM pairs' ``whitening_pairs.parquet``: each query with its most overlapping positive) over
+(the SfM pairs' ``tables.WHITENING_PAIRS``: each query with its most overlapping positive) over
 the descriptors of a collection; shrinkage and output size chosen by cross-validation over the
 pairs' clusters unless fixed. The whiten stage (``pipeline.whiten``) writes it as a checkpoint;
 the train stage learns its Lw the same way (:func:`held_out_whitening`) from its own network's
@@ -10,17 +10,14 @@ descriptors, scored on held-out clusters.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
-from model import storage
+from model import tables
 from model.training_set import TrainingSet, read_training_set, split_clusters
 from model.whitening import SHRINKAGES
 
 __all__ = [
     "LW_META",
-    "WHITENING_FILE",
     "held_out_whitening",
     "pool_clusters",
     "read_whitening_pairs",
@@ -28,23 +25,14 @@ __all__ = [
     "whitening_on_held_out",
 ]
 
-WHITENING_FILE = "whitening.npz"
-
 LW_META = ("pairs", "shrinkage", "dim", "cross_validation")
-"""What ``whitening.npz`` records of how its Lw was learned (``whitening_from_pairs``' how)."""
+"""What a checkpoint's whitening records of how its Lw was learned (``whitening_from_pairs``'
+how)."""
 
 
 def read_whitening_pairs(pairs: str) -> list[tuple[str, str]]:
-    """``(query_id, positive_id)`` of a complete pairs output."""
-    import pyarrow.parquet as pq
-
-    from pipeline.pairs import WHITENING_PAIRS_FILE
-
-    folder = pairs.rstrip("/")
-    if not storage.is_complete(folder):
-        raise ValueError(f"{folder} is not a complete pairs output (no {storage.SUCCESS})")
-    data = storage.read_bytes(storage.join(folder, WHITENING_PAIRS_FILE))
-    table = pq.read_table(io.BytesIO(data))
+    """``(query_id, positive_id)`` of a complete pairs output (its folder or any of its files)."""
+    table = tables.WHITENING_PAIRS.read(pairs)
     return list(zip(table["query_id"].to_pylist(), table["positive_id"].to_pylist(), strict=True))
 
 
@@ -52,6 +40,7 @@ def whitening_from_pairs(
     image_ids: np.ndarray,
     vectors: np.ndarray,
     pairs: list[tuple[str, str]],
+    *,
     min_pairs: int = 10,
     clusters: np.ndarray | None = None,
     shrinkage: float | None = None,
@@ -76,13 +65,16 @@ def whitening_from_pairs(
     q, p = np.array(usable, dtype=np.int64).T
     how: dict = {"pairs": len(usable)}
     if (shrinkage is None or dim is None) and clusters is not None:
-        choice = select_whitening(vectors, clusters, q, p,
-                                  shrinkages=(shrinkage,) if shrinkage is not None else SHRINKAGES,
-                                  dims=(dim,) if dim is not None else None)  # fmt: skip
+        shrinkages = (shrinkage,) if shrinkage is not None else SHRINKAGES
+        dims = (dim,) if dim is not None else None
+        choice = select_whitening(vectors, clusters, q, p, shrinkages=shrinkages, dims=dims)
         shrinkage, dim = choice.shrinkage, choice.dim
-        how["cross_validation"] = {"folds": choice.folds, "map": choice.score,
-                                   "map_plain": choice.plain,
-                                   "candidates": choice.table}  # fmt: skip
+        how["cross_validation"] = {
+            "folds": choice.folds,
+            "map": choice.score,
+            "map_plain": choice.plain,
+            "candidates": choice.table,
+        }
     shrinkage = 0.0 if shrinkage is None else shrinkage
     m, P = learn_whitening(vectors, q, p, shrinkage=shrinkage)
     dim = P.shape[0] if dim is None else dim
@@ -116,8 +108,10 @@ def held_out_whitening(
         pool_row = {image_id: i for i, image_id in enumerate(ids.tolist())}
         queries = np.array([pool_row[i] for i in val.image_ids[val.queries].tolist()], np.int64)
     models = None if pool.models is None else pool.models[present]
-    return whitening_on_held_out(ids, x, pool.clusters[present], np.isin(ids, train.image_ids),
-                                 queries, pairs, shrinkage, dim, models)  # fmt: skip
+    trained = np.isin(ids, train.image_ids)
+    return whitening_on_held_out(
+        ids, x, pool.clusters[present], trained, queries, pairs, shrinkage, dim, models
+    )
 
 
 def whitening_on_held_out(
@@ -143,10 +137,14 @@ def whitening_on_held_out(
     ids = np.asarray(image_ids)
     trained = np.asarray(trained, dtype=bool)
     inside = set(ids[trained].tolist())
-    m, P, how = whitening_from_pairs(ids[trained], vectors[trained],
-                                     [(q, p) for q, p in pairs if q in inside and p in inside],
-                                     clusters=np.asarray(clusters)[trained],
-                                     shrinkage=shrinkage, dim=dim)  # fmt: skip
+    m, P, how = whitening_from_pairs(
+        ids[trained],
+        vectors[trained],
+        [(q, p) for q, p in pairs if q in inside and p in inside],
+        clusters=np.asarray(clusters)[trained],
+        shrinkage=shrinkage,
+        dim=dim,
+    )
     if queries is not None:
         how["val_map"] = cluster_map(vectors, clusters, queries, models)
         how["val_map_lw"] = cluster_map(apply_whitening(vectors, m, P), clusters, queries, models)

@@ -19,25 +19,28 @@ each leftover is also offered to its ``--attach-k`` most similar groups (the mea
 ``--attach-top`` best similarities to a group's photos, at least ``--attach-threshold``): the sfm
 stage reconstructs it with each of them and keeps the model that registers it.
 
-Output: ``GROUPS/groups.parquet`` (``image_id``, ``group_id``), one row per usable described
-photo; ``GROUPS/candidates.parquet`` (``image_id``, ``group_id``, ``similarity``), the leftovers'
-offers; ``GROUPS/manifest.json`` (the method and settings, group sizes, singletons, photos
-without a descriptor, and purity/recall against the ``scene`` column when there is one), then
-``_SUCCESS``. A complete output is skipped. Torch-free (SfM workers must never import torch).
+Output ``GROUPS/``: the ``tables.GROUPS`` table (``image_id``, ``group_id``), one row per usable
+described photo; ``tables.CANDIDATES`` (``image_id``, ``group_id``, ``similarity``), the
+leftovers' offers; then the manifest (``tables.GROUPS_OUTPUT``), whose details hold the method,
+group sizes, singletons, photos without a descriptor, and purity/recall against the ``scene``
+column when there is one. A rerun with the same inputs and settings skips; new photos or new
+descriptors upstream group again; other settings stop with a line naming them, unless
+``--overwrite``. Torch-free (SfM workers must never import torch).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
+import pprint
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from model import storage
+from model import tables
 from model.cli import location_problems, run_cli
 from model.clustering import (
     DEFAULT_K,
@@ -46,24 +49,18 @@ from model.clustering import (
     group_descriptors,
     relabel_by_size,
 )
+from model.descriptors import Descriptors, read_descriptors
 
 __all__ = [
-    "CANDIDATES_FILE",
-    "GROUPS_FILE",
     "GroupConf",
     "attach_candidates",
+    "content_settings",
     "knn_graph",
-    "read_candidates",
-    "read_groups",
     "run",
     "split_large",
 ]
 
 logger = logging.getLogger(__name__)
-
-GROUPS_FILE = "groups.parquet"
-CANDIDATES_FILE = "candidates.parquet"
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -71,11 +68,11 @@ class GroupConf:
     """Settings of one grouping; every field is a command-line flag."""
 
     images: str
-    """images.parquet written by pipeline.ingest (a path or s3:// URI)."""
+    """The output of pipeline.ingest (a path or s3:// URI)."""
     descriptors: str
-    """Descriptor folder written by pipeline.extract."""
+    """The output of pipeline.extract."""
     output: str
-    """Folder or s3:// prefix for groups.parquet and its manifest."""
+    """Folder or s3:// prefix for the groups and their manifest."""
     use_scene: bool = True
     """Use the scene column when every usable photo has one (--no-use-scene: group by
     descriptors anyway, and score the result against the scenes)."""
@@ -97,6 +94,8 @@ class GroupConf:
     attach_threshold: float = 0.6
     attach_neighbours: int = 64
     """Nearest grouped photos searched per leftover (bounds the work at any N)."""
+    overwrite: bool = False
+    """Replace an output made with other settings (else the run stops, naming them)."""
 
 
 def knn_graph(
@@ -223,149 +222,156 @@ def _check(conf: GroupConf) -> None:
         raise ValueError("\n".join(problems))
 
 
-def run(conf: GroupConf) -> str:
-    """Group the photos of ``conf.images``; returns the URI of groups.parquet."""
-    from model.descriptors import read_descriptors
-    from pipeline.ingest import read_images
+def content_settings(conf: GroupConf) -> dict[str, Any]:
+    """The settings that change the grouping (not where things lie, nor --overwrite)."""
+    where = {"images", "descriptors", "output", "overwrite"}
+    return {k: v for k, v in asdict(conf).items() if k not in where}
 
-    _check(conf)
-    out = conf.output.rstrip("/")
-    target = storage.join(out, GROUPS_FILE)
-    if storage.is_complete(out):
-        logger.info("%s is complete; skipping", out)
-        return target
-    problems: list[str] = []
+
+def _upstream(conf: GroupConf) -> tuple[tables.Manifest, tables.Manifest]:
+    """The manifests of the images and descriptors outputs (every problem at once)."""
+    problems, found = [], []
+    for flag, output, uri in (
+        ("--images", tables.IMAGES_OUTPUT, conf.images),
+        ("--descriptors", tables.DESCRIPTORS_OUTPUT, conf.descriptors),
+    ):
+        try:
+            found.append(output.manifest(uri))
+        except (OSError, ValueError) as err:
+            problems.append(f"{flag}: {err}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return found[0], found[1]
+
+
+def _read_inputs(
+    conf: GroupConf, images: tables.Manifest
+) -> tuple[dict[str, str | None], Descriptors]:
+    """The usable photos' scenes (first row of each image_id) and the descriptors."""
+    problems = []
     try:
-        images = read_images(conf.images, ["image_id", "uri", "scene"], ok_only=True)
+        rows = tables.IMAGES.read_from(
+            images, ["image_id", "scene"], filter=pc.field("error").is_null()
+        )
     except (OSError, ValueError) as err:
         problems.append(f"--images: {err}")
     try:
-        desc = read_descriptors(conf.descriptors)
+        descriptors = read_descriptors(conf.descriptors)
     except (OSError, ValueError) as err:
         problems.append(f"--descriptors: {err}")
     if problems:
         raise ValueError("\n".join(problems))
-
     scene_of: dict[str, str | None] = {}
     for image_id, scene in zip(
-        images.column("image_id").to_pylist(), images.column("scene").to_pylist(), strict=True
+        rows.column("image_id").to_pylist(), rows.column("scene").to_pylist(), strict=True
     ):
         scene_of.setdefault(image_id, scene)
-    row_of = {image_id: i for i, image_id in enumerate(desc.image_ids.tolist())}
+    return scene_of, descriptors
+
+
+@dataclass(frozen=True)
+class _Grouping:
+    """Each described photo's group, the leftovers' offers (rows of ``ids``), how, and the
+    photos' scenes (to score the grouping against)."""
+
+    ids: list[str]
+    labels: np.ndarray
+    offers: list[tuple[int, int, float]]
+    method: str
+    scenes: list[str | None]
+
+
+def _group(
+    conf: GroupConf, scene_of: dict[str, str | None], descriptors: Descriptors
+) -> tuple[_Grouping, list[str]]:
+    """The grouping of the described photos, and the photos without a descriptor."""
+    row_of = {image_id: i for i, image_id in enumerate(descriptors.image_ids.tolist())}
     ids = [i for i in scene_of if i in row_of]
     undescribed = sorted(i for i in scene_of if i not in row_of)
     if not ids:
         raise ValueError(f"no photo of {conf.images} has a descriptor in {conf.descriptors}")
     scenes = [scene_of[i] for i in ids]
-    has_scenes = all(s is not None for s in scenes)
-    x = desc.vectors[[row_of[i] for i in ids]]
-    offers: list[tuple[int, int, float]] = []
-    if has_scenes and conf.use_scene:
+    if conf.use_scene and all(s is not None for s in scenes):
         names = sorted(set(scenes))
         labels = _singletons_apart(np.array([names.index(s) for s in scenes], np.int64))
-        method = "scene column"
-    else:
-        sims, idx = knn_graph(x, conf.k, conf.flat_max)
-        labels = group_descriptors(neighbours=(sims, idx), k=conf.k, threshold=conf.threshold)
-        labels = split_large(x, labels, conf)
-        offers = attach_candidates(x, labels, conf)
-        method = "descriptors: mutual kNN components"
+        return _Grouping(ids, labels, [], "scene column", scenes), undescribed
+    x = descriptors.vectors[[row_of[i] for i in ids]]
+    sims, idx = knn_graph(x, conf.k, conf.flat_max)
+    labels = group_descriptors(neighbours=(sims, idx), k=conf.k, threshold=conf.threshold)
+    labels = split_large(x, labels, conf)
+    offers = attach_candidates(x, labels, conf)
+    return _Grouping(ids, labels, offers, "descriptors: mutual kNN components", scenes), undescribed
 
+
+def _details(grouping: _Grouping, undescribed: list[str]) -> dict[str, Any]:
+    """What the manifest says of the grouping: sizes, singletons, offers, scores."""
+    labels = grouping.labels
     sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, np.int64)
-    manifest: dict[str, Any] = {
-        "format": 1,
-        "method": method,
-        "images": conf.images,
-        "descriptors": conf.descriptors,
-        "settings": asdict(conf),
-        "photos": len(ids),
+    details: dict[str, Any] = {
+        "method": grouping.method,
+        "photos": len(grouping.ids),
         "groups": len(sizes),
         "group_sizes": sizes.tolist(),
-        "singletons": [i for i, g in zip(ids, labels.tolist(), strict=True) if g < 0],
+        "singletons": [i for i, g in zip(grouping.ids, labels.tolist(), strict=True) if g < 0],
         "undescribed": undescribed,
-        "candidates": len(offers),
-        "leftovers_offered": len({row for row, _, _ in offers}),
+        "candidates": len(grouping.offers),
+        "leftovers_offered": len({row for row, _, _ in grouping.offers}),
     }
-    if has_scenes and method != "scene column":
-        manifest["scores"] = cluster_scores(labels, np.array(scenes, dtype=object))
-    _write(out, ids, labels, offers, manifest)
+    if grouping.method != "scene column" and all(s is not None for s in grouping.scenes):
+        details["scores"] = cluster_scores(labels, np.array(grouping.scenes, dtype=object))
+    return details
+
+
+def _write(out: str, grouping: _Grouping) -> None:
+    """groups and candidates, through their specs (the manifest comes after)."""
+    ids, offers = grouping.ids, grouping.offers
+    groups = {"image_id": ids, "group_id": grouping.labels}
+    candidates = {
+        "image_id": [ids[row] for row, _, _ in offers],
+        "group_id": [g for _, g, _ in offers],
+        "similarity": [s for _, _, s in offers],
+    }
+    tables.GROUPS.write(out, pa.table(groups, schema=tables.GROUPS.schema))
+    tables.CANDIDATES.write(out, pa.table(candidates, schema=tables.CANDIDATES.schema))
+
+
+def _log(details: dict[str, Any]) -> None:
+    scores = details.get("scores")
     logger.info(
         "%d photos into %d groups by %s (%d singletons, %d without a descriptor, "
         "%d leftovers offered to other groups)%s",
-        len(ids),
-        len(sizes),
-        method,
-        len(manifest["singletons"]),
-        len(undescribed),
-        manifest["leftovers_offered"],
-        "; purity {purity:.3f}, recall {recall:.3f}".format(**manifest["scores"])
-        if "scores" in manifest
-        else "",
+        details["photos"],
+        details["groups"],
+        details["method"],
+        len(details["singletons"]),
+        len(details["undescribed"]),
+        details["leftovers_offered"],
+        f"; purity {scores['purity']:.3f}, recall {scores['recall']:.3f}" if scores else "",
     )
-    return storage.join(out, GROUPS_FILE)
 
 
-def _write(
-    out: str,
-    ids: list[str],
-    labels: np.ndarray,
-    offers: list[tuple[int, int, float]],
-    manifest: dict[str, Any],
-) -> None:
-    import pyarrow as pa
-
-    _write_parquet(
-        storage.join(out, GROUPS_FILE),
-        pa.table(
-            {"image_id": pa.array(ids, pa.string()), "group_id": pa.array(labels, pa.int64())}
-        ),
+def run(conf: GroupConf) -> str:
+    """Group the photos of ``conf.images``; returns the output folder."""
+    _check(conf)
+    logger.info("group:\n%s", pprint.pformat(asdict(conf)))
+    out = tables.resolve(conf.output)
+    images, descriptors = _upstream(conf)
+    inputs = {"images": images, "descriptors": descriptors}
+    settings = content_settings(conf)
+    plan, _ = tables.GROUPS_OUTPUT.plan(
+        out, {k: m.identity for k, m in inputs.items()}, settings, overwrite=conf.overwrite
     )
-    _write_parquet(
-        storage.join(out, CANDIDATES_FILE),
-        pa.table(
-            {
-                "image_id": pa.array([ids[row] for row, _, _ in offers], pa.string()),
-                "group_id": pa.array([g for _, g, _ in offers], pa.int64()),
-                "similarity": pa.array([s for _, _, s in offers], pa.float32()),
-            }
-        ),
-    )
-    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=2, default=float))
-    storage.write_text(storage.join(out, storage.SUCCESS), "")
-
-
-def _write_parquet(uri: str, table: Any) -> None:
-    import pyarrow.parquet as pq
-
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    storage.write_bytes(uri, sink.getvalue())
-
-
-def read_candidates(uri: str) -> list[tuple[str, int]]:
-    """``(image_id, group_id)`` offers of a complete group output; none from older outputs."""
-    import pyarrow.parquet as pq
-
-    folder = uri.rstrip("/").removesuffix(f"/{GROUPS_FILE}")
-    if not storage.is_complete(folder):
-        raise ValueError(f"{folder} is not a complete group output (no {storage.SUCCESS})")
-    try:
-        data = storage.read_bytes(storage.join(folder, CANDIDATES_FILE))
-    except FileNotFoundError:
-        return []
-    table = pq.read_table(io.BytesIO(data))
-    return list(zip(table["image_id"].to_pylist(), table["group_id"].to_pylist(), strict=True))
-
-
-def read_groups(uri: str) -> tuple[list[str], np.ndarray]:
-    """``(image_ids, group_ids)`` of a complete group output (``GROUPS`` or its parquet)."""
-    import pyarrow.parquet as pq
-
-    folder = uri.rstrip("/").removesuffix(f"/{GROUPS_FILE}")
-    if not storage.is_complete(folder):
-        raise ValueError(f"{folder} is not a complete group output (no {storage.SUCCESS})")
-    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(folder, GROUPS_FILE))))
-    return table.column("image_id").to_pylist(), table.column("group_id").to_numpy()
+    if plan == "skip":
+        logger.info("%s is complete; skipping", out)
+        return out
+    scene_of, vectors = _read_inputs(conf, images)
+    grouping, undescribed = _group(conf, scene_of, vectors)
+    details = _details(grouping, undescribed)
+    tables.GROUPS_OUTPUT.unpublish(out)
+    _write(out, grouping)
+    tables.GROUPS_OUTPUT.publish(out, inputs=inputs, settings=settings, details=details)
+    _log(details)
+    return out
 
 
 if __name__ == "__main__":

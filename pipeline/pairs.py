@@ -9,12 +9,13 @@ surface at a similar scale, so the pair is visibly the same place and not trivia
 photo. Training draws one of them at random each epoch (``train``). Each photo keeps its cluster
 (its SfM group): negatives are taken from other clusters only.
 
-Output ``PAIRS/``: ``pairs.parquet`` (query_id, positives (list of image_id, best first),
-overlaps (the shared fraction of each), cluster_id, model_id); ``whitening_pairs.parquet``
+Output ``PAIRS/``: ``tables.PAIRS`` (query_id, positives (list of image_id, best first),
+overlaps (the shared fraction of each), cluster_id, model_id); ``tables.WHITENING_PAIRS``
 (query_id, positive_id: each query with its most overlapping positive, for learned whitening);
-``pool.parquet`` (image_id, cluster_id, model_id: every photo with a cluster, the negative
-pool of training, with its 3D model where it is registered); ``manifest.json`` with the
-settings and counts; ``_SUCCESS`` last.
+``tables.POOL`` (image_id, cluster_id, model_id: every photo with a cluster, the negative pool of
+training, with its 3D model where it is registered); then the manifest (``tables.PAIRS_OUTPUT``)
+with the counts. A rerun with the same 3D models and settings skips; other models upstream mine
+again; other settings stop with a line naming them, unless ``--overwrite``.
 ``--export-pkl FILE`` writes the same pairs in cnnimageretrieval-pytorch's layout
 (``{"train": {"cids", "cluster", "qidxs", "pidxs"}}``, one positive per query, image ids as
 ``cids``), so its users can train on them.
@@ -22,32 +23,27 @@ settings and counts; ``_SUCCESS`` last.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import pickle
+import pprint
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from model import storage
+import pyarrow as pa
+
+from model import storage, tables
 from model.cli import location_problems, run_cli
 
 __all__ = [
-    "PAIRS_FILE",
-    "POOL_FILE",
-    "WHITENING_PAIRS_FILE",
     "PairsConf",
+    "cirtorch_pickle",
+    "content_settings",
     "mine_positives",
-    "read_pairs",
     "run",
 ]
 
 logger = logging.getLogger(__name__)
-
-PAIRS_FILE = "pairs.parquet"
-WHITENING_PAIRS_FILE = "whitening_pairs.parquet"
-POOL_FILE = "pool.parquet"
 
 
 @dataclass(frozen=True)
@@ -55,7 +51,7 @@ class PairsConf:
     """Settings of the pair mining; every field is a command-line flag."""
 
     sfm: str
-    """The folder written by pipeline.sfm."""
+    """The output of pipeline.sfm."""
     output: str
     min_overlap: float = 0.2
     """t_i: the share of the query's 3D points a positive must also observe."""
@@ -65,6 +61,8 @@ class PairsConf:
     """Keep this many positive candidates per query (the most overlapping)."""
     export_pkl: str | None = None
     """Also write cnnimageretrieval-pytorch's .pkl layout here."""
+    overwrite: bool = False
+    """Replace an output made with other settings (else the run stops, naming them)."""
 
 
 def mine_positives(
@@ -119,87 +117,99 @@ def _check(conf: PairsConf) -> None:
         raise ValueError("\n".join(problems))
 
 
+def content_settings(conf: PairsConf) -> dict[str, Any]:
+    """The settings that change the pairs (not where things lie, the export, --overwrite)."""
+    return {
+        "min_overlap": conf.min_overlap,
+        "max_scale_change": conf.max_scale_change,
+        "max_positives": conf.max_positives,
+    }
+
+
 def run(conf: PairsConf) -> str:
-    """Mine the pairs of ``conf.sfm``; returns the URI of pairs.parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.sfm import read_sfm_images
-
+    """Mine the pairs of ``conf.sfm``; returns the output folder."""
     _check(conf)
-    out = conf.output.rstrip("/")
-    target = storage.join(out, PAIRS_FILE)
-    if storage.is_complete(out):
+    logger.info("pairs:\n%s", pprint.pformat(asdict(conf)))
+    out = tables.resolve(conf.output)
+    try:
+        sfm = tables.SFM_OUTPUT.manifest(conf.sfm)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--sfm: {err}") from err
+    settings = content_settings(conf)
+    plan, _ = tables.PAIRS_OUTPUT.plan(
+        out, {"sfm": sfm.identity}, settings, overwrite=conf.overwrite
+    )
+    if plan == "skip":
         logger.info("%s is complete; skipping", out)
-        return target
-    table = read_sfm_images(conf.sfm)
-    rows = table.to_pylist()
-    info = {r["image_id"]: r for r in rows}
+        return out
+    rows = tables.SFM_IMAGES.read_from(sfm).to_pylist()
+    registered = [r for r in rows if r["registered"]]
     positives = mine_positives(
-        [r for r in rows if r["registered"]],
-        conf.min_overlap,
-        conf.max_scale_change,
-        conf.max_positives,
+        registered, conf.min_overlap, conf.max_scale_change, conf.max_positives
     )
-    queries = sorted(positives)
-    pairs = pa.table(
-        {
-            "query_id": pa.array(queries, pa.string()),
-            "positives": pa.array([[p for p, _ in positives[q]] for q in queries],
-                                  pa.list_(pa.string())),
-            "overlaps": pa.array([[o for _, o in positives[q]] for q in queries],
-                                 pa.list_(pa.float32())),
-            "cluster_id": pa.array([info[q]["cluster_id"] for q in queries], pa.int64()),
-            "model_id": pa.array([info[q]["model_id"] for q in queries], pa.string()),
-        }
-    )  # fmt: skip
-    whitening = pa.table(
-        {
-            "query_id": pa.array(queries, pa.string()),
-            "positive_id": pa.array([positives[q][0][0] for q in queries], pa.string()),
-        }
-    )
-    pooled = sorted((r["image_id"], r["cluster_id"], r["model_id"] if r["registered"] else None)
-                    for r in rows if r["cluster_id"] is not None)  # fmt: skip
-    pool = pa.table(
-        {
-            "image_id": pa.array([i for i, _, _ in pooled], pa.string()),
-            "cluster_id": pa.array([c for _, c, _ in pooled], pa.int64()),
-            "model_id": pa.array([m for _, _, m in pooled], pa.string()),
-        }
-    )
-    for name, data in (
-        (PAIRS_FILE, pairs),
-        (WHITENING_PAIRS_FILE, whitening),
-        (POOL_FILE, pool),
-    ):
-        sink = io.BytesIO()
-        pq.write_table(data, sink)
-        storage.write_bytes(storage.join(out, name), sink.getvalue())
+    tables.PAIRS_OUTPUT.unpublish(out)
+    _write(out, rows, positives)
     if conf.export_pkl:
         storage.write_bytes(conf.export_pkl, cirtorch_pickle(rows, positives))
-    registered = sum(bool(r["registered"]) for r in rows)
-    manifest = {
-        "format": 1,
-        "settings": asdict(conf),
-        "photos": len(rows),
-        "registered": registered,
-        "queries": len(queries),
-        "registered_without_positive": registered - len(queries),
-        "clusters": len({info[q]["cluster_id"] for q in queries}),
-        "mean_positives": float(sum(len(v) for v in positives.values()) / max(1, len(queries))),
-    }
-    storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2))
-    storage.write_text(storage.join(out, storage.SUCCESS), "")
+    details = _details(rows, positives)
+    tables.PAIRS_OUTPUT.publish(out, inputs={"sfm": sfm}, settings=settings, details=details)
     logger.info(
         "pairs: %d queries with positives (of %d registered photos), %.1f positives each, "
         "%d clusters",
-        len(queries),
-        registered,
-        manifest["mean_positives"],
-        manifest["clusters"],
+        details["queries"],
+        details["registered"],
+        details["mean_positives"],
+        details["clusters"],
     )
-    return target
+    return out
+
+
+def _write(
+    out: str, rows: list[dict[str, Any]], positives: dict[str, list[tuple[str, float]]]
+) -> None:
+    """The pairs, the whitening pairs and the pool, through their specs."""
+    info = {r["image_id"]: r for r in rows}
+    queries = sorted(positives)
+    pairs = {
+        "query_id": queries,
+        "positives": [[p for p, _ in positives[q]] for q in queries],
+        "overlaps": [[o for _, o in positives[q]] for q in queries],
+        "cluster_id": [info[q]["cluster_id"] for q in queries],
+        "model_id": [info[q]["model_id"] for q in queries],
+    }
+    whitening = {"query_id": queries, "positive_id": [positives[q][0][0] for q in queries]}
+    pooled = sorted(
+        (r["image_id"], r["cluster_id"], r["model_id"] if r["registered"] else None)
+        for r in rows
+        if r["cluster_id"] is not None
+    )
+    pool = {
+        "image_id": [i for i, _, _ in pooled],
+        "cluster_id": [c for _, c, _ in pooled],
+        "model_id": [m for _, _, m in pooled],
+    }
+    for spec, columns in (
+        (tables.PAIRS, pairs),
+        (tables.WHITENING_PAIRS, whitening),
+        (tables.POOL, pool),
+    ):
+        spec.write(out, pa.table(columns, schema=spec.schema))
+
+
+def _details(
+    rows: list[dict[str, Any]], positives: dict[str, list[tuple[str, float]]]
+) -> dict[str, Any]:
+    """What the manifest says of the mining: photos, queries, clusters, positives each."""
+    cluster_of = {r["image_id"]: r["cluster_id"] for r in rows}
+    registered = sum(bool(r["registered"]) for r in rows)
+    return {
+        "photos": len(rows),
+        "registered": registered,
+        "queries": len(positives),
+        "registered_without_positive": registered - len(positives),
+        "clusters": len({cluster_of[q] for q in positives}),
+        "mean_positives": float(sum(len(v) for v in positives.values()) / max(1, len(positives))),
+    }
 
 
 def cirtorch_pickle(rows: list[dict[str, Any]], positives: dict[str, list]) -> bytes:
@@ -218,16 +228,6 @@ def cirtorch_pickle(rows: list[dict[str, Any]], positives: dict[str, list]) -> b
         }
     }
     return pickle.dumps(layout, protocol=4)
-
-
-def read_pairs(uri: str) -> Any:
-    """``pairs.parquet`` of a complete pairs output as a pyarrow Table."""
-    import pyarrow.parquet as pq
-
-    folder = uri.rstrip("/").removesuffix(f"/{PAIRS_FILE}")
-    if not storage.is_complete(folder):
-        raise ValueError(f"{folder} is not a complete pairs output (no {storage.SUCCESS})")
-    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(folder, PAIRS_FILE))))
 
 
 if __name__ == "__main__":

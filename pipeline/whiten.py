@@ -6,13 +6,16 @@ The GeM paper's discriminative whitening: matching pairs' differences are whiten
 directions that separate non-matching photos most come first (``model.whitening``). From a few
 hundred pairs, not the paper's thousands of 3D models, the plain Lw can overfit: its shrinkage
 and output size are chosen by cross-validation over the pairs' clusters (``--shrinkage`` and
-``--dim`` fix them; ``--shrinkage 0`` with the full dim is the paper's Lw). The pairs
-are the ``whitening_pairs.parquet`` that ``pipeline.pairs`` mined from the 3D models (each
-query with its most overlapping positive: no human label), the descriptors those that
-``pipeline.extract`` wrote for the collection with the network to whiten (the off-the-shelf one,
-or a training checkpoint). Output: a checkpoint directory (``model.pt`` and ``meta.json`` of
-that network, ``whitening.npz`` beside them) that ``pipeline.extract --weights`` and
-``pipeline.evaluate --weights`` take as it is. The fitting itself is ``model.whitening_fit``
+``--dim`` fix them; ``--shrinkage 0`` with the full dim is the paper's Lw). The pairs are the
+whitening pairs that ``pipeline.pairs`` mined from the 3D models (each query with its most
+overlapping positive: no human label), the descriptors those that ``pipeline.extract`` wrote for
+the collection with the network to whiten (the off-the-shelf one, or a training checkpoint).
+
+Output: a checkpoint (``model.checkpoint``: that network with the learned whitening) that
+``pipeline.extract --weights`` and ``pipeline.evaluate --weights`` take as it is, then the
+manifest (``tables.WHITEN_OUTPUT``) last. A rerun with the same descriptors, pairs and settings
+skips; other descriptors or pairs learn it again; other settings stop with a line naming them,
+unless ``--overwrite``. The fitting itself is ``model.whitening_fit``
 (:func:`~model.whitening_fit.whitening_from_pairs`), which the training stage uses the same way
 on its own network's descriptors.
 """
@@ -20,18 +23,17 @@ on its own network's descriptors.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import pprint
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from model import storage
+from model import checkpoint, tables
 from model.cli import location_problems, run_cli
-from model.whitening_fit import (
-    WHITENING_FILE,
-    pool_clusters,
-    read_whitening_pairs,
-    whitening_from_pairs,
-)
+from model.describer import conf_for_network, load_extract_network
+from model.descriptors import Descriptors, read_descriptors
+from model.whitening_fit import pool_clusters, read_whitening_pairs, whitening_from_pairs
 
-__all__ = ["WhitenConf", "run"]
+__all__ = ["WhitenConf", "content_settings", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +45,9 @@ class WhitenConf:
     descriptors: str
     """Descriptors of the collection (pipeline.extract), made by the network to whiten."""
     pairs: str
-    """The folder written by pipeline.pairs (its whitening_pairs.parquet)."""
+    """The output of pipeline.pairs (its whitening pairs)."""
     output: str
-    """Checkpoint directory to write (model.pt, meta.json, whitening.npz)."""
+    """Checkpoint folder to write."""
     min_pairs: int = 10
     """Fewer usable pairs than this is an error: Lw from a handful of pairs only overfits."""
     shrinkage: float | None = None
@@ -53,6 +55,8 @@ class WhitenConf:
     Lw); unset: chosen by cross-validation over the pairs' clusters."""
     dim: int | None = None
     """Output size (Lw's leading rows); unset: chosen by the same cross-validation."""
+    overwrite: bool = False
+    """Replace an output made with other settings (else the run stops, naming them)."""
 
 
 def _check(conf: WhitenConf) -> None:
@@ -70,22 +74,31 @@ def _check(conf: WhitenConf) -> None:
         raise ValueError("\n".join(problems))
 
 
-def run(conf: WhitenConf) -> str:
-    """Learn Lw and write the whitened checkpoint; returns its directory."""
-    from model.describer import conf_for_network, load_extract_network
-    from model.descriptors import read_descriptors
-    from model.networks import save_network
-    from model.whitening import save_whitening
+def content_settings(conf: WhitenConf) -> dict[str, Any]:
+    """The settings that change the whitening (not where things lie, nor --overwrite)."""
+    return {"min_pairs": conf.min_pairs, "shrinkage": conf.shrinkage, "dim": conf.dim}
 
-    _check(conf)
-    out = conf.output.rstrip("/")
-    lw_uri = storage.join(out, WHITENING_FILE)
-    if storage.is_file(lw_uri) and storage.is_file(storage.join(out, "meta.json")):
-        logger.info("%s already holds a whitened checkpoint; skipping", out)
-        return out
+
+def _upstream(conf: WhitenConf) -> tuple[tables.Manifest, tables.Manifest]:
+    """The manifests of the descriptors and pairs outputs (every problem at once)."""
+    problems, found = [], []
+    for flag, output, uri in (
+        ("--descriptors", tables.DESCRIPTORS_OUTPUT, conf.descriptors),
+        ("--pairs", tables.PAIRS_OUTPUT, conf.pairs),
+    ):
+        try:
+            found.append(output.manifest(uri))
+        except (OSError, ValueError) as err:
+            problems.append(f"{flag}: {err}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return found[0], found[1]
+
+
+def _read_inputs(conf: WhitenConf) -> tuple[Descriptors, list[tuple[str, str]]]:
     problems = []
     try:
-        desc = read_descriptors(conf.descriptors)
+        descriptors = read_descriptors(conf.descriptors)
     except (OSError, ValueError) as err:
         problems.append(f"--descriptors: {err}")
     try:
@@ -94,31 +107,56 @@ def run(conf: WhitenConf) -> str:
         problems.append(f"--pairs: {err}")
     if problems:
         raise ValueError("\n".join(problems))
-    network = desc.manifest["network"]
-    extract_conf = conf_for_network(network, desc.manifest.get("settings") or {})
-    net, applied = load_extract_network(extract_conf)
+    return descriptors, pairs
+
+
+def _plain_network(conf: WhitenConf, descriptors: Descriptors) -> Any:
+    """The network that made the descriptors; refused when it whitens already (Lw on Lw)."""
+    network = descriptors.manifest["network"]
+    settings = conf_for_network(network, descriptors.manifest.get("settings") or {})
+    net, applied = load_extract_network(settings)
     if applied is not None:
         raise ValueError(
             f"--descriptors: {conf.descriptors} are already whitened (the checkpoint "
-            f"{network.get('checkpoint')} has a {WHITENING_FILE}); extract with the plain network"
+            f"{network.get('checkpoint')} has a whitening); extract with the plain network"
         )
-    clusters = pool_clusters(conf.pairs, desc.image_ids)
-    m, P, how = whitening_from_pairs(desc.image_ids, desc.vectors, pairs, conf.min_pairs,
-                                     clusters, conf.shrinkage, conf.dim)  # fmt: skip
-    save_network(net, out)  # model.pt, then meta.json; whitening.npz after: it marks the end
-    save_whitening(
-        lw_uri,
-        m,
-        P,
-        **how,
-        descriptors=conf.descriptors,
-        pairs_uri=conf.pairs,
-        network={k: v for k, v in network.items() if k != "meta"},
+    return net
+
+
+def run(conf: WhitenConf) -> str:
+    """Learn Lw and write the whitened checkpoint; returns its folder."""
+    _check(conf)
+    logger.info("whiten:\n%s", pprint.pformat(asdict(conf)))
+    out = tables.resolve(conf.output)
+    descriptors_output, pairs_output = _upstream(conf)
+    inputs = {"descriptors": descriptors_output, "pairs": pairs_output}
+    settings = content_settings(conf)
+    plan, _ = tables.WHITEN_OUTPUT.plan(
+        out, {k: m.identity for k, m in inputs.items()}, settings, overwrite=conf.overwrite
     )
+    if plan == "skip":
+        logger.info("%s is complete; skipping", out)
+        return out
+    descriptors, pairs = _read_inputs(conf)
+    net = _plain_network(conf, descriptors)
+    clusters = pool_clusters(conf.pairs, descriptors.image_ids)
+    m, P, how = whitening_from_pairs(
+        descriptors.image_ids,
+        descriptors.vectors,
+        pairs,
+        min_pairs=conf.min_pairs,
+        clusters=clusters,
+        shrinkage=conf.shrinkage,
+        dim=conf.dim,
+    )
+    tables.WHITEN_OUTPUT.unpublish(out)
+    identity = checkpoint.save(out, net, (m, P), whitening_meta=how)
+    details = {"checkpoint": identity, "photos": len(descriptors.image_ids), **how}
+    tables.WHITEN_OUTPUT.publish(out, inputs=inputs, settings=settings, details=details)
     logger.info(
         "whitening learned from %d pairs over %d photos (shrinkage %g, dim %d) → %s",
         how["pairs"],
-        len(desc.image_ids),
+        len(descriptors.image_ids),
         how["shrinkage"],
         how["dim"],
         out,

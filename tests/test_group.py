@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from model import storage
+from model import tables
 from model.descriptors import write_descriptors
-from pipeline.group import (
-    GroupConf,
-    attach_candidates,
-    knn_graph,
-    read_candidates,
-    read_groups,
-    run,
-)
-from pipeline.ingest import IngestConf, read_images
+from pipeline.group import GroupConf, attach_candidates, knn_graph, run
+from pipeline.ingest import IngestConf
 from pipeline.ingest import run as ingest
+from tests.helpers import usable_images
 
 REPO = Path(__file__).resolve().parent.parent
 SCENES = {"arch": 12, "bridge": 9, "tower": 40}
@@ -45,7 +39,7 @@ def ingested(ray_session, tmp_path_factory) -> str:
 def _descriptors(run: str, out: str, drop: int = 0) -> dict[str, str]:
     """Well-separated synthetic descriptors per scene (the loner far from all); returns the
     scene of each image_id. The last ``drop`` photos get no descriptor."""
-    rows = read_images(f"{run}/images.parquet", ["image_id", "scene"], ok_only=True)
+    rows = usable_images(run, ["image_id", "scene"])
     scene = dict(zip(rows["image_id"].to_pylist(), rows["scene"].to_pylist(), strict=True))
     rng = np.random.default_rng(1)
     centres = {s: rng.standard_normal(64) for s in sorted(set(scene.values()))}
@@ -56,12 +50,22 @@ def _descriptors(run: str, out: str, drop: int = 0) -> dict[str, str]:
     return scene
 
 
+def _groups(out: str) -> tuple[list[str], np.ndarray]:
+    table = tables.GROUPS.read(out)
+    return table["image_id"].to_pylist(), table["group_id"].to_numpy()
+
+
 def test_the_scene_column_is_the_grouping(ingested, tmp_path):
     scene = _descriptors(ingested, str(tmp_path / "d"))
-    uri = run(GroupConf(images=f"{ingested}/images.parquet", descriptors=str(tmp_path / "d"),
-                        output=str(tmp_path / "g")))  # fmt: skip
-    ids, groups = read_groups(uri)
-    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    uri = run(
+        GroupConf(
+            images=f"{ingested}/images.parquet",
+            descriptors=str(tmp_path / "d"),
+            output=str(tmp_path / "g"),
+        )
+    )
+    ids, groups = _groups(uri)
+    manifest = tables.GROUPS_OUTPUT.manifest(uri).details
     assert manifest["method"] == "scene column" and "scores" not in manifest
     by_group: dict[int, set[str]] = {}
     for image_id, group in zip(ids, groups.tolist(), strict=True):
@@ -73,10 +77,15 @@ def test_the_scene_column_is_the_grouping(ingested, tmp_path):
 
 def test_descriptors_group_without_scenes_and_split_big_ones(ingested, tmp_path):
     scene = _descriptors(ingested, str(tmp_path / "d"), drop=2)
-    conf = GroupConf(images=f"{ingested}/images.parquet", descriptors=str(tmp_path / "d"),
-                     output=str(tmp_path / "g"), use_scene=False, max_size=15)  # fmt: skip
-    ids, groups = read_groups(run(conf))
-    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    conf = GroupConf(
+        images=f"{ingested}/images.parquet",
+        descriptors=str(tmp_path / "d"),
+        output=str(tmp_path / "g"),
+        use_scene=False,
+        max_size=15,
+    )
+    ids, groups = _groups(run(conf))
+    manifest = tables.GROUPS_OUTPUT.manifest(conf.output).details
     assert manifest["method"].startswith("descriptors")
     assert len(manifest["undescribed"]) == 2 and len(ids) == sum(SCENES.values()) + 1 - 2
     assert max(manifest["group_sizes"]) <= 15  # the 40-photo tower was split
@@ -89,8 +98,9 @@ def test_descriptors_group_without_scenes_and_split_big_ones(ingested, tmp_path)
         assert groups[ids.index(loner)] == -1 and loner in manifest["singletons"]
     assert manifest["scores"]["purity"] == 1.0
     assert manifest["singletons"] == [i for i, g in zip(ids, groups, strict=True) if g < 0]
-    again = run(conf)  # complete: skipped, same file
-    assert read_groups(again)[0] == ids
+    first = tables.GROUPS_OUTPUT.manifest(conf.output)
+    again = run(conf)  # complete: skipped
+    assert tables.GROUPS_OUTPUT.manifest(again) == first and _groups(again)[0] == ids
 
 
 def test_knn_graph_lists_each_row_with_its_nearest(ray_session):
@@ -142,40 +152,92 @@ def test_the_group_stage_writes_its_offers(ingested, tmp_path):
         output=str(tmp_path / "g"),
         use_scene=False,
         attach_threshold=-1.0,
-    )  # fmt: skip: the far loner is offered anyway
+    )  # the far loner is offered anyway
     uri = run(conf)
-    _, groups = read_groups(uri)
-    offers = read_candidates(uri)
+    _, groups = _groups(uri)
+    table = tables.CANDIDATES.read(uri)
+    offers = list(zip(table["image_id"].to_pylist(), table["group_id"].to_pylist(), strict=True))
     (loner,) = [i for i in scene if scene[i] == "loner"]
     assert [i for i, _ in offers] == [loner, loner]  # to the attach_k = 2 best groups
     assert len({g for _, g in offers}) == 2 and all(g in set(groups.tolist()) for _, g in offers)
-    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    manifest = tables.GROUPS_OUTPUT.manifest(uri).details
     assert manifest["candidates"] == 2 and manifest["leftovers_offered"] == 1
 
 
 def test_into_s3(ingested, s3_bucket, tmp_path):
     _descriptors(ingested, str(tmp_path / "d"))
     out = f"s3://{s3_bucket}/groups"
-    uri = run(GroupConf(images=f"{ingested}/images.parquet", descriptors=str(tmp_path / "d"),
-                        output=out))  # fmt: skip
-    assert storage.is_complete(out) and read_groups(uri)[1].max() == 2
+    uri = run(
+        GroupConf(images=f"{ingested}/images.parquet", descriptors=str(tmp_path / "d"), output=out)
+    )
+    assert tables.GROUPS_OUTPUT.is_complete(out) and _groups(uri)[1].max() == 2
+
+
+def test_another_threshold_stops_naming_it_and_overwrite_replaces(ingested, tmp_path):
+    _descriptors(ingested, str(tmp_path / "d"))
+    conf = GroupConf(
+        images=ingested,
+        descriptors=str(tmp_path / "d"),
+        output=str(tmp_path / "g"),
+        use_scene=False,
+    )
+    out = run(conf)
+    with pytest.raises(tables.OutputChanged, match=r"threshold: 0.75 → 0.9.*--overwrite"):
+        run(replace(conf, threshold=0.9))
+    assert tables.GROUPS_OUTPUT.manifest(out).settings["threshold"] == 0.75
+    run(replace(conf, threshold=0.9, overwrite=True))
+    assert tables.GROUPS_OUTPUT.manifest(out).settings["threshold"] == 0.9
+
+
+def test_new_descriptors_upstream_group_again(ingested, tmp_path):
+    _descriptors(ingested, str(tmp_path / "d"), drop=5)
+    conf = GroupConf(images=ingested, descriptors=str(tmp_path / "d"), output=str(tmp_path / "g"))
+    out = run(conf)
+    assert len(tables.GROUPS_OUTPUT.manifest(out).details["undescribed"]) == 5
+    _descriptors(ingested, str(tmp_path / "d"))  # every photo described now
+    run(conf)
+    assert tables.GROUPS_OUTPUT.manifest(out).details["undescribed"] == []
+    assert len(_groups(out)[0]) == sum(SCENES.values()) + 1
 
 
 def test_the_command_reports_every_problem_at_once(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.group", "--images", str(tmp_path / "none"),
-         "--descriptors", str(tmp_path / "nothing"), "--output", str(tmp_path / "g"),
-         "--k", "0"],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.group",
+            "--images",
+            str(tmp_path / "none"),
+            "--descriptors",
+            str(tmp_path / "nothing"),
+            "--output",
+            str(tmp_path / "g"),
+            "--k",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--k" in errors[0], done.stderr
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.group", "--images", str(tmp_path / "none"),
-         "--descriptors", str(tmp_path / "nothing"), "--output", str(tmp_path / "g")],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.group",
+            "--images",
+            str(tmp_path / "none"),
+            "--descriptors",
+            str(tmp_path / "nothing"),
+            "--output",
+            str(tmp_path / "g"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(errors) >= 2, done.stderr
     assert any("--images" in e for e in errors) and any("--descriptors" in e for e in errors)

@@ -8,24 +8,27 @@ must keep them out of the landmark models.
 from __future__ import annotations
 
 import csv
-import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
-from model import storage
+from model import checkpoint, storage, tables
 from model.datasets.landmarks import load_cameras
+from model.descriptors import write_descriptors
 from pipeline.group import GroupConf
 from pipeline.group import run as group
 from pipeline.ingest import IngestConf
 from pipeline.ingest import run as ingest
-from pipeline.pairs import PairsConf, read_pairs
+from pipeline.pairs import PairsConf
 from pipeline.pairs import run as mine_pairs
-from pipeline.sfm import SfmConf, read_sfm_images
+from pipeline.sfm import SfmConf
 from pipeline.sfm import run as sfm
+from tests.helpers import usable_images
 
 pytestmark = pytest.mark.slow
 
@@ -60,25 +63,31 @@ def landmarks(ray_session, tiny_collection: Path, tmp_path_factory) -> dict:
     images = ingest(IngestConf(source=str(manifest), output=run))
     # Descriptors are not needed to group by the scene column; group reads them for the
     # manifest only, so a tiny synthetic table of the right ids stands in.
-    from model.descriptors import write_descriptors
-    from pipeline.ingest import read_images
-
-    table = read_images(images, ["image_id", "uri"], ok_only=True)
+    table = usable_images(images, ["image_id", "uri"])
     ids = table.column("image_id").to_pylist()
-    write_descriptors(f"{run}/descriptors", ids, np.eye(len(ids), dtype=np.float32),
-                      network={"weights": "test"})  # fmt: skip
+    write_descriptors(
+        f"{run}/descriptors", ids, np.eye(len(ids), dtype=np.float32), network={"weights": "test"}
+    )
     group(GroupConf(images=images, descriptors=f"{run}/descriptors", output=f"{run}/groups"))
-    out = sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm",
-                      mapper="incremental"))  # fmt: skip
+    out = sfm(
+        SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm", mapper="incremental")
+    )
     # Global mapping on these 320x240 px photos wants the extra inliers of guided matching.
-    sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm-global",
-                mapper="global", guided_matching=True))  # fmt: skip
+    sfm(
+        SfmConf(
+            images=images,
+            groups=f"{run}/groups",
+            output=f"{run}/sfm-global",
+            mapper="global",
+            guided_matching=True,
+        )
+    )
     name_of = {i: Path(u).stem for i, u in zip(ids, table.column("uri").to_pylist(), strict=True)}
     return {"run": run, "sfm": out, "cameras": {c["name"]: c for c in cameras}, "name": name_of}
 
 
 def test_landmark_photos_register_and_models_stay_pure(landmarks) -> None:
-    rows = read_sfm_images(landmarks["sfm"]).to_pylist()
+    rows = tables.SFM_IMAGES.read(landmarks["sfm"]).to_pylist()
     cams, name = landmarks["cameras"], landmarks["name"]
     landmark = {r["image_id"]: cams[name[r["image_id"]]]["landmark"] for r in rows}
     ours = [r for r in rows if landmark[r["image_id"]] >= 0]
@@ -90,12 +99,14 @@ def test_landmark_photos_register_and_models_stay_pure(landmarks) -> None:
     distractors_in = [
         r["image_id"] for r in rows if landmark[r["image_id"]] < 0 and r["registered"]
     ]
-    print(f"\nbuilt-in: {registered:.3f} of {len(ours)} landmark photos registered in "
-          f"{len(by_model)} models; distractors registered: {len(distractors_in)}")  # fmt: skip
+    print(
+        f"\nbuilt-in: {registered:.3f} of {len(ours)} landmark photos registered in "
+        f"{len(by_model)} models; distractors registered: {len(distractors_in)}"
+    )
     assert registered >= 0.95
     for model, members in by_model.items():
         assert len(members) == 1, f"model {model} mixes {members}"  # one landmark, or distractors
-    summary = json.loads(storage.read_text(f"{landmarks['sfm']}/_SUCCESS"))
+    summary = tables.SFM_OUTPUT.manifest(landmarks["sfm"]).details
     assert summary["groups"]["ok"] == 3
     logs = storage.list_files(f"{landmarks['sfm']}/logs", (".log",))
     assert len(logs) == 3 and ".cc:" in storage.read_text(logs[0])  # pycolmap's glog lines
@@ -104,7 +115,7 @@ def test_landmark_photos_register_and_models_stay_pure(landmarks) -> None:
 @pytest.mark.parametrize("mapper", ["incremental", "global"])
 def test_camera_centres_match_the_generator_after_a_similarity(landmarks, mapper) -> None:
     out = landmarks["sfm"] + ("-global" if mapper == "global" else "")
-    rows = read_sfm_images(out).to_pylist()
+    rows = tables.SFM_IMAGES.read(out).to_pylist()
     cams, name = landmarks["cameras"], landmarks["name"]
     errors, per_model = [], {}
     for model in sorted({r["model_id"] for r in rows if r["registered"]}):
@@ -121,17 +132,20 @@ def test_camera_centres_match_the_generator_after_a_similarity(landmarks, mapper
         per_model[model] = round(float(np.median(relative)), 4)
         errors += list(relative)
     median = float(np.median(errors))
-    print(f"\n{mapper} mapping, camera centres after a similarity: median error {median:.4f} "
-          f"of the camera distance to the landmark (per model: {per_model})")  # fmt: skip
+    print(
+        f"\n{mapper} mapping, camera centres after a similarity: median error {median:.4f} "
+        f"of the camera distance to the landmark (per model: {per_model})"
+    )
     assert len(per_model) == 3 and median < 0.05 and max(per_model.values()) < 0.05
 
 
 def test_pairs_come_from_one_landmark_and_export_to_cirtorch(landmarks, tmp_path) -> None:
     cams, name = landmarks["cameras"], landmarks["name"]
     pkl = tmp_path / "train.pkl"
-    uri = mine_pairs(PairsConf(sfm=landmarks["sfm"], output=str(tmp_path / "pairs"),
-                               export_pkl=str(pkl)))  # fmt: skip
-    pairs = read_pairs(uri).to_pylist()
+    uri = mine_pairs(
+        PairsConf(sfm=landmarks["sfm"], output=str(tmp_path / "pairs"), export_pkl=str(pkl))
+    )
+    pairs = tables.PAIRS.read(uri).to_pylist()
     assert len(pairs) >= 40
     for row in pairs:
         lm = cams[name[row["query_id"]]]["landmark"]
@@ -147,24 +161,30 @@ def test_pairs_come_from_one_landmark_and_export_to_cirtorch(landmarks, tmp_path
 
 
 def test_a_rerun_reconstructs_only_what_is_missing(landmarks, tmp_path) -> None:
-    import shutil
-
     sfm_dir = Path(landmarks["sfm"])
     copy = tmp_path / "sfm"
     shutil.copytree(sfm_dir, copy)
-    (copy / "_SUCCESS").unlink()
+    tables.SFM_OUTPUT.unpublish(str(copy))
     group_files = sorted((copy / "groups").glob("*.json"))
     kept = {p.name: p.read_text() for p in group_files[1:]}
     group_files[0].unlink()  # that group is reconstructed again, the others are not
     run = landmarks["run"]
-    sfm(SfmConf(images=f"{run}/images.parquet", groups=f"{run}/groups", output=str(copy),
-                mapper="incremental"))  # fmt: skip
-    assert (copy / "_SUCCESS").exists() and (copy / "groups" / group_files[0].name).exists()
+    sfm(
+        SfmConf(
+            images=f"{run}/images.parquet",
+            groups=f"{run}/groups",
+            output=str(copy),
+            mapper="incremental",
+        )
+    )
+    assert tables.SFM_OUTPUT.is_complete(str(copy))
+    assert (copy / "groups" / group_files[0].name).exists()
     assert {p.name: p.read_text() for p in sorted((copy / "groups").glob("*.json"))[1:]} == kept
 
 
-def test_bad_photos_a_lone_photo_and_a_blank_scene_are_each_reported(ray_session, tiny_collection,
-                                                                    tmp_path) -> None:  # fmt: skip
+def test_bad_photos_a_lone_photo_and_a_blank_scene_are_each_reported(
+    ray_session, tiny_collection, tmp_path
+) -> None:
     photos = tmp_path / "photos"
     source = sorted((tiny_collection / "jpg").glob("lm00_v*.jpg"))
     (photos / "lm0").mkdir(parents=True)
@@ -180,93 +200,132 @@ def test_bad_photos_a_lone_photo_and_a_blank_scene_are_each_reported(ray_session
         Image.new("RGB", (320, 240), (120 + 20 * i, 160, 200)).save(photos / "blank" / f"{i}.jpg")
     run = str(tmp_path / "run")
     images = ingest(IngestConf(source=str(photos), output=run))
-    from model.descriptors import write_descriptors
-    from pipeline.ingest import read_images
-
-    everything = read_images(images, ["uri", "error"]).to_pylist()
+    everything = tables.IMAGES.read(images, ["uri", "error"]).to_pylist()
     failed = {Path(r["uri"]).name: r["error"] for r in everything if r["error"]}
     assert set(failed) == {"corrupt.jpg", "notes.jpg"}
-    ids = read_images(images, ["image_id"], ok_only=True).column(0).to_pylist()
-    write_descriptors(f"{run}/d", ids, np.eye(len(ids), dtype=np.float32),
-                      network={"weights": "test"})  # fmt: skip
+    ids = usable_images(images, ["image_id"]).column(0).to_pylist()
+    write_descriptors(
+        f"{run}/d", ids, np.eye(len(ids), dtype=np.float32), network={"weights": "test"}
+    )
     group(GroupConf(images=images, descriptors=f"{run}/d", output=f"{run}/g"))
     out = sfm(SfmConf(images=images, groups=f"{run}/g", output=f"{run}/sfm"))
-    import pyarrow.parquet as pq
-
-    groups = pq.read_table(f"{out}/sfm_groups.parquet").to_pylist()
+    groups = tables.SFM_GROUPS.read(out).to_pylist()
     status = {g["photos"]: (g["status"], g["reason"]) for g in groups}
     assert status[16][0] == "ok"
     assert status[6][0] == "failed" and status[6][1]  # the blank scene, with its reason
-    summary = json.loads(Path(f"{out}/_SUCCESS").read_text())
+    summary = tables.SFM_OUTPUT.manifest(out).details
     assert summary["groups"] == {"ok": 1, "failed": 1, "skipped": 1}  # the lone photo: skipped
 
 
 def test_a_group_past_its_time_limit_fails_and_the_run_goes_on(landmarks, tmp_path) -> None:
-    import pyarrow.parquet as pq
-
     run = landmarks["run"]
-    out = sfm(SfmConf(images=f"{run}/images.parquet", groups=f"{run}/groups",
-                      output=str(tmp_path / "sfm"), timeout_s=0.5))  # fmt: skip
-    groups = pq.read_table(f"{out}/sfm_groups.parquet").to_pylist()
+    out = sfm(
+        SfmConf(
+            images=f"{run}/images.parquet",
+            groups=f"{run}/groups",
+            output=str(tmp_path / "sfm"),
+            timeout_s=0.5,
+        )
+    )
+    groups = tables.SFM_GROUPS.read(out).to_pylist()
     assert [g["status"] for g in groups] == ["failed"] * 3
     assert all("--timeout-s" in g["reason"] for g in groups)
-    assert not read_sfm_images(out).column("registered").to_pylist().count(True)
-    again = sfm(SfmConf(images=f"{run}/images.parquet", groups=f"{run}/groups",
-                        output=str(tmp_path / "sfm2"), timeout_s=600))  # fmt: skip
-    assert json.loads(Path(f"{again}/_SUCCESS").read_text())["groups"]["ok"] == 3
+    assert not tables.SFM_IMAGES.read(out, ["registered"])[0].to_pylist().count(True)
+    again = sfm(
+        SfmConf(
+            images=f"{run}/images.parquet",
+            groups=f"{run}/groups",
+            output=str(tmp_path / "sfm2"),
+            timeout_s=600,
+        )
+    )
+    assert tables.SFM_OUTPUT.manifest(again).details["groups"]["ok"] == 3
 
 
 def test_sfm_and_pairs_into_s3(landmarks, s3_bucket) -> None:
     run = landmarks["run"]
-    out = sfm(SfmConf(images=f"{run}/images.parquet", groups=f"{run}/groups",
-                      output=f"s3://{s3_bucket}/sfm", mapper="incremental"))  # fmt: skip
-    assert storage.is_complete(out) and storage.list_files(f"{out}/models", (".bin",))
-    local = read_sfm_images(landmarks["sfm"]).column("registered").to_pylist()
-    assert read_sfm_images(out).column("registered").to_pylist().count(True) == local.count(True)
+    out = sfm(
+        SfmConf(
+            images=f"{run}/images.parquet",
+            groups=f"{run}/groups",
+            output=f"s3://{s3_bucket}/sfm",
+            mapper="incremental",
+        )
+    )
+    assert tables.SFM_OUTPUT.is_complete(out) and storage.list_files(f"{out}/models", (".bin",))
+    local = tables.SFM_IMAGES.read(landmarks["sfm"], ["registered"])[0].to_pylist()
+    found = tables.SFM_IMAGES.read(out, ["registered"])[0].to_pylist()
+    assert found.count(True) == local.count(True)
     pairs = mine_pairs(PairsConf(sfm=out, output=f"s3://{s3_bucket}/pairs"))
-    assert len(read_pairs(pairs)) >= 40
+    assert len(tables.PAIRS.read(pairs)) >= 40
 
 
-def _regroup(landmarks: dict, folder: Path, moved: int) -> tuple[list[str], dict[str, int]]:
+def _regroup(
+    landmarks: dict, folder: Path, moved: int, *, offer: bool = True
+) -> tuple[list[str], dict[str, int]]:
     """The fixture's groups with ``moved`` views of the first landmark made singletons and
-    offered (as the group stage offers leftovers) to their landmark's group and to another's;
-    returns the moved ids and every photo's original group."""
-    import shutil
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.group import CANDIDATES_FILE, GROUPS_FILE, read_groups
-
-    ids, groups = read_groups(f"{landmarks['run']}/groups")
-    original = dict(zip(ids, groups.tolist(), strict=True))
+    (``offer``) offered, as the group stage offers leftovers, to their landmark's group and to
+    another's, published as a group output; returns the moved ids and every photo's original
+    group."""
+    source = tables.GROUPS_OUTPUT.manifest(f"{landmarks['run']}/groups")
+    table = tables.GROUPS.read_from(source)
+    ids, groups = table["image_id"].to_pylist(), table["group_id"].to_pylist()
+    original = dict(zip(ids, groups, strict=True))
     cams, name = landmarks["cameras"], landmarks["name"]
     first = [i for i in ids if cams[name[i]]["landmark"] == 0 and "_v" in name[i]]
-    home, other = (
-        original[first[0]],
-        next(g for g in set(original.values()) if g != original[first[0]]),
-    )
+    home = original[first[0]]
+    other = next(g for g in set(original.values()) if g != home)
     moved_ids = sorted(first)[:moved]
-    shutil.copytree(f"{landmarks['run']}/groups", folder)
     labels = [-1 if i in moved_ids else original[i] for i in ids]
-    pq.write_table(pa.table({"image_id": ids, "group_id": pa.array(labels, pa.int64())}),
-                   folder / GROUPS_FILE)  # fmt: skip
-    offers = [(i, g) for i in moved_ids for g in (other, home)]
-    pq.write_table(pa.table({"image_id": [i for i, _ in offers],
-                             "group_id": pa.array([g for _, g in offers], pa.int64()),
-                             "similarity": pa.array([0.7] * len(offers), pa.float32())}),
-                   folder / CANDIDATES_FILE)  # fmt: skip
+    tables.GROUPS.write(str(folder), pa.table({"image_id": ids, "group_id": labels}))
+    offers = [(i, g) for i in moved_ids for g in (other, home)] if offer else []
+    candidates = {
+        "image_id": [i for i, _ in offers],
+        "group_id": [g for _, g in offers],
+        "similarity": [0.7] * len(offers),
+    }
+    tables.CANDIDATES.write(str(folder), pa.table(candidates, schema=tables.CANDIDATES.schema))
+    tables.GROUPS_OUTPUT.publish(str(folder), inputs=source.inputs, settings=source.settings)
     return moved_ids, original
 
 
-def test_leftovers_offered_to_groups_register_where_geometry_agrees(landmarks, tmp_path) -> None:
-    import pyarrow.parquet as pq
+def test_a_rerun_after_one_groups_photos_changed_reconstructs_only_that_group(
+    landmarks, tmp_path
+) -> None:
+    """Same settings, another grouping upstream: the groups made of the same photos keep their
+    stored models; the group that lost a photo is reconstructed again."""
+    moved, original = _regroup(landmarks, tmp_path / "groups", moved=1, offer=False)
+    copy = tmp_path / "sfm"
+    shutil.copytree(landmarks["sfm"], copy)
+    run = landmarks["run"]
+    out = sfm(
+        SfmConf(
+            images=f"{run}/images.parquet",
+            groups=str(tmp_path / "groups"),
+            output=str(copy),
+            mapper="incremental",
+        )
+    )
+    details = tables.SFM_OUTPUT.manifest(out).details
+    changed = original[moved[0]]
+    assert details["reconstructed"] == [changed]
+    assert details["reused"] == sorted(set(original.values()) - {changed})
+    rows = {r["image_id"]: r for r in tables.SFM_IMAGES.read(out).to_pylist()}
+    assert rows[moved[0]]["group_id"] == -1 and not rows[moved[0]]["registered"]
 
+
+def test_leftovers_offered_to_groups_register_where_geometry_agrees(landmarks, tmp_path) -> None:
     moved, original = _regroup(landmarks, tmp_path / "groups", moved=3)
     run = landmarks["run"]
-    out = sfm(SfmConf(images=f"{run}/images.parquet", groups=str(tmp_path / "groups"),
-                      output=str(tmp_path / "sfm"), mapper="incremental"))  # fmt: skip
-    rows = read_sfm_images(out).to_pylist()
+    out = sfm(
+        SfmConf(
+            images=f"{run}/images.parquet",
+            groups=str(tmp_path / "groups"),
+            output=str(tmp_path / "sfm"),
+            mapper="incremental",
+        )
+    )
+    rows = tables.SFM_IMAGES.read(out).to_pylist()
     assert sorted(r["image_id"] for r in rows) == sorted(original)  # one row per photo
     row = {r["image_id"]: r for r in rows}
     for image_id in moved:  # registered in its landmark's group, not in the other it was offered
@@ -275,12 +334,11 @@ def test_leftovers_offered_to_groups_register_where_geometry_agrees(landmarks, t
         assert r["group_id"] == r["cluster_id"] == original[image_id]
         assert r["model_id"].startswith(f"{original[image_id]}-") and r["point3d_ids"]
     assert not any(r["attached"] for r in rows if r["image_id"] not in moved)
-    offered = {
-        g["group_id"]: g["offered"] for g in pq.read_table(f"{out}/sfm_groups.parquet").to_pylist()
-    }
+    offered = {g["group_id"]: g["offered"] for g in tables.SFM_GROUPS.read(out).to_pylist()}
     assert sorted(offered.values()) == [0, 0, 3, 3]  # singletons (-1), one untouched group
-    assert json.loads(Path(f"{out}/_SUCCESS").read_text())["attached"] == 3
-    pairs = read_pairs(mine_pairs(PairsConf(sfm=out, output=str(tmp_path / "pairs")))).to_pylist()
+    assert tables.SFM_OUTPUT.manifest(out).details["attached"] == 3
+    pairs = mine_pairs(PairsConf(sfm=out, output=str(tmp_path / "pairs")))
+    pairs = tables.PAIRS.read(pairs).to_pylist()
     positives_of = {p["query_id"]: p["positives"] for p in pairs}
     assert all(positives_of.get(i) for i in moved)  # attached photos are training queries too
 
@@ -294,8 +352,6 @@ def test_a_segfault_in_one_group_fails_that_group_and_the_run_goes_on(landmarks,
     import signal
     import threading
     import time
-
-    import pyarrow.parquet as pq
 
     run, scratch = landmarks["run"], tmp_path / "scratch"
     killed: list[int] = []
@@ -320,29 +376,29 @@ def test_a_segfault_in_one_group_fails_that_group_and_the_run_goes_on(landmarks,
         mapper="incremental",
         scratch=str(scratch),
         cpus_per_task=2,
-    )  # fmt: skip: one group at a time, so one is hit
+    )  # one group at a time, so one is hit
     out = sfm(conf)
     killer.join(timeout=5)
     assert killed, "no pycolmap log appeared in the scratch folder"
-    groups = pq.read_table(f"{out}/sfm_groups.parquet").to_pylist()
+    groups = tables.SFM_GROUPS.read(out).to_pylist()
     failed = [g for g in groups if g["status"] == "failed"]
     assert len(failed) == 1 and "crashed the worker" in failed[0]["reason"], groups
     assert sum(g["status"] == "ok" for g in groups) == 2
-    (Path(out) / "_SUCCESS").unlink()
     from dataclasses import replace
 
     again = sfm(replace(conf, retry_failed=True))
-    assert json.loads(Path(f"{again}/_SUCCESS").read_text())["groups"]["ok"] == 3
+    details = tables.SFM_OUTPUT.manifest(again).details
+    assert details["groups"]["ok"] == 3 and details["reconstructed"] == [failed[0]["group_id"]]
 
 
 def test_whitening_learned_from_the_sfm_pairs_is_a_checkpoint_extract_applies(
     landmarks, tmp_path
 ) -> None:
-    """pipeline.whiten: Lw from the mined whitening pairs over ImageNet Lite0 descriptors, as a
-    checkpoint; extracting with it gives the plain descriptors whitened, evaluate picks it up."""
+    """pipeline.whiten: Lw from the mined whitening pairs (the pairs stage's return value) over
+    ImageNet Lite0 descriptors, as a checkpoint; extracting with it gives the plain
+    descriptors whitened."""
     from model.descriptors import read_descriptors
-    from model.whitening import apply_whitening, load_whitening
-    from pipeline.evaluate import EvaluateConf, _post_process
+    from model.whitening import apply_whitening
     from pipeline.extract import ExtractConf
     from pipeline.extract import run as extract
     from pipeline.whiten import WhitenConf
@@ -350,40 +406,41 @@ def test_whitening_learned_from_the_sfm_pairs_is_a_checkpoint_extract_applies(
 
     run = landmarks["run"]
     pairs = mine_pairs(PairsConf(sfm=landmarks["sfm"], output=str(tmp_path / "pairs")))
-    plain = extract(ExtractConf(images=f"{run}/images.parquet", output=str(tmp_path / "d"),
-                                max_size=240, threads_per_actor=2))  # fmt: skip
-    ckpt = whiten(WhitenConf(descriptors=plain, pairs=str(tmp_path / "pairs"),
-                             output=str(tmp_path / "lw")))  # fmt: skip
-    assert {p.name for p in Path(ckpt).iterdir()} >= {"model.pt", "meta.json", "whitening.npz"}
-    params = load_whitening(f"{ckpt}/whitening.npz")
+    plain = extract(
+        ExtractConf(
+            images=f"{run}/images.parquet",
+            output=str(tmp_path / "d"),
+            max_size=240,
+            threads_per_actor=2,
+        )
+    )
+    ckpt = whiten(WhitenConf(descriptors=plain, pairs=pairs, output=str(tmp_path / "lw")))
+    params = checkpoint.load(ckpt).whitening
     assert params.meta["pairs"] >= 40 and params.P.shape == (params.meta["dim"], 1280)
     assert params.meta["cross_validation"]["folds"] >= 2 and 0 <= params.meta["shrinkage"] <= 1
-    paper = whiten(WhitenConf(descriptors=plain, pairs=str(tmp_path / "pairs"),
-                              output=str(tmp_path / "lw0"), shrinkage=0.0, dim=1280))  # fmt: skip
-    fixed = load_whitening(f"{paper}/whitening.npz")  # the paper's Lw, as asked
+    paper = whiten(
+        WhitenConf(
+            descriptors=plain, pairs=pairs, output=str(tmp_path / "lw0"), shrinkage=0.0, dim=1280
+        )
+    )
+    fixed = checkpoint.load(paper).whitening  # the paper's Lw, as asked
     assert fixed.P.shape == (1280, 1280) and fixed.meta["shrinkage"] == 0.0
     assert "cross_validation" not in fixed.meta
-    with pytest.raises(ValueError, match="--shrinkage is a share"):
-        whiten(WhitenConf(descriptors=plain, pairs=str(tmp_path / "pairs"),
-                          output=str(tmp_path / "lw1"), shrinkage=1.5))  # fmt: skip
-    whitened = extract(ExtractConf(images=f"{run}/images.parquet", output=str(tmp_path / "w"),
-                                   weights=ckpt, max_size=240, threads_per_actor=2))  # fmt: skip
+    whitened = extract(
+        ExtractConf(
+            images=f"{run}/images.parquet",
+            output=str(tmp_path / "w"),
+            weights=ckpt,
+            max_size=240,
+            threads_per_actor=2,
+        )
+    )
     a, b = read_descriptors(plain), read_descriptors(whitened)
     order = np.argsort(a.image_ids)
     assert (a.image_ids[order] == np.sort(b.image_ids)).all()
     expected = apply_whitening(a.vectors[order], params.m, params.P)
     got = b.vectors[np.argsort(b.image_ids)]
     assert np.allclose(got, expected, atol=2e-3), np.abs(got - expected).max()
-    # evaluate applies the checkpoint's whitening unless told not to
-    conf = EvaluateConf(dataset="x", data_root=str(tmp_path), weights=ckpt)
-    assert _post_process(conf).whitening is not None
-    from dataclasses import replace
-
-    assert _post_process(replace(conf, checkpoint_whitening=False)).whitening is None
-    with pytest.raises(ValueError, match="already whitened"):  # Lw on top of Lw is refused
-        whiten(WhitenConf(descriptors=whitened, pairs=str(tmp_path / "pairs"),
-                          output=str(tmp_path / "lw2")))  # fmt: skip
-    assert len(read_pairs(pairs)) >= 40
 
 
 def test_training_tuples_from_the_pairs_and_mined_negatives(landmarks, tmp_path) -> None:

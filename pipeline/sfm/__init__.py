@@ -2,7 +2,7 @@
 
     python -m pipeline.sfm --images OUT/images.parquet --groups OUT/groups --output OUT/sfm
 
-Each group of ``groups.parquet`` with at least ``--min-images`` photos is one Ray task
+Each group of the group stage's output with at least ``--min-images`` photos is one Ray task
 (``--cpus-per-task`` CPUs, as many pycolmap threads) running ``pipeline.sfm.reconstruct``: SIFT at
 ``--max-image-size``, exhaustive matching up to ``--exhaustive-max`` photos, pairs from the
 global descriptors (each photo's ``--retrieval-k`` nearest in its group) beyond, geometric
@@ -10,53 +10,61 @@ verification, ``--mapper incremental|global``. The tasks run in workers of their
 environment no other stage shares), which import neither torch nor anything that does: pycolmap
 crashes in feature extraction when torch came first (colmap issue #3477).
 
-Leftover photos the group stage offered to other groups (``candidates.parquet``: singletons and
+Leftover photos the group stage offered to other groups (its candidates: singletons and
 photos of groups too small to reconstruct, each with its most similar groups) are reconstructed
 with each group they were offered to; a photo registered there counts as that group's
 (``attached``), and where several models register it, the largest wins.
 
 A group that fails (pycolmap raises, the worker dies — a segfault —, or it runs past
 ``--timeout-s``) is recorded with its reason and the run goes on. Each finished group is written
-at once (``SFM/groups/<group>.json`` with its rows, its models under ``SFM/models/<group>-<m>/``),
-so a rerun reconstructs only the groups without a result; ``--retry-failed`` tries failed ones
-again. Once every group has a result the tables are assembled:
+at once (``SFM/groups/<group>.json`` with its rows, its models under ``SFM/models/<group>-<m>/``)
+with the key of what it was made from (its photos, the reconstruction settings and, for a group
+matched by retrieval pairs, the descriptors). A rerun with the same inputs and settings skips;
+one after an interruption, or with another grouping or other photos upstream, reconstructs only
+the groups without a result of the same key; ``--retry-failed`` tries failed ones again; other
+settings stop with a line naming them, unless ``--overwrite``. Once every group has a result
+the tables are assembled:
 
-- ``sfm_images.parquet``: one row per grouped photo: image_id, group_id (where it was
+- ``tables.SFM_IMAGES``: one row per grouped photo: image_id, group_id (where it was
   reconstructed), attached (registered in a group it was only offered to), model_id
   (``<group>-<m>``, null when not registered), registered, cluster_id (the group: models of
   one candidate scene are one cluster, so its photos are never one another's negatives),
   centre_x/y/z, point3d_ids (list, unique within the model), scale (mean focal/depth of its
   observations), observations;
-- ``sfm_models.parquet``: model_id, group_id, images, points, mean_reprojection_error,
+- ``tables.SFM_MODELS``: model_id, group_id, images, points, mean_reprojection_error,
   mean_track_length, mapper, seconds;
-- ``sfm_groups.parquet``: group_id, photos (members and offered leftovers), offered, status
-  (``ok``, ``failed``, ``skipped``), reason, seconds; then ``_SUCCESS``.
+- ``tables.SFM_GROUPS``: group_id, photos (members and offered leftovers), offered, status
+  (``ok``, ``failed``, ``skipped``), reason, seconds;
+
+then the manifest (``tables.SFM_OUTPUT``), whose details count the photos, models and groups,
+and name the groups reconstructed by this run and those whose stored result was reused.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import logging
+import pprint
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import ray
+from tqdm import tqdm
 
-from cluster.catalog import ImageCatalog
-from model import storage
+from cluster.catalog import ImageCatalog, read_photo_bytes
+from model import storage, tables
 from model.cli import location_problems
+from model.descriptors import read_descriptors
+from pipeline.sfm.reconstruct import ReconstructOptions, reconstruct_group
 
-__all__ = ["SfmConf", "read_sfm_images", "run"]
+__all__ = ["SfmConf", "content_settings", "group_key", "run"]
 
 logger = logging.getLogger(__name__)
-
-SFM_IMAGES, SFM_MODELS, SFM_GROUPS = (
-    "sfm_images.parquet",
-    "sfm_models.parquet",
-    "sfm_groups.parquet",
-)
 
 
 @dataclass(frozen=True)
@@ -64,12 +72,12 @@ class SfmConf:
     """Settings of one reconstruction run; every field is a command-line flag."""
 
     images: str
-    """images.parquet written by pipeline.ingest."""
+    """The output of pipeline.ingest."""
     groups: str
-    """The folder written by pipeline.group."""
+    """The output of pipeline.group."""
     output: str
     mapper: Literal["global", "incremental"] = "global"
-    """global mapping registered 359 of the 373 shared photos, incremental 297 (README)."""
+    """global (GLOMAP's, in pycolmap 4) or incremental (COLMAP's)."""
     cameras: Literal["exif", "per_image"] = "exif"
     """exif: photos of one size, make, model and focal length share intrinsics; per_image:
     each its own (incremental mapping of phone photos without a sensor size may prefer it)."""
@@ -90,6 +98,8 @@ class SfmConf:
     big groups want a fast disk with room for their photos and database."""
     timeout_s: float = 3600.0
     retry_failed: bool = False
+    overwrite: bool = False
+    """Replace an output made with other settings (else the run stops, naming them)."""
 
 
 def sfm_worker_env(cpus: int) -> dict[str, str]:
@@ -107,12 +117,7 @@ def _task(
     located: list[Any], options: dict, pairs: list | None, scratch: str | None = None
 ) -> dict[str, Any]:
     """Runs in an SfM worker: read the group's photos (``cluster.catalog.Photo`` locations in
-    images.parquet) straight from storage, reconstruct them, return plain data."""
-    from pathlib import Path
-
-    from cluster.catalog import read_photo_bytes
-    from pipeline.sfm.reconstruct import ReconstructOptions, reconstruct_group
-
+    the images table) straight from storage, reconstruct them, return plain data."""
     data = read_photo_bytes(located)
     photos = [(photo.image_id, data[photo.image_id]) for photo in located]
     if scratch:
@@ -151,80 +156,178 @@ def _check(conf: SfmConf) -> None:
         raise ValueError("\n".join(problems))
 
 
-def run(conf: SfmConf) -> str:
-    """Reconstruct every group; returns the output URI."""
-    import ray
+_NOT_CONTENT = frozenset(
+    (
+        "images",
+        "groups",
+        "output",
+        "cpus_per_task",
+        "scratch",
+        "timeout_s",
+        "retry_failed",
+        "overwrite",
+    )
+)
 
-    from pipeline.group import read_candidates, read_groups
 
-    _check(conf)
-    out = conf.output.rstrip("/")
-    if storage.is_complete(out):
-        logger.info("%s is complete; skipping", out)
-        return out
-    problems = []
-    try:
-        group_ids, group_of = read_groups(conf.groups)
-        offers = read_candidates(conf.groups)
-    except (OSError, ValueError) as err:
-        problems.append(f"--groups: {err}")
-    try:
-        catalog = ImageCatalog()  # where each photo's bytes lie; the tasks read them
-        catalog.read_table(conf.images)
-    except (OSError, ValueError) as err:
-        problems.append(f"--images: {err}")
+def content_settings(conf: SfmConf) -> dict[str, Any]:
+    """The settings that change the models (not where things lie, CPUs, time limits, retries)."""
+    return {k: v for k, v in asdict(conf).items() if k not in _NOT_CONTENT}
+
+
+@dataclass(frozen=True)
+class _Groups:
+    """The grouping to reconstruct: each group's members and the leftovers offered to it."""
+
+    members: dict[int, list[str]]
+    offered: dict[int, list[str]]
+
+    def photos(self, group: int) -> list[str]:
+        return self.members[group] + self.offered.get(group, [])
+
+
+def _upstream(conf: SfmConf) -> tuple[tables.Manifest, tables.Manifest]:
+    """The manifests of the groups and images outputs (every problem at once)."""
+    problems, found = [], []
+    for flag, output, uri in (
+        ("--groups", tables.GROUPS_OUTPUT, conf.groups),
+        ("--images", tables.IMAGES_OUTPUT, conf.images),
+    ):
+        try:
+            found.append(output.manifest(uri))
+        except (OSError, ValueError) as err:
+            problems.append(f"{flag}: {err}")
     if problems:
         raise ValueError("\n".join(problems))
-    members: dict[int, list[str]] = {}
-    for image_id, group in zip(group_ids, group_of.tolist(), strict=True):
-        members.setdefault(int(group), []).append(image_id)
-    missing = [i for i in group_ids if i not in catalog]
-    if missing:
-        raise ValueError(f"{len(missing)} grouped photos are not in {conf.images}: {missing[:3]}")
-    offered: dict[int, list[str]] = {}
-    for image_id, group in offers:
-        if group in members and image_id not in members[group]:
-            offered.setdefault(group, []).append(image_id)
-    photos_of = {g: ids + offered.get(g, []) for g, ids in members.items()}
+    return found[0], found[1]
 
+
+def _read_groups(groups: tables.Manifest) -> _Groups:
+    """Each group's members and the offers to it (an offer of a member to its own group, or
+    to a group that does not exist, is dropped)."""
+    table = tables.GROUPS.read_from(groups)
+    offers = tables.CANDIDATES.read_from(groups, ["image_id", "group_id"])
+    members: dict[int, list[str]] = {}
+    for image_id, group in zip(
+        table["image_id"].to_pylist(), table["group_id"].to_pylist(), strict=True
+    ):
+        members.setdefault(int(group), []).append(image_id)
+    offered: dict[int, list[str]] = {}
+    for image_id, group in zip(
+        offers["image_id"].to_pylist(), offers["group_id"].to_pylist(), strict=True
+    ):
+        if group in members and image_id not in members[group]:
+            offered.setdefault(int(group), []).append(image_id)
+    return _Groups(members, offered)
+
+
+def _catalog(conf: SfmConf, grouping: _Groups) -> ImageCatalog:
+    """Where each grouped photo's bytes lie (the tasks read them)."""
+    catalog = ImageCatalog([conf.images])
+    missing = [i for ids in grouping.members.values() for i in ids if i not in catalog]
+    if missing:
+        raise ValueError(
+            f"--images: {len(missing)} grouped photos are not in {conf.images}: {missing[:3]}"
+        )
+    return catalog
+
+
+def group_key(photos: list[str], settings: dict[str, Any], descriptors: str | None) -> str:
+    """What one group's result is made from: its photos, the reconstruction settings and, for a
+    group matched by retrieval pairs, the descriptors' identity. A stored result with this key
+    is reused."""
+    payload = {"photos": sorted(photos), "settings": settings, "descriptors": descriptors}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def _matched_by_pairs(conf: SfmConf, grouping: _Groups, group: int) -> bool:
+    """Whether a group is too large to match every pair (retrieval pairs instead)."""
+    return len(grouping.photos(group)) > conf.exhaustive_max
+
+
+def _keys(conf: SfmConf, grouping: _Groups, groups: tables.Manifest) -> dict[int, str]:
+    settings = content_settings(conf)
+    descriptors = groups.inputs.get("descriptors")
+    return {
+        g: group_key(
+            grouping.photos(g),
+            settings,
+            descriptors if _matched_by_pairs(conf, grouping, g) else None,
+        )
+        for g in grouping.members
+        if g >= 0 and len(grouping.members[g]) >= conf.min_images
+    }
+
+
+def _plan_groups(
+    conf: SfmConf, out: str, grouping: _Groups, keys: dict[int, str]
+) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    """The groups' results known without reconstructing (groups skipped, stored results made
+    from the same photos and settings), and the groups to reconstruct."""
     statuses: dict[int, dict[str, Any]] = {}
     todo = []
-    for group, ids in sorted(members.items()):
-        if group < 0 or len(ids) < conf.min_images:
+    for group, ids in sorted(grouping.members.items()):
+        if group not in keys:
             why = "singletons" if group < 0 else f"{len(ids)} photos, under --min-images"
             statuses[group] = {"status": "skipped", "reason": why, "photos": len(ids)}
             continue
         done = _read_json(_group_uri(out, group))
-        if done and (done["status"] == "ok" or not conf.retry_failed):
+        reusable = done is not None and done.get("key") == keys[group]
+        if reusable and (done["status"] == "ok" or not conf.retry_failed):
             statuses[group] = done
         else:
             todo.append(group)
     stored = sum(s["status"] != "skipped" for s in statuses.values())
     if stored:
         logger.info("resuming: %d groups already have a result, %d to go", stored, len(todo))
+    return statuses, todo
 
+
+def run(conf: SfmConf) -> str:
+    """Reconstruct every group; returns the output folder."""
+    _check(conf)
+    logger.info("sfm:\n%s", pprint.pformat(asdict(conf)))
+    out = tables.resolve(conf.output)
+    groups, images = _upstream(conf)
+    inputs = {"groups": groups, "images": images}
+    settings = content_settings(conf)
+    plan, done = tables.SFM_OUTPUT.plan(
+        out, {k: m.identity for k, m in inputs.items()}, settings, overwrite=conf.overwrite
+    )
+    if plan == "skip" and not (conf.retry_failed and done is not None and done.details["failed"]):
+        logger.info("%s is complete; skipping", out)
+        return out
+    grouping = _read_groups(groups)
+    catalog = _catalog(conf, grouping)
+    keys = _keys(conf, grouping, groups)
+    statuses, todo = _plan_groups(conf, out, grouping, keys)
+    tables.SFM_OUTPUT.unpublish(out)
     if todo:
-        pairs = _pairs_for(conf, photos_of, todo)
+        pairs = _pairs_for(conf, grouping, todo, groups)
         if not ray.is_initialized():
             ray.init()
-        _reconstruct(conf, out, photos_of, catalog, todo, pairs, statuses)
-    _assemble(conf, out, members, offered, statuses)
+        work = _Work(todo=todo, pairs=pairs, keys=keys)
+        _reconstruct(conf, out, grouping, catalog, work=work, statuses=statuses)
+    details = _assemble(conf, out, grouping, statuses, reconstructed=todo)
+    tables.SFM_OUTPUT.publish(out, inputs=inputs, settings=settings, details=details)
+    _log(details)
     return out
 
 
-def _pairs_for(conf: SfmConf, members: dict[int, list[str]], todo: list[int]) -> dict[int, list]:
-    """Retrieval pairs of the groups too large for exhaustive matching."""
-    large = [g for g in todo if len(members[g]) > conf.exhaustive_max]
+def _pairs_for(
+    conf: SfmConf, grouping: _Groups, todo: list[int], groups: tables.Manifest
+) -> dict[int, list]:
+    """Retrieval pairs of the groups too large for exhaustive matching, from the descriptors
+    the grouping was made from."""
+    large = [g for g in todo if _matched_by_pairs(conf, grouping, g)]
     if not large:
         return {}
-    from model.descriptors import read_descriptors
-
-    manifest = json.loads(storage.read_text(storage.join(conf.groups, "manifest.json")))
-    desc = read_descriptors(manifest["descriptors"])
+    desc = read_descriptors(groups.source("descriptors"))
     row = {image_id: i for i, image_id in enumerate(desc.image_ids.tolist())}
     pairs = {}
     for group in large:
-        ids = [i for i in members[group] if i in row]
+        ids = [i for i in grouping.photos(group) if i in row]
         pairs[group] = _retrieval_pairs(ids, desc.vectors[[row[i] for i in ids]], conf.retrieval_k)
     return pairs
 
@@ -232,28 +335,33 @@ def _pairs_for(conf: SfmConf, members: dict[int, list[str]], todo: list[int]) ->
 def _reconstruct_options(conf: SfmConf) -> dict[str, Any]:
     """``pipeline.sfm.reconstruct.ReconstructOptions`` of these flags (same names, but threads =
     --cpus-per-task and the smallest model = --min-images)."""
-    from dataclasses import fields
-
-    from pipeline.sfm.reconstruct import ReconstructOptions
-
     same = {
         f.name: getattr(conf, f.name) for f in fields(ReconstructOptions) if hasattr(conf, f.name)
     }
     return {**same, "threads": conf.cpus_per_task, "min_model_size": conf.min_images}
 
 
+@dataclass(frozen=True)
+class _Work:
+    """The groups to reconstruct, the retrieval pairs of the large ones, every group's key."""
+
+    todo: list[int]
+    pairs: dict[int, list]
+    keys: dict[int, str]
+
+
 def _reconstruct(
     conf: SfmConf,
     out: str,
-    members: dict[int, list[str]],
+    grouping: _Groups,
     catalog: ImageCatalog,
-    todo: list[int],
-    pairs: dict[int, list],
+    *,
+    work: _Work,
     statuses: dict[int, dict[str, Any]],
 ) -> None:
-    import ray
-    from tqdm import tqdm
-
+    """Run the groups of ``todo`` as Ray tasks, as many at a time as the cluster has slots,
+    each stored as soon as it ends (or fails, or runs past --timeout-s)."""
+    todo, pairs, keys = work.todo, work.pairs, work.keys
     options = _reconstruct_options(conf)
     # Workers of their own: a runtime env no other stage uses, so no worker that ever imported
     # torch (the extract stage's) runs pycolmap.
@@ -270,6 +378,7 @@ def _reconstruct(
     bar = tqdm(total=len(todo), desc="sfm groups", unit="group")
 
     def finish(group: int, status: dict[str, Any]) -> None:
+        status["key"] = keys[group]
         _store(out, group, status)
         statuses[group] = status
         bar.update()
@@ -278,36 +387,40 @@ def _reconstruct(
     while queue or running:
         while queue and len(running) < slots:
             group = queue.pop(0)
-            photos = [catalog.photo(i) for i in members[group]]
+            photos = [catalog.photo(i) for i in grouping.photos(group)]
             ref = task.remote(photos, options, pairs.get(group), conf.scratch)
             running[ref] = (group, time.monotonic())
         done, _ = ray.wait(list(running), num_returns=1, timeout=min(2.0, conf.timeout_s))
         now = time.monotonic()
         for ref in done:
             group, t0 = running.pop(ref)
-            finish(group, _finished(ray, ref, len(members[group]), now - t0))
+            finish(group, _finished(ref, len(grouping.members[group]), now - t0))
         for ref, (group, t0) in list(running.items()):
             if now - t0 > conf.timeout_s:
                 ray.cancel(ref, force=True)  # kills the worker: pycolmap cannot be interrupted
                 running.pop(ref)
                 reason = f"ran past --timeout-s {conf.timeout_s:g}"
-                finish(group, {"status": "failed", "reason": reason,
-                               "photos": len(members[group]), "seconds": now - t0})  # fmt: skip
+                photos = len(grouping.members[group])
+                finish(group, _failed(reason, photos, now - t0))
     bar.close()
 
 
-def _finished(ray: Any, ref: Any, photos: int, seconds: float) -> dict[str, Any]:
+def _failed(reason: str, photos: int, seconds: float) -> dict[str, Any]:
+    return {"status": "failed", "reason": reason, "photos": photos, "seconds": seconds}
+
+
+def _finished(ref: Any, photos: int, seconds: float) -> dict[str, Any]:
     try:
         result = ray.get(ref)
     except ray.exceptions.WorkerCrashedError as err:
         reason = f"pycolmap crashed the worker (a segfault or abort): {str(err)[:300]}"
-        return {"status": "failed", "reason": reason, "photos": photos, "seconds": seconds}
+        return _failed(reason, photos, seconds)
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if err.cause is not None else err
         reason = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
-        return {"status": "failed", "reason": reason, "photos": photos, "seconds": seconds}
+        return _failed(reason, photos, seconds)
     except ray.exceptions.RayError as err:
-        return {"status": "failed", "reason": str(err)[:300], "photos": photos, "seconds": seconds}
+        return _failed(str(err)[:300], photos, seconds)
     result["phase_seconds"] = result.pop("seconds")
     result["status"] = "ok" if result["models"] else "failed"
     result["reason"] = None if result["models"] else "no model: too few verified matches"
@@ -317,15 +430,24 @@ def _finished(ray: Any, ref: Any, photos: int, seconds: float) -> dict[str, Any]
 
 
 def _store(out: str, group: int, status: dict[str, Any]) -> None:
-    """The group's model files, then its result (last: a result means the models are there)."""
+    """The group's model files (a former result's models removed first), then its result
+    (last: a result means the models are there)."""
+    former = _read_json(_group_uri(out, group))
+    storage.remove(_group_uri(out, group))
+    for model in (former or {}).get("models", []):
+        storage.remove(_model_uri(out, group, model["model"]))
     files = status.pop("files", {}) or {}
     for name, data in files.items():
         model, _, file = name.partition("/")
-        storage.write_bytes(storage.join(out, "models", f"{group}-{model}", file), data)
+        storage.write_bytes(storage.join(_model_uri(out, group, model), file), data)
     log = status.pop("log", "")
     if log:
         storage.write_text(storage.join(out, "logs", f"{group:06d}.log"), log)
     storage.write_text(_group_uri(out, group), json.dumps(status))
+
+
+def _model_uri(out: str, group: int, model: int | str) -> str:
+    return storage.join(out, "models", f"{group}-{model}")
 
 
 def _read_json(uri: str) -> dict[str, Any] | None:
@@ -335,105 +457,114 @@ def _read_json(uri: str) -> dict[str, Any] | None:
         return None
 
 
+# ----------------------------------------------------------------------------- the tables
+
+
 def _assemble(
     conf: SfmConf,
     out: str,
-    members: dict[int, list[str]],
-    offered: dict[int, list[str]],
+    grouping: _Groups,
     statuses: dict[int, dict],
-) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows_of: dict[str, list[dict[str, Any]]] = {}  # every row each photo got
-    model_rows, group_rows = [], []
-    for group, status in sorted(statuses.items()):
-        extra = offered.get(group, []) if status["status"] != "skipped" else []
-        group_rows.append({"group_id": group, "photos": status.get("photos", 0),
-                           "offered": len(extra), "status": status["status"],
-                           "reason": status.get("reason"),
-                           "seconds": float(status.get("seconds") or 0.0)})  # fmt: skip
-        by_id = {r["image_id"]: r for r in status.get("images", [])}
-        model_size = {m["model"]: m["images"] for m in status.get("models", [])}
-        for image_id in members[group] + extra:
-            r = by_id.get(image_id, {})
-            registered = bool(r.get("registered"))
-            centre = r.get("centre") or (None, None, None)
-            rows_of.setdefault(image_id, []).append({
-                "image_id": image_id,
-                "group_id": group,
-                "attached": registered and image_id in extra,
-                "model_id": f"{group}-{r['model']}" if registered else None,
-                "registered": registered,
-                "cluster_id": group if group >= 0 else None,
-                "centre_x": centre[0], "centre_y": centre[1], "centre_z": centre[2],
-                "point3d_ids": r.get("point_ids", []) if registered else [],
-                "scale": r.get("scale"),
-                "observations": int(r.get("observations", 0)),
-                "_model_size": model_size.get(r.get("model"), 0) if registered else 0,
-                "_own": image_id not in extra,
-            })  # fmt: skip
-        for m in status.get("models", []):
-            model_rows.append({
-                "model_id": f"{group}-{m['model']}", "group_id": group, "images": m["images"],
-                "points": m["points"], "mean_reprojection_error": m["mean_reprojection_error"],
-                "mean_track_length": m["mean_track_length"], "mapper": conf.mapper,
-                "seconds": float(status.get("seconds") or 0.0),
-            })  # fmt: skip
-    image_rows = [_best_row(rows) for rows in rows_of.values()]
-    schemas = {
-        SFM_IMAGES: pa.schema([
-            ("image_id", pa.string()), ("group_id", pa.int64()), ("attached", pa.bool_()),
-            ("model_id", pa.string()), ("registered", pa.bool_()), ("cluster_id", pa.int64()),
-            ("centre_x", pa.float64()), ("centre_y", pa.float64()), ("centre_z", pa.float64()),
-            ("point3d_ids", pa.list_(pa.int64())), ("scale", pa.float64()),
-            ("observations", pa.int64()),
-        ]),
-        SFM_MODELS: pa.schema([
-            ("model_id", pa.string()), ("group_id", pa.int64()), ("images", pa.int64()),
-            ("points", pa.int64()), ("mean_reprojection_error", pa.float64()),
-            ("mean_track_length", pa.float64()), ("mapper", pa.string()), ("seconds", pa.float64()),
-        ]),
-        SFM_GROUPS: pa.schema([
-            ("group_id", pa.int64()), ("photos", pa.int64()), ("offered", pa.int64()),
-            ("status", pa.string()),
-            ("reason", pa.string()), ("seconds", pa.float64()),
-        ]),
-    }  # fmt: skip
-    for name, rows in (
-        (SFM_IMAGES, image_rows),
-        (SFM_MODELS, model_rows),
-        (SFM_GROUPS, group_rows),
+    *,
+    reconstructed: list[int],
+) -> dict[str, Any]:
+    """Write the three tables from the groups' results; returns the manifest's details."""
+    group_rows = _group_rows(grouping, statuses)
+    model_rows = _model_rows(conf, statuses)
+    image_rows = _image_rows(grouping, statuses)
+    for spec, rows in (
+        (tables.SFM_IMAGES, image_rows),
+        (tables.SFM_MODELS, model_rows),
+        (tables.SFM_GROUPS, group_rows),
     ):
-        table = pa.Table.from_pylist(rows, schema=schemas[name])
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        storage.write_bytes(storage.join(out, name), sink.getvalue())
-    registered = sum(r["registered"] for r in image_rows)
-    summary = {
-        "format": 1,
-        "settings": asdict(conf),
+        spec.write(out, pa.Table.from_pylist(rows, schema=spec.schema))
+    return {
         "photos": len(image_rows),
-        "registered": registered,
+        "registered": sum(r["registered"] for r in image_rows),
         "attached": sum(r["attached"] for r in image_rows),
         "models": len(model_rows),
         "groups": {
             s: sum(g["status"] == s for g in group_rows) for s in ("ok", "failed", "skipped")
         },
         "failed": {g["group_id"]: g["reason"] for g in group_rows if g["status"] == "failed"},
+        "reconstructed": sorted(reconstructed),
+        "reused": sorted(
+            g for g, s in statuses.items() if s["status"] != "skipped" and g not in reconstructed
+        ),
     }
-    storage.write_text(storage.join(out, storage.SUCCESS), json.dumps(summary, indent=2))
-    logger.info(
-        "sfm: %d of %d photos registered (%d of them leftovers attached) in %d models; groups %s%s",
-        registered,
-        len(image_rows),
-        summary["attached"],
-        len(model_rows),
-        summary["groups"],
-        "; failed: " + "; ".join(f"{g}: {r}" for g, r in summary["failed"].items())
-        if summary["failed"]
-        else "",
-    )
+
+
+def _offered_to(grouping: _Groups, group: int, status: dict[str, Any]) -> list[str]:
+    return grouping.offered.get(group, []) if status["status"] != "skipped" else []
+
+
+def _group_rows(grouping: _Groups, statuses: dict[int, dict]) -> list[dict[str, Any]]:
+    """One row per group: its photos, offers, status, reason and time."""
+    return [
+        {
+            "group_id": group,
+            "photos": status.get("photos", 0),
+            "offered": len(_offered_to(grouping, group, status)),
+            "status": status["status"],
+            "reason": status.get("reason"),
+            "seconds": float(status.get("seconds") or 0.0),
+        }
+        for group, status in sorted(statuses.items())
+    ]
+
+
+def _model_rows(conf: SfmConf, statuses: dict[int, dict]) -> list[dict[str, Any]]:
+    """One row per model of every group."""
+    return [
+        {
+            "model_id": f"{group}-{m['model']}",
+            "group_id": group,
+            "images": m["images"],
+            "points": m["points"],
+            "mean_reprojection_error": m["mean_reprojection_error"],
+            "mean_track_length": m["mean_track_length"],
+            "mapper": conf.mapper,
+            "seconds": float(status.get("seconds") or 0.0),
+        }
+        for group, status in sorted(statuses.items())
+        for m in status.get("models", [])
+    ]
+
+
+def _image_rows(grouping: _Groups, statuses: dict[int, dict]) -> list[dict[str, Any]]:
+    """One row per grouped photo: the best of the rows its groups gave it (``_best_row``)."""
+    rows_of: dict[str, list[dict[str, Any]]] = {}
+    for group, status in sorted(statuses.items()):
+        extra = _offered_to(grouping, group, status)
+        by_id = {r["image_id"]: r for r in status.get("images", [])}
+        model_size = {m["model"]: m["images"] for m in status.get("models", [])}
+        for image_id in grouping.members[group] + extra:
+            row = _image_row(group, by_id.get(image_id, {}), image_id, offered=image_id in extra)
+            size = model_size.get(by_id.get(image_id, {}).get("model"), 0)
+            row["_model_size"] = size if row["registered"] else 0
+            rows_of.setdefault(image_id, []).append(row)
+    return [_best_row(rows) for rows in rows_of.values()]
+
+
+def _image_row(group: int, r: dict[str, Any], image_id: str, *, offered: bool) -> dict[str, Any]:
+    """A photo's row as one group's reconstruction gave it (``r``: its ``ImageRow``)."""
+    registered = bool(r.get("registered"))
+    centre = r.get("centre") or (None, None, None)
+    return {
+        "image_id": image_id,
+        "group_id": group,
+        "attached": registered and offered,
+        "model_id": f"{group}-{r['model']}" if registered else None,
+        "registered": registered,
+        "cluster_id": group if group >= 0 else None,
+        "centre_x": centre[0],
+        "centre_y": centre[1],
+        "centre_z": centre[2],
+        "point3d_ids": r.get("point_ids", []) if registered else [],
+        "scale": r.get("scale"),
+        "observations": int(r.get("observations", 0)),
+        "_own": not offered,
+    }
 
 
 def _best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -445,11 +576,17 @@ def _best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: v for k, v in best.items() if not k.startswith("_")}
 
 
-def read_sfm_images(uri: str) -> Any:
-    """The ``sfm_images.parquet`` table of a complete sfm output, as a pyarrow Table."""
-    import pyarrow.parquet as pq
-
-    out = uri.rstrip("/")
-    if not storage.is_complete(out):
-        raise ValueError(f"{out} is not a complete sfm output (no {storage.SUCCESS})")
-    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, SFM_IMAGES))))
+def _log(details: dict[str, Any]) -> None:
+    failed = details["failed"]
+    logger.info(
+        "sfm: %d of %d photos registered (%d of them leftovers attached) in %d models; groups %s "
+        "(%d reconstructed, %d reused)%s",
+        details["registered"],
+        details["photos"],
+        details["attached"],
+        details["models"],
+        details["groups"],
+        len(details["reconstructed"]),
+        len(details["reused"]),
+        "; failed: " + "; ".join(f"{g}: {r}" for g, r in failed.items()) if failed else "",
+    )

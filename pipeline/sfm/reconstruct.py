@@ -22,6 +22,8 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,16 @@ def _write_photos(
     return names
 
 
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Adds the time spent inside to ``seconds[phase]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
 def reconstruct_group(
     photos: list[tuple[str, bytes]],
     options: ReconstructOptions = ReconstructOptions(),
@@ -124,119 +136,162 @@ def reconstruct_group(
     scratch: str | None = None,
 ) -> GroupResult:
     """Reconstruct ``photos`` (``(image_id, bytes)``); raises on a failure of pycolmap."""
+    _check_process(options)
+    import pycolmap  # here, not at the top: the check above must come first
+
+    pycolmap.set_random_seed(options.seed)  # the same photos give the same models
+    seconds: dict[str, float] = {}
+    with (
+        _timed(seconds, "total"),
+        tempfile.TemporaryDirectory(prefix="cirray-sfm-", dir=scratch) as tmp,
+    ):
+        root = Path(tmp)
+        _log_to_file(pycolmap, root / "colmap.log")
+        names = _write_photos(_folder(root, "images"), photos, shared=options.cameras == "exif")
+        database = root / "database.db"
+        with _timed(seconds, "features"):
+            _extract_features(pycolmap, database, root / "images", options)
+        use_pairs = pairs is not None and len(photos) > options.exhaustive_max
+        pair_file = _pair_file(root, names, pairs) if use_pairs else None
+        with _timed(seconds, "matching"):
+            _match(pycolmap, database, options, pair_file=pair_file)
+        with _timed(seconds, "mapping"):
+            models = _map(pycolmap, database, root / "images", _folder(root, "models"), options)
+        images, model_rows, files = _collect(models, names, root / "written")
+        # glog names its files <prefix><date>-<time>.<pid>: read whatever it wrote.
+        log = "".join(p.read_text(errors="replace") for p in sorted(root.glob("colmap.log*")))
+    return GroupResult(images=images, models=model_rows, files=files, seconds=seconds, log=log)
+
+
+def _check_process(options: ReconstructOptions) -> None:
+    """Refuse a process that imported torch, and options pycolmap would not know."""
     if "torch" in sys.modules:
         raise RuntimeError(
             "torch is imported in this process; pycolmap's feature extraction crashes after it "
             "(colmap #3477): run SfM in a process that never imports torch"
         )
-    import pycolmap
+    if options.cameras not in ("exif", "per_image"):
+        raise ValueError(f"unknown cameras {options.cameras!r}; use exif or per_image")
+    if options.mapper not in ("global", "incremental"):
+        raise ValueError(f"unknown mapper {options.mapper!r}; use incremental or global")
 
-    pycolmap.set_random_seed(options.seed)  # the same photos give the same models
-    started = time.perf_counter()
-    seconds: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="cirray-sfm-", dir=scratch) as tmp:
-        root = Path(tmp)
-        images_dir, out_dir = root / "images", root / "models"
-        images_dir.mkdir()
-        out_dir.mkdir()
-        log_file = root / "colmap.log"
-        pycolmap.logging.logtostderr = False
-        pycolmap.logging.set_log_destination(pycolmap.logging.INFO, str(log_file))
-        if options.cameras not in ("exif", "per_image"):
-            raise ValueError(f"unknown cameras {options.cameras!r}; use exif or per_image")
-        names = _write_photos(images_dir, photos, shared=options.cameras == "exif")
-        ids_by_name = dict(names)
-        database = root / "database.db"
 
-        t = time.perf_counter()
-        extraction = pycolmap.FeatureExtractionOptions()
-        extraction.max_image_size = options.max_image_size
-        extraction.num_threads = options.threads
-        extraction.sift.max_num_features = options.max_features
-        extraction.use_gpu = False
-        if options.dsp_sift:
-            extraction.sift.estimate_affine_shape = True
-            extraction.sift.domain_size_pooling = True
-        pycolmap.extract_features(
-            database,
-            images_dir,
-            camera_mode=pycolmap.CameraMode.PER_FOLDER,
-            extraction_options=extraction,
-            device=pycolmap.Device.cpu,
-        )
-        seconds["features"] = time.perf_counter() - t
+def _folder(root: Path, name: str) -> Path:
+    path = root / name
+    path.mkdir()
+    return path
 
-        t = time.perf_counter()
-        matching = pycolmap.FeatureMatchingOptions()
-        matching.num_threads = options.threads
-        matching.use_gpu = False
-        matching.guided_matching = options.guided_matching
-        verification = pycolmap.TwoViewGeometryOptions()
-        verification.ransac.random_seed = options.seed  # unseeded (-1), reruns differ
-        if pairs is None or len(photos) <= options.exhaustive_max:
-            pycolmap.match_exhaustive(database, matching_options=matching,
-                                      verification_options=verification,
-                                      device=pycolmap.Device.cpu)  # fmt: skip
-        else:
-            pair_file = root / "pairs.txt"
-            name_of = {image_id: name for name, image_id in names.items()}
-            pair_file.write_text("".join(f"{name_of[a]} {name_of[b]}\n" for a, b in pairs))
-            pairing = pycolmap.ImportedPairingOptions()
-            pairing.match_list_path = str(pair_file)
-            pycolmap.match_image_pairs(
-                database,
-                matching_options=matching,
-                verification_options=verification,
-                pairing_options=pairing,
-                device=pycolmap.Device.cpu,
-            )
-        seconds["matching"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        mappers = {
-            "global": (pycolmap.GlobalPipelineOptions, pycolmap.global_mapping),
-            "incremental": (pycolmap.IncrementalPipelineOptions, pycolmap.incremental_mapping),
-        }
-        if options.mapper not in mappers:
-            raise ValueError(f"unknown mapper {options.mapper!r}; use incremental or global")
-        make_options, mapping = mappers[options.mapper]
-        pipeline = make_options()
-        pipeline.num_threads = options.threads
-        pipeline.min_model_size = options.min_model_size
-        pipeline.random_seed = options.seed
-        models = mapping(database, images_dir, out_dir, pipeline)
-        seconds["mapping"] = time.perf_counter() - t
+def _log_to_file(pycolmap: Any, log_file: Path) -> None:
+    """pycolmap's log to a file in the scratch folder, not the console."""
+    pycolmap.logging.logtostderr = False
+    pycolmap.logging.set_log_destination(pycolmap.logging.INFO, str(log_file))
 
-        rows: dict[str, ImageRow] = {}
-        model_rows, files = [], {}
-        ordered = sorted(models.values(), key=lambda r: -r.num_reg_images())
-        for number, rec in enumerate(ordered):
-            model_rows.append(
-                ModelRow(
-                    model=number,
-                    images=rec.num_reg_images(),
-                    points=rec.num_points3D(),
-                    mean_reprojection_error=float(rec.compute_mean_reprojection_error()),
-                    mean_track_length=float(rec.compute_mean_track_length()),
-                )
-            )
-            for image in rec.images.values():
-                if not image.has_pose:
-                    continue
-                image_id = ids_by_name[image.name]
-                if image_id in rows:  # an image in two models: keep the larger model's
-                    continue
+
+def _extract_features(
+    pycolmap: Any, database: Path, images: Path, options: ReconstructOptions
+) -> None:
+    """SIFT (or DSP-SIFT) at ``max_image_size`` on the CPU, one camera per folder."""
+    extraction = pycolmap.FeatureExtractionOptions()
+    extraction.max_image_size = options.max_image_size
+    extraction.num_threads = options.threads
+    extraction.sift.max_num_features = options.max_features
+    extraction.use_gpu = False
+    if options.dsp_sift:
+        extraction.sift.estimate_affine_shape = True
+        extraction.sift.domain_size_pooling = True
+    pycolmap.extract_features(
+        database,
+        images,
+        camera_mode=pycolmap.CameraMode.PER_FOLDER,
+        extraction_options=extraction,
+        device=pycolmap.Device.cpu,
+    )
+
+
+def _pair_file(root: Path, names: dict[str, str], pairs: list[tuple[str, str]] | None) -> Path:
+    """The pairs to match, as COLMAP's list of file names."""
+    path = root / "pairs.txt"
+    name_of = {image_id: name for name, image_id in names.items()}
+    path.write_text("".join(f"{name_of[a]} {name_of[b]}\n" for a, b in pairs or []))
+    return path
+
+
+def _match(
+    pycolmap: Any, database: Path, options: ReconstructOptions, *, pair_file: Path | None
+) -> None:
+    """Match every pair (no ``pair_file``) or the listed ones, then verify them geometrically
+    (seeded: an unseeded RANSAC makes reruns differ)."""
+    matching = pycolmap.FeatureMatchingOptions()
+    matching.num_threads = options.threads
+    matching.use_gpu = False
+    matching.guided_matching = options.guided_matching
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.random_seed = options.seed
+    common = {
+        "matching_options": matching,
+        "verification_options": verification,
+        "device": pycolmap.Device.cpu,
+    }
+    if pair_file is None:
+        pycolmap.match_exhaustive(database, **common)
+        return
+    pairing = pycolmap.ImportedPairingOptions()
+    pairing.match_list_path = str(pair_file)
+    pycolmap.match_image_pairs(database, pairing_options=pairing, **common)
+
+
+def _map(
+    pycolmap: Any, database: Path, images: Path, out: Path, options: ReconstructOptions
+) -> dict[int, Any]:
+    """Incremental or global mapping; pycolmap's reconstructions by number."""
+    mappers = {
+        "global": (pycolmap.GlobalPipelineOptions, pycolmap.global_mapping),
+        "incremental": (pycolmap.IncrementalPipelineOptions, pycolmap.incremental_mapping),
+    }
+    make_options, mapping = mappers[options.mapper]
+    pipeline = make_options()
+    pipeline.num_threads = options.threads
+    pipeline.min_model_size = options.min_model_size
+    pipeline.random_seed = options.seed
+    return mapping(database, images, out, pipeline)
+
+
+def _collect(
+    models: dict[int, Any], names: dict[str, str], written: Path
+) -> tuple[list[ImageRow], list[ModelRow], dict[str, bytes]]:
+    """The models, largest first, as plain rows and COLMAP binary files; a photo in two models
+    keeps the larger model's row."""
+    rows: dict[str, ImageRow] = {}
+    model_rows, files = [], {}
+    ordered = sorted(models.values(), key=lambda r: -r.num_reg_images())
+    for number, rec in enumerate(ordered):
+        model_rows.append(_model_row(number, rec))
+        for image in rec.images.values():
+            image_id = names[image.name]
+            if image.has_pose and image_id not in rows:
                 rows[image_id] = _image_row(image_id, number, rec, image)
-            model_dir = root / "written" / str(number)
-            model_dir.mkdir(parents=True)
-            rec.write_binary(str(model_dir))
-            for path in model_dir.iterdir():
-                files[f"{number}/{path.name}"] = path.read_bytes()
-        images = [rows.get(i) or ImageRow(image_id=i, registered=False) for _, i in names.items()]
-        # glog names its files <prefix><date>-<time>.<pid>: read whatever it wrote.
-        log = "".join(p.read_text(errors="replace") for p in sorted(root.glob("colmap.log*")))
-    seconds["total"] = time.perf_counter() - started
-    return GroupResult(images=images, models=model_rows, files=files, seconds=seconds, log=log)
+        files.update(_model_files(rec, number, written))
+    images = [rows.get(i) or ImageRow(image_id=i, registered=False) for i in names.values()]
+    return images, model_rows, files
+
+
+def _model_row(number: int, rec: Any) -> ModelRow:
+    return ModelRow(
+        model=number,
+        images=rec.num_reg_images(),
+        points=rec.num_points3D(),
+        mean_reprojection_error=float(rec.compute_mean_reprojection_error()),
+        mean_track_length=float(rec.compute_mean_track_length()),
+    )
+
+
+def _model_files(rec: Any, number: int, written: Path) -> dict[str, bytes]:
+    """``<number>/<file>.bin`` → bytes of one model written in COLMAP's binary format."""
+    folder = written / str(number)
+    folder.mkdir(parents=True)
+    rec.write_binary(str(folder))
+    return {f"{number}/{path.name}": path.read_bytes() for path in folder.iterdir()}
 
 
 def _image_row(image_id: str, model: int, rec: Any, image: Any) -> ImageRow:

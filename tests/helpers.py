@@ -1,0 +1,90 @@
+"""Helpers the tests share: stage outputs built through the table specs, without running the
+stages before them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from model import tables
+from model.descriptors import write_descriptors
+
+
+def usable_images(images: str, columns: list[str]) -> pa.Table:
+    """``columns`` of an ingest output's usable photos (``error`` null)."""
+    return tables.IMAGES.read(images, columns, filter=pc.field("error").is_null())
+
+
+def synthetic_sfm(out: str, *, clusters: int = 3, photos: int = 10) -> list[str]:
+    """A complete sfm output of ``clusters`` groups of ``photos`` registered photos, one model
+    each, where photo ``i`` of a model sees points ``5i .. 5i+19`` of it at one scale (its
+    neighbours share three quarters of its points); returns the photos' ids."""
+    rows = []
+    for group in range(clusters):
+        for i in range(photos):
+            rows.append(
+                {
+                    "image_id": f"g{group}-p{i:02d}",
+                    "group_id": group,
+                    "attached": False,
+                    "model_id": f"{group}-0",
+                    "registered": True,
+                    "cluster_id": group,
+                    "centre_x": float(i),
+                    "centre_y": 0.0,
+                    "centre_z": 0.0,
+                    "point3d_ids": list(range(5 * i, 5 * i + 20)),
+                    "scale": 1.0,
+                    "observations": 20,
+                }
+            )
+    models = [
+        {
+            "model_id": f"{g}-0",
+            "group_id": g,
+            "images": photos,
+            "points": 5 * photos + 15,
+            "mean_reprojection_error": 0.5,
+            "mean_track_length": 4.0,
+            "mapper": "incremental",
+            "seconds": 1.0,
+        }
+        for g in range(clusters)
+    ]
+    groups = [
+        {
+            "group_id": g,
+            "photos": photos,
+            "offered": 0,
+            "status": "ok",
+            "reason": None,
+            "seconds": 1.0,
+        }
+        for g in range(clusters)
+    ]
+    for spec, table_rows in (
+        (tables.SFM_IMAGES, rows),
+        (tables.SFM_MODELS, models),
+        (tables.SFM_GROUPS, groups),
+    ):
+        spec.write(out, pa.Table.from_pylist(table_rows, schema=spec.schema))
+    tables.SFM_OUTPUT.publish(out, inputs={"groups": "synthetic", "images": "synthetic"})
+    return [r["image_id"] for r in rows]
+
+
+def synthetic_descriptors(
+    out: str, image_ids: list[str], *, dim: int = 1280, seed: int = 0, weights: str = "imagenet"
+) -> str:
+    """A descriptors output of unit vectors near one centre per cluster (the id's prefix), as
+    ImageNet Lite0 + GeM would have made them (``weights``)."""
+    rng = np.random.default_rng(seed)
+    prefixes = sorted({i.split("-")[0] for i in image_ids})
+    centres = {p: rng.standard_normal(dim) for p in prefixes}
+    x = np.stack([centres[i.split("-")[0]] + 0.5 * rng.standard_normal(dim) for i in image_ids])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    network = {
+        "weights": weights,
+        "meta": {"backbone": "efficientnet_lite0", "pooling": "gem", "p": 3.0},
+    }
+    return write_descriptors(out, image_ids, x.astype(np.float32), network=network)
