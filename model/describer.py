@@ -40,8 +40,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PACKAGED_WEIGHTS = frozenset({"imagenet", "random"})
-"""Weights named rather than stored: the backbone's packaged ones, or none."""
+PACKAGED_WEIGHTS = frozenset({"imagenet"})
+"""Weights named rather than stored: the backbone's packaged ImageNet ones."""
 
 
 @dataclass(frozen=True)

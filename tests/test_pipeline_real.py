@@ -5,30 +5,32 @@ Scene-level recall@1: for each photo, the first result other than itself is of i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import boto3
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 
 from cluster.index_store import read_manifest, search
-from model import storage
 from model.descriptors import read_descriptors
+from model.tables import GROUPS, GROUPS_OUTPUT, IMAGES, INDEX_VERSION
 from pipeline.extract import ExtractConf
 from pipeline.extract import run as extract
-from pipeline.group import GroupConf, read_groups
+from pipeline.group import GroupConf
 from pipeline.group import run as group
 from pipeline.index import IndexConf
 from pipeline.index import run as index
-from pipeline.ingest import IngestConf, read_images
+from pipeline.ingest import IngestConf
 from pipeline.ingest import run as ingest
 
 pytestmark = pytest.mark.slow
 
 
 def _scene_recall_at_1(run: str) -> float:
-    rows = read_images(f"{run}/images.parquet", ["image_id", "scene"], ok_only=True)
+    rows = IMAGES.read(
+        f"{run}/images.parquet", ["image_id", "scene"], filter=pc.field("error").is_null()
+    )
     scene = dict(zip(rows["image_id"].to_pylist(), rows["scene"].to_pylist(), strict=True))
     desc = read_descriptors(f"{run}/descriptors")
     found = search(f"{run}/index", desc.vectors, k=2)
@@ -40,10 +42,12 @@ def _scene_recall_at_1(run: str) -> float:
 
 
 def _pipeline(source: str, run: str, max_size: int) -> str:
-    ingest(IngestConf(source=source, output=run))
-    extract(ExtractConf(images=f"{run}/images.parquet", output=f"{run}/descriptors",
-                        max_size=max_size))  # fmt: skip
-    return index(IndexConf(descriptors=f"{run}/descriptors", output=f"{run}/index", shards=2))
+    """ingest → extract → index, each stage given the one before's return value."""
+    images = ingest(IngestConf(source=source, output=run))
+    descriptors = extract(
+        ExtractConf(images=images, output=f"{run}/descriptors", max_size=max_size)
+    )
+    return index(IndexConf(descriptors=descriptors, output=f"{run}/index", shards=2))
 
 
 def test_real_photos_locally(real_run: str) -> None:
@@ -62,20 +66,26 @@ def test_real_photos_into_s3(ray_session, photos_dir: Path, s3_bucket: str) -> N
         s3.upload_file(str(path), s3_bucket, f"photos/{path.parent.name}/{path.name}")
     run = f"s3://{s3_bucket}/run"
     version = _pipeline(f"s3://{s3_bucket}/photos", run, max_size=384)
-    assert version.startswith(f"{run}/index/v") and storage.is_file(f"{version}/manifest.json")
+    assert version.startswith(f"{run}/index/v") and INDEX_VERSION.is_complete(version)
     recall = _scene_recall_at_1(run)
     print(f"\nreal photos, S3: scene recall@1 {recall:.4f} over {len(photos)} photos")
     assert recall >= 0.95
 
 
 def test_real_photos_group_into_their_scenes(real_run, tmp_path):
-    conf = GroupConf(images=f"{real_run}/images.parquet", descriptors=f"{real_run}/descriptors",
-                     output=str(tmp_path / "g"), use_scene=False)  # fmt: skip
+    conf = GroupConf(
+        images=f"{real_run}/images.parquet",
+        descriptors=f"{real_run}/descriptors",
+        output=str(tmp_path / "g"),
+        use_scene=False,
+    )
     uri = group(conf)
-    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
-    scores = manifest["scores"]
-    print(f"\nreal photos grouped: {manifest['groups']} groups, "
-          f"{len(manifest['singletons'])} singletons, purity {scores['purity']:.3f}, "
-          f"recall {scores['recall']:.3f}")  # fmt: skip
-    assert len(read_groups(uri)[0]) == 373
+    details = GROUPS_OUTPUT.manifest(uri).details
+    scores = details["scores"]
+    print(
+        f"\nreal photos grouped: {details['groups']} groups, "
+        f"{len(details['singletons'])} singletons, purity {scores['purity']:.3f}, "
+        f"recall {scores['recall']:.3f}"
+    )
+    assert GROUPS.read(uri).num_rows == 373
     assert scores["purity"] >= 0.9 and scores["recall"] >= 0.9
