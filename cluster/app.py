@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
+from cluster import index_store
 from cluster.catalog import ImageCatalog, images_of_manifest
 
 __all__ = ["K_MAX", "MAX_BODY_BYTES", "SearchApp", "api"]
@@ -117,8 +118,6 @@ class SearchApp:
         *,
         max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
-        from cluster import index_store
-
         self.router, self.embedder, self.index = router, embedder, index
         self.max_body_bytes = max_body_bytes
         manifest = index_store.read_manifest(index)
@@ -240,8 +239,6 @@ class SearchApp:
     def _catch_up(self, version: int) -> None:
         """After a reload, learn the photos a newer version added."""
         if version != getattr(self, "_catalog_version", None):
-            from cluster import index_store
-
             self.catalog.add(images_of_manifest(index_store.read_manifest(self.index, version)))
             self._catalog_version = version
 

@@ -1,36 +1,80 @@
 """Photo bytes → a query descriptor, with the index's own network and settings.
 
 The index manifest records the network and the extraction settings of its descriptors
-(weights or checkpoint, backbone, pooling, longer side, scales, whitening); the embedder builds
-exactly that with the extract stage's own decoder and describer
-(``model.describer.decode_photo`` and ``Describer.describe``), so a stored photo sent as a
-query gets its stored descriptor back. Requests are batched (``@serve.batch``); each photo of
-a batch is decoded on its own, so one bad photo fails only its own request.
+(weights or checkpoint, backbone, pooling, longer side, scales, whitening, and the network's
+identity); the embedder builds exactly that with the extract stage's own decoder and describer
+(``model.describer.decode_photo`` and ``Describer.describe``: a checkpoint loads through
+``model.checkpoint.load``, packaged weights by name), so a stored photo sent as a query gets
+its stored descriptor back. A network whose identity is not the one the descriptors recorded
+(a checkpoint trained again, or replaced, since) is refused: its queries would not match the
+index. Requests are batched (``@serve.batch``); each photo of a batch is decoded on its own,
+so one bad photo fails only its own request.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-__all__ = ["Embedder"]
+from model.describer import (
+    Describer,
+    NetworkSettings,
+    conf_for_network,
+    decode_photo,
+    network_identity,
+)
+from model.images import MIN_SIDE, BadImage
+
+__all__ = ["Embedder", "network_problem"]
+
+
+def network_problem(network: Mapping[str, Any], settings: Mapping[str, Any]) -> str | None:
+    """Why the network an index names cannot describe its queries (one line), or ``None``.
+
+    Its identity must be the one the descriptors recorded (``network["identity"]``; no check
+    for descriptors that recorded none).
+    """
+    try:
+        conf = conf_for_network(dict(network), dict(settings))
+    except ValueError as err:
+        return str(err)
+    recorded = network.get("identity")
+    if not recorded:
+        return None
+    try:
+        found = network_identity(conf)
+    except (OSError, ValueError) as err:
+        return f"the network {conf.weights} the index names cannot be read: {err}"
+    if found != recorded:
+        return (
+            f"the network at {conf.weights} is not the one the index's descriptors were made "
+            f"with (its identity is {found}, the descriptors record {recorded}); restore that "
+            "network, or extract and index again with this one"
+        )
+    return None
+
+
+def _checked_conf(network: Mapping[str, Any], settings: Mapping[str, Any]) -> NetworkSettings:
+    problem = network_problem(network, settings)
+    if problem:
+        raise ValueError(problem)
+    return conf_for_network(dict(network), dict(settings))
 
 
 @serve.deployment
 class Embedder:
     def __init__(
         self,
-        network: dict[str, Any],
-        settings: dict[str, Any],
+        network: Mapping[str, Any],
+        settings: Mapping[str, Any],
         *,
         max_batch_size: int = 8,
         batch_wait_s: float = 0.01,
     ) -> None:
-        from model.describer import Describer, conf_for_network
-
-        self.conf = conf_for_network(network, settings)
+        self.conf = _checked_conf(network, settings)
         self.describer = Describer(self.conf)
         self._embed_batch.set_max_batch_size(max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_s)
@@ -41,9 +85,6 @@ class Embedder:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, photos: list[bytes]) -> list[np.ndarray | str]:
-        from model.describer import decode_photo
-        from model.images import MIN_SIDE, BadImage
-
         out: list[np.ndarray | str] = []
         pixels, rows = [], []
         for i, photo in enumerate(photos):

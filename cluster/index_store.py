@@ -3,8 +3,13 @@
 The index stage (``pipeline.index``) writes it; the serving shard actors read one shard each
 with :func:`load_shard`; :func:`search` runs a whole version in one process (tests, result
 checks). Everything goes through :mod:`model.storage`, so ``INDEX`` is a local folder or an
-``s3://bucket/prefix`` alike. This module imports only NumPy, FAISS, pyarrow and the storage
-layer: no Ray, no torch.
+``s3://bucket/prefix`` alike. This module imports only NumPy, FAISS, pyarrow, the storage
+layer and the table specs: no Ray, no torch.
+
+Each version's manifest is the one every output has (``model.tables.INDEX_VERSION``, written
+last): its fingerprint covers the descriptors it indexed and the index's content settings, its
+``details`` what this module reads (dimension, factory, shards, ...). :func:`read_manifest`
+hands those details on as a dict, with the manifest's identity and fingerprint.
 
 Layout::
 
@@ -20,7 +25,7 @@ Layout::
         shard-00000.faiss ...       only the shards built for v2; its manifest lists v1's too
         manifest.json
 
-A version without ``manifest.json`` does not exist for a reader (a build that was killed, or
+A version without its manifest does not exist for a reader (a build that was killed, or
 one still running); :func:`latest_version` is the newest version that has one. Every path in a
 manifest is relative to ``INDEX`` (``v1/shard-00000.faiss``), so a later version references the
 files of an earlier one instead of copying them, and the whole folder can be moved or synced.
@@ -52,8 +57,6 @@ in different shards can then score an ulp apart; below 20 queries per call they 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -62,12 +65,11 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
-from model import storage
+from model import storage, tables
 
 __all__ = [
-    "FORMAT",
-    "MANIFEST",
     "METRIC",
     "TRAINED",
     "IdMap",
@@ -88,13 +90,11 @@ __all__ = [
     "shard_names",
     "shard_topk",
     "version_dir",
+    "version_manifest",
 ]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "cirray-index/1"
-"""The ``format`` field of every manifest this module writes and reads."""
-MANIFEST = "manifest.json"
 TRAINED = "trained.faiss"
 METRIC = "inner_product"
 """Descriptors are L2-normalised, so the index ranks by inner product (cosine similarity)."""
@@ -130,14 +130,15 @@ def deserialize_index(data: bytes) -> faiss.Index:
 def list_versions(index: str) -> list[int]:
     """The complete versions under ``index`` (those with a manifest), oldest first."""
     root = str(index).rstrip("/")
+    marker = f"/{tables.MANIFEST}"
     try:
-        names = storage.list_files(root, suffixes=(f"/{MANIFEST}",))
+        names = storage.list_files(root, suffixes=(marker,))
     except FileNotFoundError:
         return []
     listed_root = root if storage.is_remote(root) else str(storage.local_path(root))
     versions = []
     for name in names:
-        head, _, _ = name.rpartition(f"/{MANIFEST}")
+        head, _, _ = name.rpartition(marker)
         parent, _, folder = head.rpartition("/")
         match = _VERSION_DIR.match(folder)
         if match and parent.rstrip("/") == listed_root.rstrip("/"):
@@ -151,26 +152,76 @@ def latest_version(index: str) -> int | None:
     return versions[-1] if versions else None
 
 
-def read_manifest(index: str, version: int | None = None) -> dict[str, Any]:
-    """The manifest of ``version`` (default: the latest complete one).
+def version_manifest(index: str, version: int | None = None) -> tables.Manifest:
+    """The common manifest of ``version`` (default: the latest complete one).
 
     ``FileNotFoundError`` when ``index`` holds no complete version (or not that one),
-    ``ValueError`` when the file is not a manifest of this format.
+    ``ValueError`` (one line) when it is not an index manifest this code reads.
     """
     if version is None:
         version = latest_version(index)
         if version is None:
-            raise FileNotFoundError(f"no complete index version under {index} (no v*/{MANIFEST})")
-    uri = storage.join(index, version_dir(version), MANIFEST)
-    if not storage.is_file(uri):
-        raise FileNotFoundError(f"index version {version} under {index} is not complete: no {uri}")
+            raise FileNotFoundError(
+                f"no complete index version under {index} (no v*/{tables.MANIFEST})"
+            )
+    folder = storage.join(index, version_dir(version))
     try:
-        manifest = json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{uri} is not JSON: {err}") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{uri} is not an index manifest of format {FORMAT}")
-    return manifest
+        return tables.INDEX_VERSION.manifest(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"index version {version} under {index} is not complete: "
+            f"no {tables.INDEX_VERSION.manifest_uri(folder)}"
+        ) from None
+    except ValueError as err:
+        if not storage.is_file(tables.INDEX_VERSION.manifest_uri(folder)):
+            raise FileNotFoundError(
+                f"index version {version} under {index} is not complete: {err}"
+            ) from None
+        raise
+
+
+def read_manifest(index: str, version: int | None = None) -> dict[str, Any]:
+    """What the readers of a version need: its manifest's ``details`` (version, dim, factory,
+    shards, network, ...) as a dict, plus ``identity`` and ``fingerprint`` of the manifest.
+
+    The descriptors each version indexed (``descriptors["uri"]`` and every ``history`` entry's
+    ``descriptors``) are where they lie now: found from the version's manifest, so an index
+    whose run folder moved still leads to its descriptors (and their photos).
+    ``FileNotFoundError`` / ``ValueError`` as :func:`version_manifest`.
+    """
+    manifest = version_manifest(index, version)
+    details = dict(manifest.details)
+    details["identity"] = manifest.identity
+    details["fingerprint"] = manifest.fingerprint
+    here = _descriptors_source(manifest)
+    if here is not None and details.get("descriptors"):
+        details["descriptors"] = {**details["descriptors"], "uri": here}
+    details["history"] = [
+        {**entry, "descriptors": _history_source(index, entry, manifest)}
+        for entry in details.get("history") or []
+    ]
+    return details
+
+
+def _descriptors_source(manifest: tables.Manifest) -> str | None:
+    """Where the descriptors a version indexed lie now (``None`` when it names none)."""
+    return manifest.source("descriptors") if "descriptors" in manifest.sources else None
+
+
+def _history_source(index: str, entry: dict[str, Any], current: tables.Manifest) -> str:
+    """Where the descriptors of one ``history`` entry lie now: read from the manifest of the
+    version that added them (the entry's stored path when that cannot be read)."""
+    stored = str(entry.get("descriptors"))
+    version = entry.get("version")
+    try:
+        manifest = (
+            current
+            if version == current.details.get("version")
+            else version_manifest(index, int(version))
+        )
+    except (OSError, ValueError, TypeError):
+        return stored
+    return _descriptors_source(manifest) or stored
 
 
 def _read_checked(index: str, relative: str, expected: str | None, what: str) -> bytes:
@@ -205,29 +256,21 @@ class IdMap:
 
 
 def id_map_bytes(ids: np.ndarray, image_ids: Sequence[str]) -> bytes:
-    """The Parquet file of an id map (columns ``id`` int64, ``image_id`` string)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """The Parquet file of an id map (``model.tables.INDEX_IDS``: ``id`` int64, ``image_id``)."""
     table = pa.table(
         {
             "id": pa.array(np.asarray(ids, dtype=np.int64)),
             "image_id": pa.array(list(image_ids), type=pa.string()),
         }
     )
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
+    return tables.parquet_bytes(tables.INDEX_IDS.conform(table))
 
 
 def load_id_map(index: str, shard: Mapping[str, Any], verify: bool = True) -> IdMap:
     """The id map of one shard entry of a manifest."""
-    import pyarrow.parquet as pq
-
-    data = _read_checked(
-        index, shard["id_map"], shard.get("id_map_sha256") if verify else None, "id map"
-    )
-    table = pq.read_table(io.BytesIO(data), columns=["id", "image_id"])
+    if verify:
+        _read_checked(index, shard["id_map"], shard.get("id_map_sha256"), "id map")
+    table = tables.INDEX_IDS.read_file(storage.join(index, shard["id_map"]))
     ids = table.column("id").to_numpy().astype(np.int64, copy=False)
     image_ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
     if len(ids) != int(shard["count"]):

@@ -3,28 +3,31 @@
     python -m pipeline.index --descriptors OUT/descriptors --output OUT/index [--shards 4]
 
 1. **Validate** everything before the long work, and report every problem at once: the
-   descriptors folder is there and complete (``manifest.json`` and ``_SUCCESS``), its part
-   files hold one dimension (the manifest's), finite vectors and unique image_ids; its network
-   is the one the index was built from; the factory string is one FAISS accepts; the flags
-   make sense; the output's S3 bucket exists.
-2. **Choose** the index (``--factory auto``: the rule of :func:`choose_factory`) or take the
+   descriptors output is complete (``model.descriptors``: its manifest, one dimension, finite
+   vectors, unique image_ids); its network and dimension are the index's; the factory string
+   is one FAISS accepts; the flags make sense; the output's S3 bucket exists.
+2. **Plan** by fingerprint (``model.tables.INDEX_VERSION``): the descriptors' identity and the
+   content settings (:func:`content_settings`: the factory in use, the metric, the network)
+   against the latest version's. The same: nothing to do. The same settings, other
+   descriptors: a next version of the rows the index lacks. Other settings (``--factory``,
+   another network): the run stops with one line naming them, unless ``--overwrite``, which
+   removes the index's versions and builds it again from v1.
+3. **Choose** the index (``--factory auto``: the rule of :func:`choose_factory`) or take the
    factory string given. The metric is inner product (descriptors are L2-normalised).
-3. **Train once** on a seeded sample of the descriptors (:func:`train_index`; the size from the
+4. **Train once** on a seeded sample of the descriptors (:func:`train_index`; the size from the
    factory's needs, :func:`train_size_for`) and store the trained, empty index.
-4. **Add in parallel**: the new rows, in image_id order with consecutive global ids, are split
+5. **Add in parallel**: the new rows, in image_id order with consecutive global ids, are split
    into ``--shards`` contiguous runs; one Ray task per run deserialises the trained index, adds
    its rows, and writes the shard file and its id map through the storage layer.
-5. **Tune** ``nprobe`` for IVF indexes (:func:`tune_nprobe`): the smallest number of lists that
+6. **Tune** ``nprobe`` for IVF indexes (:func:`tune_nprobe`): the smallest number of lists that
    holds ``--target-recall`` of the exact top-10 neighbours of sampled descriptors.
-6. **Publish**: ``manifest.json`` is written last; before it the version does not exist.
+7. **Publish**: the version's manifest is written last; before it the version does not exist.
 
-Versions. A run against an index that already has versions indexes only the image_ids the
-latest version lacks, as version N+1: its manifest lists the earlier shard files (by their
-relative paths, unchanged) plus new shards built from the same trained index (the same IVF
-quantizer and PQ codebooks; nothing is retrained). Descriptors of a different network cannot
-join an index (index them into another folder). When nothing is new the run changes nothing
-and returns the latest version. Versions only grow: an image_id missing from the descriptors
-stays in the index.
+Versions. A next version indexes only the image_ids the latest version lacks, as version N+1:
+its manifest lists the earlier shard files (by their relative paths, unchanged) plus new shards
+built from the same trained index (the same IVF quantizer and PQ codebooks; nothing is
+retrained). When nothing is new the run changes nothing and returns the latest version.
+Versions only grow: an image_id missing from the descriptors stays in the index.
 
 Resuming. A killed build leaves ``vN/`` without a manifest, invisible to readers; the previous
 version stays the latest. The next run with the same inputs finds ``vN/_build/plan.json`` (a
@@ -39,6 +42,7 @@ million 1280-d rows); a larger collection can be indexed as several versions.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -46,7 +50,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,14 +58,9 @@ import faiss
 import numpy as np
 
 from cluster import index_store
-from model import storage
+from model import storage, tables
 from model.cli import run_cli
-from model.descriptors import (
-    DESCRIPTOR_MANIFEST,
-    Descriptors,
-    problem_text,
-    read_descriptors_checked,
-)
+from model.descriptors import Descriptors, problem_text, read_descriptors_checked
 
 __all__ = [
     "FLAT_MAX",
@@ -70,6 +69,7 @@ __all__ = [
     "build_shard",
     "choose_factory",
     "choose_nlist",
+    "content_settings",
     "estimate_index_bytes",
     "parse_memory",
     "run",
@@ -111,7 +111,7 @@ class IndexConf:
     factory: str = "auto"
     """A FAISS index_factory string ("Flat", "IVF1024,Flat", "OPQ32_128,IVF4096,PQ32", ...) or
     auto (Flat, then IVF-Flat, then IVF-PQ as the budget requires). Versions after the first
-    keep the first one's."""
+    keep the first one's (auto); another one needs --overwrite."""
     shards: int = 2
     """Shards the new rows are split into, each built by its own Ray task."""
     max_memory: str = "16G"
@@ -130,6 +130,9 @@ class IndexConf:
     """Seed of the training and tuning samples."""
     cpus_per_shard: float = 1.0
     """CPUs each shard task asks Ray for (and FAISS threads it uses)."""
+    overwrite: bool = False
+    """Replace an index made with another factory or network: its versions are removed and
+    the build starts again at v1 (else the run stops and says what changed)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +208,7 @@ def estimate_index_bytes(factory: str, n: int, dim: int) -> int | None:
 
 
 def choose_factory(
-    n: int, dim: int, max_memory: str | int = "16G", flat_max: int = FLAT_MAX
+    n: int, dim: int, max_memory: str | int = "16G", *, flat_max: int = FLAT_MAX
 ) -> str:
     """The ``auto`` index for ``n`` vectors of ``dim`` in a memory budget.
 
@@ -302,10 +305,6 @@ def _output_problems(output: str) -> list[str]:
     return [f"--output: {problem}"] if problem else []
 
 
-def _same(a: Any, b: Any) -> bool:
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Training, shards, tuning
 
@@ -368,6 +367,7 @@ def build_shard(
     trained: bytes,
     vectors: np.ndarray,
     image_ids: Sequence[str],
+    *,
     id_start: int,
     output: str,
     version: int,
@@ -422,6 +422,7 @@ def tune_nprobe(
     trained: faiss.Index,
     vectors: np.ndarray,
     target: float = 0.95,
+    *,
     queries: int = 200,
     k: int = TUNE_K,
     seed: int = 0,
@@ -490,7 +491,7 @@ def _read_json(uri: str) -> dict[str, Any] | None:
         return None
 
 
-def _reusable(output: str, entry: dict[str, Any] | None, count: int, id_start: int) -> bool:
+def _reusable(output: str, entry: dict[str, Any] | None, *, count: int, id_start: int) -> bool:
     if not entry or entry.get("count") != count or entry.get("id_start") != id_start:
         return False
     try:
@@ -520,60 +521,145 @@ def _existing_ids(output: str, manifest: dict[str, Any]) -> set[str]:
     return found
 
 
-def _manifest_dim(uri: str) -> int | None:
+@dataclass(frozen=True)
+class _Inputs:
+    """What a run indexes and the index it would join, once validated."""
+
+    desc: Descriptors
+    descriptors: tables.Manifest
+    """The descriptors' manifest: this version's input."""
+    parent: dict[str, Any] | None
+    """The latest version's details (``index_store.read_manifest``); ``None``: no index yet."""
+    factory: str
+    """The factory in use: the given one, or auto's (the index's own once it has a version)."""
+
+    @property
+    def network(self) -> dict[str, Any]:
+        return dict(self.desc.manifest.get("network") or {})
+
+
+def content_settings(factory: str, network: dict[str, Any]) -> dict[str, Any]:
+    """The settings that change an index's content, fingerprinted with its descriptors: the
+    factory in use, the metric and the descriptors' network (its identity where recorded).
+    Not the shard split, the memory budget or nprobe: a next version may change those."""
+    return {"factory": factory, "metric": index_store.METRIC, "network": _network_key(network)}
+
+
+def _network_key(network: dict[str, Any] | None) -> Any:
+    """What names a network: its identity when the descriptors recorded one (a checkpoint's
+    content hash stays the same when its folder moves), else its whole description."""
+    network = network or {}
+    return network.get("identity") or network
+
+
+def _descriptor_dim(uri: str) -> int | None:
     """The dimension a descriptors manifest states, when it can be read at all."""
     try:
-        return int(json.loads(storage.read_text(storage.join(uri, DESCRIPTOR_MANIFEST)))["dim"])
+        return int(tables.DESCRIPTORS_OUTPUT.manifest(uri).details["dim"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _validate(conf: IndexConf, output: str) -> tuple[Descriptors, dict[str, Any] | None, str]:
-    """``(descriptors, parent manifest or None, factory)``; one ``ValueError`` listing every
-    problem with the flags, the descriptors and the index they would join."""
+def _read_parent(output: str, problems: list[str]) -> dict[str, Any] | None:
+    """The latest complete version's details, or ``None`` (an unreadable one is a problem)."""
+    try:
+        if index_store.latest_version(output) is not None:
+            return index_store.read_manifest(output)
+    except (OSError, ValueError) as err:
+        problems.append(f"cannot read the index at {output}: {err} (--overwrite starts it anew)")
+    return None
+
+
+def _parent_problems(parent: dict[str, Any], desc: Descriptors, output: str) -> list[str]:
+    """Descriptors that cannot join the index at ``output``: another dimension or network."""
+    where = f"the index at {output} (v{parent['version']})"
+    if int(parent["dim"]) != desc.dim:
+        return [
+            f"mixed dimensions: the descriptors have {desc.dim}, {where} has {parent['dim']}; "
+            "index them into another --output, or start the index anew with --overwrite"
+        ]
+    ours, theirs = desc.manifest.get("network"), parent.get("network")
+    if _network_key(ours) != _network_key(theirs):
+        return [
+            f"mixed networks: the descriptors come from {json.dumps(ours, sort_keys=True)}, "
+            f"{where} from {json.dumps(theirs, sort_keys=True)}; index them into another "
+            "--output, or start the index anew from them with --overwrite"
+        ]
+    return []
+
+
+def _factory_in_use(
+    conf: IndexConf,
+    desc: Descriptors | None,
+    parent: dict[str, Any] | None,
+    *,
+    problems: list[str],
+) -> str:
+    """The factory a build uses: the given one (checked), the index's own for ``auto`` once it
+    has a version, else auto's choice for the descriptors."""
+    if conf.factory != "auto":
+        if parent is None or conf.factory != parent["factory"]:
+            dim = desc.dim if desc is not None else _descriptor_dim(conf.descriptors)
+            n = len(desc.image_ids) if desc is not None else None
+            problems += _factory_problems(conf.factory, dim, n)
+        return conf.factory
+    if parent is not None:
+        return str(parent["factory"])
+    if desc is None or problems:
+        return conf.factory
+    try:
+        return choose_factory(
+            len(desc.image_ids), desc.dim, conf.max_memory, flat_max=conf.flat_max
+        )
+    except ValueError as err:
+        problems.append(str(err))
+        return conf.factory
+
+
+def _validate(conf: IndexConf, output: str) -> _Inputs:
+    """The descriptors, the index they would join and the factory; one ``ValueError`` listing
+    every problem with the flags, the descriptors and that index."""
     problems = _conf_problems(conf)
     problems += _output_problems(output)
     desc = read_descriptors_checked(conf.descriptors, problems)
-    parent: dict[str, Any] | None = None
-    try:
-        if index_store.latest_version(output) is not None:
-            parent = index_store.read_manifest(output)
-    except (OSError, ValueError) as err:
-        problems.append(f"cannot read the index at {output}: {err}")
-    dim = desc.dim if desc is not None else None
-    factory = conf.factory
-    if parent is not None:
-        factory = parent["factory"]
-        if dim is not None and int(parent["dim"]) != dim:
-            problems.append(
-                f"mixed dimensions: the descriptors have {dim}, the index at {output} "
-                f"(v{parent['version']}) has {parent['dim']}"
-            )
-        if desc is not None and not _same(parent.get("network"), desc.manifest.get("network")):
-            problems.append(
-                "mixed networks: the descriptors come from "
-                f"{json.dumps(desc.manifest.get('network'), sort_keys=True)}, the index at "
-                f"{output} (v{parent['version']}) from "
-                f"{json.dumps(parent.get('network'), sort_keys=True)}; index them into another "
-                "folder"
-            )
-        if conf.factory not in ("auto", parent["factory"]):
-            problems.append(
-                f"--factory {conf.factory} differs from the index's {parent['factory']}: later "
-                "versions keep the first version's (use auto), or build into another folder"
-            )
-    elif conf.factory != "auto":
-        if dim is None:
-            dim = _manifest_dim(conf.descriptors)
-        problems += _factory_problems(conf.factory, dim, len(desc.image_ids) if desc else None)
-    elif desc is not None and not problems:
-        try:
-            factory = choose_factory(len(desc.image_ids), desc.dim, conf.max_memory, conf.flat_max)
-        except ValueError as err:
-            problems.append(str(err))
-    if problems or desc is None:
+    parent = _read_parent(output, problems) if not problems or desc is not None else None
+    if parent is not None and desc is not None and not conf.overwrite:
+        problems += _parent_problems(parent, desc, output)
+    factory = _factory_in_use(conf, desc, parent, problems=problems)
+    if problems or desc is None or desc.output is None:
         raise ValueError(problem_text(f"cannot index {conf.descriptors} into {output}", problems))
-    return desc, parent, factory
+    return _Inputs(desc, desc.output, parent, factory)
+
+
+def _plan(conf: IndexConf, output: str, inputs: _Inputs, settings: dict[str, Any]) -> str:
+    """``skip`` (the latest version indexed these descriptors with these settings), ``update``
+    (a next version of the new rows) or ``new`` (no index yet, or ``--overwrite`` of one made
+    with other settings). Other settings without ``--overwrite`` stop with one line naming
+    them (``tables.OutputChanged``)."""
+    if inputs.parent is None:
+        return "new"
+    latest = storage.join(output, index_store.version_dir(int(inputs.parent["version"])))
+    action, _ = tables.INDEX_VERSION.plan(
+        latest, {"descriptors": inputs.descriptors.identity}, settings, overwrite=conf.overwrite
+    )
+    return action
+
+
+def _start_anew(conf: IndexConf, output: str, inputs: _Inputs) -> _Inputs:
+    """``--overwrite`` of an index made with other settings: every version is removed (each
+    marker first, so a reader never sees half of one) and the build starts again at v1, with
+    auto's choice for these descriptors."""
+    logger.info("replacing the index at %s (--overwrite): starting again from v1", output)
+    for version in reversed(index_store.list_versions(output)):
+        tables.INDEX_VERSION.unpublish(storage.join(output, index_store.version_dir(version)))
+    storage.remove(output)
+    desc = inputs.desc
+    factory = conf.factory
+    if factory == "auto":
+        factory = choose_factory(
+            len(desc.image_ids), desc.dim, conf.max_memory, flat_max=conf.flat_max
+        )
+    return _Inputs(desc, inputs.descriptors, None, factory)
 
 
 @dataclass
@@ -582,15 +668,21 @@ class _Build:
 
     conf: IndexConf
     output: str
-    desc: Descriptors
-    parent: dict[str, Any] | None
-    factory: str
+    inputs: _Inputs
     image_ids: np.ndarray
     vectors: np.ndarray
     id_start: int
     version: int
     bounds: np.ndarray
     """Row bounds of the new shards: shard i holds rows ``bounds[i]:bounds[i + 1]``."""
+
+    @property
+    def parent(self) -> dict[str, Any] | None:
+        return self.inputs.parent
+
+    @property
+    def factory(self) -> str:
+        return self.inputs.factory
 
     @property
     def vdir(self) -> str:
@@ -600,12 +692,16 @@ class _Build:
     def uri(self) -> str:
         return storage.join(self.output, self.vdir)
 
+    @property
+    def plan_uri(self) -> str:
+        return storage.join(self.uri, "_build", "plan.json")
+
     def key(self) -> str:
         """Digest of everything a shard's content depends on (the resume check)."""
         return _digest(
-            index_store.FORMAT,
+            tables.INDEX_VERSION.version,
             self.factory,
-            self.desc.dim,
+            self.inputs.desc.dim,
             self.parent and self.parent["version"],
             self.parent and self.parent["trained"]["sha256"],
             self.bounds.tolist(),
@@ -616,8 +712,9 @@ class _Build:
         )
 
 
-def _new_rows(conf: IndexConf, output: str, desc: Descriptors, parent, factory) -> _Build | None:
+def _new_rows(conf: IndexConf, output: str, inputs: _Inputs) -> _Build | None:
     """The rows the latest version lacks, in image_id order; ``None`` when there are none."""
+    desc, parent = inputs.desc, inputs.parent
     if parent is not None:
         known = _existing_ids(output, parent)
         new = np.fromiter((i not in known for i in desc.image_ids), bool, len(desc.image_ids))
@@ -634,9 +731,7 @@ def _new_rows(conf: IndexConf, output: str, desc: Descriptors, parent, factory) 
     return _Build(
         conf=conf,
         output=output,
-        desc=desc,
-        parent=parent,
-        factory=factory,
+        inputs=inputs,
         image_ids=desc.image_ids[order],
         vectors=desc.vectors[order],
         id_start=int(parent["count"]) if parent else 0,
@@ -661,7 +756,7 @@ def _trained(build: _Build, plan: dict[str, Any] | None) -> tuple[faiss.Index, b
         if build.parent is not None:
             raise ValueError(f"{entry['file']} does not match its checksum; rebuild the index")
     trained, size = train_index(
-        build.factory, build.vectors, build.conf.train_size, build.conf.seed
+        build.factory, build.vectors, build.conf.train_size, seed=build.conf.seed
     )
     data = index_store.serialize_index(trained)
     entry = {
@@ -685,7 +780,7 @@ def _search_params(build: _Build, trained: faiss.Index) -> tuple[dict[str, Any],
         nprobe = min(conf.nprobe, nlist)
         return {"nprobe": nprobe}, {"nprobe": nprobe, "reason": "given"}
     nprobe, tuning = tune_nprobe(
-        trained, build.vectors, conf.target_recall, conf.tune_queries, seed=conf.seed
+        trained, build.vectors, conf.target_recall, queries=conf.tune_queries, seed=conf.seed
     )
     parent_nprobe = int((build.parent or {}).get("search_params", {}).get("nprobe", 0))
     if parent_nprobe > nprobe:  # never less recall on the rows indexed before
@@ -694,112 +789,200 @@ def _search_params(build: _Build, trained: faiss.Index) -> tuple[dict[str, Any],
     return {"nprobe": nprobe}, tuning
 
 
-def run(conf: IndexConf) -> str:
-    """Build the next version of the index at ``conf.output``; returns the version's URI.
+@dataclass
+class _Made:
+    """What the build steps made, for the manifest."""
 
-    Returns the latest version unchanged when the descriptors hold nothing new.
+    trained: dict[str, Any]
+    shards: dict[int, dict[str, Any]]
+    """This version's new shards by number."""
+    built: list[int]
+    reused: list[int]
+    resumed: bool
+    search_params: dict[str, Any]
+    tuning: dict[str, Any] | None
+    seconds: dict[str, float]
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], step: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    seconds[step] = time.perf_counter() - started
+
+
+def run(conf: IndexConf) -> str:
+    """Index the descriptors at ``conf.output``; returns the URI of the version that holds them.
+
+    The latest version as it is when it already indexed these descriptors with these settings,
+    or when they hold nothing new; else the next version (v1 of a new index).
     """
     started = time.perf_counter()
-    output = conf.output.rstrip("/")
-    desc, parent, factory = _validate(conf, output)
-    seconds = {"read": time.perf_counter() - started}
+    output = tables.resolve(conf.output)
+    inputs = _validate(conf, output)
+    _log_read(inputs.desc, time.perf_counter() - started)
+    settings = content_settings(inputs.factory, inputs.network)
+    action = _plan(conf, output, inputs, settings)
+    if action == "skip":
+        uri = _latest_uri(output, inputs.parent)
+        logger.info("%s is complete (these descriptors, these settings); skipping", uri)
+        return uri
+    if action == "new" and inputs.parent is not None:
+        inputs = _start_anew(conf, output, inputs)
+        settings = content_settings(inputs.factory, inputs.network)
+    build = _new_rows(conf, output, inputs)
+    if build is None:
+        uri = _latest_uri(output, inputs.parent)
+        logger.info(
+            "nothing new to index: %s holds all %d descriptors", uri, len(inputs.desc.image_ids)
+        )
+        return uri
+    made = _make(build, seconds={"read": time.perf_counter() - started})
+    made.seconds["total"] = time.perf_counter() - started
+    return _publish(build, made, settings)
+
+
+def _log_read(desc: Descriptors, seconds: float) -> None:
     logger.info(
         "read %d descriptors of dim %d from %s (%d rows without a vector left out) in %.1f s",
         len(desc.image_ids),
         desc.dim,
         desc.uri,
         desc.failed,
-        seconds["read"],
+        seconds,
     )
-    build = _new_rows(conf, output, desc, parent, factory)
-    if build is None:
-        assert parent is not None
-        uri = storage.join(output, index_store.version_dir(parent["version"]))
-        logger.info("nothing new to index: %s holds all %d descriptors", uri, len(desc.image_ids))
-        return uri
 
-    key = build.key()
-    plan_uri = storage.join(build.uri, "_build", "plan.json")
-    plan = _read_json(plan_uri)
-    resumed = plan is not None and plan.get("key") == key
+
+def _latest_uri(output: str, parent: dict[str, Any] | None) -> str:
+    assert parent is not None
+    return storage.join(output, index_store.version_dir(int(parent["version"])))
+
+
+def _make(build: _Build, *, seconds: dict[str, float]) -> _Made:
+    """Train (or reuse the trained index), add the shards not finished yet, tune nprobe."""
+    resumed, plan = _resume_plan(build)
+    with _timed(seconds, "train"):
+        trained, trained_bytes, trained_entry = _trained(build, plan if resumed else None)
+    if resumed and trained_entry["sha256"] != plan["trained"]["sha256"]:
+        resumed = False  # trained again: the interrupted build's shards do not belong to it
+    storage.write_text(build.plan_uri, json.dumps({"key": build.key(), "trained": trained_entry}))
+    with _timed(seconds, "add"):
+        shards, todo = _finished_shards(build, resumed)
+        if todo:
+            _add_shards(build, trained_bytes, todo, shards)
+    with _timed(seconds, "tune"):
+        search_params, tuning = _search_params(build, trained)
+    reused = sorted(set(shards) - {number for number, _, _ in todo})
+    return _Made(
+        trained=trained_entry,
+        shards=shards,
+        built=[number for number, _, _ in todo],
+        reused=reused,
+        resumed=resumed,
+        search_params=search_params,
+        tuning=tuning,
+        seconds=seconds,
+    )
+
+
+def _resume_plan(build: _Build) -> tuple[bool, dict[str, Any] | None]:
+    """Whether an interrupted build of these very rows left work to reuse (its plan); the
+    unfinished folder of another build is discarded."""
+    plan = _read_json(build.plan_uri)
+    resumed = plan is not None and plan.get("key") == build.key()
     if not resumed and storage.exists(build.uri):
         logger.info("discarding the unfinished %s of another build", build.uri)
         storage.remove(build.uri)
+    return resumed, plan
 
-    t0 = time.perf_counter()
-    trained, trained_bytes, trained_entry = _trained(build, plan if resumed else None)
-    seconds["train"] = time.perf_counter() - t0
-    if resumed and trained_entry["sha256"] != plan["trained"]["sha256"]:
-        resumed = False  # trained again: the interrupted build's shards do not belong to it
-    storage.write_text(plan_uri, json.dumps({"key": key, "trained": trained_entry}))
 
-    t0 = time.perf_counter()
+def _finished_shards(
+    build: _Build, resumed: bool
+) -> tuple[dict[int, dict[str, Any]], list[tuple[int, int, int]]]:
+    """The shards an interrupted build finished (their entries by number), and the
+    ``(number, first row, end row)`` still to build."""
     entries: dict[int, dict[str, Any]] = {}
     todo = []
     for number in range(len(build.bounds) - 1):
         a, b = int(build.bounds[number]), int(build.bounds[number + 1])
-        receipt = _read_json(_receipt_uri(output, build.version, number)) if resumed else None
-        if _reusable(output, receipt, b - a, build.id_start + a):
+        receipt = _read_json(_receipt_uri(build.output, build.version, number)) if resumed else None
+        if _reusable(build.output, receipt, count=b - a, id_start=build.id_start + a):
             entries[number] = receipt
         else:
             todo.append((number, a, b))
-    reused = sorted(entries)
-    if reused:
-        logger.info("reusing %d shard(s) the interrupted build finished: %s", len(reused), reused)
-    if todo:
-        _add_shards(build, trained_bytes, todo, entries)
-    seconds["add"] = time.perf_counter() - t0
+    if entries:
+        found = sorted(entries)
+        logger.info("reusing %d shard(s) the interrupted build finished: %s", len(found), found)
+    return entries, todo
 
-    t0 = time.perf_counter()
-    search_params, tuning = _search_params(build, trained)
-    seconds["tune"] = time.perf_counter() - t0
 
-    all_shards = [*(parent["shards"] if parent else []), *(entries[i] for i in sorted(entries))]
+def _details(build: _Build, made: _Made) -> dict[str, Any]:
+    """The version's manifest details: what readers of the index need, and how it was built."""
+    parent, desc = build.parent, build.inputs.desc
+    all_shards = [
+        *(parent["shards"] if parent else []),
+        *(made.shards[i] for i in sorted(made.shards)),
+    ]
     total = build.id_start + len(build.image_ids)
-    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    seconds["total"] = time.perf_counter() - started
-    manifest = {
-        "format": index_store.FORMAT,
+    descriptors = {
+        "uri": desc.uri,
+        "identity": build.inputs.descriptors.identity,
+        "count": len(desc.image_ids),
+        "failed": desc.failed,
+    }
+    return {
         "version": build.version,
         "parent": parent["version"] if parent else None,
-        "created": created,
         "dim": desc.dim,
         "metric": index_store.METRIC,
-        "factory": factory,
-        "factory_requested": conf.factory,
+        "factory": build.factory,
+        "factory_requested": build.conf.factory,
         "count": total,
         "added": len(build.image_ids),
-        "search_params": search_params,
-        "tuning": tuning,
-        "estimated_bytes": estimate_index_bytes(factory, total, desc.dim),
+        "search_params": made.search_params,
+        "tuning": made.tuning,
+        "estimated_bytes": estimate_index_bytes(build.factory, total, desc.dim),
         "stored_bytes": sum(int(s["bytes"]) for s in all_shards),
-        "trained": trained_entry,
+        "trained": made.trained,
         "shards": all_shards,
         "network": desc.manifest.get("network"),
         "settings": desc.manifest.get("settings", {}),
-        "descriptors": {"uri": desc.uri, "count": len(desc.image_ids), "failed": desc.failed},
-        "history": [
-            *((parent or {}).get("history") or []),
-            {
-                "version": build.version,
-                "descriptors": desc.uri,
-                "added": len(build.image_ids),
-                "created": created,
-            },
-        ],
+        "descriptors": descriptors,
+        "history": [*((parent or {}).get("history") or []), _history_entry(build, descriptors)],
         "build": {
-            "seconds": {name: round(value, 3) for name, value in seconds.items()},
-            "shards_built": [number for number, _, _ in todo],
-            "shards_reused": reused,
-            "resumed": resumed,
-            "cpus_per_shard": conf.cpus_per_shard,
+            "seconds": {name: round(value, 3) for name, value in made.seconds.items()},
+            "shards_built": made.built,
+            "shards_reused": made.reused,
+            "resumed": made.resumed,
+            "cpus_per_shard": build.conf.cpus_per_shard,
         },
-        "config": asdict(conf),
+        "config": asdict(build.conf),
     }
-    manifest_uri = storage.join(build.uri, index_store.MANIFEST)
-    if storage.exists(manifest_uri):
+
+
+def _history_entry(build: _Build, descriptors: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "version": build.version,
+        "descriptors": descriptors["uri"],
+        "identity": descriptors["identity"],
+        "added": len(build.image_ids),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _publish(build: _Build, made: _Made, settings: dict[str, Any]) -> str:
+    """Write the version's manifest last (from then on it exists); returns the version's URI."""
+    if storage.is_file(tables.INDEX_VERSION.manifest_uri(build.uri)):
         raise FileExistsError(f"{build.uri} was published by another build meanwhile")
-    storage.write_text(manifest_uri, json.dumps(manifest, indent=2))  # the version exists now
+    details = _details(build, made)
+    tables.INDEX_VERSION.publish(
+        build.uri,
+        inputs={"descriptors": build.inputs.descriptors},
+        settings=settings,
+        details=details,
+        files={},
+        rows={},
+    )
     try:
         storage.remove(storage.join(build.uri, "_build"))
     except OSError as err:  # bookkeeping only; readers ignore it
@@ -807,14 +990,14 @@ def run(conf: IndexConf) -> str:
     logger.info(
         "index %s: %s, %d shards (%d built, %d reused), %d vectors (+%d), %s, %.1f s",
         build.uri,
-        factory,
-        len(all_shards),
-        len(todo),
-        len(reused),
-        total,
-        len(build.image_ids),
-        f"nprobe {search_params['nprobe']}" if search_params else "exact search",
-        seconds["total"],
+        build.factory,
+        len(details["shards"]),
+        len(made.built),
+        len(made.reused),
+        details["count"],
+        details["added"],
+        f"nprobe {made.search_params['nprobe']}" if made.search_params else "exact search",
+        made.seconds["total"],
     )
     return build.uri
 
@@ -836,11 +1019,11 @@ def _add_shards(
             trained_ref,
             ray.put(np.ascontiguousarray(build.vectors[a:b])),
             build.image_ids[a:b].astype(str).tolist(),
-            build.id_start + a,
-            build.output,
-            build.version,
-            number,
-            max(1, int(cpus)),
+            id_start=build.id_start + a,
+            output=build.output,
+            version=build.version,
+            number=number,
+            threads=max(1, int(cpus)),
         )
         pending[ref] = number
     total = len(entries) + len(todo)

@@ -10,7 +10,9 @@ Serves the newest complete version of ``INDEX`` (a folder or ``s3://`` prefix wr
   ``--replicas`` replicas each, on CPU FAISS or, with ``--gpus-per-shard``, GPU FAISS;
 - ``SearchRouter``: batches queries (``@serve.batch``), fans them out, merges, αQE, and owns
   the served version (``POST /reload``);
-- ``Embedder``: photo bytes → a descriptor with the index's own network and settings;
+- ``Embedder``: photo bytes → a descriptor with the index's own network and settings (a
+  network whose identity is not the one the descriptors recorded is refused before anything
+  starts);
 - ``SearchApp`` (``cluster.app``): the FastAPI ingress, the search page and ``/docs``.
 
 Everything that decides scale is configuration, here or in a Serve config file:
@@ -24,13 +26,21 @@ itself.) On a cluster:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, fields
 from typing import Any
 
+import ray
+import yaml
+from ray import serve
+
 from cluster import index_store
-from model import storage
+from cluster.app import SearchApp
+from cluster.embedder import Embedder, network_problem
+from cluster.router import IndexShard, SearchRouter
+from model import storage, tables
 from model.cli import run_cli
 
 __all__ = ["APP_NAME", "ServeConf", "app_builder", "build_app", "run"]
@@ -86,6 +96,15 @@ class ServeConf:
 
 def _check(conf: ServeConf) -> dict[str, Any]:
     """Every problem with the settings and the index at once; returns the manifest served."""
+    problems = _flag_problems(conf)
+    manifest, index_problems = _index_problems(conf)
+    problems += index_problems
+    if problems:
+        raise ValueError("\n".join(problems))
+    return manifest
+
+
+def _flag_problems(conf: ServeConf) -> list[str]:
     problems = []
     for name in ("replicas", "embedder_replicas", "ingress_replicas", "max_ongoing_requests"):
         if getattr(conf, name) < 1:
@@ -100,20 +119,23 @@ def _check(conf: ServeConf) -> dict[str, Any]:
         problems.append("--watch-s must be 0 (off) or a positive number of seconds")
     if not 0 < conf.port < 65536:
         problems.append(f"--port {conf.port} is not a port")
+    return problems
+
+
+def _index_problems(conf: ServeConf) -> tuple[dict[str, Any], list[str]]:
+    """The manifest of the version served first, and why it cannot be served: none there, or
+    a network that is gone or not the one its descriptors were made with."""
     bucket = storage.bucket_problem(conf.index)
     if bucket:
-        problems.append(f"--index: {bucket}")
-    manifest: dict[str, Any] = {}
-    if not bucket:
-        try:
-            manifest = index_store.read_manifest(conf.index, conf.version)
-        except (FileNotFoundError, ValueError) as err:
-            problems.append(f"--index: {err}")
-    if manifest and not manifest.get("network"):
-        problems.append(f"--index: {conf.index} names no network, so photos cannot be described")
-    if problems:
-        raise ValueError("\n".join(problems))
-    return manifest
+        return {}, [f"--index: {bucket}"]
+    try:
+        manifest = index_store.read_manifest(conf.index, conf.version)
+    except (FileNotFoundError, ValueError) as err:
+        return {}, [f"--index: {err}"]
+    if not manifest.get("network"):
+        return manifest, [f"--index: {conf.index} names no network, so photos cannot be described"]
+    problem = network_problem(manifest["network"], manifest.get("settings", {}))
+    return manifest, [f"--index: {problem}"] if problem else []
 
 
 def deployment_options(conf: ServeConf, slots: int) -> dict[str, dict[str, Any]]:
@@ -150,12 +172,15 @@ def _slots(conf: ServeConf, manifest: dict[str, Any]) -> int:
     return conf.slots or max(1, len(manifest["shards"]))
 
 
+def _resolved(conf: ServeConf) -> ServeConf:
+    """``conf`` with the index where it lies (a relative path means the same to every replica,
+    whatever its working directory)."""
+    return dataclasses.replace(conf, index=tables.resolve(conf.index))
+
+
 def build_app(conf: ServeConf) -> Any:
     """The bound Serve application, for ``serve.run``."""
-    from cluster.app import SearchApp
-    from cluster.embedder import Embedder
-    from cluster.router import IndexShard, SearchRouter
-
+    conf = _resolved(conf)
     manifest = _check(conf)
     version = int(manifest["version"])
     slots = _slots(conf, manifest)
@@ -193,6 +218,7 @@ def serve_config(conf: ServeConf) -> dict[str, Any]:
     """A Serve config file's contents (``serve deploy`` / ``serve run`` it): the builder
     ``pipeline.serve:app_builder`` with these settings as ``args``, and every deployment's
     options spelled out for editing."""
+    conf = _resolved(conf)
     manifest = _check(conf)
     defaults = ServeConf(index=conf.index)
     args = {
@@ -233,12 +259,7 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 def run(conf: ServeConf) -> str:
     """Start (or update) the app; returns its URL. Blocks until interrupted unless detached."""
-    import ray
-    from ray import serve
-
     if conf.write_config:
-        import yaml
-
         text = yaml.safe_dump(serve_config(conf), sort_keys=False)
         storage.write_text(conf.write_config, text)
         logger.info("wrote %s: serve deploy %s", conf.write_config, conf.write_config)

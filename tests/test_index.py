@@ -10,11 +10,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from cluster import index_store
-from model import storage
+from model import storage, tables
 from model.descriptors import read_descriptors, write_descriptors
 from pipeline import index as stage
 from pipeline.index import IndexConf, choose_factory, run
@@ -116,26 +115,28 @@ def test_size_estimate_matches_faiss(tied: np.ndarray) -> None:
 # --- Bad input --------------------------------------------------------------------------------
 
 
-def _part(path: Path, ids: list[str], vectors: np.ndarray) -> None:
+def _part(folder: Path, name: str, ids: list[str], vectors: np.ndarray, errors=None) -> None:
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
-    pq.write_table(pa.table({"image_id": ids, "vector": column}), path)
+    errors = pa.array(errors or [None] * len(ids), type=pa.string())
+    table = pa.table({"image_id": ids, "vector": column, "error": errors})
+    tables.DESCRIPTORS.write(str(folder), table, part=name)
 
 
-def _manifest(folder: Path, dim: int, count: int, network=NETWORK) -> None:
-    manifest = {"dim": dim, "count": count, "network": network, "settings": {}, "files": []}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    (folder / "_SUCCESS").write_text("")
+def _publish(folder: Path, dim: int, count: int, network=NETWORK) -> None:
+    details = {"dim": dim, "count": count, "network": network, "settings": {}, "failed": []}
+    tables.DESCRIPTORS_OUTPUT.publish(
+        str(folder), inputs={"network": json.dumps(network)}, details=details
+    )
 
 
 def test_every_problem_reported_at_once(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     desc = tmp_path / "desc"
-    desc.mkdir()
     a = _unit(rng, 5, 16)
     a[2, 3] = np.nan
-    _part(desc / "a.parquet", ["x0", "x1", "x2", "x3", "x4"], a)
-    _part(desc / "b.parquet", ["x4", "y1"], _unit(rng, 2, 8))
-    _manifest(desc, 16, 7)
+    _part(desc, "a", ["x0", "x1", "x2", "x3", "x4"], a)
+    _part(desc, "b", ["x4", "y1"], _unit(rng, 2, 16))
+    _publish(desc, 16, 6)
     conf = IndexConf(descriptors=str(desc), output=str(tmp_path / "idx"), factory="IVFxx,Flat")
     with pytest.raises(ValueError) as caught:
         run(conf)
@@ -143,7 +144,7 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
     assert "4 problems" in text
     assert "non-finite values (NaN or inf), e.g. 'x2'" in text
     assert "appear more than once in the descriptors, e.g. 'x4'" in text
-    assert "mixed dimensions: the manifest says 16, the parts hold 8 in 'b.parquet'" in text
+    assert "the descriptors manifest counts 6 vectors but the part files hold 7" in text
     assert "FAISS rejects factory 'IVFxx,Flat' for dimension 16: could not parse" in text
     assert not (tmp_path / "idx").exists()  # nothing written before validation passed
 
@@ -155,13 +156,12 @@ def test_every_problem_reported_at_once(tmp_path: Path) -> None:
 
 def test_incomplete_or_missing_descriptors(tmp_path: Path) -> None:
     desc = tmp_path / "desc"
-    desc.mkdir()
-    _part(desc / "a.parquet", ["x0"], _unit(np.random.default_rng(0), 1, 8))
-    with pytest.raises(ValueError, match=r"incomplete \(no manifest.json or _SUCCESS\)"):
+    _part(desc, "a", ["x0"], _unit(np.random.default_rng(0), 1, 8))
+    with pytest.raises(ValueError, match=r"not a complete extract output \(no manifest.json\)"):
         run(IndexConf(descriptors=str(desc), output=str(tmp_path / "idx")))
-    with pytest.raises(ValueError, match=r"no descriptors at .*nowhere"):
+    with pytest.raises(ValueError, match=r"no extract output at .*nowhere"):
         run(IndexConf(descriptors=str(tmp_path / "nowhere"), output=str(tmp_path / "idx")))
-    _manifest(desc, 8, 1)
+    _publish(desc, 8, 1)
     with pytest.raises(ValueError, match="needs at least 64 vectors to train"):
         run(IndexConf(descriptors=str(desc), output=str(tmp_path / "idx"), factory="IVF64,Flat"))
 
@@ -185,7 +185,7 @@ def test_cli_reports_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "no descriptors at /nonexistent" in lines[0]
+    assert "no extract output at /nonexistent" in lines[0]
     assert "Traceback" not in result.stderr
 
 
@@ -194,17 +194,15 @@ def test_reads_the_extract_format(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     x = _unit(rng, 3, 8)
     desc = tmp_path / "desc"
-    desc.mkdir()
     mask = pa.array([False, True, False])
     fixed = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 8, mask=mask)
     errors = pa.array([None, "not an image", None], type=pa.string())
-    pq.write_table(
-        pa.table({"image_id": ["a", "b", "c"], "vector": fixed, "error": errors}),
-        desc / "p0.parquet",
-    )
+    first = pa.table({"image_id": ["a", "b", "c"], "vector": fixed, "error": errors})
+    tables.DESCRIPTORS.write(str(desc), first, part="p0")
     listed = pa.array([list(map(float, v)) for v in _unit(rng, 2, 8)], type=pa.list_(pa.float32()))
-    pq.write_table(pa.table({"image_id": ["d", "e"], "vector": listed}), desc / "p1.parquet")
-    _manifest(desc, 8, 4)
+    second = pa.table({"image_id": ["d", "e"], "vector": listed, "error": pa.nulls(2, pa.string())})
+    tables.DESCRIPTORS.write(str(desc), second, part="p1")
+    _publish(desc, 8, 4)
     read = read_descriptors(str(desc))
     assert read.image_ids.tolist() == ["a", "c", "d", "e"] and read.failed == 1
     np.testing.assert_array_equal(read.vectors[:2], x[[0, 2]])
@@ -318,6 +316,55 @@ def test_new_descriptors_make_the_next_version(ray_session, tied, tmp_path: Path
     )
     with pytest.raises(ValueError, match=r"mixed dimensions: the descriptors have 8.*has 24"):
         run(IndexConf(descriptors=short, output=out))
+
+
+def test_another_factory_stops_unless_overwrite_starts_anew(ray_session, tied, tmp_path) -> None:
+    out = str(tmp_path / "idx")
+    d1 = write_descriptors(str(tmp_path / "d1"), _ids(0, 900), tied[:900], network=NETWORK)
+    run(IndexConf(descriptors=d1, output=out, shards=2))
+    first = index_store.read_manifest(out)
+    d2 = write_descriptors(str(tmp_path / "d2"), _ids(0, 1200), tied, network=NETWORK)
+    with pytest.raises(ValueError) as caught:
+        run(IndexConf(descriptors=d2, output=out, factory="IVF8,Flat"))
+    text = str(caught.value)
+    assert len(text.splitlines()) == 1, text
+    assert 'factory: "Flat" → "IVF8,Flat"' in text and "--overwrite" in text
+    assert index_store.list_versions(out) == [1]  # nothing written
+    assert index_store.read_manifest(out)["identity"] == first["identity"]
+
+    # The same factory spelled out is no change: the new rows make v2.
+    assert run(IndexConf(descriptors=d2, output=out, factory="Flat")).endswith("v2")
+
+    replaced = run(IndexConf(descriptors=d2, output=out, factory="IVF8,Flat", overwrite=True))
+    assert replaced == f"{out}/v1" and index_store.list_versions(out) == [1]
+    v1 = index_store.read_manifest(out)
+    assert v1["factory"] == "IVF8,Flat" and v1["count"] == 1200 and v1["parent"] is None
+    assert [h["version"] for h in v1["history"]] == [1]
+    result = index_store.search(out, tied[:16], 1, search_params={"nprobe": 8})
+    assert result.ids[:, 0].tolist() == _exact(tied, tied[:16], 1)[1][:, 0].tolist()
+
+    # Unchanged descriptors and settings: nothing to do, with or without --overwrite.
+    manifest = tmp_path / "idx" / "v1" / "manifest.json"
+    written = manifest.stat().st_mtime_ns
+    for overwrite in (False, True):
+        again = IndexConf(descriptors=d2, output=out, factory="IVF8,Flat", overwrite=overwrite)
+        assert run(again) == f"{out}/v1"
+    assert manifest.stat().st_mtime_ns == written and index_store.list_versions(out) == [1]
+
+
+def test_another_network_says_what_to_do(ray_session, tied, tmp_path) -> None:
+    out = str(tmp_path / "idx")
+    d1 = write_descriptors(str(tmp_path / "d1"), _ids(0, 100), tied[:100], network=NETWORK)
+    run(IndexConf(descriptors=d1, output=out, shards=1))
+    other = {**NETWORK, "identity": "another"}
+    d2 = write_descriptors(str(tmp_path / "d2"), _ids(0, 100), tied[:100], network=other)
+    with pytest.raises(ValueError) as caught:
+        run(IndexConf(descriptors=d2, output=out))
+    text = str(caught.value)
+    assert len(text.splitlines()) == 1, text
+    assert "mixed networks" in text and "another" in text and "--overwrite" in text
+    assert run(IndexConf(descriptors=d2, output=out, overwrite=True)) == f"{out}/v1"
+    assert index_store.read_manifest(out)["network"]["identity"] == "another"
 
 
 def test_ivf_versions_share_the_trained_quantizer(ray_session, monkeypatch, tmp_path) -> None:

@@ -4,7 +4,9 @@ copies so that ties are real); ``test_serve_real.py`` queries it with real photo
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import signal
 import threading
 import time
@@ -14,6 +16,7 @@ import faiss
 import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from cluster import index_store
 from cluster.client import SearchClient, SearchError
@@ -21,8 +24,12 @@ from cluster.router import merge_slots
 from cluster.shards import ShardSet, slot_shards
 from model.descriptors import write_descriptors
 from model.retrieval import alpha_qe
+from pipeline.extract import ExtractConf
+from pipeline.extract import run as extract
 from pipeline.index import IndexConf
 from pipeline.index import run as build_index
+from pipeline.ingest import IngestConf
+from pipeline.ingest import run as ingest
 from pipeline.serve import APP_NAME, ServeConf, build_app
 
 # The ImageNet Lite0 the embedder builds; these vectors never came from it, so only vector
@@ -411,6 +418,23 @@ def test_the_command_reports_every_problem_in_one_line_each(tmp_path):
     assert any("no complete index version" in e for e in errors)
 
 
+def test_a_network_other_than_the_descriptors_is_refused(ray_session, vectors, tmp_path):
+    same = {**NETWORK, "identity": "imagenet/efficientnet_lite0/gem/p3"}
+    desc = write_descriptors(str(tmp_path / "d"), _ids(0, 50), vectors[:50], network=same)
+    build_index(IndexConf(descriptors=desc, output=str(tmp_path / "idx"), shards=1))
+    build_app(ServeConf(index=str(tmp_path / "idx")))  # the packaged network it names: served
+
+    other = {**NETWORK, "identity": "a-checkpoint-since-replaced"}
+    desc = write_descriptors(str(tmp_path / "d2"), _ids(0, 50), vectors[:50], network=other)
+    build_index(IndexConf(descriptors=desc, output=str(tmp_path / "idx2"), shards=1))
+    with pytest.raises(ValueError) as caught:
+        build_app(ServeConf(index=str(tmp_path / "idx2")))
+    text = str(caught.value)
+    assert len(text.splitlines()) == 1, text
+    assert "not the one the index's descriptors were made with" in text
+    assert "a-checkpoint-since-replaced" in text
+
+
 def test_watching_serves_a_new_version_by_itself(service, vectors):
     from ray import serve
 
@@ -428,3 +452,48 @@ def test_watching_serves_a_new_version_by_itself(service, vectors):
         time.sleep(0.5)
     answer = client.search_vector(more[0], k=1)
     assert answer.image_ids == [f"img-{len(vectors):06d}"] and answer.version == before + 1
+
+
+# --- A run folder moved -----------------------------------------------------------------------
+
+
+def _photos(folder: Path, count: int) -> None:
+    """``count`` small JPEGs of noise (each its own photo) under one scene folder."""
+    rng = np.random.default_rng(0)
+    scene = folder / "scene"
+    scene.mkdir(parents=True)
+    for i in range(count):
+        pixels = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(scene / f"photo-{i}.jpg", quality=90)
+
+
+def test_a_moved_run_folder_still_serves_its_photos(serve_url, tmp_path, monkeypatch):
+    """ingest → extract → index into a run folder named relative to one working directory;
+    the folder moved whole and served, by a relative path, from another: the photos' thumbnails
+    still come back (the manifests store resolved paths and find their inputs beside them)."""
+    from ray import serve
+
+    _photos(tmp_path / "photos", 3)
+    (tmp_path / "first").mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    ingest(IngestConf(source=str(tmp_path / "photos"), output="run"))
+    extract(ExtractConf(images="run", output="run/descriptors", max_size=64))
+    build_index(IndexConf(descriptors="run/descriptors", output="run/index", shards=1))
+    (tmp_path / "moved").mkdir()
+    shutil.move(tmp_path / "first" / "run", tmp_path / "moved" / "run")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+
+    app = build_app(ServeConf(index="../moved/run/index"))
+    serve.run(app, name="moved", route_prefix="/moved")
+    try:
+        client = SearchClient(f"{serve_url}/moved", retries=8)
+        assert client.health()["photos"] == 3
+        photo = (tmp_path / "photos" / "scene" / "photo-1.jpg").read_bytes()
+        answer = client.search(photo, k=3)
+        first = answer.results[0]
+        assert first.score > 0.999 and first.uri and first.uri.endswith("photo-1.jpg")
+        with Image.open(io.BytesIO(client.image(first.image_id))) as thumb:
+            assert thumb.format == "JPEG" and thumb.size == (64, 48)
+    finally:
+        serve.delete("moved")

@@ -14,11 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
 from cluster.client import SearchClient
-from pipeline.ingest import read_images
+from model.tables import IMAGES
 from pipeline.serve import APP_NAME, ServeConf, build_app
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,9 @@ def real_service(serve_url: str, real_run: str):
 
 def test_every_photo_as_an_http_query_finds_its_scene(real_service) -> None:
     client, run = real_service
-    rows = read_images(f"{run}/images.parquet", ["image_id", "uri", "scene"], ok_only=True)
+    rows = IMAGES.read(
+        f"{run}/images.parquet", ["image_id", "uri", "scene"], filter=pc.field("error").is_null()
+    )
     photos = list(zip(*(rows[c].to_pylist() for c in ("image_id", "uri", "scene")), strict=True))
     scene = {image_id: s for image_id, _, s in photos}
 
@@ -70,7 +73,11 @@ def test_every_photo_as_an_http_query_finds_its_scene(real_service) -> None:
 
 def test_thumbnails_are_small_upright_jpegs(real_service) -> None:
     client, run = real_service
-    rows = read_images(f"{run}/images.parquet", ["image_id", "width", "height"], ok_only=True)
+    rows = IMAGES.read(
+        f"{run}/images.parquet",
+        ["image_id", "width", "height"],
+        filter=pc.field("error").is_null(),
+    )
     image_id, width, height = (rows[c][0].as_py() for c in ("image_id", "width", "height"))
     with Image.open(io.BytesIO(client.image(image_id))) as thumb:
         assert thumb.format == "JPEG" and max(thumb.size) <= 256
