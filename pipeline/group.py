@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pprint
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from model import tables
-from model.cli import location_problems, run_cli
+from model.cli import location_problems, log_settings, run_cli
 from model.clustering import (
     DEFAULT_K,
     DEFAULT_THRESHOLD,
@@ -353,7 +352,7 @@ def _log(details: dict[str, Any]) -> None:
 def run(conf: GroupConf) -> str:
     """Group the photos of ``conf.images``; returns the output folder."""
     _check(conf)
-    logger.info("group:\n%s", pprint.pformat(asdict(conf)))
+    log_settings(logger, "group", conf)
     out = tables.resolve(conf.output)
     images, descriptors = _upstream(conf)
     inputs = {"images": images, "descriptors": descriptors}

@@ -59,7 +59,7 @@ import numpy as np
 
 from cluster import index_store
 from model import storage, tables
-from model.cli import run_cli
+from model.cli import log_settings, run_cli
 from model.descriptors import Descriptors, problem_text, read_descriptors_checked
 
 __all__ = [
@@ -818,6 +818,7 @@ def run(conf: IndexConf) -> str:
     or when they hold nothing new; else the next version (v1 of a new index).
     """
     started = time.perf_counter()
+    log_settings(logger, "index", conf)
     output = tables.resolve(conf.output)
     inputs = _validate(conf, output)
     _log_read(inputs.desc, time.perf_counter() - started)

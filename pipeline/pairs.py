@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import logging
 import pickle
-import pprint
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from model import storage, tables
-from model.cli import location_problems, run_cli
+from model.cli import location_problems, log_settings, run_cli
 
 __all__ = [
     "PairsConf",
@@ -129,7 +128,7 @@ def content_settings(conf: PairsConf) -> dict[str, Any]:
 def run(conf: PairsConf) -> str:
     """Mine the pairs of ``conf.sfm``; returns the output folder."""
     _check(conf)
-    logger.info("pairs:\n%s", pprint.pformat(asdict(conf)))
+    log_settings(logger, "pairs", conf)
     out = tables.resolve(conf.output)
     try:
         sfm = tables.SFM_OUTPUT.manifest(conf.sfm)

@@ -41,7 +41,7 @@ from cluster.app import SearchApp
 from cluster.embedder import Embedder, network_problem
 from cluster.router import IndexShard, SearchRouter
 from model import storage, tables
-from model.cli import run_cli
+from model.cli import log_settings, run_cli
 
 __all__ = ["APP_NAME", "ServeConf", "app_builder", "build_app", "run"]
 
@@ -259,6 +259,7 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 def run(conf: ServeConf) -> str:
     """Start (or update) the app; returns its URL. Blocks until interrupted unless detached."""
+    log_settings(logger, "serve", conf)
     if conf.write_config:
         text = yaml.safe_dump(serve_config(conf), sort_keys=False)
         storage.write_text(conf.write_config, text)

@@ -23,12 +23,11 @@ on its own network's descriptors.
 from __future__ import annotations
 
 import logging
-import pprint
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from model import checkpoint, tables
-from model.cli import location_problems, run_cli
+from model.cli import location_problems, log_settings, run_cli
 from model.describer import conf_for_network, load_extract_network
 from model.descriptors import Descriptors, read_descriptors
 from model.whitening_fit import pool_clusters, read_whitening_pairs, whitening_from_pairs
@@ -126,7 +125,7 @@ def _plain_network(conf: WhitenConf, descriptors: Descriptors) -> Any:
 def run(conf: WhitenConf) -> str:
     """Learn Lw and write the whitened checkpoint; returns its folder."""
     _check(conf)
-    logger.info("whiten:\n%s", pprint.pformat(asdict(conf)))
+    log_settings(logger, "whiten", conf)
     out = tables.resolve(conf.output)
     descriptors_output, pairs_output = _upstream(conf)
     inputs = {"descriptors": descriptors_output, "pairs": pairs_output}

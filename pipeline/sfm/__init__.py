@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pprint
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -58,7 +57,7 @@ from tqdm import tqdm
 
 from cluster.catalog import ImageCatalog, read_photo_bytes
 from model import storage, tables
-from model.cli import location_problems
+from model.cli import location_problems, log_settings
 from model.descriptors import read_descriptors
 from pipeline.sfm.reconstruct import ReconstructOptions, reconstruct_group
 
@@ -287,7 +286,7 @@ def _plan_groups(
 def run(conf: SfmConf) -> str:
     """Reconstruct every group; returns the output folder."""
     _check(conf)
-    logger.info("sfm:\n%s", pprint.pformat(asdict(conf)))
+    log_settings(logger, "sfm", conf)
     out = tables.resolve(conf.output)
     groups, images = _upstream(conf)
     inputs = {"groups": groups, "images": images}
