@@ -24,6 +24,8 @@ import boto3
 import pytest
 
 from cluster.client import SearchClient
+from cluster.index_store import read_manifest
+from model.tables import PAIRS, SFM_OUTPUT
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -64,16 +66,25 @@ def ray_head(s3_server: str, tmp_path_factory) -> Iterator[tuple[str, dict[str, 
     temp_dir = tmp_path_factory.mktemp("ray-head")
     head = subprocess.Popen(
         [
-            f"{bin_dir}/ray", "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", *own_ports,
+            f"{bin_dir}/ray",
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--temp-dir={temp_dir}",
+            *own_ports,
         ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )  # fmt: skip
+    )
     address = f"http://127.0.0.1:{dashboard}"
     request = urllib.request.Request(
         f"{address}/api/version", headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
@@ -102,11 +113,20 @@ def _submit(address: str, env: dict[str, str], *command: str) -> str:
     """Submit ``python -m <command>`` and wait for it; the head's job agent may still be
     starting just after the head answers, so that one refusal is retried (bounded)."""
     args = [
-        f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", address,
-        "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "outputs", "data"]}),
-        "--", "python", "-m", *command,
-    ]  # fmt: skip
+        f"{Path(sys.executable).parent}/ray",
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"excludes": [".venv", ".git", "outputs", "data"]}),
+        "--",
+        "python",
+        "-m",
+        *command,
+    ]
     deadline = time.monotonic() + 120
     while True:
         done = subprocess.run(
@@ -129,29 +149,77 @@ def test_ingest_extract_index_as_jobs(ray_head, s3_bucket: str, tiny_collection:
     for path in photos:
         s3.upload_file(str(path), s3_bucket, f"photos/{path.parent.name}/{path.name}")
     run = f"s3://{s3_bucket}/run"
-    _submit(address, env, "pipeline.ingest", "--source", f"s3://{s3_bucket}/photos",
-            "--output", run)  # fmt: skip
-    _submit(address, env, "pipeline.extract", "--images", f"{run}/images.parquet",
-            "--output", f"{run}/descriptors", "--max-size", "128")  # fmt: skip
-    _submit(address, env, "pipeline.index", "--descriptors", f"{run}/descriptors",
-            "--output", f"{run}/index", "--shards", "2")  # fmt: skip
-    body = s3.get_object(Bucket=s3_bucket, Key="run/index/v1/manifest.json")["Body"].read()
-    manifest = json.loads(body)
+    _submit(
+        address, env, "pipeline.ingest", "--source", f"s3://{s3_bucket}/photos", "--output", run
+    )
+    images = f"{run}/images.parquet"
+    descriptors = f"{run}/descriptors"
+    _submit(
+        address,
+        env,
+        "pipeline.extract",
+        "--images",
+        images,
+        "--output",
+        descriptors,
+        "--max-size",
+        "128",
+    )
+    _submit(
+        address,
+        env,
+        "pipeline.index",
+        "--descriptors",
+        descriptors,
+        "--output",
+        f"{run}/index",
+        "--shards",
+        "2",
+    )
+    manifest = read_manifest(f"{run}/index")
     assert sum(shard["count"] for shard in manifest["shards"]) == len(photos)
-    assert len(manifest["shards"]) == 2
+    assert manifest["version"] == 1 and len(manifest["shards"]) == 2
     # Training labels as jobs: the photos' folder is their scene, one group reconstructed.
-    _submit(address, env, "pipeline.group", "--images", f"{run}/images.parquet",
-            "--descriptors", f"{run}/descriptors", "--output", f"{run}/groups")  # fmt: skip
-    _submit(address, env, "pipeline.sfm", "--images", f"{run}/images.parquet",
-            "--groups", f"{run}/groups", "--output", f"{run}/sfm")  # fmt: skip
+    _submit(
+        address,
+        env,
+        "pipeline.group",
+        "--images",
+        images,
+        "--descriptors",
+        descriptors,
+        "--output",
+        f"{run}/groups",
+    )
+    _submit(
+        address,
+        env,
+        "pipeline.sfm",
+        "--images",
+        images,
+        "--groups",
+        f"{run}/groups",
+        "--output",
+        f"{run}/sfm",
+    )
     _submit(address, env, "pipeline.pairs", "--sfm", f"{run}/sfm", "--output", f"{run}/pairs")
-    summary = json.loads(s3.get_object(Bucket=s3_bucket, Key="run/sfm/_SUCCESS")["Body"].read())
+    summary = SFM_OUTPUT.manifest(f"{run}/sfm").details
     assert summary["groups"]["ok"] == 1 and summary["registered"] >= 6
-    assert s3.head_object(Bucket=s3_bucket, Key="run/pairs/pairs.parquet")["ContentLength"] > 0
+    assert PAIRS.read(f"{run}/pairs").num_rows > 0
     # The service as a job: it returns once the app is up (--detach) and goes on serving.
     port = _free_port()
-    _submit(address, env, "pipeline.serve", "--index", f"{run}/index", "--detach",
-            "--host", "127.0.0.1", "--port", str(port))  # fmt: skip
+    _submit(
+        address,
+        env,
+        "pipeline.serve",
+        "--index",
+        f"{run}/index",
+        "--detach",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    )
     client = SearchClient(f"http://127.0.0.1:{port}", retries=10, backoff=0.5)
     health = client.health()
     assert (health["version"], health["count"], health["slots"]) == (1, len(photos), 2)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from model import tables
 from model.datasets.sets import RetrievalSet
 from model.storage import read_bytes
 
@@ -151,12 +152,10 @@ def _box(bbx: Sequence[float] | None) -> tuple[float, float, float, float] | Non
 
 
 def _landmark_labels(base: Path, imlist: Sequence[str]) -> np.ndarray | None:
-    """Landmark per database image from the built-in collection's ``cameras.parquet``, if any."""
-    table_path = base / "cameras.parquet"
-    if not table_path.is_file():
+    """Landmark per database image when ``base`` is a built-in collection (its cameras)."""
+    manifest = tables.LANDMARKS_OUTPUT.existing(str(base))
+    if manifest is None:
         return None
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(table_path, columns=["name", "landmark"]).to_pydict()
+    table = tables.CAMERAS.read_from(manifest, ["name", "landmark"]).to_pydict()
     by_name = dict(zip(table["name"], table["landmark"], strict=True))
     return np.asarray([by_name.get(n, -1) for n in imlist], dtype=np.int64)
