@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import pickle
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +18,28 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from cluster.index_store import read_manifest, search
+from cluster.mining import MiningIndex
 from model import checkpoint, storage, tables
 from model.datasets.landmarks import load_cameras
-from model.descriptors import write_descriptors
+from model.descriptors import read_descriptors, write_descriptors
+from model.training_set import read_training_set, split_clusters
+from model.whitening import apply_whitening
+from pipeline.extract import ExtractConf
+from pipeline.extract import run as extract
 from pipeline.group import GroupConf
 from pipeline.group import run as group
+from pipeline.index import IndexConf
+from pipeline.index import run as index
 from pipeline.ingest import IngestConf
 from pipeline.ingest import run as ingest
 from pipeline.pairs import PairsConf
 from pipeline.pairs import run as mine_pairs
 from pipeline.sfm import SfmConf
 from pipeline.sfm import run as sfm
+from pipeline.train.tuples import epoch_tuples, worker_share
+from pipeline.whiten import WhitenConf
+from pipeline.whiten import run as whiten
 from tests.helpers import usable_images
 
 pytestmark = pytest.mark.slow
@@ -65,13 +77,11 @@ def landmarks(ray_session, tiny_collection: Path, tmp_path_factory) -> dict:
     # manifest only, so a tiny synthetic table of the right ids stands in.
     table = usable_images(images, ["image_id", "uri"])
     ids = table.column("image_id").to_pylist()
-    write_descriptors(
+    descriptors = write_descriptors(
         f"{run}/descriptors", ids, np.eye(len(ids), dtype=np.float32), network={"weights": "test"}
     )
-    group(GroupConf(images=images, descriptors=f"{run}/descriptors", output=f"{run}/groups"))
-    out = sfm(
-        SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm", mapper="incremental")
-    )
+    groups = group(GroupConf(images=images, descriptors=descriptors, output=f"{run}/groups"))
+    out = sfm(SfmConf(images=images, groups=groups, output=f"{run}/sfm", mapper="incremental"))
     # Global mapping on these 320x240 px photos wants the extra inliers of guided matching.
     sfm(
         SfmConf(
@@ -83,7 +93,13 @@ def landmarks(ray_session, tiny_collection: Path, tmp_path_factory) -> dict:
         )
     )
     name_of = {i: Path(u).stem for i, u in zip(ids, table.column("uri").to_pylist(), strict=True)}
-    return {"run": run, "sfm": out, "cameras": {c["name"]: c for c in cameras}, "name": name_of}
+    return {
+        "run": run,
+        "images": images,
+        "sfm": out,
+        "cameras": {c["name"]: c for c in cameras},
+        "name": name_of,
+    }
 
 
 def test_landmark_photos_register_and_models_stay_pure(landmarks) -> None:
@@ -384,35 +400,20 @@ def test_a_segfault_in_one_group_fails_that_group_and_the_run_goes_on(landmarks,
     failed = [g for g in groups if g["status"] == "failed"]
     assert len(failed) == 1 and "crashed the worker" in failed[0]["reason"], groups
     assert sum(g["status"] == "ok" for g in groups) == 2
-    from dataclasses import replace
-
     again = sfm(replace(conf, retry_failed=True))
     details = tables.SFM_OUTPUT.manifest(again).details
     assert details["groups"]["ok"] == 3 and details["reconstructed"] == [failed[0]["group_id"]]
 
 
-def test_whitening_learned_from_the_sfm_pairs_is_a_checkpoint_extract_applies(
-    landmarks, tmp_path
-) -> None:
-    """pipeline.whiten: Lw from the mined whitening pairs (the pairs stage's return value) over
-    ImageNet Lite0 descriptors, as a checkpoint; extracting with it gives the plain
-    descriptors whitened."""
-    from model.descriptors import read_descriptors
-    from model.whitening import apply_whitening
-    from pipeline.extract import ExtractConf
-    from pipeline.extract import run as extract
-    from pipeline.whiten import WhitenConf
-    from pipeline.whiten import run as whiten
-
-    run = landmarks["run"]
+def test_the_chain_composes_from_return_values_to_a_whitened_index(landmarks, tmp_path) -> None:
+    """Photos → ingest → group → sfm (the fixture) → pairs → whiten → extract → index, each
+    stage given the one before's return value: pipeline.whiten's Lw, learned from the mined
+    whitening pairs over ImageNet Lite0 descriptors, is a checkpoint; extracting with it gives
+    the plain descriptors whitened, and the index built from them finds each photo first."""
+    images = landmarks["images"]
     pairs = mine_pairs(PairsConf(sfm=landmarks["sfm"], output=str(tmp_path / "pairs")))
     plain = extract(
-        ExtractConf(
-            images=f"{run}/images.parquet",
-            output=str(tmp_path / "d"),
-            max_size=240,
-            threads_per_actor=2,
-        )
+        ExtractConf(images=images, output=str(tmp_path / "d"), max_size=240, threads_per_actor=2)
     )
     ckpt = whiten(WhitenConf(descriptors=plain, pairs=pairs, output=str(tmp_path / "lw")))
     params = checkpoint.load(ckpt).whitening
@@ -428,7 +429,7 @@ def test_whitening_learned_from_the_sfm_pairs_is_a_checkpoint_extract_applies(
     assert "cross_validation" not in fixed.meta
     whitened = extract(
         ExtractConf(
-            images=f"{run}/images.parquet",
+            images=images,
             output=str(tmp_path / "w"),
             weights=ckpt,
             max_size=240,
@@ -441,15 +442,17 @@ def test_whitening_learned_from_the_sfm_pairs_is_a_checkpoint_extract_applies(
     expected = apply_whitening(a.vectors[order], params.m, params.P)
     got = b.vectors[np.argsort(b.image_ids)]
     assert np.allclose(got, expected, atol=2e-3), np.abs(got - expected).max()
+    version = index(IndexConf(descriptors=whitened, output=str(tmp_path / "index"), shards=2))
+    found = search(version.rsplit("/", 1)[0], b.vectors, k=1)
+    assert (found.image_ids[:, 0] == b.image_ids).mean() > 0.95
+    assert read_manifest(version.rsplit("/", 1)[0])["network"]["identity"] == checkpoint.identity(
+        ckpt
+    )
 
 
 def test_training_tuples_from_the_pairs_and_mined_negatives(landmarks, tmp_path) -> None:
     """pairs → pool and queries → negatives from the mining index → one epoch's tuples; whole
     landmarks held out for validation; worker shares partition the rows."""
-    from cluster.mining import MiningIndex
-    from model.training_set import read_training_set, split_clusters
-    from pipeline.train.tuples import epoch_tuples, worker_share
-
     mine_pairs(PairsConf(sfm=landmarks["sfm"], output=str(tmp_path / "pairs")))
     data = read_training_set(str(tmp_path / "pairs"))
     cams, name = landmarks["cameras"], landmarks["name"]
