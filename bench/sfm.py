@@ -50,11 +50,14 @@ class BenchConf:
 
 
 def _scene_table(run: str, sfm_out: str) -> dict[str, dict]:
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.ingest import read_images
+    from model.tables import IMAGES
 
-    images = read_images(f"{run}/images.parquet", ["image_id", "scene"], ok_only=True)
+    images = IMAGES.read(
+        f"{run}/images.parquet", ["image_id", "scene"], filter=pc.field("error").is_null()
+    )
     scene = dict(zip(images["image_id"].to_pylist(), images["scene"].to_pylist(), strict=True))
     rows = pq.read_table(f"{sfm_out}/sfm_images.parquet").to_pylist()
     per_scene: dict[str, dict] = defaultdict(lambda: {"photos": 0, "models": Counter(),

@@ -38,11 +38,14 @@ def scene_pairs(collection: Path, work: Path) -> tuple[str, str]:
     """``(pairs, images)`` of a local built-in collection's landmark photos under ``work``:
     ingest, the scene column as groups, incremental SfM, pairs (what the train tests and this
     benchmark train on)."""
+    import pyarrow.compute as pc
+
     from model.datasets.landmarks import write_scene_manifest
     from model.descriptors import write_descriptors
+    from model.tables import IMAGES
     from pipeline.group import GroupConf
     from pipeline.group import run as group
-    from pipeline.ingest import IngestConf, read_images
+    from pipeline.ingest import IngestConf
     from pipeline.ingest import run as ingest
     from pipeline.pairs import PairsConf
     from pipeline.pairs import run as mine_pairs
@@ -52,9 +55,10 @@ def scene_pairs(collection: Path, work: Path) -> tuple[str, str]:
     manifest = write_scene_manifest(collection, work / "photos.csv")
     run = str(work / "run")
     images = ingest(IngestConf(source=str(manifest), output=run))
-    ids = read_images(images, ["image_id"], ok_only=True).column(0).to_pylist()
+    ids = IMAGES.read(images, ["image_id"], filter=pc.field("error").is_null())["image_id"]
+    ids = ids.to_pylist()
     if not ids:
-        first = read_images(images, ["uri", "error"]).slice(0, 1).to_pylist()
+        first = IMAGES.read(images, ["uri", "error"]).slice(0, 1).to_pylist()
         raise ValueError(f"no photo of {manifest} could be ingested; the first: {first}")
     write_descriptors(f"{run}/d", ids, np.eye(len(ids), dtype=np.float32),
                       network={"weights": "scene column"})  # fmt: skip
@@ -77,11 +81,22 @@ def main(conf: BenchConf) -> dict:
     pairs, images = scene_pairs(generate(CONFS["tiny"], work / "collections"), work)
     per_worker, steps_per_worker = {}, {}
     for workers in (1, 2):
-        best = train(TrainConf(pairs=pairs, images=images, output=str(work / f"train{workers}"),
-                               workers=workers, epochs=conf.epochs, image_size=conf.image_size,
-                               queries=conf.queries, nnum=1, held_out=0.3,
-                               val_size=conf.image_size, whiten=False,
-                               name=f"bench-{workers}"))  # fmt: skip
+        best = train(
+            TrainConf.from_flags(
+                pairs=pairs,
+                images=images,
+                output=str(work / f"train{workers}"),
+                workers=workers,
+                epochs=conf.epochs,
+                image_size=conf.image_size,
+                queries=conf.queries,
+                nnum=1,
+                held_out=0.3,
+                val_size=conf.image_size,
+                whiten=False,
+                name=f"bench-{workers}",
+            )
+        )
         epochs = json.loads(Path(best, "metrics.json").read_text())["epochs"]
         last = epochs[-1]
         per_worker[workers] = last["tuples_per_s"] / workers  # the run's: all workers

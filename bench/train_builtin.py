@@ -51,9 +51,19 @@ def main(conf: BenchConf) -> dict:
     pairs, images = scene_pairs(generate(CONFS["tiny"], collections), work)
     generate(CONFS["demo"], collections)
     started = time.perf_counter()
-    output = train(TrainConf(pairs=pairs, images=images, output=str(work / "train"),
-                             epochs=conf.epochs, nnum=conf.nnum, held_out=conf.held_out,
-                             lr=conf.lr, workers=conf.workers, seed=conf.seed))  # fmt: skip
+    output = train(
+        TrainConf.from_flags(
+            pairs=pairs,
+            images=images,
+            output=str(work / "train"),
+            epochs=conf.epochs,
+            nnum=conf.nnum,
+            held_out=conf.held_out,
+            lr=conf.lr,
+            workers=conf.workers,
+            seed=conf.seed,
+        )
+    )
     seconds = time.perf_counter() - started
     ray.shutdown()
     metrics = json.loads((Path(output) / "metrics.json").read_text())
@@ -61,10 +71,16 @@ def main(conf: BenchConf) -> dict:
             "fine-tuned + Lw": (output, True)}  # fmt: skip
     maps = {}
     for name, (weights, whitening) in ways.items():
-        result = evaluate(EvaluateConf(dataset="landmarks-demo", data_root=str(collections),
-                                       weights=weights, checkpoint_whitening=whitening,
-                                       output=str(work / "evaluate"),
-                                       cache_dir=str(work / "cache")))  # fmt: skip
+        result = evaluate(
+            EvaluateConf.from_flags(
+                dataset="landmarks-demo",
+                data_root=str(collections),
+                weights=weights,
+                checkpoint_whitening=whitening,
+                output=str(work / "evaluate"),
+                cache_dir=str(work / "cache"),
+            )
+        )
         maps[name] = {p: result["metrics"][p]["map"] for p in ("easy", "medium", "hard")}
     best = next(e for e in metrics["epochs"] if e["best"])
     gain = maps["fine-tuned"]["medium"] / maps["off the shelf"]["medium"]

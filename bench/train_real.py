@@ -46,11 +46,11 @@ def _held_out(conf: BenchConf, seed: int) -> tuple[list[str], int]:
     their number of queries."""
     from collections import Counter
 
+    from model.tables import IMAGES
     from model.training_set import read_training_set, split_clusters
-    from pipeline.ingest import read_images
 
     _, val = split_clusters(read_training_set(conf.pairs), conf.held_out, seed)
-    table = read_images(conf.images, ["image_id", "scene"])
+    table = IMAGES.read(conf.images, ["image_id", "scene"])
     scene = dict(zip(table["image_id"].to_pylist(), table["scene"].to_pylist(), strict=True))
     found = Counter(scene.get(i) or "?" for i in val.image_ids.tolist())
     return [name for name, _ in found.most_common()], len(val.queries)
@@ -66,9 +66,20 @@ def main(conf: BenchConf) -> dict:
     rows = []
     for seed in conf.seeds:
         out = Path(conf.work) / f"split_{seed}"
-        train(TrainConf(pairs=conf.pairs, images=conf.images, output=str(out), lr=conf.lr,
-                        epochs=conf.epochs, queries=conf.queries, workers=conf.workers,
-                        held_out=conf.held_out, seed=seed, name=f"split_{seed}"))  # fmt: skip
+        train(
+            TrainConf.from_flags(
+                pairs=conf.pairs,
+                images=conf.images,
+                output=str(out),
+                lr=conf.lr,
+                epochs=conf.epochs,
+                queries=conf.queries,
+                workers=conf.workers,
+                held_out=conf.held_out,
+                seed=seed,
+                name=f"split_{seed}",
+            )
+        )
         metrics = json.loads((out / "metrics.json").read_text())
         epochs, lw = metrics["epochs"], metrics["whitening"]
         best = next(e for e in epochs if e["best"])

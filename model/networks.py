@@ -1,8 +1,8 @@
 """Retrieval networks that describe themselves: a trunk, a head and the ``meta`` that rebuilds them.
 
-A checkpoint is one directory, local or ``s3://`` (``model.pt``, ``meta.json``); training, batch
-extraction and serving all read that layout, so a network never depends on the code path that
-made it. ``meta.json`` is written last and marks the checkpoint complete.
+A network is saved and loaded as a checkpoint (``model.checkpoint``: weights, whitening, then
+the meta last); training, batch extraction and serving all read that layout, so a network never
+depends on the code path that made it.
 
 ``meta.json`` carries a ``format`` number (``META_FORMAT``). Files written before it existed
 have none and are read as format 1: format 1 is exactly their layout, with fields added since
@@ -13,11 +13,8 @@ changes the network, loading its weights then fails with a note saying so.
 
 from __future__ import annotations
 
-import io
-import json
-import subprocess
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +24,7 @@ from torch import nn
 from model.backbones import build_backbone
 from model.heads import CGDHead, GeMHead
 from model.pooling import GeM, pooling_name
-from model.storage import is_file, join, read_bytes, remove, write_bytes
-from model.weights import WeightsError, load_state_dict
+from model.weights import WeightsError
 
 __all__ = [
     "HEAD_DEFAULTS",
@@ -38,9 +34,7 @@ __all__ = [
     "build_network",
     "fold_whitening",
     "freeze_trunk",
-    "load_network",
     "parameter_groups",
-    "save_network",
 ]
 
 META_FORMAT = 1
@@ -155,60 +149,6 @@ def build_network(meta: NetworkMeta, weights: str | Path | None = "imagenet") ->
     return RetrievalNet(backbone, head, meta)
 
 
-def save_network(net: RetrievalNet, directory: str | Path) -> str:
-    """Write the checkpoint ``directory`` (a local path or ``s3://`` URI); returns it as a string.
-
-    ``model.pt`` is written first and ``meta.json`` (with ``format`` and the git SHA) last: a
-    checkpoint is recognised by its ``meta.json``. Overwriting a checkpoint deletes its old
-    ``meta.json`` before anything else, so a reader never pairs an old meta with new weights.
-    """
-    base = str(directory)
-    meta = {"format": META_FORMAT, **asdict(net.meta)}
-    meta["extra"] = {**meta["extra"], "git_sha": _git_sha()}
-    meta_uri = join(base, "meta.json")
-    if is_file(meta_uri):
-        remove(meta_uri)
-    buffer = io.BytesIO()
-    torch.save(net.state_dict(), buffer)
-    write_bytes(join(base, "model.pt"), buffer.getvalue())
-    write_bytes(meta_uri, json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
-    return base
-
-
-def load_network(directory: str | Path) -> RetrievalNet:
-    """Rebuild a network from a checkpoint directory, local or ``s3://``.
-
-    A ``meta.json`` of a newer format, or with unknown fields, loads with a warning (see the
-    module's docstring); one that is not a JSON object or has a bad ``format`` is a ``ValueError``.
-    """
-    base = str(directory)
-    meta_uri = join(base, "meta.json")
-    try:
-        raw = read_bytes(meta_uri)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{base.rstrip('/')} is not a checkpoint: it has no meta.json"
-        ) from None
-    meta, caveat = _parse_meta(
-        {k: v for k, v in json.loads(raw).items() if k not in CHECKPOINT_KEYS}
-        if isinstance(json.loads(raw), dict)
-        else json.loads(raw),
-        meta_uri,
-    )
-    net = build_network(meta, weights=None)
-    state = load_state_dict(join(base, "model.pt"))
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())
-        hint = f"; {meta_uri}: {caveat}, which may be why" if caveat else ""
-        raise WeightsError(
-            f"{join(base, 'model.pt')} does not fit the network its meta.json describes: "
-            f"{detail}{hint}"
-        ) from err
-    return net
-
-
 def meta_from_json(data: Any, source: str) -> NetworkMeta:
     """The ``NetworkMeta`` of a checkpoint's parsed ``meta.json`` (its own keys, such as the
     checkpoint's ``identity``, left aside); ``ValueError`` naming ``source`` when it is not one."""
@@ -308,17 +248,3 @@ def freeze_trunk(net: RetrievalNet, trainable_stages: int) -> int:
             frozen += param.numel() if param.requires_grad else 0
             param.requires_grad_(False)
     return frozen
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()

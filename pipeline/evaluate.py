@@ -19,22 +19,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from model import storage
-from model.backbones import BackboneName
-from model.cli import run_cli
+from model import checkpoint, storage
+from model.cli import log_settings, run_cli
 from model.datasets.revisited import load_revisited
 from model.datasets.sets import IMAGE_SUFFIXES, RetrievalSet
 from model.describe import describe_set
+from model.describer import NetworkSettings
 from model.descriptor_cache import DescriptorCache, digest
 from model.extraction import ExtractOptions
-from model.networks import NetworkMeta, RetrievalNet, build_network, load_network
-from model.pooling import PoolingName
+from model.networks import NetworkMeta, RetrievalNet, build_network
 from model.report import write_report
 from model.results import write_json
 from model.scoring import PostProcess, format_metrics, score
@@ -53,15 +52,10 @@ class EvaluateConf:
     """roxford5k, rparis6k, or any data set in their layout."""
     data_root: str
     """Folder or s3:// prefix holding <dataset>/jpg and <dataset>/gnd_<dataset>.pkl."""
-    backbone: BackboneName = "efficientnet_lite0"
-    weights: str = "imagenet"
-    """imagenet, random, a weights file (path or s3://), or a training checkpoint directory
-    (with meta.json), which brings its own backbone and head."""
-    pooling: PoolingName = "gem"
-    p: float = 3.0
-    scales: tuple[float, ...] = (1.0,)
-    """1 0.7071 0.5 for the GeM paper's multi-scale descriptors."""
-    max_size: int = 1024
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    """The network and how it sees a photo (flags --weights, --backbone, --pooling, --p,
+    --max-size, --scales): --weights is imagenet, random, a weights file (path or s3://), or a
+    training checkpoint, which brings its own backbone and head."""
     whitening: str | None = None
     """Learned whitening (.npz from model.whitening.save_whitening), path or s3://; without
     it, a checkpoint's own whitening.npz (pipeline.whiten, pipeline.train) is applied."""
@@ -84,13 +78,41 @@ class EvaluateConf:
     seed: int = 0
     """Seed of a random network."""
 
+    @classmethod
+    def from_flags(cls, **flags: Any) -> EvaluateConf:
+        """An evaluation from its settings by flag name (``weights=...``, not
+        ``network=NetworkSettings(weights=...)``), as the command line takes them."""
+        network = _network_flags(flags)
+        return cls(**flags, network=NetworkSettings(**network))
+
+    def replaced(self, **flags: Any) -> EvaluateConf:
+        """This evaluation with ``flags`` changed, by flag name (the network's too)."""
+        network = _network_flags(flags)
+        return dataclasses.replace(
+            self, **flags, network=dataclasses.replace(self.network, **network)
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting by flag name."""
+        flat = {k: v for k, v in dataclasses.asdict(self).items() if k != "network"}
+        return {**flat, **dataclasses.asdict(self.network)}
+
+
+def _network_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """The network's flags taken out of ``flags``."""
+    names = {f.name for f in dataclasses.fields(NetworkSettings)}
+    return {k: flags.pop(k) for k in list(flags) if k in names}
+
 
 def run(conf: EvaluateConf) -> dict[str, Any]:
     """Evaluate; prints the figures as papers do, writes ``metrics.json`` and ``report.html``."""
     started = time.perf_counter()
     _check(conf)
-    post = _post_process(conf)  # weights and whitening first: quick, and a common mistake
-    net, network_key = _network(conf)
+    log_settings(logger, "evaluate", conf.settings())
+    weights = conf.network.weights
+    loaded = checkpoint.load(weights) if checkpoint.is_checkpoint(weights) else None
+    post = _post_process(conf, loaded)  # weights and whitening first: quick, a common mistake
+    net, network_key = _network(conf, loaded)
     cache = Path(conf.cache_dir)
     dataset_dir = _stage(
         storage.join(conf.data_root, conf.dataset),
@@ -100,18 +122,18 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
     )
     rset = load_revisited(dataset_dir, conf.dataset)
     options = ExtractOptions(
-        scales=conf.scales,
+        scales=conf.network.scales,
         batch_size=conf.batch_size,
         num_workers=conf.num_workers,
         device=conf.device,
     )
-    identity = {**network_key, **options.identity(), "max_size": conf.max_size}
+    identity = {**network_key, **options.identity(), "max_size": conf.network.max_size}
     distractors, distractor_root = _distractors(conf, cache)
     described = describe_set(
         rset,
         net.backbone,
         {"descriptor": net.head},
-        max_size=conf.max_size,
+        max_size=conf.network.max_size,
         options=options,
         cache=DescriptorCache(cache / "descriptors" / conf.dataset, identity),
         root=dataset_dir,
@@ -131,7 +153,7 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
         "dataset": conf.dataset,
         "protocol": used.protocol,
         "metrics": scored.metrics,
-        "settings": dataclasses.asdict(conf),
+        "settings": conf.settings(),
         "network": network_key,
         "extraction": identity,
         "post_processing": post.label,
@@ -149,7 +171,7 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
         scored.metrics,
         db_paths=described.db_paths,
         aps=scored.aps,
-        title=f"{conf.dataset}: {network_key.get('backbone', conf.weights)}, {post.label}",
+        title=f"{conf.dataset}: {network_key.get('backbone', weights)}, {post.label}",
     )
     print(availability.summary())
     print(
@@ -160,8 +182,8 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
 
 def _check(conf: EvaluateConf) -> None:
     """What can be checked before any photo is read."""
-    if conf.max_size < 1:
-        raise ValueError(f"--max-size must be at least 1, got {conf.max_size}")
+    if conf.network.max_size < 1:
+        raise ValueError(f"--max-size must be at least 1, got {conf.network.max_size}")
     if conf.qe_k < 0:
         raise ValueError(f"--qe-k must be 0 (off) or more, got {conf.qe_k}")
     if not conf.kappas or min(conf.kappas) < 1:
@@ -188,45 +210,37 @@ def _distractors(conf: EvaluateConf, cache: Path) -> tuple[list[Path], Path | No
     return paths, folder
 
 
-def _post_process(conf: EvaluateConf) -> PostProcess:
-    whitening = None
-    path = conf.whitening
-    if path is None and conf.checkpoint_whitening and _is_checkpoint(conf.weights):
-        beside = storage.join(conf.weights, "whitening.npz")
-        path = beside if storage.is_file(beside) else None
-    if path:
-        params = load_whitening(path)
-        whitening = (params.m, params.P)
+def _post_process(conf: EvaluateConf, loaded: checkpoint.Checkpoint | None) -> PostProcess:
+    """``--whitening``, else the checkpoint's own (unless ``--no-checkpoint-whitening``)."""
+    params = None
+    if conf.whitening:
+        params = load_whitening(conf.whitening)
+    elif conf.checkpoint_whitening and loaded is not None:
+        params = loaded.whitening
+    whitening = (params.m, params.P) if params is not None else None
     return PostProcess(whitening, conf.whitening_dim, conf.qe_k, conf.qe_alpha)
 
 
-def _network(conf: EvaluateConf) -> tuple[RetrievalNet, dict[str, Any]]:
-    """The network and what identifies its descriptors for the cache."""
-    if _is_checkpoint(conf.weights):
-        net = load_network(conf.weights)
-        identity = {"checkpoint": storage.file_signature(storage.join(conf.weights, "model.pt"))}
+def _network(
+    conf: EvaluateConf, loaded: checkpoint.Checkpoint | None
+) -> tuple[RetrievalNet, dict[str, Any]]:
+    """The network and what identifies its descriptors for the cache (a checkpoint: its
+    content hash, so a retrained checkpoint in the same folder is described again)."""
+    if loaded is not None:
+        net = loaded.network
+        identity = {"checkpoint": loaded.identity}
     else:
         torch.manual_seed(conf.seed)
-        weights = None if conf.weights == "random" else conf.weights
-        meta = NetworkMeta(backbone=conf.backbone, pooling=conf.pooling, p=conf.p)
-        net = build_network(meta, weights)
+        network = conf.network
+        meta = NetworkMeta(backbone=network.backbone, pooling=network.pooling, p=network.p)
+        net = build_network(meta, None if network.weights == "random" else network.weights)
         identity = {
             "backbone": meta.backbone,
-            "weights": _weights_identity(conf.weights, conf.seed),
+            "weights": _weights_identity(network.weights, conf.seed),
             "pooling": meta.pooling,
             "p": meta.p,
         }
     return net.eval(), identity
-
-
-def _is_checkpoint(weights: str) -> bool:
-    """A training checkpoint is a directory (local or remote) with a ``meta.json``."""
-    if weights in ("imagenet", "random"):
-        return False
-    try:
-        return storage.is_file(storage.join(weights, "meta.json"))
-    except (OSError, ValueError):
-        return False
 
 
 def _weights_identity(weights: str, seed: int) -> str:

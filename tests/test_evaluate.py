@@ -27,7 +27,7 @@ MAX_SIZE = 256
 
 @pytest.fixture()
 def conf(tiny_collection: Path, tmp_path: Path) -> EvaluateConf:
-    return EvaluateConf(
+    return EvaluateConf.from_flags(
         dataset=tiny_collection.name,
         data_root=str(tiny_collection.parent),
         max_size=MAX_SIZE,
@@ -122,7 +122,7 @@ def test_partial_copy_is_counted_not_fatal(conf, copy_of) -> None:
     for name in [*removed_db, truth["qimlist"][0]]:
         (copy_of / "jpg" / f"{name}.jpg").unlink()
     (copy_of / "jpg" / f"{truth['imlist'][7]}.jpg").write_bytes(b"not a jpeg at all")
-    result = run(dataclasses.replace(conf, data_root=str(copy_of.parent)))
+    result = run(conf.replaced(data_root=str(copy_of.parent)))
     images = result["images"]
     assert images["db_total"] == len(truth["imlist"]) and images["db_missing"] == 5
     assert images["db_used"] == len(truth["imlist"]) - 6  # 5 missing, 1 unreadable
@@ -136,10 +136,10 @@ def test_partial_copy_is_counted_not_fatal(conf, copy_of) -> None:
 def test_descriptors_are_cached_across_post_processing(conf) -> None:
     first = run(conf)
     assert first["extracted"]["db"] > 0 and first["extracted"]["queries"] > 0
-    again = run(dataclasses.replace(conf, qe_k=2, qe_alpha=3.0))
+    again = run(conf.replaced(qe_k=2, qe_alpha=3.0))
     assert again["extracted"] == {"db": 0, "queries": 0, "distractors": 0}
     assert again["post_processing"].startswith("αQE")
-    other = run(dataclasses.replace(conf, p=4.0))  # another network setting: extract again
+    other = run(conf.replaced(p=4.0))  # another network setting: extract again
     assert other["extracted"]["db"] > 0
 
 
@@ -152,7 +152,7 @@ def test_distractors_join_the_database(conf, tiny_collection, tmp_path: Path) ->
     for path in rset.query_paths:
         shutil.copy(path, folder / f"copy_{path.name}")
     plain = run(conf)
-    with_distractors = run(dataclasses.replace(conf, distractors=str(folder)))
+    with_distractors = run(conf.replaced(distractors=str(folder)))
     n = with_distractors["images"]["distractors"]
     assert n == len(rset.query_paths) and with_distractors["extracted"]["distractors"] == n
     assert with_distractors["metrics"]["medium"]["map"] < plain["metrics"]["medium"]["map"] - 0.01
@@ -182,7 +182,7 @@ def test_data_root_on_s3(conf, tiny_collection, s3_bucket: str) -> None:
 
 
 def test_bad_ground_truth_is_named(conf, copy_of) -> None:
-    conf = dataclasses.replace(conf, data_root=str(copy_of.parent))
+    conf = conf.replaced(data_root=str(copy_of.parent))
     gnd_file = copy_of / f"gnd_{copy_of.name}.pkl"
     gnd_file.write_bytes(b"\x80\x04garbage")
     with pytest.raises(ValueError, match=f"gnd_{copy_of.name}.pkl"):
@@ -210,7 +210,7 @@ def test_every_problem_is_found_first_and_the_rest_is_scored(conf, copy_of, tmp_
     distractors.mkdir()
     shutil.copy(copy_of / "jpg" / f"{truth['imlist'][0]}.jpg", distractors / "fine.jpg")
     (distractors / "broken.jpg").write_bytes(b"\xff\xd8 broken")
-    conf = dataclasses.replace(conf, data_root=str(copy_of.parent), distractors=str(distractors))
+    conf = conf.replaced(data_root=str(copy_of.parent), distractors=str(distractors))
     result = run(conf)
     problems = {
         (p["role"], Path(p["file"]).name): p["reason"] for p in result["images"]["unusable"]
@@ -240,7 +240,7 @@ def test_original_oxford_ground_truth_scores_one_map(conf, copy_of, network) -> 
         for g in truth["gnd"]
     ]
     gnd_file.write_bytes(pickle.dumps(truth))
-    result = run(dataclasses.replace(conf, data_root=str(copy_of.parent)))
+    result = run(conf.replaced(data_root=str(copy_of.parent)))
     assert result["protocol"] == "original"
     medium = run(conf)["metrics"]["medium"]["map"]  # the same positives and junk
     assert result["metrics"]["map"] == pytest.approx(medium, abs=1e-9)
@@ -248,7 +248,7 @@ def test_original_oxford_ground_truth_scores_one_map(conf, copy_of, network) -> 
         pickle.dumps({**truth, "gnd": [{"bbx": [0, 0, 1, 1]}] * len(truth["qimlist"])})
     )
     with pytest.raises(ValueError, match=r"expected easy/hard/junk .* or ok/junk"):
-        run(dataclasses.replace(conf, data_root=str(copy_of.parent)))
+        run(conf.replaced(data_root=str(copy_of.parent)))
 
 
 def test_a_pickle_that_would_run_code_is_refused(conf, copy_of, tmp_path) -> None:
@@ -261,7 +261,7 @@ def test_a_pickle_that_would_run_code_is_refused(conf, copy_of, tmp_path) -> Non
     gnd_file = copy_of / f"gnd_{copy_of.name}.pkl"
     gnd_file.write_bytes(pickle.dumps({"imlist": [], "qimlist": [], "gnd": [Payload()]}))
     with pytest.raises(ValueError, match=r"refusing posix\.system|refusing os\.system"):
-        run(dataclasses.replace(conf, data_root=str(copy_of.parent)))
+        run(conf.replaced(data_root=str(copy_of.parent)))
     assert not (tmp_path / "pwned").exists()
 
 
@@ -309,16 +309,17 @@ def test_checkpoint_directory_brings_its_own_network(conf, tmp_path) -> None:
     """A training checkpoint (model.pt + meta.json) is evaluated with the head it was saved with."""
     import torch
 
-    from model.networks import save_network
+    from model import checkpoint
 
     torch.manual_seed(0)
     meta = NetworkMeta(backbone="efficientnet_lite0", pooling="mac")
     trained = build_network(meta, "imagenet")
-    checkpoint = save_network(trained, tmp_path / "run" / "checkpoint")
-    result = run(dataclasses.replace(conf, weights=str(checkpoint), backbone="resnet50"))
-    assert result["network"]["checkpoint"].startswith(f"{checkpoint}/model.pt")
+    folder = str(tmp_path / "run" / "checkpoint")
+    identity = checkpoint.save(folder, trained)
+    result = run(conf.replaced(weights=folder, backbone="resnet50"))
+    assert result["network"]["checkpoint"] == identity  # its content, not its file's date
     assert "backbone" not in result["network"]  # the resnet50 flag is not what ran
-    mac_imagenet = run(dataclasses.replace(conf, pooling="mac"))
+    mac_imagenet = run(conf.replaced(pooling="mac"))
     assert result["metrics"]["medium"]["map"] == pytest.approx(
         mac_imagenet["metrics"]["medium"]["map"], abs=1e-6
     )
@@ -368,7 +369,7 @@ def test_cache_keys_by_relative_path_and_content(conf, tmp_path: Path) -> None:
         (root / folder).mkdir(parents=True)
         pixels = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / folder / "same_name.jpg")
-    conf = dataclasses.replace(conf, distractors=str(root))
+    conf = conf.replaced(distractors=str(root))
     first = run(conf)
     assert first["extracted"]["distractors"] == 2
     vectors = _cached_vectors(Path(conf.cache_dir), "distractors")
@@ -395,7 +396,7 @@ def test_revisited_photos_are_read_in_their_stored_frame(conf, copy_of, network)
     box = [0.0, 0.0, float(width), float(height) / 2]
     truth["gnd"][0]["bbx"] = box
     (copy_of / f"gnd_{copy_of.name}.pkl").write_bytes(pickle.dumps(truth))
-    result = run(dataclasses.replace(conf, data_root=str(copy_of.parent)))
+    result = run(conf.replaced(data_root=str(copy_of.parent)))
     assert result["images"]["unusable"] == []
     stored = extract_descriptors(
         network, ImageFiles([path], MAX_SIZE, [box], exif_transpose=False), _options()

@@ -1,4 +1,4 @@
-"""Networks rebuild from their own checkpoint directory, locally and from S3."""
+"""Networks rebuild from their checkpoint (``model.checkpoint``), locally and from S3."""
 
 import dataclasses
 import json
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import model.networks as networks
-from model.networks import NetworkMeta, build_network, load_network, parameter_groups, save_network
+from model import checkpoint
+from model.networks import NetworkMeta, build_network, parameter_groups
 from model.pooling import GeM
 from model.storage import read_bytes, write_bytes
 from model.weights import WeightsError
@@ -40,11 +41,12 @@ def _perturbed(meta: NetworkMeta) -> torch.nn.Module:
 )
 def test_checkpoint_round_trip(meta: NetworkMeta, tmp_path: Path, images: torch.Tensor) -> None:
     net = _perturbed(meta)
-    assert save_network(net, tmp_path / "ckpt") == str(tmp_path / "ckpt")
+    identity = checkpoint.save(str(tmp_path / "ckpt"), net)
+    assert identity == checkpoint.identity(str(tmp_path / "ckpt"))
     saved = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
-    assert saved["backbone"] == meta.backbone and "git_sha" in saved["extra"]
+    assert saved["backbone"] == meta.backbone and "code" in saved["extra"]
     assert saved["format"] == networks.META_FORMAT == 1
-    loaded = load_network(str(tmp_path / "ckpt")).eval()
+    loaded = checkpoint.load(str(tmp_path / "ckpt")).network
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), net(images))
     assert loaded(images).shape == (2, net.out_dim)
@@ -52,9 +54,9 @@ def test_checkpoint_round_trip(meta: NetworkMeta, tmp_path: Path, images: torch.
 
 
 def _assert_same_meta(loaded: NetworkMeta, saved: NetworkMeta) -> None:
-    """Every field survives; ``extra`` gains the git SHA."""
+    """Every field survives; ``extra`` gains the code version."""
     assert dataclasses.replace(loaded, extra={}) == dataclasses.replace(saved, extra={})
-    assert loaded.extra.items() >= saved.extra.items() and "git_sha" in loaded.extra
+    assert loaded.extra.items() >= saved.extra.items() and "code" in loaded.extra
 
 
 def test_checkpoint_to_and_from_s3(s3_bucket: str, images: torch.Tensor) -> None:
@@ -70,21 +72,21 @@ def test_checkpoint_to_and_from_s3(s3_bucket: str, images: torch.Tensor) -> None
         extra={"run": "s3-test"},
     )
     net = _perturbed(meta)
-    assert save_network(net, uri) == uri
+    checkpoint.save(uri, net)
     assert json.loads(read_bytes(f"{uri}/meta.json"))["format"] == 1
-    loaded = load_network(uri + "/").eval()
+    loaded = checkpoint.load(uri + "/").network
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), net(images))
     _assert_same_meta(loaded.meta, meta)
     # Overwriting replaces both files: the new meta is paired with the new weights.
     other = _perturbed(NetworkMeta(backbone="efficientnet_lite0", whitening_dim=32))
-    save_network(other, uri)
-    reloaded = load_network(uri).eval()
+    checkpoint.save(uri, other)
+    reloaded = checkpoint.load(uri).network
     assert reloaded.meta.head == "gem" and reloaded.out_dim == 32
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images), other(images))
     with pytest.raises(FileNotFoundError, match=r"no meta\.json"):
-        load_network(f"s3://{s3_bucket}/runs/2")
+        checkpoint.load(f"s3://{s3_bucket}/runs/2")
 
 
 def test_save_writes_meta_last_and_drops_the_old_one_first(
@@ -93,7 +95,7 @@ def test_save_writes_meta_last_and_drops_the_old_one_first(
     """meta.json marks a checkpoint complete: gone before new weights, written after them."""
     net = build_network(NetworkMeta(backbone="efficientnet_lite0"), weights=None)
     target = tmp_path / "ckpt"
-    save_network(net, target)
+    checkpoint.save(str(target), net)
     calls: list[tuple[str, str]] = []
 
     def recording(name, real):
@@ -103,9 +105,10 @@ def test_save_writes_meta_last_and_drops_the_old_one_first(
 
         return call
 
-    monkeypatch.setattr(networks, "write_bytes", recording("write", networks.write_bytes))
-    monkeypatch.setattr(networks, "remove", recording("remove", networks.remove))
-    save_network(net, str(target))
+    store = checkpoint.storage
+    monkeypatch.setattr(store, "write_bytes", recording("write", store.write_bytes))
+    monkeypatch.setattr(store, "remove", recording("remove", store.remove))
+    checkpoint.save(str(target), net)
     assert calls == [("remove", "meta.json"), ("write", "model.pt"), ("write", "meta.json")]
 
 
@@ -114,26 +117,26 @@ def test_meta_json_from_a_newer_version_loads_with_a_warning(
 ) -> None:
     net = _perturbed(NetworkMeta(backbone="efficientnet_lite0", whitening_dim=16))
     ckpt = str(tmp_path / "ckpt")
-    save_network(net, ckpt)
+    checkpoint.save(ckpt, net)
     meta_path = tmp_path / "ckpt" / "meta.json"
     saved = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**saved, "colour": "blue", "zoom": 2}))
     with pytest.warns(UserWarning, match=r"field\(s\) colour, zoom are unknown"):
-        loaded = load_network(ckpt).eval()
+        loaded = checkpoint.load(ckpt).network
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), net(images))
     meta_path.write_text(json.dumps({**saved, "format": 2}))
     with pytest.warns(UserWarning, match="format 2, newer than the format 1"):
-        load_network(ckpt)
-    # What was ignored is named again if the weights then do not fit the network.
+        checkpoint.load(ckpt)
+    # The warning names what was ignored; the weights then do not fit the network.
     meta_path.write_text(json.dumps({**saved, "whitening_dim": None, "whitening": 16}))
     with pytest.warns(UserWarning, match="whitening"), pytest.raises(WeightsError) as err:
-        load_network(ckpt)
-    assert "whitening are unknown" in str(err.value) and "does not fit" in str(err.value)
+        checkpoint.load(ckpt)
+    assert "does not fit" in str(err.value)
     for bad in ("1", 0, True):
         meta_path.write_text(json.dumps({**saved, "format": bad}))
         with pytest.raises(ValueError, match="not a format number"):
-            load_network(ckpt)
+            checkpoint.load(ckpt)
 
 
 def test_meta_json_of_old_versions_loads_as_before(tmp_path: Path, images: torch.Tensor) -> None:
@@ -147,13 +150,14 @@ def test_meta_json_of_old_versions_loads_as_before(tmp_path: Path, images: torch
         NetworkMeta(backbone="efficientnet_lite0", pooling="gem"),
     ):
         net = _perturbed(dataclasses.replace(meta, learn_p=True))  # old code learned p
-        ckpt = save_network(net, tmp_path / meta.head)
+        ckpt = str(tmp_path / meta.head)
+        checkpoint.save(ckpt, net)
         old = json.loads(read_bytes(f"{ckpt}/meta.json"))
         del old["format"], old["learn_p"]
         write_bytes(f"{ckpt}/meta.json", json.dumps(old).encode())
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            loaded = load_network(ckpt).eval()
+            loaded = checkpoint.load(ckpt).network
         assert loaded.meta.remove_last_stride is False
         assert loaded.state_dict().keys() == net.state_dict().keys()
         with torch.no_grad():

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import storage
+from model import checkpoint, storage, tables
 from model.datasets.landmarks import write_scene_manifest
-from pipeline.train import TrainConf
+from pipeline.pairs import PairsConf
+from pipeline.pairs import run as mine_pairs
+from pipeline.train import CgdPart, GemPart, LwPart, TrainConf
 from pipeline.train import run as train
 
 pytestmark = pytest.mark.slow
@@ -35,10 +37,22 @@ def pairs(ray_session, tiny_collection: Path, tmp_path_factory) -> dict[str, str
 
 
 def _conf(pairs: dict[str, str], out: Path | str, **changes) -> TrainConf:
-    base = TrainConf(pairs=pairs["pairs"], images=pairs["images"], output=str(out), epochs=2,
-                     image_size=128, val_size=128, queries=12, nnum=1, held_out=0.3,
-                     lr=1e-5, tuples_per_step=3, name="t", whiten=False)  # fmt: skip
-    return replace(base, **changes)
+    base = TrainConf.from_flags(
+        pairs=pairs["pairs"],
+        images=pairs["images"],
+        output=str(out),
+        epochs=2,
+        image_size=128,
+        val_size=128,
+        queries=12,
+        nnum=1,
+        held_out=0.3,
+        lr=1e-5,
+        tuples_per_step=3,
+        name="t",
+        whiten=False,
+    )
+    return base.replaced(**changes)
 
 
 def _epochs(best: str) -> list[dict]:
@@ -51,20 +65,24 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     """Output and Ray Train's storage on the loopback S3 server, as on a cluster."""
     from model.describer import NetworkSettings, load_extract_network
     from model.descriptors import read_descriptors
-    from model.networks import load_network
     from model.training_set import read_training_set
     from model.whitening_fit import held_out_whitening, read_whitening_pairs
     from pipeline.extract import ExtractConf
     from pipeline.extract import run as extract
 
     out = f"s3://{s3_bucket}/train"
-    conf = _conf(pairs, out, whiten=True, whiten_size=160, val_size=None,
-                 keep_whitening="always")  # fmt: skip
+    conf = _conf(pairs, out, whiten=True, whiten_size=160, val_size=None, keep_whitening="always")
     best = train(conf)
     assert best == out
     names = {f.removeprefix(f"{out}/") for f in storage.list_files(out)}
-    assert names >= {"model.pt", "meta.json", "metrics.json", "curves.png", "whitening.npz",
-                     "_SUCCESS"}  # fmt: skip
+    assert names >= {
+        "model.pt",
+        "meta.json",
+        "metrics.json",
+        "curves.png",
+        "whitening.npz",
+        "manifest.json",
+    }
     checkpoints = {n.split("/")[2] for n in names if re.match(r"ray/t/checkpoint_\d", n)}
     assert len(checkpoints) == 2  # Ray Train's storage: OUTPUT/ray, on S3 too
     lw = json.loads(storage.read_text(f"{out}/metrics.json"))["whitening"]
@@ -86,26 +104,73 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     assert next(e for e in epochs if e["best"]) == marked
     # validation scored the epochs at extract's size (--whiten-size) with the Lw the output
     # holds: extract's descriptors of the output give the held-out clusters that mAP
-    extracted = extract(ExtractConf(images=pairs["images"], output=str(tmp_path / "d"),
-                                    weights=best, max_size=160))  # fmt: skip
+    extracted = extract(
+        ExtractConf(images=pairs["images"], output=str(tmp_path / "d"), weights=best, max_size=160)
+    )
     desc = read_descriptors(extracted)
-    *_, found = held_out_whitening(desc.image_ids, desc.vectors, read_training_set(pairs["pairs"]),
-                                   read_whitening_pairs(pairs["pairs"]), 0.3, 0)  # fmt: skip
+    *_, found = held_out_whitening(
+        desc.image_ids,
+        desc.vectors,
+        read_training_set(pairs["pairs"]),
+        read_whitening_pairs(pairs["pairs"]),
+        0.3,
+        0,
+    )
     print(f"\nbest epoch + Lw {marked['val_map_lw']:.4f}, extracted {found['val_map']:.4f}")
     assert marked["val_map_lw"] == pytest.approx(found["val_map"], abs=1e-3)
-    assert load_network(best).meta.backbone == "efficientnet_lite0"  # extract/evaluate take it
+    assert checkpoint.load(best).network.meta.backbone == "efficientnet_lite0"  # extract takes it
     # the same settings again: the output is whole, nothing runs
     caplog.set_level(logging.INFO, logger="pipeline.train")
     assert train(conf) == out and "skipping" in caplog.text
     assert set(storage.list_files(out)) == {f"{out}/{n}" for n in names}
     # the GeM paper's second round: Lw folded into the head's FC layer, trained end to end
-    folded = train(_conf(pairs, tmp_path / "folded", weights=best, fold_whitening=True,
-                         epochs=1))  # fmt: skip
-    assert load_network(folded).meta.whitening_dim == lw["dim"]
-    # the same name and storage: resumes after epoch 2 instead of starting again
-    again = _epochs(train(_conf(pairs, out, epochs=3)))
+    folded = train(_conf(pairs, tmp_path / "folded", weights=best, fold_whitening=True, epochs=1))
+    assert checkpoint.load(folded).network.meta.whitening_dim == lw["dim"]
+    # only --epochs raised: resumes from Ray Train's checkpoints after epoch 2
+    again = _epochs(train(conf.replaced(epochs=3)))
     assert again[:3] == [{**e, "best": again[i]["best"]} for i, e in enumerate(epochs)]
     assert again[3]["steps"] == 3 * per_epoch
+
+
+@pytest.fixture(scope="module")
+def composed(pairs, tmp_path_factory) -> tuple[TrainConf, str]:
+    """One epoch trained on what the pairs stage returns (run again: its output is complete)."""
+    sfm = pairs["pairs"].rsplit("/", 1)[0] + "/sfm"
+    returned = mine_pairs(PairsConf(sfm=sfm, output=pairs["pairs"]))
+    conf = _conf(
+        {**pairs, "pairs": returned},
+        tmp_path_factory.mktemp("composed") / "out",
+        epochs=1,
+        name="composed",
+    )
+    return conf, train(conf)
+
+
+def test_train_composes_from_the_pairs_stage_return_value(composed) -> None:
+    conf, out = composed
+    manifest = tables.TRAIN_OUTPUT.manifest(out)
+    assert set(manifest.inputs) == {"pairs", "images", "start"}
+    assert manifest.inputs["pairs"] == tables.PAIRS_OUTPUT.manifest(conf.pairs).identity
+    assert manifest.details["checkpoint"] == checkpoint.identity(out)
+    assert checkpoint.load(out).network.meta.head == "gem"
+
+
+def test_a_rerun_with_the_same_settings_skips(composed, caplog) -> None:
+    conf, out = composed
+    before = tables.TRAIN_OUTPUT.manifest(out)
+    caplog.set_level(logging.INFO, logger="pipeline.train")
+    assert train(replace(conf, workers=2, name="other")) == out  # no content setting
+    assert "is complete; skipping" in caplog.text
+    assert tables.TRAIN_OUTPUT.manifest(out) == before
+
+
+def test_a_rerun_with_another_lr_stops_naming_it(composed) -> None:
+    conf, out = composed
+    with pytest.raises(tables.OutputChanged) as err:
+        train(replace(conf, lr=1e-4))
+    message = str(err.value)
+    assert "lr: 1e-05 → 0.0001" in message and "--overwrite" in message
+    assert "\n" not in message and tables.TRAIN_OUTPUT.is_complete(out)
 
 
 def test_two_workers_reproduce_one_workers_first_epoch(pairs, tmp_path) -> None:
@@ -115,8 +180,10 @@ def test_two_workers_reproduce_one_workers_first_epoch(pairs, tmp_path) -> None:
     settings = {"epochs": 1, "tuples_per_step": 3, "device_batch": 2, "pool_size": 20}
     one = _epochs(train(_conf(pairs, tmp_path / "one", **settings)))
     two = _epochs(train(_conf(pairs, tmp_path / "two", workers=2, **settings)))
-    print(f"\nepoch-1 loss: 1 worker {one[1]['loss']:.9f}, 2 workers {two[1]['loss']:.9f}; "
-          f"held-out mAP {one[1]['val_map']:.6f} and {two[1]['val_map']:.6f}")  # fmt: skip
+    print(
+        f"\nepoch-1 loss: 1 worker {one[1]['loss']:.9f}, 2 workers {two[1]['loss']:.9f}; "
+        f"held-out mAP {one[1]['val_map']:.6f} and {two[1]['val_map']:.6f}"
+    )
     assert one[1]["steps"] == two[1]["steps"] > 1  # more than one step: updates compared too
     assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-4)
     assert two[1]["val_map"] == pytest.approx(one[1]["val_map"], abs=1e-4)
@@ -172,20 +239,34 @@ def test_cgd_mode_trains_on_classes_and_scores_recall_on_held_out_ones(
     workers, which run elsewhere, get them made absolute."""
     from model.datasets.landmarks import generate
     from model.datasets.landmarks.conf import LandmarksConf
-    from model.networks import load_network
     from pipeline.ingest import IngestConf
     from pipeline.ingest import run as ingest
 
-    small = LandmarksConf(name="landmarks-cgd", num_landmarks=6, views_per_landmark=6,
-                          queries_per_landmark=1, num_distractors=0, image_size=(160, 120),
-                          allow_few_views=True)  # fmt: skip
+    small = LandmarksConf(
+        name="landmarks-cgd",
+        num_landmarks=6,
+        views_per_landmark=6,
+        queries_per_landmark=1,
+        num_distractors=0,
+        image_size=(160, 120),
+        allow_few_views=True,
+    )
     root = generate(small, tmp_path)
     manifest = write_scene_manifest(root, tmp_path / "photos.csv")
     ingest(IngestConf(source=str(manifest), output=str(tmp_path / "run")))
     monkeypatch.chdir(tmp_path)
-    conf = TrainConf(images="run/images.parquet", output="cgd", mode="cgd", name="cgd",
-                     epochs=2, image_size=96, classes_per_batch=2,
-                     photos_per_class=3, held_out=0.34, lr=1e-4)  # fmt: skip
+    conf = TrainConf.from_flags(
+        images="run/images.parquet",
+        output="cgd",
+        mode="cgd",
+        name="cgd",
+        epochs=2,
+        image_size=96,
+        classes_per_batch=2,
+        photos_per_class=3,
+        held_out=0.34,
+        lr=1e-4,
+    )
     best = train(conf)
     assert best == str(tmp_path.resolve() / "cgd")
     payload = json.loads(Path(best, "metrics.json").read_text())
@@ -195,26 +276,45 @@ def test_cgd_mode_trains_on_classes_and_scores_recall_on_held_out_ones(
         assert all(0 <= e[f"val_recall@{k}"] <= 1 for k in (1, 2, 4, 8))
     assert epochs[2]["loss"] < epochs[1]["loss"]  # triplet + label-smoothed cross-entropy
     assert epochs[1]["steps"] == 4 and epochs[1]["images_per_s"] > 0  # 4 classes × 7 / (2 × 3)
-    meta = load_network(best).meta
+    meta = checkpoint.load(best).network.meta
     assert (meta.head, meta.num_classes, meta.descriptors) == ("cgd", 4, "SG")
     assert meta.remove_last_stride and not meta.learn_p  # the CGD paper's defaults
     with pytest.raises(ValueError, match=r"4 training classes: .* = 6 of them"):
-        train(replace(conf, classes_per_batch=3, workers=2))  # named before any worker starts
+        train(conf.replaced(classes_per_batch=3, workers=2, output="other"))  # before any worker
 
 
-def test_bad_settings_are_named_before_anything_runs(tmp_path) -> None:
+def test_bad_settings_are_named_when_they_are_made() -> None:
+    """Each part checks itself: the Python API gets the command line's checks."""
     with pytest.raises(ValueError) as err:
-        train(TrainConf(images=str(tmp_path / "none"), output=str(tmp_path / "o"), workers=3,
-                        tuples_per_step=2, precision="fp16", mode="gem",
-                        trainable_stages=10))  # fmt: skip
+        TrainConf.from_flags(
+            images="i", output="o", workers=3, tuples_per_step=2, precision="fp16", mode="gem"
+        )
     message = str(err.value)
-    assert "--trainable-stages 10: the trunk of --weights imagenet has 9 stages" in message
     assert "--pairs is needed in GeM mode" in message
     assert "--tuples-per-step 2 must be at least --workers 3" in message
     assert "--precision 'fp16'" in message
+    with pytest.raises(ValueError, match="--nnum must be at least 1, not 0"):
+        GemPart(nnum=0)
+    with pytest.raises(ValueError, match=r"--whiten-shrinkage is a share in \[0, 1\], not 2"):
+        LwPart(whiten_shrinkage=2.0)
+    with pytest.raises(ValueError, match="--photos-per-class must be at least 2"):
+        CgdPart(photos_per_class=1)
     with pytest.raises(ValueError, match="--fold-whitening needs --weights"):
-        train(TrainConf(images=str(tmp_path), output=str(tmp_path / "o"), mode="cgd",
-                        fold_whitening=True))  # fmt: skip
+        TrainConf.from_flags(images="i", output="o", mode="cgd", fold_whitening=True)
+
+
+def test_bad_inputs_are_named_before_anything_runs(tmp_path) -> None:
+    with pytest.raises(
+        ValueError, match="--trainable-stages 10: the trunk of --weights imagenet has 9 stages"
+    ):
+        train(
+            TrainConf(
+                images=str(tmp_path), output=str(tmp_path / "o"), mode="cgd", trainable_stages=10
+            )
+        )
     with pytest.raises(ValueError, match=r"--images: .*none"):  # named before any worker starts
-        train(TrainConf(images=str(tmp_path / "none"), output=str(tmp_path / "o"),
-                        pairs=str(tmp_path)))  # fmt: skip
+        train(
+            TrainConf(
+                images=str(tmp_path / "none"), output=str(tmp_path / "o"), pairs=str(tmp_path)
+            )
+        )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.ingest import image_id
+from model.images import image_id
 from pipeline.train.cgd import held_out_recall, split_classes
 from pipeline.train.images import embed, freeze_batchnorm, mean_std, resolve_precision
 
@@ -21,8 +21,10 @@ def test_batched_by_size_equals_one_image_at_a_time() -> None:
     net.train()
     freeze_batchnorm(net)
     rng = np.random.default_rng(0)
-    photos = [rng.integers(0, 256, (64, 96, 3) if i % 3 else (80, 64, 3), dtype=np.uint8)
-              for i in range(7)]  # fmt: skip
+    photos = [
+        rng.integers(0, 256, (64, 96, 3) if i % 3 else (80, 64, 3), dtype=np.uint8)
+        for i in range(7)
+    ]
     device = torch.device("cpu")
     precision = resolve_precision("fp32", device, batch_size=2)
     out = embed(net, photos, mean_std(net, device), precision, device)
@@ -31,8 +33,9 @@ def test_batched_by_size_equals_one_image_at_a_time() -> None:
     torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-4)
     out.sum().backward()
     assert net.backbone.parameters().__next__().grad is not None
-    augmented = embed(net, photos, mean_std(net, device), precision, device,
-                      torch.Generator().manual_seed(1))  # fmt: skip
+    augmented = embed(
+        net, photos, mean_std(net, device), precision, device, torch.Generator().manual_seed(1)
+    )
     assert augmented.shape == out.shape and not torch.allclose(augmented, out)
 
 
@@ -95,13 +98,23 @@ def test_validation_photos_are_extracts_pixels_and_training_photos_near_them(
 def test_an_epoch_is_scored_as_the_run_hands_it_over() -> None:
     """With Lw kept if better, an epoch's figure is the higher of plain and with its Lw; with
     Lw always kept, the Lw figure; without Lw, or in CGD mode, the plain one."""
-    from pipeline.train import TrainConf, _handed_over
+    from pipeline.train import TrainConf, handed_over
 
     gem = TrainConf(pairs="p", images="i", output="o")
     epoch = {"val_map": 0.99, "val_map_lw": 0.97}
-    assert _handed_over(gem, epoch, "val_map") == 0.99
-    assert _handed_over(gem, {**epoch, "val_map_lw": 0.995}, "val_map") == 0.995
-    assert _handed_over(TrainConf(pairs="p", images="i", output="o", keep_whitening="always"),
-                        epoch, "val_map") == 0.97  # fmt: skip
-    assert _handed_over(TrainConf(pairs="p", images="i", output="o", whiten=False),
-                        epoch, "val_map") == 0.99  # fmt: skip
+    assert handed_over(gem, epoch, "val_map") == 0.99
+    assert handed_over(gem, {**epoch, "val_map_lw": 0.995}, "val_map") == 0.995
+    assert (
+        handed_over(
+            TrainConf.from_flags(pairs="p", images="i", output="o", keep_whitening="always"),
+            epoch,
+            "val_map",
+        )
+        == 0.97
+    )
+    assert (
+        handed_over(
+            TrainConf.from_flags(pairs="p", images="i", output="o", whiten=False), epoch, "val_map"
+        )
+        == 0.99
+    )

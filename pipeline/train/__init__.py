@@ -14,19 +14,24 @@ no weight decay on it), exponential decay, BatchNorm frozen (``--freeze-bn``), b
 channels-last on GPUs (``--precision``), augmentation by option.
 
 Every epoch each worker reports ``loss``, the validation figures, ``seconds`` and the run's rate
-(tuples or images per second, all workers together); rank
-0 attaches the checkpoint (``model.pt``, ``meta.json``: the layout ``extract`` and ``evaluate``
-take, plus ``train_state.pt`` to resume). A rerun with the same ``--name`` and storage resumes
-from the latest checkpoint; worker failures are retried (``--max-failures``). At the end the best
-epoch's checkpoint (the off-the-shelf network is epoch 0; in GeM mode with ``--whiten``, best as
-handed over: with its validation's Lw where that is kept) is published to ``OUTPUT`` (a folder
-or ``s3://`` prefix) with ``metrics.json`` (every epoch, the best marked), ``curves.png`` and,
-last, ``_SUCCESS``: a rerun of the same settings finds it and skips; in GeM mode ``--whiten``
-then learns Lw from the training clusters' whitening pairs over that network's descriptors at
-extraction size and stores it as ``OUTPUT/whitening.npz``, which extract and evaluate apply,
-unless it lowers the held-out clusters' mAP (``--keep-whitening``).
-``--fold-whitening`` starts instead from a checkpoint's Lw folded into the head's FC layer
-(W = P, b = −P m), to fine-tune the whitening end to end as the GeM paper does.
+(tuples or images per second, all workers together); rank 0 attaches a checkpoint
+(``model.checkpoint``, plus the optimizer's state to resume). A rerun with the same ``--name``
+and storage resumes from the latest one; worker failures are retried (``--max-failures``). At
+the end the best epoch's network (the off-the-shelf network is epoch 0; in GeM mode with
+``--whiten``, best as handed over: with its validation's Lw where that is kept) is saved as the
+checkpoint of ``OUTPUT`` (a folder or ``s3://`` prefix) with ``metrics.json`` (every epoch, the
+best marked) and ``curves.png``; in GeM mode ``--whiten`` learns Lw from the training clusters'
+whitening pairs over that network's descriptors at extraction size and saves it in the
+checkpoint, which extract and evaluate apply, unless it lowers the held-out clusters' mAP
+(``--keep-whitening``). ``--fold-whitening`` starts instead from a checkpoint's Lw folded into
+the head's FC layer (W = P, b = −P m), to fine-tune the whitening end to end as the GeM paper
+does.
+
+The output's manifest (``tables.TRAIN_OUTPUT``) is written last: its fingerprint holds the
+pairs', the images' and the start weights' identities and the settings that change the
+network. A rerun with the same fingerprint skips; one with only ``--epochs`` raised trains on
+from Ray Train's checkpoints; any other change stops with one line naming it, unless
+``--overwrite`` (which starts the training again).
 
 This module is the driver and the Ray Train loop; the worker side is one module per job:
 ``images``: photos to tensors, augmentation, the network run over many images at once (grouped
@@ -38,122 +43,58 @@ held-out Recall@K; ``collective``: what the workers share (barriers, sums, progr
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import math
 import os
-import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from matplotlib.figure import Figure
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
-from model.cli import location_problems
+from cluster.mining import mining_actor
+from model import checkpoint, storage, tables
+from model.backbones import build_backbone
+from model.cli import location_problems, log_settings
+from model.describer import Describer, NetworkSettings, decode_photo
+from model.networks import (
+    NetworkMeta,
+    RetrievalNet,
+    build_network,
+    fold_whitening,
+    freeze_trunk,
+    parameter_groups,
+)
+from model.training_set import read_training_set
+from model.whitening import WhiteningParams
+from model.whitening_fit import LW_META, held_out_whitening, read_whitening_pairs
+from pipeline.train.cgd import CgdEpochs, split_classes
+from pipeline.train.conf import CgdPart, GemPart, LwPart, TrainConf
+from pipeline.train.gem import GemEpochs
+from pipeline.train.images import photo_bytes, resolve_precision
 
-__all__ = ["TrainConf", "run"]
+__all__ = ["CgdPart", "GemPart", "LwPart", "TrainConf", "handed_over", "initial_network", "run"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("gem", "cgd")
-
-
-@dataclass(frozen=True)
-class TrainConf:
-    """Settings of one training run; every field is a command-line flag."""
-
-    images: str
-    """images.parquet written by pipeline.ingest (the photos' bytes; CGD: their labels)."""
-    output: str
-    """Folder or s3:// prefix: the best checkpoint (model.pt, meta.json, whitening.npz),
-    metrics.json, curves.png, and _SUCCESS (the settings) once the run is whole."""
-    pairs: str | None = None
-    """GeM mode: the folder written by pipeline.pairs (pairs.parquet, pool.parquet)."""
-    mode: Literal["gem", "cgd"] = "gem"
-    """gem (SfM pairs, contrastive loss, mined negatives) or cgd (class labels)."""
-    weights: str = "imagenet"
-    """Start from ImageNet Lite0 (+ GeM, or + the CGD head), or from a checkpoint directory."""
-    name: str = "cirray-train"
-    storage_path: str | None = None
-    """Ray Train's storage (local or s3://); default OUTPUT/ray. Same name + storage: resume."""
-    workers: int = 1
-    use_gpu: bool = False
-    epochs: int = 5
-    lr: float = 1e-6
-    """Adam's rate: small, as fine-tuning ImageNet weights on few photos wants."""
-    lr_decay: float = math.exp(-0.01)
-    """Per epoch, as the GeM paper's exp(-0.01)."""
-    weight_decay: float = 1e-6
-    margin: float | None = None
-    """GeM: contrastive margin, default 0.7 for Lite0's GeM descriptors (the paper: 0.85 for
-    ResNet-101). CGD: batch-hard triplet margin, default 0.1 (the paper's)."""
-    image_size: int | None = None
-    """GeM: longest side, default 362 (the paper's). CGD: the square side, default 224."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto (bf16 + channels-last on GPUs, fp32 on CPUs), fp32 or bf16."""
-    device_batch: int | None = None
-    """Images per forward pass (one image size each): default 64 on a GPU, 16 on a CPU."""
-    augment: bool = False
-    """Random crops, flips and brightness/contrast jitter of the training images."""
-    freeze_bn: bool = True
-    trainable_stages: int | None = None
-    """Train only the trunk's last N stages and the head, the others kept at their start
-    weights (Lite0 has 9: the stem, 7 block stages, the head convolution); unset: all."""
-    held_out: float = 0.2
-    """GeM: share of the queries whose clusters are held out; CGD: share of the classes."""
-    max_failures: int = 1
-    seed: int = 0
-    # GeM mode
-    nnum: int = 5
-    """GeM mode: hard negatives per query (nearest of other clusters, one per cluster)."""
-    queries: int = 2000
-    """Queries per epoch (all when there are fewer)."""
-    pool_size: int | None = None
-    """Negatives from a seeded sample of this many training photos each epoch (the epoch's
-    queries among them); default the whole training collection."""
-    tuples_per_step: int = 5
-    """Tuples per optimizer step, all workers together (the reference's batch of 5)."""
-    val_size: int | None = None
-    """GeM mode: longest side at which validation describes the photos; default --whiten-size
-    (extract's size: the epoch is chosen by how it will be used; at 362 px the ranking of
-    epochs differed). At the training size one description an epoch serves mining too."""
-    whiten: bool = True
-    """After training, learn Lw from the training clusters' pairs → OUTPUT/whitening.npz."""
-    whiten_size: int = 1024
-    """Longest side of the descriptors Lw is learned on (extract's default)."""
-    whiten_shrinkage: float | None = None
-    """Lw's shrinkage toward the identity in [0, 1] (0: the paper's Lw); unset: chosen by
-    cross-validation over the training clusters (pipeline.whiten's --shrinkage)."""
-    whiten_dim: int | None = None
-    """Lw's output size; unset: chosen by the same cross-validation."""
-    keep_whitening: Literal["if-better", "always"] = "if-better"
-    """Store Lw only when it does not lower the held-out clusters' mAP at --whiten-size."""
-    fold_whitening: bool = False
-    """Start from --weights' whitening.npz folded into the head's FC layer (W = P, b = −P m)."""
-    # CGD mode
-    label_column: str = "auto"
-    """The images.parquet column naming each photo's class: label, scene (a folder per class
-    ingests as scenes), or auto (label where photos have one, else scene)."""
-    classes_per_batch: int = 8
-    """P of the P×K batches, per worker."""
-    photos_per_class: int = 4
-    """K of the P×K batches."""
-    label_smoothing: float = 0.1
-    temperature: float = 0.5
-    cgd_descriptors: str = "SG"
-    cgd_dim: int = 1536
-
-    def settings(self) -> dict[str, Any]:
-        """The fields with each mode's defaults filled in (what the workers run with)."""
-        gem = self.mode == "gem"
-        return {
-            **asdict(self),
-            "margin": self.margin if self.margin is not None else (0.7 if gem else 0.1),
-            "image_size": self.image_size or (362 if gem else 224),
-            "val_size": self.val_size or self.whiten_size,
-        }
+_START_IDENTITY = {
+    "gem": "imagenet/efficientnet_lite0/gem/p3.0",
+    "cgd": "imagenet/efficientnet_lite0/cgd",
+}
+"""The identity of the packaged start weights of each mode."""
+_TRAIN_STATE = "train_state.pt"
+"""The optimizer's state beside each epoch's checkpoint in Ray Train's storage."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,39 +102,29 @@ class TrainConf:
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker (``config``: the settings, the mode's data, the mining actor)."""
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch
-    from ray.train import Checkpoint
-
-    from model.networks import freeze_trunk, parameter_groups, save_network
-    from pipeline.train.images import resolve_precision
-
+    """One Ray Train worker (``config``: the resolved ``TrainConf``, the mode's data, the mining
+    actor)."""
     conf = config["conf"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    print(f"cirray-train {conf['name']} rank {rank} of {world} pid {os.getpid()}", flush=True)
+    print(f"cirray-train {conf.name} rank {rank} of {world} pid {os.getpid()}", flush=True)
     device = ray.train.torch.get_device()
-    precision = resolve_precision(conf["precision"], device, conf["device_batch"])
-    mode = _epochs_class(conf["mode"])(conf, config["data"], precision, device, rank, world)
-    torch.manual_seed(conf["seed"])
+    precision = resolve_precision(conf.precision, device, conf.device_batch)
+    mode = _epochs_class(conf.mode)(conf, config["data"], precision, device, rank, world)
+    torch.manual_seed(conf.seed)
     net = initial_network(conf, getattr(mode, "num_classes", 0)).to(device)
-    if conf["trainable_stages"] is not None:
-        freeze_trunk(net, conf["trainable_stages"])
+    if conf.trainable_stages is not None:
+        freeze_trunk(net, conf.trainable_stages)
     if precision.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(
-        parameter_groups(net, conf["lr"], conf["weight_decay"]), lr=conf["lr"]
-    )
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=conf["lr_decay"])
+    optimizer = torch.optim.Adam(parameter_groups(net, conf.lr, conf.weight_decay), lr=conf.lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=conf.lr_decay)
     start_epoch, steps, start = 1, 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "train_state.pt", map_location=device)
-            net.load_state_dict(torch.load(Path(folder) / "model.pt", map_location=device))
+    saved = ray.train.get_checkpoint()
+    if saved:
+        with saved.as_directory() as folder:
+            state = torch.load(Path(folder) / _TRAIN_STATE, map_location=device)
+            net.load_state_dict(checkpoint.load(folder, device=str(device)).network.state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, steps, start = state["epoch"] + 1, state["steps"], state["start"]
@@ -205,71 +136,74 @@ def train_loop(config: dict[str, Any]) -> None:
         # forward passes per step: DDP must not broadcast buffers in each one (a collective the
         # others would never join). Frozen BatchNorm has no buffers to keep in step anyway; CGD's
         # square photos in equal blocks give every worker the same passes.
-        kwargs = {"forward_sync_buffers": conf["mode"] == "cgd" and not conf["freeze_bn"]}
+        kwargs = {"forward_sync_buffers": conf.mode == "cgd" and not conf.freeze_bn}
         model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=kwargs)
-    rate = "tuples_per_s" if conf["mode"] == "gem" else "images_per_s"
+    rate = "tuples_per_s" if conf.mode == "gem" else "images_per_s"
 
-    for epoch in range(start_epoch, conf["epochs"] + 1):
+    for epoch in range(start_epoch, conf.epochs + 1):
         started = time.perf_counter()
         done = mode.epoch(model, net, optimizer, epoch)
         scheduler.step()
         steps += done["steps"]
-        figures = mode.validate(net, epoch + 1 if epoch < conf["epochs"] else None)
+        figures = mode.validate(net, epoch + 1 if epoch < conf.epochs else None)
         seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch, "loss": done["loss"], "seconds": seconds,
-                   rate: done["items"] / seconds, "steps": steps, "start": start,
-                   "steps_seconds": done["steps_seconds"], **figures}  # fmt: skip
+        metrics = {
+            "epoch": epoch,
+            "loss": done["loss"],
+            "seconds": seconds,
+            rate: done["items"] / seconds,
+            "steps": steps,
+            "start": start,
+            "steps_seconds": done["steps_seconds"],
+            **figures,
+        }
         if rank != 0:
             ray.train.report(metrics)
             continue
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "steps": steps,
+            "start": start,
+        }
         with tempfile.TemporaryDirectory() as folder:
-            save_network(net, folder)
-            mode.add_to_checkpoint(Path(folder))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "epoch": epoch, "steps": steps, "start": start},
-                       Path(folder) / "train_state.pt")  # fmt: skip
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+            lw = mode.checkpoint_whitening()
+            checkpoint.save(folder, net, lw[:2] if lw else None, whitening_meta=lw and lw[2])
+            torch.save(state, Path(folder) / _TRAIN_STATE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def _epochs_class(mode: str) -> Any:
-    if mode == "gem":
-        from pipeline.train.gem import GemEpochs
-
-        return GemEpochs
-    from pipeline.train.cgd import CgdEpochs
-
-    return CgdEpochs
+    return GemEpochs if mode == "gem" else CgdEpochs
 
 
-def initial_network(conf: dict[str, Any], num_classes: int = 0) -> Any:
+def initial_network(conf: TrainConf, num_classes: int = 0) -> RetrievalNet:
     """The network a run starts from: ImageNet Lite0 with the mode's head, or ``--weights``'
     checkpoint (its Lw folded into the head with ``--fold-whitening``)."""
-    from model.networks import NetworkMeta, build_network, fold_whitening, load_network
-
-    if conf["weights"] == "imagenet":
-        if conf["mode"] == "cgd":
-            meta = NetworkMeta(backbone="efficientnet_lite0", head="cgd",
-                               descriptors=conf["cgd_descriptors"], dim=conf["cgd_dim"],
-                               num_classes=num_classes)  # fmt: skip
+    if conf.weights == "imagenet":
+        if conf.mode == "cgd":
+            meta = NetworkMeta(
+                backbone="efficientnet_lite0",
+                head="cgd",
+                descriptors=conf.cgd.cgd_descriptors,
+                dim=conf.cgd.cgd_dim,
+                num_classes=num_classes,
+            )
         else:
             meta = NetworkMeta(backbone="efficientnet_lite0", pooling="gem", p=3.0, learn_p=True)
         return build_network(meta, "imagenet")
-    net = load_network(conf["weights"])
-    if conf["mode"] == "cgd" and (net.meta.head != "cgd" or net.meta.num_classes != num_classes):
+    start = checkpoint.load(conf.weights)
+    net = start.network.train()
+    if conf.mode == "cgd" and (net.meta.head != "cgd" or net.meta.num_classes != num_classes):
         raise ValueError(
-            f"--weights {conf['weights']} is a {net.meta.head} network with "
+            f"--weights {conf.weights} is a {net.meta.head} network with "
             f"{net.meta.num_classes} classes; CGD mode here needs a CGD head with {num_classes}"
         )
-    if conf["fold_whitening"]:
-        from model import storage
-        from model.whitening import load_whitening
-        from model.whitening_fit import WHITENING_FILE
-
-        lw = storage.join(conf["weights"], WHITENING_FILE)
-        if not storage.is_file(lw):
-            raise ValueError(f"--fold-whitening: {conf['weights']} has no {WHITENING_FILE}")
-        params = load_whitening(lw)
-        net = fold_whitening(net, params.m, params.P)
+    if conf.lw.fold_whitening:
+        if start.whitening is None:
+            raise ValueError(f"--fold-whitening: {conf.weights} has no learned whitening")
+        net = fold_whitening(net, start.whitening.m, start.whitening.P)
     return net
 
 
@@ -277,64 +211,153 @@ def initial_network(conf: dict[str, Any], num_classes: int = 0) -> Any:
 # The driver's side
 
 
-def _check(conf: TrainConf) -> None:
-    from pipeline.train.images import PRECISIONS
+def run(conf: TrainConf) -> str:
+    """Train; returns ``OUTPUT``, which holds the best epoch's checkpoint."""
+    _check(conf)
+    conf = _with_absolute_paths(conf).resolved()
+    log_settings(logger, "train", conf.settings())
+    out = conf.output
+    inputs = _inputs(conf)
+    settings = conf.content_settings()
+    action = _plan(conf, inputs, settings)
+    if action == "skip":
+        logger.info("%s is complete; skipping", out)
+        return out
+    data = _mode_data(conf)
+    num_classes = _num_classes(conf, data)
+    result = _fit(conf, data)
+    summary = _finish(conf, result, data, num_classes)
+    tables.TRAIN_OUTPUT.publish(out, inputs=inputs, settings=settings, details=summary)
+    return out
 
+
+def _inputs(conf: TrainConf) -> dict[str, tables.Manifest | str]:
+    """What the run is made from: the images and pairs outputs, and the start weights."""
+    inputs: dict[str, tables.Manifest | str] = {
+        "images": tables.IMAGES_OUTPUT.manifest(conf.images)
+    }
+    if conf.mode == "gem":
+        inputs["pairs"] = tables.PAIRS_OUTPUT.manifest(conf.pairs)
+    if checkpoint.is_checkpoint(conf.weights):
+        inputs["start"] = checkpoint.identity(conf.weights)
+    else:
+        inputs["start"] = _START_IDENTITY[conf.mode]
+    return inputs
+
+
+def _identities(inputs: dict[str, tables.Manifest | str]) -> dict[str, str]:
+    return {k: v.identity if isinstance(v, tables.Manifest) else v for k, v in inputs.items()}
+
+
+def _plan(conf: TrainConf, inputs: dict[str, tables.Manifest | str], settings: dict) -> str:
+    """``skip``; ``resume`` (train on from Ray Train's checkpoints of the run: a first or
+    interrupted run, or the same one with ``--epochs`` raised); or ``restart`` (the output is
+    replaced, and the run's checkpoints with it: other inputs, or ``--overwrite``).
+
+    ``OutputChanged`` names any other change of settings."""
+    identities = _identities(inputs)
+    try:
+        existing = tables.TRAIN_OUTPUT.existing(conf.output)
+    except ValueError:  # unfinished: Ray Train's checkpoints resume it
+        existing = None
+    if existing is not None and _only_more_epochs(existing, identities, settings):
+        logger.info(
+            "%s: --epochs raised from %s; training on", conf.output, existing.settings["epochs"]
+        )
+        tables.TRAIN_OUTPUT.unpublish(conf.output)
+        return "resume"
+    action, _ = tables.TRAIN_OUTPUT.plan(
+        conf.output, identities, settings, overwrite=conf.overwrite
+    )
+    if action == "skip":
+        return "skip"
+    if existing is None:
+        return "resume"
+    tables.TRAIN_OUTPUT.unpublish(conf.output)
+    storage.remove(storage.join(conf.storage_path or _default_storage(conf.output), conf.name))
+    return "restart"
+
+
+def _only_more_epochs(existing: tables.Manifest, inputs: dict[str, str], settings: dict) -> bool:
+    """Whether ``settings`` differ from the existing output's only by more epochs."""
+    before = existing.settings
+    return (
+        existing.inputs == inputs
+        and settings["epochs"] > before.get("epochs", settings["epochs"])
+        and not existing.changed_settings({**settings, "epochs": before["epochs"]})
+    )
+
+
+def _num_classes(conf: TrainConf, data: dict[str, Any]) -> int:
+    """CGD mode: the training classes (checked against a step's batch); GeM mode: 0."""
+    if conf.mode != "cgd":
+        return 0
+    labels = np.asarray(data["labels"])
+    train_rows, _ = split_classes(labels, conf.held_out, conf.seed)
+    num_classes = len(set(labels[train_rows].tolist()))
+    if num_classes < conf.cgd.classes_per_batch * conf.workers:
+        raise ValueError(
+            f"{num_classes} training classes: a step's P×K batch needs --classes-per-batch "
+            f"{conf.cgd.classes_per_batch} × --workers {conf.workers} = "
+            f"{conf.cgd.classes_per_batch * conf.workers} of them; ask for fewer"
+        )
+    return num_classes
+
+
+def _fit(conf: TrainConf, data: dict[str, Any]) -> Any:
+    """Ray Train's run of ``train_loop`` on ``conf.workers`` workers (the mining actors of the
+    GeM mode beside them); its result."""
+    if not ray.is_initialized():
+        ray.init()
+    actors = []
+    if conf.mode == "gem":
+        actors.append(mining_actor(num_cpus=0, gpu=conf.use_gpu))
+        data = {**data, "mining": actors[-1]}
+        if conf.gem.val_size != conf.image_size:  # the held-out vectors' mailbox
+            actors.append(mining_actor(num_cpus=0, gpu=False))
+            data["validation"] = actors[-1]
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"conf": conf, "data": data},
+        scaling_config=ScalingConfig(num_workers=conf.workers, use_gpu=conf.use_gpu),
+        run_config=RunConfig(
+            name=conf.name,
+            storage_path=conf.storage_path or _default_storage(conf.output),
+            failure_config=FailureConfig(max_failures=conf.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    try:
+        return trainer.fit()
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _check(conf: TrainConf) -> None:
+    """What the settings' own checks cannot see: the locations, the start weights and the
+    images output (named here, not retried as a worker's failure there)."""
     problems = []
-    names = ("workers", "epochs", "nnum", "queries", "tuples_per_step", "classes_per_batch",
-             "photos_per_class", "whiten_size", "cgd_dim")  # fmt: skip
-    for name in names:
-        if getattr(conf, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    if conf.mode not in MODES:
-        problems.append(f"--mode {conf.mode!r}: use gem or cgd")
-    if conf.mode == "gem" and not conf.pairs:
-        problems.append("--pairs is needed in GeM mode (the folder pipeline.pairs wrote)")
-    if conf.mode == "gem" and conf.tuples_per_step < conf.workers:
-        problems.append(f"--tuples-per-step {conf.tuples_per_step} must be at least --workers "
-                        f"{conf.workers} (every worker computes a share of each step)")  # fmt: skip
-    if conf.mode == "cgd" and conf.photos_per_class < 2:
-        problems.append("--photos-per-class must be at least 2 (a positive in every batch)")
-    if conf.precision not in PRECISIONS:
-        problems.append(f"--precision {conf.precision!r}: use one of {', '.join(PRECISIONS)}")
-    if conf.lr <= 0:
-        problems.append(f"--lr must be positive, not {conf.lr}")
-    if not 0 < conf.held_out < 1:
-        problems.append(f"--held-out is a share in (0, 1), not {conf.held_out}")
-    if conf.val_size is not None and conf.val_size < 64:
-        problems.append(f"--val-size must be at least 64, not {conf.val_size}")
-    if conf.image_size is not None and conf.image_size < 64:
-        problems.append(f"--image-size must be at least 64, not {conf.image_size}")
-    if conf.pool_size is not None and conf.pool_size < 2:
-        problems.append(f"--pool-size must be at least 2, not {conf.pool_size}")
-    if conf.whiten_shrinkage is not None and not 0 <= conf.whiten_shrinkage <= 1:
-        problems.append(f"--whiten-shrinkage is a share in [0, 1], not {conf.whiten_shrinkage}")
-    if conf.whiten_dim is not None and conf.whiten_dim < 1:
-        problems.append(f"--whiten-dim must be at least 1, not {conf.whiten_dim}")
     if conf.trainable_stages is not None:
         stages = _trunk_stages(conf.weights)
         if not 0 <= conf.trainable_stages <= stages:
-            problems.append(f"--trainable-stages {conf.trainable_stages}: the trunk of "
-                            f"--weights {conf.weights} has {stages} stages")  # fmt: skip
-    if conf.margin is not None and conf.margin <= 0:
-        problems.append(f"--margin must be positive, not {conf.margin}")
-    if conf.fold_whitening:
-        from model import storage
-        from model.whitening_fit import WHITENING_FILE
-
-        if conf.weights == "imagenet":
-            problems.append("--fold-whitening needs --weights: a checkpoint with a whitening.npz")
-        elif not storage.is_file(storage.join(conf.weights, WHITENING_FILE)):
-            problems.append(f"--fold-whitening: {conf.weights} has no {WHITENING_FILE}")
-    locations = {"images": conf.images, "output": conf.output,
-                 **({"pairs": conf.pairs} if conf.pairs else {}),
-                 **({"storage_path": conf.storage_path} if conf.storage_path else {})}  # fmt: skip
+            problems.append(
+                f"--trainable-stages {conf.trainable_stages}: the trunk of "
+                f"--weights {conf.weights} has {stages} stages"
+            )
+    lw = storage.join(conf.weights, checkpoint.WHITENING_FILE)
+    if conf.lw.fold_whitening and conf.weights != "imagenet" and not storage.is_file(lw):
+        problems.append(f"--fold-whitening: {conf.weights} has no learned whitening")
+    locations = {
+        "images": conf.images,
+        "output": conf.output,
+        **({"pairs": conf.pairs} if conf.pairs else {}),
+        **({"storage_path": conf.storage_path} if conf.storage_path else {}),
+    }
     problems += location_problems(**locations)
     if not problems:
-        from pipeline.ingest import read_images
-
-        try:  # the workers read it; a wrong path is named here, not retried as a failure there
-            read_images(conf.images, ["image_id"])
+        try:
+            tables.IMAGES_OUTPUT.manifest(conf.images)
         except (OSError, ValueError) as err:
             problems.append(f"--images: {err}")
     if problems:
@@ -344,13 +367,10 @@ def _check(conf: TrainConf) -> None:
 def _trunk_stages(weights: str) -> int:
     """How many stages the trunk that training starts from has (0 for a missing checkpoint:
     named apart)."""
-    from model import storage
-    from model.backbones import build_backbone
-
     name = "efficientnet_lite0"
     if weights != "imagenet":
         try:
-            name = json.loads(storage.read_text(storage.join(weights, "meta.json")))["backbone"]
+            name = checkpoint.read_meta(weights)["backbone"]
         except (OSError, ValueError, KeyError):
             return 0
     return len(build_backbone(name, None).stages())
@@ -359,18 +379,17 @@ def _trunk_stages(weights: str) -> int:
 def _mode_data(conf: TrainConf) -> dict[str, Any]:
     """What the workers of ``conf.mode`` train on (read once, on the driver)."""
     if conf.mode == "gem":
-        from model.training_set import read_training_set
-        from model.whitening_fit import read_whitening_pairs
-
-        return {"training_set": read_training_set(conf.pairs),
-                "whitening_pairs": read_whitening_pairs(conf.pairs)}  # fmt: skip
-    from pipeline.ingest import read_images
-
-    columns = ["label", "scene"] if conf.label_column == "auto" else [conf.label_column]
+        return {
+            "training_set": read_training_set(conf.pairs),
+            "whitening_pairs": read_whitening_pairs(conf.pairs),
+        }
+    columns = ["label", "scene"] if conf.cgd.label_column == "auto" else [conf.cgd.label_column]
     try:
-        table = read_images(conf.images, ["image_id", *columns], ok_only=True)
+        table = tables.IMAGES.read(
+            conf.images, ["image_id", *columns], filter=pc.field("error").is_null()
+        )
     except ValueError as err:
-        raise ValueError(f"--label-column {conf.label_column!r}: {err}") from err
+        raise ValueError(f"--label-column {conf.cgd.label_column!r}: {err}") from err
     ids = table.column("image_id").to_pylist()
     for column in columns:
         kept = [(i, c) for i, c in zip(ids, table.column(column).to_pylist(), strict=True) if c]
@@ -380,237 +399,189 @@ def _mode_data(conf: TrainConf) -> dict[str, Any]:
     raise ValueError(f"--images {conf.images}: no photo has a {' or '.join(columns)}")
 
 
-def run(conf: TrainConf) -> str:
-    """Train; returns ``OUTPUT``, which holds the best epoch's checkpoint."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    _check(conf)
-    conf = _with_absolute_paths(conf)
-    if _is_done(conf):
-        logger.info("%s holds this run's result already; skipping", conf.output)
-        return conf.output.rstrip("/")
-    data = _mode_data(conf)
-    num_classes = 0
-    if conf.mode == "cgd":
-        from pipeline.train.cgd import split_classes
-
-        train_rows, _ = split_classes(np.asarray(data["labels"]), conf.held_out, conf.seed)
-        num_classes = len(set(np.asarray(data["labels"])[train_rows].tolist()))
-        if num_classes < conf.classes_per_batch * conf.workers:
-            raise ValueError(
-                f"{num_classes} training classes: a step's P×K batch needs --classes-per-batch "
-                f"{conf.classes_per_batch} × --workers {conf.workers} = "
-                f"{conf.classes_per_batch * conf.workers} of them; ask for fewer"
-            )
-    if not ray.is_initialized():
-        ray.init()
-    storage_path = conf.storage_path or _default_storage(conf.output)
-    actors = []
-    if conf.mode == "gem":
-        from cluster.mining import mining_actor
-
-        actors.append(mining_actor(num_cpus=0, gpu=conf.use_gpu))
-        data["mining"] = actors[-1]
-        settings = conf.settings()
-        if settings["val_size"] != settings["image_size"]:  # the held-out vectors' mailbox
-            actors.append(mining_actor(num_cpus=0, gpu=False))
-            data["validation"] = actors[-1]
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"conf": conf.settings(), "data": data},
-        scaling_config=ScalingConfig(num_workers=conf.workers, use_gpu=conf.use_gpu),
-        run_config=RunConfig(
-            name=conf.name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=conf.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    with tempfile.TemporaryDirectory(prefix="cirray-train-") as staging:
-        _finish(conf, result, Path(staging), data, num_classes)
-        _publish(Path(staging), conf)
-    return conf.output.rstrip("/")
-
-
 def _with_absolute_paths(conf: TrainConf) -> TrainConf:
-    """``conf`` with its local paths absolute: Ray Train's workers do not run in the driver's
+    """``conf`` with its local paths resolved: Ray Train's workers do not run in the driver's
     folder, so ``--images run/images.parquet`` must reach them as the driver means it.
     ``--weights`` changes only when it names an existing path (not ``imagenet``)."""
-    from dataclasses import replace
-
-    from model import storage
 
     def absolute(uri: str | None, must_exist: bool = False) -> str | None:
-        if uri is None or storage.is_remote(uri):
+        if uri is None or (must_exist and not storage.exists(uri)):
             return uri
-        path = storage.local_path(uri)
-        return uri if must_exist and not path.exists() else str(path.resolve())
+        return tables.resolve(uri)
 
-    return replace(conf, pairs=absolute(conf.pairs), images=absolute(conf.images),
-                   output=absolute(conf.output), storage_path=absolute(conf.storage_path),
-                   weights=absolute(conf.weights, must_exist=True))  # fmt: skip
+    return replace(
+        conf,
+        pairs=absolute(conf.pairs),
+        images=absolute(conf.images),
+        output=absolute(conf.output),
+        storage_path=absolute(conf.storage_path),
+        weights=absolute(conf.weights, must_exist=True),
+    )
 
 
 def _default_storage(output: str) -> str:
     """Ray Train's storage when ``--storage-path`` is not given: ``OUTPUT/ray``."""
-    from model import storage
-
-    return (
-        storage.join(output, "ray")
-        if storage.is_remote(output)
-        else str((Path(output) / "ray").resolve())
-    )
+    return storage.join(output, "ray")
 
 
-def _is_done(conf: TrainConf) -> bool:
-    """Whether ``OUTPUT`` holds a finished run of exactly these settings (its marker)."""
-    from model import storage
-
-    marker = storage.join(conf.output, storage.SUCCESS)
-    try:
-        return json.loads(storage.read_text(marker)) == conf.settings()
-    except (FileNotFoundError, ValueError):
-        return False
-
-
-def _publish(staging: Path, conf: TrainConf) -> None:
-    """``staging``'s files into ``OUTPUT`` (local or ``s3://``), beside Ray's storage there.
-
-    The marker goes first and comes back last with the run's settings; ``meta.json``, which
-    marks a checkpoint, is removed before and written after the weights and Lw it describes: a
-    reader never pairs an old ``meta.json`` with new weights, nor sees a half-written output
-    that looks whole.
-    """
-    from model import storage
-    from model.whitening_fit import WHITENING_FILE
-
-    out = conf.output.rstrip("/")
-    storage.remove(storage.join(out, storage.SUCCESS))
-    for stale in ("meta.json", "model.pt", WHITENING_FILE):
-        storage.remove(storage.join(out, stale))
-    files = sorted(staging.iterdir(), key=lambda f: (f.name == "meta.json", f.name))
-    for path in files:
-        storage.write_bytes(storage.join(out, path.name), path.read_bytes())
-    storage.write_text(storage.join(out, storage.SUCCESS), json.dumps(conf.settings()))
-
-
-def _finish(conf: TrainConf, result: Any, target: Path, data: dict[str, Any],
-            num_classes: int) -> None:  # fmt: skip
-    """The best epoch's checkpoint, its Lw, ``metrics.json`` and ``curves.png`` into the local
-    folder ``target``."""
+def _finish(conf: TrainConf, result: Any, data: dict[str, Any], num_classes: int) -> dict:
+    """The best epoch's network and its Lw saved as ``OUTPUT``'s checkpoint, with
+    ``metrics.json`` and ``curves.png``; returns the run's summary (the manifest's details)."""
     score = _epochs_class(conf.mode).score
     history = _history(result)
     scored = [h for h in history if h.get(score) is not None]
     # ties (Lw can saturate a small held-out set) go to the better plain network, then the
     # earlier epoch
-    best = max(scored, key=lambda h: (_handed_over(conf, h, score), h[score], -h["epoch"]))
+    best = max(scored, key=lambda h: (handed_over(conf, h, score), h[score], -h["epoch"]))
     for h in history:
         h["best"] = h["epoch"] == best["epoch"]
+    net, stored = _best_network(conf, result, best, num_classes)
+    summary: dict[str, Any] = {
+        "best_epoch": best["epoch"],
+        "score": score,
+        "selected_by": _selection(conf, score),
+    }
+    whitening = None
+    if conf.mode == "gem" and conf.lw.whiten:
+        summary["whitening"], whitening = _learn_whitening(conf, net, stored, data, best)
+    summary["checkpoint"] = checkpoint.save(conf.output, net, whitening)
+    payload = {"settings": conf.settings(), "epochs": history, **summary}
+    storage.write_text(storage.join(conf.output, "metrics.json"), json.dumps(payload, indent=2))
+    kept = handed_over(conf, best, score)
+    storage.write_bytes(storage.join(conf.output, "curves.png"), _curves(history, score, kept))
+    start = history[0] if history[0].get(score) is not None else None
+    logger.info(
+        "kept epoch %d: %s %.4f (epoch 0: %s) → %s",
+        best["epoch"],
+        summary["selected_by"],
+        kept,
+        start and round(handed_over(conf, start, score), 4),
+        conf.output,
+    )
+    return {**summary, score: best[score]}
+
+
+def _best_network(
+    conf: TrainConf, result: Any, best: dict[str, Any], num_classes: int
+) -> tuple[RetrievalNet, WhiteningParams | None]:
+    """The network of the best epoch and the Lw its validation learned (when it did so at
+    ``--whiten-size``); epoch 0 is the network the workers started from."""
     if best["epoch"] == 0:
         logger.warning("no epoch beat the network it started from; keeping that one")
-        import torch
-
-        from model.networks import save_network
-
         torch.manual_seed(conf.seed)  # the workers' start, head included
-        save_network(initial_network(conf.settings(), num_classes), target)
-    else:
-        checkpoint = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
-        with checkpoint.as_directory() as folder:
-            shutil.copy2(Path(folder) / "model.pt", target / "model.pt")
-            shutil.copy2(Path(folder) / "meta.json", target / "meta.json")
-    payload: dict[str, Any] = {"settings": conf.settings(), "epochs": history,
-                               "best_epoch": best["epoch"], "score": score,
-                               "selected_by": _selection(conf, score)}  # fmt: skip
-    if conf.mode == "gem" and conf.whiten:
-        payload["whitening"] = _learn_whitening(conf, target, data, result, best)
-    (target / "metrics.json").write_text(json.dumps(payload, indent=2))
-    kept = _handed_over(conf, best, score)
-    _curves(history, target / "curves.png", score, kept)
-    start = history[0] if history[0].get(score) is not None else None
-    logger.info("kept epoch %d: %s %.4f (epoch 0: %s) → %s", best["epoch"],
-                payload["selected_by"], kept, start and round(_handed_over(conf, start, score), 4),
-                conf.output)  # fmt: skip
+        return initial_network(conf, num_classes), None
+    saved = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
+    with saved.as_directory() as folder:
+        loaded = checkpoint.load(folder)
+    return loaded.network, loaded.whitening
 
 
 def _selection(conf: TrainConf, score: str) -> str:
     """How the kept epoch is chosen: by the figure of what the run hands over."""
-    if conf.mode != "gem" or not conf.whiten:
+    if conf.mode != "gem" or not conf.lw.whiten:
         return score
-    return "val_map_lw" if conf.keep_whitening == "always" else "max(val_map, val_map_lw)"
+    return "val_map_lw" if conf.lw.keep_whitening == "always" else "max(val_map, val_map_lw)"
 
 
-def _handed_over(conf: TrainConf, epoch: dict[str, Any], score: str) -> float:
+def handed_over(conf: TrainConf, epoch: dict[str, Any], score: str) -> float:
     """``epoch``'s held-out figure as the run would hand it over: with the Lw its validation
     learned when the run keeps one (``--keep-whitening always``, or ``if-better`` where it
     raises the figure), so that an epoch is not kept for a plain figure its Lw undoes."""
     plain, lw = epoch[score], epoch.get("val_map_lw")
-    if conf.mode != "gem" or not conf.whiten or lw is None:
+    if conf.mode != "gem" or not conf.lw.whiten or lw is None:
         return plain
-    return lw if conf.keep_whitening == "always" else max(plain, lw)
+    return lw if conf.lw.keep_whitening == "always" else max(plain, lw)
 
 
-def _learn_whitening(conf: TrainConf, target: Path, data: dict[str, Any], result: Any,
-                     best: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def _learn_whitening(
+    conf: TrainConf,
+    net: RetrievalNet,
+    stored: WhiteningParams | None,
+    data: dict[str, Any],
+    best: dict[str, Any],
+) -> tuple[dict[str, Any], WhiteningParams | None]:
     """Lw of the best network from the training clusters' whitening pairs, over its
-    descriptors at ``--whiten-size``, into ``target/whitening.npz``; returns what it learned
-    from and the held-out clusters' mAP at that size without and with it. The best epoch's
-    validation learned it already when it ran at that size (its checkpoint holds it);
-    otherwise the best network describes the collection at that size here."""
-    from model.whitening import load_whitening, save_whitening
-    from model.whitening_fit import LW_META, WHITENING_FILE
-
-    stored = None
-    if conf.settings()["val_size"] == conf.whiten_size and best["epoch"] > 0:
-        checkpoint = next(c for c, m in result.best_checkpoints if m["epoch"] == best["epoch"])
-        with checkpoint.as_directory() as folder:
-            if (Path(folder) / WHITENING_FILE).is_file():
-                stored = load_whitening(Path(folder) / WHITENING_FILE)
+    descriptors at ``--whiten-size``: what it learned from, the held-out clusters' mAP at that
+    size without and with it, and the Lw to keep (``None`` when it is not kept). The best
+    epoch's validation learned it already when it ran at that size (``stored``); otherwise the
+    network describes the pool's photos at that size here."""
     if stored is not None:
         m, P = stored.m, stored.P
         how = {**stored.meta, "val_map": best["val_map"], "val_map_lw": best["val_map_lw"]}
     else:
         try:
-            m, P, how = _whitening_at_size(conf, target, data)
+            m, P, how = _whitening_at_size(conf, net, data)
         except ValueError as err:
             logger.warning("no whitening learned: %s", err)
-            return {"learned": False, "reason": str(err)}
-    found: dict[str, Any] = {"learned": True, **how, "max_size": conf.whiten_size}
+            return {"learned": False, "reason": str(err)}, None
+    found: dict[str, Any] = {"learned": True, **how, "max_size": conf.lw.whiten_size}
     lower = found.get("val_map_lw", 1.0) < found.get("val_map", 0.0)
-    found["kept"] = conf.keep_whitening == "always" or not lower
+    found["kept"] = conf.lw.keep_whitening == "always" or not lower
     if not found["kept"]:  # Lw from few pairs can overfit: scenes never seen decide
-        logger.warning("Lw lowers the held-out mAP (%.4f → %.4f): not kept (--keep-whitening "
-                       "always keeps it)", found["val_map"], found["val_map_lw"])  # fmt: skip
-        return found
-    lw_meta = {k: v for k, v in how.items() if k in LW_META}
-    save_whitening(target / WHITENING_FILE, m, P, **lw_meta, pairs_uri=conf.pairs,
-                   max_size=conf.whiten_size, network={"checkpoint": conf.output})  # fmt: skip
-    return found
+        logger.warning(
+            "Lw lowers the held-out mAP (%.4f → %.4f): not kept (--keep-whitening always keeps it)",
+            found["val_map"],
+            found["val_map_lw"],
+        )
+        return found, None
+    meta = {k: v for k, v in how.items() if k in LW_META}
+    meta.update(
+        pairs_uri=conf.pairs, max_size=conf.lw.whiten_size, network={"checkpoint": conf.output}
+    )
+    return found, WhiteningParams(m, P, meta)
 
 
-def _whitening_at_size(conf: TrainConf, target: Path,
-                       data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
-    """``held_out_whitening`` over the checkpoint in ``target``'s descriptors of the
-    collection at ``--whiten-size`` (extract's own run)."""
-    from model.descriptors import read_descriptors
-    from model.whitening_fit import held_out_whitening
-    from pipeline.extract import ExtractConf
-    from pipeline.extract import run as extract
-
+def _whitening_at_size(
+    conf: TrainConf, net: RetrievalNet, data: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``held_out_whitening`` over ``net``'s descriptors of the pool's photos at
+    ``--whiten-size``, described as extract describes them (``model.describer``)."""
+    pool = data["training_set"]
     with tempfile.TemporaryDirectory(prefix="cirray-lw-") as scratch:
-        settings = ExtractConf(images=conf.images, output=f"{scratch}/descriptors",
-                               weights=str(target), max_size=conf.whiten_size)  # fmt: skip
-        desc = read_descriptors(extract(settings))
-    return held_out_whitening(desc.image_ids, desc.vectors, data["training_set"],
-                              data["whitening_pairs"], conf.held_out, conf.seed,
-                              conf.whiten_shrinkage, conf.whiten_dim)  # fmt: skip
+        checkpoint.save(scratch, net)
+        describer = Describer(NetworkSettings(weights=scratch, max_size=conf.lw.whiten_size))
+    ids, vectors = _describe_photos(describer, conf.images, pool.image_ids.tolist())
+    return held_out_whitening(
+        ids,
+        vectors,
+        pool,
+        data["whitening_pairs"],
+        conf.held_out,
+        conf.seed,
+        conf.lw.whiten_shrinkage,
+        conf.lw.whiten_dim,
+    )
+
+
+def _describe_photos(
+    describer: Describer, images: str, image_ids: list[str], batch: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(image_ids, vectors)`` of the photos of ``image_ids`` that decode and describe."""
+    found_ids: list[str] = []
+    found: list[np.ndarray] = []
+    names: list[str] = []
+    pixels: list[np.ndarray] = []
+
+    def flush() -> None:
+        for image_id, vector in zip(names, describer.describe(pixels), strict=True):
+            if vector is not None:
+                found_ids.append(image_id)
+                found.append(vector)
+        names.clear()
+        pixels.clear()
+
+    for image_id, raw in photo_bytes(images, image_ids):
+        photo = decode_photo(raw, describer.settings.max_size)
+        if isinstance(photo, np.ndarray):
+            names.append(image_id)
+            pixels.append(photo)
+        if len(pixels) == batch:
+            flush()
+    if pixels:
+        flush()
+    if not found:
+        raise ValueError(f"no photo of {images} could be described")
+    return np.array(found_ids, dtype=object), np.stack(found)
 
 
 def _history(result: Any) -> list[dict[str, Any]]:
@@ -618,30 +589,34 @@ def _history(result: Any) -> list[dict[str, Any]]:
     rows = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
     history = [{k: v for k, v in m.items() if k != "start"} for m in rows]
     if rows:
-        history.insert(0, {"epoch": 0, "loss": None, "seconds": 0.0, "steps": 0,
-                           **(rows[0].get("start") or {})})  # fmt: skip
+        history.insert(
+            0,
+            {"epoch": 0, "loss": None, "seconds": 0.0, "steps": 0, **(rows[0].get("start") or {})},
+        )
     return history
 
 
-def _curves(history: list[dict[str, Any]], path: Path, score: str, kept: float) -> None:
-    """Loss and the held-out figures per epoch; a star at the kept epoch's handed-over figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+def _curves(history: list[dict[str, Any]], score: str, kept: float) -> bytes:
+    """A PNG of the loss and the held-out figures per epoch; a star at the kept epoch's
+    handed-over figure."""
+    fig = Figure(figsize=(9, 3.5))
+    left, right = fig.subplots(1, 2)
     trained = [h for h in history if h["loss"] is not None]
     left.plot([h["epoch"] for h in trained], [h["loss"] for h in trained], "o-")
     left.set(xlabel="epoch", ylabel="loss", title="training loss")
     for key in sorted({k for h in history for k in h if k.startswith("val_")}):
         scored = [h for h in history if h.get(key) is not None]
-        right.plot([h["epoch"] for h in scored], [h[key] for h in scored], "o-",
-                   label=key.removeprefix("val_"))  # fmt: skip
+        right.plot(
+            [h["epoch"] for h in scored],
+            [h[key] for h in scored],
+            "o-",
+            label=key.removeprefix("val_"),
+        )
     best = next(h for h in history if h["best"])
     right.plot([best["epoch"]], [kept], "r*", markersize=14, label="kept")
     right.set(xlabel="epoch", ylabel="held-out score", title="validation (never trained on)")
     right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()

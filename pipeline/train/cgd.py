@@ -17,8 +17,14 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
+from pytorch_metric_learning.samplers import MPerClassSampler
+from pytorch_metric_learning.utils import common_functions
 
+from model.evaluation import recall_at_k
+from model.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy
 from pipeline.train.collective import report_progress, sum_over_workers
+from pipeline.train.conf import TrainConf
 from pipeline.train.images import decode_photos, embed, freeze_batchnorm, mean_std
 
 __all__ = ["RECALL_KS", "CgdEpochs", "held_out_recall", "split_classes"]
@@ -46,8 +52,6 @@ def split_classes(
 
 def held_out_recall(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Recall@K of each row against the others (itself left out)."""
-    from model.evaluation import recall_at_k
-
     scores = vectors @ vectors.T
     np.fill_diagonal(scores, -np.inf)
     depth = min(max(RECALL_KS), len(labels) - 1)
@@ -61,17 +65,26 @@ class CgdEpochs:
 
     score = "val_recall@1"
 
-    def __init__(self, conf: dict[str, Any], data: dict[str, Any], precision: Any,
-                 device: Any, rank: int, world: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        conf: TrainConf,
+        data: dict[str, Any],
+        precision: Any,
+        device: Any,
+        rank: int,
+        world: int,
+    ) -> None:
         self.conf, self.precision, self.device = conf, precision, device
         self.rank, self.world = rank, world
         labels = np.asarray(data["labels"])
-        train, val = split_classes(labels, conf["held_out"], conf["seed"])
+        train, val = split_classes(labels, conf.held_out, conf.seed)
         ids = np.asarray(data["image_ids"], dtype=object)
-        self.train_photos = decode_photos(conf["images"], ids[train].tolist(),
-                                          conf["image_size"], square=True)  # fmt: skip
-        self.val_photos = decode_photos(conf["images"], ids[val].tolist(), conf["image_size"],
-                                        square=True)  # fmt: skip
+        self.train_photos = decode_photos(
+            conf.images, ids[train].tolist(), conf.image_size, square=True
+        )
+        self.val_photos = decode_photos(
+            conf.images, ids[val].tolist(), conf.image_size, square=True
+        )
         # classifier outputs: the training classes renumbered 0..C-1
         classes, self.train_labels = np.unique(labels[train], return_inverse=True)
         self.val_labels = labels[val]
@@ -79,43 +92,41 @@ class CgdEpochs:
 
     def validate(self, net: Any, next_epoch: int | None) -> dict[str, float]:
         """Rank 0 scores the held-out classes (few photos); the other workers go on."""
-        import torch
-
         if self.rank != 0:
             return {}
         with torch.no_grad():
             net.eval()
-            vectors = embed(net, self.val_photos, mean_std(net, self.device), self.precision,
-                            self.device).cpu().numpy()  # fmt: skip
+            vectors = (
+                embed(net, self.val_photos, mean_std(net, self.device), self.precision, self.device)
+                .cpu()
+                .numpy()
+            )
         return held_out_recall(vectors, self.val_labels)
 
-    def add_to_checkpoint(self, folder: Any) -> None:
+    def checkpoint_whitening(self) -> None:
         """Nothing beyond the weights: CGD mode learns no Lw."""
 
     def epoch(self, model: Any, net: Any, optimizer: Any, epoch: int) -> dict[str, float]:
-        import torch
-        from pytorch_metric_learning.samplers import MPerClassSampler
-        from pytorch_metric_learning.utils import common_functions
-
-        from model.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy
-
         conf, rank, world = self.conf, self.rank, self.world
-        block = conf["classes_per_batch"] * conf["photos_per_class"]
+        block = conf.cgd.classes_per_batch * conf.cgd.photos_per_class
         steps = max(1, len(self.train_labels) // (block * world))
         # the sampler draws from pytorch-metric-learning's own NumPy generator: seed it
-        common_functions.NUMPY_RANDOM = np.random.RandomState(conf["seed"] * 1000 + epoch)
-        sampler = MPerClassSampler(self.train_labels, m=conf["photos_per_class"],
-                                   batch_size=block * world,
-                                   length_before_new_iter=steps * block * world)  # fmt: skip
+        common_functions.NUMPY_RANDOM = np.random.RandomState(conf.seed * 1000 + epoch)
+        sampler = MPerClassSampler(
+            self.train_labels,
+            m=conf.cgd.photos_per_class,
+            batch_size=block * world,
+            length_before_new_iter=steps * block * world,
+        )
         order = np.fromiter(iter(sampler), np.int64)
-        ranking = BatchHardTripletLoss(margin=conf["margin"])
-        classification = LabelSmoothingCrossEntropy(conf["label_smoothing"], conf["temperature"])
+        ranking = BatchHardTripletLoss(margin=conf.margin)
+        classification = LabelSmoothingCrossEntropy(conf.cgd.label_smoothing, conf.cgd.temperature)
         generator = None
-        if conf["augment"]:
-            generator = torch.Generator().manual_seed(conf["seed"] * 1000 + epoch * 16 + rank)
+        if conf.augment:
+            generator = torch.Generator().manual_seed(conf.seed * 1000 + epoch * 16 + rank)
         normalise = mean_std(net, self.device)
         model.train()
-        if conf["freeze_bn"]:
+        if conf.freeze_bn:
             freeze_batchnorm(model)
         total, started = 0.0, time.perf_counter()
         for step in range(steps):
@@ -123,15 +134,23 @@ class CgdEpochs:
             rows = order[start : start + block]
             labels = torch.as_tensor(self.train_labels[rows], device=self.device)
             optimizer.zero_grad()
-            descriptors, logits = embed(lambda x: model(x, return_logits=True),
-                                        self.train_photos.subset(rows), normalise,
-                                        self.precision, self.device, generator)  # fmt: skip
+            descriptors, logits = embed(
+                lambda x: model(x, return_logits=True),
+                self.train_photos.subset(rows),
+                normalise,
+                self.precision,
+                self.device,
+                generator,
+            )
             loss = ranking(descriptors, labels) + classification(logits, labels)
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
             report_progress(rank, epoch, step + 1, steps, total)
         steps_seconds = time.perf_counter() - started
-        return {"loss": sum_over_workers(total, world, self.device) / (steps * world),
-                "items": steps * block * world, "steps": steps,
-                "steps_seconds": steps_seconds}  # fmt: skip
+        return {
+            "loss": sum_over_workers(total, world, self.device) / (steps * world),
+            "items": steps * block * world,
+            "steps": steps,
+            "steps_seconds": steps_seconds,
+        }

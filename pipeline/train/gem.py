@@ -27,14 +27,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+import torch
 
 from model.evaluation import cluster_map
+from model.losses import ContrastiveLoss
 from model.training_set import TrainingSet, split_clusters
+from model.whitening_fit import LW_META, whitening_on_held_out
 from pipeline.train.collective import barrier, report_progress, sum_over_workers
+from pipeline.train.conf import TrainConf
 from pipeline.train.images import decode_photos, embed, freeze_batchnorm, mean_std
 from pipeline.train.tuples import epoch_tuples, worker_share
 
@@ -46,33 +50,42 @@ class GemEpochs:
 
     score = "val_map"
 
-    def __init__(self, conf: dict[str, Any], data: dict[str, Any], precision: Any,
-                 device: Any, rank: int, world: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        conf: TrainConf,
+        data: dict[str, Any],
+        precision: Any,
+        device: Any,
+        rank: int,
+        world: int,
+    ) -> None:
         self.conf, self.precision, self.device = conf, precision, device
         self.rank, self.world = rank, world
         self.mining = data["mining"]
         pool: TrainingSet = data["training_set"]
         self.pool, self.clusters = pool, pool.clusters
-        self.train, self.val = split_clusters(pool, conf["held_out"], conf["seed"])
+        self.train, self.val = split_clusters(pool, conf.held_out, conf.seed)
         ids = pool.image_ids.tolist()
-        self.photos = decode_photos(conf["images"], ids, conf["image_size"])
+        self.photos = decode_photos(conf.images, ids, conf.image_size)
         row_of = {image_id: i for i, image_id in enumerate(ids)}
         self.train_rows = np.array([row_of[i] for i in self.train.image_ids], np.int64)
         self.val_rows = np.array([row_of[i] for i in self.val.image_ids], np.int64)
         self.val_queries = self.val_rows[self.val.queries]
         # validation ranks the held-out photos among every training photo (or a fixed sample
         # of --pool-size of them), at --val-size: the size extract will describe at
-        fixed = self._sample(np.random.default_rng(conf["seed"]))
+        fixed = self._sample(np.random.default_rng(conf.seed))
         self.val_set = np.union1d(self.val_rows, self.train_rows[fixed])
         self.validation = data.get("validation")  # an actor when val_size is its own size
         if self.validation is not None:  # each worker holds its share at that size
             mine = self.val_set[worker_share(len(self.val_set), rank, world)]
-            self.val_photos = decode_photos(conf["images"], [ids[r] for r in mine],
-                                            conf["val_size"], lossless=True)  # fmt: skip
+            self.val_photos = decode_photos(
+                conf.images, [ids[r] for r in mine], conf.gem.val_size, lossless=True
+            )
         # Lw sees the training clusters only: their pairs, and their photos as the scatter C_D
         trained = set(self.train.image_ids.tolist())
-        self.lw_pairs = [(q, p) for q, p in data["whitening_pairs"]
-                         if q in trained and p in trained]  # fmt: skip
+        self.lw_pairs = [
+            (q, p) for q, p in data["whitening_pairs"] if q in trained and p in trained
+        ]
         self.described: tuple[int, np.ndarray] | None = None
         """``(epoch, pool rows)``: the photos the actor holds, described for that epoch."""
         self.held_rows = np.zeros(0, np.int64)
@@ -84,7 +97,7 @@ class GemEpochs:
         """Training rows (sorted): every one, or ``pool_size`` of them drawn by ``rng``, the
         rows of ``keep`` always among them."""
         everyone = np.arange(len(self.train_rows))
-        size = self.conf["pool_size"]
+        size = self.conf.gem.pool_size
         if not size or size >= len(everyone):
             return everyone
         keep = np.unique(keep) if keep is not None else np.zeros(0, np.int64)
@@ -96,28 +109,28 @@ class GemEpochs:
         """``(rng, chosen, negative pool)`` of ``epoch``: the same on every worker, whenever
         drawn. ``chosen`` indexes the training queries; the pool holds training rows: every
         one, or ``pool_size`` of them with the epoch's queries among them (sorted)."""
-        rng = np.random.default_rng(self.conf["seed"] * 1000 + epoch)
-        chosen = np.sort(rng.permutation(len(self.train.queries))[: self.conf["queries"]])
+        rng = np.random.default_rng(self.conf.seed * 1000 + epoch)
+        chosen = np.sort(rng.permutation(len(self.train.queries))[: self.conf.gem.queries])
         return rng, chosen, self._sample(rng, keep=self.train.queries[chosen])
 
-    def _describe_into(self, net: Any, actor: Any, epoch: int, rows: np.ndarray,
-                       photos: Any, size: int) -> None:  # fmt: skip
+    def _describe_into(
+        self, net: Any, actor: Any, epoch: int, rows: np.ndarray, photos: Any, size: int
+    ) -> None:
         """Every worker describes ``photos``, its share of ``rows`` at longest side ``size``,
         into ``actor``; forward passes hold as many pixels as the training size's do."""
-        import ray
-        import torch
-
         if self.rank == 0:
             ray.get(actor.reset.remote(epoch, len(rows)))
         barrier(self.world)
         share = worker_share(len(rows), self.rank, self.world)
-        scale = (self.conf["image_size"] / size) ** 2
-        precision = replace(self.precision,
-                            batch_size=max(1, int(self.precision.batch_size * scale)))  # fmt: skip
+        scale = (self.conf.image_size / size) ** 2
+        precision = replace(
+            self.precision, batch_size=max(1, int(self.precision.batch_size * scale))
+        )
         with torch.no_grad():
             net.eval()
-            vectors = embed(net, photos, mean_std(net, self.device), precision,
-                            self.device).cpu().numpy()  # fmt: skip
+            vectors = (
+                embed(net, photos, mean_std(net, self.device), precision, self.device).cpu().numpy()
+            )
         ray.get(actor.add.remote(share, vectors, self.clusters[rows[share]]))
         barrier(self.world)
 
@@ -130,8 +143,9 @@ class GemEpochs:
         if self.validation is None:
             rows = np.union1d(rows, self.val_set)
         share = worker_share(len(rows), self.rank, self.world)
-        self._describe_into(net, self.mining, epoch, rows, self.photos.subset(rows[share]),
-                            self.conf["image_size"])  # fmt: skip
+        self._describe_into(
+            net, self.mining, epoch, rows, self.photos.subset(rows[share]), self.conf.image_size
+        )
         self.held_rows = rows
         self.described = (epoch, rows) if pool else None
 
@@ -142,15 +156,17 @@ class GemEpochs:
         ``next_epoch``'s pool (so :meth:`epoch` mines without describing again; None: there is
         none) and its share of the validation set (the same description at training size);
         rank 0 scores."""
-        import ray
-
-        from model.whitening_fit import whitening_on_held_out
-
         if self.validation is None or next_epoch is not None:
             self.describe(net, next_epoch or 0, pool=next_epoch is not None)
         if self.validation is not None:
-            self._describe_into(net, self.validation, next_epoch or 0, self.val_set,
-                                self.val_photos, self.conf["val_size"])  # fmt: skip
+            self._describe_into(
+                net,
+                self.validation,
+                next_epoch or 0,
+                self.val_set,
+                self.val_photos,
+                self.conf.gem.val_size,
+            )
         if self.rank != 0:
             return {}
         if self.validation is not None:
@@ -168,31 +184,31 @@ class GemEpochs:
         self.lw = None
         if len(pairs) < 10:  # fewer only overfits: no figure rather than a noisy one
             return {"val_map": cluster_map(vectors, clusters, queries, models)}
-        m, P, how = whitening_on_held_out(ids, vectors, clusters, np.isin(rows, self.train_rows),
-                                          queries, pairs, self.conf["whiten_shrinkage"],
-                                          self.conf["whiten_dim"], models)  # fmt: skip
+        m, P, how = whitening_on_held_out(
+            ids,
+            vectors,
+            clusters,
+            np.isin(rows, self.train_rows),
+            queries,
+            pairs,
+            self.conf.lw.whiten_shrinkage,
+            self.conf.lw.whiten_dim,
+            models,
+        )
         self.lw = (m, P, how)
         return {"val_map": how["val_map"], "val_map_lw": how["val_map_lw"]}
 
-    def add_to_checkpoint(self, folder: Path) -> None:
-        """Rank 0: the Lw the last validation learned, as ``whitening.npz`` beside the weights,
-        when it was learned at --whiten-size (the training stage's final Lw then takes it)."""
-        from model.whitening import save_whitening
-        from model.whitening_fit import LW_META, WHITENING_FILE
-
-        if self.lw is None or self.conf["val_size"] != self.conf["whiten_size"]:
-            return
+    def checkpoint_whitening(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
+        """Rank 0: ``(m, P, how)`` of the Lw the last validation learned, to save with the
+        epoch's weights, when it was learned at --whiten-size (the training stage's final Lw
+        then takes it)."""
+        if self.lw is None or self.conf.gem.val_size != self.conf.lw.whiten_size:
+            return None
         m, P, how = self.lw
-        save_whitening(folder / WHITENING_FILE, m, P,
-                       **{k: v for k, v in how.items() if k in LW_META})  # fmt: skip
+        return m, P, {k: v for k, v in how.items() if k in LW_META}
 
     def epoch(self, model: Any, net: Any, optimizer: Any, epoch: int) -> dict[str, float]:
         """One epoch; returns its ``loss`` (per tuple), ``items`` (tuples) and ``steps``."""
-        import ray
-        import torch
-
-        from model.losses import ContrastiveLoss
-
         conf, rank, world = self.conf, self.rank, self.world
         rng, chosen, pool = self._draw(epoch)
         # 1. the negative pool, each worker its share (unless validation just described it)
@@ -202,21 +218,25 @@ class GemEpochs:
         # 2. negatives of the epoch's queries (mined once by the actor), 3. the global tuples
         query_rows = self.train.queries[chosen]
         allowed = np.isin(rows, self.train_rows[pool])  # never a held-out scene
-        found, _ = ray.get(self.mining.mine_rows.remote(
-            np.searchsorted(rows, self.train_rows[query_rows]), conf["nnum"], allowed))  # fmt: skip
+        query_positions = np.searchsorted(rows, self.train_rows[query_rows])
+        found, _ = ray.get(self.mining.mine_rows.remote(query_positions, conf.gem.nnum, allowed))
         negatives = np.where(found >= 0, np.searchsorted(self.train_rows, rows[found]), -1)
-        subset = TrainingSet(self.train.image_ids, self.train.clusters, query_rows,
-                             tuple(self.train.positives[i] for i in chosen))  # fmt: skip
+        subset = TrainingSet(
+            self.train.image_ids,
+            self.train.clusters,
+            query_rows,
+            tuple(self.train.positives[i] for i in chosen),
+        )
         tuples = epoch_tuples(subset, negatives, rng)
-        per_step = conf["tuples_per_step"]
+        per_step = conf.gem.tuples_per_step
         steps = len(tuples) // per_step
         generator = None
-        if conf["augment"]:
-            generator = torch.Generator().manual_seed(conf["seed"] * 1000 + epoch * 16 + rank)
+        if conf.augment:
+            generator = torch.Generator().manual_seed(conf.seed * 1000 + epoch * 16 + rank)
         normalise = mean_std(net, self.device)
-        loss_fn = ContrastiveLoss(margin=conf["margin"])
+        loss_fn = ContrastiveLoss(margin=conf.margin)
         model.train()
-        if conf["freeze_bn"]:
+        if conf.freeze_bn:
             freeze_batchnorm(model)
         total, started = 0.0, time.perf_counter()
         for step in range(steps):
@@ -230,6 +250,9 @@ class GemEpochs:
             total += float(loss.detach())
             report_progress(rank, epoch, step + 1, steps, total)
         steps_seconds = time.perf_counter() - started
-        return {"loss": sum_over_workers(total, world, self.device) / max(1, steps * per_step),
-                "items": steps * per_step, "steps": steps,
-                "steps_seconds": steps_seconds}  # fmt: skip
+        return {
+            "loss": sum_over_workers(total, world, self.device) / max(1, steps * per_step),
+            "items": steps * per_step,
+            "steps": steps,
+            "steps_seconds": steps_seconds,
+        }

@@ -9,11 +9,21 @@ descriptors (up to float rounding).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import io
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model import tables
+from model.describer import decode_photo
+from model.extraction import size_grouped_batches
 
 __all__ = [
     "PRECISIONS",
@@ -22,6 +32,7 @@ __all__ = [
     "decode_photos",
     "embed",
     "freeze_batchnorm",
+    "photo_bytes",
     "resolve_precision",
 ]
 
@@ -68,10 +79,6 @@ class TrainingPhotos(Sequence[np.ndarray]):
         return TrainingPhotos([self._encoded[r] for r in rows], [self.shapes[r] for r in rows])
 
     def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
-        import io
-
-        from PIL import Image
-
         with Image.open(io.BytesIO(self._encoded[i])) as img:
             return np.asarray(img.convert("RGB"))
 
@@ -91,38 +98,51 @@ def decode_photos(
     most ``max_size`` a side (aspect kept; extract's decoding), or ``max_size`` × ``max_size``
     when ``square`` (CGD's fixed training size). ``lossless`` keeps them as PNG rather than
     JPEG: the pixels extract's ``decode_photo`` gives, exactly."""
-    import io
-
-    from PIL import Image
-
-    from cluster.catalog import ImageCatalog, read_photo_bytes
-    from model.describer import decode_photo
-
-    catalog = ImageCatalog()
-    catalog.read_table(images)
-    data = read_photo_bytes([catalog.photo(i) for i in image_ids])
-    encoded, shapes = [], []
-    for image_id in image_ids:
-        photo = decode_photo(data.pop(image_id), 1 << 16 if square else max_size)
+    found: dict[str, bytes] = {}
+    for image_id, raw in photo_bytes(images, image_ids):
+        if image_id in found:
+            continue
+        photo = decode_photo(raw, 1 << 16 if square else max_size)
         if not isinstance(photo, np.ndarray):
             raise ValueError(f"photo {image_id} cannot be decoded: {photo}")
-        img = Image.fromarray(photo)
-        if square:
-            img = img.resize((max_size, max_size), Image.BILINEAR)
-        buffer = io.BytesIO()
-        if lossless:  # level 1: PNG's fast setting; size is nearly level 6's on photos
-            img.save(buffer, format="PNG", compress_level=1)
-        else:
-            img.save(buffer, format="JPEG", quality=95)
-        encoded.append(buffer.getvalue())
-        shapes.append((img.height, img.width))
-    return TrainingPhotos(encoded, shapes)
+        found[image_id] = _encoded(photo, max_size, square=square, lossless=lossless)
+    missing = [i for i in image_ids if i not in found]
+    if missing:
+        raise ValueError(f"{images} has no usable photo {missing[0]} ({len(missing)} missing)")
+    encoded = [found[i] for i in image_ids]
+    return TrainingPhotos(encoded, [_shape(b) for b in encoded])
+
+
+def photo_bytes(images: str, image_ids: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+    """``(image_id, stored bytes)`` of the usable photos of the images output ``images`` among
+    ``image_ids``, streamed a batch of rows at a time (never the whole collection at once)."""
+    wanted = pa.array(sorted(set(image_ids)), pa.string())
+    usable = pc.field("image_id").isin(wanted) & pc.field("error").is_null()
+    dataset = tables.IMAGES.dataset(images)
+    for batch in dataset.to_batches(columns=["image_id", "bytes"], filter=usable, batch_size=64):
+        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
+
+
+def _encoded(photo: np.ndarray, max_size: int, *, square: bool, lossless: bool) -> bytes:
+    img = Image.fromarray(photo)
+    if square:
+        img = img.resize((max_size, max_size), Image.BILINEAR)
+    buffer = io.BytesIO()
+    if lossless:  # level 1: PNG's fast setting; size is nearly level 6's on photos
+        img.save(buffer, format="PNG", compress_level=1)
+    else:
+        img.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _shape(encoded: bytes) -> tuple[int, int]:
+    """``(height, width)`` of an encoded photo (its header only)."""
+    with Image.open(io.BytesIO(encoded)) as img:
+        return img.height, img.width
 
 
 def freeze_batchnorm(net: Any) -> None:
     """BatchNorm layers to eval mode (running statistics kept), as the GeM reference trains."""
-    import torch
-
     for module in net.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
@@ -131,9 +151,6 @@ def freeze_batchnorm(net: Any) -> None:
 def augment(x: Any, generator: Any) -> Any:
     """Random crop (60–100 % of the side, resized back), horizontal flip and brightness /
     contrast jitter (±20 %) of float images ``[B, 3, H, W]`` in 0..255, each image its own draw."""
-    import torch
-    import torch.nn.functional as F
-
     b, _, h, w = x.shape
     out = []
     for image in x:
@@ -163,10 +180,6 @@ def embed(
     ``TrainingPhotos`` decoded a batch at a time), batched by size; returns its output(s) for
     every photo in input order, float32, with gradients when they are enabled. ``generator``
     (a ``torch.Generator``) turns augmentation on."""
-    import torch
-
-    from model.extraction import size_grouped_batches
-
     if not len(photos):
         raise ValueError("embed needs at least one photo")
     mean, std = mean_std
@@ -181,8 +194,7 @@ def embed(
         x = (x - mean) / std
         if precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                            enabled=precision.bf16):  # fmt: skip
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision.bf16):
             out = forward(x)
         pieces.append(tuple(o.float() for o in out) if isinstance(out, tuple) else (out.float(),))
     order = torch.as_tensor([r for rows in groups for r in rows], device=device)
@@ -194,8 +206,6 @@ def embed(
 
 def mean_std(net: Any, device: Any) -> tuple[Any, Any]:
     """The network's input normalisation on 0..255 pixels, as ``[1, 3, 1, 1]`` tensors."""
-    import torch
-
     mean = torch.tensor(net.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(net.std, device=device).view(1, 3, 1, 1) * 255
     return mean, std

@@ -1,0 +1,259 @@
+"""The train stage's settings: common fields, and a part each for GeM mode, its Lw and CGD mode.
+
+Each part checks itself when it is made, so the Python API gets the command line's checks;
+the command line keeps flat flag names (``--nnum``, not ``--gem.nnum``: ``model.cli.run_cli``
+omits the parts' prefixes, and their field names are distinct for that reason). The workers
+receive the frozen ``TrainConf`` as it is, its mode's defaults filled in (``resolved``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from pipeline.train.images import PRECISIONS
+
+__all__ = ["MODES", "CgdPart", "GemPart", "LwPart", "TrainConf"]
+
+MODES = ("gem", "cgd")
+
+_NOT_CONTENT = frozenset(
+    {
+        "images",
+        "output",
+        "pairs",
+        "weights",
+        "name",
+        "storage_path",
+        "workers",
+        "use_gpu",
+        "device_batch",
+        "max_failures",
+        "overwrite",
+    }
+)
+"""Fields that do not change the network trained: where things lie, how the work is shared
+(``images``, ``pairs`` and ``weights`` are inputs: their identities are fingerprinted)."""
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def _at_least(part: Any, minimum: int, *names: str) -> list[str]:
+    """``--name must be at least minimum`` for each of ``names`` below it (unset passes)."""
+    return [
+        f"--{name.replace('_', '-')} must be at least {minimum}, not {getattr(part, name)}"
+        for name in names
+        if getattr(part, name) is not None and getattr(part, name) < minimum
+    ]
+
+
+@dataclass(frozen=True)
+class GemPart:
+    """GeM mode: mined tuples and validation on held-out clusters."""
+
+    nnum: int = 5
+    """GeM mode: hard negatives per query (nearest of other clusters, one per cluster)."""
+    queries: int = 2000
+    """Queries per epoch (all when there are fewer)."""
+    pool_size: int | None = None
+    """Negatives from a seeded sample of this many training photos each epoch (the epoch's
+    queries among them); default the whole training collection."""
+    tuples_per_step: int = 5
+    """Tuples per optimizer step, all workers together (the reference's batch of 5)."""
+    val_size: int | None = None
+    """GeM mode: longest side at which validation describes the photos; default --whiten-size
+    (extract's size: the epoch is chosen by how it will be used). At the training size one
+    description an epoch serves mining too."""
+
+    def __post_init__(self) -> None:
+        _raise_if(
+            _at_least(self, 1, "nnum", "queries", "tuples_per_step")
+            + _at_least(self, 2, "pool_size")
+            + _at_least(self, 64, "val_size")
+        )
+
+
+@dataclass(frozen=True)
+class LwPart:
+    """GeM mode: the learned whitening (Lw) the run hands over, or starts from."""
+
+    whiten: bool = True
+    """After training, learn Lw from the training clusters' pairs into OUTPUT's checkpoint."""
+    whiten_size: int = 1024
+    """Longest side of the descriptors Lw is learned on (extract's default)."""
+    whiten_shrinkage: float | None = None
+    """Lw's shrinkage toward the identity in [0, 1] (0: the paper's Lw); unset: chosen by
+    cross-validation over the training clusters (pipeline.whiten's --shrinkage)."""
+    whiten_dim: int | None = None
+    """Lw's output size; unset: chosen by the same cross-validation."""
+    keep_whitening: Literal["if-better", "always"] = "if-better"
+    """Store Lw only when it does not lower the held-out clusters' mAP at --whiten-size."""
+    fold_whitening: bool = False
+    """Start from --weights' Lw folded into the head's FC layer (W = P, b = −P m)."""
+
+    def __post_init__(self) -> None:
+        problems = _at_least(self, 1, "whiten_size", "whiten_dim")
+        if self.whiten_shrinkage is not None and not 0 <= self.whiten_shrinkage <= 1:
+            problems.append(f"--whiten-shrinkage is a share in [0, 1], not {self.whiten_shrinkage}")
+        if self.keep_whitening not in ("if-better", "always"):
+            problems.append(f"--keep-whitening {self.keep_whitening!r}: use if-better or always")
+        _raise_if(problems)
+
+
+@dataclass(frozen=True)
+class CgdPart:
+    """CGD mode: class-balanced P×K batches, triplet plus label-smoothed cross-entropy."""
+
+    label_column: str = "auto"
+    """The images table's column naming each photo's class: label, scene (a folder per class
+    ingests as scenes), or auto (label where photos have one, else scene)."""
+    classes_per_batch: int = 8
+    """P of the P×K batches, per worker."""
+    photos_per_class: int = 4
+    """K of the P×K batches."""
+    label_smoothing: float = 0.1
+    temperature: float = 0.5
+    cgd_descriptors: str = "SG"
+    cgd_dim: int = 1536
+
+    def __post_init__(self) -> None:
+        problems = _at_least(self, 1, "classes_per_batch", "cgd_dim")
+        if self.photos_per_class < 2:
+            problems.append("--photos-per-class must be at least 2 (a positive in every batch)")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"--label-smoothing is a share in [0, 1), not {self.label_smoothing}")
+        if self.temperature <= 0:
+            problems.append(f"--temperature must be positive, not {self.temperature}")
+        _raise_if(problems)
+
+
+@dataclass(frozen=True)
+class TrainConf:
+    """Settings of one training run; every field is a command-line flag."""
+
+    images: str
+    """The ingest output (the photos' bytes; CGD: their labels)."""
+    output: str
+    """Folder or s3:// prefix: the best checkpoint (with its Lw), metrics.json, curves.png, and
+    the manifest once the run is whole."""
+    pairs: str | None = None
+    """GeM mode: the pairs output (its folder, or its pairs table's file)."""
+    mode: Literal["gem", "cgd"] = "gem"
+    """gem (SfM pairs, contrastive loss, mined negatives) or cgd (class labels)."""
+    weights: str = "imagenet"
+    """Start from ImageNet Lite0 (+ GeM, or + the CGD head), or from a checkpoint directory."""
+    name: str = "cirray-train"
+    storage_path: str | None = None
+    """Ray Train's storage (local or s3://); default OUTPUT/ray. Same name + storage: resume."""
+    workers: int = 1
+    use_gpu: bool = False
+    epochs: int = 5
+    lr: float = 1e-6
+    """Adam's rate: small, as fine-tuning ImageNet weights on few photos wants."""
+    lr_decay: float = math.exp(-0.01)
+    """Per epoch, as the GeM paper's exp(-0.01)."""
+    weight_decay: float = 1e-6
+    margin: float | None = None
+    """GeM: contrastive margin, default 0.7 for Lite0's GeM descriptors (the paper: 0.85 for
+    ResNet-101). CGD: batch-hard triplet margin, default 0.1 (the paper's)."""
+    image_size: int | None = None
+    """GeM: longest side, default 362 (the paper's). CGD: the square side, default 224."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto (bf16 + channels-last on GPUs, fp32 on CPUs), fp32 or bf16."""
+    device_batch: int | None = None
+    """Images per forward pass (one image size each): default 64 on a GPU, 16 on a CPU."""
+    augment: bool = False
+    """Random crops, flips and brightness/contrast jitter of the training images."""
+    freeze_bn: bool = True
+    trainable_stages: int | None = None
+    """Train only the trunk's last N stages and the head, the others kept at their start
+    weights (Lite0 has 9: the stem, 7 block stages, the head convolution); unset: all."""
+    held_out: float = 0.2
+    """GeM: share of the queries whose clusters are held out; CGD: share of the classes."""
+    max_failures: int = 1
+    seed: int = 0
+    overwrite: bool = False
+    """Replace an output made from other settings or inputs (else the run stops)."""
+    gem: GemPart = field(default_factory=GemPart)
+    lw: LwPart = field(default_factory=LwPart)
+    cgd: CgdPart = field(default_factory=CgdPart)
+
+    def __post_init__(self) -> None:
+        problems = _at_least(self, 1, "workers", "epochs", "device_batch")
+        problems += _at_least(self, 64, "image_size")
+        if self.mode not in MODES:
+            problems.append(f"--mode {self.mode!r}: use gem or cgd")
+        if self.mode == "gem" and not self.pairs:
+            problems.append("--pairs is needed in GeM mode (the folder pipeline.pairs wrote)")
+        if self.mode == "gem" and self.gem.tuples_per_step < self.workers:
+            problems.append(
+                f"--tuples-per-step {self.gem.tuples_per_step} must be at least "
+                f"--workers {self.workers} (every worker computes a share of each "
+                "step)"
+            )
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.lr <= 0:
+            problems.append(f"--lr must be positive, not {self.lr}")
+        if not 0 < self.held_out < 1:
+            problems.append(f"--held-out is a share in (0, 1), not {self.held_out}")
+        if self.margin is not None and self.margin <= 0:
+            problems.append(f"--margin must be positive, not {self.margin}")
+        if self.lw.fold_whitening and self.weights == "imagenet":
+            problems.append("--fold-whitening needs --weights: a checkpoint with a learned Lw")
+        _raise_if(problems)
+
+    @classmethod
+    def from_flags(cls, **flags: Any) -> TrainConf:
+        """A run from its settings by flag name (``nnum=1``, not ``gem=GemPart(nnum=1)``), as
+        the command line takes them."""
+        parts = _split_parts(flags)
+        return cls(**flags, **{name: part(**parts[name]) for name, part in _PARTS.items()})
+
+    def replaced(self, **flags: Any) -> TrainConf:
+        """This run with ``flags`` changed, by flag name (a part's fields too)."""
+        parts = _split_parts(flags)
+        changed = {name: replace(getattr(self, name), **parts[name]) for name in _PARTS}
+        return replace(self, **flags, **changed)
+
+    def resolved(self) -> TrainConf:
+        """This run with its mode's defaults filled in (what the workers run with)."""
+        gem = self.mode == "gem"
+        return replace(
+            self,
+            margin=self.margin if self.margin is not None else (0.7 if gem else 0.1),
+            image_size=self.image_size or (362 if gem else 224),
+            gem=replace(self.gem, val_size=self.gem.val_size or self.lw.whiten_size),
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """Every field, the parts' too, by flag name, with the mode's defaults filled in."""
+        conf = self.resolved()
+        flat = {k: v for k, v in asdict(conf).items() if k not in ("gem", "lw", "cgd")}
+        return {**flat, **asdict(conf.gem), **asdict(conf.lw), **asdict(conf.cgd)}
+
+    def content_settings(self) -> dict[str, Any]:
+        """The settings that change the network trained (the output's fingerprint): the
+        common ones and those of the mode's parts."""
+        conf = self.resolved()
+        common = {k: v for k, v in conf.settings().items() if k not in _NOT_CONTENT}
+        parts = (conf.gem, conf.lw) if conf.mode == "gem" else (conf.cgd, conf.lw)
+        names = {n for part in (conf.gem, conf.lw, conf.cgd) for n in asdict(part)}
+        kept = {n for part in parts for n in asdict(part)}
+        return {k: v for k, v in common.items() if k not in names or k in kept}
+
+
+_PARTS = {"gem": GemPart, "lw": LwPart, "cgd": CgdPart}
+
+
+def _split_parts(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The parts' fields taken out of ``flags``, by part."""
+    found = {}
+    for name, part in _PARTS.items():
+        own = {f.name for f in fields(part)}
+        found[name] = {k: flags.pop(k) for k in list(flags) if k in own}
+    return found
