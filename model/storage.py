@@ -230,13 +230,6 @@ def bucket_problem(uri: str | os.PathLike[str]) -> str | None:
     return None
 
 
-SUCCESS = "_SUCCESS"  # TEMPORARY: removed once every stage publishes a manifest
-
-
-def is_complete(uri: str | os.PathLike[str], marker: str = SUCCESS) -> bool:  # TEMPORARY
-    return is_file(join(uri, marker))
-
-
 @contextlib.contextmanager
 def publish_directory(uri: str | os.PathLike[str], last: str | None = None) -> Iterator[Path]:
     """Yield a local staging folder; when the block ends without error, it is published at ``uri``.

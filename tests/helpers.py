@@ -3,12 +3,16 @@ stages before them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from model import tables
 from model.descriptors import write_descriptors
+from model.images import image_id
+from model.tables import IMAGES, IMAGES_OUTPUT
 
 
 def usable_images(images: str, columns: list[str]) -> pa.Table:
@@ -88,3 +92,33 @@ def synthetic_descriptors(
         "meta": {"backbone": "efficientnet_lite0", "pooling": "gem", "p": 3.0},
     }
     return write_descriptors(out, image_ids, x.astype(np.float32), network=network)
+
+
+def write_images(folder: Path, paths: list[Path], extra=(), *, publish: bool = True) -> Path:
+    """An ingest output as pipeline.ingest writes it: a part of the images table, then its
+    manifest (its source input the rows' uris).
+
+    ``extra`` rows are ``(uri, bytes or None, error or None)``; ids are content hashes.
+    """
+    rows = [(str(p), p.read_bytes(), None) for p in paths] + list(extra)
+    table = pa.table(
+        {
+            "image_id": [image_id(b) if e is None else None for _, b, e in rows],
+            "uri": [u for u, _, _ in rows],
+            "error": pa.array([e for _, _, e in rows], type=pa.string()),
+            "bytes": pa.array([b if e is None else None for _, b, e in rows], type=pa.binary()),
+        }
+    )
+    full = pa.table(
+        {
+            f.name: table[f.name] if f.name in table.column_names else pa.nulls(len(rows), f.type)
+            for f in IMAGES.schema
+        },
+        schema=IMAGES.schema,
+    )
+    images = Path(IMAGES_OUTPUT.locate(str(folder)))
+    IMAGES_OUTPUT.clear(str(images))
+    IMAGES.write(str(images), full, part="part-0")
+    if publish:
+        IMAGES_OUTPUT.publish(str(images), inputs={"source": "|".join(u for u, _, _ in rows)})
+    return images

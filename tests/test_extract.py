@@ -14,40 +14,11 @@ from model.descriptors import read_descriptors
 from model.extraction import ExtractOptions, ImageFiles, extract_descriptors
 from model.images import image_id
 from model.networks import NetworkMeta, build_network
-from model.tables import DESCRIPTORS, DESCRIPTORS_OUTPUT, IMAGES, IMAGES_OUTPUT, OutputChanged
+from model.tables import DESCRIPTORS, DESCRIPTORS_OUTPUT, IMAGES_OUTPUT, OutputChanged
 from pipeline.extract import ExtractConf, run
+from tests.helpers import write_images
 
 MAX_SIZE = 128
-
-
-def _write_images(folder: Path, paths: list[Path], extra=(), *, publish: bool = True) -> Path:
-    """An ingest output as pipeline.ingest writes it: a part of the images table, then its
-    manifest (its source input the rows' uris).
-
-    ``extra`` rows are ``(uri, bytes or None, error or None)``; ids are content hashes.
-    """
-    rows = [(str(p), p.read_bytes(), None) for p in paths] + list(extra)
-    table = pa.table(
-        {
-            "image_id": [image_id(b) if e is None else None for _, b, e in rows],
-            "uri": [u for u, _, _ in rows],
-            "error": pa.array([e for _, _, e in rows], type=pa.string()),
-            "bytes": pa.array([b if e is None else None for _, b, e in rows], type=pa.binary()),
-        }
-    )
-    full = pa.table(
-        {
-            f.name: table[f.name] if f.name in table.column_names else pa.nulls(len(rows), f.type)
-            for f in IMAGES.schema
-        },
-        schema=IMAGES.schema,
-    )
-    images = Path(IMAGES_OUTPUT.locate(str(folder)))
-    IMAGES_OUTPUT.clear(str(images))
-    IMAGES.write(str(images), full, part="part-0")
-    if publish:
-        IMAGES_OUTPUT.publish(str(images), inputs={"source": "|".join(u for u, _, _ in rows)})
-    return images
 
 
 def _part_ids(out: str) -> dict[str, list[str]]:
@@ -65,7 +36,7 @@ def photos(photos_dir: Path) -> list[Path]:
 
 def test_actor_pool_equals_in_process_extraction(ray_session, photos, tmp_path: Path) -> None:
     truncated = photos[0].read_bytes()[:4000]  # its header passes ingest's check; say so
-    images = _write_images(
+    images = write_images(
         tmp_path,
         photos,
         extra=[
@@ -95,7 +66,7 @@ def test_actor_pool_equals_in_process_extraction(ray_session, photos, tmp_path: 
 
 
 def test_same_fingerprint_skips(ray_session, photos, tmp_path: Path, caplog) -> None:
-    images = _write_images(tmp_path, photos[:3])
+    images = write_images(tmp_path, photos[:3])
     conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
     out = run(conf)
     written = {p: p.stat().st_mtime_ns for p in Path(out).iterdir()}
@@ -108,11 +79,11 @@ def test_same_fingerprint_skips(ray_session, photos, tmp_path: Path, caplog) -> 
 def test_new_photos_are_the_only_ones_described(ray_session, photos, tmp_path: Path) -> None:
     """Photos ingested since into the same images output: a rerun describes those only, keeps
     the rows it has, and the output's identity changes (a later stage sees the change)."""
-    images = _write_images(tmp_path, photos[:4])
+    images = write_images(tmp_path, photos[:4])
     conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
     out = run(conf)
     before, identity = _part_ids(out), read_descriptors(out).identity
-    _write_images(tmp_path, photos[:6])  # two more photos since
+    write_images(tmp_path, photos[:6])  # two more photos since
     run(conf)
     after = _part_ids(out)
     assert all(after[part] == ids for part, ids in before.items())  # kept as they were
@@ -124,16 +95,16 @@ def test_new_photos_are_the_only_ones_described(ray_session, photos, tmp_path: P
 
 
 def test_photos_gone_from_the_images_lose_their_rows(ray_session, photos, tmp_path) -> None:
-    images = _write_images(tmp_path, photos[:3])
+    images = write_images(tmp_path, photos[:3])
     conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
     run(conf)
-    _write_images(tmp_path, photos[1:3])
+    write_images(tmp_path, photos[1:3])
     desc = read_descriptors(run(conf))
     assert sorted(desc.image_ids) == sorted(image_id(p.read_bytes()) for p in photos[1:3])
 
 
 def test_an_interrupted_run_resumes(ray_session, photos, tmp_path: Path) -> None:
-    images = _write_images(tmp_path, photos[:3])
+    images = write_images(tmp_path, photos[:3])
     conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
     out = run(conf)
     first = _part_ids(out)
@@ -146,7 +117,7 @@ def test_an_interrupted_run_resumes(ray_session, photos, tmp_path: Path) -> None
 def test_another_setting_stops_naming_it_and_overwrite_replaces(
     ray_session, photos, tmp_path: Path
 ) -> None:
-    images = _write_images(tmp_path, photos[:2])
+    images = write_images(tmp_path, photos[:2])
     conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
     out = run(conf)
     with pytest.raises(OutputChanged) as err:
@@ -163,7 +134,7 @@ def test_another_setting_stops_naming_it_and_overwrite_replaces(
 
 
 def test_another_network_stops_naming_it(ray_session, photos, tmp_path: Path) -> None:
-    images = _write_images(tmp_path, photos[:1])
+    images = write_images(tmp_path, photos[:1])
     out = run(ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=32))
     with pytest.raises(OutputChanged, match="another network") as err:
         run(ExtractConf(images=str(images), output=out, max_size=32, p=4.0))
@@ -176,7 +147,7 @@ def test_another_network_stops_naming_it(ray_session, photos, tmp_path: Path) ->
 def test_bad_input_is_named_before_any_work(photos, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"run pipeline\.ingest first"):
         run(ExtractConf(images=str(tmp_path / "none.parquet"), output=str(tmp_path / "d")))
-    images = _write_images(tmp_path, photos[:1], publish=False)
+    images = write_images(tmp_path, photos[:1], publish=False)
     with pytest.raises(ValueError, match="not a complete ingest output"):
         run(ExtractConf(images=str(images), output=str(tmp_path / "d")))
     storage.write_bytes(
@@ -191,7 +162,7 @@ def test_bad_input_is_named_before_any_work(photos, tmp_path: Path) -> None:
 
 
 def test_images_and_descriptors_on_s3(ray_session, photos, s3_bucket: str, tmp_path) -> None:
-    local = _write_images(tmp_path, photos[:3])
+    local = write_images(tmp_path, photos[:3])
     remote = IMAGES_OUTPUT.locate(f"s3://{s3_bucket}/run")
     for path in local.iterdir():
         storage.write_bytes(f"{remote}/{path.name}", path.read_bytes())
@@ -219,7 +190,7 @@ def test_a_checkpoint_brings_its_whitening(ray_session, photos, tmp_path: Path) 
     rng = np.random.default_rng(0)
     m, P = rng.normal(size=1280) * 0.01, rng.normal(size=(64, 1280))
     checkpoints.save(checkpoint, net, whitening=(m, P))
-    images = _write_images(tmp_path, photos[:3])
+    images = write_images(tmp_path, photos[:3])
     conf = ExtractConf(
         images=str(images), output=str(tmp_path / "desc"), weights=checkpoint, max_size=64
     )
@@ -239,7 +210,7 @@ def test_a_checkpoint_brings_its_whitening(ray_session, photos, tmp_path: Path) 
 
 
 def test_a_bucket_that_does_not_exist_is_named_first(photos, tmp_path: Path, s3_server) -> None:
-    images = _write_images(tmp_path, photos[:1])
+    images = write_images(tmp_path, photos[:1])
     with pytest.raises(ValueError, match=r"--output: bucket 'no-such-bucket-9c1' does not exist"):
         run(ExtractConf(images=str(images), output="s3://no-such-bucket-9c1/desc"))
 

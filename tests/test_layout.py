@@ -121,3 +121,16 @@ def test_parquet_is_opened_only_through_the_table_specs():
             ):
                 strays.append(f"{where}:{node.lineno} calls .{node.attr}")
     assert not strays, "\n".join(strays)
+
+
+def test_no_test_imports_a_private_name():
+    """Tests use what a module offers; what they share lives in conftest.py or helpers.py."""
+    private = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [a.name for a in node.names if a.name.startswith("_")]
+                if node.module.startswith("tests.test_"):
+                    names.append(f"(from the test module {node.module})")
+                private += [f"tests/{path.name}:{node.lineno} imports {n}" for n in names]
+    assert not private, "\n".join(private)

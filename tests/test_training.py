@@ -6,15 +6,24 @@ import numpy as np
 import pytest
 import torch
 
+from model.describer import decode_photo
 from model.images import image_id
+from model.networks import NetworkMeta, build_network
+from pipeline.train import TrainConf, handed_over
 from pipeline.train.cgd import held_out_recall, split_classes
-from pipeline.train.images import embed, freeze_batchnorm, mean_std, resolve_precision
+from pipeline.train.images import (
+    decode_photos,
+    embed,
+    freeze_batchnorm,
+    mean_std,
+    resolve_precision,
+)
+from tests.helpers import write_images
 
 
 def test_batched_by_size_equals_one_image_at_a_time() -> None:
     """Photos of two sizes in one call: grouped into batches, answered in input order, equal
     to the network run on each photo alone (BatchNorm frozen), gradients flowing."""
-    from model.networks import NetworkMeta, build_network
 
     torch.manual_seed(0)
     net = build_network(NetworkMeta(backbone="efficientnet_lite0"), "imagenet")
@@ -77,12 +86,8 @@ def test_validation_photos_are_extracts_pixels_and_training_photos_near_them(
 ) -> None:
     """Real photos at 1024 px: held losslessly (validation's) they are, to the byte, the pixels
     extract's decoding gives; held as JPEG (training's) they differ by re-encoding only."""
-    from model.describer import decode_photo
-    from pipeline.train.images import decode_photos
-    from tests.test_extract import _write_images
-
     paths = sorted(photos_dir.glob("*/*.jpg"))[::60][:5]
-    images = _write_images(tmp_path, paths)
+    images = write_images(tmp_path, paths)
     ids = [image_id(p.read_bytes()) for p in paths]
     lossless = decode_photos(str(images), ids, 1024, lossless=True)
     lossy = decode_photos(str(images), ids, 1024)
@@ -98,7 +103,6 @@ def test_validation_photos_are_extracts_pixels_and_training_photos_near_them(
 def test_an_epoch_is_scored_as_the_run_hands_it_over() -> None:
     """With Lw kept if better, an epoch's figure is the higher of plain and with its Lw; with
     Lw always kept, the Lw figure; without Lw, or in CGD mode, the plain one."""
-    from pipeline.train import TrainConf, handed_over
 
     gem = TrainConf(pairs="p", images="i", output="o")
     epoch = {"val_map": 0.99, "val_map_lw": 0.97}
