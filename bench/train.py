@@ -60,12 +60,14 @@ def scene_pairs(collection: Path, work: Path) -> tuple[str, str]:
     if not ids:
         first = IMAGES.read(images, ["uri", "error"]).slice(0, 1).to_pylist()
         raise ValueError(f"no photo of {manifest} could be ingested; the first: {first}")
-    write_descriptors(f"{run}/d", ids, np.eye(len(ids), dtype=np.float32),
-                      network={"weights": "scene column"})  # fmt: skip
-    group(GroupConf(images=images, descriptors=f"{run}/d", output=f"{run}/groups"))
-    sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm", mapper="incremental"))
-    mine_pairs(PairsConf(sfm=f"{run}/sfm", output=f"{run}/pairs"))
-    return f"{run}/pairs", images
+    descriptors = write_descriptors(
+        f"{run}/d", ids, np.eye(len(ids), dtype=np.float32), network={"weights": "scene column"}
+    )
+    groups = group(GroupConf(images=images, descriptors=descriptors, output=f"{run}/groups"))
+    reconstructed = sfm(
+        SfmConf(images=images, groups=groups, output=f"{run}/sfm", mapper="incremental")
+    )
+    return mine_pairs(PairsConf(sfm=reconstructed, output=f"{run}/pairs")), images
 
 
 def main(conf: BenchConf) -> dict:

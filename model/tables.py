@@ -74,6 +74,7 @@ __all__ = [
     "code_version",
     "fingerprint",
     "resolve",
+    "upstream",
 ]
 
 logger = logging.getLogger(__name__)
@@ -719,6 +720,21 @@ def _count_rows(files: list[str]) -> int:
     filesystem, _ = storage.arrow_filesystem(files[0])
     paths = [storage.arrow_filesystem(f)[1] for f in files]
     return int(pads.dataset(paths, filesystem=filesystem, format="parquet").count_rows())
+
+
+def upstream(**inputs: tuple[Output, str]) -> dict[str, Manifest]:
+    """The manifests of a stage's inputs, keyed by flag name (``images=(IMAGES_OUTPUT, uri)``);
+    every input that is missing, unfinished or of another stage is named at once, one line each
+    (``--images: …``)."""
+    found, problems = {}, []
+    for name, (output, uri) in inputs.items():
+        try:
+            found[name] = output.manifest(uri)
+        except (OSError, ValueError) as err:
+            problems.append(f"--{name.replace('_', '-')}: {err}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return found
 
 
 # ----------------------------------------------------------------------------- the tables

@@ -121,8 +121,8 @@ def network_settings(conf: ExtractConf) -> NetworkSettings:
 def run(conf: ExtractConf) -> str:
     """Describe every photo of ``conf.images``; returns the output URI."""
     started = time.perf_counter()
-    log_settings(logger, "extract", conf)
     _check(conf)
+    log_settings(logger, "extract", conf)
     out = tables.resolve(conf.output)
     images = IMAGES_OUTPUT.manifest(conf.images)
     network = _network_identity(conf)

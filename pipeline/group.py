@@ -227,22 +227,6 @@ def content_settings(conf: GroupConf) -> dict[str, Any]:
     return {k: v for k, v in asdict(conf).items() if k not in where}
 
 
-def _upstream(conf: GroupConf) -> tuple[tables.Manifest, tables.Manifest]:
-    """The manifests of the images and descriptors outputs (every problem at once)."""
-    problems, found = [], []
-    for flag, output, uri in (
-        ("--images", tables.IMAGES_OUTPUT, conf.images),
-        ("--descriptors", tables.DESCRIPTORS_OUTPUT, conf.descriptors),
-    ):
-        try:
-            found.append(output.manifest(uri))
-        except (OSError, ValueError) as err:
-            problems.append(f"{flag}: {err}")
-    if problems:
-        raise ValueError("\n".join(problems))
-    return found[0], found[1]
-
-
 def _read_inputs(
     conf: GroupConf, images: tables.Manifest
 ) -> tuple[dict[str, str | None], Descriptors]:
@@ -354,7 +338,11 @@ def run(conf: GroupConf) -> str:
     _check(conf)
     log_settings(logger, "group", conf)
     out = tables.resolve(conf.output)
-    images, descriptors = _upstream(conf)
+    found = tables.upstream(
+        images=(tables.IMAGES_OUTPUT, conf.images),
+        descriptors=(tables.DESCRIPTORS_OUTPUT, conf.descriptors),
+    )
+    images, descriptors = found["images"], found["descriptors"]
     inputs = {"images": images, "descriptors": descriptors}
     settings = content_settings(conf)
     plan, _ = tables.GROUPS_OUTPUT.plan(

@@ -818,9 +818,9 @@ def run(conf: IndexConf) -> str:
     or when they hold nothing new; else the next version (v1 of a new index).
     """
     started = time.perf_counter()
-    log_settings(logger, "index", conf)
     output = tables.resolve(conf.output)
     inputs = _validate(conf, output)
+    log_settings(logger, "index", conf)
     _log_read(inputs.desc, time.perf_counter() - started)
     settings = content_settings(inputs.factory, inputs.network)
     action = _plan(conf, output, inputs, settings)

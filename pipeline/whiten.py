@@ -78,22 +78,6 @@ def content_settings(conf: WhitenConf) -> dict[str, Any]:
     return {"min_pairs": conf.min_pairs, "shrinkage": conf.shrinkage, "dim": conf.dim}
 
 
-def _upstream(conf: WhitenConf) -> tuple[tables.Manifest, tables.Manifest]:
-    """The manifests of the descriptors and pairs outputs (every problem at once)."""
-    problems, found = [], []
-    for flag, output, uri in (
-        ("--descriptors", tables.DESCRIPTORS_OUTPUT, conf.descriptors),
-        ("--pairs", tables.PAIRS_OUTPUT, conf.pairs),
-    ):
-        try:
-            found.append(output.manifest(uri))
-        except (OSError, ValueError) as err:
-            problems.append(f"{flag}: {err}")
-    if problems:
-        raise ValueError("\n".join(problems))
-    return found[0], found[1]
-
-
 def _read_inputs(conf: WhitenConf) -> tuple[Descriptors, list[tuple[str, str]]]:
     problems = []
     try:
@@ -127,7 +111,11 @@ def run(conf: WhitenConf) -> str:
     _check(conf)
     log_settings(logger, "whiten", conf)
     out = tables.resolve(conf.output)
-    descriptors_output, pairs_output = _upstream(conf)
+    found = tables.upstream(
+        descriptors=(tables.DESCRIPTORS_OUTPUT, conf.descriptors),
+        pairs=(tables.PAIRS_OUTPUT, conf.pairs),
+    )
+    descriptors_output, pairs_output = found["descriptors"], found["pairs"]
     inputs = {"descriptors": descriptors_output, "pairs": pairs_output}
     settings = content_settings(conf)
     plan, _ = tables.WHITEN_OUTPUT.plan(

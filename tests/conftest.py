@@ -96,18 +96,22 @@ def real_photo_set(photos_dir: Path):
 
 
 @pytest.fixture(scope="session")
-def lite0_real_descriptors(real_photo_set):
-    """ImageNet EfficientNet-Lite0 + GeM (p = 3) descriptors of the shared photos at 512 px."""
-    from model.backbones import build_backbone
-    from model.extraction import ExtractOptions, ImageFiles, extract_multihead
-    from model.heads import GeMHead
+def lite0_real_descriptors(real_photo_set, real_run: str):
+    """ImageNet EfficientNet-Lite0 + GeM (p = 3) descriptors of the shared photos at 512 px, in
+    the photo set's order: the real run's own extract output (described once per session)."""
+    from model.descriptors import read_descriptors
+    from model.tables import IMAGES
 
-    backbone = build_backbone("efficientnet_lite0", "imagenet")
-    images = ImageFiles(real_photo_set.db_paths, max_size=512, exif_transpose=True)
-    options = ExtractOptions(batch_size=16, device="cpu", progress=False)
-    return extract_multihead(backbone, {"gem": GeMHead(1280, p=3.0)}, images, options).descriptors[
-        "gem"
-    ]
+    images = IMAGES.read(f"{real_run}/images.parquet", ["uri", "image_id"])
+    photo = {
+        str(Path(uri).resolve()): image
+        for uri, image in zip(
+            images["uri"].to_pylist(), images["image_id"].to_pylist(), strict=True
+        )
+    }
+    desc = read_descriptors(f"{real_run}/descriptors")
+    row = {image: k for k, image in enumerate(desc.image_ids.tolist())}
+    return desc.vectors[[row[photo[str(Path(p).resolve())]] for p in real_photo_set.db_paths]]
 
 
 @pytest.fixture(scope="session")

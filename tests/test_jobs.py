@@ -102,11 +102,14 @@ def ray_head(s3_server: str, tmp_path_factory) -> Iterator[tuple[str, dict[str, 
     try:
         yield address, env
     finally:
+        # Everything the head started is in its process group, and its temp dir is the test's
+        # own: a short grace for a clean stop, then the group is killed outright.
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=90)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
 
 
 def _submit(address: str, env: dict[str, str], *command: str) -> str:

@@ -18,8 +18,6 @@ import pytest
 
 from model import checkpoint, storage, tables
 from model.datasets.landmarks import write_scene_manifest
-from pipeline.pairs import PairsConf
-from pipeline.pairs import run as mine_pairs
 from pipeline.train import CgdPart, GemPart, LwPart, TrainConf
 from pipeline.train import run as train
 
@@ -62,7 +60,8 @@ def _epochs(best: str) -> list[dict]:
 def test_training_checkpoints_the_best_epoch_and_resumes(
     pairs, s3_bucket, tmp_path, caplog
 ) -> None:
-    """Output and Ray Train's storage on the loopback S3 server, as on a cluster."""
+    """Output and Ray Train's storage on the loopback S3 server, as on a cluster; trained on
+    what the pairs stage returned (``scene_pairs`` chains the stages' return values)."""
     from model.describer import NetworkSettings, load_extract_network
     from model.descriptors import read_descriptors
     from model.training_set import read_training_set
@@ -119,10 +118,22 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     print(f"\nbest epoch + Lw {marked['val_map_lw']:.4f}, extracted {found['val_map']:.4f}")
     assert marked["val_map_lw"] == pytest.approx(found["val_map"], abs=1e-3)
     assert checkpoint.load(best).network.meta.backbone == "efficientnet_lite0"  # extract takes it
-    # the same settings again: the output is whole, nothing runs
+    manifest = tables.TRAIN_OUTPUT.manifest(out)
+    assert set(manifest.inputs) == {"pairs", "images", "start"}
+    assert manifest.inputs["pairs"] == tables.PAIRS_OUTPUT.manifest(pairs["pairs"]).identity
+    assert manifest.details["checkpoint"] == checkpoint.identity(out)
+    # the same content settings again (other workers, another run name): nothing runs
     caplog.set_level(logging.INFO, logger="pipeline.train")
-    assert train(conf) == out and "skipping" in caplog.text
+    assert train(replace(conf, workers=2, name="other")) == out
+    assert "is complete; skipping" in caplog.text
     assert set(storage.list_files(out)) == {f"{out}/{n}" for n in names}
+    assert tables.TRAIN_OUTPUT.manifest(out) == manifest
+    # another learning rate: one line naming it, the output left whole
+    with pytest.raises(tables.OutputChanged) as err:
+        train(replace(conf, lr=1e-4))
+    message = str(err.value)
+    assert "lr: 1e-05 → 0.0001" in message and "--overwrite" in message and "\n" not in message
+    assert tables.TRAIN_OUTPUT.is_complete(out)
     # the GeM paper's second round: Lw folded into the head's FC layer, trained end to end
     folded = train(_conf(pairs, tmp_path / "folded", weights=best, fold_whitening=True, epochs=1))
     assert checkpoint.load(folded).network.meta.whitening_dim == lw["dim"]
@@ -130,47 +141,6 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     again = _epochs(train(conf.replaced(epochs=3)))
     assert again[:3] == [{**e, "best": again[i]["best"]} for i, e in enumerate(epochs)]
     assert again[3]["steps"] == 3 * per_epoch
-
-
-@pytest.fixture(scope="module")
-def composed(pairs, tmp_path_factory) -> tuple[TrainConf, str]:
-    """One epoch trained on what the pairs stage returns (run again: its output is complete)."""
-    sfm = pairs["pairs"].rsplit("/", 1)[0] + "/sfm"
-    returned = mine_pairs(PairsConf(sfm=sfm, output=pairs["pairs"]))
-    conf = _conf(
-        {**pairs, "pairs": returned},
-        tmp_path_factory.mktemp("composed") / "out",
-        epochs=1,
-        name="composed",
-    )
-    return conf, train(conf)
-
-
-def test_train_composes_from_the_pairs_stage_return_value(composed) -> None:
-    conf, out = composed
-    manifest = tables.TRAIN_OUTPUT.manifest(out)
-    assert set(manifest.inputs) == {"pairs", "images", "start"}
-    assert manifest.inputs["pairs"] == tables.PAIRS_OUTPUT.manifest(conf.pairs).identity
-    assert manifest.details["checkpoint"] == checkpoint.identity(out)
-    assert checkpoint.load(out).network.meta.head == "gem"
-
-
-def test_a_rerun_with_the_same_settings_skips(composed, caplog) -> None:
-    conf, out = composed
-    before = tables.TRAIN_OUTPUT.manifest(out)
-    caplog.set_level(logging.INFO, logger="pipeline.train")
-    assert train(replace(conf, workers=2, name="other")) == out  # no content setting
-    assert "is complete; skipping" in caplog.text
-    assert tables.TRAIN_OUTPUT.manifest(out) == before
-
-
-def test_a_rerun_with_another_lr_stops_naming_it(composed) -> None:
-    conf, out = composed
-    with pytest.raises(tables.OutputChanged) as err:
-        train(replace(conf, lr=1e-4))
-    message = str(err.value)
-    assert "lr: 1e-05 → 0.0001" in message and "--overwrite" in message
-    assert "\n" not in message and tables.TRAIN_OUTPUT.is_complete(out)
 
 
 def test_two_workers_reproduce_one_workers_first_epoch(pairs, tmp_path) -> None:

@@ -185,22 +185,6 @@ class _Groups:
         return self.members[group] + self.offered.get(group, [])
 
 
-def _upstream(conf: SfmConf) -> tuple[tables.Manifest, tables.Manifest]:
-    """The manifests of the groups and images outputs (every problem at once)."""
-    problems, found = [], []
-    for flag, output, uri in (
-        ("--groups", tables.GROUPS_OUTPUT, conf.groups),
-        ("--images", tables.IMAGES_OUTPUT, conf.images),
-    ):
-        try:
-            found.append(output.manifest(uri))
-        except (OSError, ValueError) as err:
-            problems.append(f"{flag}: {err}")
-    if problems:
-        raise ValueError("\n".join(problems))
-    return found[0], found[1]
-
-
 def _read_groups(groups: tables.Manifest) -> _Groups:
     """Each group's members and the offers to it (an offer of a member to its own group, or
     to a group that does not exist, is dropped)."""
@@ -288,7 +272,10 @@ def run(conf: SfmConf) -> str:
     _check(conf)
     log_settings(logger, "sfm", conf)
     out = tables.resolve(conf.output)
-    groups, images = _upstream(conf)
+    found = tables.upstream(
+        groups=(tables.GROUPS_OUTPUT, conf.groups), images=(tables.IMAGES_OUTPUT, conf.images)
+    )
+    groups, images = found["groups"], found["images"]
     inputs = {"groups": groups, "images": images}
     settings = content_settings(conf)
     plan, done = tables.SFM_OUTPUT.plan(
