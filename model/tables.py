@@ -73,6 +73,7 @@ __all__ = [
     "Table",
     "code_version",
     "fingerprint",
+    "identities",
     "resolve",
     "upstream",
 ]
@@ -209,6 +210,7 @@ class Manifest:
             "stage",
             "version",
             "fingerprint",
+            "identities",
             "identity",
             "inputs",
             "sources",
@@ -413,7 +415,7 @@ class Table:
         self.check_columns(wanted)
         filesystem, _ = storage.arrow_filesystem(files[0])
         paths = [storage.arrow_filesystem(f)[1] for f in files]
-        return ray.data.read_parquet(paths, filesystem=filesystem, columns=wanted)
+        return ray.data.read_parquet(paths, filesystem=filesystem).select_columns(wanted)
 
     def files(self, manifest: Manifest) -> list[str]:
         """URIs of this table's files in an output, as its manifest lists them."""
@@ -594,7 +596,7 @@ class Output:
     def plan(
         self,
         uri: str,
-        inputs: Mapping[str, str],
+        inputs: Mapping[str, Manifest | str],
         settings: Mapping[str, Any],
         *,
         overwrite: bool = False,
@@ -613,7 +615,7 @@ class Output:
             if overwrite or not storage.exists(self.manifest_uri(uri)):
                 return "new", None  # unfinished: the stage completes or redoes it
             raise
-        if manifest.fingerprint == self.fingerprint(inputs, settings):
+        if manifest.fingerprint == self.fingerprint(identities(inputs), settings):
             return "skip", manifest
         changes = manifest.changed_settings(settings)
         if changes and not overwrite:
@@ -644,14 +646,11 @@ class Output:
         """
         folder = resolve(self.locate(uri))
         settings = _plain(dict(settings or {}))
-        identities, sources = {}, {}
+        sources = {}
         for name, value in (inputs or {}).items():
             if isinstance(value, Manifest):
-                identities[name] = value.identity
                 where = value.uri.rsplit("/", 1)[0]
                 sources[name] = {"uri": where, "relative": _relative(where, folder)}
-            else:
-                identities[name] = str(value)
         listed = dict(files) if files is not None else self._listed(folder)
         sizes = _sizes(folder)
         missing = [n for names in listed.values() for n in names if n not in sizes]
@@ -661,14 +660,15 @@ class Output:
         for name, names in listed.items():
             if name not in counts:
                 counts[name] = _count_rows([storage.join(folder, n) for n in names])
-        fp = self.fingerprint(identities, settings)
+        ids = identities(inputs or {})
+        fp = self.fingerprint(ids, settings)
         stored = {t: sorted((n, sizes[n]) for n in names) for t, names in listed.items()}
         manifest = Manifest(
             stage=self.stage,
             version=self.version,
             fingerprint=fp,
             identity=_digest({"fingerprint": fp, "files": stored}),
-            inputs=identities,
+            inputs=ids,
             sources=sources,
             settings=settings,
             files={t: sorted(names) for t, names in listed.items()},
@@ -720,6 +720,12 @@ def _count_rows(files: list[str]) -> int:
     filesystem, _ = storage.arrow_filesystem(files[0])
     paths = [storage.arrow_filesystem(f)[1] for f in files]
     return int(pads.dataset(paths, filesystem=filesystem, format="parquet").count_rows())
+
+
+def identities(inputs: Mapping[str, Manifest | str]) -> dict[str, str]:
+    """Each input's identity: an upstream output's (its manifest's), or the string given for
+    what is no stage output (a network's content hash, a digest of a photo source)."""
+    return {k: v.identity if isinstance(v, Manifest) else str(v) for k, v in inputs.items()}
 
 
 def upstream(**inputs: tuple[Output, str]) -> dict[str, Manifest]:

@@ -159,7 +159,7 @@ def _plan(
 ) -> tuple[str, Manifest | None]:
     """What this run does at ``out`` (``Output.plan``), a network change stopping it too;
     an output replaced (``--overwrite``) is cleared first."""
-    identities = {k: v.identity if isinstance(v, Manifest) else v for k, v in inputs.items()}
+    identities = tables.identities(inputs)
     action, previous = DESCRIPTORS_OUTPUT.plan(
         out, identities, network.settings, overwrite=conf.overwrite
     )

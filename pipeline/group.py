@@ -345,9 +345,7 @@ def run(conf: GroupConf) -> str:
     images, descriptors = found["images"], found["descriptors"]
     inputs = {"images": images, "descriptors": descriptors}
     settings = content_settings(conf)
-    plan, _ = tables.GROUPS_OUTPUT.plan(
-        out, {k: m.identity for k, m in inputs.items()}, settings, overwrite=conf.overwrite
-    )
+    plan, _ = tables.GROUPS_OUTPUT.plan(out, inputs, settings, overwrite=conf.overwrite)
     if plan == "skip":
         logger.info("%s is complete; skipping", out)
         return out

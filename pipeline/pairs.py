@@ -135,9 +135,7 @@ def run(conf: PairsConf) -> str:
     except (OSError, ValueError) as err:
         raise ValueError(f"--sfm: {err}") from err
     settings = content_settings(conf)
-    plan, _ = tables.PAIRS_OUTPUT.plan(
-        out, {"sfm": sfm.identity}, settings, overwrite=conf.overwrite
-    )
+    plan, _ = tables.PAIRS_OUTPUT.plan(out, {"sfm": sfm}, settings, overwrite=conf.overwrite)
     if plan == "skip":
         logger.info("%s is complete; skipping", out)
         return out

@@ -118,9 +118,7 @@ def run(conf: WhitenConf) -> str:
     descriptors_output, pairs_output = found["descriptors"], found["pairs"]
     inputs = {"descriptors": descriptors_output, "pairs": pairs_output}
     settings = content_settings(conf)
-    plan, _ = tables.WHITEN_OUTPUT.plan(
-        out, {k: m.identity for k, m in inputs.items()}, settings, overwrite=conf.overwrite
-    )
+    plan, _ = tables.WHITEN_OUTPUT.plan(out, inputs, settings, overwrite=conf.overwrite)
     if plan == "skip":
         logger.info("%s is complete; skipping", out)
         return out

@@ -65,8 +65,13 @@ def test_actor_pool_equals_in_process_extraction(ray_session, photos, tmp_path: 
     assert desc.output.source("images") == str(images) and desc.identity
 
 
-def test_same_fingerprint_skips(ray_session, photos, tmp_path: Path, caplog) -> None:
-    images = write_images(tmp_path, photos[:3])
+def test_a_rerun_skips_describes_new_photos_alone_and_drops_gone_ones(
+    ray_session, photos, tmp_path: Path, caplog
+) -> None:
+    """The same inputs and settings: nothing runs. Photos ingested since into the same images
+    output: a rerun describes those only, keeps the rows it has, and the output's identity
+    changes (a later stage sees the change). Photos gone from the images lose their rows."""
+    images = write_images(tmp_path, photos[:4])
     conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
     out = run(conf)
     written = {p: p.stat().st_mtime_ns for p in Path(out).iterdir()}
@@ -75,13 +80,6 @@ def test_same_fingerprint_skips(ray_session, photos, tmp_path: Path, caplog) -> 
     assert "is complete; skipping" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in Path(out).iterdir()} == written
 
-
-def test_new_photos_are_the_only_ones_described(ray_session, photos, tmp_path: Path) -> None:
-    """Photos ingested since into the same images output: a rerun describes those only, keeps
-    the rows it has, and the output's identity changes (a later stage sees the change)."""
-    images = write_images(tmp_path, photos[:4])
-    conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
-    out = run(conf)
     before, identity = _part_ids(out), read_descriptors(out).identity
     write_images(tmp_path, photos[:6])  # two more photos since
     run(conf)
@@ -93,11 +91,6 @@ def test_new_photos_are_the_only_ones_described(ray_session, photos, tmp_path: P
     assert desc.manifest["count"] == 6 and len(set(desc.image_ids)) == 6
     assert desc.identity != identity
 
-
-def test_photos_gone_from_the_images_lose_their_rows(ray_session, photos, tmp_path) -> None:
-    images = write_images(tmp_path, photos[:3])
-    conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
-    run(conf)
     write_images(tmp_path, photos[1:3])
     desc = read_descriptors(run(conf))
     assert sorted(desc.image_ids) == sorted(image_id(p.read_bytes()) for p in photos[1:3])

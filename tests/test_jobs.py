@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -112,9 +113,11 @@ def ray_head(s3_server: str, tmp_path_factory) -> Iterator[tuple[str, dict[str, 
             head.wait(timeout=30)
 
 
-def _submit(address: str, env: dict[str, str], *command: str) -> str:
-    """Submit ``python -m <command>`` and wait for it; the head's job agent may still be
-    starting just after the head answers, so that one refusal is retried (bounded)."""
+def _submit(address: str, env: dict[str, str], *commands: str) -> str:
+    """Submit one job that runs each ``python -m <command>`` in turn (a command is one string
+    of space-separated words) and wait for it; the head's job agent may still be starting just
+    after the head answers, so that one refusal is retried (bounded)."""
+    entrypoint = " && ".join(f"python -m {shlex.join(c.split())}" for c in commands)
     args = [
         f"{Path(sys.executable).parent}/ray",
         "job",
@@ -126,9 +129,9 @@ def _submit(address: str, env: dict[str, str], *command: str) -> str:
         "--runtime-env-json",
         json.dumps({"excludes": [".venv", ".git", "outputs", "data"]}),
         "--",
-        "python",
-        "-m",
-        *command,
+        "bash",
+        "-c",
+        entrypoint,
     ]
     deadline = time.monotonic() + 120
     while True:
@@ -152,76 +155,32 @@ def test_ingest_extract_index_as_jobs(ray_head, s3_bucket: str, tiny_collection:
     for path in photos:
         s3.upload_file(str(path), s3_bucket, f"photos/{path.parent.name}/{path.name}")
     run = f"s3://{s3_bucket}/run"
-    _submit(
-        address, env, "pipeline.ingest", "--source", f"s3://{s3_bucket}/photos", "--output", run
-    )
-    images = f"{run}/images.parquet"
-    descriptors = f"{run}/descriptors"
+    images, descriptors = f"{run}/images.parquet", f"{run}/descriptors"
     _submit(
         address,
         env,
-        "pipeline.extract",
-        "--images",
-        images,
-        "--output",
-        descriptors,
-        "--max-size",
-        "128",
-    )
-    _submit(
-        address,
-        env,
-        "pipeline.index",
-        "--descriptors",
-        descriptors,
-        "--output",
-        f"{run}/index",
-        "--shards",
-        "2",
+        f"pipeline.ingest --source s3://{s3_bucket}/photos --output {run}",
+        f"pipeline.extract --images {images} --output {descriptors} --max-size 128",
+        f"pipeline.index --descriptors {descriptors} --output {run}/index --shards 2",
     )
     manifest = read_manifest(f"{run}/index")
     assert sum(shard["count"] for shard in manifest["shards"]) == len(photos)
     assert manifest["version"] == 1 and len(manifest["shards"]) == 2
-    # Training labels as jobs: the photos' folder is their scene, one group reconstructed.
+    # Training labels as a job: the photos' folder is their scene, one group reconstructed.
     _submit(
         address,
         env,
-        "pipeline.group",
-        "--images",
-        images,
-        "--descriptors",
-        descriptors,
-        "--output",
-        f"{run}/groups",
+        f"pipeline.group --images {images} --descriptors {descriptors} --output {run}/groups",
+        f"pipeline.sfm --images {images} --groups {run}/groups --output {run}/sfm",
+        f"pipeline.pairs --sfm {run}/sfm --output {run}/pairs",
     )
-    _submit(
-        address,
-        env,
-        "pipeline.sfm",
-        "--images",
-        images,
-        "--groups",
-        f"{run}/groups",
-        "--output",
-        f"{run}/sfm",
-    )
-    _submit(address, env, "pipeline.pairs", "--sfm", f"{run}/sfm", "--output", f"{run}/pairs")
     summary = SFM_OUTPUT.manifest(f"{run}/sfm").details
     assert summary["groups"]["ok"] == 1 and summary["registered"] >= 6
     assert PAIRS.read(f"{run}/pairs").num_rows > 0
     # The service as a job: it returns once the app is up (--detach) and goes on serving.
     port = _free_port()
     _submit(
-        address,
-        env,
-        "pipeline.serve",
-        "--index",
-        f"{run}/index",
-        "--detach",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+        address, env, f"pipeline.serve --index {run}/index --detach --host 127.0.0.1 --port {port}"
     )
     client = SearchClient(f"http://127.0.0.1:{port}", retries=10, backoff=0.5)
     health = client.health()

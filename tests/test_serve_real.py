@@ -40,7 +40,8 @@ def real_service(serve_url: str, real_run: str):
         serve.delete(APP_NAME)
 
 
-def test_every_photo_as_an_http_query_finds_its_scene(real_service) -> None:
+def test_photos_as_http_queries_find_their_scene(real_service) -> None:
+    """Every other photo of the 373 (every scene) sent as a query over HTTP."""
     client, run = real_service
     rows = IMAGES.read(
         f"{run}/images.parquet", ["image_id", "uri", "scene"], filter=pc.field("error").is_null()
@@ -52,7 +53,7 @@ def test_every_photo_as_an_http_query_finds_its_scene(real_service) -> None:
         return photo, client.search(photo[1], k=3)
 
     with ThreadPoolExecutor(4) as pool:  # concurrent requests: the embedder batches them
-        answers = list(pool.map(query, photos))
+        answers = list(pool.map(query, photos[::2]))
     hits, itself_first, self_scores = [], [], []
     for (image_id, _, own_scene), answer in answers:
         first_other = next(r for r in answer.results if r.image_id != image_id)
@@ -61,10 +62,10 @@ def test_every_photo_as_an_http_query_finds_its_scene(real_service) -> None:
         self_scores += [r.score for r in answer.results if r.image_id == image_id]
     recall = float(np.mean(hits))
     print(
-        f"\nreal photos over HTTP: scene recall@1 {recall:.4f} over {len(photos)} photo queries; "
+        f"\nreal photos over HTTP: scene recall@1 {recall:.4f} over {len(answers)} photo queries; "
         f"the photo itself first for {np.mean(itself_first):.4f} (score {min(self_scores):.4f}+)"
     )
-    assert len(photos) == 373
+    assert len(photos) == 373 and len({s for (_, _, s), _ in answers}) == 17
     assert recall >= 0.95
     # The embedder describes a photo exactly as the extract stage did: it finds itself.
     assert np.mean(itself_first) >= 0.99 and min(self_scores) > 0.999

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from model import checkpoint, storage, tables
 from model.datasets.landmarks import write_scene_manifest
-from pipeline.train import CgdPart, GemPart, LwPart, TrainConf
+from model.whitening import apply_whitening
+from pipeline.train import CgdPart, GemPart, LwPart, TrainConf, initial_network
 from pipeline.train import run as train
 
 pytestmark = pytest.mark.slow
@@ -90,6 +92,7 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     assert lw["cross_validation"]["folds"] >= 2  # shrinkage and dim chosen on training clusters
     _, whitening = load_extract_network(NetworkSettings(weights=best))
     assert whitening is not None and whitening[1].shape == (lw["dim"], 1280)  # extract applies it
+    lw_m, lw_P = whitening
     epochs = _epochs(best)
     assert all(0 < e["val_map_lw"] <= 1 for e in epochs)  # held-out mAP with Lw, every epoch
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
@@ -134,9 +137,17 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     message = str(err.value)
     assert "lr: 1e-05 → 0.0001" in message and "--overwrite" in message and "\n" not in message
     assert tables.TRAIN_OUTPUT.is_complete(out)
-    # the GeM paper's second round: Lw folded into the head's FC layer, trained end to end
-    folded = train(_conf(pairs, tmp_path / "folded", weights=best, fold_whitening=True, epochs=1))
-    assert checkpoint.load(folded).network.meta.whitening_dim == lw["dim"]
+    # the GeM paper's second round starts from Lw folded into the head's FC layer: the start
+    # network describes as the output's network with its Lw applied
+    second = _conf(pairs, tmp_path / "folded", weights=best, fold_whitening=True, epochs=1)
+    folded = initial_network(second).eval()
+    assert folded.meta.whitening_dim == lw["dim"]
+    photos = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        plain = checkpoint.load(best).network(photos).numpy()
+        np.testing.assert_allclose(
+            folded(photos).numpy(), apply_whitening(plain, lw_m, lw_P), atol=1e-4
+        )
     # only --epochs raised: resumes from Ray Train's checkpoints after epoch 2
     again = _epochs(train(conf.replaced(epochs=3)))
     assert again[:3] == [{**e, "best": again[i]["best"]} for i, e in enumerate(epochs)]

@@ -278,9 +278,7 @@ def run(conf: SfmConf) -> str:
     groups, images = found["groups"], found["images"]
     inputs = {"groups": groups, "images": images}
     settings = content_settings(conf)
-    plan, done = tables.SFM_OUTPUT.plan(
-        out, {k: m.identity for k, m in inputs.items()}, settings, overwrite=conf.overwrite
-    )
+    plan, done = tables.SFM_OUTPUT.plan(out, inputs, settings, overwrite=conf.overwrite)
     if plan == "skip" and not (conf.retry_failed and done is not None and done.details["failed"]):
         logger.info("%s is complete; skipping", out)
         return out

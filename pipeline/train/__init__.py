@@ -245,17 +245,13 @@ def _inputs(conf: TrainConf) -> dict[str, tables.Manifest | str]:
     return inputs
 
 
-def _identities(inputs: dict[str, tables.Manifest | str]) -> dict[str, str]:
-    return {k: v.identity if isinstance(v, tables.Manifest) else v for k, v in inputs.items()}
-
-
 def _plan(conf: TrainConf, inputs: dict[str, tables.Manifest | str], settings: dict) -> str:
     """``skip``; ``resume`` (train on from Ray Train's checkpoints of the run: a first or
     interrupted run, or the same one with ``--epochs`` raised); or ``restart`` (the output is
     replaced, and the run's checkpoints with it: other inputs, or ``--overwrite``).
 
     ``OutputChanged`` names any other change of settings."""
-    identities = _identities(inputs)
+    identities = tables.identities(inputs)
     try:
         existing = tables.TRAIN_OUTPUT.existing(conf.output)
     except ValueError:  # unfinished: Ray Train's checkpoints resume it
