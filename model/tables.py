@@ -600,11 +600,13 @@ class Output:
         settings: Mapping[str, Any],
         *,
         overwrite: bool = False,
+        fixed: Sequence[str] = (),
     ) -> tuple[str, Manifest | None]:
         """What a run must do at ``uri``: ``("skip", manifest)`` when a complete output has this
         fingerprint; ``("update", manifest)`` when one was made with these settings from other
         inputs (the stage redoes what the new inputs touch); ``("new", None)`` when there is
-        none, or it is replaced (``overwrite``). An output made with other settings is an
+        none, or it is replaced (``overwrite``). An output made with other settings, or from
+        another of the ``fixed`` inputs (extract's network: no update mixes two), is an
         ``OutputChanged`` naming each change, unless ``overwrite``.
         """
         try:
@@ -615,15 +617,23 @@ class Output:
             if overwrite or not storage.exists(self.manifest_uri(uri)):
                 return "new", None  # unfinished: the stage completes or redoes it
             raise
-        if manifest.fingerprint == self.fingerprint(identities(inputs), settings):
+        ids = identities(inputs)
+        if manifest.fingerprint == self.fingerprint(ids, settings):
             return "skip", manifest
+        swapped = [n for n in fixed if manifest.inputs.get(n) != ids[n]]
         changes = manifest.changed_settings(settings)
-        if changes and not overwrite:
+        if (swapped or changes) and not overwrite:
+            named = "; ".join(f"{n}: {manifest.inputs.get(n)} → {ids[n]}" for n in swapped)
+            what = (
+                f"another {' and '.join(swapped)} ({named})"
+                if swapped
+                else f"other settings ({'; '.join(changes)})"
+            )
             raise OutputChanged(
-                f"{self.locate(uri)} was made with other settings ({'; '.join(changes)}); "
+                f"{self.locate(uri)} was made with {what}; "
                 "run with --overwrite to replace it, or choose another --output"
             )
-        if changes:
+        if swapped or changes:
             return "new", None
         return "update", manifest
 

@@ -157,21 +157,11 @@ def run(conf: ExtractConf) -> str:
 def _plan(
     conf: ExtractConf, out: str, inputs: dict[str, Any], network: _Network
 ) -> tuple[str, Manifest | None]:
-    """What this run does at ``out`` (``Output.plan``), a network change stopping it too;
+    """What this run does at ``out`` (``Output.plan``: another network is never an update);
     an output replaced (``--overwrite``) is cleared first."""
-    identities = tables.identities(inputs)
     action, previous = DESCRIPTORS_OUTPUT.plan(
-        out, identities, network.settings, overwrite=conf.overwrite
+        out, inputs, network.settings, overwrite=conf.overwrite, fixed=("network",)
     )
-    if action == "update" and previous is not None:
-        old = previous.inputs.get("network")
-        if old != network.identity and not conf.overwrite:
-            raise tables.OutputChanged(
-                f"{out} was made with another network (network: {old} → {network.identity}); "
-                "run with --overwrite to replace it, or choose another --output"
-            )
-        if old != network.identity:
-            action = "new"
     replaced = action == "new" and storage.exists(DESCRIPTORS_OUTPUT.manifest_uri(out))
     if replaced and conf.overwrite:
         logger.info("replacing %s (--overwrite)", out)

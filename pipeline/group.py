@@ -338,12 +338,11 @@ def run(conf: GroupConf) -> str:
     _check(conf)
     log_settings(logger, "group", conf)
     out = tables.resolve(conf.output)
-    found = tables.upstream(
+    inputs = tables.upstream(
         images=(tables.IMAGES_OUTPUT, conf.images),
         descriptors=(tables.DESCRIPTORS_OUTPUT, conf.descriptors),
     )
-    images, descriptors = found["images"], found["descriptors"]
-    inputs = {"images": images, "descriptors": descriptors}
+    images = inputs["images"]
     settings = content_settings(conf)
     plan, _ = tables.GROUPS_OUTPUT.plan(out, inputs, settings, overwrite=conf.overwrite)
     if plan == "skip":

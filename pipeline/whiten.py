@@ -111,12 +111,10 @@ def run(conf: WhitenConf) -> str:
     _check(conf)
     log_settings(logger, "whiten", conf)
     out = tables.resolve(conf.output)
-    found = tables.upstream(
+    inputs = tables.upstream(
         descriptors=(tables.DESCRIPTORS_OUTPUT, conf.descriptors),
         pairs=(tables.PAIRS_OUTPUT, conf.pairs),
     )
-    descriptors_output, pairs_output = found["descriptors"], found["pairs"]
-    inputs = {"descriptors": descriptors_output, "pairs": pairs_output}
     settings = content_settings(conf)
     plan, _ = tables.WHITEN_OUTPUT.plan(out, inputs, settings, overwrite=conf.overwrite)
     if plan == "skip":

@@ -272,11 +272,10 @@ def run(conf: SfmConf) -> str:
     _check(conf)
     log_settings(logger, "sfm", conf)
     out = tables.resolve(conf.output)
-    found = tables.upstream(
+    inputs = tables.upstream(
         groups=(tables.GROUPS_OUTPUT, conf.groups), images=(tables.IMAGES_OUTPUT, conf.images)
     )
-    groups, images = found["groups"], found["images"]
-    inputs = {"groups": groups, "images": images}
+    groups = inputs["groups"]
     settings = content_settings(conf)
     plan, done = tables.SFM_OUTPUT.plan(out, inputs, settings, overwrite=conf.overwrite)
     if plan == "skip" and not (conf.retry_failed and done is not None and done.details["failed"]):
