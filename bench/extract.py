@@ -22,18 +22,32 @@ compared. Photos are the shared real ones (``--photos``), or synthetic JPEGs whe
 from __future__ import annotations
 
 import json
+import os
 import platform
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 import tyro
+from PIL import Image
 
 from bench import write_results
-from model.extraction import DEFAULT_SCALES, ArrayImages, ExtractOptions, extract_descriptors
+from model.extraction import (
+    DEFAULT_SCALES,
+    ArrayImages,
+    ExtractOptions,
+    ImageFiles,
+    extract_descriptors,
+)
 from model.networks import NetworkMeta, build_network
+from pipeline.extract import ExtractConf
+from pipeline.extract import run as run_extract
+from pipeline.ingest import IngestConf
+from pipeline.ingest import run as run_ingest
 
 
 @dataclass(frozen=True)
@@ -124,17 +138,6 @@ def main(conf: BenchConf) -> list[dict]:
 
 def pipeline_main(conf: BenchConf) -> dict:
     """Photos per second from JPEG bytes to descriptors: the Ray stage against in-process."""
-    import os
-    import tempfile
-
-    import ray
-
-    from model.extraction import ImageFiles
-    from pipeline.extract import ExtractConf
-    from pipeline.extract import run as run_extract
-    from pipeline.ingest import IngestConf
-    from pipeline.ingest import run as run_ingest
-
     count = conf.images or 48
     paths = _photo_files(Path(conf.photos), count)
     cores = os.cpu_count() or 1
@@ -163,9 +166,13 @@ def pipeline_main(conf: BenchConf) -> dict:
             ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
             try:
                 images = run_ingest(IngestConf(source=str(folder), output=f"{tmp}/r{round_}"))
-                warm = ExtractConf(images=images, output=f"{tmp}/warm{round_}", max_size=64)
+                warm = ExtractConf.from_flags(
+                    images=images, output=f"{tmp}/warm{round_}", max_size=64
+                )
                 run_extract(warm)  # workers started, the network's files in the page cache
-                stage = ExtractConf(images=images, output=f"{tmp}/d{round_}", max_size=conf.width)
+                stage = ExtractConf.from_flags(
+                    images=images, output=f"{tmp}/d{round_}", max_size=conf.width
+                )
                 started = time.perf_counter()
                 run_extract(stage)
                 on_ray.append(len(paths) / (time.perf_counter() - started))
@@ -210,10 +217,6 @@ def _photo_files(root: Path, count: int) -> list[Path]:
     if found:
         step = max(1, len(found) // count)
         return found[::step][:count]
-    import tempfile
-
-    from PIL import Image
-
     folder = Path(tempfile.mkdtemp(prefix="bench-photos-"))
     rng = np.random.default_rng(0)
     out = []

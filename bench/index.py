@@ -32,6 +32,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import ray
 import tyro
 
 from bench import write_results
@@ -81,7 +82,7 @@ def clustered(
 
 
 def _warm() -> None:
-    import pipeline.index  # noqa: F401
+    import pipeline.index  # noqa: F401  (runs in each Ray worker: the stage imported there)
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -90,8 +91,6 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def main(conf: BenchConf) -> dict:
-    import ray
-
     rng = np.random.default_rng(conf.seed)
     centres = rng.standard_normal((conf.clusters, conf.dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -127,7 +126,7 @@ def main(conf: BenchConf) -> dict:
         probe = faiss.index_factory(conf.dim, factory, faiss.METRIC_INNER_PRODUCT)
         train_size = stage.train_size_for(probe, conf.n)
         t0 = time.perf_counter()
-        single, _ = stage.train_index(factory, X, train_size, conf.seed)
+        single, _ = stage.train_index(factory, X, train_size, seed=conf.seed)
         train_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         for start in range(0, conf.n, stage.ADD_BATCH):

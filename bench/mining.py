@@ -25,9 +25,12 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 import tyro
 
 from bench import write_results
+from cluster.mining import mining_actor
+from cluster.pool_search import fast_bf16
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,13 @@ def reference(
 
 
 def through_actor(
-    factory: str, pool: np.ndarray, clusters: np.ndarray, queries: np.ndarray, own: np.ndarray,
+    factory: str,
+    pool: np.ndarray,
+    clusters: np.ndarray,
+    queries: np.ndarray,
+    own: np.ndarray,
     nnum: int,
-) -> tuple[np.ndarray, float, dict]:  # fmt: skip
-    import ray
-
-    from cluster.mining import mining_actor
-
+) -> tuple[np.ndarray, float, dict]:
     actor = mining_actor(num_cpus=os.cpu_count() or 1, factory=factory)
     ray.get(actor.describe.remote())  # started before the clock
     # two workers' shares, every other row each (pipeline.train.tuples.worker_share), as they
@@ -96,8 +99,6 @@ def through_actor(
 
 
 def main(conf: BenchConf) -> dict:
-    import ray
-
     x, clusters = _collection(conf)
     picks = np.random.default_rng(conf.seed + 1).choice(conf.pool, conf.queries, replace=False)
     queries, own = x[picks], clusters[picks]
@@ -105,8 +106,12 @@ def main(conf: BenchConf) -> dict:
     exact = reference(x, clusters, queries, own, conf.nnum)
     ref_seconds = time.perf_counter() - started
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             object_store_memory=3 * x.nbytes)  # fmt: skip
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=3 * x.nbytes,
+    )
     lines = [
         f"device: {platform.machine()} CPU, {os.cpu_count()} cores; pool {conf.pool:,} x "
         f"{conf.dim}, {conf.queries:,} queries, {conf.nnum} negatives each",
@@ -114,8 +119,6 @@ def main(conf: BenchConf) -> dict:
         f"{'reference: NumPy dot + full sort':<34}{ref_seconds:>9.2f}{1.0:>10.1f}{1.0:>13.3f}",
     ]
     results = {"reference_seconds": ref_seconds}
-    from cluster.pool_search import fast_bf16
-
     factories = ["Flat", *(["bf16"] if fast_bf16() else []), "PCA128,Flat,RFlat"]
     for factory in factories:
         rows, seconds, info = through_actor(factory, x, clusters, queries, own, conf.nnum)
@@ -127,9 +130,13 @@ def main(conf: BenchConf) -> dict:
         )
         name = f"actor, {factory}"
         lines.append(f"{name:<34}{seconds:>9.2f}{ref_seconds / seconds:>10.1f}{found:>13.3f}")
-        results[factory] = {"seconds": seconds, "speedup": ref_seconds / seconds,
-                            "exact_found": found, "rules_hold": ok,
-                            "build_seconds": info["build_seconds"]}  # fmt: skip
+        results[factory] = {
+            "seconds": seconds,
+            "speedup": ref_seconds / seconds,
+            "exact_found": found,
+            "rules_hold": ok,
+            "build_seconds": info["build_seconds"],
+        }
     ray.shutdown()
     print("\n".join(lines))
     write_results(conf.out, {**results, "lines": lines}, lines)

@@ -54,7 +54,7 @@ class BenchConf:
 
 def _blas_threads() -> int:
     try:
-        from threadpoolctl import threadpool_info
+        from threadpoolctl import threadpool_info  # optional: no dependency of the project
 
         counts = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
         if counts:
@@ -107,7 +107,7 @@ def _baseline(Q: np.ndarray, X: np.ndarray, gnd: list, topk: int) -> tuple[dict,
 
 def _new(Q: np.ndarray, X: np.ndarray, gnd: list, topk: int) -> tuple[dict, np.ndarray]:
     items = ground_truth_items(gnd)
-    top, positions = rank_and_locate(Q, X, items, topk)  # one pass over the scores
+    top, positions = rank_and_locate(Q, X, items, topk=topk)  # one pass over the scores
     result = evaluate_revisited_at_positions(
         list(zip(items, positions, strict=True)), gnd, n_db=X.shape[0]
     )

@@ -32,10 +32,17 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import ray
 import tyro
+from ray import serve
 
 from bench import write_results
 from bench.index import clustered
+from cluster.client import SearchClient
+from model.descriptors import write_descriptors
+from pipeline.index import IndexConf
+from pipeline.index import run as build_index
+from pipeline.serve import APP_NAME, ServeConf, build_app
 
 
 @dataclass(frozen=True)
@@ -92,15 +99,6 @@ def _recall(answers: list[list[int]], truth: np.ndarray) -> float:
 
 
 def main(conf: BenchConf) -> dict:
-    import ray
-    from ray import serve
-
-    from cluster.client import SearchClient
-    from model.descriptors import write_descriptors
-    from pipeline.index import IndexConf
-    from pipeline.index import run as build_index
-    from pipeline.serve import APP_NAME, ServeConf, build_app
-
     rng = np.random.default_rng(conf.seed)
     centres = rng.standard_normal((1000, conf.dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -115,16 +113,22 @@ def main(conf: BenchConf) -> dict:
     rows.append({"path": "single-process FAISS, a query per call", "shards": 1, **one})
     t = time.perf_counter()
     _, batched = flat.search(Q, conf.k)
-    rows.append({"path": "single-process FAISS, all queries in one call", "shards": 1,
-                 "qps": len(Q) / (time.perf_counter() - t), "p50_ms": None, "p99_ms": None,
-                 "answers": batched.tolist()})  # fmt: skip
+    rows.append(
+        {
+            "path": "single-process FAISS, all queries in one call",
+            "shards": 1,
+            "qps": len(Q) / (time.perf_counter() - t),
+            "p50_ms": None,
+            "p99_ms": None,
+            "answers": batched.tolist(),
+        }
+    )
 
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="cirray-bench-search-"))
     ids = [f"v{i:07d}" for i in range(conf.n)]  # sorted like the rows: global id == row
     desc = write_descriptors(str(work / "desc"), ids, X, network=NETWORK)
-    ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)  # fmt: skip
+    ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
     port = 8000 + int(rng.integers(100, 900))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

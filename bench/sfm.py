@@ -26,18 +26,43 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
 import tyro
 
 from bench import write_results
+from model.datasets.landmarks import CONFS, generate
+from model.tables import IMAGES
+from pipeline.extract import ExtractConf
+from pipeline.extract import run as extract
+from pipeline.group import GroupConf
+from pipeline.group import run as group
+from pipeline.ingest import IngestConf
+from pipeline.ingest import run as ingest
+from pipeline.sfm import SfmConf, sfm_worker_env
+from pipeline.sfm import run as sfm
+from pipeline.sfm.reconstruct import ReconstructOptions, reconstruct_group
 
 # Plain pycolmap, each scene alone: (registered in the largest model, photos); from the issue.
 PLAIN = {
-    "sacre_coeur": (11, 12), "sceaux_castle": (11, 11), "fountain_p11": (11, 11),
-    "herzjesu_p8": (8, 8), "entry-P10": (10, 10), "NLE_tower": (5, 7), "statue": (9, 9),
-    "s06": (13, 15), "apple": (13, 20), "monstree": (23, 23), "kitchen": (25, 25),
-    "lund": (18, 29), "viking": (49, 49), "skull01": (44, 66), "buddha": (67, 67),
+    "sacre_coeur": (11, 12),
+    "sceaux_castle": (11, 11),
+    "fountain_p11": (11, 11),
+    "herzjesu_p8": (8, 8),
+    "entry-P10": (10, 10),
+    "NLE_tower": (5, 7),
+    "statue": (9, 9),
+    "s06": (13, 15),
+    "apple": (13, 20),
+    "monstree": (23, 23),
+    "kitchen": (25, 25),
+    "lund": (18, 29),
+    "viking": (49, 49),
+    "skull01": (44, 66),
+    "buddha": (67, 67),
     "cake": (0, 8),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -50,18 +75,14 @@ class BenchConf:
 
 
 def _scene_table(run: str, sfm_out: str) -> dict[str, dict]:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from model.tables import IMAGES
-
     images = IMAGES.read(
         f"{run}/images.parquet", ["image_id", "scene"], filter=pc.field("error").is_null()
     )
     scene = dict(zip(images["image_id"].to_pylist(), images["scene"].to_pylist(), strict=True))
     rows = pq.read_table(f"{sfm_out}/sfm_images.parquet").to_pylist()
-    per_scene: dict[str, dict] = defaultdict(lambda: {"photos": 0, "models": Counter(),
-                                                      "groups": set()})  # fmt: skip
+    per_scene: dict[str, dict] = defaultdict(
+        lambda: {"photos": 0, "models": Counter(), "groups": set()}
+    )
     for row in rows:
         entry = per_scene[scene[row["image_id"]]]
         entry["photos"] += 1
@@ -80,29 +101,24 @@ def _scene_table(run: str, sfm_out: str) -> dict[str, dict]:
 
 
 def real(conf: BenchConf) -> dict:
-    import ray
-
-    from pipeline.extract import ExtractConf
-    from pipeline.extract import run as extract
-    from pipeline.group import GroupConf
-    from pipeline.group import run as group
-    from pipeline.ingest import IngestConf
-    from pipeline.ingest import run as ingest
-    from pipeline.sfm import SfmConf
-    from pipeline.sfm import run as sfm
-
     run = conf.work or tempfile.mkdtemp(prefix="cirray-bench-sfm-")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     images = ingest(IngestConf(source=conf.photos, output=run))
-    extract(ExtractConf(images=images, output=f"{run}/descriptors", max_size=512))
-    group(GroupConf(images=images, descriptors=f"{run}/descriptors", output=f"{run}/groups",
-                    use_scene=False))  # fmt: skip
+    extract(ExtractConf.from_flags(images=images, output=f"{run}/descriptors", max_size=512))
+    group(
+        GroupConf(
+            images=images, descriptors=f"{run}/descriptors", output=f"{run}/groups", use_scene=False
+        )
+    )
     grouping = json.loads(Path(f"{run}/groups/manifest.json").read_text())
     results, seconds = {}, {}
     for mapper in ("incremental", "global"):
         t = time.perf_counter()
-        out = sfm(SfmConf(images=images, groups=f"{run}/groups", output=f"{run}/sfm-{mapper}",
-                          mapper=mapper))  # fmt: skip
+        out = sfm(
+            SfmConf(
+                images=images, groups=f"{run}/groups", output=f"{run}/sfm-{mapper}", mapper=mapper
+            )
+        )
         seconds[mapper] = time.perf_counter() - t
         results[mapper] = _scene_table(run, out)
     ray.shutdown()
@@ -126,10 +142,12 @@ def real(conf: BenchConf) -> dict:
             f"{inc['largest_model']:>9}/{inc['photos']:<3}{glo['largest_model']:>5}/{glo['photos']:<3}"
         )
     total = {m: sum(r["largest_model"] for r in results[m].values()) for m in results}
-    lines.append(f"{'all':<15}{grouping['photos']:>7}{'':>7}"
-                 f"{sum(p[0] for p in PLAIN.values()):>12}/{sum(p[1] for p in PLAIN.values()):<3}"
-                 f"{total['incremental']:>9}/{grouping['photos']:<3}"
-                 f"{total['global']:>5}/{grouping['photos']:<3}")  # fmt: skip
+    lines.append(
+        f"{'all':<15}{grouping['photos']:>7}{'':>7}"
+        f"{sum(p[0] for p in PLAIN.values()):>12}/{sum(p[1] for p in PLAIN.values()):<3}"
+        f"{total['incremental']:>9}/{grouping['photos']:<3}"
+        f"{total['global']:>5}/{grouping['photos']:<3}"
+    )
     lines.append(
         f"seconds: incremental {seconds['incremental']:.0f}, global {seconds['global']:.0f}"
     )
@@ -141,12 +159,6 @@ def real(conf: BenchConf) -> dict:
 
 def scaling(conf: BenchConf) -> dict:
     """Two groups one at a time against two at once (1 thread each)."""
-    import ray
-
-    from model.datasets.landmarks import CONFS, generate
-    from pipeline.sfm import sfm_worker_env
-    from pipeline.sfm.reconstruct import ReconstructOptions, reconstruct_group
-
     root = generate(CONFS["sfm"], Path(tempfile.mkdtemp(prefix="cirray-bench-sfm-")))
     groups = [sorted((root / "jpg").glob(f"lm0{i}_*.jpg")) for i in (0, 1)]
     photos = [[(p.stem, p.read_bytes()) for p in g] for g in groups]
@@ -159,11 +171,11 @@ def scaling(conf: BenchConf) -> dict:
     task = ray.remote(_task).options(num_cpus=1, runtime_env={"env_vars": sfm_worker_env(1)})
     ray.get(task.remote(photos[0][:4], options, None))  # workers started
     t = time.perf_counter()
-    for group in photos:
-        ray.get(task.remote(group, options, None))
+    for members in photos:
+        ray.get(task.remote(members, options, None))
     one = sum(map(len, photos)) / (time.perf_counter() - t)
     t = time.perf_counter()
-    ray.get([task.remote(group, options, None) for group in photos])
+    ray.get([task.remote(members, options, None) for members in photos])
     two = sum(map(len, photos)) / (time.perf_counter() - t)
     ray.shutdown()
     lines = [

@@ -21,9 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
+import ray
 import tyro
 
 from bench import write_results
+from model.datasets.landmarks import CONFS, generate, write_scene_manifest
+from model.descriptors import write_descriptors
+from model.tables import IMAGES
+from pipeline.group import GroupConf
+from pipeline.group import run as group
+from pipeline.ingest import IngestConf
+from pipeline.ingest import run as ingest
+from pipeline.pairs import PairsConf
+from pipeline.pairs import run as mine_pairs
+from pipeline.sfm import SfmConf
+from pipeline.sfm import run as sfm
+from pipeline.train import TrainConf
+from pipeline.train import run as train
 
 
 @dataclass(frozen=True)
@@ -38,20 +53,6 @@ def scene_pairs(collection: Path, work: Path) -> tuple[str, str]:
     """``(pairs, images)`` of a local built-in collection's landmark photos under ``work``:
     ingest, the scene column as groups, incremental SfM, pairs (what the train tests and this
     benchmark train on)."""
-    import pyarrow.compute as pc
-
-    from model.datasets.landmarks import write_scene_manifest
-    from model.descriptors import write_descriptors
-    from model.tables import IMAGES
-    from pipeline.group import GroupConf
-    from pipeline.group import run as group
-    from pipeline.ingest import IngestConf
-    from pipeline.ingest import run as ingest
-    from pipeline.pairs import PairsConf
-    from pipeline.pairs import run as mine_pairs
-    from pipeline.sfm import SfmConf
-    from pipeline.sfm import run as sfm
-
     manifest = write_scene_manifest(collection, work / "photos.csv")
     run = str(work / "run")
     images = ingest(IngestConf(source=str(manifest), output=run))
@@ -71,15 +72,8 @@ def scene_pairs(collection: Path, work: Path) -> tuple[str, str]:
 
 
 def main(conf: BenchConf) -> dict:
-    import ray
-
-    from pipeline.train import TrainConf
-    from pipeline.train import run as train
-
     work = Path(tempfile.mkdtemp(prefix="cirray-bench-train-"))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    from model.datasets.landmarks import CONFS, generate
-
     pairs, images = scene_pairs(generate(CONFS["tiny"], work / "collections"), work)
     per_worker, steps_per_worker = {}, {}
     for workers in (1, 2):
@@ -116,9 +110,13 @@ def main(conf: BenchConf) -> dict:
         f"share of linear        {share:11.2f}   {steps_share:20.2f}",
     ]
     print("\n".join(lines))
-    payload = {"tuples_per_s_per_worker": per_worker, "share_of_linear": share,
-               "steps_tuples_per_s_per_worker": steps_per_worker,
-               "steps_share_of_linear": steps_share, "lines": lines}  # fmt: skip
+    payload = {
+        "tuples_per_s_per_worker": per_worker,
+        "share_of_linear": share,
+        "steps_tuples_per_s_per_worker": steps_per_worker,
+        "steps_share_of_linear": steps_share,
+        "lines": lines,
+    }
     write_results(conf.out, payload, lines)
     return payload
 

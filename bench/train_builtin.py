@@ -17,9 +17,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import tyro
 
 from bench import write_results
+from bench.train import scene_pairs
+from model.datasets.landmarks import CONFS, generate
+from pipeline.evaluate import EvaluateConf
+from pipeline.evaluate import run as evaluate
+from pipeline.train import TrainConf
+from pipeline.train import run as train
 
 
 @dataclass(frozen=True)
@@ -36,15 +43,6 @@ class BenchConf:
 
 
 def main(conf: BenchConf) -> dict:
-    import ray
-
-    from bench.train import scene_pairs
-    from model.datasets.landmarks import CONFS, generate
-    from pipeline.evaluate import EvaluateConf
-    from pipeline.evaluate import run as evaluate
-    from pipeline.train import TrainConf
-    from pipeline.train import run as train
-
     work = Path(conf.work)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     collections = work / "collections"
@@ -67,8 +65,11 @@ def main(conf: BenchConf) -> dict:
     seconds = time.perf_counter() - started
     ray.shutdown()
     metrics = json.loads((Path(output) / "metrics.json").read_text())
-    ways = {"off the shelf": ("imagenet", True), "fine-tuned": (output, False),
-            "fine-tuned + Lw": (output, True)}  # fmt: skip
+    ways = {
+        "off the shelf": ("imagenet", True),
+        "fine-tuned": (output, False),
+        "fine-tuned + Lw": (output, True),
+    }
     maps = {}
     for name, (weights, whitening) in ways.items():
         result = evaluate(
@@ -96,8 +97,12 @@ def main(conf: BenchConf) -> dict:
         lines.append(f"{name:<29}" + "".join(f"{100 * v:>6.1f}" for v in m.values()))
     lines.append(f"medium, fine-tuned / off the shelf: {gain:.3f}")
     print("\n".join(lines))
-    payload = {"maps": maps, "epochs": metrics["epochs"], "whitening": metrics.get("whitening"),
-               "training_seconds": seconds}  # fmt: skip
+    payload = {
+        "maps": maps,
+        "epochs": metrics["epochs"],
+        "whitening": metrics.get("whitening"),
+        "training_seconds": seconds,
+    }
     write_results(conf.out, payload, lines)
     return payload
 

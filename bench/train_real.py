@@ -16,12 +16,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
 import tyro
 
 from bench import write_results
+from model.tables import IMAGES
+from model.training_set import read_training_set, split_clusters
+from pipeline.train import TrainConf
+from pipeline.train import run as train
 
 
 @dataclass(frozen=True)
@@ -44,11 +50,6 @@ class BenchConf:
 def _held_out(conf: BenchConf, seed: int) -> tuple[list[str], int]:
     """The held-out clusters' scene names (from the photos' folders: for reading only) and
     their number of queries."""
-    from collections import Counter
-
-    from model.tables import IMAGES
-    from model.training_set import read_training_set, split_clusters
-
     _, val = split_clusters(read_training_set(conf.pairs), conf.held_out, seed)
     table = IMAGES.read(conf.images, ["image_id", "scene"])
     scene = dict(zip(table["image_id"].to_pylist(), table["scene"].to_pylist(), strict=True))
@@ -57,11 +58,6 @@ def _held_out(conf: BenchConf, seed: int) -> tuple[list[str], int]:
 
 
 def main(conf: BenchConf) -> dict:
-    import ray
-
-    from pipeline.train import TrainConf
-    from pipeline.train import run as train
-
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     rows = []
     for seed in conf.seeds:
@@ -85,10 +81,20 @@ def main(conf: BenchConf) -> dict:
         best = next(e for e in epochs if e["best"])
         trained = max(epochs[1:], key=lambda e: e["val_map"])  # fine-tuning's best, kept or not
         scenes, queries = _held_out(conf, seed)
-        rows.append({"seed": seed, "scenes": scenes, "queries": queries, "epochs": epochs,
-                     "best_epoch": best["epoch"], "off_the_shelf": epochs[0]["val_map"],
-                     "fine_tuned": trained["val_map"], "fine_tuned_epoch": trained["epoch"],
-                     "lw": lw.get("val_map_lw"), "lw_kept": lw.get("kept", False)})  # fmt: skip
+        rows.append(
+            {
+                "seed": seed,
+                "scenes": scenes,
+                "queries": queries,
+                "epochs": epochs,
+                "best_epoch": best["epoch"],
+                "off_the_shelf": epochs[0]["val_map"],
+                "fine_tuned": trained["val_map"],
+                "fine_tuned_epoch": trained["epoch"],
+                "lw": lw.get("val_map_lw"),
+                "lw_kept": lw.get("kept", False),
+            }
+        )
     ray.shutdown()
     lines = [
         f"device: {platform.machine()} CPU, {os.cpu_count()} cores; {conf.workers} CPU workers; "

@@ -20,6 +20,9 @@ import torch
 import tyro
 
 from bench import write_results
+from model.losses import ContrastiveLoss
+from model.networks import NetworkMeta, build_network
+from pipeline.train.images import embed, freeze_batchnorm, mean_std, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,6 @@ class StepsConf:
 
 
 def _network(device: torch.device) -> torch.nn.Module:
-    from model.networks import NetworkMeta, build_network
-    from pipeline.train.images import freeze_batchnorm
-
     torch.manual_seed(0)
     net = build_network(NetworkMeta(backbone="efficientnet_lite0"), "imagenet").to(device)
     net.train()
@@ -47,9 +47,6 @@ def _network(device: torch.device) -> torch.nn.Module:
 
 def _rate(conf: StepsConf, device: torch.device, way: str) -> float:
     """Tuples per second of ``way``: ``reference`` or ``batched``."""
-    from model.losses import ContrastiveLoss
-    from pipeline.train.images import embed, mean_std, resolve_precision
-
     net = _network(device)
     precision = resolve_precision("fp32" if way == "reference" else "auto", device)
     if precision.channels_last:
@@ -59,8 +56,10 @@ def _rate(conf: StepsConf, device: torch.device, way: str) -> float:
     normalise = mean_std(net, device)
     h, w = conf.image_size * 3 // 4, conf.image_size
     rng = np.random.default_rng(0)
-    photos = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-              for _ in range(conf.tuples_per_step * (2 + conf.nnum))]  # fmt: skip
+    photos = [
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for _ in range(conf.tuples_per_step * (2 + conf.nnum))
+    ]
     size = 2 + conf.nnum
     started = 0.0
     for step in range(conf.warmup + conf.steps):
@@ -71,12 +70,14 @@ def _rate(conf: StepsConf, device: torch.device, way: str) -> float:
         if way == "reference":  # one image per forward, a backward per tuple
             for t in range(conf.tuples_per_step):
                 out = torch.stack(
-                    [embed(net, [p], normalise, precision, device)[0]
-                     for p in photos[t * size : (t + 1) * size]]
-                )  # fmt: skip
+                    [
+                        embed(net, [p], normalise, precision=precision, device=device)[0]
+                        for p in photos[t * size : (t + 1) * size]
+                    ]
+                )
                 loss_fn(out[None]).backward()
         else:
-            out = embed(net, photos, normalise, precision, device)
+            out = embed(net, photos, normalise, precision=precision, device=device)
             loss_fn(out.view(conf.tuples_per_step, size, -1)).backward()
         optimizer.step()
     _sync(device)
@@ -90,8 +91,11 @@ def _sync(device: torch.device) -> None:
 
 def main(conf: StepsConf) -> dict:
     device = torch.device(conf.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads")  # fmt: skip
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
     reference = _rate(conf, device, "reference")
     batched = _rate(conf, device, "batched")
     fast = "bf16 + channels-last" if device.type == "cuda" else "fp32"

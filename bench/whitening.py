@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 import tyro
 
 from bench import write_results
+from model.descriptors import read_descriptors
+from model.training_set import read_training_set
+from model.whitening_fit import LwFit, held_out_whitening, read_whitening_pairs
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,6 @@ class BenchConf:
 
 
 def main(conf: BenchConf) -> dict:
-    from model.descriptors import read_descriptors
-    from model.training_set import read_training_set
-    from model.whitening_fit import held_out_whitening, read_whitening_pairs
-
     desc = read_descriptors(conf.descriptors)
     pool, pairs = read_training_set(conf.pairs), read_whitening_pairs(conf.pairs)
     settings = desc.manifest.get("settings") or {}
@@ -54,20 +53,25 @@ def main(conf: BenchConf) -> dict:
     ]
     rows = []
     for seed in conf.seeds:
-        args = (desc.image_ids, desc.vectors, pool, pairs, conf.held_out, seed)
-        *_, paper = held_out_whitening(*args, shrinkage=0.0, dim=desc.vectors.shape[1])
-        *_, chosen = held_out_whitening(*args)
+        args = {"pairs": pairs, "held_out": conf.held_out, "seed": seed}
+        data = (desc.image_ids, desc.vectors, pool)
+        paper_fit = LwFit(whiten_shrinkage=0.0, whiten_dim=desc.vectors.shape[1])
+        *_, paper = held_out_whitening(*data, **args, fit=paper_fit)
+        *_, chosen = held_out_whitening(*data, **args)
         rows.append({"seed": seed, "paper": paper, "chosen": chosen})
         lines.append(
             f"{seed:<6}{chosen['pairs']:>6}{chosen['val_map']:>9.4f}{paper['val_map_lw']:>10.4f}"
             f"{chosen['val_map_lw']:>11.4f}  shrinkage {chosen['shrinkage']:g}, "
             f"dim {chosen['dim']}"
         )
-    mean = {key: sum(r[src][key] for r in rows) / len(rows)
-            for key, src in (("val_map", "chosen"), ("val_map_lw", "paper"))}  # fmt: skip
+    mean = {
+        key: sum(r[src][key] for r in rows) / len(rows)
+        for key, src in (("val_map", "chosen"), ("val_map_lw", "paper"))
+    }
     mean_chosen = sum(r["chosen"]["val_map_lw"] for r in rows) / len(rows)
-    lines.append(f"{'mean':<12}{mean['val_map']:>9.4f}{mean['val_map_lw']:>10.4f}"
-                 f"{mean_chosen:>11.4f}")  # fmt: skip
+    lines.append(
+        f"{'mean':<12}{mean['val_map']:>9.4f}{mean['val_map_lw']:>10.4f}{mean_chosen:>11.4f}"
+    )
     print("\n".join(lines))
     write_results(conf.out, {"splits": rows, "lines": lines}, lines)
     return {"splits": rows}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageOps
 
 from model.tables import DESCRIPTORS_OUTPUT, IMAGES, IMAGES_OUTPUT
 
@@ -178,8 +179,6 @@ def read_photo_bytes(photos: Iterable[Photo]) -> dict[str, bytes]:
 
 def thumbnail_jpeg(data: bytes, side: int = THUMBNAIL_SIDE) -> bytes:
     """Photo bytes → an upright JPEG thumbnail with its longer side at most ``side``."""
-    from PIL import Image, ImageOps
-
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (side, side))  # JPEG: decode at a fraction of the size
         image = ImageOps.exif_transpose(image).convert("RGB")

@@ -75,6 +75,7 @@ class SearchClient:
         photo: str | os.PathLike[str] | bytes | IO[bytes],
         k: int = 10,
         qe: bool = False,
+        *,
         content_type: str | None = None,
     ) -> Answer:
         """The top ``k`` photos like ``photo`` (a path, its bytes, or a binary file)."""

@@ -22,7 +22,6 @@ from ray import serve
 from model.describer import (
     Describer,
     NetworkSettings,
-    conf_for_network,
     decode_photo,
     network_identity,
 )
@@ -38,7 +37,7 @@ def network_problem(network: Mapping[str, Any], settings: Mapping[str, Any]) -> 
     for descriptors that recorded none).
     """
     try:
-        conf = conf_for_network(dict(network), dict(settings))
+        conf = NetworkSettings.from_manifest(dict(network), dict(settings))
     except ValueError as err:
         return str(err)
     recorded = network.get("identity")
@@ -61,7 +60,7 @@ def _checked_conf(network: Mapping[str, Any], settings: Mapping[str, Any]) -> Ne
     problem = network_problem(network, settings)
     if problem:
         raise ValueError(problem)
-    return conf_for_network(dict(network), dict(settings))
+    return NetworkSettings.from_manifest(dict(network), dict(settings))
 
 
 @serve.deployment

@@ -224,7 +224,7 @@ def _history_source(index: str, entry: dict[str, Any], current: tables.Manifest)
     return _descriptors_source(manifest) or stored
 
 
-def _read_checked(index: str, relative: str, expected: str | None, what: str) -> bytes:
+def _read_checked(index: str, relative: str, expected: str | None, *, what: str) -> bytes:
     data = storage.read_bytes(storage.join(index, relative))
     if expected is not None and sha256(data) != expected:
         raise ValueError(
@@ -269,7 +269,7 @@ def id_map_bytes(ids: np.ndarray, image_ids: Sequence[str]) -> bytes:
 def load_id_map(index: str, shard: Mapping[str, Any], verify: bool = True) -> IdMap:
     """The id map of one shard entry of a manifest."""
     if verify:
-        _read_checked(index, shard["id_map"], shard.get("id_map_sha256"), "id map")
+        _read_checked(index, shard["id_map"], shard.get("id_map_sha256"), what="id map")
     table = tables.INDEX_IDS.read_file(storage.join(index, shard["id_map"]))
     ids = table.column("id").to_numpy().astype(np.int64, copy=False)
     image_ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
@@ -294,7 +294,7 @@ def load_trained(index: str, manifest: Mapping[str, Any], verify: bool = True) -
     """The trained, empty index of a version (what a new shard is built from)."""
     trained = manifest["trained"]
     data = _read_checked(
-        index, trained["file"], trained.get("sha256") if verify else None, "trained index"
+        index, trained["file"], trained.get("sha256") if verify else None, what="trained index"
     )
     return deserialize_index(data)
 
@@ -318,7 +318,9 @@ def load_shard(
     if not 0 <= i < len(shards):
         raise IndexError(f"shard {i} of a version with {len(shards)} shards")
     shard = shards[i]
-    data = _read_checked(index, shard["file"], shard.get("sha256") if verify else None, "shard")
+    data = _read_checked(
+        index, shard["file"], shard.get("sha256") if verify else None, what="shard"
+    )
     faiss_index = deserialize_index(data)
     if faiss_index.ntotal != int(shard["count"]):
         raise ValueError(

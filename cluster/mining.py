@@ -25,6 +25,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import ray
 
 from cluster.pool_search import Bf16Search, ExactSearch, fast_bf16
 from cluster.shards import gpu_count
@@ -57,9 +58,8 @@ def mining_factory(n: int, dim: int, bf16: bool | None = None) -> str:
     :data:`FLAT_MAX`, ``bf16`` (a bfloat16 first pass re-scored exactly) from
     :data:`BF16_MIN` on CPUs with bfloat16 hardware (``bf16`` None: this one's); beyond,
     ``PCA{r},Flat,RFlat`` with ``r = min(128, dim/4)``: candidates from the reduced vectors,
-    re-scored with the full ones. Measured (``bench/mining.py``, 2 CPU cores, 100,000 ×
-    1,280): IVF-Flat probing an eighth of its lists was slower than Flat there (its scan is
-    not a matrix product) and found 65 % of the exact negatives."""
+    re-scored with the full ones. IVF-Flat is not among them: ``bench/mining.py`` found it
+    slower than Flat on CPUs (its scan is not a matrix product) and missing exact negatives."""
     if n > FLAT_MAX:
         return f"PCA{max(1, min(128, dim // 4))},Flat,RFlat"
     if n >= BF16_MIN and (fast_bf16() if bf16 is None else bf16):
@@ -71,6 +71,7 @@ def hard_negatives(
     index: faiss.Index | ExactSearch,
     pool_clusters: np.ndarray,
     queries: np.ndarray,
+    *,
     query_clusters: np.ndarray,
     nnum: int = 5,
     k: int | None = None,
@@ -113,7 +114,9 @@ def hard_negatives(
     k = min(k, index.ntotal)
     while len(todo) and k > 0:
         found_sims, found = index.search(x[todo], k)
-        slots = first_of_clusters(found, pool_clusters, query_clusters[todo], nnum, allowed)
+        slots = first_of_clusters(
+            found, pool_clusters, query_clusters[todo], nnum=nnum, allowed=allowed
+        )
         taken = slots >= 0
         picked = np.take_along_axis(found, np.maximum(slots, 0), axis=1)
         rows[todo] = np.where(taken, picked, -1)
@@ -140,6 +143,7 @@ def first_of_clusters(
     found: np.ndarray,
     clusters: np.ndarray,
     own: np.ndarray,
+    *,
     nnum: int,
     allowed: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -296,7 +300,9 @@ class MiningIndex:
         """``(positions, sims)`` of each query's hardest negatives (see :func:`hard_negatives`)."""
         if self._index is None:
             self._build()
-        return hard_negatives(self._index, self._clusters, queries, query_clusters, nnum)
+        return hard_negatives(
+            self._index, self._clusters, queries, query_clusters=query_clusters, nnum=nnum
+        )
 
     def mine_rows(
         self, rows: Any, nnum: int = 5, allowed: Any = None
@@ -314,8 +320,14 @@ class MiningIndex:
             self._build()
         if len(rows) and (rows.min() < 0 or rows.max() >= self.size):
             raise ValueError(f"query rows must lie in 0..{self.size - 1}")
-        found = hard_negatives(self._index, self._clusters, self._vectors_at(rows),
-                               self._clusters[rows], nnum, allowed=allowed)  # fmt: skip
+        found = hard_negatives(
+            self._index,
+            self._clusters,
+            self._vectors_at(rows),
+            query_clusters=self._clusters[rows],
+            nnum=nnum,
+            allowed=allowed,
+        )
         self._mined = (key, found)
         return found
 
@@ -344,7 +356,6 @@ class MiningIndex:
 
 def mining_actor(num_cpus: float = 1, num_gpus: float = 0, **options: Any) -> Any:
     """A Ray actor of :class:`MiningIndex` (``options`` to its constructor)."""
-    import ray
 
     cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(MiningIndex)
     return cls.remote(**options)

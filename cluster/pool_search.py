@@ -41,7 +41,7 @@ def fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (AMX tiles or AVX512-BF16);
     elsewhere PyTorch emulates it, slower than float32."""
     try:
-        import torch
+        import torch  # lazily: the mining actor loads PyTorch only for bf16
     except ImportError:
         return False
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
@@ -50,7 +50,7 @@ def fast_bf16() -> bool:
 
 def _tensor(array: np.ndarray) -> Any:
     """A tensor on ``array``'s memory; Ray's zero-copy views are read-only, and never written."""
-    import torch
+    import torch  # lazily: the mining actor loads PyTorch only for bf16
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -108,7 +108,7 @@ class Bf16Search(ExactSearch):
         low: Sequence[Any] | None = None,
     ) -> None:
         """``low``: the shares already in bfloat16 (:meth:`lower`), converted as they came."""
-        import torch
+        import torch  # lazily: the mining actor loads PyTorch only for bf16
 
         super().__init__(shares, size)
         self._torch = torch
@@ -119,7 +119,7 @@ class Bf16Search(ExactSearch):
     @staticmethod
     def lower(vectors: np.ndarray) -> Any:
         """A share's vectors as a bfloat16 tensor."""
-        import torch
+        import torch  # lazily: the mining actor loads PyTorch only for bf16
 
         return _tensor(np.ascontiguousarray(vectors, dtype=np.float32)).to(torch.bfloat16)
 
@@ -145,7 +145,7 @@ class Bf16Search(ExactSearch):
             for a in range(0, stop - start, part):
                 b = min(a + part, stop - start)
                 sims[start + a : start + b], rows[start + a : start + b] = self._rescore(
-                    query[start + a : start + b], owner[a:b], local[a:b], k, candidates
+                    query[start + a : start + b], owner[a:b], local[a:b], k=k, candidates=candidates
                 )
         return sims, rows
 
@@ -166,8 +166,9 @@ class Bf16Search(ExactSearch):
             torch.cat(locals_, 1), 1, pick
         )
 
-    def _rescore(self, query: Any, owner: Any, local: Any, k: int,
-                 candidates: Any) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    def _rescore(
+        self, query: Any, owner: Any, local: Any, *, k: int, candidates: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The exact top ``k`` of each query's candidates, in float32."""
         torch = self._torch
         b, want = owner.shape

@@ -30,12 +30,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from cluster import index_store
 from cluster.shards import ShardSet, SlotResult
+from model.retrieval import QueryExpansion, alpha_qe
 
 __all__ = ["Hit", "IndexShard", "SearchRouter", "merge_slots"]
 
@@ -75,11 +77,11 @@ class IndexShard:
         index: str,
         slot: int,
         slots: int,
+        *,
         version: int,
         gpu: bool = False,
         threads: int | None = None,
     ) -> None:
-        import faiss
 
         faiss.omp_set_num_threads(threads or os.cpu_count() or 1)
         self.shards = ShardSet(index, slot, slots, gpu=gpu)
@@ -117,8 +119,7 @@ class SearchRouter:
         slots: list[Any],
         version: int,
         *,
-        qe_k: int = 10,
-        qe_alpha: float = 3.0,
+        qe: QueryExpansion,
         max_batch_size: int = 32,
         batch_wait_s: float = 0.005,
         retry_s: float = 60.0,
@@ -126,7 +127,7 @@ class SearchRouter:
     ) -> None:
         self.index, self.slots = index, slots
         self.manifest = index_store.read_manifest(index, version)
-        self.qe_k, self.qe_alpha, self.retry_s = qe_k, qe_alpha, retry_s
+        self.qe, self.retry_s = qe, retry_s
         self._search_batch.set_max_batch_size(max_batch_size)
         self._search_batch.set_batch_wait_timeout_s(batch_wait_s)
         self._reload_lock = asyncio.Lock()
@@ -168,7 +169,7 @@ class SearchRouter:
         return await self._search_batch(_Query(np.asarray(vector, np.float32), int(k), bool(qe)))
 
     async def search_many(
-        self, vectors: np.ndarray, k: int, qe: bool = False, version: int | None = None
+        self, vectors: np.ndarray, k: int, *, qe: bool = False, version: int | None = None
     ) -> dict[str, Any]:
         """A whole matrix of queries at once (the Python handle's bulk path, benchmarks)."""
         manifest = (
@@ -196,9 +197,8 @@ class SearchRouter:
 
     async def _expanded(self, q: np.ndarray, version: int) -> np.ndarray:
         """αQE of each query over its ``qe_k`` nearest stored vectors."""
-        from model.retrieval import alpha_qe
-
-        neighbours = merge_slots(await self._fan_out("search", q, self.qe_k, version), self.qe_k)
+        k = self.qe.qe_k
+        neighbours = merge_slots(await self._fan_out("search", q, k, version), k)
         ids = np.array(sorted({hit.id for row in neighbours for hit in row}), np.int64)
         stored: dict[int, np.ndarray] = {}
         for part in await self._fan_out("vectors", ids, version):
@@ -211,7 +211,7 @@ class SearchRouter:
             x = np.stack([stored[hit.id] for hit in row])
             # Its neighbours are already the k nearest: alpha_qe weighs and adds them as it
             # does over the whole matrix (the query is no database row here: query_rows -1).
-            out[j] = alpha_qe(q[j : j + 1], x, len(row), self.qe_alpha, query_rows=[-1])[0]
+            out[j] = alpha_qe(q[j : j + 1], x, len(row), self.qe.qe_alpha, query_rows=[-1])[0]
         return out
 
     async def _fan_out(self, method: str, *args: Any) -> list[Any]:

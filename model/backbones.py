@@ -200,9 +200,7 @@ def build_backbone(
 
 
 def _torchvision_trunk(name: str) -> nn.Module:
-    # Imported here: torchvision costs a second or more of start-up (its ops pull in
-    # torch._dynamo), paid by every extraction actor and server even when the trunk is Lite.
-    import torchvision
+    import torchvision  # lazily: a second of start-up (torch._dynamo), wasted on Lite trunks
 
     net = getattr(torchvision.models, name)(weights=None)
     return VGGTrunk(net) if name == "vgg16" else ResNetTrunk(net)
@@ -221,7 +219,7 @@ def _resolve_weights(name: str, weights: str | Path) -> dict[str, torch.Tensor]:
 
 def _torchvision_cache_file(name: str, weights_name: str) -> Path:
     """The file torchvision would have downloaded, if it is already in the local cache."""
-    import torchvision
+    import torchvision  # lazily: a second of start-up (torch._dynamo), wasted on Lite trunks
 
     try:
         enum = torchvision.models.get_weight(f"{_TORCHVISION[name]}.{weights_name}")

@@ -14,22 +14,108 @@ import logging
 import os
 import pprint
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import tyro
 
-__all__ = ["USER_ERRORS", "location_problems", "log_settings", "run_cli"]
+from model import storage
+
+__all__ = ["USER_ERRORS", "FlatFlags", "location_problems", "log_settings", "run_cli"]
 
 Conf = TypeVar("Conf")
 
 USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)
 
 
+class FlatFlags:
+    """A config made of parts (nested frozen dataclasses) that is set by flat flag names.
+
+    The command line omits the parts' prefixes (``--lr``, not ``--gem.lr``: ``run_cli``), so
+    the parts' field names are distinct; ``from_flags``, ``replaced`` and ``settings`` give the
+    Python API the same flat names, checked by each part as it is made."""
+
+    @classmethod
+    def from_flags(cls, **flags: Any) -> Any:
+        """The config from its settings by flag name (``max_size=64``, not
+        ``network=NetworkSettings(max_size=64)``)."""
+        made = _made_from_flags(cls, flags)
+        if flags:
+            raise TypeError(f"{cls.__name__} has no setting {', '.join(sorted(flags))}")
+        return made
+
+    def replaced(self, **flags: Any) -> Any:
+        """This config with ``flags`` changed, by flag name (a part's fields too)."""
+        changed = _replaced_by_flags(self, flags)
+        if flags:
+            raise TypeError(f"{type(self).__name__} has no setting {', '.join(sorted(flags))}")
+        return changed
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting by flag name, the parts' too."""
+        return flat_settings(self)
+
+
+def flat_settings(conf: Any) -> dict[str, Any]:
+    """``conf``'s fields by flag name, those of its parts (nested dataclasses) among them."""
+    flat: dict[str, Any] = {}
+    for field in dataclasses.fields(conf):
+        value = getattr(conf, field.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(flat_settings(value))
+        else:
+            flat[field.name] = value
+    return flat
+
+
+def _parts(conf_type: type) -> dict[str, type]:
+    """The fields of ``conf_type`` that are parts (dataclasses), with their types."""
+    hints = typing.get_type_hints(conf_type)
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(conf_type)
+        if isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name])
+    }
+
+
+def _own_flags(conf_type: type, flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags ``conf_type``'s own fields take, taken out of ``flags``."""
+    own = {f.name for f in dataclasses.fields(conf_type)} - set(_parts(conf_type))
+    return {name: flags.pop(name) for name in list(flags) if name in own}
+
+
+def _made_from_flags(conf_type: type, flags: dict[str, Any]) -> Any:
+    """``conf_type`` made from the flags it and its parts take (taken out of ``flags``); a
+    part starts from its field's default, as on the command line."""
+    own = _own_flags(conf_type, flags)
+    defaults = {f.name: f for f in dataclasses.fields(conf_type)}
+    parts = {}
+    for name, part in _parts(conf_type).items():
+        default = _default(defaults[name])
+        parts[name] = (
+            _made_from_flags(part, flags) if default is None else _replaced_by_flags(default, flags)
+        )
+    return conf_type(**own, **parts)
+
+
+def _default(field: dataclasses.Field) -> Any:
+    """A field's default value, ``None`` when it has none."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _replaced_by_flags(conf: Any, flags: dict[str, Any]) -> Any:
+    """``conf`` with the flags it and its parts take changed (taken out of ``flags``)."""
+    own = _own_flags(type(conf), flags)
+    parts = {name: _replaced_by_flags(getattr(conf, name), flags) for name in _parts(type(conf))}
+    return dataclasses.replace(conf, **own, **parts)
+
+
 def location_problems(**flags: str) -> list[str]:
     """``"--flag: what is wrong"`` for each storage location (``s3://`` bucket) that cannot be
     used; keyword names are the flags' names with ``_`` for ``-``."""
-    from model import storage
 
     problems = []
     for name, uri in flags.items():
@@ -41,7 +127,7 @@ def location_problems(**flags: str) -> list[str]:
 
 def log_settings(logger: logging.Logger, stage: str, conf: Any) -> None:
     """A stage's resolved settings, logged once as it starts: what a run did is in its log."""
-    settings = dataclasses.asdict(conf) if dataclasses.is_dataclass(conf) else conf
+    settings = flat_settings(conf) if dataclasses.is_dataclass(conf) else conf
     logger.info("%s settings:\n%s", stage, pprint.pformat(settings, sort_dicts=False))
 
 

@@ -190,6 +190,7 @@ def _undirected_edges(
     src: NDArray[np.int64],
     dst: NDArray[np.int64],
     sim: NDArray[np.float64],
+    *,
     n: int,
     mutual: bool,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64]]:
@@ -244,6 +245,7 @@ def _attach_isolated(
     root: NDArray[np.int64],
     src: NDArray[np.int64],
     dst: NDArray[np.int64],
+    *,
     sim: NDArray[np.float64],
     threshold: float,
 ) -> NDArray[np.int64]:
@@ -335,10 +337,10 @@ def group_descriptors(
     n = idx.shape[0]
 
     src, dst, dsim = _directed_edges(sims, idx, k)
-    a, b, sim = _undirected_edges(src, dst, dsim, n, mutual)
+    a, b, sim = _undirected_edges(src, dst, dsim, n=n, mutual=mutual)
     strong = sim >= threshold
     root = _attach_isolated(
-        connected_components(n, a[strong], b[strong]), src, dst, dsim, threshold
+        connected_components(n, a[strong], b[strong]), src, dst, sim=dsim, threshold=threshold
     )
     labels = _relabel(root, min_size)
     logger.info(

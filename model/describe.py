@@ -98,32 +98,34 @@ def describe_set(
         queries_total=len(rset.query_paths),
         distractors_total=len(distractors),
     )
-    _record(availability, "db", db_files, db_files.failed)
-    _record(availability, "query", q_files, q_files.failed)
+    _record(availability, "db", db_files, failed=db_files.failed)
+    _record(availability, "query", q_files, failed=q_files.failed)
     if d_files is not None:
-        _record(availability, "distractor", d_files, d_files.failed)
+        _record(availability, "distractor", d_files, failed=d_files.failed)
     if availability.problems() or availability.db_missing or availability.queries_missing:
         logger.warning("before describing: %s", availability.summary())
 
     def describe_chunk(part: ImageFiles) -> Extraction:  # the cache shows its own progress
         return extract_multihead(
-            backbone, heads, part, dataclasses.replace(options, progress=False)
+            backbone, heads, part, options=dataclasses.replace(options, progress=False)
         )
 
     def run(role: str, images: ImageFiles, folder: Path | None) -> tuple[Extraction, int]:
         if cache is None:
-            result = extract_multihead(backbone, heads, images, options)
+            result = extract_multihead(backbone, heads, images, options=options)
             return result, len(result.indices)
-        return cache.extract(role, images, folder or Path("/"), describe_chunk, options.progress)
+        return cache.extract(
+            role, images, folder or Path("/"), extract=describe_chunk, progress=options.progress
+        )
 
     db_ext, n_db = run("db", db_files, root)
-    _record(availability, "db", db_files, _new(db_ext.failed, db_files.failed))
+    _record(availability, "db", db_files, failed=_new(db_ext.failed, db_files.failed))
     if rset.queries_are_database:
         q_ext, n_q = db_ext, 0
-        _record(availability, "query", q_files, _new(db_ext.failed, db_files.failed))
+        _record(availability, "query", q_files, failed=_new(db_ext.failed, db_files.failed))
     else:
         q_ext, n_q = run("query", q_files, root)
-        _record(availability, "query", q_files, _new(q_ext.failed, q_files.failed))
+        _record(availability, "query", q_files, failed=_new(q_ext.failed, q_files.failed))
     extracted = {"db": n_db, "queries": n_q, "distractors": 0}
 
     db_keep = np.zeros(len(rset.db_paths), dtype=bool)
@@ -132,19 +134,21 @@ def describe_set(
     keep_db = np.flatnonzero(db_keep)
     if rset.queries_are_database:  # a photo left both roles when either failed
         keep_db = np.intersect1d(keep_db, q_ext.indices)
-    db = {h: _rows(db_ext, h, keep_db, heads) for h in heads}
+    db = {h: _rows(db_ext, h, keep_db, heads=heads) for h in heads}
     queries = (
         db
         if rset.queries_are_database
-        else {h: _rows(q_ext, h, q_ext.indices, heads) for h in heads}
+        else {h: _rows(q_ext, h, q_ext.indices, heads=heads) for h in heads}
     )
 
     distractor_paths: list[Path] = []
     if d_files is not None:
         d_ext, extracted["distractors"] = run("distractors", d_files, distractor_root)
-        _record(availability, "distractor", d_files, _new(d_ext.failed, d_files.failed))
+        _record(availability, "distractor", d_files, failed=_new(d_ext.failed, d_files.failed))
         distractor_paths = [d_files.paths[i] for i in d_ext.indices.tolist()]
-        db = {h: np.concatenate([db[h], _rows(d_ext, h, d_ext.indices, heads)]) for h in heads}
+        db = {
+            h: np.concatenate([db[h], _rows(d_ext, h, d_ext.indices, heads=heads)]) for h in heads
+        }
     return DescribedSet(used, db, queries, availability, distractor_paths, extracted)
 
 
@@ -153,7 +157,7 @@ def _new(failed: Mapping[int, str], known: Mapping[int, str]) -> dict[int, str]:
 
 
 def _rows(
-    result: Extraction, head: str, wanted: np.ndarray, heads: Mapping[str, nn.Module]
+    result: Extraction, head: str, wanted: np.ndarray, *, heads: Mapping[str, nn.Module]
 ) -> np.ndarray:
     """The rows of ``result`` for input indices ``wanted`` (all of them described)."""
     vectors = result.descriptors.get(head)
@@ -164,7 +168,7 @@ def _rows(
 
 
 def _record(
-    availability: Availability, role: str, images: ImageFiles, failed: Mapping[int, str]
+    availability: Availability, role: str, images: ImageFiles, *, failed: Mapping[int, str]
 ) -> None:
     missing = {"db": availability.db_missing, "query": availability.queries_missing}.get(role)
     unusable = {

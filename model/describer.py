@@ -8,8 +8,8 @@ photo's bytes into the pixels it sees; ``Describer`` holds the network once and 
 batches of decoded photos (``model.extraction.describe_batch``: batched by size, channels-last,
 bf16 autocast on a GPU). The extract stage (``pipeline.extract``) runs ``Describer`` as a Ray
 Data actor; the serving embedder (``cluster.embedder``) builds the same one from an index's
-manifest (``conf_for_network``), so a stored photo sent as a query gets its stored descriptor
-back; training and whitening load their networks the same way.
+manifest (``NetworkSettings.from_manifest``), so a stored photo sent as a query gets its
+stored descriptor back; training and whitening load their networks the same way.
 """
 
 from __future__ import annotations
@@ -21,18 +21,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import torch
 
 from model import checkpoint, storage
 from model.backbones import BackboneName
-from model.extraction import resized_size
+from model.extraction import ExtractOptions, describe_batch, resized_size, size_grouped_batches
 from model.images import BadImage, decode_image, read_size
 from model.networks import NetworkMeta, build_network
 from model.pooling import PoolingName
+from model.whitening import apply_whitening
 
 __all__ = [
     "Describer",
     "NetworkSettings",
-    "conf_for_network",
     "decode_photo",
     "load_extract_network",
     "network_identity",
@@ -59,6 +61,34 @@ class NetworkSettings:
     scales: tuple[float, ...] = (1.0,)
     """1 0.7071 0.5 for the GeM paper's multi-scale descriptors."""
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_size < 1:
+            problems.append(f"--max-size must be at least 1, not {self.max_size}")
+        if not self.scales or any(not 0 < s <= 4 for s in self.scales):
+            problems.append(f"--scales must be factors in (0, 4], not {list(self.scales)}")
+        if not self.p > 0:
+            problems.append(f"--p must be positive, not {self.p}")
+        if problems:
+            raise ValueError("\n".join(problems))
+
+    @classmethod
+    def from_manifest(cls, network: dict[str, Any], settings: dict[str, Any]) -> NetworkSettings:
+        """The settings that made descriptors, from their manifest's ``network`` and
+        ``settings`` (what the serving embedder needs to describe a query the same way)."""
+        meta = network.get("meta") or {}
+        weights = network.get("checkpoint") or network.get("weights")
+        if not weights:
+            raise ValueError(f"the manifest names no network weights: {network}")
+        return cls(
+            weights=str(weights),
+            backbone=meta.get("backbone", "efficientnet_lite0"),
+            pooling=meta.get("pooling", "gem"),
+            p=float(meta.get("p", 3.0)),
+            max_size=int(settings.get("max_size", 1024)),
+            scales=tuple(float(s) for s in settings.get("scales", (1.0,))),
+        )
+
 
 def decode_photo(raw: bytes, max_size: int) -> np.ndarray | BadImage:
     """One photo's bytes → upright RGB ``uint8`` at most ``max_size`` a side, or why not."""
@@ -79,9 +109,6 @@ class Describer:
     ) -> None:
         """``device_batch_size``: images per forward pass (default 64 on a GPU, 1 on a CPU);
         ``threads_per_actor``: torch threads on a CPU (default every core of the machine)."""
-        import torch
-
-        from model.extraction import ExtractOptions
 
         self.settings = settings
         self.net, self.whitening = load_extract_network(settings)
@@ -106,12 +133,11 @@ class Describer:
                 errors[row] = f"{ids[row]}: non-finite descriptor"
                 logger.warning("skipping %s", errors[row])
             vectors[row] = vector
-        return _descriptor_table(ids, vectors, errors, self.dim)
+        return _descriptor_table(ids, vectors, errors, dim=self.dim)
 
     def describe(self, pixels: list[np.ndarray]) -> list[np.ndarray | None]:
         """Descriptors (float32 ``[dim]``, whitened when the network has it) of decoded photos;
         ``None`` for one whose descriptor is not finite."""
-        from model.extraction import describe_batch, size_grouped_batches
 
         vectors: list[np.ndarray | None] = [None] * len(pixels)
         sizes = [image.shape[:2] for image in pixels]
@@ -120,14 +146,12 @@ class Describer:
                 self.net.backbone,
                 {"descriptor": self.net.head},
                 np.stack([pixels[i] for i in rows]),
-                self.options.scales,
+                scales=self.options.scales,
                 bf16=self.options.resolved_bf16(),
                 channels_last=self.options.channels_last,
                 device=self.device,
             )["descriptor"]
             if self.whitening is not None:
-                from model.whitening import apply_whitening
-
                 out = apply_whitening(out, *self.whitening)
             for row, vector in zip(rows, out, strict=True):
                 if np.isfinite(vector).all():
@@ -136,10 +160,9 @@ class Describer:
 
 
 def _descriptor_table(
-    ids: list[str], vectors: list[np.ndarray | None], errors: list[str | None], dim: int
+    ids: list[str], vectors: list[np.ndarray | None], errors: list[str | None], *, dim: int
 ) -> Any:
     """``image_id``, ``vector`` (fixed-size float32 list, null where it failed) and ``error``."""
-    import pyarrow as pa
 
     flat = np.zeros((len(ids), dim), np.float32)
     for row, vector in enumerate(vectors):
@@ -179,20 +202,3 @@ def network_identity(settings: NetworkSettings) -> str:
         return f"{settings.weights}/{head}"
     digest = hashlib.sha256(storage.read_bytes(settings.weights)).hexdigest()[:20]
     return f"file:{digest}/{head}"
-
-
-def conf_for_network(network: dict[str, Any], settings: dict[str, Any]) -> NetworkSettings:
-    """The extraction settings that made descriptors, from their manifest's ``network`` and
-    ``settings`` (what the serving embedder needs to describe a query the same way)."""
-    meta = network.get("meta") or {}
-    weights = network.get("checkpoint") or network.get("weights")
-    if not weights:
-        raise ValueError(f"the manifest names no network weights: {network}")
-    return NetworkSettings(
-        weights=str(weights),
-        backbone=meta.get("backbone", "efficientnet_lite0"),
-        pooling=meta.get("pooling", "gem"),
-        p=float(meta.get("p", 3.0)),
-        max_size=int(settings.get("max_size", 1024)),
-        scales=tuple(float(s) for s in settings.get("scales", (1.0,))),
-    )

@@ -55,6 +55,7 @@ class DescriptorCache:
         role: str,
         images: ImageFiles,
         root: Path,
+        *,
         extract: Callable[[ImageFiles], Extraction],
         progress: bool = True,
     ) -> tuple[Extraction, int]:

@@ -68,6 +68,7 @@ def write_descriptors(
     uri: str,
     image_ids: Sequence[str],
     vectors: np.ndarray,
+    *,
     network: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
     rows_per_file: int = 250_000,

@@ -141,14 +141,10 @@ def load_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
 
 
 def _create_timm(name: str, num_classes: int) -> nn.Module:
-    """timm's TensorFlow-faithful EfficientNet-Lite; never downloads anything.
-
-    timm is imported here, not at module import, because it takes over a second to import and
-    only EfficientNet-Lite needs it.
-    """
+    """timm's TensorFlow-faithful EfficientNet-Lite; never downloads anything."""
     _check_variant(name)
     try:
-        import timm
+        import timm  # lazily: over a second to import, and only EfficientNet-Lite needs it
     except ImportError as exc:
         raise ImportError(
             f"{name} is built with timm, which is not installed: `pip install timm` "
@@ -297,8 +293,11 @@ class EfficientNetLiteTrunk(nn.Module):
     def stages(self) -> list[nn.Module]:
         """The trunk in forward order, a stage each: the stem, the 7 block stages, the head
         convolution (what fine-tuning may keep frozen from the first on)."""
-        return [nn.ModuleList([self.conv_stem, self.bn1]), *self.blocks,
-                nn.ModuleList([self.conv_head, self.bn2])]  # fmt: skip
+        return [
+            nn.ModuleList([self.conv_stem, self.bn1]),
+            *self.blocks,
+            nn.ModuleList([self.conv_head, self.bn2]),
+        ]
 
     def remove_last_stride(self) -> None:
         """Run the last stride-2 stage at stride 1 (CGD's change): 2x larger maps, same weights.

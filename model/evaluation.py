@@ -67,7 +67,7 @@ def _positive_ints(name: str, values: Iterable[int]) -> list[int]:
     return out
 
 
-def _index_set(q: int, key: str, value: ArrayLike, n_db: int) -> NDArray[np.int64]:
+def _index_set(q: int, key: str, value: ArrayLike, *, n_db: int) -> NDArray[np.int64]:
     """One ground-truth list as unique sorted int64, checked against the database size."""
     return np.unique(index_array(value, n_db, f"gnd[{q}][{key!r}]"))
 
@@ -122,17 +122,22 @@ _Locate = Callable[[int, NDArray[np.int64], NDArray[np.int64]], tuple[NDArray[np
 
 
 def _map_over_queries(
-    gnd: Sequence[Mapping[str, ArrayLike]], ks: list[int], n_db: int, locate: _Locate, caller: str
+    gnd: Sequence[Mapping[str, ArrayLike]],
+    ks: list[int],
+    n_db: int,
+    *,
+    locate: _Locate,
+    caller: str,
 ) -> tuple[float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """``compute_map``'s result, given where each query's ``ok`` and ``junk`` images rank."""
     n_q = len(gnd)
     aps = np.full(n_q, np.nan)
     prs = np.full((n_q, len(ks)), np.nan)
     for q, entry in enumerate(gnd):
-        ok = _index_set(q, "ok", entry["ok"], n_db)
+        ok = _index_set(q, "ok", entry["ok"], n_db=n_db)
         if ok.size == 0:
             continue
-        junk = _index_set(q, "junk", entry.get("junk", _EMPTY), n_db)
+        junk = _index_set(q, "junk", entry.get("junk", _EMPTY), n_db=n_db)
         overlap = np.intersect1d(ok, junk)
         if overlap.size:
             raise ValueError(
@@ -213,7 +218,7 @@ def compute_map(
         junk_pos = np.flatnonzero(np.isin(column, junk)) if junk.size else _EMPTY
         return ok_pos, junk_pos
 
-    return _map_over_queries(gnd, ks, n_db, locate, "compute_map")
+    return _map_over_queries(gnd, ks, n_db, locate=locate, caller="compute_map")
 
 
 def _revisited_setups(
@@ -221,7 +226,10 @@ def _revisited_setups(
 ) -> dict[str, list[dict[str, NDArray[np.int64]]]]:
     """The easy, medium and hard ``{"ok", "junk"}`` ground truths of a revisited ``gnd``."""
     parts = [
-        tuple(_index_set(q, key, entry.get(key, _EMPTY), n_db) for key in ("easy", "hard", "junk"))
+        tuple(
+            _index_set(q, key, entry.get(key, _EMPTY), n_db=n_db)
+            for key in ("easy", "hard", "junk")
+        )
         for q, entry in enumerate(gnd)
     ]
     for q, (e, h, j) in enumerate(parts):
@@ -283,7 +291,9 @@ def ground_truth_items(gnd: Sequence[Mapping[str, ArrayLike]]) -> list[NDArray[n
     _check_gnd(gnd, ())
     out = []
     for q, entry in enumerate(gnd):
-        lists = [_index_set(q, key, entry[key], _NO_LIMIT) for key in _GND_KEYS if key in entry]
+        lists = [
+            _index_set(q, key, entry[key], n_db=_NO_LIMIT) for key in _GND_KEYS if key in entry
+        ]
         out.append(np.unique(np.concatenate(lists)) if lists else _EMPTY)
     return out
 
@@ -337,7 +347,7 @@ def _position_tables(
 
 
 def _look_up(
-    tables: list[_PositionTable], q: int, key: str, wanted: NDArray[np.int64]
+    tables: list[_PositionTable], q: int, key: str, *, wanted: NDArray[np.int64]
 ) -> NDArray[np.int64]:
     """Ascending positions of database images ``wanted`` (gnd[q][key]); an error if one lacks."""
     idx, pos = tables[q]
@@ -358,13 +368,14 @@ def _map_at_tables(
     tables: list[_PositionTable],
     gnd: Sequence[Mapping[str, ArrayLike]],
     ks: list[int],
+    *,
     n_db: int,
     caller: str,
 ) -> tuple[float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     def locate(q: int, ok: NDArray[np.int64], junk: NDArray[np.int64]):
-        return _look_up(tables, q, "ok", ok), _look_up(tables, q, "junk", junk)
+        return _look_up(tables, q, "ok", wanted=ok), _look_up(tables, q, "junk", wanted=junk)
 
-    return _map_over_queries(gnd, ks, n_db, locate, caller)
+    return _map_over_queries(gnd, ks, n_db, locate=locate, caller=caller)
 
 
 def compute_map_at_positions(
@@ -392,7 +403,7 @@ def compute_map_at_positions(
     ks = _positive_ints("kappas", kappas)
     size = _NO_LIMIT if n_db is None else int(n_db)
     tables = _position_tables(positions, len(gnd), size)
-    return _map_at_tables(tables, gnd, ks, size, "compute_map_at_positions")
+    return _map_at_tables(tables, gnd, ks, n_db=size, caller="compute_map_at_positions")
 
 
 def evaluate_revisited_at_positions(
@@ -416,11 +427,13 @@ def evaluate_revisited_at_positions(
     setups = _revisited_setups(gnd, size)
     for q, entry in enumerate(gnd):  # name the list an image is missing from
         for key in ("easy", "hard", "junk"):
-            _look_up(tables, q, key, _index_set(q, key, entry.get(key, _EMPTY), size))
+            _look_up(tables, q, key, wanted=_index_set(q, key, entry.get(key, _EMPTY), n_db=size))
     return _revisited(
         setups,
         ks,
-        lambda sub: _map_at_tables(tables, sub, ks, size, "evaluate_revisited_at_positions"),
+        lambda sub: _map_at_tables(
+            tables, sub, ks, n_db=size, caller="evaluate_revisited_at_positions"
+        ),
     )
 
 
@@ -464,7 +477,7 @@ def recall_at_k(
 
 
 def cluster_map(
-    vectors: ArrayLike, clusters: ArrayLike, queries: ArrayLike, models: ArrayLike | None = None
+    vectors: ArrayLike, clusters: ArrayLike, queries: ArrayLike, *, models: ArrayLike | None = None
 ) -> float:
     """mAP of each query row against every row (itself left out), its cluster's rows positive.
 

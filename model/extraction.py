@@ -257,8 +257,8 @@ def describe_batch(
     backbone: nn.Module,
     heads: Mapping[str, nn.Module],
     images: np.ndarray | torch.Tensor,
-    scales: Sequence[float] = (1.0,),
     *,
+    scales: Sequence[float] = (1.0,),
     bf16: bool = False,
     channels_last: bool = True,
     device: torch.device | None = None,
@@ -301,6 +301,7 @@ def extract_multihead(
     backbone: nn.Module,
     heads: Mapping[str, nn.Module],
     images: ImageFiles | ArrayImages,
+    *,
     options: ExtractOptions = ExtractOptions(),
 ) -> Extraction:
     """Descriptors of every image that can be described, for each head, and the failures.
@@ -339,7 +340,7 @@ def extract_multihead(
                 backbone,
                 heads,
                 batch,
-                options.scales,
+                scales=options.scales,
                 bf16=options.resolved_bf16(),
                 channels_last=options.channels_last,
                 device=device,
@@ -369,7 +370,7 @@ def extract_descriptors(
     Strict: raises ``ImageError`` naming the images that could not be described. Use
     ``extract_multihead`` to describe the others and report those.
     """
-    result = extract_multihead(net.backbone, {"descriptor": net.head}, images, options)
+    result = extract_multihead(net.backbone, {"descriptor": net.head}, images, options=options)
     if result.failed:
         raise ImageError(result.failed)
     return result.descriptors["descriptor"]

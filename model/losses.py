@@ -38,7 +38,7 @@ __all__ = [
 
 
 def contrastive_loss(
-    anchors: torch.Tensor, others: torch.Tensor, is_positive: torch.Tensor, margin: float = 0.7
+    anchors: torch.Tensor, others: torch.Tensor, is_positive: torch.Tensor, *, margin: float = 0.7
 ) -> torch.Tensor:
     """GeM's contrastive loss summed over pairs.
 
@@ -52,7 +52,7 @@ def contrastive_loss(
 
 
 def triplet_loss(
-    anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, margin: float = 0.1
+    anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, *, margin: float = 0.1
 ) -> torch.Tensor:
     """GeM's triplet loss: ``Σ_i max(0, ‖a_i − p_i‖² − ‖a_i − n_i‖² + margin)``.
 
@@ -117,7 +117,9 @@ class TripletLoss(nn.Module):
         if n_neg < 1:
             raise ValueError("a triplet loss needs at least one negative per tuple")
         positives = others[is_positive].repeat_interleave(n_neg, dim=0)
-        return triplet_loss(anchors[~is_positive], positives, others[~is_positive], self.margin)
+        return triplet_loss(
+            anchors[~is_positive], positives, others[~is_positive], margin=self.margin
+        )
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}"

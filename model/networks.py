@@ -220,7 +220,7 @@ def fold_whitening(net: RetrievalNet, m: Any, P: Any) -> RetrievalNet:
 
 
 def parameter_groups(
-    net: nn.Module, lr: float, weight_decay: float, p_lr_factor: float = 10.0
+    net: nn.Module, lr: float, weight_decay: float, *, p_lr_factor: float = 10.0
 ) -> list[dict[str, Any]]:
     """Optimizer groups as in the GeM paper: GeM's p at 10× the rate and without decay."""
     p_params = [m.p for m in net.modules() if isinstance(m, GeM) and m.p.requires_grad]

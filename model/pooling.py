@@ -89,6 +89,7 @@ class GeM(nn.Module):
     def __init__(
         self,
         p: float = 3.0,
+        *,
         eps: float = 1e-6,
         learn_p: bool = True,
         channels: int | None = None,

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from model import storage
@@ -60,8 +62,8 @@ def write_report(
     path: str | Path,
     rset: RetrievalSet,
     ranks: np.ndarray,
-    metrics: Mapping[str, Any],
     *,
+    metrics: Mapping[str, Any],
     db_paths: Sequence[Path] | None = None,
     aps: np.ndarray | None = None,
     title: str = "",
@@ -77,7 +79,7 @@ def write_report(
     a local path or an ``s3://`` URI, written whole or not at all.
     """
     all_paths = [Path(p) for p in (rset.db_paths if db_paths is None else db_paths)]
-    ranks = _check_inputs(rset, ranks, all_paths, top_k, thumb_size)
+    ranks = _check_inputs(rset, ranks, all_paths, top_k=top_k, thumb_size=thumb_size)
     n_gt = len(rset.db_paths)
     if aps is None:
         aps = query_aps(rset, ranks, n_db=len(all_paths))
@@ -87,14 +89,17 @@ def write_report(
     _check_consistent(aps, metrics)
     shown = ranks[:, :top_k]
     judged = [
-        [_judge(rset, j, idx, n_gt, all_paths[idx]) for idx in row]
+        [_judge(rset, j, idx, n_gt=n_gt, path=all_paths[idx]) for idx in row]
         for j, row in enumerate(shown.tolist())
     ]
     order = _worst_first(aps)
 
     thumbs = _Thumbnails(thumb_size, rset.exif_transpose)
     rows = [
-        _query_row(rset, j, aps[j], shown[j], judged[j], all_paths, thumbs) for j in order.tolist()
+        _query_row(
+            rset, j, aps[j], shown=shown[j], judged=judged[j], all_paths=all_paths, thumbs=thumbs
+        )
+        for j in order.tolist()
     ]
     page = _page(
         title=title or f"Retrieval report: {rset.name}",
@@ -131,7 +136,7 @@ def query_aps(rset: RetrievalSet, ranks: np.ndarray, n_db: int | None = None) ->
 
 
 def _check_inputs(
-    rset: RetrievalSet, ranks: np.ndarray, all_paths: list[Path], top_k: int, thumb_size: int
+    rset: RetrievalSet, ranks: np.ndarray, all_paths: list[Path], *, top_k: int, thumb_size: int
 ) -> np.ndarray:
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or not np.issubdtype(ranks.dtype, np.integer):
@@ -165,7 +170,7 @@ def _check_consistent(aps: np.ndarray, metrics: Mapping[str, Any]) -> None:
         logger.warning("report: the ranking's mAP %.4f differs from metrics' %.4f", got, expected)
 
 
-def _judge(rset: RetrievalSet, query: int, idx: int, n_gt: int, path: Path) -> tuple[str, str]:
+def _judge(rset: RetrievalSet, query: int, idx: int, *, n_gt: int, path: Path) -> tuple[str, str]:
     """(label, verdict) of database image ``idx`` (at ``path``) as an answer to ``query``.
 
     Scene folders query with their own photos; the query finding itself is neither right nor
@@ -222,7 +227,7 @@ class _Thumbnails:
         return self._seen[key]
 
     def _make(self, path: Path, box: Sequence[float] | None) -> _Thumb:
-        image = _thumbnail(path, self.size, box, self.exif_transpose)
+        image = _thumbnail(path, self.size, box, exif_transpose=self.exif_transpose)
         if isinstance(image, BadImage):
             logger.warning("report: %s (%s); showing a placeholder", path, image.reason)
             problem = "missing" if image.reason.startswith("missing") else "unreadable"
@@ -247,7 +252,7 @@ class _Thumbnails:
 
 
 def _thumbnail(
-    path: Path, size: int, box: Sequence[float] | None, exif_transpose: bool
+    path: Path, size: int, box: Sequence[float] | None, *, exif_transpose: bool
 ) -> Image.Image | BadImage:
     """RGB thumbnail, longer side ``size``; with a box, the outside dimmed and the box drawn.
 
@@ -283,6 +288,7 @@ def _query_row(
     rset: RetrievalSet,
     j: int,
     ap: float,
+    *,
     shown: np.ndarray,
     judged: list[tuple[str, str]],
     all_paths: list[Path],
@@ -395,9 +401,6 @@ def _summary_html(metrics: Mapping[str, Any], protocol: str) -> str:
 
 def _plot_png(aps: np.ndarray, judged: list[list[tuple[str, str]]], protocol: str) -> str | None:
     """Per-query AP sorted, and the verdicts at each rank, as a PNG data URI."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     valid = np.sort(aps[~np.isnan(aps)])
     if valid.size == 0:
         return None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -26,6 +27,7 @@ from numpy.typing import ArrayLike, NDArray
 from model.arrays import descriptor_matrix, index_array
 
 __all__ = [
+    "QueryExpansion",
     "alpha_qe",
     "l2_normalize",
     "rank_and_locate",
@@ -192,7 +194,7 @@ def ranked_positions(
 
 
 def rank_and_locate(
-    Q: ArrayLike, X: ArrayLike, items: Sequence[ArrayLike], topk: int
+    Q: ArrayLike, X: ArrayLike, items: Sequence[ArrayLike], *, topk: int
 ) -> tuple[NDArray[np.int64], list[NDArray[np.int64]]]:
     """``rank_by_similarity(Q, X, topk)`` and ``ranked_positions(Q, X, items)`` from one pass
     over the scores: at a million database rows the matrix products are most of the time.
@@ -266,6 +268,38 @@ def _warn_unnormalised(name: str, arr: NDArray[np.floating]) -> None:
             name,
             n_off,
         )
+
+
+@dataclass(frozen=True)
+class QueryExpansion:
+    """αQE as a settings part: evaluate, demo and the search service take the same flags."""
+
+    qe_k: int = 0
+    """αQE: database neighbours added to each query; 0 switches query expansion off."""
+    qe_alpha: float = 3.0
+    """αQE: a neighbour's weight is its similarity to the query to this power."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.qe_k, bool) or self.qe_k < 0:
+            problems.append(f"--qe-k must be 0 (off) or more, not {self.qe_k}")
+        if not np.isfinite(self.qe_alpha) or self.qe_alpha < 0:
+            problems.append(f"--qe-alpha must be a finite number >= 0, not {self.qe_alpha}")
+        if problems:
+            raise ValueError("\n".join(problems))
+
+    @property
+    def label(self) -> str:
+        """How a table names it; empty when off."""
+        return f"αQE(k={self.qe_k}, α={self.qe_alpha:g})" if self.qe_k else ""
+
+    def expand(
+        self, queries: ArrayLike, db: ArrayLike, *, query_rows: ArrayLike | None = None
+    ) -> NDArray[np.float32]:
+        """``alpha_qe`` of ``queries`` over ``db`` with these settings (unchanged when off)."""
+        if not self.qe_k:
+            return np.asarray(queries)
+        return alpha_qe(queries, db, self.qe_k, self.qe_alpha, query_rows=query_rows)
 
 
 def alpha_qe(

@@ -10,7 +10,7 @@ million-image database needs one block of scores at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -22,7 +22,7 @@ from model.evaluation import (
     ground_truth_items,
     recall_at_k,
 )
-from model.retrieval import alpha_qe, rank_and_locate, rank_by_similarity
+from model.retrieval import QueryExpansion, rank_and_locate, rank_by_similarity
 from model.whitening import apply_whitening
 
 __all__ = ["PostProcess", "Scored", "format_metrics", "score", "summary_map"]
@@ -32,16 +32,14 @@ __all__ = ["PostProcess", "Scored", "format_metrics", "score", "summary_map"]
 class PostProcess:
     """What happens to descriptors between extraction and ranking."""
 
-    whitening: tuple[np.ndarray, np.ndarray] | None = None  # (m, P) of learned whitening
+    whitening: tuple[np.ndarray, np.ndarray] | None = None
+    """``(m, P)`` of a learned whitening."""
     whitening_dim: int | None = None
-    qe_k: int = 0  # αQE neighbours; 0 for none
-    qe_alpha: float = 3.0
+    qe: QueryExpansion = field(default_factory=QueryExpansion)
 
     @property
     def label(self) -> str:
-        parts = ["Lw" if self.whitening is not None else ""]
-        if self.qe_k:
-            parts.append(f"αQE(k={self.qe_k}, α={self.qe_alpha:g})")
+        parts = ["Lw" if self.whitening is not None else "", self.qe.label]
         return " + ".join(p for p in parts if p) or "plain"
 
 
@@ -57,6 +55,7 @@ def score(
     db: np.ndarray,
     queries: np.ndarray,
     rset: RetrievalSet,
+    *,
     post: PostProcess = PostProcess(),
     kappas: tuple[int, ...] = (1, 5, 10),
     top_k: int = 100,
@@ -70,8 +69,7 @@ def score(
         db = apply_whitening(db, m, P, post.whitening_dim)
         queries = apply_whitening(queries, m, P, post.whitening_dim)
     self_rows = np.arange(len(queries)) if rset.queries_are_database else None
-    if post.qe_k:
-        queries = alpha_qe(queries, db, k=post.qe_k, alpha=post.qe_alpha, query_rows=self_rows)
+    queries = post.qe.expand(queries, db, query_rows=self_rows)
     depth = min(max(top_k, max(kappas, default=1) + 1), len(db))
     n_q = len(queries)
     if rset.gnd is None or rset.protocol == "none":

@@ -3,8 +3,8 @@
 Every stage, and the model library for weights and whitening, reads and writes through these
 functions, so nothing else needs to know where a file lives. S3 settings come from the usual
 AWS variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``, credentials), so the same call reaches AWS
-or a local S3 server. pyarrow is imported only when a URI is not a local path, and nothing here
-imports torch: SfM workers, which must never import torch, use this module too.
+or a local S3 server. Nothing here imports torch: SfM workers, which must never import torch,
+use this module too.
 
 Publishing never leaves a half-written result that looks whole:
 
@@ -26,6 +26,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from pyarrow import fs as pafs
 
 __all__ = [
     "arrow_filesystem",
@@ -73,8 +75,6 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
 
 
 def _remote(uri: str) -> tuple[Any, str]:
-    from pyarrow import fs as pafs
-
     try:
         return pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as err:
@@ -87,8 +87,6 @@ def arrow_filesystem(uri: str | os.PathLike[str]) -> tuple[Any, str]:
     text = str(uri)
     if is_remote(text):
         return _remote(text)
-    from pyarrow import fs as pafs
-
     return pafs.LocalFileSystem(), str(local_path(text))
 
 
@@ -97,8 +95,6 @@ def _kind(uri: str) -> str:
     if not is_remote(uri):
         path = local_path(uri)
         return "file" if path.is_file() else "dir" if path.is_dir() else "none"
-    from pyarrow import fs as pafs
-
     filesystem, path = _remote(uri)
     info = filesystem.get_file_info(path)
     return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(info.type, "none")
@@ -121,8 +117,6 @@ def read_bytes(uri: str | os.PathLike[str]) -> bytes:
         if not path.is_file():
             raise FileNotFoundError(f"no file at {path}")
         return path.read_bytes()
-    from pyarrow import fs as pafs
-
     filesystem, path = _remote(text)
     if filesystem.get_file_info(path).type != pafs.FileType.File:
         raise FileNotFoundError(f"no file at {text}")
@@ -180,8 +174,6 @@ def list_files(
         found = root.rglob("*") if recursive else root.iterdir()
         names = [str(p) for p in found if p.is_file() and not p.name.startswith(".")]
     else:
-        from pyarrow import fs as pafs
-
         filesystem, path = _remote(text)
         if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"no folder at {text}")
@@ -299,8 +291,6 @@ def stage_to_local(uri: str | os.PathLike[str], cache_dir: str | os.PathLike[str
         if not path.exists():
             raise FileNotFoundError(f"nothing at {path}")
         return path
-    from pyarrow import fs as pafs
-
     key = hashlib.sha1(text.rstrip("/").encode()).hexdigest()[:16]
     target = Path(cache_dir).expanduser() / f"staged-{key}"
     if (target / _STAGED).is_file():
@@ -324,8 +314,6 @@ def file_signature(uri: str | os.PathLike[str]) -> str:
         except FileNotFoundError:
             raise FileNotFoundError(f"nothing at {text}") from None
         return f"{text}:{stat.st_size}:{stat.st_mtime_ns}"
-    from pyarrow import fs as pafs
-
     filesystem, path = _remote(text)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.NotFound:

@@ -96,7 +96,7 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:_HASH_CHARS]
 
 
-def fingerprint(stage: str, version: int, inputs: Mapping[str, str], settings: Mapping) -> str:
+def fingerprint(stage: str, version: int, inputs: Mapping[str, str], *, settings: Mapping) -> str:
     """What an output is made from: the stage and its format, its inputs' identities and the
     settings that change its content. Equal fingerprints mean equal outputs."""
     return _digest({"stage": stage, "format": version, "inputs": inputs, "settings": settings})
@@ -591,7 +591,7 @@ class Output:
         return manifest
 
     def fingerprint(self, inputs: Mapping[str, str], settings: Mapping[str, Any]) -> str:
-        return fingerprint(self.stage, self.version, inputs, _plain(dict(settings)))
+        return fingerprint(self.stage, self.version, inputs, settings=_plain(dict(settings)))
 
     def plan(
         self,
@@ -765,6 +765,7 @@ def _table(
     name: str,
     stage: str,
     fields: list[tuple[str, pa.DataType]],
+    *,
     file: str | None,
     optional: bool = False,
 ) -> Table:

@@ -23,6 +23,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from model import storage
 from model.arrays import descriptor_matrix
+from model.evaluation import cluster_map
 from model.retrieval import l2_normalize
 
 __all__ = [
@@ -112,7 +113,7 @@ def _inverse_cholesky(
 
 
 def learn_whitening(
-    X: ArrayLike, qidxs: ArrayLike, pidxs: ArrayLike, shrinkage: float = 0.0, *, log: bool = True
+    X: ArrayLike, qidxs: ArrayLike, pidxs: ArrayLike, *, shrinkage: float = 0.0, log: bool = True
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Learn discriminative whitening (Lw) from matching pairs ``(X[qidxs[i]], X[pidxs[i]])``.
 
@@ -198,9 +199,8 @@ def whitening_dims(D: int, rows: int) -> tuple[int, ...]:
     the reduced sizes no larger than the rank of their scatter ``C_D`` (``rows - 1``).
 
     Past that rank ``C_D`` has no variance to order the remaining directions by, so which of
-    them a cut keeps is rounding noise (measured on the real photos: a 512 cut from 200
-    photos moved held-out mAP by 0.01 under 1e-7 noise on the descriptors); all ``D`` is a
-    rotation and so does not depend on that order."""
+    them a cut keeps is rounding noise (a tiny perturbation of the descriptors changes it);
+    all ``D`` is a rotation and so does not depend on that order."""
     return tuple(sorted({D, *(d for d in REDUCED_DIMS if d < D and d <= rows - 1)}, reverse=True))
 
 
@@ -208,6 +208,7 @@ def select_whitening(
     X: ArrayLike,
     clusters: ArrayLike,
     qidxs: ArrayLike,
+    *,
     pidxs: ArrayLike,
     shrinkages: tuple[float, ...] = SHRINKAGES,
     dims: tuple[int, ...] | None = None,
@@ -217,8 +218,8 @@ def select_whitening(
     """Lw's shrinkage and output size, chosen by cross-validation over whole clusters.
 
     The paper learns Lw from thousands of 3D models; from a few hundred pairs the plain Lw can
-    lower retrieval on unseen scenes (measured on the shared photos: 0.9945 → 0.9724), while a
-    shrunk or shorter one raises it. Which one is a property of the data, so it is measured:
+    lower retrieval on unseen scenes (``bench/whitening.py`` measures it), while a shrunk or
+    shorter one raises it. Which one is a property of the data, so it is measured:
     the clusters holding pairs' queries are split into ``folds`` groups (seeded); each group in
     turn is left out, Lw is learned from the other clusters' pairs with their photos as the
     scatter, and the group's queries are ranked against every row of ``X`` (the other
@@ -226,7 +227,6 @@ def select_whitening(
     wins; on a tie the earlier candidate (less shrinkage, more dimensions). Fewer than two
     clusters with pairs leave nothing to validate on: the paper's Lw, ``folds`` 0.
     """
-    from model.evaluation import cluster_map
 
     x = descriptor_matrix(X, dtype=np.float64)
     n, D = x.shape
@@ -243,8 +243,7 @@ def select_whitening(
         raise ValueError(f"dims must lie in [1, {D}], not {dims}")
     groups = np.unique(labels[q])
     if len(groups) < 2 or folds < 2:
-        logger.warning("%d cluster(s) with pairs: no cross-validation, the paper's Lw",
-                       len(groups))  # fmt: skip
+        logger.warning("%d cluster(s) with pairs: no cross-validation, the paper's Lw", len(groups))
         return WhiteningChoice(0.0, D, float("nan"), float("nan"), {}, 0)
     rng = np.random.default_rng(seed)
     parts = np.array_split(rng.permutation(groups), min(folds, len(groups)))
@@ -266,9 +265,16 @@ def select_whitening(
                 found[(a, d)].append(cluster_map(apply_whitening(x, m, P, d), labels, queries))
     score = {c: float(np.mean(v)) for c, v in found.items()}
     best = max(candidates, key=score.__getitem__)
-    logger.info("Lw by %d-fold cross-validation over %d clusters: shrinkage %g, dim %d, mAP "
-                "%.4f (paper's Lw %.4f, none %.4f)", len(parts), len(groups), *best,
-                score[best], score.get((0.0, D), np.nan), np.mean(plain))  # fmt: skip
+    logger.info(
+        "Lw by %d-fold cross-validation over %d clusters: shrinkage %g, dim %d, mAP "
+        "%.4f (paper's Lw %.4f, none %.4f)",
+        len(parts),
+        len(groups),
+        *best,
+        score[best],
+        score.get((0.0, D), np.nan),
+        np.mean(plain),
+    )
     table = {f"{a:g}/{d}": v for (a, d), v in score.items()}
     return WhiteningChoice(best[0], best[1], score[best], float(np.mean(plain)), table, len(parts))
 

@@ -5,19 +5,24 @@ The GeM paper's discriminative whitening (``model.whitening``) learned from matc
 the descriptors of a collection; shrinkage and output size chosen by cross-validation over the
 pairs' clusters unless fixed. The whiten stage (``pipeline.whiten``) writes it as a checkpoint;
 the train stage learns its Lw the same way (:func:`held_out_whitening`) from its own network's
-descriptors, scored on held-out clusters.
+descriptors, scored on held-out clusters. ``LwFit`` is how both fit it: one settings part,
+the same flags in both stages.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from model import tables
+from model.evaluation import cluster_map
 from model.training_set import TrainingSet, read_training_set, split_clusters
-from model.whitening import SHRINKAGES
+from model.whitening import SHRINKAGES, apply_whitening, learn_whitening, select_whitening
 
 __all__ = [
     "LW_META",
+    "LwFit",
     "held_out_whitening",
     "pool_clusters",
     "read_whitening_pairs",
@@ -28,6 +33,31 @@ __all__ = [
 LW_META = ("pairs", "shrinkage", "dim", "cross_validation")
 """What a checkpoint's whitening records of how its Lw was learned (``whitening_from_pairs``'
 how)."""
+
+
+@dataclass(frozen=True)
+class LwFit:
+    """How Lw is fitted to pairs: the settings part of ``pipeline.whiten`` and of
+    ``pipeline.train``'s Lw (the same flags in both)."""
+
+    whiten_shrinkage: float | None = None
+    """Lw's shrinkage of the pairs' covariance toward the identity, in [0, 1] (0: the paper's
+    Lw); unset: chosen by cross-validation over the pairs' clusters."""
+    whiten_dim: int | None = None
+    """Lw's output size (its leading rows); unset: chosen by the same cross-validation."""
+    min_pairs: int = 10
+    """Fewer usable pairs than this learn no Lw: from a handful of pairs it only overfits."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.whiten_shrinkage is not None and not 0 <= self.whiten_shrinkage <= 1:
+            problems.append(f"--whiten-shrinkage is a share in [0, 1], not {self.whiten_shrinkage}")
+        if self.whiten_dim is not None and self.whiten_dim < 1:
+            problems.append(f"--whiten-dim must be at least 1, not {self.whiten_dim}")
+        if self.min_pairs < 1:
+            problems.append(f"--min-pairs must be at least 1, not {self.min_pairs}")
+        if problems:
+            raise ValueError("\n".join(problems))
 
 
 def read_whitening_pairs(pairs: str) -> list[tuple[str, str]]:
@@ -41,33 +71,30 @@ def whitening_from_pairs(
     vectors: np.ndarray,
     pairs: list[tuple[str, str]],
     *,
-    min_pairs: int = 10,
+    fit: LwFit = LwFit(),
     clusters: np.ndarray | None = None,
-    shrinkage: float | None = None,
-    dim: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(m, P, how)``: Lw learned over ``vectors`` from the pairs whose two photos both have a
     row (``image_ids`` names the rows), ``P`` cut to its output size.
 
-    ``shrinkage`` and ``dim`` left ``None`` are chosen by cross-validation over the rows'
-    ``clusters`` (``model.whitening.select_whitening``; no clusters: the paper's Lw). ``how``
-    says what was used: pairs, shrinkage, dim and the cross-validation's figures.
+    The shrinkage and dim that ``fit`` leaves unset are chosen by cross-validation over the
+    rows' ``clusters`` (``model.whitening.select_whitening``; no clusters: the paper's Lw).
+    ``how`` says what was used: pairs, shrinkage, dim and the cross-validation's figures.
     """
-    from model.whitening import learn_whitening, select_whitening
-
     row = {image_id: i for i, image_id in enumerate(np.asarray(image_ids).tolist())}
     usable = [(row[q], row[p]) for q, p in pairs if q in row and p in row]
-    if len(usable) < min_pairs:
+    if len(usable) < fit.min_pairs:
         raise ValueError(
             f"{len(usable)} of {len(pairs)} whitening pairs have both photos described "
-            f"(at least {min_pairs} needed)"
+            f"(at least {fit.min_pairs} needed)"
         )
+    shrinkage, dim = fit.whiten_shrinkage, fit.whiten_dim
     q, p = np.array(usable, dtype=np.int64).T
     how: dict = {"pairs": len(usable)}
     if (shrinkage is None or dim is None) and clusters is not None:
         shrinkages = (shrinkage,) if shrinkage is not None else SHRINKAGES
         dims = (dim,) if dim is not None else None
-        choice = select_whitening(vectors, clusters, q, p, shrinkages=shrinkages, dims=dims)
+        choice = select_whitening(vectors, clusters, q, pidxs=p, shrinkages=shrinkages, dims=dims)
         shrinkage, dim = choice.shrinkage, choice.dim
         how["cross_validation"] = {
             "folds": choice.folds,
@@ -87,11 +114,11 @@ def held_out_whitening(
     image_ids: np.ndarray,
     vectors: np.ndarray,
     pool: TrainingSet,
+    *,
     pairs: list[tuple[str, str]],
     held_out: float,
     seed: int = 0,
-    shrinkage: float | None = None,
-    dim: int | None = None,
+    fit: LwFit = LwFit(),
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(m, P, how)``: :func:`whitening_on_held_out` over the pool's photos, split by
     ``split_clusters(pool, held_out, seed)``.
@@ -110,7 +137,14 @@ def held_out_whitening(
     models = None if pool.models is None else pool.models[present]
     trained = np.isin(ids, train.image_ids)
     return whitening_on_held_out(
-        ids, x, pool.clusters[present], trained, queries, pairs, shrinkage, dim, models
+        ids,
+        x,
+        pool.clusters[present],
+        trained=trained,
+        queries=queries,
+        pairs=pairs,
+        fit=fit,
+        models=models,
     )
 
 
@@ -118,22 +152,19 @@ def whitening_on_held_out(
     image_ids: np.ndarray,
     vectors: np.ndarray,
     clusters: np.ndarray,
+    *,
     trained: np.ndarray,
     queries: np.ndarray | None,
     pairs: list[tuple[str, str]],
-    shrinkage: float | None = None,
-    dim: int | None = None,
+    fit: LwFit = LwFit(),
     models: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(m, P, how)``: Lw from the rows of the mask ``trained`` only (the pairs among them,
     their scatter; shrinkage and dim by cross-validation over their ``clusters`` unless
-    given), and in ``how`` the held-out ``queries``' (row indices) mAP against every row,
-    their cluster's rows positive (their 3D model's, the rest of the cluster junk, given
+    ``fit`` sets them), and in ``how`` the held-out ``queries``' (row indices) mAP against
+    every row, their cluster's rows positive (their 3D model's, the rest of the cluster junk, given
     ``models``), without (``val_map``) and with it (``val_map_lw``). ``queries`` None: Lw
     alone."""
-    from model.evaluation import cluster_map
-    from model.whitening import apply_whitening
-
     ids = np.asarray(image_ids)
     trained = np.asarray(trained, dtype=bool)
     inside = set(ids[trained].tolist())
@@ -141,13 +172,14 @@ def whitening_on_held_out(
         ids[trained],
         vectors[trained],
         [(q, p) for q, p in pairs if q in inside and p in inside],
+        fit=fit,
         clusters=np.asarray(clusters)[trained],
-        shrinkage=shrinkage,
-        dim=dim,
     )
     if queries is not None:
-        how["val_map"] = cluster_map(vectors, clusters, queries, models)
-        how["val_map_lw"] = cluster_map(apply_whitening(vectors, m, P), clusters, queries, models)
+        how["val_map"] = cluster_map(vectors, clusters, queries, models=models)
+        how["val_map_lw"] = cluster_map(
+            apply_whitening(vectors, m, P), clusters, queries, models=models
+        )
     return m, P, how
 
 

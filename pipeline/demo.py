@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from model.extraction import DEFAULT_SCALES, ExtractOptions
 from model.heads import GeMHead
 from model.report import write_report
 from model.results import write_json
+from model.retrieval import QueryExpansion
 from model.scoring import PostProcess, score, summary_map
 from model.whitening import learn_whitening
 
@@ -63,8 +64,8 @@ class DemoConf:
     """Longer side of the images the network sees."""
     multiscale: bool = False
     """Describe at scales 1, 1/√2, 1/2 and combine as the GeM paper does."""
-    qe_k: int = 2
-    qe_alpha: float = 3.0
+    qe: QueryExpansion = field(default_factory=lambda: QueryExpansion(qe_k=2))
+    """αQE rows beside the plain ones (flags --qe-k, --qe-alpha)."""
     batch_size: int | None = None
     """Default: 64 on a GPU, 1 on a CPU."""
     seed: int = 0
@@ -88,7 +89,9 @@ def main(conf: DemoConf) -> str:
     rows: list[dict[str, Any]] = []
     images: dict[str, Any] = {}
     for spec in conf.networks:
-        network_rows, used, availability = _evaluate_network(spec, conf, rset, train, options, out)
+        network_rows, used, availability = _evaluate_network(
+            spec, conf, rset, train=train, options=options, out=out
+        )
         rows += network_rows
         images[spec] = availability.as_dict()
     print(f"\n{availability.summary()}")
@@ -121,6 +124,7 @@ def _evaluate_network(
     spec: str,
     conf: DemoConf,
     rset: RetrievalSet,
+    *,
     train: RetrievalSet | None,
     options: ExtractOptions,
     out: Path,
@@ -142,19 +146,19 @@ def _evaluate_network(
 
     rows = []
     for pool in conf.poolings:
-        posts = [PostProcess(), PostProcess(qe_k=conf.qe_k, qe_alpha=conf.qe_alpha)]
+        posts = [PostProcess(), PostProcess(qe=conf.qe)]
         if whitening_db is not None:
             qidxs, pidxs = same_label_pairs(whitening_db.rset.db_labels)
             m, P = learn_whitening(whitening_db.db[pool], qidxs, pidxs)
             lw = PostProcess(whitening=(m, P))
-            posts += [lw, dataclasses.replace(lw, qe_k=conf.qe_k, qe_alpha=conf.qe_alpha)]
+            posts += [lw, dataclasses.replace(lw, qe=conf.qe)]
         for post in posts:
-            scored = score(described.db[pool], described.queries[pool], used, post)
+            scored = score(described.db[pool], described.queries[pool], used, post=post)
             if pool == conf.poolings[0] and post.label == "plain":
                 report = out / f"report-{_file_name(spec)}.html"
                 title = f"{name} ({weights}), {POOLING_NAMES.get(pool, pool)}"
                 write_report(
-                    report, used, scored.ranks, scored.metrics, aps=scored.aps, title=title
+                    report, used, scored.ranks, metrics=scored.metrics, aps=scored.aps, title=title
                 )
                 logger.info("report: %s", report)
             rows.append(

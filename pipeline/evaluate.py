@@ -16,7 +16,6 @@ size without a full ranking (``model.scoring``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,16 +25,17 @@ from typing import Any
 import torch
 
 from model import checkpoint, storage
-from model.cli import log_settings, run_cli
+from model.cli import FlatFlags, log_settings, run_cli
 from model.datasets.revisited import load_revisited
 from model.datasets.sets import IMAGE_SUFFIXES, RetrievalSet
-from model.describe import describe_set
+from model.describe import DescribedSet, describe_set
 from model.describer import NetworkSettings
 from model.descriptor_cache import DescriptorCache, digest
 from model.extraction import ExtractOptions
 from model.networks import NetworkMeta, RetrievalNet, build_network
 from model.report import write_report
 from model.results import write_json
+from model.retrieval import QueryExpansion
 from model.scoring import PostProcess, format_metrics, score
 from model.whitening import load_whitening
 
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EvaluateConf:
+class EvaluateConf(FlatFlags):
     """Settings of one evaluation; every field is a command-line flag."""
 
     dataset: str
@@ -62,9 +62,8 @@ class EvaluateConf:
     checkpoint_whitening: bool = True
     """--no-checkpoint-whitening: leave a checkpoint's whitening.npz unapplied."""
     whitening_dim: int | None = None
-    qe_k: int = 0
-    """αQE neighbours; 0 switches query expansion off."""
-    qe_alpha: float = 3.0
+    qe: QueryExpansion = field(default_factory=QueryExpansion)
+    """αQE (flags --qe-k, --qe-alpha); off by default."""
     distractors: str | None = None
     """Folder or s3:// prefix of distractor photos (R1M style) added to the database."""
     kappas: tuple[int, ...] = (1, 5, 10)
@@ -78,31 +77,6 @@ class EvaluateConf:
     seed: int = 0
     """Seed of a random network."""
 
-    @classmethod
-    def from_flags(cls, **flags: Any) -> EvaluateConf:
-        """An evaluation from its settings by flag name (``weights=...``, not
-        ``network=NetworkSettings(weights=...)``), as the command line takes them."""
-        network = _network_flags(flags)
-        return cls(**flags, network=NetworkSettings(**network))
-
-    def replaced(self, **flags: Any) -> EvaluateConf:
-        """This evaluation with ``flags`` changed, by flag name (the network's too)."""
-        network = _network_flags(flags)
-        return dataclasses.replace(
-            self, **flags, network=dataclasses.replace(self.network, **network)
-        )
-
-    def settings(self) -> dict[str, Any]:
-        """Every setting by flag name."""
-        flat = {k: v for k, v in dataclasses.asdict(self).items() if k != "network"}
-        return {**flat, **dataclasses.asdict(self.network)}
-
-
-def _network_flags(flags: dict[str, Any]) -> dict[str, Any]:
-    """The network's flags taken out of ``flags``."""
-    names = {f.name for f in dataclasses.fields(NetworkSettings)}
-    return {k: flags.pop(k) for k in list(flags) if k in names}
-
 
 def run(conf: EvaluateConf) -> dict[str, Any]:
     """Evaluate; prints the figures as papers do, writes ``metrics.json`` and ``report.html``."""
@@ -113,39 +87,14 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
     loaded = checkpoint.load(weights) if checkpoint.is_checkpoint(weights) else None
     post = _post_process(conf, loaded)  # weights and whitening first: quick, a common mistake
     net, network_key = _network(conf, loaded)
-    cache = Path(conf.cache_dir)
-    dataset_dir = _stage(
-        storage.join(conf.data_root, conf.dataset),
-        cache,
-        "data set",
-        "; expected <data-root>/<dataset>/jpg and <data-root>/<dataset>/gnd_<dataset>.pkl",
-    )
-    rset = load_revisited(dataset_dir, conf.dataset)
-    options = ExtractOptions(
-        scales=conf.network.scales,
-        batch_size=conf.batch_size,
-        num_workers=conf.num_workers,
-        device=conf.device,
-    )
-    identity = {**network_key, **options.identity(), "max_size": conf.network.max_size}
-    distractors, distractor_root = _distractors(conf, cache)
-    described = describe_set(
-        rset,
-        net.backbone,
-        {"descriptor": net.head},
-        max_size=conf.network.max_size,
-        options=options,
-        cache=DescriptorCache(cache / "descriptors" / conf.dataset, identity),
-        root=dataset_dir,
-        distractors=distractors,
-        distractor_root=distractor_root,
-    )
+    described, identity = _describe(conf, net, network_key)
     used, availability = described.rset, described.availability
-    if not used.query_paths or not used.db_paths:
-        missing = "queries" if used.db_paths else "database images"
-        raise FileNotFoundError(f"{dataset_dir}: no usable {missing}; {availability.summary()}")
     scored = score(
-        described.db["descriptor"], described.queries["descriptor"], used, post, conf.kappas
+        described.db["descriptor"],
+        described.queries["descriptor"],
+        used,
+        post=post,
+        kappas=conf.kappas,
     )
     print(format_metrics(conf.dataset, scored.metrics, conf.kappas))
 
@@ -168,7 +117,7 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
         storage.join(out, "report.html"),
         used,
         scored.ranks,
-        scored.metrics,
+        metrics=scored.metrics,
         db_paths=described.db_paths,
         aps=scored.aps,
         title=f"{conf.dataset}: {network_key.get('backbone', weights)}, {post.label}",
@@ -180,17 +129,53 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
     return result
 
 
+def _describe(
+    conf: EvaluateConf, net: RetrievalNet, network_key: dict[str, Any]
+) -> tuple[DescribedSet, dict[str, Any]]:
+    """The data set (staged from S3 once) and its distractors described by ``net``, through
+    the descriptor cache; and the extraction's identity. No usable queries or database
+    photos is an error naming what is missing."""
+    cache = Path(conf.cache_dir)
+    dataset_dir = _stage(
+        storage.join(conf.data_root, conf.dataset),
+        cache,
+        "data set",
+        expected="; expected <data-root>/<dataset>/jpg and <data-root>/<dataset>/gnd_<dataset>.pkl",
+    )
+    options = ExtractOptions(
+        scales=conf.network.scales,
+        batch_size=conf.batch_size,
+        num_workers=conf.num_workers,
+        device=conf.device,
+    )
+    identity = {**network_key, **options.identity(), "max_size": conf.network.max_size}
+    distractors, distractor_root = _distractors(conf, cache)
+    described = describe_set(
+        load_revisited(dataset_dir, conf.dataset),
+        net.backbone,
+        {"descriptor": net.head},
+        max_size=conf.network.max_size,
+        options=options,
+        cache=DescriptorCache(cache / "descriptors" / conf.dataset, identity),
+        root=dataset_dir,
+        distractors=distractors,
+        distractor_root=distractor_root,
+    )
+    used = described.rset
+    if not used.query_paths or not used.db_paths:
+        missing = "queries" if used.db_paths else "database images"
+        summary = described.availability.summary()
+        raise FileNotFoundError(f"{dataset_dir}: no usable {missing}; {summary}")
+    return described, identity
+
+
 def _check(conf: EvaluateConf) -> None:
     """What can be checked before any photo is read."""
-    if conf.network.max_size < 1:
-        raise ValueError(f"--max-size must be at least 1, got {conf.network.max_size}")
-    if conf.qe_k < 0:
-        raise ValueError(f"--qe-k must be 0 (off) or more, got {conf.qe_k}")
     if not conf.kappas or min(conf.kappas) < 1:
         raise ValueError(f"--kappas must be positive integers, got {list(conf.kappas)}")
 
 
-def _stage(uri: str, cache: Path, what: str, expected: str = "") -> Path:
+def _stage(uri: str, cache: Path, what: str, *, expected: str = "") -> Path:
     """A local folder with the content of ``uri`` (staged from S3 once), or why not."""
     try:
         return storage.stage_to_local(uri, cache)
@@ -218,7 +203,7 @@ def _post_process(conf: EvaluateConf, loaded: checkpoint.Checkpoint | None) -> P
     elif conf.checkpoint_whitening and loaded is not None:
         params = loaded.whitening
     whitening = (params.m, params.P) if params is not None else None
-    return PostProcess(whitening, conf.whitening_dim, conf.qe_k, conf.qe_alpha)
+    return PostProcess(whitening, conf.whitening_dim, conf.qe)
 
 
 def _network(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,8 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from model import checkpoint, storage, tables
-from model.backbones import BackboneName
-from model.cli import location_problems, log_settings, run_cli
+from model.cli import FlatFlags, location_problems, log_settings, run_cli
 from model.describer import (
     Describer,
     NetworkSettings,
@@ -44,32 +43,25 @@ from model.describer import (
     network_identity,
 )
 from model.images import BadImage
-from model.pooling import PoolingName
 from model.tables import DESCRIPTORS, DESCRIPTORS_OUTPUT, IMAGES, IMAGES_OUTPUT, Manifest
 
-__all__ = ["ExtractConf", "decode_batch", "network_settings", "run"]
+__all__ = ["ExtractConf", "decode_batch", "run"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ExtractConf:
+class ExtractConf(FlatFlags):
     """Settings of one extraction; every field is a command-line flag."""
 
     images: str
     """The images output written by pipeline.ingest (its folder, a path or s3:// URI)."""
     output: str
     """Folder or s3:// prefix for the descriptor parts and their manifest."""
-    weights: str = "imagenet"
-    """imagenet (the backbone's packaged ImageNet weights), a weights file, or a training
-    checkpoint directory (``model.checkpoint``, with its whitening when it has one)."""
-    backbone: BackboneName = "efficientnet_lite0"
-    pooling: PoolingName = "gem"
-    p: float = 3.0
-    max_size: int = 1024
-    """Longer side the network sees (never enlarged)."""
-    scales: tuple[float, ...] = (1.0,)
-    """1 0.7071 0.5 for the GeM paper's multi-scale descriptors."""
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    """The network and how it sees a photo (flags --weights, --backbone, --pooling, --p,
+    --max-size, --scales): --weights is imagenet, a weights file, or a training checkpoint
+    (``model.checkpoint``, with its whitening when it has one)."""
     actors: int | None = None
     """Describing actors: default one per GPU, or one on a machine without GPUs."""
     gpus_per_actor: float | None = None
@@ -106,18 +98,6 @@ class _Photos:
     not_ingested: int
 
 
-def network_settings(conf: ExtractConf) -> NetworkSettings:
-    """The network of ``conf`` and how it sees a photo (``model.describer``)."""
-    return NetworkSettings(
-        weights=conf.weights,
-        backbone=conf.backbone,
-        pooling=conf.pooling,
-        p=conf.p,
-        max_size=conf.max_size,
-        scales=tuple(conf.scales),
-    )
-
-
 def run(conf: ExtractConf) -> str:
     """Describe every photo of ``conf.images``; returns the output URI."""
     started = time.perf_counter()
@@ -127,7 +107,7 @@ def run(conf: ExtractConf) -> str:
     images = IMAGES_OUTPUT.manifest(conf.images)
     network = _network_identity(conf)
     inputs = {"images": images, "network": network.identity}
-    action, previous = _plan(conf, out, inputs, network)
+    action, previous = _plan(conf, out, inputs, network=network)
     if action == "skip":
         logger.info("%s is complete; skipping", out)
         return out
@@ -136,12 +116,12 @@ def run(conf: ExtractConf) -> str:
     DESCRIPTORS_OUTPUT.unpublish(out)
     if done:
         logger.info("resuming: %d photos already described in %s", len(done), out)
-    _describe(conf, out, photos, done)
+    _describe(conf, out, photos, done=done)
     manifest = DESCRIPTORS_OUTPUT.publish(
         out,
         inputs=inputs,
         settings=network.settings,
-        details=_details(out, network, photos, time.perf_counter() - started),
+        details=_details(out, network, photos, seconds=time.perf_counter() - started),
     )
     details = manifest.details
     logger.info(
@@ -155,7 +135,7 @@ def run(conf: ExtractConf) -> str:
 
 
 def _plan(
-    conf: ExtractConf, out: str, inputs: dict[str, Any], network: _Network
+    conf: ExtractConf, out: str, inputs: dict[str, Any], *, network: _Network
 ) -> tuple[str, Manifest | None]:
     """What this run does at ``out`` (``Output.plan``: another network is never an update);
     an output replaced (``--overwrite``) is cleared first."""
@@ -170,7 +150,7 @@ def _plan(
     return action, previous
 
 
-def _describe(conf: ExtractConf, out: str, photos: _Photos, done: set[str]) -> None:
+def _describe(conf: ExtractConf, out: str, photos: _Photos, *, done: set[str]) -> None:
     """Describe the usable photos not in ``done`` on Ray Data, written as parts into ``out``."""
     import ray  # the driver's cluster, joined only when there is work
 
@@ -188,7 +168,11 @@ def _describe(conf: ExtractConf, out: str, photos: _Photos, done: set[str]) -> N
     cpus = int(ray.cluster_resources().get("CPU", 1))
     decoded = dataset.map_batches(
         decode_batch,
-        fn_kwargs={"max_size": conf.max_size, "skip_ids": done, "skip_rows": photos.duplicates},
+        fn_kwargs={
+            "max_size": conf.network.max_size,
+            "skip_ids": done,
+            "skip_rows": photos.duplicates,
+        },
         batch_size=conf.decode_batch_size,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=max(cpus, actors + 1)),
@@ -196,7 +180,7 @@ def _describe(conf: ExtractConf, out: str, photos: _Photos, done: set[str]) -> N
     described = decoded.map_batches(
         Describer,
         fn_constructor_kwargs={
-            "settings": network_settings(conf),
+            "settings": conf.network,
             "device_batch_size": conf.device_batch_size,
             "threads_per_actor": conf.threads_per_actor,
         },
@@ -209,6 +193,7 @@ def _describe(conf: ExtractConf, out: str, photos: _Photos, done: set[str]) -> N
 
 def decode_batch(
     batch: Any,
+    *,
     max_size: int,
     skip_ids: frozenset[str] | set[str] = frozenset(),
     skip_rows: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset(),
@@ -245,10 +230,6 @@ def decode_batch(
 
 def _check(conf: ExtractConf) -> None:
     problems = []
-    if conf.max_size < 1:
-        problems.append(f"--max-size must be at least 1, got {conf.max_size}")
-    if not conf.scales or any(not 0 < s <= 4 for s in conf.scales):
-        problems.append(f"--scales must be factors in (0, 4], got {list(conf.scales)}")
     if conf.actors is not None and conf.actors < 1:
         problems.append(f"--actors must be at least 1, got {conf.actors}")
     problems += location_problems(images=conf.images, output=conf.output)
@@ -308,16 +289,16 @@ def _drop_rows(out: str, part: str, kept: pa.ChunkedArray) -> None:
 
 def _network_identity(conf: ExtractConf) -> _Network:
     """What made the descriptors; loads the network once to check it and learn its size."""
-    settings = network_settings(conf)
+    settings = conf.network
     net, whitening = load_extract_network(settings)
-    if checkpoint.is_checkpoint(conf.weights):
-        description = {"checkpoint": tables.resolve(conf.weights), "meta": asdict(net.meta)}
+    if checkpoint.is_checkpoint(settings.weights):
+        description = {"checkpoint": tables.resolve(settings.weights), "meta": asdict(net.meta)}
     else:
-        description = {"weights": conf.weights, "meta": asdict(net.meta)}
+        description = {"weights": settings.weights, "meta": asdict(net.meta)}
     dim = whitening[1].shape[0] if whitening is not None else net.out_dim
     content = {
-        "max_size": conf.max_size,
-        "scales": list(conf.scales),
+        "max_size": settings.max_size,
+        "scales": list(settings.scales),
         "whitening": whitening is not None,
         "exif_transpose": True,
         "dim": int(dim),
@@ -326,7 +307,7 @@ def _network_identity(conf: ExtractConf) -> _Network:
     return _Network(identity, {**description, "identity": identity}, content)
 
 
-def _details(out: str, network: _Network, photos: _Photos, seconds: float) -> dict[str, Any]:
+def _details(out: str, network: _Network, photos: _Photos, *, seconds: float) -> dict[str, Any]:
     """The manifest's details: the network, its settings, the counts and failures."""
     table = DESCRIPTORS.read_unpublished(out, ["image_id", "error"])[0]
     errors = table["error"].to_pylist()

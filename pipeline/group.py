@@ -35,6 +35,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -105,14 +106,13 @@ def knn_graph(
     Exact inner product up to ``flat_max`` rows; beyond, IVF-Flat with about 4·√N lists, 32 of
     them probed: memory O(N·k), never N×N.
     """
-    return _nearest(vectors, vectors, k + 1, flat_max)
+    return _nearest(vectors, vectors, k + 1, flat_max=flat_max)
 
 
 def _nearest(
-    base: np.ndarray, queries: np.ndarray, k: int, flat_max: int
+    base: np.ndarray, queries: np.ndarray, k: int, *, flat_max: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest rows of ``base`` to each query (see ``knn_graph``)."""
-    import faiss
 
     x = np.ascontiguousarray(base, dtype=np.float32)
     n, dim = x.shape
@@ -146,7 +146,7 @@ def attach_candidates(
     base = np.flatnonzero(targets)
     if not len(leftovers) or not len(base):
         return []
-    sims, idx = _nearest(x[base], x[leftovers], conf.attach_neighbours, conf.flat_max)
+    sims, idx = _nearest(x[base], x[leftovers], conf.attach_neighbours, flat_max=conf.flat_max)
     offers = []
     for row, row_sims, row_idx in zip(leftovers.tolist(), sims, idx, strict=True):
         best: dict[int, list[float]] = {}

@@ -56,6 +56,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import ray
 
 from cluster import index_store
 from model import storage, tables
@@ -336,7 +337,7 @@ def train_size_for(index: faiss.Index, n: int) -> int:
 
 
 def train_index(
-    factory: str, vectors: np.ndarray, train_size: int | None = None, seed: int = 0
+    factory: str, vectors: np.ndarray, train_size: int | None = None, *, seed: int = 0
 ) -> tuple[faiss.Index, int]:
     """The empty index of ``factory`` trained on a seeded sample; ``(index, sample size)``."""
     dim = vectors.shape[1]
@@ -507,7 +508,6 @@ def _reusable(output: str, entry: dict[str, Any] | None, *, count: int, id_start
 
 
 def _init_ray() -> Any:
-    import ray
 
     if not ray.is_initialized():
         ray.init()
@@ -631,7 +631,7 @@ def _validate(conf: IndexConf, output: str) -> _Inputs:
     return _Inputs(desc, desc.output, parent, factory)
 
 
-def _plan(conf: IndexConf, output: str, inputs: _Inputs, settings: dict[str, Any]) -> str:
+def _plan(conf: IndexConf, output: str, inputs: _Inputs, *, settings: dict[str, Any]) -> str:
     """``skip`` (the latest version indexed these descriptors with these settings), ``update``
     (a next version of the new rows) or ``new`` (no index yet, or ``--overwrite`` of one made
     with other settings). Other settings without ``--overwrite`` stop with one line naming
@@ -823,7 +823,7 @@ def run(conf: IndexConf) -> str:
     log_settings(logger, "index", conf)
     _log_read(inputs.desc, time.perf_counter() - started)
     settings = content_settings(inputs.factory, inputs.network)
-    action = _plan(conf, output, inputs, settings)
+    action = _plan(conf, output, inputs, settings=settings)
     if action == "skip":
         uri = _latest_uri(output, inputs.parent)
         logger.info("%s is complete (these descriptors, these settings); skipping", uri)
@@ -870,7 +870,7 @@ def _make(build: _Build, *, seconds: dict[str, float]) -> _Made:
     with _timed(seconds, "add"):
         shards, todo = _finished_shards(build, resumed)
         if todo:
-            _add_shards(build, trained_bytes, todo, shards)
+            _add_shards(build, trained_bytes, todo, entries=shards)
     with _timed(seconds, "tune"):
         search_params, tuning = _search_params(build, trained)
     reused = sorted(set(shards) - {number for number, _, _ in todo})
@@ -1007,6 +1007,7 @@ def _add_shards(
     build: _Build,
     trained_bytes: bytes,
     todo: list[tuple[int, int, int]],
+    *,
     entries: dict[int, dict[str, Any]],
 ) -> None:
     """One Ray task per ``(shard, first row, end row)`` in ``todo``; entries land in ``entries``."""

@@ -65,7 +65,7 @@ class PairsConf:
 
 
 def mine_positives(
-    rows: list[dict[str, Any]], min_overlap: float, max_scale_change: float, max_positives: int
+    rows: list[dict[str, Any]], *, min_overlap: float, max_scale_change: float, max_positives: int
 ) -> dict[str, list[tuple[str, float]]]:
     """Query image_id → ``[(positive image_id, shared fraction)]``, best first.
 
@@ -138,12 +138,10 @@ def run(conf: PairsConf) -> str:
     plan, _ = tables.PAIRS_OUTPUT.plan(out, {"sfm": sfm}, settings, overwrite=conf.overwrite)
     if plan == "skip":
         logger.info("%s is complete; skipping", out)
+        if conf.export_pkl:  # asked for now: the same mining gives the same pairs
+            storage.write_bytes(conf.export_pkl, cirtorch_pickle(*_mined(conf, sfm)))
         return out
-    rows = tables.SFM_IMAGES.read_from(sfm).to_pylist()
-    registered = [r for r in rows if r["registered"]]
-    positives = mine_positives(
-        registered, conf.min_overlap, conf.max_scale_change, conf.max_positives
-    )
+    rows, positives = _mined(conf, sfm)
     tables.PAIRS_OUTPUT.unpublish(out)
     _write(out, rows, positives)
     if conf.export_pkl:
@@ -159,6 +157,21 @@ def run(conf: PairsConf) -> str:
         details["clusters"],
     )
     return out
+
+
+def _mined(
+    conf: PairsConf, sfm: tables.Manifest
+) -> tuple[list[dict[str, Any]], dict[str, list[tuple[str, float]]]]:
+    """The sfm output's photo rows and the positives mined among its registered photos."""
+    rows = tables.SFM_IMAGES.read_from(sfm).to_pylist()
+    registered = [r for r in rows if r["registered"]]
+    positives = mine_positives(
+        registered,
+        min_overlap=conf.min_overlap,
+        max_scale_change=conf.max_scale_change,
+        max_positives=conf.max_positives,
+    )
+    return rows, positives
 
 
 def _write(

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -41,7 +41,8 @@ from cluster.app import SearchApp
 from cluster.embedder import Embedder, network_problem
 from cluster.router import IndexShard, SearchRouter
 from model import storage, tables
-from model.cli import log_settings, run_cli
+from model.cli import FlatFlags, log_settings, run_cli
+from model.retrieval import QueryExpansion
 
 __all__ = ["APP_NAME", "ServeConf", "app_builder", "build_app", "run"]
 
@@ -51,7 +52,7 @@ APP_NAME = "cirray"
 
 
 @dataclass(frozen=True)
-class ServeConf:
+class ServeConf(FlatFlags):
     """Settings of the search service; every field is a command-line flag."""
 
     index: str
@@ -81,9 +82,8 @@ class ServeConf:
     batch_wait_s: float = 0.005
     """How long the router waits to fill a batch."""
     embed_batch_size: int = 8
-    qe_k: int = 10
-    """Neighbours αQE adds to a query."""
-    qe_alpha: float = 3.0
+    qe: QueryExpansion = field(default_factory=lambda: QueryExpansion(qe_k=10))
+    """αQE of a query asked with qe=true (flags --qe-k, --qe-alpha)."""
     max_body_mb: float = 20.0
     watch_s: float = 0.0
     """Look for a newer complete index version every this many seconds and serve it
@@ -113,8 +113,8 @@ def _flag_problems(conf: ServeConf) -> list[str]:
         problems.append("--slots must be at least 1")
     if not 1 <= conf.max_batch_size <= 4096:
         problems.append("--max-batch-size must be in 1..4096")
-    if conf.qe_k < 1 or conf.qe_alpha < 0:
-        problems.append("--qe-k must be at least 1 and --qe-alpha at least 0")
+    if conf.qe.qe_k < 1:
+        problems.append("--qe-k must be at least 1 (queries ask for αQE with qe=true)")
     if conf.watch_s < 0:
         problems.append("--watch-s must be 0 (off) or a positive number of seconds")
     if not 0 < conf.port < 65536:
@@ -190,7 +190,7 @@ def build_app(conf: ServeConf) -> Any:
             conf.index,
             slot,
             slots,
-            version,
+            version=version,
             gpu=conf.gpus_per_shard > 0,
             threads=conf.threads_per_shard,
         )
@@ -200,8 +200,7 @@ def build_app(conf: ServeConf) -> Any:
         conf.index,
         shard_handles,
         version,
-        qe_k=conf.qe_k,
-        qe_alpha=conf.qe_alpha,
+        qe=conf.qe,
         max_batch_size=conf.max_batch_size,
         batch_wait_s=conf.batch_wait_s,
         watch_s=conf.watch_s,
@@ -220,11 +219,11 @@ def serve_config(conf: ServeConf) -> dict[str, Any]:
     options spelled out for editing."""
     conf = _resolved(conf)
     manifest = _check(conf)
-    defaults = ServeConf(index=conf.index)
+    defaults = ServeConf(index=conf.index).settings()
     args = {
-        f.name: getattr(conf, f.name)
-        for f in fields(ServeConf)
-        if f.name in ("index",) or getattr(conf, f.name) != getattr(defaults, f.name)
+        name: value
+        for name, value in conf.settings().items()
+        if name == "index" or value != defaults[name]
     }
     args = {k: v for k, v in args.items() if k not in ("host", "port", "detach", "write_config")}
     return {
@@ -247,14 +246,14 @@ def serve_config(conf: ServeConf) -> dict[str, Any]:
 
 def app_builder(args: dict[str, Any]) -> Any:
     """The application builder of Serve config files (``import_path:
-    pipeline.serve:app_builder``): ``args`` are :class:`ServeConf`'s fields, ``index`` required."""
-    known = {f.name for f in fields(ServeConf)}
+    pipeline.serve:app_builder``): ``args`` are :class:`ServeConf`'s flags, ``index`` required."""
+    known = set(ServeConf(index="").settings())
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown serve args {unknown}; known: {sorted(known)}")
     if "index" not in args:
         raise ValueError("serve args need 'index': the index folder or s3:// prefix")
-    return build_app(ServeConf(**args))
+    return build_app(ServeConf.from_flags(**args))
 
 
 def run(conf: ServeConf) -> str:

@@ -5,8 +5,9 @@
 The GeM paper's discriminative whitening: matching pairs' differences are whitened and the
 directions that separate non-matching photos most come first (``model.whitening``). From a few
 hundred pairs, not the paper's thousands of 3D models, the plain Lw can overfit: its shrinkage
-and output size are chosen by cross-validation over the pairs' clusters (``--shrinkage`` and
-``--dim`` fix them; ``--shrinkage 0`` with the full dim is the paper's Lw). The pairs are the
+and output size are chosen by cross-validation over the pairs' clusters (``--whiten-shrinkage``
+and ``--whiten-dim`` fix them; ``--whiten-shrinkage 0`` with the full dim is the paper's Lw; the
+same flags as the train stage's Lw, ``model.whitening_fit.LwFit``). The pairs are the
 whitening pairs that ``pipeline.pairs`` mined from the 3D models (each query with its most
 overlapping positive: no human label), the descriptors those that ``pipeline.extract`` wrote for
 the collection with the network to whiten (the off-the-shelf one, or a training checkpoint).
@@ -23,14 +24,14 @@ on its own network's descriptors.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from model import checkpoint, tables
-from model.cli import location_problems, log_settings, run_cli
-from model.describer import conf_for_network, load_extract_network
+from model.cli import FlatFlags, location_problems, log_settings, run_cli
+from model.describer import NetworkSettings, load_extract_network
 from model.descriptors import Descriptors, read_descriptors
-from model.whitening_fit import pool_clusters, read_whitening_pairs, whitening_from_pairs
+from model.whitening_fit import LwFit, pool_clusters, read_whitening_pairs, whitening_from_pairs
 
 __all__ = ["WhitenConf", "content_settings", "run"]
 
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class WhitenConf:
+class WhitenConf(FlatFlags):
     """Settings of one whitening; every field is a command-line flag."""
 
     descriptors: str
@@ -47,35 +48,22 @@ class WhitenConf:
     """The output of pipeline.pairs (its whitening pairs)."""
     output: str
     """Checkpoint folder to write."""
-    min_pairs: int = 10
-    """Fewer usable pairs than this is an error: Lw from a handful of pairs only overfits."""
-    shrinkage: float | None = None
-    """Lw's shrinkage of the pairs' covariance toward the identity, in [0, 1] (0: the paper's
-    Lw); unset: chosen by cross-validation over the pairs' clusters."""
-    dim: int | None = None
-    """Output size (Lw's leading rows); unset: chosen by the same cross-validation."""
+    fit: LwFit = field(default_factory=LwFit)
+    """Lw's shrinkage, size and fewest pairs (flags --whiten-shrinkage, --whiten-dim,
+    --min-pairs; fewer usable pairs is an error)."""
     overwrite: bool = False
     """Replace an output made with other settings (else the run stops, naming them)."""
 
 
 def _check(conf: WhitenConf) -> None:
-    problems = []
-    if conf.min_pairs < 1:
-        problems.append(f"--min-pairs must be at least 1, not {conf.min_pairs}")
-    if conf.shrinkage is not None and not 0 <= conf.shrinkage <= 1:
-        problems.append(f"--shrinkage is a share in [0, 1], not {conf.shrinkage}")
-    if conf.dim is not None and conf.dim < 1:
-        problems.append(f"--dim must be at least 1, not {conf.dim}")
-    problems += location_problems(
-        descriptors=conf.descriptors, pairs=conf.pairs, output=conf.output
-    )
+    problems = location_problems(descriptors=conf.descriptors, pairs=conf.pairs, output=conf.output)
     if problems:
         raise ValueError("\n".join(problems))
 
 
 def content_settings(conf: WhitenConf) -> dict[str, Any]:
     """The settings that change the whitening (not where things lie, nor --overwrite)."""
-    return {"min_pairs": conf.min_pairs, "shrinkage": conf.shrinkage, "dim": conf.dim}
+    return asdict(conf.fit)
 
 
 def _read_inputs(conf: WhitenConf) -> tuple[Descriptors, list[tuple[str, str]]]:
@@ -96,7 +84,7 @@ def _read_inputs(conf: WhitenConf) -> tuple[Descriptors, list[tuple[str, str]]]:
 def _plain_network(conf: WhitenConf, descriptors: Descriptors) -> Any:
     """The network that made the descriptors; refused when it whitens already (Lw on Lw)."""
     network = descriptors.manifest["network"]
-    settings = conf_for_network(network, descriptors.manifest.get("settings") or {})
+    settings = NetworkSettings.from_manifest(network, descriptors.manifest.get("settings") or {})
     net, applied = load_extract_network(settings)
     if applied is not None:
         raise ValueError(
@@ -127,10 +115,8 @@ def run(conf: WhitenConf) -> str:
         descriptors.image_ids,
         descriptors.vectors,
         pairs,
-        min_pairs=conf.min_pairs,
+        fit=conf.fit,
         clusters=clusters,
-        shrinkage=conf.shrinkage,
-        dim=conf.dim,
     )
     tables.WHITEN_OUTPUT.unpublish(out)
     identity = checkpoint.save(out, net, (m, P), whitening_meta=how)

@@ -7,10 +7,25 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
+import ray
+from ray import serve
+
+from model.datasets.folders import load_folder
+from model.datasets.landmarks import CONFS, generate
+from model.descriptors import read_descriptors
+from model.tables import IMAGES
+from pipeline.extract import ExtractConf
+from pipeline.extract import run as extract
+from pipeline.index import IndexConf
+from pipeline.index import run as index
+from pipeline.ingest import IngestConf
+from pipeline.ingest import run as ingest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,10 +84,6 @@ def s3_server() -> Iterator[str]:
 @pytest.fixture()
 def s3_bucket(s3_server: str) -> str:
     """A fresh, empty bucket on the loopback S3 server; yields its name."""
-    import uuid
-
-    import boto3
-
     name = f"cirray-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
@@ -90,8 +101,6 @@ def photos_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_photo_set(photos_dir: Path):
     """The shared photos as a retrieval set: every photo a query, its scene's others positive."""
-    from model.datasets.folders import load_folder
-
     return load_folder(photos_dir)
 
 
@@ -99,9 +108,6 @@ def real_photo_set(photos_dir: Path):
 def lite0_real_descriptors(real_photo_set, real_run: str):
     """ImageNet EfficientNet-Lite0 + GeM (p = 3) descriptors of the shared photos at 512 px, in
     the photo set's order: the real run's own extract output (described once per session)."""
-    from model.descriptors import read_descriptors
-    from model.tables import IMAGES
-
     images = IMAGES.read(f"{real_run}/images.parquet", ["uri", "image_id"])
     photo = {
         str(Path(uri).resolve()): image
@@ -121,8 +127,6 @@ def tiny_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
     It is in the revisited layout: ``<root>/landmarks-tiny/{jpg/, gnd_landmarks-tiny.pkl}``.
     Tests that change it copy it first.
     """
-    from model.datasets.landmarks import CONFS, generate
-
     return generate(CONFS["tiny"], tmp_path_factory.mktemp("collections"))
 
 
@@ -133,8 +137,6 @@ def ray_session(s3_server: str) -> Iterator[None]:
     It starts after the loopback S3 server, so its workers inherit the AWS settings that point
     at it. Tests that need Ray take this fixture; none starts or stops Ray itself.
     """
-    import ray
-
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -152,16 +154,13 @@ def ray_session(s3_server: str) -> Iterator[None]:
 def real_run(ray_session, photos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The shared photos through ingest → extract (Lite0 + GeM, 512 px) → index (2 shards),
     locally, once per session; yields the run folder (images.parquet, descriptors, index)."""
-    from pipeline.extract import ExtractConf
-    from pipeline.extract import run as extract
-    from pipeline.index import IndexConf
-    from pipeline.index import run as index
-    from pipeline.ingest import IngestConf
-    from pipeline.ingest import run as ingest
-
     run = str(tmp_path_factory.mktemp("real") / "run")
     ingest(IngestConf(source=str(photos_dir), output=run))
-    extract(ExtractConf(images=f"{run}/images.parquet", output=f"{run}/descriptors", max_size=512))
+    extract(
+        ExtractConf.from_flags(
+            images=f"{run}/images.parquet", output=f"{run}/descriptors", max_size=512
+        )
+    )
     index(IndexConf(descriptors=f"{run}/descriptors", output=f"{run}/index", shards=2))
     return run
 
@@ -173,8 +172,6 @@ def serve_url(ray_session) -> Iterator[str]:
     Tests deploy their app under ``pipeline.serve.APP_NAME`` and delete it when done; the
     replicas reserve no CPU, so the Ray Data tests after them still get both cores.
     """
-    from ray import serve
-
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

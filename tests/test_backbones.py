@@ -6,6 +6,7 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
+import torchvision
 
 from model.backbones import BACKBONES, build_backbone
 from model.weights import WeightsError
@@ -78,8 +79,6 @@ def test_weights_round_trip_through_a_file(tmp_path: Path, image: torch.Tensor) 
 
 
 def test_whole_torchvision_network_file_loads_without_its_classifier(tmp_path: Path) -> None:
-    import torchvision
-
     net = torchvision.models.resnet50()
     torch.save(net.state_dict(), tmp_path / "full.pth")
     trunk = build_backbone("resnet50", weights=tmp_path / "full.pth")
@@ -131,8 +130,6 @@ def test_torchvision_weights_are_never_downloaded(
 def test_torchvision_weights_from_the_local_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import torchvision
-
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     net = torchvision.models.resnet50()
     cache = tmp_path / "hub" / "checkpoints"

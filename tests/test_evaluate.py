@@ -12,14 +12,18 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from model import checkpoint
 from model.datasets.revisited import load_revisited
+from model.datasets.sets import same_label_pairs
 from model.evaluation import evaluate_revisited
 from model.extraction import ArrayImages, ExtractOptions, ImageFiles, extract_descriptors
 from model.networks import NetworkMeta, build_network
 from model.retrieval import rank_by_similarity
 from model.scoring import format_metrics
+from model.whitening import learn_whitening, save_whitening
 from pipeline.evaluate import EvaluateConf, run
 
 MAX_SIZE = 256
@@ -252,7 +256,6 @@ def test_original_oxford_ground_truth_scores_one_map(conf, copy_of, network) -> 
 
 
 def test_a_pickle_that_would_run_code_is_refused(conf, copy_of, tmp_path) -> None:
-    import os
 
     class Payload:
         def __reduce__(self):
@@ -277,11 +280,6 @@ def test_printed_like_the_papers() -> None:
 
 def test_command_line_with_whitening_file(conf, tiny_collection, network, tmp_path) -> None:
     """The module runs as users run it, flags and all, and applies a saved whitening."""
-    import subprocess
-    import sys
-
-    from model.datasets.sets import same_label_pairs
-    from model.whitening import learn_whitening, save_whitening
 
     rset = load_revisited(tiny_collection)
     db = extract_descriptors(
@@ -290,13 +288,33 @@ def test_command_line_with_whitening_file(conf, tiny_collection, network, tmp_pa
     m, P = learn_whitening(db, *same_label_pairs(rset.db_labels))
     save_whitening(tmp_path / "lw.npz", m, P)
     args = [
-        sys.executable, "-m", "pipeline.evaluate",
-        "--dataset", conf.dataset, "--data-root", conf.data_root,
-        "--max-size", str(MAX_SIZE), "--scales", "1", "0.7071",
-        "--whitening", str(tmp_path / "lw.npz"), "--whitening-dim", "64",
-        "--qe-k", "2", "--qe-alpha", "3",
-        "--output", conf.output, "--cache-dir", conf.cache_dir, "--device", "cpu",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pipeline.evaluate",
+        "--dataset",
+        conf.dataset,
+        "--data-root",
+        conf.data_root,
+        "--max-size",
+        str(MAX_SIZE),
+        "--scales",
+        "1",
+        "0.7071",
+        "--whitening",
+        str(tmp_path / "lw.npz"),
+        "--whitening-dim",
+        "64",
+        "--qe-k",
+        "2",
+        "--qe-alpha",
+        "3",
+        "--output",
+        conf.output,
+        "--cache-dir",
+        conf.cache_dir,
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f">> {conf.dataset}: mAP E: " in done.stdout
@@ -307,9 +325,6 @@ def test_command_line_with_whitening_file(conf, tiny_collection, network, tmp_pa
 
 def test_checkpoint_directory_brings_its_own_network(conf, tmp_path) -> None:
     """A training checkpoint (model.pt + meta.json) is evaluated with the head it was saved with."""
-    import torch
-
-    from model import checkpoint
 
     torch.manual_seed(0)
     meta = NetworkMeta(backbone="efficientnet_lite0", pooling="mac")

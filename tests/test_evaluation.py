@@ -420,10 +420,10 @@ class TestClusterMap:
     def test_models_count_the_query_model_and_make_the_rest_of_the_cluster_junk(self):
         ranks = np.argsort(-(self.x @ self.x[[0]].T), axis=0, kind="stable")
         expected = compute_map(ranks, [{"ok": [1], "junk": [0, 2, 3]}])[0]
-        found = cluster_map(self.x, self.clusters, [0], self.models)
+        found = cluster_map(self.x, self.clusters, [0], models=self.models)
         assert found == pytest.approx(expected) == 0.25  # junk out: 4, then 1 (trapezoid AP)
-        assert cluster_map(self.x, self.clusters, [3], self.models) == pytest.approx(
+        assert cluster_map(self.x, self.clusters, [3], models=self.models) == pytest.approx(
             cluster_map(self.x, self.clusters, [3])
         )  # a query with no model is scored by its cluster
         with pytest.raises(ValueError, match="one entry per row"):
-            cluster_map(self.x, self.clusters, [0], self.models[:-1])
+            cluster_map(self.x, self.clusters, [0], models=self.models[:-1])

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from model import checkpoint as checkpoints
 from model import storage, tables
 from model.descriptors import read_descriptors
 from model.extraction import ExtractOptions, ImageFiles, extract_descriptors
 from model.images import image_id
 from model.networks import NetworkMeta, build_network
 from model.tables import DESCRIPTORS, DESCRIPTORS_OUTPUT, IMAGES_OUTPUT, OutputChanged
+from model.whitening import apply_whitening
 from pipeline.extract import ExtractConf, run
 from tests.helpers import write_images
 
@@ -45,7 +49,9 @@ def test_actor_pool_equals_in_process_extraction(ray_session, photos, tmp_path: 
             ("http://x/copy.jpg", photos[1].read_bytes(), None),  # same bytes, another uri
         ],
     )
-    out = run(ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=MAX_SIZE))
+    out = run(
+        ExtractConf.from_flags(images=str(images), output=str(tmp_path / "desc"), max_size=MAX_SIZE)
+    )
     desc = read_descriptors(out)
     ids, vectors, manifest = list(desc.image_ids), desc.vectors, desc.manifest
     assert manifest["count"] == len(photos) and len(manifest["failed"]) == 1 == desc.failed
@@ -72,7 +78,7 @@ def test_a_rerun_skips_describes_new_photos_alone_and_drops_gone_ones(
     output: a rerun describes those only, keeps the rows it has, and the output's identity
     changes (a later stage sees the change). Photos gone from the images lose their rows."""
     images = write_images(tmp_path, photos[:4])
-    conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
+    conf = ExtractConf.from_flags(images=str(images), output=str(tmp_path / "desc"), max_size=64)
     out = run(conf)
     written = {p: p.stat().st_mtime_ns for p in Path(out).iterdir()}
     with caplog.at_level(logging.INFO, logger="pipeline.extract"):
@@ -98,7 +104,7 @@ def test_a_rerun_skips_describes_new_photos_alone_and_drops_gone_ones(
 
 def test_an_interrupted_run_resumes(ray_session, photos, tmp_path: Path) -> None:
     images = write_images(tmp_path, photos[:3])
-    conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
+    conf = ExtractConf.from_flags(images=str(images), output=str(tmp_path / "desc"), max_size=64)
     out = run(conf)
     first = _part_ids(out)
     DESCRIPTORS_OUTPUT.unpublish(out)  # killed before its manifest
@@ -111,16 +117,18 @@ def test_another_setting_stops_naming_it_and_overwrite_replaces(
     ray_session, photos, tmp_path: Path
 ) -> None:
     images = write_images(tmp_path, photos[:2])
-    conf = ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=64)
+    conf = ExtractConf.from_flags(images=str(images), output=str(tmp_path / "desc"), max_size=64)
     out = run(conf)
     with pytest.raises(OutputChanged) as err:
-        run(ExtractConf(images=str(images), output=out, max_size=32))
+        run(ExtractConf.from_flags(images=str(images), output=out, max_size=32))
     message = str(err.value)
     assert len(message.splitlines()) == 1
     assert "max_size: 64 → 32" in message and "--overwrite" in message
     assert read_descriptors(out).manifest["settings"]["max_size"] == 64  # untouched
 
-    replaced = run(ExtractConf(images=str(images), output=out, max_size=32, overwrite=True))
+    replaced = run(
+        ExtractConf.from_flags(images=str(images), output=out, max_size=32, overwrite=True)
+    )
     desc = read_descriptors(replaced)
     assert desc.manifest["settings"]["max_size"] == 32 and desc.manifest["count"] == 2
     assert desc.output.settings["max_size"] == 32
@@ -128,9 +136,11 @@ def test_another_setting_stops_naming_it_and_overwrite_replaces(
 
 def test_another_network_stops_naming_it(ray_session, photos, tmp_path: Path) -> None:
     images = write_images(tmp_path, photos[:1])
-    out = run(ExtractConf(images=str(images), output=str(tmp_path / "desc"), max_size=32))
+    out = run(
+        ExtractConf.from_flags(images=str(images), output=str(tmp_path / "desc"), max_size=32)
+    )
     with pytest.raises(OutputChanged, match="another network") as err:
-        run(ExtractConf(images=str(images), output=out, max_size=32, p=4.0))
+        run(ExtractConf.from_flags(images=str(images), output=out, max_size=32, p=4.0))
     assert "imagenet/efficientnet_lite0/gem/p3 → imagenet/efficientnet_lite0/gem/p4" in str(
         err.value
     )
@@ -139,19 +149,23 @@ def test_another_network_stops_naming_it(ray_session, photos, tmp_path: Path) ->
 
 def test_bad_input_is_named_before_any_work(photos, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"run pipeline\.ingest first"):
-        run(ExtractConf(images=str(tmp_path / "none.parquet"), output=str(tmp_path / "d")))
+        run(
+            ExtractConf.from_flags(
+                images=str(tmp_path / "none.parquet"), output=str(tmp_path / "d")
+            )
+        )
     images = write_images(tmp_path, photos[:1], publish=False)
     with pytest.raises(ValueError, match="not a complete ingest output"):
-        run(ExtractConf(images=str(images), output=str(tmp_path / "d")))
+        run(ExtractConf.from_flags(images=str(images), output=str(tmp_path / "d")))
     storage.write_bytes(
         str(images / "part-0.parquet"),
         tables.parquet_bytes(pa.table({"uri": ["x"], "pixels": [b""]})),
     )
     IMAGES_OUTPUT.publish(str(images))
     with pytest.raises(ValueError, match="image_id"):
-        run(ExtractConf(images=str(images), output=str(tmp_path / "d")))
+        run(ExtractConf.from_flags(images=str(images), output=str(tmp_path / "d")))
     with pytest.raises(ValueError, match="--max-size must be at least 1"):
-        run(ExtractConf(images=str(images), output=str(tmp_path / "d"), max_size=0))
+        run(ExtractConf.from_flags(images=str(images), output=str(tmp_path / "d"), max_size=0))
 
 
 def test_images_and_descriptors_on_s3(ray_session, photos, s3_bucket: str, tmp_path) -> None:
@@ -160,7 +174,7 @@ def test_images_and_descriptors_on_s3(ray_session, photos, s3_bucket: str, tmp_p
     for path in local.iterdir():
         storage.write_bytes(f"{remote}/{path.name}", path.read_bytes())
     out = run(
-        ExtractConf(
+        ExtractConf.from_flags(
             images=remote,
             output=f"s3://{s3_bucket}/run/descriptors",
             max_size=64,
@@ -175,8 +189,6 @@ def test_images_and_descriptors_on_s3(ray_session, photos, s3_bucket: str, tmp_p
 
 def test_a_checkpoint_brings_its_whitening(ray_session, photos, tmp_path: Path) -> None:
     """A checkpoint directory with whitening.npz gives whitened descriptors, as evaluate would."""
-    from model import checkpoint as checkpoints
-    from model.whitening import apply_whitening
 
     net = build_network(NetworkMeta(), "imagenet").eval()
     checkpoint = str(tmp_path / "ckpt")
@@ -184,7 +196,7 @@ def test_a_checkpoint_brings_its_whitening(ray_session, photos, tmp_path: Path) 
     m, P = rng.normal(size=1280) * 0.01, rng.normal(size=(64, 1280))
     checkpoints.save(checkpoint, net, whitening=(m, P))
     images = write_images(tmp_path, photos[:3])
-    conf = ExtractConf(
+    conf = ExtractConf.from_flags(
         images=str(images), output=str(tmp_path / "desc"), weights=checkpoint, max_size=64
     )
     desc = read_descriptors(run(conf))
@@ -205,18 +217,25 @@ def test_a_checkpoint_brings_its_whitening(ray_session, photos, tmp_path: Path) 
 def test_a_bucket_that_does_not_exist_is_named_first(photos, tmp_path: Path, s3_server) -> None:
     images = write_images(tmp_path, photos[:1])
     with pytest.raises(ValueError, match=r"--output: bucket 'no-such-bucket-9c1' does not exist"):
-        run(ExtractConf(images=str(images), output="s3://no-such-bucket-9c1/desc"))
+        run(ExtractConf.from_flags(images=str(images), output="s3://no-such-bucket-9c1/desc"))
 
 
 def test_cli_mistake_is_one_line(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.extract", "--images", str(tmp_path / "none"),
-         "--output", str(tmp_path / "d")],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.extract",
+            "--images",
+            str(tmp_path / "none"),
+            "--output",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert "run pipeline.ingest first" in line

@@ -2,6 +2,8 @@
 
 import io
 import math
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +106,7 @@ def test_multiscale_is_the_power_mean_over_scales(net, images) -> None:
 
 def test_heads_share_one_pass_and_match_separate_runs(net, images) -> None:
     heads = {"gem": net.head, "mac": GeMHead(16, pooling="mac")}
-    together = extract_multihead(net.backbone, heads, ArrayImages(images), CPU)
+    together = extract_multihead(net.backbone, heads, ArrayImages(images), options=CPU)
     for name, head in heads.items():
         alone = RetrievalNet(net.backbone, head, net.meta)
         np.testing.assert_allclose(
@@ -164,8 +166,6 @@ def _truncated_jpeg(path: Path) -> None:
 
 def _bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> None:
     """A PNG whose header claims 400 megapixels: a few hundred bytes on disk."""
-    import struct
-    import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
@@ -191,7 +191,7 @@ def test_bad_photos_are_reported_and_the_rest_described(net, tmp_path: Path) -> 
     files = ImageFiles([tmp_path / n for n in names], boxes=boxes, exif_transpose=True)
     # Header problems are known before anything is decoded; the truncated file is not.
     assert sorted(files.failed) == [1, 3, 4, 5]
-    result = extract_multihead(net.backbone, {"gem": net.head}, files, CPU)
+    result = extract_multihead(net.backbone, {"gem": net.head}, files, options=CPU)
     assert result.indices.tolist() == [0]
     assert sorted(result.failed) == [1, 2, 3, 4, 5]
     reasons = result.failed
@@ -231,7 +231,7 @@ def test_photo_below_the_trunks_receptive_field_is_reported() -> None:
     head = GeMHead(vgg.out_channels)
     images = [np.zeros((12, 40, 3), np.uint8), np.full((40, 40, 3), 128, np.uint8)]
     options = ExtractOptions(scales=(1.0, 0.5), device="cpu", progress=False)
-    result = extract_multihead(vgg, {"gem": head}, ArrayImages(images), options)
+    result = extract_multihead(vgg, {"gem": head}, ArrayImages(images), options=options)
     assert result.indices.tolist() == [1]
     assert "too small for vgg16" in result.failed[0] and "needs 16" in result.failed[0]
 
@@ -257,7 +257,7 @@ def test_non_finite_descriptor_names_its_image(net, caplog) -> None:
             net.backbone,
             {"odd": NaNHead()},
             ArrayImages(images),
-            ExtractOptions(device="cpu", progress=False),
+            options=ExtractOptions(device="cpu", progress=False),
         )
     assert result.indices.tolist() == [0] and "non-finite" in result.failed[1]
     assert "image #1: non-finite descriptor" in caplog.text  # named when found
@@ -265,7 +265,7 @@ def test_non_finite_descriptor_names_its_image(net, caplog) -> None:
 
 def test_describe_batch_is_the_per_batch_core(net, images) -> None:
     same_size = np.stack([img for img in images if img.shape[:2] == (40, 60)])
-    out = describe_batch(net.backbone, {"gem": net.head}, same_size, DEFAULT_SCALES)
+    out = describe_batch(net.backbone, {"gem": net.head}, same_size, scales=DEFAULT_SCALES)
     expected = np.stack([_reference(net, img, DEFAULT_SCALES) for img in same_size])
     np.testing.assert_allclose(out["gem"], expected, atol=1e-5)
     with pytest.raises(ValueError, match="uint8"):

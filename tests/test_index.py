@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 
 from cluster import index_store
 from model import storage, tables
@@ -451,12 +455,6 @@ def test_killed_between_shards_leaves_the_old_version(ray_session, tied, monkeyp
 
 def test_sigkill_of_the_index_command_between_shards(ray_session, tied, tmp_path):
     """A real ``kill -9`` of ``python -m pipeline.index`` once its first shard is written."""
-    import os
-    import signal
-    import time
-
-    import ray
-
     out = tmp_path / "idx"
     d1 = write_descriptors(str(tmp_path / "d1"), _ids(0, 600), tied[:600], network=NETWORK)
     run(IndexConf(descriptors=d1, output=str(out), shards=2))

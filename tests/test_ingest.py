@@ -26,9 +26,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+import ray
 from PIL import Image, ImageOps
 
 from model import storage
@@ -144,8 +146,6 @@ def _upright_size(data: bytes) -> tuple[int, int]:
 
 def _synthetic_photos(n: int) -> list[_Photo]:
     """Noise JPEGs in three scenes, one stored sideways with an EXIF orientation tag."""
-    import numpy as np
-
     rng = np.random.default_rng(0)
     out = []
     for i in range(n):
@@ -356,8 +356,6 @@ def _uris_by_part(images: str) -> dict[str, list[str]]:
 def test_killed_ingest_resumes_fetching_only_what_is_missing(
     web: _Web, tmp_path: Path, ray_session: None
 ) -> None:
-    import ray
-
     paths = [f"/r/{i:02d}.png" for i in range(24)]
     for i, path in enumerate(paths):
         web.routes[path] = _ok(_png((32 + i, 32)))

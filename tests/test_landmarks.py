@@ -75,9 +75,9 @@ def test_render_maps_texture_where_camera_projects(supersample: int) -> None:
         (-2.0, 0.0, 3.0), (4.0, 0.0, 0.0), (0.0, 0.0, -3.0), _checkerboard(cols, rows)
     )
     camera = look_at(
-        (3.0, -6.0, 2.6), (0.0, 0.0, 1.5), (0, 0, 1), intrinsics(150.0, 200, 150), (200, 150)
+        (3.0, -6.0, 2.6), (0.0, 0.0, 1.5), (0, 0, 1), K=intrinsics(150.0, 200, 150), size=(200, 150)
     )
-    image, depth = render([quad], camera, BACKGROUND, supersample)
+    image, depth = render([quad], camera, BACKGROUND, supersample=supersample)
 
     s, t = np.meshgrid((np.arange(cols) + 0.5) / cols, (np.arange(rows) + 0.5) / rows)
     uv, z = camera.project(quad.point(s.ravel(), t.ravel()))
@@ -93,7 +93,7 @@ def test_render_maps_texture_where_camera_projects(supersample: int) -> None:
 def test_render_leaves_background_and_infinite_depth_where_empty() -> None:
     quad = TexturedQuad((-1.0, 0.0, 1.0), (2.0, 0.0, 0.0), (0.0, 0.0, -2.0), _checkerboard())
     camera = look_at(
-        (0.0, -5.0, 0.0), (0.0, 0.0, 0.0), (0, 0, 1), intrinsics(50.0, 100, 80), (100, 80)
+        (0.0, -5.0, 0.0), (0.0, 0.0, 0.0), (0, 0, 1), K=intrinsics(50.0, 100, 80), size=(100, 80)
     )
     image, depth = render([quad], camera, BACKGROUND)
     assert tuple(image[2, 2]) == (10, 20, 30)
@@ -106,7 +106,7 @@ def test_nearer_quad_wins_whatever_the_drawing_order(order: tuple[int, int]) -> 
     red = np.full((8, 8, 3), (255, 0, 0), dtype=np.uint8)
     blue = np.full((8, 8, 3), (0, 0, 255), dtype=np.uint8)
     camera = look_at(
-        (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0, 0, 1), intrinsics(100.0, 120, 100), (120, 100)
+        (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0, 0, 1), K=intrinsics(100.0, 120, 100), size=(120, 100)
     )
     near = TexturedQuad((-1.0, 5.0, 1.0), (2.0, 0.0, 0.0), (0.0, 0.0, -2.0), red)  # 40 px wide
     far = TexturedQuad((-4.0, 8.0, 1.0), (8.0, 0.0, 0.0), (0.0, 0.0, -2.0), blue)  # 100 px wide
@@ -126,7 +126,11 @@ def test_level_ground_seen_from_eye_height_has_exact_depth() -> None:
     )
     height, focal = 1.5, 80.0
     camera = look_at(
-        (0.0, 0.0, height), (0.0, 1.0, height), (0, 0, 1), intrinsics(focal, 160, 120), (160, 120)
+        (0.0, 0.0, height),
+        (0.0, 1.0, height),
+        (0, 0, 1),
+        K=intrinsics(focal, 160, 120),
+        size=(160, 120),
     )
     image, depth = render([ground], camera, BACKGROUND)
     horizon = camera.K[1, 2]
@@ -152,11 +156,11 @@ def test_quad_reaching_behind_the_camera_renders_only_in_front(supersample: int)
         (3.0, -2.0, 1.5),
         (-5.0, 10.0, 0.5),
         (0, 0, 1),
-        intrinsics(60.0, 160, 120),
-        (160, 120),
+        K=intrinsics(60.0, 160, 120),
+        size=(160, 120),
         roll=0.6,
     )
-    image, depth = render([ground], camera, BACKGROUND, supersample)
+    image, depth = render([ground], camera, BACKGROUND, supersample=supersample)
     xs, ys = np.meshgrid(np.arange(160.0), np.arange(120.0))
     pixels = np.column_stack([xs.ravel(), ys.ravel()])
     plane_depth = _ray_plane_depth(camera, pixels, ground)
@@ -182,7 +186,7 @@ def test_quad_reaching_behind_the_camera_renders_only_in_front(supersample: int)
 def test_single_sided_quad_is_invisible_from_behind() -> None:
     texture = np.full((4, 4, 3), 200, dtype=np.uint8)
     camera = look_at(
-        (0.0, -5.0, 0.0), (0.0, 0.0, 0.0), (0, 0, 1), intrinsics(50.0, 64, 48), (64, 48)
+        (0.0, -5.0, 0.0), (0.0, 0.0, 0.0), (0, 0, 1), K=intrinsics(50.0, 64, 48), size=(64, 48)
     )
     facing_away = dict(origin=(1.0, 0.0, 1.0), u_axis=(-2.0, 0.0, 0.0), v_axis=(0.0, 0.0, -2.0))
     assert np.dot(TexturedQuad(texture=texture, **facing_away).normal, camera.centre) < 0
@@ -194,7 +198,7 @@ def test_single_sided_quad_is_invisible_from_behind() -> None:
 
 def test_look_at_puts_the_target_at_the_principal_point() -> None:
     K = intrinsics(100.0, 64, 48)
-    camera = look_at((3.0, -4.0, 2.0), (0.0, 0.0, 1.0), (0, 0, 1), K, (64, 48))
+    camera = look_at((3.0, -4.0, 2.0), (0.0, 0.0, 1.0), (0, 0, 1), K=K, size=(64, 48))
     np.testing.assert_allclose(camera.centre, [3.0, -4.0, 2.0], atol=1e-12)
     uv, z = camera.project(np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0]]))
     np.testing.assert_allclose(uv[0], K[:2, 2], atol=1e-9)

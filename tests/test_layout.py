@@ -52,8 +52,9 @@ def _imports(path: Path) -> set[str]:
 
 def test_pipeline_holds_only_stages():
     names = {p.stem if p.is_file() else p.name for p in PIPELINE.iterdir()} - {
-        "__init__", "__pycache__"
-    }  # fmt: skip
+        "__init__",
+        "__pycache__",
+    }
     assert names == set(STAGES), f"not stages: {sorted(names - set(STAGES))}"
     for stage in ("ingest", "extract", "group", "sfm", "pairs", "train", "index", "serve"):
         assert stage in STAGES
@@ -134,3 +135,42 @@ def test_no_test_imports_a_private_name():
                     names.append(f"(from the test module {node.module})")
                 private += [f"tests/{path.name}:{node.lineno} imports {n}" for n in names]
     assert not private, "\n".join(private)
+
+
+ALL_CODE = CODE + [p for d in ("tests", "bench") for p in sorted((REPO / d).rglob("*.py"))]
+
+PINNED_SIGNATURES = {"apply_whitening", "alpha_qe", "recall_at_k"}
+"""Functions whose positional signature DESIGN.md pins."""
+
+
+def test_imports_inside_functions_say_why():
+    """Imports belong at the top; one inside a function is a process boundary (pycolmap before
+    torch, Ray or torch in a worker, an optional dependency) and says so on its line."""
+    silent = []
+    for path in ALL_CODE:
+        lines = path.read_text().splitlines()
+        for function in ast.walk(ast.parse("\n".join(lines), str(path))):
+            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    text = lines[node.lineno - 1 : node.end_lineno]
+                    if not any("#" in line for line in text):
+                        where = path.relative_to(REPO)
+                        silent.append(f"{where}:{node.lineno} {text[0].strip()}")
+    assert not silent, "\n".join(sorted(set(silent)))
+
+
+def test_parameters_past_the_third_are_keyword_only():
+    """A call with four or more positional arguments is read wrongly; name them."""
+    long = []
+    for path in CODE:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            positional = [a.arg for a in node.args.posonlyargs + node.args.args]
+            positional = [a for a in positional if a not in ("self", "cls")]
+            if len(positional) > 3 and node.name not in PINNED_SIGNATURES:
+                where = path.relative_to(REPO)
+                long.append(f"{where}:{node.lineno} {node.name}({', '.join(positional)})")
+    assert not long, "\n".join(long)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+import ray
 
+from cluster import pool_search
 from cluster.mining import (
     BF16_MIN,
     FLAT_MAX,
@@ -64,7 +66,9 @@ def _flat(x: np.ndarray) -> faiss.Index:
 def test_mined_negatives_equal_a_full_sort_reference():
     x, clusters = _pool(600, 32, 40)
     queries = np.arange(0, 600, 7)  # among them members of the big tight cluster
-    rows, sims = hard_negatives(_flat(x), clusters, x[queries], clusters[queries], nnum=5)
+    rows, sims = hard_negatives(
+        _flat(x), clusters, x[queries], query_clusters=clusters[queries], nnum=5
+    )
     assert (rows == _reference(x, clusters, x[queries], clusters[queries], 5)).all()
     for q, found in zip(queries, rows, strict=True):
         assert (found >= 0).all() and clusters[q] not in clusters[found]  # other clusters only
@@ -75,13 +79,13 @@ def test_mined_negatives_equal_a_full_sort_reference():
 
 def test_fewer_other_clusters_than_asked_pads_and_bad_input_is_named():
     x, clusters = _pool(50, 8, 3)
-    rows, sims = hard_negatives(_flat(x), clusters, x[:4], clusters[:4], nnum=5)
+    rows, sims = hard_negatives(_flat(x), clusters, x[:4], query_clusters=clusters[:4], nnum=5)
     assert (rows[:, 2:] == -1).all() and np.isinf(sims[:, 2:]).all()  # 2 other clusters only
     assert (rows[:, :2] >= 0).all()
     with pytest.raises(ValueError, match=r"\[Q, 8\]"):
-        hard_negatives(_flat(x), clusters, x[:4, :4], clusters[:4])
+        hard_negatives(_flat(x), clusters, x[:4, :4], query_clusters=clusters[:4])
     with pytest.raises(ValueError, match="clusters 49"):
-        hard_negatives(_flat(x), clusters[:-1], x[:4], clusters[:4])
+        hard_negatives(_flat(x), clusters[:-1], x[:4], query_clusters=clusters[:4])
 
 
 def test_a_reduced_search_with_exact_rescoring_keeps_the_rules():
@@ -130,8 +134,6 @@ def test_shares_searched_where_they_arrived_equal_the_reference(factory):
 
 def test_bf16_search_in_small_blocks_equals_one_block(monkeypatch):
     """Query blocks and re-scoring parts that do not divide the queries: the same answer."""
-    import cluster.pool_search as pool_search
-
     x, _ = _pool(3000, 64, 150, seed=6)
     shares = [(s, x[s]) for s in (np.arange(r, len(x), 3) for r in range(3))]
     queries = x[::7]
@@ -143,8 +145,6 @@ def test_bf16_search_in_small_blocks_equals_one_block(monkeypatch):
 
 
 def test_the_actor_takes_shares_in_any_order_and_refuses_a_partial_pool(ray_session):
-    import ray
-
     x, clusters = _pool(400, 16, 30, seed=2)
     actor = mining_actor(num_cpus=0, factory="Flat")
     ray.get(actor.reset.remote(3, len(x)))

@@ -5,15 +5,17 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import model.networks as networks
 from model import checkpoint
-from model.networks import NetworkMeta, build_network, parameter_groups
+from model.networks import NetworkMeta, build_network, fold_whitening, parameter_groups
 from model.pooling import GeM
 from model.storage import read_bytes, write_bytes
 from model.weights import WeightsError
+from model.whitening import apply_whitening
 
 
 @pytest.fixture(scope="module")
@@ -259,11 +261,6 @@ def test_logits_only_from_the_cgd_head(images: torch.Tensor) -> None:
 
 def test_folded_whitening_describes_as_applying_it(images: torch.Tensor) -> None:
     """Lw folded into the head's FC layer (W = P, b = −P m) gives apply_whitening's output."""
-    import numpy as np
-
-    from model.networks import fold_whitening
-    from model.whitening import apply_whitening
-
     net = _perturbed(NetworkMeta(backbone="efficientnet_lite0"))
     rng = np.random.default_rng(0)
     m = rng.standard_normal(net.out_dim) * 0.01

@@ -54,7 +54,7 @@ def test_positives_of_a_scale_change_are_left_out():
         {"image_id": "b", "model_id": "m", "point3d_ids": [1, 2, 3], "scale": 1.2},
         {"image_id": "c", "model_id": "m", "point3d_ids": [1, 2, 3], "scale": 3.0},
     ]
-    found = mine_positives(rows, 0.2, 1.5, 10)
+    found = mine_positives(rows, min_overlap=0.2, max_scale_change=1.5, max_positives=10)
     assert [p for p, _ in found["a"]] == ["b"] and "c" not in found
 
 
@@ -85,6 +85,15 @@ def test_the_cirtorch_export_pairs_each_query_in_its_cluster(sfm_out, tmp_path):
     assert set(layout) == {"cids", "cluster", "qidxs", "pidxs"} and len(layout["qidxs"]) == 30
     for q, p in zip(layout["qidxs"], layout["pidxs"], strict=True):
         assert layout["cluster"][q] == layout["cluster"][p] and q != p
+
+
+def test_the_cirtorch_export_asked_on_a_skipped_rerun_is_written(sfm_out, tmp_path):
+    out = run(PairsConf(sfm=sfm_out, output=str(tmp_path / "pairs")))
+    first = tables.PAIRS_OUTPUT.manifest(out)
+    pkl = tmp_path / "later.pkl"
+    run(PairsConf(sfm=sfm_out, output=out, export_pkl=str(pkl)))
+    assert tables.PAIRS_OUTPUT.manifest(out) == first  # skipped: not mined into the output again
+    assert len(pickle.loads(pkl.read_bytes())["train"]["qidxs"]) == 30
 
 
 def test_an_unfinished_sfm_output_is_named(tmp_path):

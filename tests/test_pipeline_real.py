@@ -45,7 +45,7 @@ def _pipeline(source: str, run: str, max_size: int) -> str:
     """ingest → extract → index, each stage given the one before's return value."""
     images = ingest(IngestConf(source=source, output=run))
     descriptors = extract(
-        ExtractConf(images=images, output=f"{run}/descriptors", max_size=max_size)
+        ExtractConf.from_flags(images=images, output=f"{run}/descriptors", max_size=max_size)
     )
     return index(IndexConf(descriptors=descriptors, output=f"{run}/index", shards=2))
 

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from model.pooling import MAC, GeM, SPoC, build_pooling, gem, l2n, mac, spoc
+from model.pooling import MAC, GeM, SPoC, build_pooling, gem, l2n, mac, pooling_name, spoc
 
 
 @pytest.fixture()
@@ -54,8 +54,6 @@ def test_modules_match_functions(fmap: torch.Tensor) -> None:
 
 
 def test_pooling_names_are_case_insensitive_and_checked() -> None:
-    from model.pooling import pooling_name
-
     assert [pooling_name(n) for n in ("GeM", "MAC", " spoc ", "gem")] == [
         "gem",
         "mac",

@@ -1,5 +1,11 @@
 """Off-the-shelf retrieval on the shared real photos (17 scenes): the pretrained network sees."""
 
+import torch
+
+from model.backbones import build_backbone
+from model.extraction import ExtractOptions, ImageFiles, extract_multihead
+from model.heads import GeMHead
+from model.retrieval import QueryExpansion
 from model.scoring import PostProcess, score
 
 
@@ -10,7 +16,10 @@ def test_pretrained_lite0_gem_retrieves_real_scenes(real_photo_set, lite0_real_d
     assert metrics["recall@k"][1] >= 0.95
     # αQE must not hurt a ranking this good.
     with_qe, _, _ = score(
-        lite0_real_descriptors, lite0_real_descriptors, real_photo_set, PostProcess(qe_k=2)
+        lite0_real_descriptors,
+        lite0_real_descriptors,
+        real_photo_set,
+        post=PostProcess(qe=QueryExpansion(qe_k=2)),
     )
     assert with_qe["map"] >= metrics["map"] - 0.01
 
@@ -21,18 +30,12 @@ def test_untrained_lite0_is_far_worse(real_photo_set, lite0_real_descriptors):
     Random weights still pool colour and texture statistics, which separate these 17 scenes
     fairly well (about 0.8 mAP), so the gap, not zero, is what training must show.
     """
-    import torch
-
-    from model.backbones import build_backbone
-    from model.extraction import ExtractOptions, ImageFiles, extract_multihead
-    from model.heads import GeMHead
-
     torch.manual_seed(0)
     random = extract_multihead(
         build_backbone("efficientnet_lite0"),
         {"gem": GeMHead(1280)},
         ImageFiles(real_photo_set.db_paths, max_size=256, exif_transpose=True),
-        ExtractOptions(device="cpu", progress=False),
+        options=ExtractOptions(device="cpu", progress=False),
     ).descriptors["gem"]
     random_map = score(random, random, real_photo_set)[0]["map"]
     pretrained_map = score(lite0_real_descriptors, lite0_real_descriptors, real_photo_set)[0]

@@ -188,7 +188,9 @@ def test_rows_marks_order_and_header_follow_the_ground_truth(ranked: Ranked, tmp
     _, first, _ = score(ranked.db, ranked.queries, ranked.rset)
     rset = with_junk(ranked.rset, first)
     metrics, ranks, _ = score(ranked.db, ranked.queries, rset)
-    out = Path(write_report(tmp_path / "r" / "report.html", rset, ranks, metrics, top_k=TOP_K))
+    out = Path(
+        write_report(tmp_path / "r" / "report.html", rset, ranks, metrics=metrics, top_k=TOP_K)
+    )
     assert out == tmp_path / "r" / "report.html"
     assert [p.name for p in out.parent.iterdir()] == ["report.html"]  # no temp file left
     report = parse(out)
@@ -232,7 +234,9 @@ def test_rows_marks_order_and_header_follow_the_ground_truth(ranked: Ranked, tmp
     assert png.format == "PNG" and png.width > 500
 
     # metrics.json brings the k of mP@k back as strings; the header reads the same.
-    again = Path(write_report(tmp_path / "json.html", rset, ranks, json.loads(json.dumps(metrics))))
+    again = Path(
+        write_report(tmp_path / "json.html", rset, ranks, metrics=json.loads(json.dumps(metrics)))
+    )
     assert parse(again).metrics == report.metrics
 
 
@@ -244,13 +248,13 @@ def test_distractors_are_marked_as_such(ranked: Ranked, tmp_path) -> None:
         np.concatenate([ranked.db, ranked.whole_queries]), ranked.queries, rset
     )
     with pytest.raises(ValueError, match="distractors"):
-        write_report(tmp_path / "bad.html", rset, ranks, metrics)
+        write_report(tmp_path / "bad.html", rset, ranks, metrics=metrics)
     out = Path(
         write_report(
             tmp_path / "report.html",
             rset,
             ranks,
-            metrics,
+            metrics=metrics,
             db_paths=[*rset.db_paths, *distractor_paths],
             top_k=5,
         )
@@ -278,7 +282,7 @@ def test_missing_and_unreadable_images_become_placeholders(ranked: Ranked, tmp_p
     query_paths = [tmp_path / "no-query.jpg", *ranked.rset.query_paths[1:]]
     rset = dataclasses.replace(ranked.rset, db_paths=db_paths, query_paths=query_paths)
 
-    out = Path(write_report(tmp_path / "report.html", rset, ranks, metrics))
+    out = Path(write_report(tmp_path / "report.html", rset, ranks, metrics=metrics))
     text = out.read_text(encoding="utf-8")
     assert "<b>&" not in text and "gone &lt;b&gt;&amp;&quot;x&quot;.jpg" in text
     hits = {int(h["data-index"]): h for row in parse(out).rows for h in row.hits}
@@ -301,7 +305,7 @@ def test_scene_folders_mark_self_and_flat_folders_mark_nothing(ranked: Ranked, t
     by_name = {p.name: i for i, p in enumerate(rset.db_paths)}
     vectors = ranked.db[[by_name[p.name] for p in scenes.db_paths]]
     metrics, ranks, _ = score(vectors, vectors, scenes)
-    out = Path(write_report(tmp_path / "scenes.html", scenes, ranks, metrics, top_k=6))
+    out = Path(write_report(tmp_path / "scenes.html", scenes, ranks, metrics=metrics, top_k=6))
     report = parse(out)
     for row in report.rows:
         for hit in row.hits:
@@ -317,7 +321,7 @@ def test_scene_folders_mark_self_and_flat_folders_mark_nothing(ranked: Ranked, t
     flat = load_folder(root / "scene0")
     flat_vectors = ranked.db[[by_name[p.name] for p in flat.db_paths]]
     metrics, ranks, _ = score(flat_vectors, flat_vectors, flat)
-    report = parse(write_report(tmp_path / "flat.html", flat, ranks, metrics, top_k=3))
+    report = parse(write_report(tmp_path / "flat.html", flat, ranks, metrics=metrics, top_k=3))
     assert [row.query for row in report.rows] == list(range(len(flat.query_paths)))
     assert not report.images and not report.metrics
     verdicts = {(h["data-label"], h["verdict"]) for row in report.rows for h in row.hits}
@@ -329,7 +333,7 @@ def test_scene_folders_mark_self_and_flat_folders_mark_nothing(ranked: Ranked, t
 )
 def test_headless_chromium_renders_the_marks(ranked: Ranked, tmp_path) -> None:
     metrics, ranks, _ = score(ranked.db, ranked.queries, ranked.rset)
-    out = Path(write_report(tmp_path / "report.html", ranked.rset, ranks, metrics))
+    out = Path(write_report(tmp_path / "report.html", ranked.rset, ranks, metrics=metrics))
     shot = tmp_path / "shot.png"
     command = [
         "chromium",

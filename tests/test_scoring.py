@@ -9,7 +9,7 @@ import pytest
 
 from model.datasets.sets import RetrievalSet
 from model.evaluation import compute_map, evaluate_revisited
-from model.retrieval import alpha_qe, l2_normalize, rank_by_similarity
+from model.retrieval import QueryExpansion, alpha_qe, l2_normalize, rank_by_similarity
 from model.scoring import PostProcess, score
 
 
@@ -32,8 +32,8 @@ def _scenes(n_scenes: int = 5, per_scene: int = 6, dim: int = 16, seed: int = 0)
 
 def test_alpha_qe_on_folders_never_uses_the_query_itself() -> None:
     X, rset = _scenes()
-    post = PostProcess(qe_k=2, qe_alpha=3.0)
-    got = score(X, X, rset, post).metrics["map"]
+    post = PostProcess(qe=QueryExpansion(qe_k=2, qe_alpha=3.0))
+    got = score(X, X, rset, post=post).metrics["map"]
     expanded = alpha_qe(X, X, k=2, alpha=3.0, query_rows=np.arange(len(X)))
     expected, *_ = compute_map(rank_by_similarity(expanded, X).T, rset.gnd)
     assert got == pytest.approx(expected, abs=1e-12)
@@ -65,9 +65,13 @@ def test_metrics_are_exact_beyond_the_top_k_kept() -> None:
         g["junk"] = np.setdiff1d(g["junk"], np.union1d(g["easy"], g["hard"]))
     paths = [Path(f"/db/{i}.jpg") for i in range(n_db)]
     rset = RetrievalSet(
-        "r", paths, [Path(f"/q/{j}.jpg") for j in range(n_q)], "revisited",
-        exif_transpose=False, gnd=gnd,
-    )  # fmt: skip
+        "r",
+        paths,
+        [Path(f"/q/{j}.jpg") for j in range(n_q)],
+        "revisited",
+        exif_transpose=False,
+        gnd=gnd,
+    )
     scored = score(X, Q, rset, top_k=10)
     assert scored.ranks.shape == (n_q, 11)  # top_k, and one more for recall without self
     expected = evaluate_revisited(rank_by_similarity(Q, X).T, gnd)

@@ -8,6 +8,8 @@ import io
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,14 @@ import faiss
 import numpy as np
 import pytest
 import requests
+import schemathesis
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 from PIL import Image
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+from schemathesis import GenerationMode
 
 from cluster import index_store
 from cluster.client import SearchClient, SearchError
@@ -30,7 +39,8 @@ from pipeline.index import IndexConf
 from pipeline.index import run as build_index
 from pipeline.ingest import IngestConf
 from pipeline.ingest import run as ingest
-from pipeline.serve import APP_NAME, ServeConf, build_app
+from pipeline.serve import APP_NAME, ServeConf, app_builder, build_app
+from pipeline.serve import run as serve_run
 
 # The ImageNet Lite0 the embedder builds; these vectors never came from it, so only vector
 # queries make sense here (photo queries are in test_serve_real.py).
@@ -42,10 +52,6 @@ DIM, FIRST, ADDED = 24, 1000, 200
 
 
 def _png(width: int, height: int) -> bytes:
-    import io
-
-    from PIL import Image
-
     out = io.BytesIO()
     Image.new("RGB", (width, height), (120, 80, 40)).save(out, format="PNG")
     return out.getvalue()
@@ -139,13 +145,11 @@ def test_a_newer_version_shares_loaded_shards(ray_session, vectors, tmp_path):
 @pytest.fixture(scope="module")
 def service(serve_url, vectors, tmp_path_factory):
     """v1 (the first 1,000 vectors, 4 shards) served on 4 slots; yields (client, index)."""
-    from ray import serve
-
     tmp = tmp_path_factory.mktemp("serve")
     desc = write_descriptors(str(tmp / "d1"), _ids(0, FIRST), vectors[:FIRST], network=NETWORK)
     root = str(tmp / "idx")
     build_index(IndexConf(descriptors=desc, output=root, shards=4))
-    serve.run(build_app(ServeConf(index=root, qe_k=5)), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(ServeConf.from_flags(index=root, qe_k=5)), name=APP_NAME, route_prefix="/")
     client = SearchClient(serve_url, retries=8)
     assert client.health()["version"] == 1
     try:
@@ -162,8 +166,6 @@ def test_health_describes_the_index(service):
 
 
 def test_http_and_handle_equal_one_unsharded_index(service, vectors):
-    from ray import serve
-
     client, _, _ = service
     x = vectors[:FIRST]
     queries = x[::70][:15]
@@ -179,8 +181,6 @@ def test_http_and_handle_equal_one_unsharded_index(service, vectors):
 
 
 def test_alpha_qe_through_the_service_equals_alpha_qe_on_the_matrix(service, vectors):
-    from ray import serve
-
     client, _, _ = service
     x = vectors[:FIRST]
     rng = np.random.default_rng(5)
@@ -227,12 +227,14 @@ def test_nan_over_the_limit_k_and_unknown_ids(service, serve_url):
         f"{serve_url}/search", data=nan, headers={"Content-Type": "application/json"}, timeout=60
     )
     assert answer.status_code == 422 and "NaN" in answer.json()["detail"]
-    answer = requests.post(f"{serve_url}/search?k=5000", data=b"x", timeout=60,
-                           headers={"Content-Type": "image/jpeg"})  # fmt: skip
+    answer = requests.post(
+        f"{serve_url}/search?k=5000", data=b"x", timeout=60, headers={"Content-Type": "image/jpeg"}
+    )
     assert answer.status_code == 422 and "k" in answer.json()["detail"]
     big = b"\xff" * (20 * 2**20 + 1)
-    answer = requests.post(f"{serve_url}/search", data=big, timeout=60,
-                           headers={"Content-Type": "image/jpeg"})  # fmt: skip
+    answer = requests.post(
+        f"{serve_url}/search", data=big, timeout=60, headers={"Content-Type": "image/jpeg"}
+    )
     assert answer.status_code == 413 and "limit" in answer.json()["detail"]
     answer = requests.get(f"{serve_url}/images/no-such-photo", timeout=60)
     assert answer.status_code == 404 and "no-such-photo" in answer.json()["detail"]
@@ -243,12 +245,11 @@ def test_nan_over_the_limit_k_and_unknown_ids(service, serve_url):
 
 def _fuzz(op, mode, base_url: str, calls: dict[str, int], failures: list[str]) -> None:
     """Up to 20 generated requests to one operation; 5xx answers land in ``failures``."""
-    from hypothesis import HealthCheck, given, settings
-
     label = f"{op.method.upper()} {op.path} {mode.value}"
 
-    @settings(max_examples=20, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(case=op.as_strategy(generation_mode=mode))
     def check(case) -> None:
         response = case.call(base_url=base_url, timeout=60)
@@ -261,10 +262,6 @@ def _fuzz(op, mode, base_url: str, calls: dict[str, int], failures: list[str]) -
 
 
 def test_schemathesis_finds_no_server_error(service, serve_url):
-    import schemathesis
-    from hypothesis.errors import Unsatisfiable
-    from schemathesis import GenerationMode
-
     schema = schemathesis.openapi.from_url(f"{serve_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/search", "/health", "/images/{image_id}"}
@@ -298,8 +295,6 @@ def _send(client, queries, k, answers, errors, stop) -> None:
 
 
 def test_a_killed_shard_replica_is_replaced_and_no_query_fails(service, vectors):
-    from ray import serve
-
     client, _, _ = service
     shard = serve.get_deployment_handle("IndexShard1", app_name=APP_NAME)
     pid = shard.pid.remote().result()
@@ -329,8 +324,10 @@ def test_a_killed_shard_replica_is_replaced_and_no_query_fails(service, vectors)
         sender.join(timeout=120)
     assert not errors, errors[:3]
     assert all(a.image_ids == [f"img-{i:06d}" for i in expected[j]] for j, a in answers)
-    print(f"\nkilled replica {pid}, replaced by {new_pid}: {len(answers)} queries answered, "
-          f"{client.retried} client retries, 0 failed")  # fmt: skip
+    print(
+        f"\nkilled replica {pid}, replaced by {new_pid}: {len(answers)} queries answered, "
+        f"{client.retried} client retries, 0 failed"
+    )
 
 
 def test_reload_under_load_answers_wholly_from_one_version(service, vectors):
@@ -364,8 +361,10 @@ def test_reload_under_load_answers_wholly_from_one_version(service, vectors):
     for j, answer in answers:
         assert answer.image_ids == want[answer.version][j]  # wholly that version's answer
     first_v2 = versions.index(2)
-    print(f"\nreload under load: {len(answers)} answers, {versions.count(1)} from v1 then "
-          f"{versions.count(2)} from v2, 0 failed")  # fmt: skip
+    print(
+        f"\nreload under load: {len(answers)} answers, {versions.count(1)} from v1 then "
+        f"{versions.count(2)} from v2, 0 failed"
+    )
     assert client.health()["version"] == 2 and first_v2 > 0
 
 
@@ -373,26 +372,38 @@ def test_reload_under_load_answers_wholly_from_one_version(service, vectors):
 
 
 def test_a_serve_config_file_holds_every_setting(ray_session, vectors, tmp_path):
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-
-    from pipeline.serve import app_builder
-    from pipeline.serve import run as serve_run
-
     root = _index(tmp_path, vectors[:FIRST], 4)
     path = tmp_path / "serve.yaml"
-    conf = ServeConf(index=root.rsplit("/", 1)[0], slots=2, replicas=3, cpus_per_shard=1.5,
-                     max_ongoing_requests=16, watch_s=5, write_config=str(path))  # fmt: skip
+    conf = ServeConf(
+        index=root.rsplit("/", 1)[0],
+        slots=2,
+        replicas=3,
+        cpus_per_shard=1.5,
+        max_ongoing_requests=16,
+        watch_s=5,
+        write_config=str(path),
+    )
     assert serve_run(conf) == str(path)
     config = yaml.safe_load(path.read_text())
     ServeDeploySchema.model_validate(config)  # Serve's own validation of a config file
     (app,) = config["applications"]
     assert app["import_path"] == "pipeline.serve:app_builder"
-    assert app["args"] == {"index": conf.index, "slots": 2, "replicas": 3, "cpus_per_shard": 1.5,
-                           "max_ongoing_requests": 16, "watch_s": 5}  # fmt: skip
+    assert app["args"] == {
+        "index": conf.index,
+        "slots": 2,
+        "replicas": 3,
+        "cpus_per_shard": 1.5,
+        "max_ongoing_requests": 16,
+        "watch_s": 5,
+    }
     deployments = {d["name"]: d for d in app["deployments"]}
-    assert set(deployments) == {"IndexShard0", "IndexShard1", "SearchRouter", "Embedder",
-                                "SearchApp"}  # fmt: skip
+    assert set(deployments) == {
+        "IndexShard0",
+        "IndexShard1",
+        "SearchRouter",
+        "Embedder",
+        "SearchApp",
+    }
     assert deployments["IndexShard1"]["num_replicas"] == 3
     assert deployments["IndexShard1"]["ray_actor_options"]["num_cpus"] == 1.5
     built = app_builder(app["args"])  # what serve deploy calls on the cluster
@@ -402,14 +413,13 @@ def test_a_serve_config_file_holds_every_setting(ray_session, vectors, tmp_path)
 
 
 def test_the_command_reports_every_problem_in_one_line_each(tmp_path):
-    import subprocess
-    import sys
-
+    flags = ["--index", str(tmp_path / "none"), "--replicas", "0", "--port", "70000"]
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.serve", "--index", str(tmp_path / "none"),
-         "--replicas", "0", "--port", "70000"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
-    )  # fmt: skip
+        [sys.executable, "-m", "pipeline.serve", *flags],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3, done.stderr
@@ -436,14 +446,13 @@ def test_a_network_other_than_the_descriptors_is_refused(ray_session, vectors, t
 
 
 def test_watching_serves_a_new_version_by_itself(service, vectors):
-    from ray import serve
-
     client, root, tmp = service
     before = client.health()["version"]
     serve.run(build_app(ServeConf(index=root, watch_s=0.5)), name=APP_NAME, route_prefix="/")
     more = _unit(np.random.default_rng(3).standard_normal((10, DIM)))
-    desc = write_descriptors(str(tmp / "d3"), _ids(len(vectors), len(vectors) + 10), more,
-                             network=NETWORK)  # fmt: skip
+    desc = write_descriptors(
+        str(tmp / "d3"), _ids(len(vectors), len(vectors) + 10), more, network=NETWORK
+    )
     published = build_index(IndexConf(descriptors=desc, output=root, shards=1))
     assert published.endswith(f"v{before + 1}")
     deadline = time.monotonic() + 60
@@ -471,13 +480,11 @@ def test_a_moved_run_folder_still_serves_its_photos(serve_url, tmp_path, monkeyp
     """ingest → extract → index into a run folder named relative to one working directory;
     the folder moved whole and served, by a relative path, from another: the photos' thumbnails
     still come back (the manifests store resolved paths and find their inputs beside them)."""
-    from ray import serve
-
     _photos(tmp_path / "photos", 3)
     (tmp_path / "first").mkdir()
     monkeypatch.chdir(tmp_path / "first")
     ingest(IngestConf(source=str(tmp_path / "photos"), output="run"))
-    extract(ExtractConf(images="run", output="run/descriptors", max_size=64))
+    extract(ExtractConf.from_flags(images="run", output="run/descriptors", max_size=64))
     build_index(IndexConf(descriptors="run/descriptors", output="run/index", shards=1))
     (tmp_path / "moved").mkdir()
     shutil.move(tmp_path / "first" / "run", tmp_path / "moved" / "run")

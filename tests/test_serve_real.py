@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 from PIL import Image
+from playwright.sync_api import sync_playwright
+from ray import serve
 
 from cluster.client import SearchClient
 from model.tables import IMAGES
@@ -27,8 +29,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def real_service(serve_url: str, real_run: str):
-    from ray import serve
-
     serve.run(
         build_app(ServeConf(index=f"{real_run}/index", embedder_replicas=1)),
         name=APP_NAME,
@@ -89,8 +89,6 @@ def test_thumbnails_are_small_upright_jpegs(real_service) -> None:
     shutil.which("chromium") is None, reason="Debian chromium not installed; .ci/run installs it"
 )
 def test_the_search_page_in_headless_chromium(real_service, serve_url, photos_dir, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     client, _ = real_service
     query = sorted((photos_dir / "NLE_tower").glob("*.jpg"))[0]
     shot = Path(os.environ.get("CIRRAY_SCREENSHOT", tmp_path / "search_page.png"))

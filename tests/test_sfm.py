@@ -8,8 +8,13 @@ must keep them out of the landmark models.
 from __future__ import annotations
 
 import csv
+import os
 import pickle
+import re
 import shutil
+import signal
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -363,12 +368,6 @@ def test_a_segfault_in_one_group_fails_that_group_and_the_run_goes_on(landmarks,
     """SIGSEGV to the worker running pycolmap (its pid is in the name of pycolmap's log file,
     so the test kills only the worker it saw start); the other groups finish, the crashed one
     is reported, and --retry-failed reconstructs it."""
-    import os
-    import re
-    import signal
-    import threading
-    import time
-
     run, scratch = landmarks["run"], tmp_path / "scratch"
     killed: list[int] = []
 
@@ -413,22 +412,28 @@ def test_the_chain_composes_from_return_values_to_a_whitened_index(landmarks, tm
     images = landmarks["images"]
     pairs = mine_pairs(PairsConf(sfm=landmarks["sfm"], output=str(tmp_path / "pairs")))
     plain = extract(
-        ExtractConf(images=images, output=str(tmp_path / "d"), max_size=240, threads_per_actor=2)
+        ExtractConf.from_flags(
+            images=images, output=str(tmp_path / "d"), max_size=240, threads_per_actor=2
+        )
     )
     ckpt = whiten(WhitenConf(descriptors=plain, pairs=pairs, output=str(tmp_path / "lw")))
     params = checkpoint.load(ckpt).whitening
     assert params.meta["pairs"] >= 40 and params.P.shape == (params.meta["dim"], 1280)
     assert params.meta["cross_validation"]["folds"] >= 2 and 0 <= params.meta["shrinkage"] <= 1
     paper = whiten(
-        WhitenConf(
-            descriptors=plain, pairs=pairs, output=str(tmp_path / "lw0"), shrinkage=0.0, dim=1280
+        WhitenConf.from_flags(
+            descriptors=plain,
+            pairs=pairs,
+            output=str(tmp_path / "lw0"),
+            whiten_shrinkage=0.0,
+            whiten_dim=1280,
         )
     )
     fixed = checkpoint.load(paper).whitening  # the paper's Lw, as asked
     assert fixed.P.shape == (1280, 1280) and fixed.meta["shrinkage"] == 0.0
     assert "cross_validation" not in fixed.meta
     whitened = extract(
-        ExtractConf(
+        ExtractConf.from_flags(
             images=images,
             output=str(tmp_path / "w"),
             weights=ckpt,

@@ -15,12 +15,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
+from bench.train import scene_pairs
 from model import checkpoint, storage, tables
-from model.datasets.landmarks import write_scene_manifest
+from model.datasets.landmarks import generate, write_scene_manifest
+from model.datasets.landmarks.conf import LandmarksConf
+from model.describer import NetworkSettings, load_extract_network
+from model.descriptors import read_descriptors
+from model.training_set import read_training_set
 from model.whitening import apply_whitening
-from pipeline.train import CgdPart, GemPart, LwPart, TrainConf, initial_network
+from model.whitening_fit import held_out_whitening, read_whitening_pairs
+from pipeline.extract import ExtractConf
+from pipeline.extract import run as extract
+from pipeline.ingest import IngestConf
+from pipeline.ingest import run as ingest
+from pipeline.train import CgdPart, GemPart, TrainConf, initial_network
 from pipeline.train import run as train
 
 pytestmark = pytest.mark.slow
@@ -29,7 +40,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pairs(ray_session, tiny_collection: Path, tmp_path_factory) -> dict[str, str]:
     """ingest → group (scene column) → sfm → pairs of the tiny collection's 3 landmarks."""
-    from bench.train import scene_pairs
 
     tmp = tmp_path_factory.mktemp("train")
     pairs, images = scene_pairs(tiny_collection, tmp)
@@ -64,12 +74,6 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
 ) -> None:
     """Output and Ray Train's storage on the loopback S3 server, as on a cluster; trained on
     what the pairs stage returned (``scene_pairs`` chains the stages' return values)."""
-    from model.describer import NetworkSettings, load_extract_network
-    from model.descriptors import read_descriptors
-    from model.training_set import read_training_set
-    from model.whitening_fit import held_out_whitening, read_whitening_pairs
-    from pipeline.extract import ExtractConf
-    from pipeline.extract import run as extract
 
     out = f"s3://{s3_bucket}/train"
     conf = _conf(pairs, out, whiten=True, whiten_size=160, val_size=None, keep_whitening="always")
@@ -107,16 +111,17 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     # validation scored the epochs at extract's size (--whiten-size) with the Lw the output
     # holds: extract's descriptors of the output give the held-out clusters that mAP
     extracted = extract(
-        ExtractConf(images=pairs["images"], output=str(tmp_path / "d"), weights=best, max_size=160)
+        ExtractConf.from_flags(
+            images=pairs["images"], output=str(tmp_path / "d"), weights=best, max_size=160
+        )
     )
     desc = read_descriptors(extracted)
     *_, found = held_out_whitening(
         desc.image_ids,
         desc.vectors,
         read_training_set(pairs["pairs"]),
-        read_whitening_pairs(pairs["pairs"]),
-        0.3,
-        0,
+        pairs=read_whitening_pairs(pairs["pairs"]),
+        held_out=0.3,
     )
     print(f"\nbest epoch + Lw {marked['val_map_lw']:.4f}, extracted {found['val_map']:.4f}")
     assert marked["val_map_lw"] == pytest.approx(found["val_map"], abs=1e-3)
@@ -173,7 +178,6 @@ def test_two_workers_reproduce_one_workers_first_epoch(pairs, tmp_path) -> None:
 def test_a_killed_worker_resumes_from_the_last_checkpoint(pairs, tmp_path) -> None:
     """SIGKILL to rank 1 (its pid from its own log line) once the first checkpoint exists: the
     run restarts its workers from that checkpoint and still ends with every epoch's steps."""
-    import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     conf = _conf(pairs, tmp_path, workers=2, epochs=2, name="killed", max_failures=2)
@@ -218,10 +222,6 @@ def test_cgd_mode_trains_on_classes_and_scores_recall_on_held_out_ones(
 ) -> None:
     """Run from the output's folder with relative paths, as the README's commands are: the
     workers, which run elsewhere, get them made absolute."""
-    from model.datasets.landmarks import generate
-    from model.datasets.landmarks.conf import LandmarksConf
-    from pipeline.ingest import IngestConf
-    from pipeline.ingest import run as ingest
 
     small = LandmarksConf(
         name="landmarks-cgd",
@@ -277,7 +277,9 @@ def test_bad_settings_are_named_when_they_are_made() -> None:
     with pytest.raises(ValueError, match="--nnum must be at least 1, not 0"):
         GemPart(nnum=0)
     with pytest.raises(ValueError, match=r"--whiten-shrinkage is a share in \[0, 1\], not 2"):
-        LwPart(whiten_shrinkage=2.0)
+        TrainConf.from_flags(images="i", output="o", pairs="p", whiten_shrinkage=2.0)
+    with pytest.raises(TypeError, match="TrainConf has no setting shrinkage"):
+        TrainConf.from_flags(images="i", output="o", pairs="p", shrinkage=0.5)
     with pytest.raises(ValueError, match="--photos-per-class must be at least 2"):
         CgdPart(photos_per_class=1)
     with pytest.raises(ValueError, match="--fold-whitening needs --weights"):

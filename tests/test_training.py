@@ -36,14 +36,21 @@ def test_batched_by_size_equals_one_image_at_a_time() -> None:
     ]
     device = torch.device("cpu")
     precision = resolve_precision("fp32", device, batch_size=2)
-    out = embed(net, photos, mean_std(net, device), precision, device)
+    out = embed(net, photos, mean_std(net, device), precision=precision, device=device)
     assert out.shape == (7, net.out_dim) and out.requires_grad
-    alone = torch.cat([embed(net, [p], mean_std(net, device), precision, device) for p in photos])
+    alone = torch.cat(
+        [embed(net, [p], mean_std(net, device), precision=precision, device=device) for p in photos]
+    )
     torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-4)
     out.sum().backward()
     assert net.backbone.parameters().__next__().grad is not None
     augmented = embed(
-        net, photos, mean_std(net, device), precision, device, torch.Generator().manual_seed(1)
+        net,
+        photos,
+        mean_std(net, device),
+        precision=precision,
+        device=device,
+        generator=torch.Generator().manual_seed(1),
     )
     assert augmented.shape == out.shape and not torch.allclose(augmented, out)
 

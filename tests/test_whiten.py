@@ -4,8 +4,6 @@ manifest."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
@@ -26,8 +24,8 @@ def chain(tmp_path) -> dict[str, str]:
 
 
 def _conf(chain: dict[str, str], output: str, **changes) -> WhitenConf:
-    conf = WhitenConf(descriptors=chain["descriptors"], pairs=chain["pairs"], output=output)
-    return replace(conf, shrinkage=0.5, dim=16, **changes)
+    flags = {"descriptors": chain["descriptors"], "pairs": chain["pairs"], "output": output}
+    return WhitenConf.from_flags(**{**flags, "whiten_shrinkage": 0.5, "whiten_dim": 16, **changes})
 
 
 def test_whitening_from_the_pairs_stages_return_value_is_a_checkpoint(chain, tmp_path):
@@ -45,9 +43,9 @@ def test_a_rerun_skips_and_another_dim_stops_naming_it(chain, tmp_path):
     out = run(conf)
     first = tables.WHITEN_OUTPUT.manifest(out)
     assert run(conf) == out and tables.WHITEN_OUTPUT.manifest(out) == first
-    with pytest.raises(tables.OutputChanged, match=r"dim: 16 → 8.*--overwrite"):
-        run(replace(conf, dim=8))
-    run(replace(conf, dim=8, overwrite=True))
+    with pytest.raises(tables.OutputChanged, match=r"whiten_dim: 16 → 8.*--overwrite"):
+        run(conf.replaced(whiten_dim=8))
+    run(conf.replaced(whiten_dim=8, overwrite=True))
     assert checkpoint.load(out).whitening.P.shape == (8, 1280)
 
 
@@ -65,12 +63,12 @@ def test_whitening_an_already_whitened_network_is_refused(chain, tmp_path):
     ids = tables.DESCRIPTORS.read(chain["descriptors"], ["image_id"])["image_id"].to_pylist()
     whitened = synthetic_descriptors(str(tmp_path / "w"), ids, weights=out)
     with pytest.raises(ValueError, match="already whitened"):
-        run(replace(_conf(chain, str(tmp_path / "lw2")), descriptors=whitened))
+        run(_conf(chain, str(tmp_path / "lw2"), descriptors=whitened))
 
 
 def test_bad_settings_and_missing_inputs_are_each_named(tmp_path):
-    with pytest.raises(ValueError, match="--shrinkage is a share"):
-        run(WhitenConf(descriptors="d", pairs="p", output=str(tmp_path / "o"), shrinkage=1.5))
+    with pytest.raises(ValueError, match="--whiten-shrinkage is a share"):
+        WhitenConf.from_flags(descriptors="d", pairs="p", output="o", whiten_shrinkage=1.5)
     with pytest.raises(ValueError) as caught:
         missing = WhitenConf(
             descriptors=str(tmp_path / "d"), pairs=str(tmp_path / "p"), output=str(tmp_path / "o")

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 
+from model.evaluation import cluster_map
 from model.whitening import (
     apply_whitening,
     learn_pca_whitening,
@@ -139,7 +140,9 @@ class TestShrinkage:
 
     def test_zero_is_the_papers_lw_and_shares_outside_zero_one_are_refused(self):
         X, q, p = paired_data()
-        assert np.array_equal(learn_whitening(X, q, p)[1], learn_whitening(X, q, p, 0.0)[1])
+        assert np.array_equal(
+            learn_whitening(X, q, p)[1], learn_whitening(X, q, p, shrinkage=0.0)[1]
+        )
         for bad in (-0.1, 1.5):
             with pytest.raises(ValueError, match="shrinkage is a share in"):
                 learn_whitening(X, q, p, shrinkage=bad)
@@ -164,10 +167,8 @@ class TestSelectWhitening:
     def test_the_choice_of_left_out_clusters_holds_on_new_scenes(self):
         """Few pairs per dimension: the paper's Lw whitens noise it cannot estimate; the
         cross-validation prefers a shrunk, short Lw, and new scenes rank better with it."""
-        from model.evaluation import cluster_map
-
         x, clusters, q, p = scenes_in_few_directions(0, 30)
-        choice = select_whitening(x, clusters, q, p, dims=(48, 6))
+        choice = select_whitening(x, clusters, q, pidxs=p, dims=(48, 6))
         assert choice.dim == 6 and choice.shrinkage > 0 and choice.folds == 3  # the 6 that matter
         assert len(choice.table) == 8 and choice.score == max(choice.table.values())
         assert choice.score > choice.table["0/48"] + 0.1 and choice.score > choice.plain + 0.3
@@ -175,7 +176,7 @@ class TestSelectWhitening:
         everyone = np.arange(len(new))
 
         def new_scenes_map(shrinkage: float, dim: int) -> float:
-            m, P = learn_whitening(x, q, p, shrinkage)
+            m, P = learn_whitening(x, q, p, shrinkage=shrinkage)
             return cluster_map(apply_whitening(new, m, P, dim), new_clusters, everyone)
 
         assert new_scenes_map(choice.shrinkage, choice.dim) > new_scenes_map(0.0, 48) + 0.1
@@ -187,10 +188,10 @@ class TestSelectWhitening:
         assert whitening_dims(600, 1000) == (600, 512, 256, 128)
         assert whitening_dims(600, 200) == (600, 128) and whitening_dims(600, 100) == (600,)
         x, clusters, q, p = scenes_in_few_directions(0, 60, D=600)  # 300 photos, 600 dims
-        choice = select_whitening(x, clusters, q, p)
+        choice = select_whitening(x, clusters, q, pidxs=p)
         assert {k.split("/")[1] for k in choice.table} == {"600", "128"}  # folds see ~200
         noisy = x + 1e-7 * np.random.default_rng(1).normal(size=x.shape)
-        again = select_whitening(noisy, clusters, q, p)
+        again = select_whitening(noisy, clusters, q, pidxs=p)
         assert (again.shrinkage, again.dim) == (choice.shrinkage, choice.dim)
         assert again.score == pytest.approx(choice.score, abs=1e-6)
 
@@ -198,18 +199,18 @@ class TestSelectWhitening:
         x, clusters, q, p = scenes_in_few_directions(0, 4)
         one = clusters[q] == 0
         with caplog.at_level(logging.WARNING, logger="model.whitening"):
-            choice = select_whitening(x, clusters, q[one], p[one])
+            choice = select_whitening(x, clusters, q[one], pidxs=p[one])
         assert (choice.shrinkage, choice.dim, choice.folds) == (0.0, 48, 0)
         assert "no cross-validation" in caplog.text
 
     def test_bad_arguments_are_named(self):
         x, clusters, q, p = scenes_in_few_directions(0, 6)
         with pytest.raises(ValueError, match="one entry per row"):
-            select_whitening(x, clusters[:-1], q, p)
+            select_whitening(x, clusters[:-1], q, pidxs=p)
         with pytest.raises(ValueError, match="dims must lie in"):
-            select_whitening(x, clusters, q, p, dims=(49,))
+            select_whitening(x, clusters, q, pidxs=p, dims=(49,))
         with pytest.raises(ValueError, match="shrinkages are shares"):
-            select_whitening(x, clusters, q, p, shrinkages=(2.0,))
+            select_whitening(x, clusters, q, pidxs=p, shrinkages=(2.0,))
 
 
 class TestPcaWhitening:

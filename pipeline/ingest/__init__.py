@@ -85,6 +85,8 @@ if TYPE_CHECKING:
 import encodings.idna  # noqa: F401  (requests, for host names)
 
 import pandas  # noqa: F401  (Ray Data checks a task's output with it, imported lazily)
+import ray.data
+from pyarrow import csv
 
 Image.init()  # every image plugin
 
@@ -222,14 +224,16 @@ def run(conf: IngestConf) -> str:
     new = _fetch_missing(todo, conf, images) if todo.num_rows else _RESULT_SCHEMA.empty_table()
     fetch_seconds = time.monotonic() - fetch_start
 
-    rows = _source_rows(images, source, existing, new)
+    rows = _source_rows(images, source, existing, new=new)
     details = {"source": _stored_source(conf.source), "uris": source.num_rows, **_counts(rows)}
     IMAGES_OUTPUT.publish(images, inputs=inputs, settings=settings, details=details)
     extra = existing.filter(pc.invert(pc.is_in(existing["uri"], source["uri"]))).num_rows
     if extra:
         logger.info("%d rows of uris not in this source stay in %s", extra, images)
     _log_examples(rows)
-    logger.info("%s", _summary_line(conf, images, details, new.num_rows, fetch_seconds))
+    logger.info(
+        "%s", _summary_line(conf, images, details, fetched=new.num_rows, seconds=fetch_seconds)
+    )
     logger.info("ingest finished in %.1f s", time.monotonic() - start)
     return images
 
@@ -273,7 +277,7 @@ def _missing_rows(
     return todo, retry
 
 
-def _source_rows(images: str, source: pa.Table, existing: pa.Table, new: pa.Table) -> pa.Table:
+def _source_rows(images: str, source: pa.Table, existing: pa.Table, *, new: pa.Table) -> pa.Table:
     """The summaries of the source's rows, checked to cover every source URI."""
     rows = pa.concat_tables([existing.select(_RESULT_SCHEMA.names).cast(_RESULT_SCHEMA), new])
     rows = rows.filter(pc.is_in(rows["uri"], source["uri"]))
@@ -292,7 +296,7 @@ def _stored_source(source: str) -> str:
 
 
 def _summary_line(
-    conf: IngestConf, images: str, counts: dict[str, Any], fetched: int, seconds: float
+    conf: IngestConf, images: str, counts: dict[str, Any], *, fetched: int, seconds: float
 ) -> str:
     failed = counts.get("failed", {})
     by_kind = ", ".join(f"{kind}: {n}" for kind, n in sorted(failed.items(), key=lambda kv: -kv[1]))
@@ -445,8 +449,6 @@ def _read_manifest(source: str, files: list[str]) -> tuple[pa.Table | None, list
 
 def _manifest_table(uri: str) -> pa.Table:
     if uri.lower().endswith(".csv"):
-        from pyarrow import csv
-
         text_columns = {name: pa.string() for name in ("uri", "scene", "label")}
         return csv.read_csv(
             io.BytesIO(storage.read_bytes(uri)),
@@ -540,7 +542,6 @@ def _forget_rows(images: str, uris: pa.Array) -> None:
 
 def _fetch_missing(todo: pa.Table, conf: IngestConf, images: str) -> pa.Table:
     """Fetch and check ``todo`` on Ray Data, a part file per block; the rows' summaries."""
-    import ray.data
 
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(2).hex()}"
     blocks = [

@@ -113,7 +113,7 @@ def _group_uri(out: str, group: int) -> str:
 
 
 def _task(
-    located: list[Any], options: dict, pairs: list | None, scratch: str | None = None
+    located: list[Any], options: dict, pairs: list | None, *, scratch: str | None = None
 ) -> dict[str, Any]:
     """Runs in an SfM worker: read the group's photos (``cluster.catalog.Photo`` locations in
     the images table) straight from storage, reconstruct them, return plain data."""
@@ -121,7 +121,7 @@ def _task(
     photos = [(photo.image_id, data[photo.image_id]) for photo in located]
     if scratch:
         Path(scratch).mkdir(parents=True, exist_ok=True)
-    result = reconstruct_group(photos, ReconstructOptions(**options), pairs, scratch)
+    result = reconstruct_group(photos, ReconstructOptions(**options), pairs, scratch=scratch)
     return {
         "images": [asdict(r) for r in result.images],
         "models": [asdict(m) for m in result.models],
@@ -244,7 +244,7 @@ def _keys(conf: SfmConf, grouping: _Groups, groups: tables.Manifest) -> dict[int
 
 
 def _plan_groups(
-    conf: SfmConf, out: str, grouping: _Groups, keys: dict[int, str]
+    conf: SfmConf, out: str, grouping: _Groups, *, keys: dict[int, str]
 ) -> tuple[dict[int, dict[str, Any]], list[int]]:
     """The groups' results known without reconstructing (groups skipped, stored results made
     from the same photos and settings), and the groups to reconstruct."""
@@ -284,22 +284,22 @@ def run(conf: SfmConf) -> str:
     grouping = _read_groups(groups)
     catalog = _catalog(conf, grouping)
     keys = _keys(conf, grouping, groups)
-    statuses, todo = _plan_groups(conf, out, grouping, keys)
+    statuses, todo = _plan_groups(conf, out, grouping, keys=keys)
     tables.SFM_OUTPUT.unpublish(out)
     if todo:
-        pairs = _pairs_for(conf, grouping, todo, groups)
+        pairs = _pairs_for(conf, grouping, todo, groups=groups)
         if not ray.is_initialized():
             ray.init()
         work = _Work(todo=todo, pairs=pairs, keys=keys)
-        _reconstruct(conf, out, grouping, catalog, work=work, statuses=statuses)
-    details = _assemble(conf, out, grouping, statuses, reconstructed=todo)
+        _reconstruct(conf, out, grouping, catalog=catalog, work=work, statuses=statuses)
+    details = _assemble(conf, out, grouping, statuses=statuses, reconstructed=todo)
     tables.SFM_OUTPUT.publish(out, inputs=inputs, settings=settings, details=details)
     _log(details)
     return out
 
 
 def _pairs_for(
-    conf: SfmConf, grouping: _Groups, todo: list[int], groups: tables.Manifest
+    conf: SfmConf, grouping: _Groups, todo: list[int], *, groups: tables.Manifest
 ) -> dict[int, list]:
     """Retrieval pairs of the groups too large for exhaustive matching, from the descriptors
     the grouping was made from."""
@@ -337,8 +337,8 @@ def _reconstruct(
     conf: SfmConf,
     out: str,
     grouping: _Groups,
-    catalog: ImageCatalog,
     *,
+    catalog: ImageCatalog,
     work: _Work,
     statuses: dict[int, dict[str, Any]],
 ) -> None:
@@ -371,7 +371,7 @@ def _reconstruct(
         while queue and len(running) < slots:
             group = queue.pop(0)
             photos = [catalog.photo(i) for i in grouping.photos(group)]
-            ref = task.remote(photos, options, pairs.get(group), conf.scratch)
+            ref = task.remote(photos, options, pairs.get(group), scratch=conf.scratch)
             running[ref] = (group, time.monotonic())
         done, _ = ray.wait(list(running), num_returns=1, timeout=min(2.0, conf.timeout_s))
         now = time.monotonic()
@@ -447,8 +447,8 @@ def _assemble(
     conf: SfmConf,
     out: str,
     grouping: _Groups,
-    statuses: dict[int, dict],
     *,
+    statuses: dict[int, dict],
     reconstructed: list[int],
 ) -> dict[str, Any]:
     """Write the three tables from the groups' results; returns the manifest's details."""

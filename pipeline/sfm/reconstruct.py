@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageOps
 
 __all__ = ["GroupResult", "ImageRow", "ModelRow", "ReconstructOptions", "reconstruct_group"]
 
@@ -100,7 +101,6 @@ def _write_photos(
     """Photos as files named by image_id, a folder per camera (same size, make, model and focal
     length: one set of intrinsics, as COLMAP's per-folder camera mode then estimates them),
     upright (EXIF rotation applied, as every stage sees them); returns file name → image_id."""
-    from PIL import Image, ImageOps
 
     cameras: dict[tuple, str] = {}
     names = {}
@@ -133,6 +133,7 @@ def reconstruct_group(
     photos: list[tuple[str, bytes]],
     options: ReconstructOptions = ReconstructOptions(),
     pairs: list[tuple[str, str]] | None = None,
+    *,
     scratch: str | None = None,
 ) -> GroupResult:
     """Reconstruct ``photos`` (``(image_id, bytes)``); raises on a failure of pycolmap."""
@@ -150,13 +151,15 @@ def reconstruct_group(
         names = _write_photos(_folder(root, "images"), photos, shared=options.cameras == "exif")
         database = root / "database.db"
         with _timed(seconds, "features"):
-            _extract_features(pycolmap, database, root / "images", options)
+            _extract_features(pycolmap, database, root / "images", options=options)
         use_pairs = pairs is not None and len(photos) > options.exhaustive_max
         pair_file = _pair_file(root, names, pairs) if use_pairs else None
         with _timed(seconds, "matching"):
             _match(pycolmap, database, options, pair_file=pair_file)
         with _timed(seconds, "mapping"):
-            models = _map(pycolmap, database, root / "images", _folder(root, "models"), options)
+            models = _map(
+                pycolmap, database, root / "images", out=_folder(root, "models"), options=options
+            )
         images, model_rows, files = _collect(models, names, root / "written")
         # glog names its files <prefix><date>-<time>.<pid>: read whatever it wrote.
         log = "".join(p.read_text(errors="replace") for p in sorted(root.glob("colmap.log*")))
@@ -189,7 +192,7 @@ def _log_to_file(pycolmap: Any, log_file: Path) -> None:
 
 
 def _extract_features(
-    pycolmap: Any, database: Path, images: Path, options: ReconstructOptions
+    pycolmap: Any, database: Path, images: Path, *, options: ReconstructOptions
 ) -> None:
     """SIFT (or DSP-SIFT) at ``max_image_size`` on the CPU, one camera per folder."""
     extraction = pycolmap.FeatureExtractionOptions()
@@ -242,7 +245,7 @@ def _match(
 
 
 def _map(
-    pycolmap: Any, database: Path, images: Path, out: Path, options: ReconstructOptions
+    pycolmap: Any, database: Path, images: Path, *, out: Path, options: ReconstructOptions
 ) -> dict[int, Any]:
     """Incremental or global mapping; pycolmap's reconstructions by number."""
     mappers = {
@@ -270,7 +273,7 @@ def _collect(
         for image in rec.images.values():
             image_id = names[image.name]
             if image.has_pose and image_id not in rows:
-                rows[image_id] = _image_row(image_id, number, rec, image)
+                rows[image_id] = _image_row(image_id, number, rec, image=image)
         files.update(_model_files(rec, number, written))
     images = [rows.get(i) or ImageRow(image_id=i, registered=False) for i in names.values()]
     return images, model_rows, files
@@ -294,7 +297,7 @@ def _model_files(rec: Any, number: int, written: Path) -> dict[str, bytes]:
     return {f"{number}/{path.name}": path.read_bytes() for path in folder.iterdir()}
 
 
-def _image_row(image_id: str, model: int, rec: Any, image: Any) -> ImageRow:
+def _image_row(image_id: str, model: int, rec: Any, *, image: Any) -> ImageRow:
     centre = tuple(float(v) for v in image.projection_center())
     point_ids, scales = [], []
     focal = float(rec.cameras[image.camera_id].mean_focal_length())

@@ -110,7 +110,9 @@ def train_loop(config: dict[str, Any]) -> None:
     print(f"cirray-train {conf.name} rank {rank} of {world} pid {os.getpid()}", flush=True)
     device = ray.train.torch.get_device()
     precision = resolve_precision(conf.precision, device, conf.device_batch)
-    mode = _epochs_class(conf.mode)(conf, config["data"], precision, device, rank, world)
+    mode = _epochs_class(conf.mode)(
+        conf, config["data"], precision, device=device, rank=rank, world=world
+    )
     torch.manual_seed(conf.seed)
     net = initial_network(conf, getattr(mode, "num_classes", 0)).to(device)
     if conf.trainable_stages is not None:
@@ -119,17 +121,10 @@ def train_loop(config: dict[str, Any]) -> None:
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(parameter_groups(net, conf.lr, conf.weight_decay), lr=conf.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=conf.lr_decay)
-    start_epoch, steps, start = 1, 0, None
-    saved = ray.train.get_checkpoint()
-    if saved:
-        with saved.as_directory() as folder:
-            state = torch.load(Path(folder) / _TRAIN_STATE, map_location=device)
-            net.load_state_dict(checkpoint.load(folder, device=str(device)).network.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, steps, start = state["epoch"] + 1, state["steps"], state["start"]
-    else:  # epoch 0: the network before any step (every worker describes, rank 0 scores)
-        start = mode.validate(net, 1)
+    state = _restored(net, optimizer, scheduler, device=device)
+    if state is None:  # epoch 0: the start network (every worker describes, rank 0 scores)
+        state = {"epoch": 0, "steps": 0, "start": mode.validate(net, 1)}
+    start_epoch, steps, start = state["epoch"] + 1, state["steps"], state["start"]
     model = net
     if world > 1:
         # GeM mode groups each worker's images by size, so workers make different numbers of
@@ -142,7 +137,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, conf.epochs + 1):
         started = time.perf_counter()
-        done = mode.epoch(model, net, optimizer, epoch)
+        done = mode.epoch(model, net, optimizer, epoch=epoch)
         scheduler.step()
         steps += done["steps"]
         figures = mode.validate(net, epoch + 1 if epoch < conf.epochs else None)
@@ -160,18 +155,45 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics)
             continue
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "steps": steps,
-            "start": start,
-        }
-        with tempfile.TemporaryDirectory() as folder:
-            lw = mode.checkpoint_whitening()
-            checkpoint.save(folder, net, lw[:2] if lw else None, whitening_meta=lw and lw[2])
-            torch.save(state, Path(folder) / _TRAIN_STATE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        state = {"epoch": epoch, "steps": steps, "start": start}
+        _report_with_checkpoint(
+            metrics, net, optimizer=optimizer, scheduler=scheduler, state=state, mode=mode
+        )
+
+
+def _restored(
+    net: RetrievalNet, optimizer: Any, scheduler: Any, *, device: torch.device
+) -> dict[str, Any] | None:
+    """The state of the run's last checkpoint, loaded into ``net``, the optimizer and the
+    scheduler: ``epoch``, ``steps``, ``start``; ``None`` when the run starts afresh."""
+    saved = ray.train.get_checkpoint()
+    if not saved:
+        return None
+    with saved.as_directory() as folder:
+        state = torch.load(Path(folder) / _TRAIN_STATE, map_location=device)
+        net.load_state_dict(checkpoint.load(folder, device=str(device)).network.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def _report_with_checkpoint(
+    metrics: dict[str, Any],
+    net: RetrievalNet,
+    *,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    mode: Any,
+) -> None:
+    """Rank 0: the epoch's figures reported with its checkpoint (the network, the Lw its
+    validation learned, and the optimizer's state to resume from)."""
+    state = {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    with tempfile.TemporaryDirectory() as folder:
+        lw = mode.checkpoint_whitening()
+        checkpoint.save(folder, net, lw[:2] if lw else None, whitening_meta=lw and lw[2])
+        torch.save(state, Path(folder) / _TRAIN_STATE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def _epochs_class(mode: str) -> Any:
@@ -226,7 +248,7 @@ def run(conf: TrainConf) -> str:
     data = _mode_data(conf)
     num_classes = _num_classes(conf, data)
     result = _fit(conf, data)
-    summary = _finish(conf, result, data, num_classes)
+    summary = _finish(conf, result, data, num_classes=num_classes)
     tables.TRAIN_OUTPUT.publish(out, inputs=inputs, settings=settings, details=summary)
     return out
 
@@ -420,7 +442,7 @@ def _default_storage(output: str) -> str:
     return storage.join(output, "ray")
 
 
-def _finish(conf: TrainConf, result: Any, data: dict[str, Any], num_classes: int) -> dict:
+def _finish(conf: TrainConf, result: Any, data: dict[str, Any], *, num_classes: int) -> dict:
     """The best epoch's network and its Lw saved as ``OUTPUT``'s checkpoint, with
     ``metrics.json`` and ``curves.png``; returns the run's summary (the manifest's details)."""
     score = _epochs_class(conf.mode).score
@@ -431,7 +453,7 @@ def _finish(conf: TrainConf, result: Any, data: dict[str, Any], num_classes: int
     best = max(scored, key=lambda h: (handed_over(conf, h, score), h[score], -h["epoch"]))
     for h in history:
         h["best"] = h["epoch"] == best["epoch"]
-    net, stored = _best_network(conf, result, best, num_classes)
+    net, stored = _best_network(conf, result, best, num_classes=num_classes)
     summary: dict[str, Any] = {
         "best_epoch": best["epoch"],
         "score": score,
@@ -439,7 +461,7 @@ def _finish(conf: TrainConf, result: Any, data: dict[str, Any], num_classes: int
     }
     whitening = None
     if conf.mode == "gem" and conf.lw.whiten:
-        summary["whitening"], whitening = _learn_whitening(conf, net, stored, data, best)
+        summary["whitening"], whitening = _learn_whitening(conf, net, stored, data=data, best=best)
     summary["checkpoint"] = checkpoint.save(conf.output, net, whitening)
     payload = {"settings": conf.settings(), "epochs": history, **summary}
     storage.write_text(storage.join(conf.output, "metrics.json"), json.dumps(payload, indent=2))
@@ -458,7 +480,7 @@ def _finish(conf: TrainConf, result: Any, data: dict[str, Any], num_classes: int
 
 
 def _best_network(
-    conf: TrainConf, result: Any, best: dict[str, Any], num_classes: int
+    conf: TrainConf, result: Any, best: dict[str, Any], *, num_classes: int
 ) -> tuple[RetrievalNet, WhiteningParams | None]:
     """The network of the best epoch and the Lw its validation learned (when it did so at
     ``--whiten-size``); epoch 0 is the network the workers started from."""
@@ -493,6 +515,7 @@ def _learn_whitening(
     conf: TrainConf,
     net: RetrievalNet,
     stored: WhiteningParams | None,
+    *,
     data: dict[str, Any],
     best: dict[str, Any],
 ) -> tuple[dict[str, Any], WhiteningParams | None]:
@@ -541,16 +564,15 @@ def _whitening_at_size(
         ids,
         vectors,
         pool,
-        data["whitening_pairs"],
-        conf.held_out,
-        conf.seed,
-        conf.lw.whiten_shrinkage,
-        conf.lw.whiten_dim,
+        pairs=data["whitening_pairs"],
+        held_out=conf.held_out,
+        seed=conf.seed,
+        fit=conf.lw.fit,
     )
 
 
 def _describe_photos(
-    describer: Describer, images: str, image_ids: list[str], batch: int = 32
+    describer: Describer, images: str, image_ids: list[str], *, batch: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(image_ids, vectors)`` of the photos of ``image_ids`` that decode and describe."""
     found_ids: list[str] = []

@@ -70,6 +70,7 @@ class CgdEpochs:
         conf: TrainConf,
         data: dict[str, Any],
         precision: Any,
+        *,
         device: Any,
         rank: int,
         world: int,
@@ -97,7 +98,13 @@ class CgdEpochs:
         with torch.no_grad():
             net.eval()
             vectors = (
-                embed(net, self.val_photos, mean_std(net, self.device), self.precision, self.device)
+                embed(
+                    net,
+                    self.val_photos,
+                    mean_std(net, self.device),
+                    precision=self.precision,
+                    device=self.device,
+                )
                 .cpu()
                 .numpy()
             )
@@ -106,7 +113,7 @@ class CgdEpochs:
     def checkpoint_whitening(self) -> None:
         """Nothing beyond the weights: CGD mode learns no Lw."""
 
-    def epoch(self, model: Any, net: Any, optimizer: Any, epoch: int) -> dict[str, float]:
+    def epoch(self, model: Any, net: Any, optimizer: Any, *, epoch: int) -> dict[str, float]:
         conf, rank, world = self.conf, self.rank, self.world
         block = conf.cgd.classes_per_batch * conf.cgd.photos_per_class
         steps = max(1, len(self.train_labels) // (block * world))
@@ -138,15 +145,15 @@ class CgdEpochs:
                 lambda x: model(x, return_logits=True),
                 self.train_photos.subset(rows),
                 normalise,
-                self.precision,
-                self.device,
-                generator,
+                precision=self.precision,
+                device=self.device,
+                generator=generator,
             )
             loss = ranking(descriptors, labels) + classification(logits, labels)
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
-            report_progress(rank, epoch, step + 1, steps, total)
+            report_progress(rank, epoch, step + 1, steps=steps, loss_sum=total)
         steps_seconds = time.perf_counter() - started
         return {
             "loss": sum_over_workers(total, world, self.device) / (steps * world),

@@ -23,7 +23,7 @@ def sum_over_workers(value: float, world: int, device: Any) -> float:
     return float(t.item())
 
 
-def report_progress(rank: int, epoch: int, step: int, steps: int, loss_sum: float) -> None:
+def report_progress(rank: int, epoch: int, step: int, *, steps: int, loss_sum: float) -> None:
     """Rank 0 prints about ten lines an epoch (Ray forwards workers' output to the driver)."""
     if rank == 0 and (step == steps or step % max(1, steps // 10) == 0):
         print(

@@ -2,16 +2,19 @@
 
 Each part checks itself when it is made, so the Python API gets the command line's checks;
 the command line keeps flat flag names (``--nnum``, not ``--gem.nnum``: ``model.cli.run_cli``
-omits the parts' prefixes, and their field names are distinct for that reason). The workers
-receive the frozen ``TrainConf`` as it is, its mode's defaults filled in (``resolved``).
+omits the parts' prefixes, and their field names are distinct for that reason; Lw is fitted
+as ``pipeline.whiten`` fits it, ``model.whitening_fit.LwFit``). The workers receive the frozen
+``TrainConf`` as it is, its mode's defaults filled in (``resolved``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from model.cli import FlatFlags, flat_settings
+from model.whitening_fit import LwFit
 from pipeline.train.images import PRECISIONS
 
 __all__ = ["MODES", "CgdPart", "GemPart", "LwPart", "TrainConf"]
@@ -85,20 +88,15 @@ class LwPart:
     """After training, learn Lw from the training clusters' pairs into OUTPUT's checkpoint."""
     whiten_size: int = 1024
     """Longest side of the descriptors Lw is learned on (extract's default)."""
-    whiten_shrinkage: float | None = None
-    """Lw's shrinkage toward the identity in [0, 1] (0: the paper's Lw); unset: chosen by
-    cross-validation over the training clusters (pipeline.whiten's --shrinkage)."""
-    whiten_dim: int | None = None
-    """Lw's output size; unset: chosen by the same cross-validation."""
+    fit: LwFit = field(default_factory=LwFit)
+    """Lw's shrinkage, size and fewest pairs, as pipeline.whiten takes them."""
     keep_whitening: Literal["if-better", "always"] = "if-better"
     """Store Lw only when it does not lower the held-out clusters' mAP at --whiten-size."""
     fold_whitening: bool = False
     """Start from --weights' Lw folded into the head's FC layer (W = P, b = −P m)."""
 
     def __post_init__(self) -> None:
-        problems = _at_least(self, 1, "whiten_size", "whiten_dim")
-        if self.whiten_shrinkage is not None and not 0 <= self.whiten_shrinkage <= 1:
-            problems.append(f"--whiten-shrinkage is a share in [0, 1], not {self.whiten_shrinkage}")
+        problems = _at_least(self, 1, "whiten_size")
         if self.keep_whitening not in ("if-better", "always"):
             problems.append(f"--keep-whitening {self.keep_whitening!r}: use if-better or always")
         _raise_if(problems)
@@ -132,7 +130,7 @@ class CgdPart:
 
 
 @dataclass(frozen=True)
-class TrainConf:
+class TrainConf(FlatFlags):
     """Settings of one training run; every field is a command-line flag."""
 
     images: str
@@ -207,19 +205,6 @@ class TrainConf:
             problems.append("--fold-whitening needs --weights: a checkpoint with a learned Lw")
         _raise_if(problems)
 
-    @classmethod
-    def from_flags(cls, **flags: Any) -> TrainConf:
-        """A run from its settings by flag name (``nnum=1``, not ``gem=GemPart(nnum=1)``), as
-        the command line takes them."""
-        parts = _split_parts(flags)
-        return cls(**flags, **{name: part(**parts[name]) for name, part in _PARTS.items()})
-
-    def replaced(self, **flags: Any) -> TrainConf:
-        """This run with ``flags`` changed, by flag name (a part's fields too)."""
-        parts = _split_parts(flags)
-        changed = {name: replace(getattr(self, name), **parts[name]) for name in _PARTS}
-        return replace(self, **flags, **changed)
-
     def resolved(self) -> TrainConf:
         """This run with its mode's defaults filled in (what the workers run with)."""
         gem = self.mode == "gem"
@@ -232,9 +217,7 @@ class TrainConf:
 
     def settings(self) -> dict[str, Any]:
         """Every field, the parts' too, by flag name, with the mode's defaults filled in."""
-        conf = self.resolved()
-        flat = {k: v for k, v in asdict(conf).items() if k not in ("gem", "lw", "cgd")}
-        return {**flat, **asdict(conf.gem), **asdict(conf.lw), **asdict(conf.cgd)}
+        return flat_settings(self.resolved())
 
     def content_settings(self) -> dict[str, Any]:
         """The settings that change the network trained (the output's fingerprint): the
@@ -242,18 +225,6 @@ class TrainConf:
         conf = self.resolved()
         common = {k: v for k, v in conf.settings().items() if k not in _NOT_CONTENT}
         parts = (conf.gem, conf.lw) if conf.mode == "gem" else (conf.cgd, conf.lw)
-        names = {n for part in (conf.gem, conf.lw, conf.cgd) for n in asdict(part)}
-        kept = {n for part in parts for n in asdict(part)}
+        names = {n for part in (conf.gem, conf.lw, conf.cgd) for n in flat_settings(part)}
+        kept = {n for part in parts for n in flat_settings(part)}
         return {k: v for k, v in common.items() if k not in names or k in kept}
-
-
-_PARTS = {"gem": GemPart, "lw": LwPart, "cgd": CgdPart}
-
-
-def _split_parts(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The parts' fields taken out of ``flags``, by part."""
-    found = {}
-    for name, part in _PARTS.items():
-        own = {f.name for f in fields(part)}
-        found[name] = {k: flags.pop(k) for k in list(flags) if k in own}
-    return found

@@ -55,6 +55,7 @@ class GemEpochs:
         conf: TrainConf,
         data: dict[str, Any],
         precision: Any,
+        *,
         device: Any,
         rank: int,
         world: int,
@@ -114,7 +115,7 @@ class GemEpochs:
         return rng, chosen, self._sample(rng, keep=self.train.queries[chosen])
 
     def _describe_into(
-        self, net: Any, actor: Any, epoch: int, rows: np.ndarray, photos: Any, size: int
+        self, net: Any, actor: Any, epoch: int, *, rows: np.ndarray, photos: Any, size: int
     ) -> None:
         """Every worker describes ``photos``, its share of ``rows`` at longest side ``size``,
         into ``actor``; forward passes hold as many pixels as the training size's do."""
@@ -129,7 +130,11 @@ class GemEpochs:
         with torch.no_grad():
             net.eval()
             vectors = (
-                embed(net, photos, mean_std(net, self.device), precision, self.device).cpu().numpy()
+                embed(
+                    net, photos, mean_std(net, self.device), precision=precision, device=self.device
+                )
+                .cpu()
+                .numpy()
             )
         ray.get(actor.add.remote(share, vectors, self.clusters[rows[share]]))
         barrier(self.world)
@@ -144,7 +149,12 @@ class GemEpochs:
             rows = np.union1d(rows, self.val_set)
         share = worker_share(len(rows), self.rank, self.world)
         self._describe_into(
-            net, self.mining, epoch, rows, self.photos.subset(rows[share]), self.conf.image_size
+            net,
+            self.mining,
+            epoch,
+            rows=rows,
+            photos=self.photos.subset(rows[share]),
+            size=self.conf.image_size,
         )
         self.held_rows = rows
         self.described = (epoch, rows) if pool else None
@@ -163,9 +173,9 @@ class GemEpochs:
                 net,
                 self.validation,
                 next_epoch or 0,
-                self.val_set,
-                self.val_photos,
-                self.conf.gem.val_size,
+                rows=self.val_set,
+                photos=self.val_photos,
+                size=self.conf.gem.val_size,
             )
         if self.rank != 0:
             return {}
@@ -182,18 +192,17 @@ class GemEpochs:
         pairs = [(q, p) for q, p in self.lw_pairs if q in held and p in held]
         models = None if self.pool.models is None else self.pool.models[rows]
         self.lw = None
-        if len(pairs) < 10:  # fewer only overfits: no figure rather than a noisy one
-            return {"val_map": cluster_map(vectors, clusters, queries, models)}
+        if len(pairs) < self.conf.lw.fit.min_pairs:  # no figure rather than a noisy one
+            return {"val_map": cluster_map(vectors, clusters, queries, models=models)}
         m, P, how = whitening_on_held_out(
             ids,
             vectors,
             clusters,
-            np.isin(rows, self.train_rows),
-            queries,
-            pairs,
-            self.conf.lw.whiten_shrinkage,
-            self.conf.lw.whiten_dim,
-            models,
+            trained=np.isin(rows, self.train_rows),
+            queries=queries,
+            pairs=pairs,
+            fit=self.conf.lw.fit,
+            models=models,
         )
         self.lw = (m, P, how)
         return {"val_map": how["val_map"], "val_map_lw": how["val_map_lw"]}
@@ -207,7 +216,7 @@ class GemEpochs:
         m, P, how = self.lw
         return m, P, {k: v for k, v in how.items() if k in LW_META}
 
-    def epoch(self, model: Any, net: Any, optimizer: Any, epoch: int) -> dict[str, float]:
+    def epoch(self, model: Any, net: Any, optimizer: Any, *, epoch: int) -> dict[str, float]:
         """One epoch; returns its ``loss`` (per tuple), ``items`` (tuples) and ``steps``."""
         conf, rank, world = self.conf, self.rank, self.world
         rng, chosen, pool = self._draw(epoch)
@@ -243,12 +252,19 @@ class GemEpochs:
             mine = tuples[step * per_step : (step + 1) * per_step][rank::world]
             optimizer.zero_grad()
             images = self.photos.subset(self.train_rows[mine.ravel()])
-            out = embed(model, images, normalise, self.precision, self.device, generator)
+            out = embed(
+                model,
+                images,
+                normalise,
+                precision=self.precision,
+                device=self.device,
+                generator=generator,
+            )
             loss = loss_fn(out.view(*mine.shape, -1))
             (loss * world).backward()  # DDP averages: × world makes it the global batch's sum
             optimizer.step()
             total += float(loss.detach())
-            report_progress(rank, epoch, step + 1, steps, total)
+            report_progress(rank, epoch, step + 1, steps=steps, loss_sum=total)
         steps_seconds = time.perf_counter() - started
         return {
             "loss": sum_over_workers(total, world, self.device) / max(1, steps * per_step),

@@ -91,6 +91,7 @@ def decode_photos(
     images: str,
     image_ids: Sequence[str],
     max_size: int,
+    *,
     square: bool = False,
     lossless: bool = False,
 ) -> TrainingPhotos:
@@ -172,6 +173,7 @@ def embed(
     forward: Callable[[Any], Any],
     photos: Sequence[np.ndarray],
     mean_std: tuple[Any, Any],
+    *,
     precision: Precision,
     device: Any,
     generator: Any = None,

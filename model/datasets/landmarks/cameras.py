@@ -59,7 +59,7 @@ def _arc(conf: LandmarksConf, scene: Scene, rng: np.random.Generator) -> _Arc:
 
 
 def _arc_camera(
-    conf: LandmarksConf, scene: Scene, arc: _Arc, f: float, rng: np.random.Generator
+    conf: LandmarksConf, scene: Scene, arc: _Arc, *, f: float, rng: np.random.Generator
 ) -> Camera:
     """A hand-held photo from the arc at f: small jitter of position, aim, roll and zoom."""
     eye = arc.position(f, scene.centre) + rng.normal(0, [0.15, 0.15, 0.1])
@@ -68,7 +68,7 @@ def _arc_camera(
     width, height = conf.image_size
     roll = math.radians(float(np.clip(rng.normal(0, 1.2), -3, 3)))
     return look_at(
-        eye, target, WORLD_UP, intrinsics(focal, width, height), (width, height), roll=roll
+        eye, target, WORLD_UP, K=intrinsics(focal, width, height), size=(width, height), roll=roll
     )
 
 
@@ -102,7 +102,7 @@ def landmark_shots(conf: LandmarksConf, index: int, scene: Scene) -> list[Shot]:
     shots = []
     for view in range(views):
         rng = stream_rng(conf, Stream.VIEW, SceneKind.LANDMARK, index, view)
-        camera = _arc_camera(conf, scene, arc, view / (views - 1), rng)
+        camera = _arc_camera(conf, scene, arc, f=view / (views - 1), rng=rng)
         name = f"{prefix}_v{view:0{_digits(views)}d}"
         shots.append(Shot(name, "db", index, camera, (SceneKind.LANDMARK, index, view)))
     fractions = _query_fractions(
@@ -111,7 +111,7 @@ def landmark_shots(conf: LandmarksConf, index: int, scene: Scene) -> list[Shot]:
     for query, f in enumerate(fractions):
         view = views + query
         rng = stream_rng(conf, Stream.VIEW, SceneKind.LANDMARK, index, view)
-        camera = _arc_camera(conf, scene, arc, f, rng)
+        camera = _arc_camera(conf, scene, arc, f=f, rng=rng)
         shots.append(
             Shot(f"{prefix}_q{query}", "query", index, camera, (SceneKind.LANDMARK, index, view))
         )
@@ -126,8 +126,8 @@ def distractor_shot(conf: LandmarksConf, index: int, scene: Scene) -> Shot:
         conf,
         scene,
         arc,
-        float(rng.random()),
-        stream_rng(conf, Stream.VIEW, SceneKind.DISTRACTOR, index),
+        f=float(rng.random()),
+        rng=stream_rng(conf, Stream.VIEW, SceneKind.DISTRACTOR, index),
     )
     name = f"distractor_{index:0{max(_digits(conf.num_distractors), 3)}d}"
     return Shot(name, "distractor", -1, camera, (SceneKind.DISTRACTOR, index, 0))

@@ -14,7 +14,7 @@ _MAX_TEXTURE_SIZE = 2048
 
 
 def smooth_noise(
-    rng: np.random.Generator, height: int, width: int, scale_px: float, octaves: int = 3
+    rng: np.random.Generator, height: int, width: int, *, scale_px: float, octaves: int = 3
 ) -> np.ndarray:
     """Smooth multi-scale noise [height, width] float32 with unit-ish amplitude."""
     out = np.zeros((height, width), dtype=np.float32)
@@ -50,7 +50,7 @@ class Canvas:
         return round(x_m * self.ppm), round((self.height_m - z_m) * self.ppm)
 
     def rect(
-        self, x0: float, z0: float, x1: float, z1: float, rgb: RGB, thickness: int = -1
+        self, *, x0: float, z0: float, x1: float, z1: float, rgb: RGB, thickness: int = -1
     ) -> None:
         cv2.rectangle(
             self.image, self.px(x0, z1), self.px(x1, z0), scaled_colour(rgb), thickness, cv2.LINE_AA
@@ -58,13 +58,15 @@ class Canvas:
 
 
 def weathered_canvas(
-    rng: np.random.Generator, width_m: float, height_m: float, ppm: float, base: RGB
+    rng: np.random.Generator, width_m: float, height_m: float, *, ppm: float, base: RGB
 ) -> Canvas:
     """A wall-coloured canvas with weathering noise at several scales."""
     ppm = min(ppm, _MAX_TEXTURE_SIZE / max(width_m, height_m))
     w, h = max(round(width_m * ppm), 4), max(round(height_m * ppm), 4)
     shade = (
-        1 + 0.07 * smooth_noise(rng, h, w, 2.5 * ppm) + 0.04 * smooth_noise(rng, h, w, 0.3 * ppm, 2)
+        1
+        + 0.07 * smooth_noise(rng, h, w, scale_px=2.5 * ppm)
+        + 0.04 * smooth_noise(rng, h, w, scale_px=0.3 * ppm, octaves=2)
     )
     image = np.asarray(base, dtype=np.float32) * shade[..., None]
     return Canvas(np.clip(image, 0, 255).astype(np.uint8), ppm)

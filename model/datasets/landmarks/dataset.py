@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,6 @@ def load_cameras(dataset_dir: str | Path) -> pa.Table:
 def write_scene_manifest(dataset_dir: str | Path, path: str | Path) -> Path:
     """An ingest manifest (CSV: ``uri``, ``scene`` = ``lm<landmark>``) of a local collection's
     landmark photos, distractors left out: the input of the SfM and training stages' checks."""
-    import csv
-
     root, out = Path(dataset_dir).resolve(), Path(path)  # ingest reads relative to the CSV
     with out.open("w", newline="") as f:
         writer = csv.writer(f)

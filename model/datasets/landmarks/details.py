@@ -13,6 +13,7 @@ def paint_window(
     canvas: Canvas,
     rng: np.random.Generator,
     style: Style,
+    *,
     x: float,
     z: float,
     size: tuple[float, float],
@@ -23,7 +24,7 @@ def paint_window(
     glass = scaled_colour(style.glass, rng.uniform(0.7, 1.35))
     if rng.random() < 0.12:  # lit
         glass = scaled_colour((235, 205, 130), rng.uniform(0.75, 1.0))
-    canvas.rect(x - w / 2 - 0.12, z - 0.14, x + w / 2 + 0.12, z, style.trim)  # sill
+    canvas.rect(x0=x - w / 2 - 0.12, z0=z - 0.14, x1=x + w / 2 + 0.12, z1=z, rgb=style.trim)  # sill
     if style.window == "round":
         centre, radius = canvas.px(x, z + h / 2), round(w / 2 * canvas.ppm)
         cv2.circle(
@@ -36,8 +37,10 @@ def paint_window(
         )
         cv2.circle(canvas.image, centre, radius, glass, -1, cv2.LINE_AA)
     else:
-        canvas.rect(x - w / 2 - frame, z, x + w / 2 + frame, z + h + frame, style.trim)
-        canvas.rect(x - w / 2, z + frame, x + w / 2, z + h, glass)
+        canvas.rect(
+            x0=x - w / 2 - frame, z0=z, x1=x + w / 2 + frame, z1=z + h + frame, rgb=style.trim
+        )
+        canvas.rect(x0=x - w / 2, z0=z + frame, x1=x + w / 2, z1=z + h, rgb=glass)
         if style.window == "arched":
             axes = (
                 round((w / 2 + frame) * canvas.ppm),
@@ -63,7 +66,9 @@ def paint_window(
         shade = scaled_colour(
             np.array(style.walls[rng.integers(len(style.walls))]), rng.uniform(0.5, 1.2)
         )
-        canvas.rect(x - w / 2 + 0.05, z + h - drop, x + w / 2 - 0.05, z + h - 0.05, shade)
+        canvas.rect(
+            x0=x - w / 2 + 0.05, z0=z + h - drop, x1=x + w / 2 - 0.05, z1=z + h - 0.05, rgb=shade
+        )
     if rng.random() < 0.4:  # sky reflection across the pane
         x0, z0 = x - w / 2 + rng.uniform(0, w / 2), z + rng.uniform(0.2, 0.6) * h
         corners = [(x0, z0), (x0 + w / 3, z0 + h / 3), (x0 + w / 3, z0 + h / 2)]
@@ -84,7 +89,7 @@ def paint_window(
 
 
 def paint_ornament(
-    canvas: Canvas, rng: np.random.Generator, style: Style, x: float, z: float
+    canvas: Canvas, rng: np.random.Generator, style: Style, *, x: float, z: float
 ) -> None:
     """A decoration between windows; its details vary so no two look the same."""
     ppm = canvas.ppm
@@ -118,8 +123,14 @@ def paint_ornament(
         cv2.line(canvas.image, centre, tip, colour, max(radius // 5, 1), cv2.LINE_AA)
     else:  # pilasters: a capital on a shaft down to the ground
         half = rng.uniform(0.18, 0.3)
-        canvas.rect(x - half, 0, x + half, z, scaled_colour(style.trim, rng.uniform(0.85, 1.0)))
-        canvas.rect(x - half - 0.12, z - 0.3, x + half + 0.12, z, colour)
+        canvas.rect(
+            x0=x - half,
+            z0=0,
+            x1=x + half,
+            z1=z,
+            rgb=scaled_colour(style.trim, rng.uniform(0.85, 1.0)),
+        )
+        canvas.rect(x0=x - half - 0.12, z0=z - 0.3, x1=x + half + 0.12, z1=z, rgb=colour)
 
 
 def _random_word(rng: np.random.Generator) -> str:
@@ -127,7 +138,9 @@ def _random_word(rng: np.random.Generator) -> str:
     return "".join(letters[i] for i in rng.integers(0, len(letters), size=int(rng.integers(3, 9))))
 
 
-def paint_sign(canvas: Canvas, rng: np.random.Generator, style: Style, x: float, z: float) -> None:
+def paint_sign(
+    canvas: Canvas, rng: np.random.Generator, style: Style, *, x: float, z: float
+) -> None:
     """A shop sign with random lettering: strong, unique corners for feature matching."""
     text = _random_word(rng)
     scale = rng.uniform(0.35, 0.55) * canvas.ppm / 22.0  # Hershey letters are 22 units tall
@@ -137,7 +150,7 @@ def paint_sign(canvas: Canvas, rng: np.random.Generator, style: Style, x: float,
     scale, tw, th = scale * fit, int(tw * fit), int(th * fit)
     width_m, height_m = tw / canvas.ppm + 0.4, th / canvas.ppm + 0.3
     board = scaled_colour(style.accent, rng.uniform(0.6, 1.1))
-    canvas.rect(x - width_m / 2, z, x + width_m / 2, z + height_m, board)
+    canvas.rect(x0=x - width_m / 2, z0=z, x1=x + width_m / 2, z1=z + height_m, rgb=board)
     ink = (245.0, 245.0, 240.0) if sum(board) < 380 else (25.0, 25.0, 30.0)
     origin = canvas.px(x - width_m / 2 + 0.2, z + 0.15)
     cv2.putText(

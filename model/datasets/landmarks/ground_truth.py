@@ -69,7 +69,7 @@ def viewpoint_change(
 
 
 def _classify(
-    conf: LandmarksConf, centre: np.ndarray, query: Seen, image: Seen
+    conf: LandmarksConf, centre: np.ndarray, query: Seen, *, image: Seen
 ) -> Literal["easy", "hard", "junk"]:
     """The revisited label of a database photo of the query's landmark, from the geometry."""
     if covisibility(query.visible, image.visible) < conf.junk_covisibility:
@@ -85,12 +85,12 @@ def _classify(
 
 
 def query_ground_truth(
-    conf: LandmarksConf, centre: np.ndarray, query: Seen, database: Sequence[tuple[int, Seen]]
+    conf: LandmarksConf, centre: np.ndarray, query: Seen, *, database: Sequence[tuple[int, Seen]]
 ) -> dict[str, Any]:
     """easy/hard/junk indices into imlist and the query's box, for one query."""
     labels: dict[str, list[int]] = {"easy": [], "hard": [], "junk": []}
     for position, seen in database:
-        labels[_classify(conf, centre, query, seen)].append(position)
+        labels[_classify(conf, centre, query, image=seen)].append(position)
     visible = query.uv[query.visible]
     if len(visible) == 0:
         raise RuntimeError(f"query {query.shot.name} sees none of its landmark; the arc misses it")

@@ -65,7 +65,7 @@ def _shading(scene: Scene, sun: np.ndarray) -> list[float]:
 
 
 def _develop(
-    image: np.ndarray, depth: np.ndarray, look: _Look, rng: np.random.Generator
+    image: np.ndarray, depth: np.ndarray, look: _Look, *, rng: np.random.Generator
 ) -> np.ndarray:
     """Haze, exposure, contrast, gamma, colour cast, vignetting, blur and noise."""
     x = image.astype(np.float32) / 255.0
@@ -91,9 +91,13 @@ def take_photo(conf: LandmarksConf, scene: Scene, shot: Shot) -> tuple[np.ndarra
     look = _look(rng, scene)
     background = sky(shot.camera, look.zenith, look.horizon)
     image, depth = render(
-        scene.quads, shot.camera, background, conf.supersample, shading=_shading(scene, look.sun)
+        scene.quads,
+        shot.camera,
+        background,
+        supersample=conf.supersample,
+        shading=_shading(scene, look.sun),
     )
-    return _develop(image, depth, look, rng), depth
+    return _develop(image, depth, look, rng=rng), depth
 
 
 def encode_jpeg(image: np.ndarray, quality: int) -> bytes:

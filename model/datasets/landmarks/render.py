@@ -119,6 +119,7 @@ def look_at(
     eye: Sequence[float] | np.ndarray,
     target: Sequence[float] | np.ndarray,
     up: Sequence[float] | np.ndarray,
+    *,
     K: np.ndarray,
     size: tuple[int, int],
     roll: float = 0.0,
@@ -204,6 +205,7 @@ def sky(
     camera: Camera,
     zenith: Sequence[float],
     horizon: Sequence[float],
+    *,
     up: Sequence[float] = (0.0, 0.0, 1.0),
 ) -> np.ndarray:
     """A sky background [H, W, 3] float32: `horizon` colour at and below the horizon, blending to
@@ -264,7 +266,7 @@ def _plane_to_image(quad: TexturedQuad, camera: Camera) -> np.ndarray:
 
 
 def _coverage(
-    to_plane: np.ndarray, box: tuple[int, int, int, int], inv_depth: np.ndarray, near: float
+    to_plane: np.ndarray, box: tuple[int, int, int, int], inv_depth: np.ndarray, *, near: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mask, 1 / z) over the box: pixels whose centre sees the quad in front of `near` and
     nearer than what `inv_depth` holds.
@@ -305,6 +307,7 @@ def _draw_quad(
     quad: TexturedQuad,
     camera: Camera,
     gain: float,
+    *,
     near: float,
     colour: np.ndarray,
     inv_depth: np.ndarray,
@@ -327,7 +330,7 @@ def _draw_quad(
         return
     plane = _plane_to_image(quad, camera)
     to_plane = np.linalg.inv(plane)
-    mask, inv_z = _coverage(to_plane, box, inv_depth, near)
+    mask, inv_z = _coverage(to_plane, box, inv_depth, near=near)
     if not mask.any():
         return
     texture = quad.mipmaps[_mip_level(plane, vertices, quad)]
@@ -355,8 +358,8 @@ def render(
     quads: Sequence[TexturedQuad],
     camera: Camera,
     background: np.ndarray | Sequence[float] = (0.0, 0.0, 0.0),
-    supersample: int = 2,
     *,
+    supersample: int = 2,
     shading: Sequence[float] | None = None,
     near: float = 0.05,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -381,7 +384,7 @@ def render(
     colour = np.zeros((fine.height, fine.width, 3), dtype=np.float32)
     inv_depth = np.zeros((fine.height, fine.width), dtype=np.float32)
     for quad, gain in zip(quads, gains, strict=True):
-        _draw_quad(quad, fine, gain, near, colour, inv_depth)
+        _draw_quad(quad, fine, gain, near=near, colour=colour, inv_depth=inv_depth)
 
     size = (camera.width, camera.height)
     covered = (inv_depth > 0).astype(np.float32)

@@ -75,7 +75,7 @@ def texture_density(conf: LandmarksConf) -> float:
     return float(np.clip(focal / 25.0, 12.0, 64.0))
 
 
-def _hue(conf: LandmarksConf, kind: SceneKind, index: int, rng: np.random.Generator) -> float:
+def _hue(conf: LandmarksConf, kind: SceneKind, index: int, *, rng: np.random.Generator) -> float:
     """Collection landmarks get hues spread by the golden ratio, so neighbours look different."""
     if kind is SceneKind.DISTRACTOR:
         return float(rng.random())
@@ -87,7 +87,7 @@ def build_scene(conf: LandmarksConf, index: int, *, distractor: bool = False) ->
     """Landmark `index` of the collection (or distractor `index`), the same for the same conf."""
     kind = SceneKind.DISTRACTOR if distractor else SceneKind.LANDMARK
     rng = stream_rng(conf, Stream.SCENE, kind, index)
-    style = random_style(rng, _hue(conf, kind, index, rng))
+    style = random_style(rng, _hue(conf, kind, index, rng=rng))
     ppm = texture_density(conf)
     quads: list[TexturedQuad] = []
     top = 0.0
@@ -97,12 +97,18 @@ def build_scene(conf: LandmarksConf, index: int, *, distractor: bool = False) ->
             top = max(top, box.z0 + box.height)
             for origin, u, v, width_m, height_m, is_wall in _box_faces(box):
                 if not is_wall:
-                    texture = roof_texture(rng, style, width_m, height_m, ppm)
+                    texture = roof_texture(rng, style, width_m, depth_m=height_m, ppm=ppm)
                 elif width_m < 3.0:
-                    texture = plain_texture(rng, base, width_m, height_m, ppm)
+                    texture = plain_texture(rng, base, width_m, height_m=height_m, ppm=ppm)
                 else:
                     texture = wall_texture(
-                        rng, style, base, width_m, height_m, ppm, ground_floor=tier == 0
+                        rng,
+                        style,
+                        base,
+                        width_m=width_m,
+                        height_m=height_m,
+                        ppm=ppm,
+                        ground_floor=tier == 0,
                     )
                 quads.append(TexturedQuad(origin, u, v, texture, double_sided=False))
     corners = np.concatenate([q.corners for q in quads])[:, :2]

@@ -12,7 +12,7 @@ from model.datasets.landmarks.details import paint_ornament, paint_sign, paint_w
 from model.datasets.landmarks.style import RGB, Style, scaled_colour
 
 
-def _paint_pattern(canvas: Canvas, rng: np.random.Generator, style: Style, base: RGB) -> None:
+def _paint_pattern(canvas: Canvas, rng: np.random.Generator, style: Style, *, base: RGB) -> None:
     """The wall's surface pattern: stone blocks, panels or bands, each element its own shade."""
     h, w = canvas.image.shape[:2]
     if style.pattern == "plain":
@@ -50,7 +50,7 @@ def _paint_pattern(canvas: Canvas, rng: np.random.Generator, style: Style, base:
 def _paint_grime(canvas: Canvas, rng: np.random.Generator) -> None:
     """Stains and streaks: they break the repetition of windows that confuses matching."""
     h, w = canvas.image.shape[:2]
-    blotches = np.clip(smooth_noise(rng, h, w, 1.5 * canvas.ppm, 2), 0, None)
+    blotches = np.clip(smooth_noise(rng, h, w, scale_px=1.5 * canvas.ppm, octaves=2), 0, None)
     columns = max(int(w / (0.25 * canvas.ppm)), 2)  # rain streaks about 25 cm apart
     streaks = rng.standard_normal((3, columns)).astype(np.float32)
     streaks = np.clip(cv2.resize(streaks, (w, h), interpolation=cv2.INTER_LINEAR), 0, None)
@@ -79,14 +79,15 @@ def wall_texture(
     rng: np.random.Generator,
     style: Style,
     base: RGB,
+    *,
     width_m: float,
     height_m: float,
     ppm: float,
     ground_floor: bool,
 ) -> np.ndarray:
     """A facade: pattern, cornices, a grid of windows, ornaments, a door and signs, grime."""
-    canvas = weathered_canvas(rng, width_m, height_m, ppm, base)
-    _paint_pattern(canvas, rng, style, base)
+    canvas = weathered_canvas(rng, width_m, height_m, ppm=ppm, base=base)
+    _paint_pattern(canvas, rng, style, base=base)
     bays = int((width_m - 0.6) // style.bay_m)
     floors = int((height_m - 0.8) // style.floor_m)
     margin = (width_m - bays * style.bay_m) / 2
@@ -95,53 +96,61 @@ def wall_texture(
         z = floor * style.floor_m - 0.05
         if z < height_m - 0.5 and (floor == 1 or rng.random() < 0.5):
             canvas.rect(
-                0, z - 0.12, width_m, z + 0.12, scaled_colour(style.trim, rng.uniform(0.8, 1.0))
+                x0=0,
+                z0=z - 0.12,
+                x1=width_m,
+                z1=z + 0.12,
+                rgb=scaled_colour(style.trim, rng.uniform(0.8, 1.0)),
             )
     door = int(rng.integers(len(xs))) if ground_floor and xs else -1
     for floor in range(floors):
         z = floor * style.floor_m + 0.9
         for bay, x in enumerate(xs):
             if floor == 0 and bay == door:
-                canvas.rect(x - 0.85, 0, x + 0.85, 2.7, style.trim)
-                canvas.rect(x - 0.7, 0, x + 0.7, 2.55, scaled_colour(style.accent, 0.45))
+                canvas.rect(x0=x - 0.85, z0=0, x1=x + 0.85, z1=2.7, rgb=style.trim)
+                canvas.rect(
+                    x0=x - 0.7, z0=0, x1=x + 0.7, z1=2.55, rgb=scaled_colour(style.accent, 0.45)
+                )
             elif floor == 0 and ground_floor and rng.random() < 0.35:
-                paint_sign(canvas, rng, style, x, 1.2)
+                paint_sign(canvas, rng, style, x=x, z=1.2)
             elif rng.random() > 0.06:  # else a bricked-up window
-                paint_window(canvas, rng, style, x, z, style.window_m)
+                paint_window(canvas, rng, style, x=x, z=z, size=style.window_m)
         for left, right in itertools.pairwise(xs):
             if rng.random() < 0.7:
-                paint_ornament(canvas, rng, style, (left + right) / 2, z + style.window_m[1] * 0.7)
+                paint_ornament(
+                    canvas, rng, style, x=(left + right) / 2, z=z + style.window_m[1] * 0.7
+                )
     top = max(height_m - 0.6, 0)  # crowning cornice with dentils
-    canvas.rect(0, top, width_m, height_m, scaled_colour(style.trim, 0.9))
+    canvas.rect(x0=0, z0=top, x1=width_m, z1=height_m, rgb=scaled_colour(style.trim, 0.9))
     for x in np.arange(0.1, width_m, 0.45):
-        canvas.rect(x, top - 0.18, x + 0.2, top, scaled_colour(style.trim, 0.75))
+        canvas.rect(x0=x, z0=top - 0.18, x1=x + 0.2, z1=top, rgb=scaled_colour(style.trim, 0.75))
     _paint_grime(canvas, rng)
     return canvas.image
 
 
 def plain_texture(
-    rng: np.random.Generator, base: RGB, width_m: float, height_m: float, ppm: float
+    rng: np.random.Generator, base: RGB, width_m: float, *, height_m: float, ppm: float
 ) -> np.ndarray:
     """A narrow side wall: just the weathered wall colour and grime."""
-    canvas = weathered_canvas(rng, width_m, height_m, ppm, base)
+    canvas = weathered_canvas(rng, width_m, height_m, ppm=ppm, base=base)
     _paint_grime(canvas, rng)
     return canvas.image
 
 
 def roof_texture(
-    rng: np.random.Generator, style: Style, width_m: float, depth_m: float, ppm: float
+    rng: np.random.Generator, style: Style, width_m: float, *, depth_m: float, ppm: float
 ) -> np.ndarray:
     """A flat roof: tar with vents and skylights."""
-    canvas = weathered_canvas(rng, width_m, depth_m, ppm, style.roof)
+    canvas = weathered_canvas(rng, width_m, depth_m, ppm=ppm, base=style.roof)
     for _ in range(int(rng.integers(2, 6))):
         x, z = rng.uniform(0, width_m), rng.uniform(0, depth_m)
         size = rng.uniform(0.6, 2.0)
         canvas.rect(
-            x,
-            z,
-            x + size,
-            z + size * rng.uniform(0.5, 1.5),
-            scaled_colour(style.roof, rng.uniform(1.3, 2.0)),
+            x0=x,
+            z0=z,
+            x1=x + size,
+            z1=z + size * rng.uniform(0.5, 1.5),
+            rgb=scaled_colour(style.roof, rng.uniform(1.3, 2.0)),
         )
     return canvas.image
 
@@ -150,6 +159,6 @@ def ground_texture(rng: np.random.Generator, colour: RGB) -> np.ndarray:
     """A weakly textured ground: low-contrast, smooth. A textured ground makes image pairs
     homography-dominated and splits Structure-from-Motion models."""
     size = 256
-    shade = 1 + 0.035 * smooth_noise(rng, size, size, 24.0, 3)
+    shade = 1 + 0.035 * smooth_noise(rng, size, size, scale_px=24.0, octaves=3)
     image = np.asarray(colour, dtype=np.float32) * shade[..., None]
     return cv2.GaussianBlur(np.clip(image, 0, 255).astype(np.uint8), (0, 0), 1.5)

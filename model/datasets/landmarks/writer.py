@@ -36,7 +36,7 @@ class _Collection:
     gnd: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _photograph(conf: LandmarksConf, scene: Scene, shot: Shot, jpg_dir: Path) -> Seen:
+def _photograph(conf: LandmarksConf, scene: Scene, shot: Shot, *, jpg_dir: Path) -> Seen:
     """Take and save the photo of `shot`; return what it sees of the landmark."""
     photo, depth = take_photo(conf, scene, shot)
     (jpg_dir / f"{shot.name}.jpg").write_bytes(encode_jpeg(photo, conf.jpeg_quality))
@@ -45,14 +45,14 @@ def _photograph(conf: LandmarksConf, scene: Scene, shot: Shot, jpg_dir: Path) ->
 
 
 def _add_landmark(
-    conf: LandmarksConf, index: int, jpg_dir: Path, collection: _Collection, bar: tqdm
+    conf: LandmarksConf, index: int, jpg_dir: Path, *, collection: _Collection, bar: tqdm
 ) -> None:
     """Photograph landmark `index` and label its views for each of its queries."""
     scene = build_scene(conf, index)
     database: list[tuple[int, Seen]] = []  # (position in imlist, what it sees)
     queries: list[Seen] = []
     for shot in landmark_shots(conf, index, scene):
-        seen = _photograph(conf, scene, shot, jpg_dir)
+        seen = _photograph(conf, scene, shot, jpg_dir=jpg_dir)
         collection.records.append(camera_record(shot, scene))
         if shot.role == "db":
             database.append((len(collection.database), seen))
@@ -61,16 +61,18 @@ def _add_landmark(
             queries.append(seen)
             collection.queries.append(shot.name)
         bar.update()
-    collection.gnd += [query_ground_truth(conf, scene.centre, q, database) for q in queries]
+    collection.gnd += [
+        query_ground_truth(conf, scene.centre, q, database=database) for q in queries
+    ]
 
 
 def _add_distractor(
-    conf: LandmarksConf, index: int, jpg_dir: Path, collection: _Collection, bar: tqdm
+    conf: LandmarksConf, index: int, jpg_dir: Path, *, collection: _Collection, bar: tqdm
 ) -> None:
     """Photograph distractor `index`: a database image that is a negative for every query."""
     scene = build_scene(conf, index, distractor=True)
     shot = distractor_shot(conf, index, scene)
-    _photograph(conf, scene, shot, jpg_dir)
+    _photograph(conf, scene, shot, jpg_dir=jpg_dir)
     collection.records.append(camera_record(shot, scene))
     collection.database.append(shot.name)
     bar.update()
@@ -85,9 +87,9 @@ def write_collection(conf: LandmarksConf, out: Path, progress: bool) -> None:
     collection = _Collection()
     with tqdm(total=total, desc=f"render {conf.name}", unit="img", disable=not progress) as bar:
         for index in range(conf.num_landmarks):
-            _add_landmark(conf, index, jpg_dir, collection, bar)
+            _add_landmark(conf, index, jpg_dir, collection=collection, bar=bar)
         for index in range(conf.num_distractors):
-            _add_distractor(conf, index, jpg_dir, collection, bar)
+            _add_distractor(conf, index, jpg_dir, collection=collection, bar=bar)
     _write_tables(conf, out, collection)
 
 
