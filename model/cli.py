@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import tyro
 
 from model import storage
+from model.settings import checks_deferred
 
 __all__ = ["USER_ERRORS", "FlatFlags", "location_problems", "log_settings", "run_cli"]
 
@@ -55,6 +56,29 @@ class FlatFlags:
     def settings(self) -> dict[str, Any]:
         """Every setting by flag name, the parts' too."""
         return flat_settings(self)
+
+
+def checked(conf: Any) -> Any:
+    """``conf`` made again, its parts first, so each checks itself (``model.settings``); one
+    ``ValueError`` names every problem of every part."""
+    if not dataclasses.is_dataclass(conf):
+        return conf
+    problems: list[str] = []
+    parts = {}
+    for field in dataclasses.fields(conf):
+        value = getattr(conf, field.name)
+        if dataclasses.is_dataclass(value):
+            try:
+                parts[field.name] = checked(value)
+            except ValueError as err:
+                problems += str(err).splitlines()
+    try:
+        conf = dataclasses.replace(conf, **parts)
+    except ValueError as err:
+        problems += str(err).splitlines()
+    if problems:
+        raise ValueError("\n".join(problems))
+    return conf
 
 
 def flat_settings(conf: Any) -> dict[str, Any]:
@@ -137,9 +161,10 @@ def run_cli(main: Callable[[Conf], Any], conf_type: type[Conf]) -> None:
     A config made of parts (nested dataclasses) keeps flat flag names: ``--lr``, not
     ``--gem.lr``; the parts' field names are distinct for that reason."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    conf = tyro.cli(conf_type, config=(tyro.conf.OmitArgPrefixes,))
+    with checks_deferred():  # tyro would draw a part's problems in a box of its own
+        parsed = tyro.cli(conf_type, config=(tyro.conf.OmitArgPrefixes,))
     try:
-        main(conf)
+        main(checked(parsed))
     except USER_ERRORS as err:
         if os.environ.get("CIRRAY_DEBUG"):
             raise

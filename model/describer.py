@@ -30,6 +30,7 @@ from model.extraction import ExtractOptions, describe_batch, resized_size, size_
 from model.images import BadImage, decode_image, read_size
 from model.networks import NetworkMeta, build_network
 from model.pooling import PoolingName
+from model.settings import raise_problems
 from model.whitening import apply_whitening
 
 __all__ = [
@@ -69,8 +70,7 @@ class NetworkSettings:
             problems.append(f"--scales must be factors in (0, 4], not {list(self.scales)}")
         if not self.p > 0:
             problems.append(f"--p must be positive, not {self.p}")
-        if problems:
-            raise ValueError("\n".join(problems))
+        raise_problems(problems)
 
     @classmethod
     def from_manifest(cls, network: dict[str, Any], settings: dict[str, Any]) -> NetworkSettings:

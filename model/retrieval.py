@@ -25,6 +25,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from model.arrays import descriptor_matrix, index_array
+from model.settings import raise_problems
 
 __all__ = [
     "QueryExpansion",
@@ -285,8 +286,7 @@ class QueryExpansion:
             problems.append(f"--qe-k must be 0 (off) or more, not {self.qe_k}")
         if not np.isfinite(self.qe_alpha) or self.qe_alpha < 0:
             problems.append(f"--qe-alpha must be a finite number >= 0, not {self.qe_alpha}")
-        if problems:
-            raise ValueError("\n".join(problems))
+        raise_problems(problems)
 
     @property
     def label(self) -> str:

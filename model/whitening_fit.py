@@ -17,6 +17,7 @@ import numpy as np
 
 from model import tables
 from model.evaluation import cluster_map
+from model.settings import raise_problems
 from model.training_set import TrainingSet, read_training_set, split_clusters
 from model.whitening import SHRINKAGES, apply_whitening, learn_whitening, select_whitening
 
@@ -56,8 +57,7 @@ class LwFit:
             problems.append(f"--whiten-dim must be at least 1, not {self.whiten_dim}")
         if self.min_pairs < 1:
             problems.append(f"--min-pairs must be at least 1, not {self.min_pairs}")
-        if problems:
-            raise ValueError("\n".join(problems))
+        raise_problems(problems)
 
 
 def read_whitening_pairs(pairs: str) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from model.cli import FlatFlags, flat_settings
+from model.settings import raise_problems
 from model.whitening_fit import LwFit
 from pipeline.train.images import PRECISIONS
 
@@ -38,11 +39,6 @@ _NOT_CONTENT = frozenset(
 )
 """Fields that do not change the network trained: where things lie, how the work is shared
 (``images``, ``pairs`` and ``weights`` are inputs: their identities are fingerprinted)."""
-
-
-def _raise_if(problems: list[str]) -> None:
-    if problems:
-        raise ValueError("\n".join(problems))
 
 
 def _at_least(part: Any, minimum: int, *names: str) -> list[str]:
@@ -73,7 +69,7 @@ class GemPart:
     description an epoch serves mining too."""
 
     def __post_init__(self) -> None:
-        _raise_if(
+        raise_problems(
             _at_least(self, 1, "nnum", "queries", "tuples_per_step")
             + _at_least(self, 2, "pool_size")
             + _at_least(self, 64, "val_size")
@@ -99,7 +95,7 @@ class LwPart:
         problems = _at_least(self, 1, "whiten_size")
         if self.keep_whitening not in ("if-better", "always"):
             problems.append(f"--keep-whitening {self.keep_whitening!r}: use if-better or always")
-        _raise_if(problems)
+        raise_problems(problems)
 
 
 @dataclass(frozen=True)
@@ -126,7 +122,7 @@ class CgdPart:
             problems.append(f"--label-smoothing is a share in [0, 1), not {self.label_smoothing}")
         if self.temperature <= 0:
             problems.append(f"--temperature must be positive, not {self.temperature}")
-        _raise_if(problems)
+        raise_problems(problems)
 
 
 @dataclass(frozen=True)
@@ -203,7 +199,7 @@ class TrainConf(FlatFlags):
             problems.append(f"--margin must be positive, not {self.margin}")
         if self.lw.fold_whitening and self.weights == "imagenet":
             problems.append("--fold-whitening needs --weights: a checkpoint with a learned Lw")
-        _raise_if(problems)
+        raise_problems(problems)
 
     def resolved(self) -> TrainConf:
         """This run with its mode's defaults filled in (what the workers run with)."""
