@@ -2,12 +2,12 @@
 
 The mining actor receives an epoch's pool as one share per training worker; gathering them
 into one array and copying that into a FAISS ``IndexFlat`` cost more than the search itself
-(measured, 100,000 × 1,280 on 2 cores: 1.9 s of copies for a 1.8 s search). These searchers
+(``bench/mining.py``). These searchers
 read the shares where Ray put them (zero-copy NumPy views) and merge the per-share results:
 
 - :class:`ExactSearch`: FAISS's BLAS k-NN (``faiss.knn``) on each share, exact;
-- :class:`Bf16Search`: candidates from a bfloat16 product (CPUs with AMX or AVX512-BF16 run it
-  about 4× faster than float32), re-scored exactly in float32, so it returns the exact top
+- :class:`Bf16Search`: candidates from a bfloat16 product (faster than float32 on CPUs with AMX
+  or AVX512-BF16), re-scored exactly in float32, so it returns the exact top
   ``k`` unless more than :data:`EXTRA` rows tie with the ``k``-th at bfloat16 precision.
 
 Both answer ``search(x, k) -> (sims, positions)`` like a FAISS index whose rows are the pool's

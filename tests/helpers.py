@@ -3,6 +3,8 @@ stages before them."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,16 @@ from model import tables
 from model.descriptors import write_descriptors
 from model.images import image_id
 from model.tables import IMAGES, IMAGES_OUTPUT
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_stage(stage: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """``python -m pipeline.<stage> FLAGS`` from the repository, as a user types it."""
+    command = [sys.executable, "-m", f"pipeline.{stage}", *flags]
+    return subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def usable_images(images: str, columns: list[str]) -> pa.Table:

@@ -3,10 +3,6 @@ every part named in one line each."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from model.describer import NetworkSettings
@@ -14,8 +10,7 @@ from model.retrieval import QueryExpansion
 from pipeline.evaluate import EvaluateConf
 from pipeline.serve import ServeConf
 from pipeline.train import TrainConf
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import run_stage
 
 
 def test_flat_flags_reach_the_parts_and_keep_their_defaults():
@@ -35,13 +30,7 @@ def test_flat_flags_reach_the_parts_and_keep_their_defaults():
 
 def test_the_command_line_names_every_problem_of_every_part():
     flags = ["--images", "i", "--output", "o", "--whiten-dim", "0", "--nnum", "0", "--lr", "-1"]
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", *flags],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = run_stage("train", *flags)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         "error: --nnum must be at least 1, not 0",

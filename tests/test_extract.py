@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from model.networks import NetworkMeta, build_network
 from model.tables import DESCRIPTORS, DESCRIPTORS_OUTPUT, IMAGES_OUTPUT, OutputChanged
 from model.whitening import apply_whitening
 from pipeline.extract import ExtractConf, run
-from tests.helpers import write_images
+from tests.helpers import run_stage, write_images
 
 MAX_SIZE = 128
 
@@ -221,21 +219,7 @@ def test_a_bucket_that_does_not_exist_is_named_first(photos, tmp_path: Path, s3_
 
 
 def test_cli_mistake_is_one_line(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.extract",
-            "--images",
-            str(tmp_path / "none"),
-            "--output",
-            str(tmp_path / "d"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_stage("extract", "--images", str(tmp_path / "none"), "--output", str(tmp_path / "d"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert "run pipeline.ingest first" in line

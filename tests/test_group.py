@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from model.descriptors import write_descriptors
 from pipeline.group import GroupConf, attach_candidates, knn_graph, run
 from pipeline.ingest import IngestConf
 from pipeline.ingest import run as ingest
-from tests.helpers import usable_images
+from tests.helpers import run_stage, usable_images
 
 REPO = Path(__file__).resolve().parent.parent
 SCENES = {"arch": 12, "bridge": 9, "tower": 40}
@@ -201,43 +199,12 @@ def test_new_descriptors_upstream_group_again(ingested, tmp_path):
 
 
 def test_the_command_reports_every_problem_at_once(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.group",
-            "--images",
-            str(tmp_path / "none"),
-            "--descriptors",
-            str(tmp_path / "nothing"),
-            "--output",
-            str(tmp_path / "g"),
-            "--k",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    flags = ["--images", str(tmp_path / "none"), "--descriptors", str(tmp_path / "nothing")]
+    done = run_stage("group", *flags, "--output", str(tmp_path / "g"), "--k", "0")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--k" in errors[0], done.stderr
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.group",
-            "--images",
-            str(tmp_path / "none"),
-            "--descriptors",
-            str(tmp_path / "nothing"),
-            "--output",
-            str(tmp_path / "g"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    done = run_stage("group", *flags, "--output", str(tmp_path / "g"))
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(errors) >= 2, done.stderr
     assert any("--images" in e for e in errors) and any("--descriptors" in e for e in errors)

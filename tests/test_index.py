@@ -21,6 +21,7 @@ from model import storage, tables
 from model.descriptors import read_descriptors, write_descriptors
 from pipeline import index as stage
 from pipeline.index import IndexConf, choose_factory, run
+from tests.helpers import run_stage
 
 REPO = Path(__file__).resolve().parent.parent
 NETWORK = {"weights": "test", "meta": {"backbone": "none"}}
@@ -171,21 +172,7 @@ def test_incomplete_or_missing_descriptors(tmp_path: Path) -> None:
 
 
 def test_cli_reports_one_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.index",
-            "--descriptors",
-            "/nonexistent",
-            "--output",
-            "/tmp/x",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_stage("index", "--descriptors", "/nonexistent", "--output", str(tmp_path / "x"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

@@ -36,6 +36,7 @@ from PIL import Image, ImageOps
 from model import storage
 from model.tables import IMAGES, IMAGES_OUTPUT, OutputChanged, parquet_bytes
 from pipeline.ingest import IngestConf, run
+from tests.helpers import run_stage
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -584,21 +585,7 @@ def test_bad_input_is_reported_at_once_before_any_fetch(
 
 
 def test_cli_bad_source_exits_2_with_one_error_line(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.ingest",
-            "--source",
-            "/nonexistent",
-            "--output",
-            str(tmp_path / "x"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_stage("ingest", "--source", "/nonexistent", "--output", str(tmp_path / "x"))
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "nothing at /nonexistent" in errors[0]
