@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import tyro
 
 from model import storage
-from model.settings import checks_deferred
+from model.settings import checks_deferred, raise_problems
 
 __all__ = ["USER_ERRORS", "FlatFlags", "location_problems", "log_settings", "run_cli"]
 
@@ -76,8 +76,7 @@ def checked(conf: Any) -> Any:
         conf = dataclasses.replace(conf, **parts)
     except ValueError as err:
         problems += str(err).splitlines()
-    if problems:
-        raise ValueError("\n".join(problems))
+    raise_problems(problems)
     return conf
 
 

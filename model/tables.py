@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from model import storage
+from model.settings import raise_problems
 
 __all__ = [
     "CAMERAS",
@@ -748,8 +749,7 @@ def upstream(**inputs: tuple[Output, str]) -> dict[str, Manifest]:
             found[name] = output.manifest(uri)
         except (OSError, ValueError) as err:
             problems.append(f"--{name.replace('_', '-')}: {err}")
-    if problems:
-        raise ValueError("\n".join(problems))
+    raise_problems(problems)
     return found
 
 

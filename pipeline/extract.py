@@ -43,6 +43,7 @@ from model.describer import (
     network_identity,
 )
 from model.images import BadImage
+from model.settings import raise_problems
 from model.tables import DESCRIPTORS, DESCRIPTORS_OUTPUT, IMAGES, IMAGES_OUTPUT, Manifest
 
 __all__ = ["ExtractConf", "decode_batch", "run"]
@@ -233,8 +234,7 @@ def _check(conf: ExtractConf) -> None:
     if conf.actors is not None and conf.actors < 1:
         problems.append(f"--actors must be at least 1, got {conf.actors}")
     problems += location_problems(images=conf.images, output=conf.output)
-    if problems:
-        raise ValueError("\n".join(problems))
+    raise_problems(problems)
 
 
 def _photos(images: Manifest) -> _Photos:

@@ -50,6 +50,7 @@ from model.clustering import (
     relabel_by_size,
 )
 from model.descriptors import Descriptors, read_descriptors
+from model.settings import raise_problems
 
 __all__ = [
     "GroupConf",
@@ -217,8 +218,7 @@ def _check(conf: GroupConf) -> None:
     problems += location_problems(
         images=conf.images, descriptors=conf.descriptors, output=conf.output
     )
-    if problems:
-        raise ValueError("\n".join(problems))
+    raise_problems(problems)
 
 
 def content_settings(conf: GroupConf) -> dict[str, Any]:
@@ -242,8 +242,7 @@ def _read_inputs(
         descriptors = read_descriptors(conf.descriptors)
     except (OSError, ValueError) as err:
         problems.append(f"--descriptors: {err}")
-    if problems:
-        raise ValueError("\n".join(problems))
+    raise_problems(problems)
     scene_of: dict[str, str | None] = {}
     for image_id, scene in zip(
         rows.column("image_id").to_pylist(), rows.column("scene").to_pylist(), strict=True

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from model import storage, tables
 from model.cli import location_problems, log_settings, run_cli
+from model.settings import raise_problems
 
 __all__ = [
     "PairsConf",
@@ -112,8 +113,7 @@ def _check(conf: PairsConf) -> None:
     if conf.max_positives < 1:
         problems.append("--max-positives must be at least 1")
     problems += location_problems(sfm=conf.sfm, output=conf.output)
-    if problems:
-        raise ValueError("\n".join(problems))
+    raise_problems(problems)
 
 
 def content_settings(conf: PairsConf) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from cluster.router import IndexShard, SearchRouter
 from model import storage, tables
 from model.cli import FlatFlags, log_settings, run_cli
 from model.retrieval import QueryExpansion
+from model.settings import raise_problems
 
 __all__ = ["APP_NAME", "ServeConf", "app_builder", "build_app", "run"]
 
@@ -99,8 +100,7 @@ def _check(conf: ServeConf) -> dict[str, Any]:
     problems = _flag_problems(conf)
     manifest, index_problems = _index_problems(conf)
     problems += index_problems
-    if problems:
-        raise ValueError("\n".join(problems))
+    raise_problems(problems)
     return manifest
 
 

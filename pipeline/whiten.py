@@ -31,6 +31,7 @@ from model import checkpoint, tables
 from model.cli import FlatFlags, location_problems, log_settings, run_cli
 from model.describer import NetworkSettings, load_extract_network
 from model.descriptors import Descriptors, read_descriptors
+from model.settings import raise_problems
 from model.whitening_fit import LwFit, pool_clusters, read_whitening_pairs, whitening_from_pairs
 
 __all__ = ["WhitenConf", "content_settings", "run"]
@@ -57,8 +58,7 @@ class WhitenConf(FlatFlags):
 
 def _check(conf: WhitenConf) -> None:
     problems = location_problems(descriptors=conf.descriptors, pairs=conf.pairs, output=conf.output)
-    if problems:
-        raise ValueError("\n".join(problems))
+    raise_problems(problems)
 
 
 def content_settings(conf: WhitenConf) -> dict[str, Any]:
@@ -76,8 +76,7 @@ def _read_inputs(conf: WhitenConf) -> tuple[Descriptors, list[tuple[str, str]]]:
         pairs = read_whitening_pairs(conf.pairs)
     except (OSError, ValueError) as err:
         problems.append(f"--pairs: {err}")
-    if problems:
-        raise ValueError("\n".join(problems))
+    raise_problems(problems)
     return descriptors, pairs
 
 

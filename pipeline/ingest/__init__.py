@@ -88,6 +88,8 @@ import pandas  # noqa: F401  (Ray Data checks a task's output with it, imported 
 import ray.data
 from pyarrow import csv
 
+from model.settings import raise_problems
+
 Image.init()  # every image plugin
 
 __all__ = ["IngestConf", "run"]
@@ -511,8 +513,7 @@ def _read_existing(images: str) -> pa.Table:
     """uri, image_id and error of every row already written (a finished or an interrupted
     output); ``ValueError`` naming every part that cannot be read or is of another schema."""
     existing, problems = IMAGES.read_unpublished(images, _RESUME_COLUMNS)
-    if problems:
-        raise ValueError("\n".join(problems))
+    raise_problems(problems)
     return existing.select(_RESULT_SCHEMA.names)
 
 

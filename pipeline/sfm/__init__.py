@@ -59,6 +59,7 @@ from cluster.catalog import ImageCatalog, read_photo_bytes
 from model import storage, tables
 from model.cli import location_problems, log_settings
 from model.descriptors import read_descriptors
+from model.settings import raise_problems
 from pipeline.sfm.reconstruct import ReconstructOptions, reconstruct_group
 
 __all__ = ["SfmConf", "content_settings", "group_key", "run"]
@@ -151,8 +152,7 @@ def _check(conf: SfmConf) -> None:
     if conf.timeout_s <= 0:
         problems.append("--timeout-s must be positive")
     problems += location_problems(images=conf.images, groups=conf.groups, output=conf.output)
-    if problems:
-        raise ValueError("\n".join(problems))
+    raise_problems(problems)
 
 
 _NOT_CONTENT = frozenset(

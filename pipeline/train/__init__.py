@@ -76,6 +76,7 @@ from model.networks import (
     freeze_trunk,
     parameter_groups,
 )
+from model.settings import raise_problems
 from model.training_set import read_training_set
 from model.whitening import WhiteningParams
 from model.whitening_fit import LW_META, held_out_whitening, read_whitening_pairs
@@ -378,8 +379,7 @@ def _check(conf: TrainConf) -> None:
             tables.IMAGES_OUTPUT.manifest(conf.images)
         except (OSError, ValueError) as err:
             problems.append(f"--images: {err}")
-    if problems:
-        raise ValueError("\n".join(problems))
+    raise_problems(problems)
 
 
 def _trunk_stages(weights: str) -> int:
