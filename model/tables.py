@@ -23,6 +23,7 @@ pyarrow and NumPy only, no torch and no Ray: ``cluster/`` and the SfM workers re
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -31,12 +32,13 @@ import json
 import logging
 import posixpath
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -87,6 +89,10 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "cirray.output/1"
 _HASH_CHARS = 20
 _READ_THREADS = 16
+BATCH_BYTES = 4 * 2**20
+"""Decoded bytes of a batch ``Table.read_rows`` yields (its memory is a few times that)."""
+STREAM_BUFFER = 8 * 2**20
+"""Bytes per request of a streamed read (``Table.read_rows``)."""
 
 
 # ----------------------------------------------------------------------------- identities
@@ -385,6 +391,121 @@ class Table:
         with filesystem.open_input_file(path) as handle:
             return pq.ParquetFile(handle).read_row_group(group, columns=list(columns))
 
+    def read_file_groups(self, file: str, columns: Sequence[str]) -> tuple[pa.Table, list[int]]:
+        """``columns`` of one of this table's files, whole, in one projected read (the column
+        chunks of all its row groups requested together, adjacent ones as one range), and the
+        rows of each row group: where each row lies, for a reader that later fetches a few rows
+        (``read_row_groups``). Nothing of the other columns is read."""
+        wanted = list(columns)
+        self.check_columns(wanted)
+        with self._parquet(file, wanted) as parquet:
+            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            table = parquet.read(columns=wanted, use_threads=True)
+        return self._cast(table, wanted), sizes
+
+    def read_row_groups(
+        self, file: str, groups: Sequence[int], columns: Sequence[str]
+    ) -> list[pa.Table]:
+        """Some row groups of one of this table's files, ``columns`` only, in one projected
+        read (their column chunks requested together); a table per group, in the order asked."""
+        wanted = list(columns)
+        self.check_columns(wanted)
+        asked = [int(g) for g in groups]
+        unique = sorted(set(asked))
+        if not unique:
+            return []
+        with self._parquet(file, wanted) as parquet:
+            sizes = [parquet.metadata.row_group(g).num_rows for g in unique]
+            table = self._cast(
+                parquet.read_row_groups(unique, columns=wanted, use_threads=True), wanted
+            )
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        by_group = {g: table.slice(int(starts[i]), sizes[i]) for i, g in enumerate(unique)}
+        return [by_group[g] for g in asked]
+
+    def read_rows(
+        self,
+        file: str,
+        columns: Sequence[str],
+        rows: np.ndarray | None = None,
+        *,
+        batch_bytes: int = BATCH_BYTES,
+    ) -> Iterator[tuple[int, pa.Table]]:
+        """Rows of one of this table's files, ``columns`` only, a batch at a time.
+
+        ``rows``: ascending row numbers in the file (every row when ``None``). Yields
+        ``(start, table)``: ``table`` holds the rows ``rows[start : start + len(table)]`` (with
+        ``rows=None``: the file's rows from ``start``). Only the row groups that hold some of
+        ``rows`` are read, streamed (``STREAM_BUFFER`` bytes per request, about
+        ``batch_bytes`` of decoded columns per batch): memory stays bounded however large the
+        file or its row groups.
+        """
+        wanted = list(columns)
+        self.check_columns(wanted)
+        with self._parquet(file, wanted, stream=True) as parquet:
+            meta = parquet.metadata
+            sizes = np.array(
+                [meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64
+            )
+            starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            if rows is None:
+                groups = np.flatnonzero(sizes)
+                position = None
+            else:
+                picked = np.asarray(rows, dtype=np.int64)
+                if len(picked) and (
+                    picked[0] < 0 or picked[-1] >= starts[-1] or (np.diff(picked) <= 0).any()
+                ):
+                    raise ValueError(f"rows of {file} must be ascending and below {starts[-1]}")
+                group_of = np.searchsorted(starts, picked, side="right") - 1
+                groups = np.unique(group_of)
+                # Each picked row's place among the rows of the groups read, in order.
+                offsets = np.concatenate([[0], np.cumsum(sizes[groups])])
+                position = offsets[np.searchsorted(groups, group_of)] + picked - starts[group_of]
+            if not len(groups):
+                return
+            decoded = sum(_column_bytes(meta.row_group(int(g)), wanted) for g in groups)
+            per_row = max(1, decoded // max(1, int(sizes[groups].sum())))
+            batches = parquet.iter_batches(
+                batch_size=max(64, batch_bytes // per_row),
+                row_groups=[int(g) for g in groups],
+                columns=wanted,
+                use_threads=True,
+            )
+            seen = done = 0
+            for batch in batches:
+                table = self._cast(pa.Table.from_batches([batch]), wanted)
+                first, seen = seen, seen + batch.num_rows
+                if position is None:
+                    yield first, table  # every non-empty group: the place is the row
+                    continue
+                stop = int(np.searchsorted(position, seen, side="left"))
+                if stop > done:
+                    yield done, table.take(pa.array(position[done:stop] - first))
+                    done = stop
+
+    @contextlib.contextmanager
+    def _parquet(
+        self, file: str, columns: Sequence[str], *, stream: bool = False
+    ) -> Iterator[pq.ParquetFile]:
+        """One of this table's files opened for projected reads (schema checked): the column
+        chunks of one read requested together (pre-buffered; adjacent ones as one range), or,
+        ``stream``, each column read ``STREAM_BUFFER`` bytes at a time while batches decode."""
+        filesystem, path = storage.arrow_filesystem(file)
+        with filesystem.open_input_file(path) as handle:
+            try:
+                if stream:
+                    parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=STREAM_BUFFER)
+                else:
+                    parquet = pq.ParquetFile(handle, pre_buffer=True)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+                raise ValueError(f"{file} is not a readable Parquet file ({err})") from err
+            self.check_schema(parquet.schema_arrow, where=file, columns=columns)
+            yield parquet
+
+    def _cast(self, table: pa.Table, columns: Sequence[str]) -> pa.Table:
+        return table.cast(pa.schema([self.schema.field(c) for c in columns]))
+
     def parts(self, uri: str) -> list[str]:
         """The part files now in an output folder that may be unfinished (a resume that
         rewrites or removes some of them); readers of finished outputs use ``read``."""
@@ -470,6 +591,23 @@ class Table:
         self.check_schema(table.schema)
         return table.select(self.schema.names).cast(self.schema)
 
+    def from_rows(self, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+        """Rows (dicts; a missing key is null) as a table of this schema. A list column whose
+        values are all NumPy arrays (an SfM photo's 3D point ids) is built from them whole:
+        their lengths as offsets and one concatenated array, never a Python object per item."""
+        columns = {}
+        for spec in self.schema:
+            values = [row.get(spec.name) for row in rows]
+            if (
+                pa.types.is_list(spec.type)
+                and values
+                and all(isinstance(v, np.ndarray) for v in values)
+            ):
+                columns[spec.name] = _list_column(values, spec.type)
+            else:
+                columns[spec.name] = pa.array(values, type=spec.type)
+        return pa.table(columns, schema=self.schema)
+
     def write(self, folder: str, table: pa.Table, part: str | None = None, **options: Any) -> str:
         """Write ``table`` into the output ``folder`` (whole, or never); returns its name there.
 
@@ -488,6 +626,27 @@ class Table:
         return name
 
 
+_LIST_CHUNK = 2**30
+"""Items per chunk of a list column built from arrays (a list array's offsets are int32)."""
+
+
+def _list_column(values: Sequence[np.ndarray], type: pa.ListType) -> pa.ChunkedArray:
+    """A list column of NumPy arrays: offsets and one concatenated array per chunk."""
+    chunks, start, items = [], 0, 0
+    for end, value in enumerate(values, 1):
+        items += len(value)
+        if items >= _LIST_CHUNK or end == len(values):
+            part = values[start:end]
+            lengths = np.fromiter((len(v) for v in part), dtype=np.int32, count=len(part))
+            offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+            items_array = pa.array(np.concatenate(part))  # zero-copy from the one array
+            if items_array.type != type.value_type:
+                items_array = items_array.cast(type.value_type)
+            chunks.append(pa.ListArray.from_arrays(pa.array(offsets), items_array, type=type))
+            start, items = end, 0
+    return pa.chunked_array(chunks, type=type)
+
+
 def _compatible(found: pa.DataType, expected: pa.DataType) -> bool:
     if found.equals(expected):
         return True
@@ -500,6 +659,16 @@ def _compatible(found: pa.DataType, expected: pa.DataType) -> bool:
         return True
     return (pa.types.is_string(found) or pa.types.is_large_string(found)) and (
         pa.types.is_string(expected) or pa.types.is_large_string(expected)
+    )
+
+
+def _column_bytes(group: pq.RowGroupMetaData, columns: Sequence[str]) -> int:
+    """Decoded (uncompressed) bytes of ``columns`` in one row group."""
+    wanted = set(columns)
+    return sum(
+        group.column(i).total_uncompressed_size
+        for i in range(group.num_columns)
+        if group.column(i).path_in_schema.split(".", 1)[0] in wanted
     )
 
 

@@ -19,17 +19,23 @@ again; other settings stop with a line naming them, unless ``--overwrite``.
 ``--export-pkl FILE`` writes the same pairs in cnnimageretrieval-pytorch's layout
 (``{"train": {"cids", "cluster", "qidxs", "pidxs"}}``, one positive per query, image ids as
 ``cids``), so its users can train on them.
+
+The 3D point ids stay NumPy arrays from the table to the count of shared points (a photo sees
+thousands of points; a million photos' ids as Python ints would not fit a driver): the counts
+come from the points' tracks, a block of queries at a time, with ``np.bincount``.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
-from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from model import storage, tables
 from model.cli import location_problems, log_settings, run_cli
@@ -70,38 +76,173 @@ def mine_positives(
 ) -> dict[str, list[tuple[str, float]]]:
     """Query image_id → ``[(positive image_id, shared fraction)]``, best first.
 
-    ``rows`` are registered photos of sfm_images (``image_id``, ``model_id``, ``point3d_ids``,
-    ``scale``). Counting shared points goes through an inverted index (point → photos) per
-    model, so its cost is the sum of the points' track lengths squared, not photos squared.
+    ``rows`` are registered photos of sfm_images (``image_id``, ``model_id``, ``point3d_ids``
+    (an int64 array or a list), ``scale``). Shared points are counted through each point's
+    track (the photos that see it), so the cost is the sum of the tracks' lengths squared,
+    not photos squared (``_mine``).
     """
-    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row.get("model_id") is not None and row.get("point3d_ids"):
-            by_model[row["model_id"]].append(row)
+    kept = [
+        r
+        for r in rows
+        if r.get("model_id") is not None
+        and r.get("point3d_ids") is not None
+        and len(r["point3d_ids"])
+    ]
+    points = [np.asarray(r["point3d_ids"], dtype=np.int64) for r in kept]
+    lengths = np.fromiter((len(p) for p in points), dtype=np.int64, count=len(points))
+    photos = _Registered(
+        image_ids=[r["image_id"] for r in kept],
+        model_ids=[r["model_id"] for r in kept],
+        scales=np.array([np.nan if r.get("scale") is None else r["scale"] for r in kept]),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        points=np.concatenate(points) if points else np.empty(0, dtype=np.int64),
+    )
+    return _mine(
+        photos,
+        min_overlap=min_overlap,
+        max_scale_change=max_scale_change,
+        max_positives=max_positives,
+    )
+
+
+@dataclass(frozen=True)
+class _Registered:
+    """Registered photos with 3D points, as columns: photo ``i`` sees the points
+    ``points[offsets[i]:offsets[i + 1]]`` (int64) of model ``model_ids[i]``."""
+
+    image_ids: Sequence[str]
+    model_ids: Sequence[str]
+    scales: np.ndarray
+    """float64; NaN where unknown."""
+    offsets: np.ndarray
+    points: np.ndarray
+
+
+_PAIRS_PER_BLOCK = 1 << 23
+"""Shared-point pairs counted at once (memory: a few arrays of this many int64)."""
+_CELLS_PER_BLOCK = 1 << 22
+"""Query x photo counts held at once."""
+
+
+def _mine(
+    photos: _Registered, *, min_overlap: float, max_scale_change: float, max_positives: int
+) -> dict[str, list[tuple[str, float]]]:
+    """``mine_positives`` of photos held as columns, model by model."""
     positives: dict[str, list[tuple[str, float]]] = {}
-    for members in by_model.values():
-        seen_by: dict[int, list[int]] = defaultdict(list)
-        for i, row in enumerate(members):
-            for point in set(row["point3d_ids"]):
-                seen_by[point].append(i)
-        for i, query in enumerate(members):
-            points = set(query["point3d_ids"])
-            shared: Counter[int] = Counter()
-            for point in points:
-                shared.update(j for j in seen_by[point] if j != i)
-            found = []
-            for j, count in shared.items():
-                overlap = count / len(points)
-                if overlap < min_overlap:
-                    continue
-                a, b = query.get("scale"), members[j].get("scale")
-                if not a or not b or max(a / b, b / a) > max_scale_change:
-                    continue
-                found.append((members[j]["image_id"], overlap))
-            found.sort(key=lambda item: (-item[1], item[0]))
-            if found:
-                positives[query["image_id"]] = found[:max_positives]
+    if not len(photos.image_ids):
+        return positives
+    models, model_of = np.unique(np.asarray(photos.model_ids, dtype=object), return_inverse=True)
+    for model in range(len(models)):
+        members = np.flatnonzero(model_of == model)
+        _mine_model(
+            photos,
+            members,
+            positives,
+            min_overlap=min_overlap,
+            max_scale_change=max_scale_change,
+            max_positives=max_positives,
+        )
     return positives
+
+
+def _mine_model(
+    photos: _Registered,
+    members: np.ndarray,
+    positives: dict[str, list[tuple[str, float]]],
+    *,
+    min_overlap: float,
+    max_scale_change: float,
+    max_positives: int,
+) -> None:
+    """The positives of one model's photos (``members``: their rows in ``photos``)."""
+    m = len(members)
+    ids = [photos.image_ids[i] for i in members]
+    id_rank = np.argsort(np.argsort(np.asarray(ids, dtype=str), kind="stable"), kind="stable")
+    scales = photos.scales[members]
+    # Each member's distinct points, member by member (CSR: ``start[i]:start[i + 1]``).
+    lengths = photos.offsets[members + 1] - photos.offsets[members]
+    owner = np.repeat(np.arange(m, dtype=np.int64), lengths)
+    points = np.concatenate(
+        [photos.points[photos.offsets[i] : photos.offsets[i + 1]] for i in members]
+    )
+    order = np.lexsort((points, owner))
+    owner, points = owner[order], points[order]
+    distinct = np.ones(len(points), dtype=bool)
+    distinct[1:] = (owner[1:] != owner[:-1]) | (points[1:] != points[:-1])
+    owner, points = owner[distinct], points[distinct]
+    seen = np.bincount(owner, minlength=m)
+    start = np.concatenate([[0], np.cumsum(seen)])
+    # Each point's track: the members that see it.
+    by_point = np.argsort(points, kind="stable")
+    track_owner = owner[by_point]
+    uniq, first, track = np.unique(points[by_point], return_index=True, return_counts=True)
+    point_of = np.searchsorted(uniq, points)  # per observation, in member order
+    work = np.add.reduceat(track[point_of], start[:-1]) if len(points) else np.zeros(m, int)
+    for q0, q1 in _blocks(work, m):
+        span = slice(int(start[q0]), int(start[q1]))
+        sizes = track[point_of[span]]
+        left = np.repeat(owner[span], sizes)
+        within = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        right = track_owner[np.repeat(first[point_of[span]], sizes) + within]
+        other = left != right
+        cells = (left[other] - q0) * m + right[other]
+        shared = np.bincount(cells, minlength=(q1 - q0) * m).reshape(q1 - q0, m)
+        for q in range(q0, q1):
+            found = _ranked(
+                shared[q - q0],
+                seen[q],
+                scales[q],
+                scales=scales,
+                id_rank=id_rank,
+                min_overlap=min_overlap,
+                max_scale_change=max_scale_change,
+            )
+            if len(found):
+                keep = found[:max_positives]
+                shares = shared[q - q0, keep] / seen[q]
+                positives[ids[q]] = [
+                    (ids[j], float(o)) for j, o in zip(keep.tolist(), shares.tolist(), strict=True)
+                ]
+
+
+def _blocks(work: np.ndarray, m: int) -> list[tuple[int, int]]:
+    """Queries ``0..m`` cut into runs whose pairs (``work``) and counts fit a block."""
+    per_block = max(1, _CELLS_PER_BLOCK // max(1, m))
+    blocks, q0, pairs = [], 0, 0
+    for q in range(m):
+        if q > q0 and (pairs + int(work[q]) > _PAIRS_PER_BLOCK or q - q0 >= per_block):
+            blocks.append((q0, q))
+            q0, pairs = q, 0
+        pairs += int(work[q])
+    if m:
+        blocks.append((q0, m))
+    return blocks
+
+
+def _ranked(
+    shared: np.ndarray,
+    seen: int,
+    scale: float,
+    *,
+    scales: np.ndarray,
+    id_rank: np.ndarray,
+    min_overlap: float,
+    max_scale_change: float,
+) -> np.ndarray:
+    """The members that pass for a query (enough shared points, a scale change within the
+    limit), best first (the larger share, then the lower image_id)."""
+    if not np.isfinite(scale) or scale == 0:
+        return np.empty(0, dtype=np.int64)
+    js = np.flatnonzero(shared)
+    overlap = shared[js] / seen
+    other = scales[js]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        change = np.maximum(scale / other, other / scale)
+    good = (
+        (overlap >= min_overlap) & np.isfinite(other) & (other != 0) & (change <= max_scale_change)
+    )
+    js, overlap = js[good], overlap[good]
+    return js[np.lexsort((id_rank[js], -overlap))]
 
 
 def _check(conf: PairsConf) -> None:
@@ -159,19 +300,44 @@ def run(conf: PairsConf) -> str:
     return out
 
 
+_ROW_COLUMNS = ["image_id", "registered", "cluster_id", "model_id"]
+
+
 def _mined(
     conf: PairsConf, sfm: tables.Manifest
 ) -> tuple[list[dict[str, Any]], dict[str, list[tuple[str, float]]]]:
-    """The sfm output's photo rows and the positives mined among its registered photos."""
-    rows = tables.SFM_IMAGES.read_from(sfm).to_pylist()
-    registered = [r for r in rows if r["registered"]]
-    positives = mine_positives(
-        registered,
+    """The sfm output's photo rows (without their points) and the positives mined among its
+    registered photos, their point ids read as one int64 array."""
+    rows = tables.SFM_IMAGES.read_from(sfm, _ROW_COLUMNS).to_pylist()
+    positives = _mine(
+        _registered(sfm),
         min_overlap=conf.min_overlap,
         max_scale_change=conf.max_scale_change,
         max_positives=conf.max_positives,
     )
     return rows, positives
+
+
+def _registered(sfm: tables.Manifest) -> _Registered:
+    """The registered photos with 3D points of an sfm output, as columns (``_Registered``)."""
+    table = tables.SFM_IMAGES.read_from(
+        sfm, ["image_id", "model_id", "registered", "point3d_ids", "scale"]
+    )
+    lengths = pc.fill_null(pc.list_value_length(table["point3d_ids"]), 0)
+    keep = pc.and_(
+        pc.and_(pc.fill_null(table["registered"], False), pc.is_valid(table["model_id"])),
+        pc.greater(lengths, 0),
+    )
+    table = table.filter(keep)
+    lengths = pc.list_value_length(table["point3d_ids"]).to_numpy(zero_copy_only=False)
+    points = pc.list_flatten(table["point3d_ids"]).to_numpy(zero_copy_only=False)
+    return _Registered(
+        image_ids=table["image_id"].to_pylist(),
+        model_ids=table["model_id"].to_pylist(),
+        scales=pc.fill_null(table["scale"], np.nan).to_numpy(zero_copy_only=False),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        points=points.astype(np.int64, copy=False),
+    )
 
 
 def _write(

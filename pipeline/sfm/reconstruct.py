@@ -6,18 +6,23 @@ retrieval — for a large one), geometric verification, then incremental or glob
 Everything happens in a scratch folder; pycolmap's log goes to a file there, not the console.
 
 What comes back is plain data (:class:`GroupResult`): per photo, whether it was registered, in
-which model, its camera centre, the ids of the 3D points it observes and the mean scale at
-which it sees them (``focal length / depth`` averaged over its observations: the size, in
-pixels, of one metre at the points' distance, so the ratio of two photos' scales is their
-scale change); per model, a summary; and the models themselves as COLMAP binary files.
+which model, its camera centre, the ids of the 3D points it observes (an int64 NumPy array,
+never a list of Python ints: a photo sees thousands) and the mean scale at which it sees them
+(``focal length / depth`` averaged over its observations: the size, in pixels, of one metre at
+the points' distance, so the ratio of two photos' scales is their scale change); per model, a
+summary; and the models themselves as COLMAP binary files. ``dumps_result`` and
+``loads_result`` store a group's result as JSON with those arrays kept as arrays.
 
 Never import torch here or before it in the same process: pycolmap's feature extraction
-crashes when torch came first (colmap issue #3477). This module imports NumPy and pycolmap only.
+crashes when torch came first (colmap issue #3477). This module imports NumPy, Pillow and
+pycolmap only.
 """
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import logging
 import sys
 import tempfile
@@ -31,7 +36,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["GroupResult", "ImageRow", "ModelRow", "ReconstructOptions", "reconstruct_group"]
+__all__ = [
+    "GroupResult",
+    "ImageRow",
+    "ModelRow",
+    "ReconstructOptions",
+    "dumps_result",
+    "loads_result",
+    "reconstruct_group",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +77,8 @@ class ImageRow:
     model: int | None = None
     """Index of the model inside its group, or None."""
     centre: tuple[float, float, float] | None = None
-    point_ids: list[int] = field(default_factory=list)
+    point_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    """int64: the ids of the 3D points it observes, one per observation."""
     scale: float | None = None
     observations: int = 0
 
@@ -270,10 +284,11 @@ def _collect(
     ordered = sorted(models.values(), key=lambda r: -r.num_reg_images())
     for number, rec in enumerate(ordered):
         model_rows.append(_model_row(number, rec))
+        points = _Points(rec)
         for image in rec.images.values():
             image_id = names[image.name]
             if image.has_pose and image_id not in rows:
-                rows[image_id] = _image_row(image_id, number, rec, image=image)
+                rows[image_id] = _image_row(image_id, number, rec, image=image, points=points)
         files.update(_model_files(rec, number, written))
     images = [rows.get(i) or ImageRow(image_id=i, registered=False) for i in names.values()]
     return images, model_rows, files
@@ -297,24 +312,67 @@ def _model_files(rec: Any, number: int, written: Path) -> dict[str, bytes]:
     return {f"{number}/{path.name}": path.read_bytes() for path in folder.iterdir()}
 
 
-def _image_row(image_id: str, model: int, rec: Any, *, image: Any) -> ImageRow:
+class _Points:
+    """A model's 3D points as arrays: ids ascending, and their positions."""
+
+    def __init__(self, rec: Any) -> None:
+        ids = np.fromiter(rec.points3D.keys(), dtype=np.int64, count=rec.num_points3D())
+        order = np.argsort(ids)
+        self.ids = ids[order]
+        xyz = np.empty((len(ids), 3), dtype=np.float64)
+        for i, point_id in enumerate(self.ids.tolist()):
+            xyz[i] = rec.points3D[point_id].xyz
+        self.xyz = xyz
+
+    def positions(self, point_ids: np.ndarray) -> np.ndarray:
+        return self.xyz[np.searchsorted(self.ids, point_ids)]
+
+
+def _image_row(image_id: str, model: int, rec: Any, *, image: Any, points: _Points) -> ImageRow:
     centre = tuple(float(v) for v in image.projection_center())
-    point_ids, scales = [], []
+    observed = image.get_observation_points2D()
+    point_ids = np.fromiter((p.point3D_id for p in observed), dtype=np.int64, count=len(observed))
     focal = float(rec.cameras[image.camera_id].mean_focal_length())
-    pose = image.cam_from_world()
-    for point2d in image.points2D:
-        if not point2d.has_point3D():
-            continue
-        point_ids.append(int(point2d.point3D_id))
-        depth = float((pose * rec.points3D[point2d.point3D_id].xyz)[2])
-        if depth > 0:
-            scales.append(focal / depth)
+    pose = np.asarray(image.cam_from_world().matrix(), dtype=np.float64)  # 3 x 4
+    depth = points.positions(point_ids) @ pose[2, :3] + pose[2, 3]
+    scales = focal / depth[depth > 0]
     return ImageRow(
         image_id=image_id,
         registered=True,
         model=model,
         centre=centre,
         point_ids=point_ids,
-        scale=float(np.mean(scales)) if scales else None,
+        scale=float(scales.mean()) if len(scales) else None,
         observations=len(point_ids),
     )
+
+
+_ARRAY = "__int64_base64__"
+
+
+def dumps_result(result: dict[str, Any]) -> str:
+    """A group's result (``ImageRow`` dicts among plain data) as JSON, each int64 array as
+    its bytes in base64: stored and read back (``loads_result``) as arrays, never a list of
+    Python ints per point."""
+    return json.dumps(result, default=_encode)
+
+
+def loads_result(text: str) -> dict[str, Any]:
+    """``dumps_result`` read back: the arrays as int64 arrays (a result stored as lists by an
+    earlier version reads as it was)."""
+    return json.loads(text, object_hook=_decode)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
+        data = np.ascontiguousarray(value, dtype="<i8")
+        return {_ARRAY: base64.b64encode(data.tobytes()).decode("ascii")}
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _decode(value: dict[str, Any]) -> Any:
+    if len(value) == 1 and _ARRAY in value:
+        return np.frombuffer(base64.b64decode(value[_ARRAY]), dtype="<i8").astype(np.int64)
+    return value
