@@ -12,7 +12,7 @@ install: $(STAMP)
 # Re-installs only when pyproject.toml changes; the project itself is installed editable.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[weights,test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[cpu,weights,test]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -40,6 +40,12 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.sfm --scaling --out bench/results/sfm_scaling_cpu.json
 	$(BIN)/python -m bench.mining --out bench/results/mining_cpu.json
 	$(BIN)/python -m bench.train --out bench/results/train_cpu.json
+
+# The GPU checks (bench/gpu.py via bench/gpu.sh): on a GPU machine the full run, here the dry
+# run on the CPU; `bash bench/gpu.sh pack` first packs the wheels a bare GPU machine lacks.
+.PHONY: bench-gpu
+bench-gpu:
+	bash bench/gpu.sh $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -9,7 +9,9 @@ share), held by a :class:`MiningIndex` actor, and searched for the top ``k`` onl
 doubled for the queries whose first ``k`` did not hold ``nnum`` clusters. On a CPU the shares
 are searched where they arrived (``cluster.pool_search``: exact BLAS products, or a bfloat16
 first pass re-scored exactly on CPUs built for it); on a GPU, and past :data:`FLAT_MAX`, by a
-FAISS index.
+FAISS index. On a GPU it goes there as the search shards go (``cluster.shards.GpuDevice``): an
+index FAISS's GPU code cannot hold stays on the CPU with a logged line, and searches of a GPU
+index take the lock of its GPU resources.
 
 :func:`hard_negatives` is the functional core (an index, its rows' clusters, queries);
 :class:`MiningIndex` is the state that an epoch's workers fill and then ask. The actor is a
@@ -28,7 +30,8 @@ import numpy as np
 import ray
 
 from cluster.pool_search import Bf16Search, ExactSearch, fast_bf16
-from cluster.shards import gpu_count
+from cluster.resources import use_reserved_threads
+from cluster.shards import DeviceIndex, GpuDevice, gpu_count
 
 __all__ = [
     "BF16_MIN",
@@ -68,7 +71,7 @@ def mining_factory(n: int, dim: int, bf16: bool | None = None) -> str:
 
 
 def hard_negatives(
-    index: faiss.Index | ExactSearch,
+    index: faiss.Index | ExactSearch | DeviceIndex,
     pool_clusters: np.ndarray,
     queries: np.ndarray,
     *,
@@ -185,6 +188,7 @@ class MiningIndex:
     """
 
     def __init__(self, factory: str = "auto", gpu: bool = True, seed: int = 0) -> None:
+        use_reserved_threads()  # not the one OpenMP thread Ray and the autoscaler leave it
         self.factory = factory
         self.gpu = gpu and gpu_count() > 0
         self.seed = seed
@@ -193,7 +197,8 @@ class MiningIndex:
         self.epoch: int | None = None
         self.size = 0
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._index: faiss.Index | None = None
+        self._index: faiss.Index | ExactSearch | DeviceIndex | None = None
+        self._device: GpuDevice | None = None  # made at the first pool built on a GPU
         self._clusters = np.zeros(0, np.int64)
         self.built_factory: str | None = None
         self.build_seconds = 0.0
@@ -203,7 +208,8 @@ class MiningIndex:
         if size < 1:
             raise ValueError(f"a pool needs at least one row, not {size}")
         self.epoch, self.size = epoch, size
-        self._parts, self._index, self._mined = [], None, None
+        self._drop_index()
+        self._parts, self._mined = [], None
         self._low: list[Any] = []  # the shares in bfloat16, when the pool is searched so
 
     def add(self, positions: Any, vectors: Any, clusters: Any) -> int:
@@ -224,8 +230,15 @@ class MiningIndex:
             self._parts.append((positions, vectors, clusters))
             if self._factory(vectors.shape[1]) == "bf16":  # converted as it comes, not at build
                 self._low.append(Bf16Search.lower(vectors))
-        self._index, self._mined = None, None
+        self._drop_index()
+        self._mined = None
         return self.held()
+
+    def _drop_index(self) -> None:
+        """Forget the built index; a GPU one frees its GPU memory under its lock."""
+        if isinstance(self._index, DeviceIndex):
+            self._index.release()
+        self._index = None
 
     def _factory(self, dim: int) -> str:
         if self.factory != "auto":
@@ -255,7 +268,7 @@ class MiningIndex:
         started = time.perf_counter()
         factory = self._factory(dim)
         shares = [(p, v) for p, v, _ in self._parts]
-        if factory == "bf16" and not self.gpu:
+        if factory == "bf16":  # a CPU search, on a GPU machine too (no FAISS factory)
             self._index = Bf16Search(shares, self.size, self._low)
         elif factory == "Flat" and not self.gpu:
             self._index = ExactSearch(shares, self.size)
@@ -271,7 +284,7 @@ class MiningIndex:
             self.build_seconds,
         )
 
-    def _faiss_index(self, factory: str) -> faiss.Index:
+    def _faiss_index(self, factory: str) -> faiss.Index | DeviceIndex:
         """A FAISS index of the pool in position order (GPU, or past :data:`FLAT_MAX`)."""
         vectors = np.empty((self.size, self._parts[0][1].shape[1]), np.float32)
         for p, v, _ in self._parts:
@@ -286,7 +299,9 @@ class MiningIndex:
             faiss.downcast_index(index).k_factor = REFINE_FACTOR
         self._parts = [(np.arange(self.size), vectors, self._clusters)]
         if self.gpu:
-            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            if self._device is None:
+                self._device = GpuDevice()
+            return self._device.place(index, name=f"the mining pool of epoch {self.epoch}")
         return index
 
     def _vectors_at(self, positions: np.ndarray) -> np.ndarray:
@@ -350,12 +365,16 @@ class MiningIndex:
             "built": index is not None,
             "factory": self.built_factory or self.factory,
             "gpu": self.gpu,
+            "on_gpu": isinstance(index, DeviceIndex) and index.on_gpu,
             "build_seconds": self.build_seconds,
         }
 
 
-def mining_actor(num_cpus: float = 1, num_gpus: float = 0, **options: Any) -> Any:
-    """A Ray actor of :class:`MiningIndex` (``options`` to its constructor)."""
-
-    cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(MiningIndex)
+def mining_actor(
+    num_cpus: float = 1, num_gpus: float = 0, *, memory: int | None = None, **options: Any
+) -> Any:
+    """A Ray actor of :class:`MiningIndex` reserving ``num_cpus`` (its FAISS threads),
+    ``num_gpus`` and ``memory`` bytes; ``options`` go to its constructor."""
+    reserved = {"memory": memory} if memory else {}
+    cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, **reserved)(MiningIndex)
     return cls.remote(**options)

@@ -30,12 +30,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from cluster import index_store
+from cluster.resources import use_reserved_threads
 from cluster.shards import ShardSet, SlotResult
 from model.retrieval import QueryExpansion, alpha_qe
 
@@ -83,7 +83,7 @@ class IndexShard:
         threads: int | None = None,
     ) -> None:
 
-        faiss.omp_set_num_threads(threads or os.cpu_count() or 1)
+        use_reserved_threads(threads)
         self.shards = ShardSet(index, slot, slots, gpu=gpu)
         self.shards.load(version)
 

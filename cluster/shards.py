@@ -13,8 +13,16 @@ newer version shares with an older one (``v2`` lists ``v1``'s shards) are loaded
 for a version the slot does not hold loads it first (a restarted replica, a replica that missed
 the reload's warm-up call): slow once, never wrong.
 
-Ray-free and torch-free: NumPy, FAISS and the storage layer. ``gpu=True`` moves each shard to
-the GPU with FAISS's own ``index_cpu_to_gpu`` when this FAISS build sees one.
+GPUs. ``gpu=True`` (with a FAISS build that sees one) clones each shard that FAISS's GPU code
+can hold to GPU 0 (:class:`GpuDevice`, deciding by :func:`gpu_plan`), and keeps the rest on the
+CPU with one logged line each. Every GPU shard of a slot shares one ``StandardGpuResources``,
+and FAISS allows one call at a time on it: Serve runs a replica's synchronous methods in a
+thread pool, up to ``max_ongoing_requests`` at once, so the GPU searches take its lock
+(:class:`DeviceIndex`). The CPU index of each shard is kept: the stored vectors αQE asks for
+are read from it (FAISS's GPU IVF indexes have no ``reconstruct``), and it answers a search
+for more results than the GPU selects (:data:`GPU_MAX_K`).
+
+Ray-free and torch-free: NumPy, FAISS and the storage layer.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +39,50 @@ import numpy as np
 
 from cluster import index_store
 
-__all__ = ["Loaded", "ShardSet", "SlotResult", "gpu_count", "slot_shards"]
+__all__ = [
+    "GPU_MAX_K",
+    "GPU_PQ_CODE_BYTES",
+    "GPU_SHARED_MEMORY",
+    "DeviceIndex",
+    "GpuDevice",
+    "GpuPlan",
+    "Loaded",
+    "ShardSet",
+    "SlotResult",
+    "gpu_count",
+    "gpu_plan",
+    "search_parts",
+    "slot_shards",
+]
 
 logger = logging.getLogger(__name__)
+
+GPU_MAX_K = 2048
+"""The most results (and IVF lists probed) FAISS's GPU k-selection takes per query
+(``GPU_MAX_SELECTION_K`` of CUDA builds); a search for more runs on the shard's CPU index."""
+
+GPU_PQ_CODE_BYTES = frozenset({1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96})
+"""Bytes per code (sub-quantizers of 8 bits) that GPU IVF-PQ holds (``IVFPQ::
+isSupportedPQCodeLength``); 56 and more only with float16 lookup tables."""
+
+GPU_SHARED_MEMORY = 48 * 1024
+"""Shared memory per block that FAISS checks IVF-PQ's lookup tables against
+(``cudaDeviceProp::sharedMemPerBlock``, 48 KiB on every CUDA GPU): ``M * 256`` entries of 4
+bytes, or 2 with float16 tables."""
+
+_GPU_SQ_TYPES = frozenset(
+    getattr(faiss.ScalarQuantizer, name)
+    for name in (
+        "QT_8bit",
+        "QT_8bit_uniform",
+        "QT_8bit_direct",
+        "QT_4bit",
+        "QT_4bit_uniform",
+        "QT_6bit",
+        "QT_fp16",
+    )
+)
+"""Scalar quantizers GPU IVF-SQ implements (``isSQSupported``)."""
 
 
 def gpu_count() -> int:
@@ -62,11 +111,158 @@ class SlotResult:
     version: int
 
 
+@dataclass(frozen=True)
+class GpuPlan:
+    """Where FAISS's GPU cloner can put an index, and how: what :func:`gpu_plan` decides."""
+
+    gpu: bool
+    """Cloned to the GPU (else searched on the CPU)."""
+    float16_lookup: bool = False
+    """IVF-PQ with float16 lookup tables (``GpuClonerOptions.useFloat16``)."""
+    reason: str = ""
+    """Why, in words, for the log line."""
+
+
+def gpu_plan(index: faiss.Index) -> GpuPlan:
+    """Whether FAISS's GPU code (its own kernels, not cuVS) holds the CPU ``index``, and how.
+
+    GPU FAISS clones a flat index, IVF-Flat, IVF-SQ (most quantizers) and IVF-PQ with a flat
+    coarse quantizer, behind pre-transforms (OPQ, PCA) too; nothing else (HNSW, refinement,
+    plain PQ, ...). IVF-PQ codes must be one of :data:`GPU_PQ_CODE_BYTES` bytes of 8-bit
+    sub-quantizers, and their lookup tables must fit :data:`GPU_SHARED_MEMORY`: float32 tables
+    up to 48 bytes per code, float16 ones (a little less precise) up to 96. ``auto``'s 128-
+    to 256-byte codes stay on the CPU. ``nprobe`` must not pass :data:`GPU_MAX_K`.
+    """
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):  # the cloner copies the transforms
+        inner = faiss.downcast_index(inner.index)
+    kind = type(inner).__name__
+    if type(inner) in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2):
+        return GpuPlan(True, reason="flat index")
+    if type(inner) not in (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ):
+        return GpuPlan(False, reason=f"FAISS has no GPU version of {kind}")
+    quantizer = faiss.downcast_index(inner.quantizer)
+    if type(quantizer) not in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2):
+        return GpuPlan(
+            False, reason=f"its coarse quantizer is {type(quantizer).__name__}, not a flat one"
+        )
+    if inner.nprobe > GPU_MAX_K:
+        return GpuPlan(False, reason=f"nprobe {inner.nprobe} is past the GPU's {GPU_MAX_K}")
+    if isinstance(inner, faiss.IndexIVFScalarQuantizer):
+        if inner.sq.qtype not in _GPU_SQ_TYPES:
+            return GpuPlan(False, reason=f"GPU IVF-SQ lacks scalar quantizer {inner.sq.qtype}")
+        return GpuPlan(True, reason=kind)
+    if isinstance(inner, faiss.IndexIVFPQ):
+        m, bits = int(inner.pq.M), int(inner.pq.nbits)
+        if bits != 8:
+            return GpuPlan(False, reason=f"GPU IVF-PQ takes 8-bit sub-quantizers, not {bits}-bit")
+        if m not in GPU_PQ_CODE_BYTES:
+            return GpuPlan(
+                False,
+                reason=f"GPU IVF-PQ holds codes of {sorted(GPU_PQ_CODE_BYTES)} bytes, not {m}",
+            )
+        if m * 256 * 4 > GPU_SHARED_MEMORY:
+            return GpuPlan(
+                True,
+                float16_lookup=True,
+                reason=f"IVF-PQ of {m} bytes: float16 lookup tables (float32 ones need "
+                f"{m * 256 * 4} bytes of shared memory, a GPU block has {GPU_SHARED_MEMORY})",
+            )
+        return GpuPlan(True, reason=f"IVF-PQ of {m} bytes")
+    return GpuPlan(True, reason=kind)
+
+
+class DeviceIndex:
+    """A FAISS index searched on the GPU where a GPU clone of it exists, else on the CPU.
+
+    ``cpu`` is the index as loaded; ``on_device`` its clone (``index_cpu_to_gpu``) and ``lock``
+    the lock of the GPU resources the clone uses: FAISS allows one call at a time on those, so
+    every search of the clone holds it. A search for more than :data:`GPU_MAX_K` results, and
+    every ``reconstruct_batch`` (the stored vectors αQE asks for), read the CPU index, which is
+    never touched by more than what FAISS allows on a CPU index (concurrent searches).
+    Anything with ``d``, ``ntotal`` and ``search(x, k)`` like a FAISS index."""
+
+    def __init__(
+        self,
+        cpu: faiss.Index,
+        on_device: faiss.Index | None = None,
+        *,
+        lock: threading.Lock | None = None,
+    ) -> None:
+        if on_device is not None and lock is None:
+            raise ValueError("an index on a GPU needs the lock of its GPU resources")
+        self.cpu = cpu
+        self._device = on_device
+        self._lock = lock
+
+    @property
+    def d(self) -> int:
+        return int(self.cpu.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.cpu.ntotal)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._device is not None
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._device is not None and k <= GPU_MAX_K:
+            with self._lock:
+                # read again under the lock: release() may have dropped it while this waited;
+                # no reference to the clone outlives the lock (its destructor frees GPU memory)
+                if self._device is not None:
+                    return self._device.search(x, k)
+        return self.cpu.search(x, k)
+
+    def reconstruct_batch(self, labels: np.ndarray) -> np.ndarray:
+        return self.cpu.reconstruct_batch(labels)
+
+    def release(self) -> None:
+        """Free the GPU clone (under the lock, so no search is using it); searches that still
+        hold this index run on the CPU one."""
+        if self._device is not None:
+            with self._lock:
+                self._device = None
+
+
+class GpuDevice:
+    """One GPU's FAISS resources and the lock that makes their use one call at a time; it
+    clones indexes there as :func:`gpu_plan` decides (:meth:`place`)."""
+
+    def __init__(self, device: int = 0) -> None:
+        self.device = device
+        self.lock = threading.Lock()
+        self.resources = faiss.StandardGpuResources()
+
+    def place(self, index: faiss.Index, *, name: str = "index") -> DeviceIndex:
+        """``index`` (a CPU index, kept) with its GPU clone where FAISS can hold it; a logged
+        line says why one stays on the CPU."""
+        plan = gpu_plan(index)
+        if not plan.gpu:
+            logger.warning("%s stays on the CPU: %s", name, plan.reason)
+            return DeviceIndex(index)
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = plan.float16_lookup  # IVF-PQ's lookup tables (flat ones stay fp32)
+        if hasattr(options, "use_cuvs"):  # gpu_plan knows the limits of FAISS's own kernels
+            options.use_cuvs = False
+        try:
+            with self.lock:
+                on_device = faiss.index_cpu_to_gpu(self.resources, self.device, index, options)
+        except RuntimeError as err:  # a limit gpu_plan does not know: serve it all the same
+            reason = str(err).strip().splitlines()[-1]
+            logger.warning("%s stays on the CPU: GPU %d refused it: %s", name, self.device, reason)
+            return DeviceIndex(index)
+        logger.info("%s on GPU %d: %s", name, self.device, plan.reason)
+        return DeviceIndex(index, on_device, lock=self.lock)
+
+
 @dataclass
 class Loaded:
-    """One loaded shard: its FAISS index and its id map."""
+    """One loaded shard: its index (on the GPU where it can be) and its id map."""
 
-    index: faiss.Index
+    index: DeviceIndex
     id_map: index_store.IdMap
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +273,16 @@ class Loaded:
         """Stored vectors of global ids held here (exact for Flat; decoded codes for PQ)."""
         labels = np.searchsorted(self.id_map.ids, ids).astype(np.int64)
         return self.index.reconstruct_batch(labels)
+
+
+def search_parts(
+    parts: Sequence[Loaded], queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The canonical top ``k`` over ``parts`` (scores, global ids): each shard's
+    :func:`~cluster.index_store.shard_topk`, merged by :func:`~cluster.index_store.merge_topk`."""
+    q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+    found = [part.search(q, k) for part in parts]
+    return index_store.merge_topk([f[0] for f in found], [f[1] for f in found], k)
 
 
 class ShardSet:
@@ -101,6 +307,7 @@ class ShardSet:
         self._versions: OrderedDict[int, dict[str, Any]] = OrderedDict()  # version → its parts
         self._files: dict[str, Loaded] = {}  # shard file → loaded, shared between versions
         self._lock = threading.Lock()
+        self._device: GpuDevice | None = None  # made at the first shard that goes to the GPU
 
     @property
     def versions(self) -> list[int]:
@@ -134,7 +341,7 @@ class ShardSet:
                 for entry in held["manifest"]["shards"]
             }
             for name in [name for name in self._files if name not in used]:
-                del self._files[name]
+                self._files.pop(name).index.release()
             logger.info(
                 "slot %d/%d holds v%d: shards %s (%d vectors)",
                 self.slot,
@@ -152,9 +359,16 @@ class ShardSet:
         ivf = faiss.try_extract_index_ivf(faiss_index)
         if ivf is not None:  # reconstruct() of an IVF index needs its direct map
             ivf.make_direct_map()
-        if self.gpu:
-            faiss_index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, faiss_index)
-        return Loaded(faiss_index, id_map)
+        if not self.gpu:
+            return Loaded(DeviceIndex(faiss_index), id_map)
+        if self._device is None:
+            self._device = GpuDevice()
+        name = f"shard {manifest['shards'][i]['file']}"
+        return Loaded(self._device.place(faiss_index, name=name), id_map)
+
+    def on_gpu(self, version: int | None = None) -> list[bool]:
+        """Whether each shard of ``version`` this slot holds vectors of is searched on the GPU."""
+        return [part.index.on_gpu for part in self._held(version)["parts"]]
 
     def manifest(self, version: int | None = None) -> dict[str, Any]:
         """The manifest of a held version (default: the newest held)."""
@@ -182,8 +396,7 @@ class ShardSet:
                 image_ids=np.full((n, k), None, dtype=object),
                 version=int(manifest["version"]),
             )
-        found = [part.search(q, k) for part in parts]
-        scores, ids = index_store.merge_topk([f[0] for f in found], [f[1] for f in found], k)
+        scores, ids = search_parts(parts, q, k)
         return SlotResult(
             scores=scores,
             ids=ids,

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import pprint
+import re
 import sys
 import typing
 from collections.abc import Callable
@@ -23,7 +24,15 @@ import tyro
 from model import storage
 from model.settings import checks_deferred, raise_problems
 
-__all__ = ["USER_ERRORS", "FlatFlags", "location_problems", "log_settings", "run_cli"]
+__all__ = [
+    "MEMORY_UNITS",
+    "USER_ERRORS",
+    "FlatFlags",
+    "location_problems",
+    "log_settings",
+    "parse_memory",
+    "run_cli",
+]
 
 Conf = TypeVar("Conf")
 
@@ -136,16 +145,33 @@ def _replaced_by_flags(conf: Any, flags: dict[str, Any]) -> Any:
     return dataclasses.replace(conf, **own, **parts)
 
 
+MEMORY_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+"""Bytes of each unit a memory flag takes (binary: 1K is 1024)."""
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes of ``"16G"``, ``"512M"``, ``"1.5G"``, ``"64KiB"`` or a plain number (units of 1024)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
+    if not match:
+        raise ValueError(f"cannot read memory size {text!r}: write e.g. 512M, 16G or 1.5T")
+    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2)])
+
+
 def location_problems(**flags: str) -> list[str]:
-    """``"--flag: what is wrong"`` for each storage location (``s3://`` bucket) that cannot be
-    used; keyword names are the flags' names with ``_`` for ``-``."""
+    """``"--flag: what is wrong"`` for each storage location that cannot be used: an ``s3://``
+    bucket that is not there, or a path only this machine sees when the work runs on several
+    (``cluster.resources.node_local_problems``); keyword names are the flags' names with ``_``
+    for ``-``."""
+    from cluster.resources import node_local_problems  # Ray only when a cluster is named
 
     problems = []
     for name, uri in flags.items():
         problem = storage.bucket_problem(uri)
         if problem:
             problems.append(f"--{name.replace('_', '-')}: {problem}")
-    return problems
+    return problems + node_local_problems(**flags)
 
 
 def log_settings(logger: logging.Logger, stage: str, conf: Any) -> None:

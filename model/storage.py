@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,42 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
     return text
 
 
+_AWS_SETTINGS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+)
+_filesystems: dict[tuple[str, ...], Any] = {}
+_filesystems_lock = threading.Lock()
+
+
 def _remote(uri: str) -> tuple[Any, str]:
+    """``(filesystem, path)`` of a remote URI; one filesystem per bucket per process.
+
+    Making one resolves credentials and the bucket's region (network calls), so it is made
+    once and shared by every call and thread; the AWS settings are part of the key, so a
+    changed endpoint or profile gets a filesystem of its own.
+    """
+    scheme, _, rest = uri.partition("://")
+    if "?" in rest:  # options in the URI: a filesystem of their own, never shared
+        return _from_uri(uri)
+    bucket, _, key = rest.partition("/")
+    settings = (os.environ.get(name, "") for name in _AWS_SETTINGS)
+    cache_key = (scheme, bucket, str(os.getpid()), *settings)  # a forked child makes its own
+    with _filesystems_lock:
+        filesystem = _filesystems.get(cache_key)
+    if filesystem is None:
+        filesystem, _ = _from_uri(f"{scheme}://{bucket}")
+        with _filesystems_lock:
+            filesystem = _filesystems.setdefault(cache_key, filesystem)
+    path = f"{bucket}/{key}".rstrip("/") if key.strip("/") else bucket
+    return filesystem, path
+
+
+def _from_uri(uri: str) -> tuple[Any, str]:
     try:
         return pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as err:

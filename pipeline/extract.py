@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cluster.resources import reachable_resources
 from model import checkpoint, storage, tables
 from model.cli import FlatFlags, location_problems, log_settings, run_cli
 from model.describer import (
@@ -46,7 +47,15 @@ from model.images import BadImage
 from model.settings import raise_problems
 from model.tables import DESCRIPTORS, DESCRIPTORS_OUTPUT, IMAGES, IMAGES_OUTPUT, Manifest
 
-__all__ = ["ExtractConf", "decode_batch", "run"]
+__all__ = [
+    "DescriberPool",
+    "ExtractConf",
+    "decode_batch",
+    "decode_memory",
+    "describer_pool",
+    "parse_resources",
+    "run",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +73,20 @@ class ExtractConf(FlatFlags):
     --max-size, --scales): --weights is imagenet, a weights file, or a training checkpoint
     (``model.checkpoint``, with its whitening when it has one)."""
     actors: int | None = None
-    """Describing actors: default one per GPU, or one on a machine without GPUs."""
+    """Most describing actors: the pool starts at one and grows while photos wait, up to one
+    per GPU the cluster can reach (its autoscaler's node types count), or on CPUs one per
+    --cpus-per-actor of them."""
     gpus_per_actor: float | None = None
-    """Default: 1 when the cluster has GPUs, else 0."""
+    """Default: 1 when the cluster has or can start GPU nodes, else 0 (describe on CPUs)."""
+    cpus_per_actor: float | None = None
+    """CPUs each describing actor reserves: default 1 beside a GPU, 2 on CPUs (its torch
+    threads; 1 on a cluster of fewer than 4); decoding runs in 1-CPU tasks beside them."""
+    actor_resources: tuple[str, ...] = ()
+    """Custom Ray resources each describing actor asks for, as NAME=AMOUNT (a node type's own
+    resource, e.g. accelerator=1): the actors go only to nodes of that type, and the pool
+    grows to as many as the cluster can reach of it."""
     threads_per_actor: int | None = None
-    """Torch threads of an actor on a CPU: default every core of its machine (decoding shares
-    them, as DataLoader workers do in one process); set it when several actors share one."""
+    """Torch threads of an actor on a CPU: default the CPUs it reserved."""
     batch_size: int = 32
     """Photos per block handed to an actor (split by image size inside it)."""
     device_batch_size: int | None = None
@@ -159,14 +176,17 @@ def _describe(conf: ExtractConf, out: str, photos: _Photos, *, done: set[str]) -
         return
     if not ray.is_initialized():
         ray.init()
+    pool = describer_pool(conf, reachable_resources(), photos=len(photos.usable - done))
+    logger.info(
+        "describing on %s actors (%s GPU, %s CPU each), decoding in 1-CPU tasks",
+        f"1..{pool.max_actors}",
+        pool.gpus,
+        pool.cpus,
+    )
     dataset = IMAGES.ray_dataset(conf.images, ["image_id", "uri", "bytes", "error"])
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    per_actor = conf.gpus_per_actor if conf.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    actors = conf.actors or (max(1, int(gpus // max(per_actor, 1))) if per_actor else 1)
-    # Decoding runs in tasks of its own, beside the actors: a task pool sized unlike the actor
-    # pool keeps Ray Data from fusing it into them, where decoding and describing would take
-    # turns instead of overlapping.
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    # Decoding runs in tasks of its own beside the actors, each declaring the memory its
+    # decoded batch takes: remote arguments unlike the actors' keep Ray Data from fusing it
+    # into them, where decoding and describing would take turns instead of overlapping.
     decoded = dataset.map_batches(
         decode_batch,
         fn_kwargs={
@@ -176,20 +196,77 @@ def _describe(conf: ExtractConf, out: str, photos: _Photos, *, done: set[str]) -
         },
         batch_size=conf.decode_batch_size,
         batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=max(cpus, actors + 1)),
+        num_cpus=1,
+        memory=decode_memory(conf.decode_batch_size, conf.network.max_size),
     )
     described = decoded.map_batches(
         Describer,
         fn_constructor_kwargs={
             "settings": conf.network,
             "device_batch_size": conf.device_batch_size,
-            "threads_per_actor": conf.threads_per_actor,
+            "threads_per_actor": conf.threads_per_actor or max(1, int(pool.cpus)),
         },
         batch_size=conf.batch_size,
-        num_gpus=per_actor,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=pool.gpus,
+        num_cpus=pool.cpus,
+        resources=pool.resources or None,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.max_actors),
+        # Workers of their own: a pooled worker that decoded photos before torch came in
+        # (OpenCV's libraries first) cannot load torch's MKL.
+        runtime_env={"env_vars": {"CIRRAY_WORKER": "describer"}},
     )
     described.write_parquet(out)
+
+
+@dataclass(frozen=True)
+class DescriberPool:
+    """What each describing actor reserves and how many the pool may grow to."""
+
+    gpus: float
+    cpus: float
+    max_actors: int
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+def describer_pool(conf: ExtractConf, reachable: dict[str, float], *, photos: int) -> DescriberPool:
+    """The describing actors for a cluster that can reach ``reachable`` resources
+    (``cluster.resources.reachable_resources``: its autoscaler's node types count, so a cluster
+    scaled to zero still gets GPU actors, whose demand starts the GPU nodes)."""
+    gpus_reachable = reachable.get("GPU", 0.0)
+    gpus = conf.gpus_per_actor if conf.gpus_per_actor is not None else float(gpus_reachable > 0)
+    cpus_reachable = reachable.get("CPU", 0.0)
+    if conf.cpus_per_actor is not None:
+        cpus = conf.cpus_per_actor
+    else:  # a small machine keeps a CPU for decoding beside one actor
+        cpus = 1.0 if gpus or cpus_reachable < 4 else 2.0
+    # one actor per GPU; on CPUs, leave one to decoding
+    most = int(gpus_reachable // gpus) if gpus else int((cpus_reachable - 1) // (cpus or 1.0))
+    resources = parse_resources(conf.actor_resources)
+    for name, amount in resources.items():  # no more than the nodes carrying them can take
+        most = min(most, int(reachable.get(name, 0.0) // amount))
+    batches = -(-photos // conf.batch_size)  # no more actors than blocks to describe
+    return DescriberPool(gpus, cpus, max(1, min(conf.actors or most, batches)), resources)
+
+
+def parse_resources(flags: tuple[str, ...]) -> dict[str, float]:
+    """``("accelerator=1", …)`` → ``{"accelerator": 1.0, …}``; ``ValueError`` naming a bad one."""
+    resources = {}
+    for flag in flags:
+        name, sep, amount = flag.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value <= 0:
+            raise ValueError(f"--actor-resources {flag!r}: write NAME=AMOUNT, AMOUNT above 0")
+        resources[name] = value
+    return resources
+
+
+def decode_memory(batch_size: int, max_size: int) -> int:
+    """Bytes a decode task holds: its batch of photo bytes and of decoded RGB pixels at most
+    ``max_size`` a side, plus a full-size decode of the largest photo (~24 MP)."""
+    return batch_size * (max_size * max_size * 3 + 4 * 2**20) + 24_000_000 * 3
 
 
 def decode_batch(
@@ -233,6 +310,14 @@ def _check(conf: ExtractConf) -> None:
     problems = []
     if conf.actors is not None and conf.actors < 1:
         problems.append(f"--actors must be at least 1, got {conf.actors}")
+    try:
+        parse_resources(conf.actor_resources)
+    except ValueError as err:
+        problems.append(str(err))
+    for name in ("gpus_per_actor", "cpus_per_actor"):
+        value = getattr(conf, name)
+        if value is not None and value < 0:
+            problems.append(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
     problems += location_problems(images=conf.images, output=conf.output)
     raise_problems(problems)
 

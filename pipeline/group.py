@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cluster.resources import use_reserved_threads
 from model import tables
 from model.cli import location_problems, log_settings, run_cli
 from model.clustering import (
@@ -113,8 +114,9 @@ def knn_graph(
 def _nearest(
     base: np.ndarray, queries: np.ndarray, k: int, *, flat_max: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest rows of ``base`` to each query (see ``knn_graph``)."""
-
+    """The ``k`` nearest rows of ``base`` to each query (see ``knn_graph``), on as many
+    threads as this process has CPUs for (``OMP_NUM_THREADS=1`` on autoscaled nodes)."""
+    use_reserved_threads()
     x = np.ascontiguousarray(base, dtype=np.float32)
     n, dim = x.shape
     if n <= flat_max:

@@ -4,8 +4,9 @@
 
 1. **Validate** everything before the long work, and report every problem at once: the
    descriptors output is complete (``model.descriptors``: its manifest, one dimension, finite
-   vectors, unique image_ids); its network and dimension are the index's; the factory string
-   is one FAISS accepts; the flags make sense; the output's S3 bucket exists.
+   vectors, unique image_ids; the parts stream past a batch at a time and only each
+   row's image_id and place are kept); its network and dimension are the index's; the factory
+   string is one FAISS accepts; the flags make sense; the output's S3 bucket exists.
 2. **Plan** by fingerprint (``model.tables.INDEX_VERSION``): the descriptors' identity and the
    content settings (:func:`content_settings`: the factory in use, the metric, the network)
    against the latest version's. The same: nothing to do. The same settings, other
@@ -15,12 +16,16 @@
 3. **Choose** the index (``--factory auto``: the rule of :func:`choose_factory`) or take the
    factory string given. The metric is inner product (descriptors are L2-normalised).
 4. **Train once** on a seeded sample of the descriptors (:func:`train_index`; the size from the
-   factory's needs, :func:`train_size_for`) and store the trained, empty index.
+   factory's needs, :func:`train_size_for`) in a Ray task (``--train-cpus`` CPUs, as many FAISS
+   threads, and the memory the sample needs) that reads the sample's rows from the stored parts;
+   the trained, empty index is stored.
 5. **Add in parallel**: the new rows, in image_id order with consecutive global ids, are split
-   into ``--shards`` contiguous runs; one Ray task per run deserialises the trained index, adds
-   its rows, and writes the shard file and its id map through the storage layer.
+   into ``--shards`` contiguous runs; one Ray task per run reads its rows' vectors straight from
+   the stored parts, deserialises the trained index, adds them, and writes the shard file and
+   its id map through the storage layer.
 6. **Tune** ``nprobe`` for IVF indexes (:func:`tune_nprobe`): the smallest number of lists that
-   holds ``--target-recall`` of the exact top-10 neighbours of sampled descriptors.
+   holds ``--target-recall`` of the exact top-10 neighbours of sampled descriptors, in a Ray task
+   that streams the new rows past the sampled queries.
 7. **Publish**: the version's manifest is written last; before it the version does not exist.
 
 Versions. A next version indexes only the image_ids the latest version lacks, as version N+1:
@@ -31,13 +36,16 @@ Versions only grow: an image_id missing from the descriptors stays in the index.
 
 Resuming. A killed build leaves ``vN/`` without a manifest, invisible to readers; the previous
 version stays the latest. The next run with the same inputs finds ``vN/_build/plan.json`` (a
-digest of the factory, the shard split and the new rows' ids and vectors): it reuses the
-trained index and every shard whose receipt and files' checksums match, and builds the rest.
-Other inputs discard the unfinished folder and build from the start. Two builds must not write
-the same index at once.
+digest of the factory, the shard split, the new rows' ids and places and the descriptors'
+identity): it reuses the trained index and every shard whose receipt and files' checksums
+match, and builds the rest. Other inputs discard the unfinished folder and build from the
+start. Two builds must not write the same index at once.
 
-The driver holds the new descriptors in memory (``rows x dim x 4`` bytes, about 5 GB for a
-million 1280-d rows); a larger collection can be indexed as several versions.
+Memory. The driver never holds the vectors: it keeps each new row's image_id and where it lies
+(its part file and row), while the tasks fetch the vectors they need from the stored parts (a
+task holds its own rows, the training sample or a batch). ``bench/driver_memory.py`` measures
+its peak: about 340 MB plus 130 bytes a row, 459 MB for a million 1280-d rows (4.9 GB of
+vectors; ``bench/results/driver_memory_1m_cpu.txt``).
 """
 
 from __future__ import annotations
@@ -56,12 +64,21 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from cluster import index_store
+from cluster.resources import node_local_problems
 from model import storage, tables
-from model.cli import log_settings, run_cli
-from model.descriptors import Descriptors, problem_text, read_descriptors_checked
+from model.cli import MEMORY_UNITS, log_settings, parse_memory, run_cli
+from model.descriptors import (
+    DescriptorRows,
+    iter_vectors,
+    problem_text,
+    read_vectors,
+    scan_descriptors_checked,
+)
 
 __all__ = [
     "FLAT_MAX",
@@ -97,8 +114,9 @@ ID_BYTES = 8
 """An IVF list stores an int64 id beside each code."""
 ADD_BATCH = 65_536
 TUNE_K = 10
-
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+TASK_OVERHEAD = 512 * 2**20
+"""Memory a task asks for beyond its data: the interpreter, FAISS, pyarrow and the row groups
+it decodes at a time (``model.tables.BATCH_BYTES``)."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,9 @@ class IndexConf:
     """Seed of the training and tuning samples."""
     cpus_per_shard: float = 1.0
     """CPUs each shard task asks Ray for (and FAISS threads it uses)."""
+    train_cpus: int = 2
+    """CPUs the training task (k-means, OPQ) and the nprobe tuning task ask Ray for, and the
+    FAISS threads they use."""
     overwrite: bool = False
     """Replace an index made with another factory or network: its versions are removed and
     the build starts again at v1 (else the run stops and says what changed)."""
@@ -140,20 +161,10 @@ class IndexConf:
 # The auto rule
 
 
-def parse_memory(text: str | int) -> int:
-    """Bytes of ``"16G"``, ``"512M"``, ``"1.5G"``, ``"64KiB"`` or a plain number (units of 1024)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
-    if not match:
-        raise ValueError(f"cannot read memory size {text!r}: write e.g. 512M, 16G or 1.5T")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
 def _memory_text(size: float) -> str:
     for unit in ("T", "G", "M", "K"):
-        if size >= _UNITS[unit]:
-            return f"{size / _UNITS[unit]:.1f}{unit}"
+        if size >= MEMORY_UNITS[unit]:
+            return f"{size / MEMORY_UNITS[unit]:.1f}{unit}"
     return f"{int(size)}B"
 
 
@@ -296,6 +307,8 @@ def _conf_problems(conf: IndexConf) -> list[str]:
         problems.append(f"--train-size must be at least 1, not {conf.train_size}")
     if conf.cpus_per_shard <= 0:
         problems.append(f"--cpus-per-shard must be positive, not {conf.cpus_per_shard}")
+    if conf.train_cpus < 1:
+        problems.append(f"--train-cpus must be at least 1, not {conf.train_cpus}")
     if conf.flat_max < 0:
         problems.append(f"--flat-max must be 0 or more, not {conf.flat_max}")
     return problems
@@ -303,7 +316,7 @@ def _conf_problems(conf: IndexConf) -> list[str]:
 
 def _output_problems(output: str) -> list[str]:
     problem = storage.bucket_problem(output)
-    return [f"--output: {problem}"] if problem else []
+    return [f"--output: {problem}"] if problem else node_local_problems(output=output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,17 +358,66 @@ def train_index(
     if index.is_trained:
         return index, 0
     size = min(len(vectors), train_size or train_size_for(index, len(vectors)))
-    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size, replace=False))
+    rows = _sample_rows(len(vectors), size, seed)
+    _fit(index, np.ascontiguousarray(vectors[rows]), factory=factory, of=len(vectors))
+    return index, size
+
+
+def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """The training sample: ``size`` of ``n`` rows, seeded, in row order."""
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def _fit(index: faiss.Index, sample: np.ndarray, *, factory: str, of: int) -> None:
     started = time.perf_counter()
-    index.train(np.ascontiguousarray(vectors[rows]))
+    index.train(sample)
     logger.info(
         "trained %s on %d of %d vectors in %.1f s",
         factory,
-        size,
-        len(vectors),
+        len(sample),
+        of,
         time.perf_counter() - started,
     )
-    return index, size
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Where some descriptor rows lie, in the order a task wants them: each one's part (an
+    index into ``files``) and its row there. What a task reads its vectors by, from the
+    stored parts (``model.descriptors.read_vectors``), instead of receiving them."""
+
+    files: tuple[str, ...]
+    file: np.ndarray
+    row: np.ndarray
+    dim: int
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of these rows' vectors."""
+        return 4 * len(self.row) * self.dim
+
+    def take(self, which: np.ndarray) -> _Rows:
+        return _Rows(self.files, self.file[which], self.row[which], self.dim)
+
+    def read(self) -> np.ndarray:
+        """float32 ``[len, dim]``: the vectors, in this order."""
+        return read_vectors(self.files, self.file, self.row, dim=self.dim)
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(positions, vectors)`` a batch at a time, in storage order."""
+        return iter_vectors(self.files, self.file, self.row, dim=self.dim)
+
+
+def _train_task(factory: str, sample: _Rows, *, of: int, threads: int) -> bytes:
+    """Runs in a Ray task: the sample's vectors read from the parts, the index trained on them
+    with ``threads`` FAISS threads (the CPUs the task reserved); the trained index's bytes."""
+    faiss.omp_set_num_threads(max(1, threads))
+    index = faiss.index_factory(sample.dim, factory, faiss.METRIC_INNER_PRODUCT)
+    _fit(index, sample.read(), factory=factory, of=of)
+    return index_store.serialize_index(index)
 
 
 def _receipt_uri(output: str, version: int, number: int) -> str:
@@ -381,13 +443,32 @@ def build_shard(
     the shard's manifest entry (file names relative to ``output``, counts, sha256).
     """
     faiss.omp_set_num_threads(max(1, threads))
+    index = _filled(trained, vectors)
+    return _write_shard(
+        index, image_ids, id_start=id_start, output=output, version=version, number=number
+    )
+
+
+def _filled(trained: bytes, vectors: np.ndarray) -> faiss.Index:
     index = index_store.deserialize_index(trained)
     for start in range(0, len(vectors), ADD_BATCH):
         index.add(np.ascontiguousarray(vectors[start : start + ADD_BATCH], dtype=np.float32))
+    return index
+
+
+def _write_shard(
+    index: faiss.Index,
+    image_ids: Sequence[str],
+    *,
+    id_start: int,
+    output: str,
+    version: int,
+    number: int,
+) -> dict[str, Any]:
+    count = int(index.ntotal)
     data = index_store.serialize_index(index)
-    del index
     file, id_map = index_store.shard_names(version, number)
-    ids = np.arange(id_start, id_start + len(vectors), dtype=np.int64)
+    ids = np.arange(id_start, id_start + count, dtype=np.int64)
     id_data = index_store.id_map_bytes(ids, image_ids)
     storage.write_bytes(storage.join(output, file), data)
     storage.write_bytes(storage.join(output, id_map), id_data)
@@ -395,7 +476,7 @@ def build_shard(
         "file": file,
         "sha256": index_store.sha256(data),
         "bytes": len(data),
-        "count": len(vectors),
+        "count": count,
         "id_start": int(id_start),
         "id_map": id_map,
         "id_map_sha256": index_store.sha256(id_data),
@@ -403,6 +484,33 @@ def build_shard(
     }
     storage.write_text(_receipt_uri(output, version, number), json.dumps(entry))
     return entry
+
+
+def _shard_task(
+    trained: bytes,
+    rows: _Rows,
+    image_ids: pa.Array,
+    *,
+    id_start: int,
+    output: str,
+    version: int,
+    number: int,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Runs in a Ray task: the shard's vectors read from the stored parts (in id order), added
+    to the trained index, the shard written (``build_shard``); its manifest entry."""
+    faiss.omp_set_num_threads(max(1, threads))
+    vectors = rows.read()
+    index = _filled(trained, vectors)
+    del vectors  # the index holds them now (or their codes)
+    return _write_shard(
+        index,
+        image_ids.to_pylist(),
+        id_start=id_start,
+        output=output,
+        version=version,
+        number=number,
+    )
 
 
 def _shard_finished(entry: dict[str, Any], done: int, total: int) -> None:
@@ -435,26 +543,49 @@ def tune_nprobe(
     ``nprobe = p`` when its list (where the quantizer assigns it) is among the p lists nearest
     the query; the share found at every p follows from the quantizer alone, without searching
     the shards. For IVF-Flat (exact scores) that share is recall@k; for PQ codes it bounds it
-    from above. Returns ``(nprobe, figures for the manifest)``.
+    from above. Returns ``(nprobe, figures for the manifest)``. The stage runs the same in a
+    task that streams the rows from the stored parts (``_tune_task``).
     """
-    ivf = faiss.extract_index_ivf(trained)
-    nlist = int(ivf.nlist)
+    nlist = int(faiss.extract_index_ivf(trained).nlist)
     n = len(vectors)
     if nlist == 1 or n <= k:
-        return nlist, {"nprobe": nlist, "reason": "too few vectors or lists to tune"}
-    rng = np.random.default_rng(seed + 1)
-    rows = np.sort(rng.choice(n, min(queries, n), replace=False))
+        return nlist, _untuned(nlist)
+    rows = _query_rows(n, queries, seed)
     Q = np.ascontiguousarray(vectors[rows])
     _, neighbours = faiss.knn(Q, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    keep = np.array(
+    keep = _without_self(neighbours, rows, k)
+    found = np.ascontiguousarray(vectors[keep.ravel()])
+    return _nprobe_for(trained, Q, found, target=target, k=k)
+
+
+def _untuned(nlist: int) -> dict[str, Any]:
+    return {"nprobe": nlist, "reason": "too few vectors or lists to tune"}
+
+
+def _query_rows(n: int, queries: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed + 1).choice(n, min(queries, n), replace=False))
+
+
+def _without_self(neighbours: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Each query's first ``k`` neighbours other than itself."""
+    return np.array(
         [[j for j in row if j != me][:k] for row, me in zip(neighbours, rows, strict=True)]
     )
+
+
+def _nprobe_for(
+    trained: faiss.Index, Q: np.ndarray, found: np.ndarray, *, target: float, k: int
+) -> tuple[int, dict[str, Any]]:
+    """``tune_nprobe``'s answer from the queries and their exact top-k neighbours' vectors
+    (``found``: ``k`` rows per query, query by query)."""
+    ivf = faiss.extract_index_ivf(trained)
+    nlist = int(ivf.nlist)
     quantizer = ivf.quantizer
     _, order = quantizer.search(_transform(trained, Q), nlist)  # lists by closeness, per query
-    _, lists = quantizer.search(_transform(trained, np.ascontiguousarray(vectors[keep.ravel()])), 1)
+    _, lists = quantizer.search(_transform(trained, found), 1)
     rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(nlist)[None, :].repeat(len(rows), 0), axis=1)
-    found_at = np.take_along_axis(rank, lists.reshape(len(rows), k), axis=1)  # 0-based
+    np.put_along_axis(rank, order, np.arange(nlist)[None, :].repeat(len(Q), 0), axis=1)
+    found_at = np.take_along_axis(rank, lists.reshape(len(Q), k), axis=1)  # 0-based
     coverage = np.bincount(found_at.ravel(), minlength=nlist).cumsum() / found_at.size
     nprobe = int(np.searchsorted(coverage, target - 1e-12) + 1)
     nprobe = min(nprobe, nlist)
@@ -463,11 +594,33 @@ def tune_nprobe(
         "target_recall": target,
         "recall_at_k": round(float(coverage[nprobe - 1]), 4),
         "k": k,
-        "queries": len(rows),
+        "queries": len(Q),
         "measure": "share of exact top-k neighbours in the probed lists "
         "(recall@k for Flat codes, an upper bound for PQ)",
     }
     return nprobe, figures
+
+
+def _tune_task(
+    trained: bytes, rows: _Rows, queries: np.ndarray, *, target: float, k: int, threads: int
+) -> tuple[int, dict[str, Any]]:
+    """Runs in a Ray task: ``tune_nprobe`` over ``rows`` (the new rows, in id order) with the
+    query rows ``queries``, the exact top-k found by streaming every row from the stored parts
+    past the queries (a batch at a time), never holding them all."""
+    faiss.omp_set_num_threads(max(1, threads))
+    index = index_store.deserialize_index(trained)
+    Q = rows.take(queries).read()
+    best = np.full((len(Q), k + 1), -np.inf, dtype=np.float32)
+    labels = np.full((len(Q), k + 1), -1, dtype=np.int64)
+    for positions, vectors in rows.chunks():
+        scores = np.concatenate([best, Q @ vectors.T], axis=1)
+        ids = np.concatenate([labels, np.broadcast_to(positions, (len(Q), len(positions)))], 1)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, : k + 1]
+        best = np.take_along_axis(scores, top, 1)
+        labels = np.take_along_axis(ids, top, 1)
+    keep = _without_self(labels, queries, k)
+    found = rows.take(keep.ravel()).read()
+    return _nprobe_for(index, Q, found, target=target, k=k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,18 +667,21 @@ def _init_ray() -> Any:
     return ray
 
 
-def _existing_ids(output: str, manifest: dict[str, Any]) -> set[str]:
-    found: set[str] = set()
-    for shard in manifest["shards"]:
-        found.update(index_store.load_id_map(output, shard).image_ids.tolist())
-    return found
+def _existing_ids(output: str, manifest: dict[str, Any]) -> pa.Array:
+    """The image_ids a version indexes (string array)."""
+    found = [
+        pa.array(index_store.load_id_map(output, shard).image_ids, type=pa.string())
+        for shard in manifest["shards"]
+    ]
+    return pa.concat_arrays(found) if found else pa.array([], type=pa.string())
 
 
 @dataclass(frozen=True)
 class _Inputs:
     """What a run indexes and the index it would join, once validated."""
 
-    desc: Descriptors
+    desc: DescriptorRows
+    """Each described row's image_id and place in the parts (the vectors stay there)."""
     descriptors: tables.Manifest
     """The descriptors' manifest: this version's input."""
     parent: dict[str, Any] | None
@@ -570,7 +726,7 @@ def _read_parent(output: str, problems: list[str]) -> dict[str, Any] | None:
     return None
 
 
-def _parent_problems(parent: dict[str, Any], desc: Descriptors, output: str) -> list[str]:
+def _parent_problems(parent: dict[str, Any], desc: DescriptorRows, output: str) -> list[str]:
     """Descriptors that cannot join the index at ``output``: another dimension or network."""
     where = f"the index at {output} (v{parent['version']})"
     if int(parent["dim"]) != desc.dim:
@@ -590,7 +746,7 @@ def _parent_problems(parent: dict[str, Any], desc: Descriptors, output: str) -> 
 
 def _factory_in_use(
     conf: IndexConf,
-    desc: Descriptors | None,
+    desc: DescriptorRows | None,
     parent: dict[str, Any] | None,
     *,
     problems: list[str],
@@ -621,7 +777,7 @@ def _validate(conf: IndexConf, output: str) -> _Inputs:
     every problem with the flags, the descriptors and that index."""
     problems = _conf_problems(conf)
     problems += _output_problems(output)
-    desc = read_descriptors_checked(conf.descriptors, problems)
+    desc = scan_descriptors_checked(conf.descriptors, problems)
     parent = _read_parent(output, problems) if not problems or desc is not None else None
     if parent is not None and desc is not None and not conf.overwrite:
         problems += _parent_problems(parent, desc, output)
@@ -664,13 +820,18 @@ def _start_anew(conf: IndexConf, output: str, inputs: _Inputs) -> _Inputs:
 
 @dataclass
 class _Build:
-    """What one run builds: the new rows in id order, and where they go."""
+    """What one run builds: the new rows in id order (their image_ids and where their vectors
+    lie), and where they go."""
 
     conf: IndexConf
     output: str
     inputs: _Inputs
-    image_ids: np.ndarray
-    vectors: np.ndarray
+    image_ids: pa.Array
+    """string ``[n]``: the new rows' image_ids, ascending (global ids in this order)."""
+    file: np.ndarray
+    """int32 ``[n]``: each new row's part (an index into the descriptors' files)."""
+    row: np.ndarray
+    """int64 ``[n]``: its row in that part."""
     id_start: int
     version: int
     bounds: np.ndarray
@@ -685,6 +846,10 @@ class _Build:
         return self.inputs.factory
 
     @property
+    def dim(self) -> int:
+        return self.inputs.desc.dim
+
+    @property
     def vdir(self) -> str:
         return index_store.version_dir(self.version)
 
@@ -696,28 +861,44 @@ class _Build:
     def plan_uri(self) -> str:
         return storage.join(self.uri, "_build", "plan.json")
 
+    def rows(self, which: np.ndarray | slice = slice(None)) -> _Rows:
+        """Where the new rows ``which`` (positions in id order) lie, for a task to read."""
+        files = tuple(self.inputs.desc.files)
+        return _Rows(files, self.file[which], self.row[which], self.dim)
+
     def key(self) -> str:
-        """Digest of everything a shard's content depends on (the resume check)."""
+        """Digest of everything a shard's content depends on (the resume check): the new rows'
+        image_ids and the descriptors' identity (their files) stand for the vectors."""
         return _digest(
             tables.INDEX_VERSION.version,
             self.factory,
-            self.inputs.desc.dim,
+            self.dim,
             self.parent and self.parent["version"],
             self.parent and self.parent["trained"]["sha256"],
             self.bounds.tolist(),
             self.conf.seed,
             self.conf.train_size,
-            self.image_ids.astype(str).tolist(),
-            self.vectors,
+            _ids_digest(self.image_ids),
+            self.inputs.descriptors.identity,
+            self.file,
+            self.row,
         )
+
+
+def _ids_digest(image_ids: pa.Array, chunk: int = 65_536) -> str:
+    h = hashlib.sha256()
+    for start in range(0, len(image_ids), chunk):
+        h.update("\n".join(image_ids.slice(start, chunk).to_pylist()).encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def _new_rows(conf: IndexConf, output: str, inputs: _Inputs) -> _Build | None:
     """The rows the latest version lacks, in image_id order; ``None`` when there are none."""
     desc, parent = inputs.desc, inputs.parent
     if parent is not None:
-        known = _existing_ids(output, parent)
-        new = np.fromiter((i not in known for i in desc.image_ids), bool, len(desc.image_ids))
+        known = pc.is_in(desc.image_ids, value_set=_existing_ids(output, parent))
+        new = ~known.to_numpy(zero_copy_only=False)
         if (~new).any():
             logger.info(
                 "%d descriptors are indexed already (v%s)", int((~new).sum()), parent["version"]
@@ -726,14 +907,18 @@ def _new_rows(conf: IndexConf, output: str, inputs: _Inputs) -> _Build | None:
         new = np.ones(len(desc.image_ids), dtype=bool)
     if not new.any():
         return None
-    order = np.flatnonzero(new)[np.argsort(desc.image_ids[new].astype(str), kind="stable")]
+    picked = np.flatnonzero(new)
+    ids = desc.image_ids.take(pa.array(picked))
+    by_id = pc.sort_indices(ids).to_numpy()
+    order = picked[by_id]
     shards = min(conf.shards, len(order))
     return _Build(
         conf=conf,
         output=output,
         inputs=inputs,
-        image_ids=desc.image_ids[order],
-        vectors=desc.vectors[order],
+        image_ids=ids.take(pa.array(by_id)),
+        file=desc.file[order],
+        row=desc.row[order],
         id_start=int(parent["count"]) if parent else 0,
         version=int(parent["version"]) + 1 if parent else 1,
         bounds=np.linspace(0, len(order), shards + 1).round().astype(int),
@@ -755,10 +940,7 @@ def _trained(build: _Build, plan: dict[str, Any] | None) -> tuple[faiss.Index, b
             return index_store.deserialize_index(data), data, entry
         if build.parent is not None:
             raise ValueError(f"{entry['file']} does not match its checksum; rebuild the index")
-    trained, size = train_index(
-        build.factory, build.vectors, build.conf.train_size, seed=build.conf.seed
-    )
-    data = index_store.serialize_index(trained)
+    data, size = _train(build)
     entry = {
         "file": f"{build.vdir}/{index_store.TRAINED}",
         "sha256": index_store.sha256(data),
@@ -768,7 +950,48 @@ def _trained(build: _Build, plan: dict[str, Any] | None) -> tuple[faiss.Index, b
         "version": build.version,
     }
     storage.write_bytes(storage.join(output, entry["file"]), data)
-    return trained, data, entry
+    return index_store.deserialize_index(data), data, entry
+
+
+def _train(build: _Build) -> tuple[bytes, int]:
+    """The trained, empty index of the build's factory and its sample size: the sample drawn
+    here (``train_index``'s rows), read and trained on in a Ray task."""
+    index = faiss.index_factory(build.dim, build.factory, faiss.METRIC_INNER_PRODUCT)
+    if index.is_trained:
+        return index_store.serialize_index(index), 0
+    n = len(build.image_ids)
+    size = min(n, build.conf.train_size or train_size_for(index, n))
+    sample = build.rows(_sample_rows(n, size, build.conf.seed))
+    trained_bytes = estimate_index_bytes(build.factory, 0, build.dim) or 0
+    # The sample, FAISS's copies of it (OPQ's rotated copy, IVF-PQ's residuals), the index.
+    memory = 3 * sample.nbytes + 2 * trained_bytes + TASK_OVERHEAD
+    cpus = build.conf.train_cpus
+    task = ray.remote(_train_task).options(num_cpus=cpus, memory=memory, max_retries=2)
+    logger.info(
+        "training %s on %d of %d vectors in a task (%d CPUs, %s)",
+        build.factory,
+        size,
+        n,
+        cpus,
+        _memory_text(memory),
+    )
+    _init_ray()
+    ref = task.remote(build.factory, sample, of=n, threads=cpus)
+    return _result(ref, "training the index"), size
+
+
+def _result(ref: Any, what: str) -> Any:
+    """A task's result; its OSError as one (storage trouble), any other failure as it is; an
+    interrupted driver cancels the task."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, OSError):
+            raise OSError(f"{what} failed: {err.cause}") from err
+        raise
+    except BaseException:
+        ray.cancel(ref)
+        raise
 
 
 def _search_params(build: _Build, trained: faiss.Index) -> tuple[dict[str, Any], dict | None]:
@@ -779,14 +1002,34 @@ def _search_params(build: _Build, trained: faiss.Index) -> tuple[dict[str, Any],
     if conf.nprobe is not None:
         nprobe = min(conf.nprobe, nlist)
         return {"nprobe": nprobe}, {"nprobe": nprobe, "reason": "given"}
-    nprobe, tuning = tune_nprobe(
-        trained, build.vectors, conf.target_recall, queries=conf.tune_queries, seed=conf.seed
-    )
+    nprobe, tuning = _tune(build, trained, nlist)
     parent_nprobe = int((build.parent or {}).get("search_params", {}).get("nprobe", 0))
     if parent_nprobe > nprobe:  # never less recall on the rows indexed before
         tuning["parent_nprobe"] = parent_nprobe
         nprobe = parent_nprobe
     return {"nprobe": nprobe}, tuning
+
+
+def _tune(build: _Build, trained: faiss.Index, nlist: int) -> tuple[int, dict[str, Any]]:
+    """``tune_nprobe`` over the new rows, in a Ray task that streams them from the parts."""
+    conf, n = build.conf, len(build.image_ids)
+    if nlist == 1 or n <= TUNE_K:
+        return nlist, _untuned(nlist)
+    queries = _query_rows(n, conf.tune_queries, conf.seed)
+    data = index_store.serialize_index(trained)
+    # The trained index twice (bytes, deserialised), the queries and the row groups read.
+    memory = 2 * len(data) + 4 * len(queries) * (TUNE_K + 1) * build.dim + TASK_OVERHEAD
+    task = ray.remote(_tune_task).options(num_cpus=conf.train_cpus, memory=memory, max_retries=2)
+    _init_ray()
+    ref = task.remote(
+        data,
+        build.rows(),
+        queries,
+        target=conf.target_recall,
+        k=TUNE_K,
+        threads=conf.train_cpus,
+    )
+    return _result(ref, "tuning nprobe")
 
 
 @dataclass
@@ -843,7 +1086,7 @@ def run(conf: IndexConf) -> str:
     return _publish(build, made, settings)
 
 
-def _log_read(desc: Descriptors, seconds: float) -> None:
+def _log_read(desc: DescriptorRows, seconds: float) -> None:
     logger.info(
         "read %d descriptors of dim %d from %s (%d rows without a vector left out) in %.1f s",
         len(desc.image_ids),
@@ -1010,17 +1253,20 @@ def _add_shards(
     *,
     entries: dict[int, dict[str, Any]],
 ) -> None:
-    """One Ray task per ``(shard, first row, end row)`` in ``todo``; entries land in ``entries``."""
+    """One Ray task per ``(shard, first row, end row)`` in ``todo``, reading its rows from the
+    parts; entries land in ``entries``."""
     ray = _init_ray()
     cpus = build.conf.cpus_per_shard
-    task = ray.remote(build_shard).options(num_cpus=cpus, max_retries=2)
     trained_ref = ray.put(trained_bytes)
+    shard_task = ray.remote(_shard_task)
     pending = {}
     for number, a, b in todo:
+        rows = build.rows(slice(a, b))
+        task = shard_task.options(num_cpus=cpus, memory=_shard_memory(build, rows), max_retries=2)
         ref = task.remote(
             trained_ref,
-            ray.put(np.ascontiguousarray(build.vectors[a:b])),
-            build.image_ids[a:b].astype(str).tolist(),
+            rows,
+            pa.concat_arrays([build.image_ids.slice(a, b - a)]),  # its own ids, not all
             id_start=build.id_start + a,
             output=build.output,
             version=build.version,
@@ -1045,6 +1291,13 @@ def _add_shards(
         for ref in pending:  # a failed or interrupted build leaves no task writing behind it
             ray.cancel(ref)
         raise
+
+
+def _shard_memory(build: _Build, rows: _Rows) -> int:
+    """What a shard task holds at its peak: its vectors and the index they fill, or the index
+    with its serialised copies (FAISS's and the bytes written)."""
+    index = estimate_index_bytes(build.factory, len(rows), build.dim) or rows.nbytes
+    return max(rows.nbytes + index, 3 * index) + TASK_OVERHEAD
 
 
 if __name__ == "__main__":

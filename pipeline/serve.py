@@ -39,9 +39,10 @@ from ray import serve
 from cluster import index_store
 from cluster.app import SearchApp
 from cluster.embedder import Embedder, network_problem
+from cluster.resources import node_local_problems, on_a_cluster
 from cluster.router import IndexShard, SearchRouter
 from model import storage, tables
-from model.cli import FlatFlags, log_settings, run_cli
+from model.cli import FlatFlags, log_settings, parse_memory, run_cli
 from model.retrieval import QueryExpansion
 from model.settings import raise_problems
 
@@ -66,14 +67,20 @@ class ServeConf(FlatFlags):
     """Shard deployments (default: one per shard of the version served first)."""
     replicas: int = 1
     """Replicas of each shard deployment."""
-    cpus_per_shard: float = 0.0
-    """CPUs each shard replica reserves (set it on a cluster so the autoscaler adds nodes)."""
+    cpus_per_shard: float | None = None
+    """CPUs each shard replica reserves: default 1 on a cluster of several nodes (what the
+    autoscaler starts nodes for; nothing lands on a head without CPUs), 0 on one machine."""
     gpus_per_shard: float = 0.0
     """GPUs each shard replica reserves; with faiss-gpu the shard is searched on the GPU."""
+    memory_per_shard: str | None = None
+    """Memory each shard replica reserves, e.g. 8G: default twice its shards' stored size in
+    the version served first (a reload holds the old version and the new one) plus 512M."""
     threads_per_shard: int | None = None
-    """FAISS threads of a shard replica (default: every core of its machine)."""
+    """FAISS threads of a shard replica (default: the CPUs it reserved; every core of its
+    machine when it reserved none)."""
     embedder_replicas: int = 1
-    cpus_per_embedder: float = 0.0
+    cpus_per_embedder: float | None = None
+    """CPUs the embedder reserves (its torch threads): default as --cpus-per-shard."""
     gpus_per_embedder: float = 0.0
     ingress_replicas: int = 1
     max_ongoing_requests: int = 64
@@ -128,6 +135,9 @@ def _index_problems(conf: ServeConf) -> tuple[dict[str, Any], list[str]]:
     bucket = storage.bucket_problem(conf.index)
     if bucket:
         return {}, [f"--index: {bucket}"]
+    local = node_local_problems(index=conf.index)
+    if local:
+        return {}, local
     try:
         manifest = index_store.read_manifest(conf.index, conf.version)
     except (FileNotFoundError, ValueError) as err:
@@ -138,34 +148,58 @@ def _index_problems(conf: ServeConf) -> tuple[dict[str, Any], list[str]]:
     return manifest, [f"--index: {problem}"] if problem else []
 
 
-def deployment_options(conf: ServeConf, slots: int) -> dict[str, dict[str, Any]]:
+def deployment_options(
+    conf: ServeConf, manifest: dict[str, Any], *, multi_node: bool
+) -> dict[str, dict[str, Any]]:
     """Serve options of every deployment, by name: what ``build_app`` binds and what a config
-    file written by ``--write-config`` lists (where they can be changed without code)."""
-    shard = {
-        "num_replicas": conf.replicas,
-        "max_ongoing_requests": conf.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": conf.cpus_per_shard, "num_gpus": conf.gpus_per_shard},
-    }
-    options = {f"IndexShard{slot}": dict(shard) for slot in range(slots)}
+    file written by ``--write-config`` lists (where they can be changed without code).
+
+    On a cluster of several nodes every deployment reserves CPUs, so none lands on a head that
+    takes no work and the autoscaler starts nodes for them; on one machine the deployments
+    share its cores and reserve none (the router and ingress mostly wait on the others)."""
+    default_cpus = 1.0 if multi_node else 0.0
+    slots = _slots(conf, manifest)
+    shard_cpus = default_cpus if conf.cpus_per_shard is None else conf.cpus_per_shard
+    embedder_cpus = default_cpus if conf.cpus_per_embedder is None else conf.cpus_per_embedder
+    front_cpus = 0.5 if multi_node else 0.0
+    options = {}
+    for slot, memory in enumerate(_shard_memory(conf, manifest, slots)):
+        options[f"IndexShard{slot}"] = {
+            "num_replicas": conf.replicas,
+            "max_ongoing_requests": conf.max_ongoing_requests,
+            "ray_actor_options": {
+                "num_cpus": shard_cpus,
+                "num_gpus": conf.gpus_per_shard,
+                "memory": memory,
+            },
+        }
     options["SearchRouter"] = {
         "num_replicas": 1,  # the one owner of the served version
         "max_ongoing_requests": max(conf.max_ongoing_requests, 2 * conf.max_batch_size),
-        "ray_actor_options": {"num_cpus": 0},
+        "ray_actor_options": {"num_cpus": front_cpus},
     }
     options["Embedder"] = {
         "num_replicas": conf.embedder_replicas,
         "max_ongoing_requests": conf.max_ongoing_requests,
-        "ray_actor_options": {
-            "num_cpus": conf.cpus_per_embedder,
-            "num_gpus": conf.gpus_per_embedder,
-        },
+        "ray_actor_options": {"num_cpus": embedder_cpus, "num_gpus": conf.gpus_per_embedder},
     }
     options["SearchApp"] = {
         "num_replicas": conf.ingress_replicas,
         "max_ongoing_requests": conf.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": 0},
+        "ray_actor_options": {"num_cpus": front_cpus},
     }
     return options
+
+
+def _shard_memory(conf: ServeConf, manifest: dict[str, Any], slots: int) -> list[int]:
+    """Bytes each slot's replica reserves: ``--memory-per-shard``, or twice the stored size of
+    its shards in ``manifest`` plus 512M."""
+    if conf.memory_per_shard:
+        return [parse_memory(conf.memory_per_shard)] * slots
+    stored = [0] * slots
+    for number, shard in enumerate(manifest.get("shards", [])):
+        stored[number % slots] += int(shard.get("bytes", 0))
+    return [2 * size + 512 * 2**20 for size in stored]
 
 
 def _slots(conf: ServeConf, manifest: dict[str, Any]) -> int:
@@ -184,7 +218,7 @@ def build_app(conf: ServeConf) -> Any:
     manifest = _check(conf)
     version = int(manifest["version"])
     slots = _slots(conf, manifest)
-    options = deployment_options(conf, slots)
+    options = deployment_options(conf, manifest, multi_node=on_a_cluster())
     shard_handles = [
         IndexShard.options(name=f"IndexShard{slot}", **options[f"IndexShard{slot}"]).bind(
             conf.index,
@@ -237,7 +271,8 @@ def serve_config(conf: ServeConf) -> dict[str, Any]:
                 "args": args,
                 "deployments": [
                     {"name": name, **options}
-                    for name, options in deployment_options(conf, _slots(conf, manifest)).items()
+                    # a config file is for a cluster (serve deploy): its defaults
+                    for name, options in deployment_options(conf, manifest, multi_node=True).items()
                 ],
             }
         ],

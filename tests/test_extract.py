@@ -17,7 +17,7 @@ from model.images import image_id
 from model.networks import NetworkMeta, build_network
 from model.tables import DESCRIPTORS, DESCRIPTORS_OUTPUT, IMAGES_OUTPUT, OutputChanged
 from model.whitening import apply_whitening
-from pipeline.extract import ExtractConf, run
+from pipeline.extract import ExtractConf, decode_memory, describer_pool, run
 from tests.helpers import run_stage, write_images
 
 MAX_SIZE = 128
@@ -223,3 +223,20 @@ def test_cli_mistake_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert "run pipeline.ingest first" in line
+
+
+def test_describer_pool_is_sized_from_what_the_cluster_can_reach() -> None:
+    """A cluster scaled to zero (head without CPUs, GPU nodes not started yet) still gets GPU
+    actors, up to the GPUs its autoscaler can start; a laptop keeps a CPU for decoding."""
+    conf = ExtractConf.from_flags(images="in", output="out")
+    scaled_to_zero = {"CPU": 1024.0, "GPU": 8.0}  # what get_max_resources_… reports
+    pool = describer_pool(conf, scaled_to_zero, photos=10_000)
+    assert (pool.gpus, pool.cpus, pool.max_actors) == (1.0, 1.0, 8)
+    assert describer_pool(conf, scaled_to_zero, photos=40).max_actors == 2  # 2 blocks of 32
+    laptop = describer_pool(conf, {"CPU": 2.0}, photos=10_000)
+    assert (laptop.gpus, laptop.cpus, laptop.max_actors) == (0.0, 1.0, 1)
+    cpu_cluster = describer_pool(conf, {"CPU": 64.0}, photos=10_000)
+    assert (cpu_cluster.gpus, cpu_cluster.cpus, cpu_cluster.max_actors) == (0.0, 2.0, 31)
+    fixed = ExtractConf.from_flags(images="in", output="out", actors=3, gpus_per_actor=0.5)
+    assert describer_pool(fixed, scaled_to_zero, photos=10_000).max_actors == 3
+    assert decode_memory(16, 1024) > 16 * 1024 * 1024 * 3

@@ -406,6 +406,12 @@ def test_a_serve_config_file_holds_every_setting(ray_session, vectors, tmp_path)
     }
     assert deployments["IndexShard1"]["num_replicas"] == 3
     assert deployments["IndexShard1"]["ray_actor_options"]["num_cpus"] == 1.5
+    # A config file is for a cluster: nothing reserves no CPU (none lands on a head that takes
+    # no work), and a shard replica reserves memory for two versions of its shards.
+    for name, deployment in deployments.items():
+        assert deployment["ray_actor_options"]["num_cpus"] > 0, name
+    shard_bytes = sum(s["bytes"] for s in index_store.read_manifest(conf.index)["shards"][1::2])
+    assert deployments["IndexShard1"]["ray_actor_options"]["memory"] == 2 * shard_bytes + 2**29
     built = app_builder(app["args"])  # what serve deploy calls on the cluster
     assert type(built).__name__ == "Application"
     with pytest.raises(ValueError, match="unknown serve args"):

@@ -374,7 +374,7 @@ def test_a_segfault_in_one_group_fails_that_group_and_the_run_goes_on(landmarks,
     def kill_the_first_worker() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            for log in scratch.glob("cirray-sfm-*/colmap.log*"):
+            for log in scratch.rglob("cirray-sfm-*/colmap.log*"):
                 match = re.search(r"\.(\d+)$", log.name)
                 if match:
                     killed.append(int(match.group(1)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,18 @@ def test_signature_changes_with_the_file(base: str) -> None:
     first = storage.file_signature(uri)
     storage.write_bytes(uri, b"22")
     assert storage.file_signature(uri) != first
+
+
+def test_one_s3_filesystem_per_bucket_shared_by_threads(s3_bucket: str) -> None:
+    """Making an S3 filesystem resolves credentials and region: once per bucket per process,
+    not per call (ingest reads a photo per call from many threads)."""
+    uris = [f"s3://{s3_bucket}/photos/{i}.jpg" for i in range(32)]
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(storage.arrow_filesystem, uris))
+    assert len({id(filesystem) for filesystem, _ in found}) == 1
+    assert [path for _, path in found] == [f"{s3_bucket}/photos/{i}.jpg" for i in range(32)]
+    assert storage.arrow_filesystem(f"s3://{s3_bucket}/")[1] == s3_bucket
+    storage.write_text(f"s3://{s3_bucket}/a/b.txt", "shared")
+    assert storage.read_text(f"s3://{s3_bucket}/a/b.txt") == "shared"
+    other = f"{s3_bucket}-other"
+    assert storage.arrow_filesystem(f"s3://{other}/x")[0] is not found[0][0]

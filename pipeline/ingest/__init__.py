@@ -61,6 +61,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from cluster.resources import node_local_problems
 from model import storage, tables
 from model.cli import log_settings
 from model.datasets.sets import IMAGE_SUFFIXES
@@ -244,6 +245,7 @@ def _checked_source(conf: IngestConf, images: str) -> pa.Table:
     """The source's rows, or ``ValueError`` listing every problem of the input at once."""
     source, problems = _read_source(conf.source)
     problems = conf.problems() + problems + _output_problems(conf.output, images)
+    problems += node_local_problems(source=conf.source, output=conf.output)
     if problems or source is None:
         raise ValueError("\n".join(problems))
     return source

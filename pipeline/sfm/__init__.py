@@ -42,27 +42,38 @@ and name the groups reconstructed by this run and those whose stored result was 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
 import ray
 from tqdm import tqdm
 
 from cluster.catalog import ImageCatalog, read_photo_bytes
+from cluster.resources import reachable_resources
 from model import storage, tables
 from model.cli import location_problems, log_settings
 from model.descriptors import read_descriptors
 from model.settings import raise_problems
-from pipeline.sfm.reconstruct import ReconstructOptions, reconstruct_group
+from pipeline.sfm.reconstruct import (
+    ReconstructOptions,
+    dumps_result,
+    loads_result,
+    reconstruct_group,
+)
 
-__all__ = ["SfmConf", "content_settings", "group_key", "run"]
+__all__ = ["SfmConf", "content_settings", "group_key", "run", "task_scratch"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +108,12 @@ class SfmConf:
     """Local folder for each task's working files (default: the system's temporary folder);
     big groups want a fast disk with room for their photos and database."""
     timeout_s: float = 3600.0
+    max_in_flight: int | None = None
+    """Groups submitted at once: default as many as the cluster can reach CPUs for (its
+    autoscaler's node types count), so waiting groups start new nodes."""
+    node_retries: int = 3
+    """Times a group whose node was lost (a spot worker preempted) is submitted again; a crash
+    of pycolmap itself is a failed group, never retried."""
     retry_failed: bool = False
     overwrite: bool = False
     """Replace an output made with other settings (else the run stops, naming them)."""
@@ -120,9 +137,8 @@ def _task(
     the images table) straight from storage, reconstruct them, return plain data."""
     data = read_photo_bytes(located)
     photos = [(photo.image_id, data[photo.image_id]) for photo in located]
-    if scratch:
-        Path(scratch).mkdir(parents=True, exist_ok=True)
-    result = reconstruct_group(photos, ReconstructOptions(**options), pairs, scratch=scratch)
+    with task_scratch(scratch) as folder:
+        result = reconstruct_group(photos, ReconstructOptions(**options), pairs, scratch=folder)
     return {
         "images": [asdict(r) for r in result.images],
         "models": [asdict(m) for m in result.models],
@@ -130,6 +146,35 @@ def _task(
         "seconds": result.seconds,
         "log": result.log[-20000:],
     }
+
+
+@contextlib.contextmanager
+def task_scratch(scratch: str | None) -> Iterator[str]:
+    """A scratch folder of this worker process's own, under ``scratch`` (default: the system's
+    temporary folder), removed when the task ends; folders left by workers that are gone (a
+    task cancelled by force, a node's worker killed) are removed first."""
+    root = Path(scratch or tempfile.gettempdir()) / "cirray-sfm-tasks"
+    root.mkdir(parents=True, exist_ok=True)
+    for folder in root.iterdir():
+        if folder.name.isdigit() and not _process_alive(int(folder.name)):
+            logger.info("removing %s, left by a worker that is gone", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    own = root / str(os.getpid())
+    own.mkdir(exist_ok=True)
+    try:
+        yield str(own)
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _retrieval_pairs(ids: list[str], vectors: np.ndarray, k: int) -> list[tuple[str, str]]:
@@ -151,6 +196,10 @@ def _check(conf: SfmConf) -> None:
         problems.append(f"--max-image-size must be at least 64, not {conf.max_image_size}")
     if conf.timeout_s <= 0:
         problems.append("--timeout-s must be positive")
+    if conf.max_in_flight is not None and conf.max_in_flight < 1:
+        problems.append(f"--max-in-flight must be at least 1, not {conf.max_in_flight}")
+    if conf.node_retries < 0:
+        problems.append(f"--node-retries must be 0 or more, not {conf.node_retries}")
     problems += location_problems(images=conf.images, groups=conf.groups, output=conf.output)
     raise_problems(problems)
 
@@ -163,6 +212,8 @@ _NOT_CONTENT = frozenset(
         "cpus_per_task",
         "scratch",
         "timeout_s",
+        "max_in_flight",
+        "node_retries",
         "retry_failed",
         "overwrite",
     )
@@ -353,11 +404,13 @@ def _reconstruct(
         max_retries=0,
         runtime_env={"env_vars": sfm_worker_env(conf.cpus_per_task)},
     )
-    # As many tasks in flight as the cluster has slots for, so a task's clock starts when it
-    # does (the time limit is per group, not per place in the queue).
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // conf.cpus_per_task)
+    # As many tasks in flight as the cluster can reach CPUs for: the autoscaler starts nodes
+    # for those waiting, and a group's clock starts close to when it does.
+    reachable = int(reachable_resources().get("CPU", 1))
+    slots = conf.max_in_flight or max(1, reachable // conf.cpus_per_task)
     queue = list(todo)
     running: dict[Any, tuple[int, float]] = {}
+    lost: Counter[int] = Counter()
     bar = tqdm(total=len(todo), desc="sfm groups", unit="group")
 
     def finish(group: int, status: dict[str, Any]) -> None:
@@ -377,7 +430,16 @@ def _reconstruct(
         now = time.monotonic()
         for ref in done:
             group, t0 = running.pop(ref)
-            finish(group, _finished(ref, len(grouping.members[group]), now - t0))
+            status = _finished(ref, len(grouping.members[group]), now - t0)
+            if status is None:  # its node was lost: a spot worker preempted, not pycolmap
+                lost[group] += 1
+                if lost[group] <= conf.node_retries:
+                    logger.warning("group %d: its node was lost; submitting it again", group)
+                    queue.insert(0, group)
+                    continue
+                reason = f"its node was lost {lost[group]} times (--node-retries)"
+                status = _failed(reason, len(grouping.members[group]), now - t0)
+            finish(group, status)
         for ref, (group, t0) in list(running.items()):
             if now - t0 > conf.timeout_s:
                 ray.cancel(ref, force=True)  # kills the worker: pycolmap cannot be interrupted
@@ -392,9 +454,12 @@ def _failed(reason: str, photos: int, seconds: float) -> dict[str, Any]:
     return {"status": "failed", "reason": reason, "photos": photos, "seconds": seconds}
 
 
-def _finished(ref: Any, photos: int, seconds: float) -> dict[str, Any]:
+def _finished(ref: Any, photos: int, seconds: float) -> dict[str, Any] | None:
+    """The group's result, or ``None`` when its node was lost before it ended."""
     try:
         result = ray.get(ref)
+    except (ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError):
+        return None
     except ray.exceptions.WorkerCrashedError as err:
         reason = f"pycolmap crashed the worker (a segfault or abort): {str(err)[:300]}"
         return _failed(reason, photos, seconds)
@@ -426,7 +491,7 @@ def _store(out: str, group: int, status: dict[str, Any]) -> None:
     log = status.pop("log", "")
     if log:
         storage.write_text(storage.join(out, "logs", f"{group:06d}.log"), log)
-    storage.write_text(_group_uri(out, group), json.dumps(status))
+    storage.write_text(_group_uri(out, group), dumps_result(status))
 
 
 def _model_uri(out: str, group: int, model: int | str) -> str:
@@ -435,7 +500,7 @@ def _model_uri(out: str, group: int, model: int | str) -> str:
 
 def _read_json(uri: str) -> dict[str, Any] | None:
     try:
-        return json.loads(storage.read_text(uri))
+        return loads_result(storage.read_text(uri))
     except (OSError, ValueError):
         return None
 
@@ -460,7 +525,7 @@ def _assemble(
         (tables.SFM_MODELS, model_rows),
         (tables.SFM_GROUPS, group_rows),
     ):
-        spec.write(out, pa.Table.from_pylist(rows, schema=spec.schema))
+        spec.write(out, spec.from_rows(rows))
     return {
         "photos": len(image_rows),
         "registered": sum(r["registered"] for r in image_rows),
@@ -543,7 +608,7 @@ def _image_row(group: int, r: dict[str, Any], image_id: str, *, offered: bool) -
         "centre_x": centre[0],
         "centre_y": centre[1],
         "centre_z": centre[2],
-        "point3d_ids": r.get("point_ids", []) if registered else [],
+        "point3d_ids": np.asarray(r.get("point_ids", ()) if registered else (), dtype=np.int64),
         "scale": r.get("scale"),
         "observations": int(r.get("observations", 0)),
         "_own": not offered,

@@ -64,6 +64,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster.mining import mining_actor
+from cluster.resources import reserved_threads
 from model import checkpoint, storage, tables
 from model.backbones import build_backbone
 from model.cli import location_problems, log_settings
@@ -330,10 +331,20 @@ def _fit(conf: TrainConf, data: dict[str, Any]) -> Any:
         ray.init()
     actors = []
     if conf.mode == "gem":
-        actors.append(mining_actor(num_cpus=0, gpu=conf.use_gpu))
+        # Every actor reserves what it holds and uses: one that reserved nothing could land on
+        # a head that takes no work, or take a GPU another reserved.
+        pool_bytes = _mining_memory(len(data["training_set"].image_ids))
+        actors.append(
+            mining_actor(
+                num_cpus=conf.mining_cpus,
+                num_gpus=conf.mining_gpus,
+                gpu=conf.mining_gpus > 0,
+                memory=pool_bytes,
+            )
+        )
         data = {**data, "mining": actors[-1]}
         if conf.gem.val_size != conf.image_size:  # the held-out vectors' mailbox
-            actors.append(mining_actor(num_cpus=0, gpu=False))
+            actors.append(mining_actor(num_cpus=0.5, gpu=False, memory=pool_bytes))
             data["validation"] = actors[-1]
     trainer = TorchTrainer(
         train_loop,
@@ -351,6 +362,12 @@ def _fit(conf: TrainConf, data: dict[str, Any]) -> Any:
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def _mining_memory(photos: int) -> int:
+    """Bytes a mining actor reserves for an epoch's pool of ``photos``: their vectors (up to
+    2048 floats) held as parts, gathered and indexed, plus the process itself."""
+    return 3 * photos * 2048 * 4 + 512 * 2**20
 
 
 def _check(conf: TrainConf) -> None:
@@ -558,8 +575,20 @@ def _whitening_at_size(
     pool = data["training_set"]
     with tempfile.TemporaryDirectory(prefix="cirray-lw-") as scratch:
         checkpoint.save(scratch, net)
-        describer = Describer(NetworkSettings(weights=scratch, max_size=conf.lw.whiten_size))
-    ids, vectors = _describe_photos(describer, conf.images, pool.image_ids.tolist())
+        files = {
+            str(path.relative_to(scratch)): path.read_bytes()
+            for path in Path(scratch).rglob("*")
+            if path.is_file()
+        }
+    # Described in a task of its own, as a training worker would: the driver may run on a head
+    # that takes no work, and the network travels in the task's arguments (the object store),
+    # never as a path on the driver's disk.
+    task = ray.remote(_describe_at_size).options(
+        num_cpus=1, num_gpus=1 if conf.use_gpu else 0, max_retries=2
+    )
+    ids, vectors = ray.get(
+        task.remote(files, conf.lw.whiten_size, conf.images, image_ids=pool.image_ids.tolist())
+    )
     return held_out_whitening(
         ids,
         vectors,
@@ -569,6 +598,21 @@ def _whitening_at_size(
         seed=conf.seed,
         fit=conf.lw.fit,
     )
+
+
+def _describe_at_size(
+    files: dict[str, bytes], max_size: int, images: str, *, image_ids: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """In a Ray task: the checkpoint's ``files`` written to the task's own scratch, loaded as
+    extract loads it, and the photos of ``image_ids`` described at ``max_size``."""
+    with tempfile.TemporaryDirectory(prefix="cirray-lw-") as scratch:
+        for name, data in files.items():
+            target = Path(scratch) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        settings = NetworkSettings(weights=scratch, max_size=max_size)
+        describer = Describer(settings, threads_per_actor=reserved_threads())
+    return _describe_photos(describer, images, image_ids)
 
 
 def _describe_photos(

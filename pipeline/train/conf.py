@@ -32,6 +32,8 @@ _NOT_CONTENT = frozenset(
         "storage_path",
         "workers",
         "use_gpu",
+        "mining_cpus",
+        "mining_gpus",
         "device_batch",
         "max_failures",
         "overwrite",
@@ -145,6 +147,10 @@ class TrainConf(FlatFlags):
     """Ray Train's storage (local or s3://); default OUTPUT/ray. Same name + storage: resume."""
     workers: int = 1
     use_gpu: bool = False
+    mining_cpus: float = 2.0
+    """CPUs the GeM mode's mining actor reserves (its FAISS threads)."""
+    mining_gpus: float = 0.0
+    """GPUs it reserves; with one (and faiss-gpu) the pool is searched there."""
     epochs: int = 5
     lr: float = 1e-6
     """Adam's rate: small, as fine-tuning ImageNet weights on few photos wants."""

@@ -1,0 +1,201 @@
+"""The whole chain on an autoscaling multi-node Ray cluster started on this machine.
+
+The cluster is shaped like ``ray-cluster.yaml``: a head that takes no work (``CPU: 0``) and two
+worker types that start at zero nodes, a "cpu" type and a "gpu" type carrying a custom
+resource, ``accelerator``, that stands for the GPU this machine does not have (the describing
+actors ask for it, and describe on the CPU). Ray's ``fake_multinode`` autoscaler launches
+worker nodes, each a raylet of its own on this machine, when the chain's tasks and actors ask
+for them.
+
+Every stage runs as users run it there (``ray job submit``), into the loopback S3 server:
+ingest → extract → group → sfm → pairs → train (2 workers) → extract with the checkpoint →
+index, then the search service, queried over HTTP. The test asserts that the autoscaler
+launched both worker types for the chain's demand, that none of the chain's tasks, actors or
+replicas ran on the head, and that the descriptors, index and search results equal a
+single-node run's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+
+from cluster.client import SearchClient
+from cluster.index_store import read_manifest, search
+from model.datasets.landmarks import load_cameras
+from model.descriptors import read_descriptors
+from model.tables import PAIRS, SFM_OUTPUT
+from pipeline.extract import ExtractConf
+from pipeline.extract import run as extract
+from pipeline.index import IndexConf
+from pipeline.index import run as index
+from tests.multinode import AutoscalingHead, free_port, submit
+
+pytestmark = pytest.mark.slow
+
+WORKER_TYPES = {
+    "cpu": {"resources": {"CPU": 2}, "max_workers": 2},
+    "gpu": {"resources": {"CPU": 1, "accelerator": 1}, "max_workers": 1},
+}
+DESCRIBE_ON_GPU_NODES = "--gpus-per-actor 0 --cpus-per-actor 1 --actor-resources accelerator=1"
+"""The describing actors ask for the resource that stands for a GPU (and describe on the CPU)."""
+
+RAY_OWN_ACTORS = frozenset(
+    {
+        "JobSupervisor",  # jobs
+        "ServeController",  # Serve's control plane
+        "ProxyActor",
+        "ActorLocationTracker",  # Ray Data's coordinators
+        "DatasetManager",
+        "_AutoscalingCoordinatorActor",
+        "AutoscalingRequester",
+        "_StatsActor",
+        "SplitCoordinator",
+        "TrainController",  # Ray Train's controller
+        "TrainStateActor",
+        "SynchronizationActor",
+        "PlacementGroupCleaner",
+        "PreemptionWatcher",
+    }
+)
+"""Ray's own actors, which reserve no CPU and stay beside the driver on the head by design."""
+
+
+@pytest.fixture(scope="module")
+def autoscaling_head(s3_server: str, tmp_path_factory) -> AutoscalingHead:
+    head = AutoscalingHead(tmp_path_factory.mktemp("multinode"), WORKER_TYPES)
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+def _upload_scenes(collection: Path, bucket: str, per_scene: int) -> list[str]:
+    """The collection's landmark photos into ``s3://bucket/photos/<scene>/`` (a folder per
+    scene, as ingest reads scenes), ``per_scene`` of each; their keys."""
+    s3 = boto3.client("s3")
+    keys: list[str] = []
+    taken: dict[str, int] = {}
+    for camera in load_cameras(collection).to_pylist():
+        scene = f"lm{camera['landmark']}"
+        if camera["landmark"] < 0 or taken.get(scene, 0) >= per_scene:
+            continue
+        taken[scene] = taken.get(scene, 0) + 1
+        key = f"photos/{scene}/{camera['name']}.jpg"
+        s3.upload_file(str(collection / "jpg" / f"{camera['name']}.jpg"), bucket, key)
+        keys.append(key)
+    return keys
+
+
+def test_the_chain_scales_from_zero_and_never_runs_on_the_head(
+    autoscaling_head: AutoscalingHead, ray_session, s3_bucket: str, tiny_collection: Path, tmp_path
+) -> None:
+    head = autoscaling_head
+    assert [n for n in head.nodes() if n["alive"] and not n["head"]] == []  # scaled to zero
+    photos = _upload_scenes(tiny_collection, s3_bucket, per_scene=10)
+    run = f"s3://{s3_bucket}/run"
+    images, descriptors = f"{run}/images.parquet", f"{run}/descriptors"
+    trained = f"{run}/descriptors-trained"
+    submit(
+        head.address,
+        head.env,
+        tmp_path,
+        f"pipeline.ingest --source s3://{s3_bucket}/photos --output {run}",
+        f"pipeline.extract --images {images} --output {descriptors} --max-size 128 "
+        + DESCRIBE_ON_GPU_NODES,
+        f"pipeline.group --images {images} --descriptors {descriptors} --output {run}/groups",
+        f"pipeline.sfm --images {images} --groups {run}/groups --output {run}/sfm"
+        " --mapper incremental",
+        f"pipeline.pairs --sfm {run}/sfm --output {run}/pairs",
+        f"pipeline.train --images {images} --pairs {run}/pairs --output {run}/train"
+        " --workers 2 --mining-cpus 1 --epochs 1 --image-size 128 --val-size 128 --queries 12"
+        " --nnum 1 --held-out 0.3 --lr 1e-5 --tuples-per-step 2 --no-whiten",
+        f"pipeline.extract --images {images} --output {trained} --weights {run}/train"
+        " --max-size 128 " + DESCRIBE_ON_GPU_NODES,
+        f"pipeline.index --descriptors {trained} --output {run}/index --shards 2",
+    )
+    assert SFM_OUTPUT.manifest(f"{run}/sfm").details["groups"]["ok"] == 3
+    assert PAIRS.read(f"{run}/pairs").num_rows > 0
+    port = free_port()
+    submit(
+        head.address,
+        head.env,
+        tmp_path,
+        f"pipeline.serve --index {run}/index --detach --host 127.0.0.1 --port {port}",
+    )
+    client = SearchClient(f"http://127.0.0.1:{port}", retries=10, backoff=0.5)
+    assert client.health()["count"] == len(photos)
+    key = photos[4]
+    tmp_photo = tmp_path / Path(key).name
+    boto3.client("s3").download_file(s3_bucket, key, str(tmp_photo))
+    answer = client.search(tmp_photo, k=3)
+    assert answer.results[0].uri.endswith(Path(key).name) and answer.results[0].score > 0.999
+
+    # The autoscaler started both worker types, for the chain's tasks and actors.
+    launched = head.autoscaler_log()
+    assert "Launching 1 nodes, type cpu" in launched and "Launching 1 nodes, type gpu" in launched
+    nodes = head.nodes()
+    (head_id,) = [n["node_id"] for n in nodes if n["head"]]
+    assert any(n["resources"].get("accelerator") for n in nodes)
+
+    # Nothing of the chain's ran on the head: no task, and no actor but Ray's own (an actor's
+    # method calls run where it lives).
+    on_head = {
+        t["name"]
+        for t in head.state("tasks")
+        if t.get("node_id") == head_id and t.get("type") in ("NORMAL_TASK", "ACTOR_CREATION_TASK")
+    }
+    on_head |= {a["class_name"] for a in head.state("actors") if a.get("node_id") == head_id}
+    assert not on_head - RAY_OWN_ACTORS - {f"{name}.__init__" for name in RAY_OWN_ACTORS}, (
+        ", ".join(sorted(on_head))
+    )
+
+    # A single-node run of the same stages gives the same descriptors, index and results.
+    local = str(tmp_path / "local")
+    local_descriptors = extract(
+        ExtractConf.from_flags(
+            images=images, output=f"{local}/descriptors", weights=f"{run}/train", max_size=128
+        )
+    )
+    cluster_desc, local_desc = read_descriptors(trained), read_descriptors(local_descriptors)
+    order = np.argsort(local_desc.image_ids)
+    assert np.array_equal(np.sort(cluster_desc.image_ids), local_desc.image_ids[order])
+    np.testing.assert_allclose(
+        cluster_desc.vectors[np.argsort(cluster_desc.image_ids)],
+        local_desc.vectors[order],
+        atol=1e-5,
+    )
+    local_index = f"{local}/index"
+    index(IndexConf(descriptors=local_descriptors, output=local_index, shards=2))
+    manifests = read_manifest(f"{run}/index"), read_manifest(local_index)
+    assert [m["count"] for m in manifests] == [len(photos)] * 2
+    assert [s["count"] for s in manifests[0]["shards"]] == [
+        s["count"] for s in manifests[1]["shards"]
+    ]
+    queries = local_desc.vectors[:8]
+    found = search(f"{run}/index", queries, k=5), search(local_index, queries, k=5)
+    assert np.array_equal(found[0].image_ids, found[1].image_ids)
+
+
+def test_a_local_output_is_refused_before_any_work(
+    autoscaling_head: AutoscalingHead, s3_bucket: str, tmp_path
+) -> None:
+    head = autoscaling_head
+    local = tmp_path / "run"
+    with pytest.raises(AssertionError) as failed:
+        submit(
+            head.address,
+            head.env,
+            tmp_path,
+            f"pipeline.ingest --source s3://{s3_bucket}/photos --output {local}",
+        )
+    lines = [line for line in str(failed.value).splitlines() if line.startswith("error:")]
+    assert lines == [
+        f"error: --output: {local} is on this machine only, but the cluster has more than one "
+        "node; give an s3:// URI or a folder on shared storage (network-mounted, or named in "
+        "CIRRAY_SHARED_STORAGE)"
+    ]
+    assert not local.exists()
