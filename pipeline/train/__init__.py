@@ -64,7 +64,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster.mining import mining_actor
-from cluster.resources import reserved_threads
+from cluster.resources import on_a_cluster, reserved_threads
 from model import checkpoint, storage, tables
 from model.backbones import build_backbone
 from model.cli import location_problems, log_settings
@@ -333,10 +333,12 @@ def _fit(conf: TrainConf, data: dict[str, Any]) -> Any:
     if conf.mode == "gem":
         # Every actor reserves what it holds and uses: one that reserved nothing could land on
         # a head that takes no work, or take a GPU another reserved.
-        pool_bytes = _mining_memory(len(data["training_set"].image_ids))
+        multi_node = on_a_cluster()
+        pool_bytes = _mining_memory(len(data["training_set"].image_ids)) if multi_node else None
+        cpus = conf.mining_cpus if conf.mining_cpus is not None else (2.0 if multi_node else 0.0)
         actors.append(
             mining_actor(
-                num_cpus=conf.mining_cpus,
+                num_cpus=cpus,
                 num_gpus=conf.mining_gpus,
                 gpu=conf.mining_gpus > 0,
                 memory=pool_bytes,
@@ -344,7 +346,8 @@ def _fit(conf: TrainConf, data: dict[str, Any]) -> Any:
         )
         data = {**data, "mining": actors[-1]}
         if conf.gem.val_size != conf.image_size:  # the held-out vectors' mailbox
-            actors.append(mining_actor(num_cpus=0.5, gpu=False, memory=pool_bytes))
+            mailbox_cpus = 0.5 if multi_node else 0.0
+            actors.append(mining_actor(num_cpus=mailbox_cpus, gpu=False, memory=pool_bytes))
             data["validation"] = actors[-1]
     trainer = TorchTrainer(
         train_loop,

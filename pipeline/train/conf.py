@@ -147,8 +147,9 @@ class TrainConf(FlatFlags):
     """Ray Train's storage (local or s3://); default OUTPUT/ray. Same name + storage: resume."""
     workers: int = 1
     use_gpu: bool = False
-    mining_cpus: float = 2.0
-    """CPUs the GeM mode's mining actor reserves (its FAISS threads)."""
+    mining_cpus: float | None = None
+    """CPUs the GeM mode's mining actor reserves (its FAISS threads): default 2 on a cluster of
+    several nodes, none on one machine (it shares the cores the workers leave it)."""
     mining_gpus: float = 0.0
     """GPUs it reserves; with one (and faiss-gpu) the pool is searched there."""
     epochs: int = 5
