@@ -5,7 +5,7 @@ Ray's ``ray.cluster_utils.Cluster`` starts a head without CPUs and two 1-CPU wor
 this machine, ``STAGE`` (``extract`` or ``sfm``) runs on the inputs under ``WORK``, and as soon
 as the stage has stored its first result, the raylet of a worker node that is running its work
 is killed (SIGKILL, by the pid this script started). A fresh node joins, as an autoscaler would
-start one. Prints one JSON line: the killed node, and what the stage returned.
+start one. Writes ``WORK/STAGE-report.json``: the killed node, and what the stage returned.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def main(stage: str, work: Path) -> None:
                 )
             )
         killer.join(timeout=5)
-        print(json.dumps({"killed": killed.get("node"), "output": result}))
+        report = {"killed": killed.get("node"), "output": result}
+        (work / f"{stage}-report.json").write_text(json.dumps(report))
     finally:
         ray.shutdown()
         cluster.shutdown()
