@@ -24,12 +24,15 @@ __all__ = [
     "AUTOSCALER_CONFIG",
     "SHARED_STORAGE_VARIABLE",
     "autoscaler_maxima",
+    "check_schedulable",
     "is_multi_node",
     "node_local_problems",
+    "node_shapes",
     "on_a_cluster",
     "on_shared_storage",
     "reachable_resources",
     "reserved_threads",
+    "unschedulable",
     "use_reserved_threads",
 ]
 
@@ -64,21 +67,81 @@ def reachable_resources() -> dict[str, float]:
 def autoscaler_maxima(config: Path) -> dict[str, float]:
     """The resources of an autoscaler config's worker types at their ``max_workers`` (the
     cluster's ``max_workers`` where a type sets none); empty without a readable config."""
+    total: dict[str, float] = {}
+    for resources, count in _worker_types(config):
+        for resource, amount in resources.items():
+            total[resource] = total.get(resource, 0.0) + amount * count
+    return total
+
+
+def _worker_types(config: Path) -> list[tuple[dict[str, float], int]]:
+    """``(resources, max_workers)`` of each worker type an autoscaler config lists."""
     try:
         cluster = yaml.safe_load(config.read_text())
     except (OSError, yaml.YAMLError):
-        return {}
+        return []
     if not isinstance(cluster, dict):
-        return {}
+        return []
     head = cluster.get("head_node_type")
-    total: dict[str, float] = {}
-    for name, node_type in (cluster.get("available_node_types") or {}).items():
-        if name == head:
-            continue
-        count = node_type.get("max_workers", cluster.get("max_workers", 0))
-        for resource, amount in (node_type.get("resources") or {}).items():
-            total[resource] = total.get(resource, 0.0) + float(amount) * count
-    return total
+    return [
+        (
+            {name: float(amount) for name, amount in (node_type.get("resources") or {}).items()},
+            int(node_type.get("max_workers", cluster.get("max_workers", 0))),
+        )
+        for name, node_type in (cluster.get("available_node_types") or {}).items()
+        if name != head
+    ]
+
+
+def node_shapes() -> list[dict[str, float]]:
+    """The resources of each node the cluster has, and of each worker type its autoscaler
+    can start (as autoscaler v2 reports them to the GCS, or the head's bootstrap config)."""
+    import ray  # the driver's cluster, joined by the caller
+
+    shapes = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None:
+        groups = [(dict(g.resources), g.max_count) for g in config.node_group_configs]
+    else:
+        groups = _worker_types(AUTOSCALER_CONFIG.expanduser())
+    return shapes + [resources for resources, count in groups if count != 0]
+
+
+def unschedulable(request: dict[str, float], shapes: list[dict[str, float]]) -> str | None:
+    """Why no node of ``shapes`` can ever hold one ``request`` (a task's or actor's
+    resources), or ``None`` when one can: Ray would wait for it without end. Memory counts
+    only against shapes that state theirs (the autoscaler fills it in at launch)."""
+    wanted = {name: amount for name, amount in request.items() if amount}
+    if not wanted or any(_holds(shape, wanted) for shape in shapes):
+        return None
+    asked = _listed(wanted)
+    known = "; ".join("{" + _listed(shape) + "}" for shape in shapes) or "none"
+    return f"no node of this cluster, nor one its autoscaler can start, has {asked} ({known})"
+
+
+def check_schedulable(what: str, request: dict[str, float]) -> None:
+    """``ValueError`` naming ``what`` (the flags that set ``request``) when no node of the
+    cluster can ever hold one ``request``: fail at once rather than wait without end."""
+    problem = unschedulable(request, node_shapes())
+    if problem:
+        raise ValueError(f"{what}: {problem}")
+
+
+def _holds(shape: dict[str, float], wanted: dict[str, float]) -> bool:
+    return all(
+        shape.get(name, 0.0) >= amount
+        for name, amount in wanted.items()
+        if name != "memory" or name in shape
+    )
+
+
+def _listed(resources: dict[str, float]) -> str:
+    """``CPU: 2, memory: 4.0 GiB, …`` without Ray's per-node and object-store bookkeeping."""
+    return ", ".join(
+        f"{name}: {amount / 2**30:.1f} GiB" if name == "memory" else f"{name}: {amount:g}"
+        for name, amount in sorted(resources.items())
+        if not name.startswith("node:") and name != "object_store_memory"
+    )
 
 
 def is_multi_node() -> bool:
@@ -111,12 +174,14 @@ def reserved_threads() -> int:
 
 
 def use_reserved_threads(threads: int | None = None) -> int:
-    """Set FAISS's (OpenMP's) threads to ``threads`` or ``reserved_threads()``; returns them
-    (Ray and the autoscaler export ``OMP_NUM_THREADS=1``, which FAISS would keep)."""
+    """Give FAISS (OpenMP) and NumPy's BLAS ``threads`` or ``reserved_threads()`` threads;
+    returns them (Ray and the autoscaler export ``OMP_NUM_THREADS=1``, which both would keep)."""
     import faiss  # only the pieces that search or train an index load it
+    from threadpoolctl import threadpool_limits  # with FAISS, by the pieces that use it
 
     threads = threads or reserved_threads()
     faiss.omp_set_num_threads(threads)
+    threadpool_limits(limits=threads)  # every BLAS and OpenMP runtime loaded in this process
     return threads
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cluster.resources import reachable_resources
+from cluster.resources import check_schedulable, reachable_resources
 from model import checkpoint, storage, tables
 from model.cli import FlatFlags, location_problems, log_settings, run_cli
 from model.describer import (
@@ -177,6 +177,10 @@ def _describe(conf: ExtractConf, out: str, photos: _Photos, *, done: set[str]) -
     if not ray.is_initialized():
         ray.init()
     pool = describer_pool(conf, reachable_resources(), photos=len(photos.usable - done))
+    check_schedulable(
+        "--cpus-per-actor, --gpus-per-actor, --actor-resources",
+        {"CPU": pool.cpus, "GPU": pool.gpus, **pool.resources},
+    )
     logger.info(
         "describing on %s actors (%s GPU, %s CPU each), decoding in 1-CPU tasks",
         f"1..{pool.max_actors}",

@@ -69,7 +69,7 @@ import pyarrow.compute as pc
 import ray
 
 from cluster import index_store
-from cluster.resources import node_local_problems
+from cluster.resources import check_schedulable, node_local_problems, use_reserved_threads
 from model import storage, tables
 from model.cli import MEMORY_UNITS, log_settings, parse_memory, run_cli
 from model.descriptors import (
@@ -84,7 +84,6 @@ __all__ = [
     "FLAT_MAX",
     "PQ_CODE_SIZES",
     "IndexConf",
-    "build_shard",
     "choose_factory",
     "choose_nlist",
     "content_settings",
@@ -411,10 +410,10 @@ class _Rows:
         return iter_vectors(self.files, self.file, self.row, dim=self.dim)
 
 
-def _train_task(factory: str, sample: _Rows, *, of: int, threads: int) -> bytes:
+def _train_task(factory: str, sample: _Rows, *, of: int) -> bytes:
     """Runs in a Ray task: the sample's vectors read from the parts, the index trained on them
-    with ``threads`` FAISS threads (the CPUs the task reserved); the trained index's bytes."""
-    faiss.omp_set_num_threads(max(1, threads))
+    with as many FAISS threads as the task reserved CPUs; the trained index's bytes."""
+    use_reserved_threads()
     index = faiss.index_factory(sample.dim, factory, faiss.METRIC_INNER_PRODUCT)
     _fit(index, sample.read(), factory=factory, of=of)
     return index_store.serialize_index(index)
@@ -423,29 +422,6 @@ def _train_task(factory: str, sample: _Rows, *, of: int, threads: int) -> bytes:
 def _receipt_uri(output: str, version: int, number: int) -> str:
     return storage.join(
         output, index_store.version_dir(version), "_build", f"shard-{number:05d}.json"
-    )
-
-
-def build_shard(
-    trained: bytes,
-    vectors: np.ndarray,
-    image_ids: Sequence[str],
-    *,
-    id_start: int,
-    output: str,
-    version: int,
-    number: int,
-    threads: int = 1,
-) -> dict[str, Any]:
-    """Add ``vectors`` to the trained index and write the shard, its id map and receipt.
-
-    The rows get local labels ``0..n-1`` and global ids ``id_start..id_start+n-1``. Returns
-    the shard's manifest entry (file names relative to ``output``, counts, sha256).
-    """
-    faiss.omp_set_num_threads(max(1, threads))
-    index = _filled(trained, vectors)
-    return _write_shard(
-        index, image_ids, id_start=id_start, output=output, version=version, number=number
     )
 
 
@@ -495,11 +471,11 @@ def _shard_task(
     output: str,
     version: int,
     number: int,
-    threads: int = 1,
 ) -> dict[str, Any]:
     """Runs in a Ray task: the shard's vectors read from the stored parts (in id order), added
-    to the trained index, the shard written (``build_shard``); its manifest entry."""
-    faiss.omp_set_num_threads(max(1, threads))
+    to the trained index with the task's reserved CPUs, the shard and its id map written; its
+    manifest entry."""
+    use_reserved_threads()
     vectors = rows.read()
     index = _filled(trained, vectors)
     del vectors  # the index holds them now (or their codes)
@@ -602,12 +578,12 @@ def _nprobe_for(
 
 
 def _tune_task(
-    trained: bytes, rows: _Rows, queries: np.ndarray, *, target: float, k: int, threads: int
+    trained: bytes, rows: _Rows, queries: np.ndarray, *, target: float, k: int
 ) -> tuple[int, dict[str, Any]]:
     """Runs in a Ray task: ``tune_nprobe`` over ``rows`` (the new rows, in id order) with the
     query rows ``queries``, the exact top-k found by streaming every row from the stored parts
     past the queries (a batch at a time), never holding them all."""
-    faiss.omp_set_num_threads(max(1, threads))
+    use_reserved_threads()
     index = index_store.deserialize_index(trained)
     Q = rows.take(queries).read()
     best = np.full((len(Q), k + 1), -np.inf, dtype=np.float32)
@@ -966,6 +942,10 @@ def _train(build: _Build) -> tuple[bytes, int]:
     # The sample, FAISS's copies of it (OPQ's rotated copy, IVF-PQ's residuals), the index.
     memory = 3 * sample.nbytes + 2 * trained_bytes + TASK_OVERHEAD
     cpus = build.conf.train_cpus
+    _init_ray()
+    check_schedulable(
+        "training the index (--train-cpus, --train-size)", {"CPU": cpus, "memory": memory}
+    )
     task = ray.remote(_train_task).options(num_cpus=cpus, memory=memory, max_retries=2)
     logger.info(
         "training %s on %d of %d vectors in a task (%d CPUs, %s)",
@@ -975,8 +955,7 @@ def _train(build: _Build) -> tuple[bytes, int]:
         cpus,
         _memory_text(memory),
     )
-    _init_ray()
-    ref = task.remote(build.factory, sample, of=n, threads=cpus)
+    ref = task.remote(build.factory, sample, of=n)
     return _result(ref, "training the index"), size
 
 
@@ -1027,7 +1006,6 @@ def _tune(build: _Build, trained: faiss.Index, nlist: int) -> tuple[int, dict[st
         queries,
         target=conf.target_recall,
         k=TUNE_K,
-        threads=conf.train_cpus,
     )
     return _result(ref, "tuning nprobe")
 
@@ -1262,7 +1240,12 @@ def _add_shards(
     pending = {}
     for number, a, b in todo:
         rows = build.rows(slice(a, b))
-        task = shard_task.options(num_cpus=cpus, memory=_shard_memory(build, rows), max_retries=2)
+        memory = _shard_memory(build, rows)
+        if not pending:
+            check_schedulable(
+                "a shard (--cpus-per-shard, --shards)", {"CPU": cpus, "memory": memory}
+            )
+        task = shard_task.options(num_cpus=cpus, memory=memory, max_retries=2)
         ref = task.remote(
             trained_ref,
             rows,
@@ -1271,7 +1254,6 @@ def _add_shards(
             output=build.output,
             version=build.version,
             number=number,
-            threads=max(1, int(cpus)),
         )
         pending[ref] = number
     total = len(entries) + len(todo)

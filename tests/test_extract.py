@@ -166,6 +166,16 @@ def test_bad_input_is_named_before_any_work(photos, tmp_path: Path) -> None:
         run(ExtractConf.from_flags(images=str(images), output=str(tmp_path / "d"), max_size=0))
 
 
+def test_actors_no_node_can_hold_stop_before_any_work(ray_session, photos, tmp_path) -> None:
+    images = write_images(tmp_path, photos[:1])
+    conf = ExtractConf.from_flags(images=str(images), output=str(tmp_path / "d"), gpus_per_actor=1)
+    with pytest.raises(
+        ValueError, match=r"^--cpus-per-actor, --gpus-per-actor, --actor-res.*GPU: 1"
+    ):
+        run(conf)
+    assert not storage.exists(str(tmp_path / "d"))
+
+
 def test_images_and_descriptors_on_s3(ray_session, photos, s3_bucket: str, tmp_path) -> None:
     local = write_images(tmp_path, photos[:3])
     remote = IMAGES_OUTPUT.locate(f"s3://{s3_bucket}/run")

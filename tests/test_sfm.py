@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 from PIL import Image
+from ray.autoscaler.v2.sdk import get_cluster_status
 
 from cluster.index_store import read_manifest, search
 from cluster.mining import MiningIndex
@@ -238,17 +240,47 @@ def test_bad_photos_a_lone_photo_and_a_blank_scene_are_each_reported(
     assert summary["groups"] == {"ok": 1, "failed": 1, "skipped": 1}  # the lone photo: skipped
 
 
+@ray.remote(num_cpus=2)
+class _Holder:
+    """Holds every CPU of the test's Ray, as a cluster waiting for the autoscaler's node."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def _waiting_tasks() -> int:
+    """Tasks and actors Ray holds back for want of resources (as the autoscaler sees them)."""
+    status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    demands = status.resource_demands.ray_task_actor_demand
+    return sum(request.count for demand in demands for request in demand.bundles_by_count)
+
+
 def test_a_group_past_its_time_limit_fails_and_the_run_goes_on(landmarks, tmp_path) -> None:
-    run = landmarks["run"]
-    out = sfm(
-        SfmConf(
-            images=f"{run}/images.parquet",
-            groups=f"{run}/groups",
-            output=str(tmp_path / "sfm"),
-            timeout_s=0.5,
-        )
+    """The limit counts from when a worker starts the group: while every CPU is held, the
+    submitted groups wait past it unharmed; once they run, each is stopped at it."""
+    run, out = landmarks["run"], tmp_path / "sfm"
+    holder = _Holder.remote()
+    ray.get(holder.ready.remote())
+    conf = SfmConf(
+        images=f"{run}/images.parquet",
+        groups=f"{run}/groups",
+        output=str(out),
+        timeout_s=0.5,
     )
-    groups = tables.SFM_GROUPS.read(out).to_pylist()
+    result: list[str] = []
+    runner = threading.Thread(target=lambda: result.append(sfm(conf)), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 120
+    while not _waiting_tasks() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _waiting_tasks(), "the groups never reached Ray"
+    waited_past_the_limit = time.monotonic() + 4 * conf.timeout_s
+    while time.monotonic() < waited_past_the_limit:
+        assert not list(out.glob("groups/*.json")), "a group was timed while it waited"
+        time.sleep(0.1)
+    ray.kill(holder)
+    runner.join(timeout=300)
+    groups = tables.SFM_GROUPS.read(result[0]).to_pylist()
     assert [g["status"] for g in groups] == ["failed"] * 3
     assert all("--timeout-s" in g["reason"] for g in groups)
     assert not tables.SFM_IMAGES.read(out, ["registered"])[0].to_pylist().count(True)

@@ -61,7 +61,7 @@ import ray
 from tqdm import tqdm
 
 from cluster.catalog import ImageCatalog, read_photo_bytes
-from cluster.resources import reachable_resources
+from cluster.resources import check_schedulable, reachable_resources
 from model import storage, tables
 from model.cli import location_problems, log_settings
 from model.descriptors import read_descriptors
@@ -130,16 +130,23 @@ def _group_uri(out: str, group: int) -> str:
     return storage.join(out, "groups", f"{group:06d}.json")
 
 
+STARTED = "started"
+"""What a group's task yields first, once a worker runs it: its time limit counts from here."""
+
+
 def _task(
     located: list[Any], options: dict, pairs: list | None, *, scratch: str | None = None
-) -> dict[str, Any]:
-    """Runs in an SfM worker: read the group's photos (``cluster.catalog.Photo`` locations in
-    the images table) straight from storage, reconstruct them, return plain data."""
+) -> Iterator[str | dict[str, Any]]:
+    """Runs in an SfM worker as a Ray generator task: yields ``STARTED`` (a group may wait
+    minutes for the autoscaler to start its node, which is no part of its time), then reads
+    the group's photos (``cluster.catalog.Photo`` locations in the images table) straight
+    from storage, reconstructs them and yields plain data."""
+    yield STARTED
     data = read_photo_bytes(located)
     photos = [(photo.image_id, data[photo.image_id]) for photo in located]
     with task_scratch(scratch) as folder:
         result = reconstruct_group(photos, ReconstructOptions(**options), pairs, scratch=folder)
-    return {
+    yield {
         "images": [asdict(r) for r in result.images],
         "models": [asdict(m) for m in result.models],
         "files": result.files,
@@ -397,19 +404,21 @@ def _reconstruct(
     each stored as soon as it ends (or fails, or runs past --timeout-s)."""
     todo, pairs, keys = work.todo, work.pairs, work.keys
     options = _reconstruct_options(conf)
+    check_schedulable("--cpus-per-task", {"CPU": conf.cpus_per_task})
     # Workers of their own: a runtime env no other stage uses, so no worker that ever imported
     # torch (the extract stage's) runs pycolmap.
     task = ray.remote(_task).options(
         num_cpus=conf.cpus_per_task,
+        num_returns="streaming",
         max_retries=0,
         runtime_env={"env_vars": sfm_worker_env(conf.cpus_per_task)},
     )
     # As many tasks in flight as the cluster can reach CPUs for: the autoscaler starts nodes
-    # for those waiting, and a group's clock starts close to when it does.
+    # for those waiting. A group's clock starts when its task does.
     reachable = int(reachable_resources().get("CPU", 1))
     slots = conf.max_in_flight or max(1, reachable // conf.cpus_per_task)
     queue = list(todo)
-    running: dict[Any, tuple[int, float]] = {}
+    running: dict[Any, _Running] = {}
     lost: Counter[int] = Counter()
     bar = tqdm(total=len(todo), desc="sfm groups", unit="group")
 
@@ -424,13 +433,19 @@ def _reconstruct(
         while queue and len(running) < slots:
             group = queue.pop(0)
             photos = [catalog.photo(i) for i in grouping.photos(group)]
-            ref = task.remote(photos, options, pairs.get(group), scratch=conf.scratch)
-            running[ref] = (group, time.monotonic())
+            tasks = task.remote(photos, options, pairs.get(group), scratch=conf.scratch)
+            running[tasks] = _Running(group)
         done, _ = ray.wait(list(running), num_returns=1, timeout=min(2.0, conf.timeout_s))
         now = time.monotonic()
-        for ref in done:
-            group, t0 = running.pop(ref)
-            status = _finished(ref, len(grouping.members[group]), now - t0)
+        for tasks in done:
+            run = running[tasks]
+            ref = next(tasks)
+            if run.started is None and _says_started(ref):
+                run.started = now
+                continue
+            del running[tasks]
+            group, seconds = run.group, now - (run.started or now)
+            status = _finished(ref, len(grouping.members[group]), seconds)
             if status is None:  # its node was lost: a spot worker preempted, not pycolmap
                 lost[group] += 1
                 if lost[group] <= conf.node_retries:
@@ -438,16 +453,32 @@ def _reconstruct(
                     queue.insert(0, group)
                     continue
                 reason = f"its node was lost {lost[group]} times (--node-retries)"
-                status = _failed(reason, len(grouping.members[group]), now - t0)
+                status = _failed(reason, len(grouping.members[group]), seconds)
             finish(group, status)
-        for ref, (group, t0) in list(running.items()):
-            if now - t0 > conf.timeout_s:
-                ray.cancel(ref, force=True)  # kills the worker: pycolmap cannot be interrupted
-                running.pop(ref)
+        for tasks, run in list(running.items()):
+            if run.started is not None and now - run.started > conf.timeout_s:
+                ray.cancel(tasks, force=True)  # kills the worker: pycolmap cannot be interrupted
+                del running[tasks]
                 reason = f"ran past --timeout-s {conf.timeout_s:g}"
-                photos = len(grouping.members[group])
-                finish(group, _failed(reason, photos, now - t0))
+                photos = len(grouping.members[run.group])
+                finish(run.group, _failed(reason, photos, now - run.started))
     bar.close()
+
+
+@dataclass
+class _Running:
+    """A group's task in flight: when its worker started it (``None`` while it waits)."""
+
+    group: int
+    started: float | None = None
+
+
+def _says_started(ref: Any) -> bool:
+    """Whether a task's first item is ``STARTED`` (not an error: its node lost before it ran)."""
+    try:
+        return ray.get(ref) == STARTED
+    except ray.exceptions.RayError:
+        return False
 
 
 def _failed(reason: str, photos: int, seconds: float) -> dict[str, Any]:
