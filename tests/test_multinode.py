@@ -112,7 +112,8 @@ def test_the_chain_scales_from_zero_and_never_runs_on_the_head(
         f"pipeline.pairs --sfm {run}/sfm --output {run}/pairs",
         f"pipeline.train --images {images} --pairs {run}/pairs --output {run}/train"
         " --workers 2 --mining-cpus 1 --epochs 1 --image-size 128 --val-size 128 --queries 12"
-        " --nnum 1 --held-out 0.3 --lr 1e-5 --tuples-per-step 2 --no-whiten",
+        " --nnum 1 --held-out 0.3 --lr 1e-5 --tuples-per-step 2 --no-whiten"
+        " --whiten-shrinkage 0 --whiten-dim 1280",
         f"pipeline.extract --images {images} --output {trained} --weights {run}/train"
         " --max-size 128 " + DESCRIBE_ON_GPU_NODES,
         f"pipeline.index --descriptors {trained} --output {run}/index --shards 2",

@@ -1,8 +1,8 @@
 """A worker node dies during extract and during sfm: the stage completes, nothing lost or twice.
 
-Each run is ``tests/node_loss.py`` in a process of its own, on Ray's ``Cluster`` (a head without
-CPUs, two 1-CPU worker nodes, a third joining after the loss). Its inputs lie on this machine,
-which every node of that cluster shares (``CIRRAY_SHARED_STORAGE`` says so).
+Both run in ``tests/node_loss.py``, a process of its own, on one Ray ``Cluster`` (a head
+without CPUs, three 1-CPU worker nodes, one lost in each stage). Their inputs lie on this
+machine, which every node of that cluster shares (``CIRRAY_SHARED_STORAGE`` says so).
 """
 
 from __future__ import annotations
@@ -45,26 +45,30 @@ def inputs(ray_session, tiny_collection: Path, tmp_path_factory) -> Path:
     return work
 
 
-def _run_losing_a_node(stage: str, work: Path) -> dict:
-    env = local_cluster_env(CIRRAY_SHARED_STORAGE=str(work))
+@pytest.fixture(scope="module")
+def losses(inputs: Path) -> dict[str, dict]:
+    """Each stage's report: the node killed while it ran, and its output."""
+    env = local_cluster_env(CIRRAY_SHARED_STORAGE=str(inputs))
     env.pop("RAY_ADDRESS", None)
+    stages = ["extract", "sfm"]
     done = subprocess.run(
-        [sys.executable, "-m", "tests.node_loss", stage, str(work)],
+        [sys.executable, "-m", "tests.node_loss", str(inputs), *stages],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=600,
         check=False,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    report = json.loads((work / f"{stage}-report.json").read_text())
-    assert report["killed"], "no node was killed while the stage ran:\n" + done.stderr[-3000:]
-    return report
+    reports = {s: json.loads((inputs / f"{s}-report.json").read_text()) for s in stages}
+    for stage, report in reports.items():
+        assert report["killed"], f"no node was killed while {stage} ran:\n" + done.stderr[-3000:]
+    return reports
 
 
-def test_extract_completes_when_a_node_dies(inputs: Path) -> None:
-    report = _run_losing_a_node("extract", inputs)
+def test_extract_completes_when_a_node_dies(inputs: Path, losses: dict[str, dict]) -> None:
+    report = losses["extract"]
     usable = IMAGES.read(str(inputs / "run"), ["image_id"], filter=pc.field("error").is_null())
     described = read_descriptors(report["output"])
     ids = described.image_ids.tolist()
@@ -72,8 +76,8 @@ def test_extract_completes_when_a_node_dies(inputs: Path) -> None:
     assert np.isfinite(described.vectors).all()
 
 
-def test_sfm_completes_when_a_node_dies(inputs: Path) -> None:
-    report = _run_losing_a_node("sfm", inputs)
+def test_sfm_completes_when_a_node_dies(losses: dict[str, dict]) -> None:
+    report = losses["sfm"]
     details = SFM_OUTPUT.manifest(report["output"]).details
     assert details["groups"]["ok"] == 3 and details["groups"]["failed"] == 0
     rows = tables.SFM_IMAGES.read(report["output"], ["image_id", "registered"])

@@ -65,6 +65,10 @@ def _conf(pairs: dict[str, str], out: Path | str, **changes) -> TrainConf:
     return base.replaced(**changes)
 
 
+FIXED_LW = {"whiten_shrinkage": 0.0, "whiten_dim": 1280}
+"""Validation's Lw with its settings given, not cross-validated: for tests about training."""
+
+
 def _epochs(best: str) -> list[dict]:
     return json.loads(storage.read_text(storage.join(best, "metrics.json")))["epochs"]
 
@@ -163,7 +167,7 @@ def test_two_workers_reproduce_one_workers_first_epoch(pairs, tmp_path) -> None:
     """The same global batch of tuples and seed: 2 workers' epoch-1 loss and held-out mAP equal
     1 worker's (DDP averages the workers' gradients of each step's shares of one batch). Three
     tuples a step, two images a forward pass: rank 0 makes 3 passes a step, rank 1 makes 2."""
-    settings = {"epochs": 1, "tuples_per_step": 3, "device_batch": 2, "pool_size": 20}
+    settings = {"epochs": 1, "tuples_per_step": 3, "device_batch": 2, "pool_size": 20, **FIXED_LW}
     one = _epochs(train(_conf(pairs, tmp_path / "one", **settings)))
     two = _epochs(train(_conf(pairs, tmp_path / "two", workers=2, **settings)))
     print(
@@ -180,7 +184,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(pairs, tmp_path) -> No
     run restarts its workers from that checkpoint and still ends with every epoch's steps."""
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    conf = _conf(pairs, tmp_path, workers=2, epochs=2, name="killed", max_failures=2)
+    conf = _conf(pairs, tmp_path, workers=2, epochs=2, name="killed", max_failures=2, **FIXED_LW)
     storage_dir = tmp_path / "ray" / "killed"
     killed: list[int] = []
 
