@@ -128,6 +128,8 @@ def check_schedulable(what: str, request: dict[str, float]) -> None:
 
 
 def _holds(shape: dict[str, float], wanted: dict[str, float]) -> bool:
+    if not shape:  # a worker type whose resources its config leaves to the cloud's instance
+        return True
     return all(
         shape.get(name, 0.0) >= amount
         for name, amount in wanted.items()

@@ -93,6 +93,7 @@ def test_a_request_no_node_can_hold_is_named() -> None:
     ]
     assert resources.unschedulable({"CPU": 4, "GPU": 1}, shapes) is None
     assert resources.unschedulable({"CPU": 8, "GPU": 0}, shapes) is None
+    assert resources.unschedulable({"GPU": 8}, [*shapes, {}]) is None  # a type left to its cloud
     assert resources.unschedulable({"CPU": 8, "memory": 2**40}, shapes) is not None
     assert resources.unschedulable({"CPU": 4, "memory": 2**40}, shapes) is None  # memory untold
     problem = resources.unschedulable({"CPU": 8, "GPU": 1}, shapes)
