@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cluster.resources import check_schedulable, reachable_resources
+from cluster.resources import check_schedulable, is_multi_node, reachable_resources
 from model import checkpoint, storage, tables
 from model.cli import FlatFlags, location_problems, log_settings, run_cli
 from model.describer import (
@@ -86,7 +86,9 @@ class ExtractConf(FlatFlags):
     resource, e.g. accelerator=1): the actors go only to nodes of that type, and the pool
     grows to as many as the cluster can reach of it."""
     threads_per_actor: int | None = None
-    """Torch threads of an actor on a CPU: default the CPUs it reserved."""
+    """Torch threads of an actor on a CPU: default the CPUs it reserved on a cluster of several
+    nodes, every core on one machine (its decoding tasks and it share the cores, as on a
+    laptop; one thread would leave a core idle while a batch is described)."""
     batch_size: int = 32
     """Photos per block handed to an actor (split by image size inside it)."""
     device_batch_size: int | None = None
@@ -208,7 +210,8 @@ def _describe(conf: ExtractConf, out: str, photos: _Photos, *, done: set[str]) -
         fn_constructor_kwargs={
             "settings": conf.network,
             "device_batch_size": conf.device_batch_size,
-            "threads_per_actor": conf.threads_per_actor or max(1, int(pool.cpus)),
+            "threads_per_actor": conf.threads_per_actor
+            or (max(1, int(pool.cpus)) if is_multi_node() else None),
         },
         batch_size=conf.batch_size,
         num_gpus=pool.gpus,

@@ -1,0 +1,397 @@
+"""The whole chain as one command: photos in, a fine-tuned index (and its search service) out.
+
+    python -m pipeline.run --source PHOTOS --output RUN [--config FILE] [--serve]
+
+Each stage writes under ``RUN`` with a fixed name and reads the one before's output, so
+nothing is typed twice:
+
+    RUN/
+      images.parquet/        ingest: the photos' bytes and what failed, with reasons
+      descriptors/           extract with the off-the-shelf network
+      groups/                group: photos of one scene together
+      sfm/                   sfm: a 3D model per group
+      pairs/                 pairs: training tuples from the models
+      train/                 train: the fine-tuned network, its Lw, curves
+      descriptors-trained/   extract with the fine-tuned network
+      index/                 index of the fine-tuned descriptors (the off-the-shelf ones when
+                             the photos gave nothing to train on)
+      run.json               what each stage did, in how many seconds
+
+Every stage resumes by its inputs' and settings' fingerprints, so the same command again
+finishes in seconds and, with photos added, describes and indexes only those. ``--config``
+gives each stage's flags by stage (``extract: {max_size: 512}``; ``configs/`` holds a laptop
+and a cluster example); ``--print-config`` writes the whole resolved config. On a cluster the
+same command is one ``ray job submit`` with ``RUN`` on S3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import time
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import tyro
+import yaml
+
+from model import storage, tables
+from model.cli import USER_ERRORS, run_cli
+from pipeline import extract, group, index, ingest, pairs, serve, sfm, train
+
+logger = logging.getLogger("pipeline.run")
+
+__all__ = ["STAGES", "RunConf", "layout", "resolved_config", "run"]
+
+Stage = Literal["ingest", "extract", "group", "sfm", "pairs", "train", "extract-trained", "index"]
+STAGES: tuple[str, ...] = get_args(Stage)
+
+LAYOUT = {
+    "ingest": "images.parquet",
+    "extract": "descriptors",
+    "group": "groups",
+    "sfm": "sfm",
+    "pairs": "pairs",
+    "train": "train",
+    "extract-trained": "descriptors-trained",
+    "index": "index",
+}
+"""Where each stage writes under the run folder."""
+
+CONFIG_SECTIONS = ("ingest", "extract", "group", "sfm", "pairs", "train", "index", "serve")
+"""The config file's sections: a stage's flags by their names (both extracts share one)."""
+
+WIRED = {
+    "ingest": {"source", "output"},
+    "extract": {"images", "output", "weights"},
+    "group": {"images", "descriptors", "output"},
+    "sfm": {"images", "groups", "output"},
+    "pairs": {"sfm", "output"},
+    "train": {"images", "pairs", "output"},
+    "index": {"descriptors", "output"},
+    "serve": {"index"},
+}
+"""Flags the run sets itself from the run folder; a config may not set them."""
+
+
+@dataclass
+class RunConf:
+    """Photos to a served, self-trained index in one command."""
+
+    source: str
+    """The photos: a folder (a sub-folder per scene, if known), a CSV/Parquet manifest of
+    paths or URLs, or an ``s3://`` prefix."""
+    output: str
+    """The run folder (local, or ``s3://`` on a cluster): every stage's output lies under it."""
+    config: str | None = None
+    """A YAML file of stage flags by stage: ``{extract: {max_size: 512}, train: {epochs: 5}}``."""
+    until: Stage | None = None
+    """Stop after this stage."""
+    from_stage: Annotated[Stage | None, tyro.conf.arg(aliases=("--from",))] = None
+    """Start at this stage (``--from``); the stages before it must be complete in the run
+    folder."""
+    serve: bool = False
+    """Keep the search service up on the index at the end."""
+    print_config: bool = False
+    """Print the whole resolved config (every stage's every flag) as YAML and stop."""
+
+
+@dataclass
+class _Step:
+    """One stage of the chain: its config type, its run function and where it writes."""
+
+    section: str
+    conf_type: type
+    run: Callable[[Any], str]
+
+
+def _steps() -> dict[str, _Step]:
+    """Each stage's config type and run function."""
+    return {
+        "ingest": _Step("ingest", ingest.IngestConf, ingest.run),
+        "extract": _Step("extract", extract.ExtractConf, extract.run),
+        "group": _Step("group", group.GroupConf, group.run),
+        "sfm": _Step("sfm", sfm.SfmConf, sfm.run),
+        "pairs": _Step("pairs", pairs.PairsConf, pairs.run),
+        "train": _Step("train", train.TrainConf, train.run),
+        "extract-trained": _Step("extract", extract.ExtractConf, extract.run),
+        "index": _Step("index", index.IndexConf, index.run),
+        "serve": _Step("serve", serve.ServeConf, serve.run),
+    }
+
+
+def layout(run_folder: str) -> dict[str, str]:
+    """Each stage's output URI under ``run_folder``."""
+    return {stage: storage.join(run_folder, name) for stage, name in LAYOUT.items()}
+
+
+def setting_types(conf_type: type) -> dict[str, Any]:
+    """Every flag of a stage's config by name, with its type (a part's fields flattened)."""
+    hints = typing.get_type_hints(conf_type)
+    found: dict[str, Any] = {}
+    for field in dataclasses.fields(conf_type):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            found.update(setting_types(hint))
+        else:
+            found[field.name] = hint
+    return found
+
+
+def read_config(path: str | None, steps: dict[str, _Step]) -> dict[str, dict[str, Any]]:
+    """The config file's sections, every key checked against its stage's flags and their
+    types; ``ValueError`` with one line per problem, naming the nearest valid key."""
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(storage.read_text(path)) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config: {path} is not YAML: {' '.join(str(err).split())}") from err
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config: {path} must map stages to their flags")
+    types_of = {
+        s.section: setting_types(s.conf_type) for s in steps.values() if s.section in loaded
+    }
+    problems = []
+    for section, flags in loaded.items():
+        if section not in CONFIG_SECTIONS:
+            problems.append(f"--config: no stage {section!r}{_nearest(section, CONFIG_SECTIONS)}")
+            continue
+        if not isinstance(flags, dict):
+            problems.append(f"--config: {section} must map flags to values")
+            continue
+        for key, value in flags.items():
+            name = str(key).replace("-", "_")
+            known = types_of[section]
+            if name in WIRED[section]:
+                problems.append(f"--config: {section}.{key} is set by the run from its folder")
+            elif name not in known:
+                problems.append(
+                    f"--config: {section} has no flag {key!r}{_nearest(name, list(known))}"
+                )
+            elif not _fits(value, known[name]):
+                problems.append(
+                    f"--config: {section}.{key} must be {_type_name(known[name])}, not {value!r}"
+                )
+    if problems:
+        raise ValueError("\n".join(problems))
+    return {
+        section: {k.replace("-", "_"): v for k, v in f.items()} for section, f in loaded.items()
+    }
+
+
+def _nearest(name: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value suits a flag's type (ints where floats go, lists for tuples)."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (tuple, list):
+        args = [a for a in get_args(hint) if a is not Ellipsis]
+        return isinstance(value, list | tuple) and all(_fits(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def resolved_config(conf: RunConf, steps: dict[str, _Step] | None = None) -> dict[str, Any]:
+    """Every stage's every flag as this run sets it: the config's, else the stage's default,
+    and the paths the run wires between stages."""
+    steps = steps or _steps()
+    sections = read_config(conf.config, steps)
+    wired = _wiring(conf, trained=True)
+    resolved: dict[str, Any] = {}
+    for stage, step in steps.items():
+        if stage == "extract-trained" or (stage == "serve" and not conf.serve):
+            continue
+        made = _made(step, {**sections.get(step.section, {}), **wired[stage]})
+        resolved[step.section] = _plain(_flat(made))
+    return resolved
+
+
+def _wiring(conf: RunConf, *, trained: bool) -> dict[str, dict[str, Any]]:
+    """The paths each stage gets from the run folder (the index reads the off-the-shelf
+    descriptors when nothing was trained)."""
+    out = layout(conf.output)
+    described = out["extract-trained"] if trained else out["extract"]
+    return {
+        "ingest": {"source": conf.source, "output": conf.output},
+        "extract": {"images": out["ingest"], "output": out["extract"]},
+        "group": {"images": out["ingest"], "descriptors": out["extract"], "output": out["group"]},
+        "sfm": {"images": out["ingest"], "groups": out["group"], "output": out["sfm"]},
+        "pairs": {"sfm": out["sfm"], "output": out["pairs"]},
+        "train": {"images": out["ingest"], "pairs": out["pairs"], "output": out["train"]},
+        "extract-trained": {
+            "images": out["ingest"],
+            "output": out["extract-trained"],
+            "weights": out["train"],
+        },
+        "index": {"descriptors": described, "output": out["index"]},
+        "serve": {"index": out["index"]},
+    }
+
+
+def _made(step: _Step, flags: dict[str, Any]) -> Any:
+    """A stage's config from flags by name (a part's fields flat, as its command line takes
+    them)."""
+    from_flags = getattr(step.conf_type, "from_flags", None)
+    if from_flags is not None:
+        return from_flags(**flags)
+    return step.conf_type(**flags)
+
+
+def _flat(conf: Any) -> dict[str, Any]:
+    settings = getattr(conf, "settings", None)
+    if callable(settings):
+        return settings()
+    return {f.name: getattr(conf, f.name) for f in dataclasses.fields(conf)}
+
+
+def _plain(settings: dict[str, Any]) -> dict[str, Any]:
+    """YAML-writable values (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
+def run(conf: RunConf) -> str:
+    """Run the chain into ``conf.output``; returns the index's URI (the search URL with
+    ``--serve``)."""
+    steps = _steps()
+    if conf.print_config:
+        print(yaml.safe_dump(resolved_config(conf, steps), sort_keys=False), end="")
+        return conf.output
+    sections = read_config(conf.config, steps)
+    out = layout(conf.output)
+    first = STAGES.index(conf.from_stage) if conf.from_stage else 0
+    last = STAGES.index(conf.until) if conf.until else len(STAGES) - 1
+    if first > last:
+        raise ValueError(f"--from-stage {conf.from_stage} comes after --until {conf.until}")
+    _check_earlier_stages(out, STAGES[:first])
+    summary: dict[str, Any] = {"source": conf.source, "output": conf.output, "stages": {}}
+    trained = True
+    for stage in STAGES[first : last + 1]:
+        if stage in ("train", "extract-trained") and not trained:
+            continue
+        if stage == "train" and not _has_pairs(out["pairs"]):
+            trained = False
+            logger.warning(
+                "the photos gave no training pairs (no 3D model with enough photos): "
+                "skipping training; the index holds the off-the-shelf descriptors"
+            )
+            summary["stages"]["train"] = {"skipped": "no training pairs"}
+            continue
+        step = steps[stage]
+        flags = {**sections.get(step.section, {}), **_wiring(conf, trained=trained)[stage]}
+        summary["stages"][stage] = _run_stage(stage, step, flags)
+        _write_summary(conf.output, summary)
+    if conf.serve and last == len(STAGES) - 1:
+        serve = steps["serve"]
+        flags = {**sections.get("serve", {}), **_wiring(conf, trained=trained)["serve"]}
+        url = serve.run(_made(serve, {**flags, "detach": True}))
+        summary["search"] = url
+        _write_summary(conf.output, summary)
+    _log_summary(summary)
+    return summary.get("search", out["index"])
+
+
+def _check_earlier_stages(out: dict[str, str], stages: tuple[str, ...]) -> None:
+    """``--from-stage`` needs the stages before it complete in the run folder."""
+    outputs = {
+        "ingest": tables.IMAGES_OUTPUT,
+        "extract": tables.DESCRIPTORS_OUTPUT,
+        "sfm": tables.SFM_OUTPUT,
+        "pairs": tables.PAIRS_OUTPUT,
+        "extract-trained": tables.DESCRIPTORS_OUTPUT,
+    }
+    missing = [
+        f"{stage} ({out[stage]})"
+        for stage in stages
+        if stage in outputs and not outputs[stage].is_complete(out[stage])
+    ]
+    if missing:
+        raise ValueError(f"--from-stage: not complete in the run folder: {', '.join(missing)}")
+
+
+def _has_pairs(pairs: str) -> bool:
+    return tables.PAIRS.read(pairs, ["query_id"]).num_rows > 0
+
+
+def _run_stage(stage: str, step: _Step, flags: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage; what it did and how long it took. A failure names the stage and how to
+    go on from it."""
+    logger.info("── %s", stage)
+    started = time.monotonic()
+    how = f"what finished stays; run the same command again, or add --from-stage {stage}"
+    try:
+        output = step.run(_made(step, flags))
+    except USER_ERRORS as err:
+        raise ValueError(f"stage {stage}: {err} ({how})") from err
+    except Exception:
+        logger.error("stage %s failed (%s)", stage, how)
+        raise
+    seconds = time.monotonic() - started
+    return {"output": output, **_details(output), "seconds": round(seconds, 1)}
+
+
+def _details(output: str) -> dict[str, Any]:
+    """The counts a stage's manifest states (photos, failures, models, pairs, index size)."""
+    for name in ("manifest.json", "index.json"):
+        uri = storage.join(output, name)
+        if storage.exists(uri):
+            details = json.loads(storage.read_text(uri)).get("details", {})
+            return {k: v for k, v in details.items() if _brief(v)}
+    return {}
+
+
+def _brief(value: Any) -> bool:
+    """A count or a short table of counts, not a list of every photo."""
+    if isinstance(value, dict):
+        return len(value) <= 12 and all(isinstance(v, int | float) for v in value.values())
+    return isinstance(value, int | float | str)
+
+
+def _write_summary(run_folder: str, summary: dict[str, Any]) -> None:
+    storage.write_text(storage.join(run_folder, "run.json"), json.dumps(summary, indent=1))
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    lines = ["run summary:"]
+    for stage, done in summary["stages"].items():
+        if "skipped" in done:
+            lines.append(f"  {stage:16s} skipped: {done['skipped']}")
+        else:
+            lines.append(f"  {stage:16s} {done['seconds']:7.1f} s  {done['output']}")
+    lines.append(f"  summary: {storage.join(summary['output'], 'run.json')}")
+    if "search" in summary:
+        lines.append(f"  search page: {summary['search']}")
+    logger.info("\n".join(lines))
+
+
+if __name__ == "__main__":
+    run_cli(run, RunConf)

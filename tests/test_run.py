@@ -1,0 +1,149 @@
+"""pipeline.run: the whole chain from photos to an index in one command, its config file, and
+the run folder it leaves (each stage under its fixed name, resumable)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.index_store import read_manifest
+from model import tables
+from model.datasets.landmarks import write_scene_manifest
+from pipeline.run import LAYOUT, RunConf, resolved_config, run
+from tests.helpers import REPO, run_stage
+
+SMALL = {
+    "extract": {"max_size": 128},
+    "sfm": {"mapper": "incremental"},
+    "train": {
+        "epochs": 1,
+        "image_size": 128,
+        "val_size": 128,
+        "queries": 12,
+        "nnum": 1,
+        "held_out": 0.3,
+        "tuples_per_step": 2,
+        "whiten": False,
+        "whiten_shrinkage": 0.0,
+        "whiten_dim": 1280,
+    },
+    "index": {"shards": 2},
+}
+"""A run small enough for the tests: 128 px, one epoch, validation's Lw settings fixed."""
+
+
+def _config(tmp_path: Path, sections: dict) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    return str(path)
+
+
+def test_print_config_resolves_every_stage_s_flags(tmp_path: Path) -> None:
+    conf = RunConf(source="photos", output=str(tmp_path / "run"), config=_config(tmp_path, SMALL))
+    resolved = resolved_config(conf)
+    assert list(resolved) == ["ingest", "extract", "group", "sfm", "pairs", "train", "index"]
+    assert resolved["extract"]["max_size"] == 128 and resolved["train"]["epochs"] == 1
+    assert resolved["index"]["descriptors"] == str(tmp_path / "run" / "descriptors-trained")
+    assert resolved["train"]["pairs"] == str(tmp_path / "run" / "pairs")
+    assert resolved["sfm"]["timeout_s"] == 3600.0  # a default, written out
+    done = run_stage("run", "--source", "photos", "--output", "run", "--print-config")
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["ingest"]["source"] == "photos"
+
+
+@pytest.mark.parametrize("example", ["laptop", "cluster"])
+def test_the_example_configs_are_valid(example: str) -> None:
+    config = str(REPO / "configs" / f"{example}.yaml")
+    resolved = resolved_config(RunConf(source="s3://b/photos", output="s3://b/run", config=config))
+    for section, flags in yaml.safe_load(Path(config).read_text()).items():
+        if section != "serve":  # written out only for a run with --serve
+            assert flags.items() <= resolved[section].items()
+
+
+def test_from_a_stage_needs_the_stages_before_it(tmp_path: Path) -> None:
+    done = run_stage("run", "--source", "photos", "--output", str(tmp_path), "--from", "train")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().startswith(
+        "error: --from-stage: not complete in the run folder: ingest ("
+    )
+
+
+def test_the_cirray_command_runs_each_stage(tmp_path: Path) -> None:
+    cirray = Path(sys.executable).parent / "cirray"
+    done = subprocess.run(
+        [cirray, "run", "--source", "photos", "--output", "run", "--print-config"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0 and "ingest:" in done.stdout, done.stderr[-2000:]
+    wrong = subprocess.run([cirray, "extrct"], capture_output=True, text=True, check=False)
+    assert wrong.returncode == 2 and "'extrct' is not one of: run, ingest" in wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("sections", "line"),
+    [
+        (
+            {"extract": {"max_sise": 64}},
+            "error: --config: extract has no flag 'max_sise' (did you mean 'max_size'?)",
+        ),
+        (
+            {"train": {"epochs": "two"}},
+            "error: --config: train.epochs must be int, not 'two'",
+        ),
+        ({"trian": {"epochs": 1}}, "error: --config: no stage 'trian' (did you mean 'train'?)"),
+        (
+            {"index": {"output": "elsewhere"}},
+            "error: --config: index.output is set by the run from its folder",
+        ),
+    ],
+)
+def test_a_bad_config_is_one_line_before_any_work(tmp_path: Path, sections, line) -> None:
+    done = run_stage(
+        "run", "--source", "photos", "--output", str(tmp_path / "run"),
+        "--config", _config(tmp_path, sections),
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.strip() == line, done.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_chain_into_one_run_folder_and_again_in_seconds(
+    ray_session, tiny_collection: Path, tmp_path: Path, caplog
+) -> None:
+    source = write_scene_manifest(tiny_collection, tmp_path / "photos.csv")
+    out = tmp_path / "run"
+    conf = RunConf(source=str(source), output=str(out), config=_config(tmp_path, SMALL))
+    assert run(conf) == str(out / "index")
+    assert {p.name for p in out.iterdir()} == {*LAYOUT.values(), "run.json"}
+    summary = json.loads((out / "run.json").read_text())
+    assert list(summary["stages"]) == [
+        "ingest",
+        "extract",
+        "group",
+        "sfm",
+        "pairs",
+        "train",
+        "extract-trained",
+        "index",
+    ]
+    assert read_manifest(str(out / "index"))["count"] == summary["stages"]["ingest"]["ingested"]
+    assert summary["stages"]["sfm"]["groups"] == {"ok": 3, "failed": 0, "skipped": 0}
+    trained = tables.DESCRIPTORS_OUTPUT.manifest(str(out / "descriptors-trained"))
+    assert trained.inputs["network"]  # described with the run's own fine-tuned network
+    # the same command again: every stage finds its output complete and skips
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    run(conf)
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) >= len(LAYOUT), skipped
+    # a part of the chain: the index alone, from the descriptors the run left
+    assert run(RunConf(source=str(source), output=str(out), from_stage="index")) == str(
+        out / "index"
+    )
