@@ -52,7 +52,7 @@ Stage = Literal["ingest", "extract", "group", "sfm", "pairs", "train", "extract-
 STAGES: tuple[str, ...] = get_args(Stage)
 
 LAYOUT = {
-    "ingest": "images.parquet",
+    "ingest": tables.IMAGES_OUTPUT.folder,
     "extract": "descriptors",
     "group": "groups",
     "sfm": "sfm",
@@ -293,6 +293,7 @@ def run(conf: RunConf) -> str:
     if first > last:
         raise ValueError(f"--from-stage {conf.from_stage} comes after --until {conf.until}")
     _check_earlier_stages(out, STAGES[:first])
+    _check_same_run(conf)
     summary: dict[str, Any] = {"source": conf.source, "output": conf.output, "stages": {}}
     trained = True
     for stage in STAGES[first : last + 1]:
@@ -310,14 +311,18 @@ def run(conf: RunConf) -> str:
         flags = {**sections.get(step.section, {}), **_wiring(conf, trained=trained)[stage]}
         summary["stages"][stage] = _run_stage(stage, step, flags)
         _write_summary(conf.output, summary)
-    if conf.serve and last == len(STAGES) - 1:
-        serve = steps["serve"]
-        flags = {**sections.get("serve", {}), **_wiring(conf, trained=trained)["serve"]}
-        url = serve.run(_made(serve, {**flags, "detach": True}))
-        summary["search"] = url
-        _write_summary(conf.output, summary)
+    if not (conf.serve and last == len(STAGES) - 1):
+        _log_summary(summary)
+        return out["index"]
+    serve = steps["serve"]
+    flags = {**sections.get("serve", {}), **_wiring(conf, trained=trained)["serve"]}
+    serve_conf = _made(serve, flags)
+    summary["search"] = f"http://{serve_conf.host}:{serve_conf.port}"
+    _write_summary(conf.output, summary)
     _log_summary(summary)
-    return summary.get("search", out["index"])
+    # Blocks, serving, until interrupted (the local Ray ends with this process), unless the
+    # config's serve section says detach: true, as on a cluster that outlives the job.
+    return serve.run(serve_conf)
 
 
 def _check_earlier_stages(out: dict[str, str], stages: tuple[str, ...]) -> None:
@@ -338,6 +343,19 @@ def _check_earlier_stages(out: dict[str, str], stages: tuple[str, ...]) -> None:
         raise ValueError(f"--from-stage: not complete in the run folder: {', '.join(missing)}")
 
 
+def _check_same_run(conf: RunConf) -> None:
+    """A run folder holds one collection's run: another ``--source`` there is refused."""
+    summary = storage.join(conf.output, "run.json")
+    if not storage.exists(summary):
+        return
+    earlier = json.loads(storage.read_text(summary)).get("source")
+    if earlier != conf.source:
+        raise ValueError(
+            f"--output: {conf.output} holds the run of {earlier}, not of {conf.source}; "
+            "give another run folder (or the same --source)"
+        )
+
+
 def _has_pairs(pairs: str) -> bool:
     return tables.PAIRS.read(pairs, ["query_id"]).num_rows > 0
 
@@ -356,17 +374,15 @@ def _run_stage(stage: str, step: _Step, flags: dict[str, Any]) -> dict[str, Any]
         logger.error("stage %s failed (%s)", stage, how)
         raise
     seconds = time.monotonic() - started
-    return {"output": output, **_details(output), "seconds": round(seconds, 1)}
+    return {"output": output, **_details(stage, output), "seconds": round(seconds, 1)}
 
 
-def _details(output: str) -> dict[str, Any]:
+def _details(stage: str, output: str) -> dict[str, Any]:
     """The counts a stage's manifest states (photos, failures, models, pairs, index size)."""
-    for name in ("manifest.json", "index.json"):
-        uri = storage.join(output, name)
-        if storage.exists(uri):
-            details = json.loads(storage.read_text(uri)).get("details", {})
-            return {k: v for k, v in details.items() if _brief(v)}
-    return {}
+    spec = tables.OUTPUTS[stage.removesuffix("-trained")]
+    if not spec.is_complete(output):
+        return {}
+    return {k: v for k, v in spec.manifest(output).details.items() if _brief(v)}
 
 
 def _brief(value: Any) -> bool:

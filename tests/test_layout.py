@@ -60,7 +60,12 @@ def test_pipeline_holds_only_stages():
         assert stage in STAGES
 
 
-@pytest.mark.parametrize("stage", STAGES)
+COMPOSERS = {"run", "cli"}
+"""The chain as one command (``pipeline.run``) and the ``cirray`` command: they compose the
+stages, and no stage imports them."""
+
+
+@pytest.mark.parametrize("stage", sorted(set(STAGES) - COMPOSERS))
 def test_no_stage_imports_another_stage(stage):
     root = PIPELINE / stage if (PIPELINE / stage).is_dir() else PIPELINE / f"{stage}.py"
     files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
@@ -71,6 +76,16 @@ def test_no_stage_imports_another_stage(stage):
         if name.startswith("pipeline.") and name.split(".")[1] != stage
     ]
     assert not crossing, "\n".join(crossing)
+
+
+def test_no_stage_imports_the_composers():
+    upward = [
+        f"{f.relative_to(REPO)} imports {name}"
+        for f in CODE
+        for name in sorted(_imports(f))
+        if name in {f"pipeline.{c}" for c in COMPOSERS} and _module_of(f) != name
+    ]
+    assert not upward, "\n".join(upward)
 
 
 def test_model_and_cluster_import_no_stage():

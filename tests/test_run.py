@@ -74,6 +74,15 @@ def test_from_a_stage_needs_the_stages_before_it(tmp_path: Path) -> None:
     )
 
 
+def test_a_run_folder_of_another_source_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text(json.dumps({"source": "s3://b/other", "stages": {}}))
+    done = run_stage("run", "--source", "photos", "--output", str(tmp_path))
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"error: --output: {tmp_path} holds the run of s3://b/other, not of photos; "
+        "give another run folder (or the same --source)"
+    ), done.stderr[-2000:]
+
+
 def test_the_cirray_command_runs_each_stage(tmp_path: Path) -> None:
     cirray = Path(sys.executable).parent / "cirray"
     done = subprocess.run(
@@ -90,28 +99,30 @@ def test_the_cirray_command_runs_each_stage(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("sections", "line"),
     [
-        (
-            {"extract": {"max_sise": 64}},
-            "error: --config: extract has no flag 'max_sise' (did you mean 'max_size'?)",
-        ),
-        (
-            {"train": {"epochs": "two"}},
-            "error: --config: train.epochs must be int, not 'two'",
-        ),
-        ({"trian": {"epochs": 1}}, "error: --config: no stage 'trian' (did you mean 'train'?)"),
+        ({"train": {"epochs": "two"}}, "--config: train.epochs must be int, not 'two'"),
+        ({"trian": {"epochs": 1}}, "--config: no stage 'trian' (did you mean 'train'?)"),
         (
             {"index": {"output": "elsewhere"}},
-            "error: --config: index.output is set by the run from its folder",
+            "--config: index.output is set by the run from its folder",
         ),
     ],
 )
-def test_a_bad_config_is_one_line_before_any_work(tmp_path: Path, sections, line) -> None:
-    done = run_stage(
-        "run", "--source", "photos", "--output", str(tmp_path / "run"),
-        "--config", _config(tmp_path, sections),
-    )  # fmt: skip
-    assert done.returncode == 2 and done.stderr.strip() == line, done.stderr[-2000:]
+def test_a_bad_config_is_named_before_any_work(tmp_path: Path, sections, line) -> None:
+    conf = RunConf(
+        source="photos", output=str(tmp_path / "run"), config=_config(tmp_path, sections)
+    )
+    with pytest.raises(ValueError) as err:
+        run(conf)
+    assert str(err.value) == line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_config_key_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    config = _config(tmp_path, {"extract": {"max_sise": 64}})
+    done = run_stage("run", "--source", "photos", "--output", "run", "--config", config)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = "error: --config: extract has no flag 'max_sise' (did you mean 'max_size'?)"
+    assert done.stderr.strip() == line
 
 
 def test_the_chain_into_one_run_folder_and_again_in_seconds(
