@@ -185,6 +185,11 @@ def run_cli(main: Callable[[Conf], Any], conf_type: type[Conf]) -> None:
 
     A config made of parts (nested dataclasses) keeps flat flag names: ``--lr``, not
     ``--gem.lr``; the parts' field names are distinct for that reason."""
+    if "--version" in sys.argv[1:]:
+        from model.tables import code_version  # only for this one question
+
+        print(f"cirray {code_version()}")
+        raise SystemExit(0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with checks_deferred():  # tyro would draw a part's problems in a box of its own
         parsed = tyro.cli(conf_type, config=(tyro.conf.OmitArgPrefixes,))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import runpy
 import sys
 
+from model.tables import code_version
+
 COMMANDS = (
     "run",
     "ingest",
@@ -29,6 +31,9 @@ COMMANDS = (
 def main(argv: list[str] | None = None) -> None:
     """Run ``pipeline.COMMAND`` as ``python -m`` runs it, with the remaining arguments."""
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--version"]:
+        print(f"cirray {code_version()}")
+        return
     if not args or args[0] not in COMMANDS:
         wanted = repr(args[0]) if args and not args[0].startswith("-") else "a command"
         asked_for_help = args[:1] in (["-h"], ["--help"])

@@ -3,6 +3,7 @@ the run folder it leaves (each stage under its fixed name, resumable)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import subprocess
@@ -15,6 +16,7 @@ import yaml
 from cluster.index_store import read_manifest
 from model import tables
 from model.datasets.landmarks import write_scene_manifest
+from model.tables import code_version
 from pipeline.run import LAYOUT, RunConf, resolved_config, run
 from tests.helpers import REPO, run_stage
 
@@ -92,6 +94,11 @@ def test_the_cirray_command_runs_each_stage(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0 and "ingest:" in done.stdout, done.stderr[-2000:]
+    version = subprocess.run([cirray, "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == f"cirray {code_version()}"
+    assert version.stdout.startswith(f"cirray {importlib.metadata.version('cirray')}")
+    stage_version = run_stage("index", "--version")
+    assert stage_version.returncode == 0 and stage_version.stdout == version.stdout
     wrong = subprocess.run([cirray, "extrct"], capture_output=True, text=True, check=False)
     assert wrong.returncode == 2 and "'extrct' is not one of: run, ingest" in wrong.stderr
 
