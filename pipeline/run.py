@@ -41,7 +41,7 @@ import tyro
 import yaml
 
 from model import storage, tables
-from model.cli import USER_ERRORS, run_cli
+from model.cli import USER_ERRORS, flat_settings, run_cli
 from pipeline import extract, group, index, ingest, pairs, serve, sfm, train
 
 logger = logging.getLogger("pipeline.run")
@@ -232,7 +232,7 @@ def resolved_config(conf: RunConf, steps: dict[str, _Step] | None = None) -> dic
         if stage == "extract-trained" or (stage == "serve" and not conf.serve):
             continue
         made = _made(step, {**sections.get(step.section, {}), **wired[stage]})
-        resolved[step.section] = _plain(_flat(made))
+        resolved[step.section] = _plain(flat_settings(made))
     return resolved
 
 
@@ -265,13 +265,6 @@ def _made(step: _Step, flags: dict[str, Any]) -> Any:
     if from_flags is not None:
         return from_flags(**flags)
     return step.conf_type(**flags)
-
-
-def _flat(conf: Any) -> dict[str, Any]:
-    settings = getattr(conf, "settings", None)
-    if callable(settings):
-        return settings()
-    return {f.name: getattr(conf, f.name) for f in dataclasses.fields(conf)}
 
 
 def _plain(settings: dict[str, Any]) -> dict[str, Any]:
@@ -327,17 +320,11 @@ def run(conf: RunConf) -> str:
 
 def _check_earlier_stages(out: dict[str, str], stages: tuple[str, ...]) -> None:
     """``--from-stage`` needs the stages before it complete in the run folder."""
-    outputs = {
-        "ingest": tables.IMAGES_OUTPUT,
-        "extract": tables.DESCRIPTORS_OUTPUT,
-        "sfm": tables.SFM_OUTPUT,
-        "pairs": tables.PAIRS_OUTPUT,
-        "extract-trained": tables.DESCRIPTORS_OUTPUT,
-    }
+    read_later = ("ingest", "extract", "sfm", "pairs", "extract-trained")
     missing = [
         f"{stage} ({out[stage]})"
         for stage in stages
-        if stage in outputs and not outputs[stage].is_complete(out[stage])
+        if stage in read_later and not _spec(stage).is_complete(out[stage])
     ]
     if missing:
         raise ValueError(f"--from-stage: not complete in the run folder: {', '.join(missing)}")
@@ -377,9 +364,14 @@ def _run_stage(stage: str, step: _Step, flags: dict[str, Any]) -> dict[str, Any]
     return {"output": output, **_details(stage, output), "seconds": round(seconds, 1)}
 
 
+def _spec(stage: str) -> tables.Output:
+    """The table spec of a stage's output (both extracts write descriptors)."""
+    return tables.OUTPUTS[stage.removesuffix("-trained")]
+
+
 def _details(stage: str, output: str) -> dict[str, Any]:
     """The counts a stage's manifest states (photos, failures, models, pairs, index size)."""
-    spec = tables.OUTPUTS[stage.removesuffix("-trained")]
+    spec = _spec(stage)
     if not spec.is_complete(output):
         return {}
     return {k: v for k, v in spec.manifest(output).details.items() if _brief(v)}
