@@ -1137,3 +1137,18 @@ WHITEN_OUTPUT = _output("whiten", [])
 """whiten: a checkpoint with its learned whitening."""
 INDEX_VERSION = _output("index", [])
 """index: a version folder ``INDEX/vN`` (FAISS shards and id maps listed in ``details``)."""
+
+RUN_LAYOUT: dict[str, str] = {
+    "ingest": IMAGES_OUTPUT.folder or "images.parquet",
+    "extract": "descriptors",
+    "group": "groups",
+    "sfm": "sfm",
+    "pairs": "pairs",
+    "train": "train",
+    "extract-trained": "descriptors-trained",
+    "index": "index",
+}
+"""A run folder (``pipeline.run``): where each stage of the chain writes under it (both
+extracts write descriptors: off the shelf, then with the run's fine-tuned network)."""
+RUN_SUMMARY = "run.json"
+"""A run folder's summary: the source, and what each stage did in how many seconds."""

@@ -141,7 +141,9 @@ def run(conf: ExtractConf) -> str:
         out,
         inputs=inputs,
         settings=network.settings,
-        details=_details(out, network, photos, seconds=time.perf_counter() - started),
+        details=_details(
+            out, network, photos, reused=len(done), seconds=time.perf_counter() - started
+        ),
     )
     details = manifest.details
     logger.info(
@@ -399,8 +401,11 @@ def _network_identity(conf: ExtractConf) -> _Network:
     return _Network(identity, {**description, "identity": identity}, content)
 
 
-def _details(out: str, network: _Network, photos: _Photos, *, seconds: float) -> dict[str, Any]:
-    """The manifest's details: the network, its settings, the counts and failures."""
+def _details(
+    out: str, network: _Network, photos: _Photos, *, reused: int, seconds: float
+) -> dict[str, Any]:
+    """The manifest's details: the network, its settings, the counts (``described``: by this
+    run, the others kept from the output it updated) and failures."""
     table = DESCRIPTORS.read_unpublished(out, ["image_id", "error"])[0]
     errors = table["error"].to_pylist()
     return {
@@ -408,6 +413,7 @@ def _details(out: str, network: _Network, photos: _Photos, *, seconds: float) ->
         "settings": network.settings,
         "dim": network.settings["dim"],
         "count": sum(e is None for e in errors),
+        "described": len(errors) - reused,
         "failed": [e for e in errors if e is not None],
         "not_ingested": photos.not_ingested,
         "seconds": round(seconds, 2),

@@ -16,9 +16,12 @@ nothing is typed twice:
       index/                 index of the fine-tuned descriptors (the off-the-shelf ones when
                              the photos gave nothing to train on)
       run.json               what each stage did, in how many seconds
+      report.html, report/   the run report: a page of what each stage found, with pictures
 
 Every stage resumes by its inputs' and settings' fingerprints, so the same command again
-finishes in seconds and, with photos added, describes and indexes only those. ``--config``
+finishes in seconds. With photos added the run keeps the network it trained (training again is
+hours of work for a few photos; ``--retrain`` asks for it) and describes and indexes only the new
+photos. ``--config``
 gives each stage's flags by stage (``extract: {max_size: 512}``; ``configs/`` holds a laptop
 and a cluster example); ``--print-config`` writes the whole resolved config. On a cluster the
 same command is one ``ray job submit`` with ``RUN`` on S3.
@@ -42,7 +45,7 @@ import yaml
 
 from model import storage, tables
 from model.cli import USER_ERRORS, flat_settings, run_cli
-from pipeline import extract, group, index, ingest, pairs, serve, sfm, train
+from pipeline import extract, group, index, ingest, pairs, report, serve, sfm, train
 
 logger = logging.getLogger("pipeline.run")
 
@@ -51,19 +54,20 @@ __all__ = ["STAGES", "RunConf", "layout", "resolved_config", "run"]
 Stage = Literal["ingest", "extract", "group", "sfm", "pairs", "train", "extract-trained", "index"]
 STAGES: tuple[str, ...] = get_args(Stage)
 
-LAYOUT = {
-    "ingest": tables.IMAGES_OUTPUT.folder,
-    "extract": "descriptors",
-    "group": "groups",
-    "sfm": "sfm",
-    "pairs": "pairs",
-    "train": "train",
-    "extract-trained": "descriptors-trained",
-    "index": "index",
-}
+LAYOUT = tables.RUN_LAYOUT
 """Where each stage writes under the run folder."""
 
-CONFIG_SECTIONS = ("ingest", "extract", "group", "sfm", "pairs", "train", "index", "serve")
+CONFIG_SECTIONS = (
+    "ingest",
+    "extract",
+    "group",
+    "sfm",
+    "pairs",
+    "train",
+    "index",
+    "report",
+    "serve",
+)
 """The config file's sections: a stage's flags by their names (both extracts share one)."""
 
 WIRED = {
@@ -74,6 +78,7 @@ WIRED = {
     "pairs": {"sfm", "output"},
     "train": {"images", "pairs", "output"},
     "index": {"descriptors", "output"},
+    "report": {"run"},
     "serve": {"index"},
 }
 """Flags the run sets itself from the run folder; a config may not set them."""
@@ -97,6 +102,9 @@ class RunConf:
     folder."""
     serve: bool = False
     """Keep the search service up on the index at the end."""
+    retrain: bool = False
+    """Train again when the photos have changed since this run folder's network was trained
+    (without it, added photos are described and indexed with that network)."""
     print_config: bool = False
     """Print the whole resolved config (every stage's every flag) as YAML and stop."""
 
@@ -121,6 +129,7 @@ def _steps() -> dict[str, _Step]:
         "train": _Step("train", train.TrainConf, train.run),
         "extract-trained": _Step("extract", extract.ExtractConf, extract.run),
         "index": _Step("index", index.IndexConf, index.run),
+        "report": _Step("report", report.ReportConf, report.run),
         "serve": _Step("serve", serve.ServeConf, serve.run),
     }
 
@@ -254,6 +263,7 @@ def _wiring(conf: RunConf, *, trained: bool) -> dict[str, dict[str, Any]]:
             "weights": out["train"],
         },
         "index": {"descriptors": described, "output": out["index"]},
+        "report": {"run": conf.output},
         "serve": {"index": out["index"]},
     }
 
@@ -288,9 +298,12 @@ def run(conf: RunConf) -> str:
     _check_earlier_stages(out, STAGES[:first])
     _check_same_run(conf)
     summary: dict[str, Any] = {"source": conf.source, "output": conf.output, "stages": {}}
-    trained = True
+    trained, kept = True, False
     for stage in STAGES[first : last + 1]:
         if stage in ("train", "extract-trained") and not trained:
+            continue
+        if kept and stage in _TRAINING_ONLY:
+            summary["stages"][stage] = {"skipped": _KEPT}
             continue
         if stage == "train" and not _has_pairs(out["pairs"]):
             trained = False
@@ -304,18 +317,60 @@ def run(conf: RunConf) -> str:
         flags = {**sections.get(step.section, {}), **_wiring(conf, trained=trained)[stage]}
         summary["stages"][stage] = _run_stage(stage, step, flags)
         _write_summary(conf.output, summary)
-    if not (conf.serve and last == len(STAGES) - 1):
-        _log_summary(summary)
-        return out["index"]
-    serve = steps["serve"]
-    flags = {**sections.get("serve", {}), **_wiring(conf, trained=trained)["serve"]}
-    serve_conf = _made(serve, flags)
-    summary["search"] = f"http://{serve_conf.host}:{serve_conf.port}"
+        if stage == "ingest":
+            kept = _keeps_network(conf, steps["train"], sections.get("train", {}))
+    serving = conf.serve and last == len(STAGES) - 1
+    if serving:
+        serve = steps["serve"]
+        flags = {**sections.get("serve", {}), **_wiring(conf, trained=trained)["serve"]}
+        serve_conf = _made(serve, flags)
+        summary["search"] = f"http://{serve_conf.host}:{serve_conf.port}"
+        _write_summary(conf.output, summary)
+    summary["report"] = _report(conf, steps["report"], sections.get("report", {}))
     _write_summary(conf.output, summary)
     _log_summary(summary)
+    if not serving:
+        return out["index"]
     # Blocks, serving, until interrupted (the local Ray ends with this process), unless the
     # config's serve section says detach: true, as on a cluster that outlives the job.
     return serve.run(serve_conf)
+
+
+_TRAINING_ONLY = ("extract", "group", "sfm", "pairs", "train")
+"""The stages that only lead to the fine-tuned network."""
+_KEPT = "photos changed since the network was trained; kept it (--retrain trains again)"
+
+
+def _keeps_network(conf: RunConf, step: _Step, flags: dict[str, Any]) -> bool:
+    """Whether the photos changed since this run folder's network was trained, with the
+    training settings as they are now: then the run keeps that network and only describes and
+    indexes the new photos, unless ``--retrain``."""
+    out = layout(conf.output)
+    trained = tables.TRAIN_OUTPUT.existing(out["train"])
+    if conf.retrain or trained is None:
+        return False
+    photos = tables.IMAGES_OUTPUT.manifest(out["ingest"]).identity
+    if trained.inputs.get("images") == photos:
+        return False  # the same photos: every stage finds its output complete
+    settings = _made(step, {**flags, **_wiring(conf, trained=True)["train"]}).content_settings()
+    if trained.changed_settings(settings):
+        return False  # the train stage itself says what changed
+    logger.info(
+        "the photos changed since %s was trained: keeping that network, describing and "
+        "indexing only the new photos (--retrain trains again on all of them)",
+        out["train"],
+    )
+    return True
+
+
+def _report(conf: RunConf, step: _Step, flags: dict[str, Any]) -> str | None:
+    """The run report over whatever the run folder holds; a report that cannot be written is
+    a warning, not a failed run (every stage's output is complete by then)."""
+    try:
+        return step.run(_made(step, {**flags, **_wiring(conf, trained=True)["report"]}))
+    except Exception as err:  # the outputs stand; the page is only a view of them
+        logger.warning("the run report could not be written: %s", err)
+        return None
 
 
 def _check_earlier_stages(out: dict[str, str], stages: tuple[str, ...]) -> None:
@@ -332,7 +387,7 @@ def _check_earlier_stages(out: dict[str, str], stages: tuple[str, ...]) -> None:
 
 def _check_same_run(conf: RunConf) -> None:
     """A run folder holds one collection's run: another ``--source`` there is refused."""
-    summary = storage.join(conf.output, "run.json")
+    summary = storage.join(conf.output, tables.RUN_SUMMARY)
     if not storage.exists(summary):
         return
     earlier = json.loads(storage.read_text(summary)).get("source")
@@ -385,7 +440,7 @@ def _brief(value: Any) -> bool:
 
 
 def _write_summary(run_folder: str, summary: dict[str, Any]) -> None:
-    storage.write_text(storage.join(run_folder, "run.json"), json.dumps(summary, indent=1))
+    storage.write_text(storage.join(run_folder, tables.RUN_SUMMARY), json.dumps(summary, indent=1))
 
 
 def _log_summary(summary: dict[str, Any]) -> None:
@@ -395,7 +450,9 @@ def _log_summary(summary: dict[str, Any]) -> None:
             lines.append(f"  {stage:16s} skipped: {done['skipped']}")
         else:
             lines.append(f"  {stage:16s} {done['seconds']:7.1f} s  {done['output']}")
-    lines.append(f"  summary: {storage.join(summary['output'], 'run.json')}")
+    lines.append(f"  summary: {storage.join(summary['output'], tables.RUN_SUMMARY)}")
+    if summary.get("report"):
+        lines.append(f"  report: {summary['report']}")
     if "search" in summary:
         lines.append(f"  search page: {summary['search']}")
     logger.info("\n".join(lines))

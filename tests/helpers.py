@@ -3,8 +3,10 @@ stages before them."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +136,44 @@ def write_images(folder: Path, paths: list[Path], extra=(), *, publish: bool = T
     if publish:
         IMAGES_OUTPUT.publish(str(images), inputs={"source": "|".join(u for u, _, _ in rows)})
     return images
+
+
+@dataclass
+class PageCheck:
+    """What headless Chromium saw of a page: its console errors, failed requests, and the
+    images that did not load."""
+
+    errors: list[str]
+    broken_images: list[str]
+    images: int
+    text: str
+
+
+def chromium() -> str | None:
+    """Debian's Chromium, which .ci/run installs; ``None`` when absent (the test skips)."""
+    return shutil.which("chromium")
+
+
+def check_page(url: str, screenshot: Path | None = None) -> PageCheck:
+    """Open ``url`` in headless Chromium as a person would and report what went wrong."""
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"]
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("requestfailed", lambda r: errors.append(f"{r.url}: {r.failure}"))
+        page.goto(url, wait_until="load")
+        broken = page.eval_on_selector_all(
+            "img", "all => all.filter(i => !(i.complete && i.naturalWidth)).map(i => i.src)"
+        )
+        images = page.eval_on_selector_all("img", "all => all.length")
+        text = page.inner_text("body")
+        if screenshot is not None:
+            page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return PageCheck(errors=errors, broken_images=broken, images=images, text=text)
