@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_ARGS ?=
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo compare test lint format bench clean
 
 install: $(STAMP)
 
@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[cpu,weights,test]"
 	@touch $(STAMP)
 
+# The product on the built-in collection: photos to a served, self-trained index, queried over
+# HTTP, with the run report (about 15 minutes on 2 CPU cores); Ctrl-C stops the service.
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo $(DEMO_ARGS)
+
+# Off-the-shelf networks and poolings compared on the built-in collection (or --photos DIR).
+compare: $(STAMP)
+	$(BIN)/python -m pipeline.compare $(COMPARE_ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

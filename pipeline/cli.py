@@ -22,8 +22,10 @@ COMMANDS = (
     "train",
     "index",
     "serve",
+    "report",
     "evaluate",
     "demo",
+    "compare",
 )
 """The ``pipeline`` modules a user runs, in the order of the chain after ``run``."""
 

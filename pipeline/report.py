@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from cluster import index_store
 from cluster.catalog import ImageCatalog
@@ -490,14 +492,11 @@ def _round_robin(groups: list[list[Any]], n: int) -> list[Any]:
 def _top_view(centres: np.ndarray, points: np.ndarray) -> bytes:
     """A PNG of a model from above: everything projected onto the plane that best fits the
     camera centres (cameras stand about level round a scene), points clipped to their bulk."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     axes = _plane_axes(centres if len(centres) >= 3 else points)
     origin = centres.mean(axis=0) if len(centres) else np.zeros(3)
-    fig, ax = plt.subplots(figsize=(3.2, 3.2), dpi=80)
+    fig = Figure(figsize=(3.2, 3.2), dpi=80, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     if len(points):
         shown = points[:: max(1, len(points) // 20000)]
         low, high = np.percentile(shown, [2, 98], axis=0)
@@ -510,10 +509,8 @@ def _top_view(centres: np.ndarray, points: np.ndarray) -> bytes:
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.tight_layout(pad=0.2)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     return buffer.getvalue()
 
 

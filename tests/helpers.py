@@ -20,6 +20,25 @@ from model.tables import IMAGES, IMAGES_OUTPUT
 
 REPO = Path(__file__).resolve().parent.parent
 
+SMALL_RUN = {
+    "extract": {"max_size": 128},
+    "sfm": {"mapper": "incremental"},
+    "train": {
+        "epochs": 1,
+        "image_size": 128,
+        "val_size": 128,
+        "queries": 12,
+        "nnum": 1,
+        "held_out": 0.3,
+        "tuples_per_step": 2,
+        "whiten": False,
+        "whiten_shrinkage": 0.0,
+        "whiten_dim": 1280,
+    },
+    "index": {"shards": 2},
+}
+"""A run small enough for the tests: 128 px, one epoch, validation's Lw settings fixed."""
+
 
 def run_stage(stage: str, *flags: str) -> subprocess.CompletedProcess[str]:
     """``python -m pipeline.<stage> FLAGS`` from the repository, as a user types it."""
@@ -156,7 +175,7 @@ def chromium() -> str | None:
 
 def check_page(url: str, screenshot: Path | None = None) -> PageCheck:
     """Open ``url`` in headless Chromium as a person would and report what went wrong."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # only the tests that render pages use it
 
     errors: list[str] = []
     with sync_playwright() as p:

@@ -1,88 +1,41 @@
-"""The demo on a user's own photo folder: per-scene folders give mAP, a flat folder neighbours."""
+"""``make demo``: the product end to end on the built-in collection, as a newcomer runs it —
+photos to a served, self-trained index, queried over HTTP, with the run report."""
 
-import dataclasses
-import json
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
+import yaml
 
-from model.datasets.revisited import load_revisited
-from pipeline.demo import DemoConf, main
-
-
-@pytest.fixture()
-def scene_folder(tiny_collection: Path, tmp_path: Path) -> Path:
-    """The tiny collection's database views as a folder per landmark (links, not copies)."""
-    rset = load_revisited(tiny_collection)
-    root = tmp_path / "photos"
-    for path, label in zip(rset.db_paths, rset.db_labels, strict=True):
-        if label >= 0:
-            scene = root / f"landmark{label}"
-            scene.mkdir(parents=True, exist_ok=True)
-            (scene / path.name).symlink_to(path)
-    return root
+from tests.helpers import REPO, SMALL_RUN
 
 
-def _conf(photos: Path, tmp_path: Path) -> DemoConf:
-    return DemoConf(
-        photos=str(photos),
-        output=str(tmp_path / "out"),
-        networks=("efficientnet_lite0:imagenet", "efficientnet_lite0:random"),
-        poolings=("gem",),
-        max_size=256,
-    )
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def test_scene_folders_give_map(scene_folder: Path, tmp_path: Path, capsys) -> None:
-    results = json.loads(Path(main(_conf(scene_folder, tmp_path))).read_text())
-    rows = {(r["network"], r["post"]): r["metrics"] for r in results["rows"]}
-    pretrained = rows[("efficientnet_lite0 (imagenet)", "plain")]["map"]
-    random = rows[("efficientnet_lite0 (random)", "plain")]["map"]
-    assert pretrained > 0.8 and pretrained > random
-    assert ("efficientnet_lite0 (imagenet)", "αQE(k=2, α=3)") in rows
-    printed = capsys.readouterr().out
-    assert "mAP (%) on photos" in printed and "efficientnet_lite0 (imagenet)" in printed
-    reports = sorted(p.name for p in (tmp_path / "out").glob("report-*.html"))
-    assert reports == [
-        "report-efficientnet_lite0_imagenet.html",
-        "report-efficientnet_lite0_random.html",
-    ]
-
-
-def test_flat_folder_lists_neighbours(scene_folder: Path, tmp_path: Path, capsys) -> None:
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for link in sorted(scene_folder.glob("*/*.jpg"))[:12]:
-        (flat / link.name).symlink_to(link.resolve())
-    main(_conf(flat, tmp_path))
-    printed = capsys.readouterr().out
-    assert "no ground truth" in printed
-    assert sum(" -> " in line for line in printed.splitlines()) == 12
-
-
-def test_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no photos"):
-        main(_conf(tmp_path / "empty", tmp_path))
-
-
-def test_unreadable_photo_is_reported_and_counted_once_per_role(
-    scene_folder: Path, tmp_path: Path, capsys
-) -> None:
-    """A broken photo in a user's folder: named, dropped from both roles, the demo completes."""
-    broken = scene_folder / "landmark0" / "broken.jpg"
-    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    n_photos = len(list(scene_folder.glob("*/*.jpg")))
-    conf = dataclasses.replace(
-        _conf(scene_folder, tmp_path), networks=("efficientnet_lite0:imagenet",)
-    )
-    results = json.loads(Path(main(conf)).read_text())
-    images = results["images"]["efficientnet_lite0:imagenet"]
-    assert images["db_total"] == images["queries_total"] == n_photos
-    assert images["db_used"] == images["queries_used"] == n_photos - 1
-    assert {(p["role"], Path(p["file"]).name) for p in images["unusable"]} == {
-        ("db", "broken.jpg"),
-        ("query", "broken.jpg"),
-    }
-    assert "broken.jpg" in capsys.readouterr().out
-    assert 0.8 < results["rows"][0]["metrics"]["map"] <= 1
+def test_the_demo_serves_a_trained_index_and_answers_over_http(tmp_path: Path) -> None:
+    """In a process of its own (its own local Ray and Serve, as ``make demo`` has), on the
+    tiny preset with the tests' small settings."""
+    port = _free_port()
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump({**SMALL_RUN, "serve": {"port": port, "detach": True}}))
+    command = [sys.executable, "-m", "pipeline.demo", "--collection", "tiny", "--no-stay"]
+    command += ["--output", str(tmp_path / "demo"), "--config", str(config)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    correct = re.search(r"^(\d+) of (\d+) results show the query's landmark", done.stdout, re.M)
+    assert correct, done.stdout[-2000:]
+    assert int(correct[2]) == 6 * 5 and int(correct[1]) >= 24  # 6 unseen queries, top 5
+    run = tmp_path / "demo" / "run"
+    assert f"run report:  {(run / 'report.html').as_uri()}" in done.stdout
+    assert f"search page: http://127.0.0.1:{port}/" in done.stdout
+    summary = yaml.safe_load((run / "run.json").read_text())
+    assert "skipped" not in summary["stages"]["train"]  # trained on its own SfM pairs
+    assert summary["search"] == f"http://127.0.0.1:{port}"

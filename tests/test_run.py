@@ -19,25 +19,7 @@ from model.datasets.landmarks import write_scene_manifest
 from model.tables import code_version
 from pipeline.run import LAYOUT, RunConf, resolved_config, run
 from tests.helpers import REPO, check_page, chromium, run_stage
-
-SMALL = {
-    "extract": {"max_size": 128},
-    "sfm": {"mapper": "incremental"},
-    "train": {
-        "epochs": 1,
-        "image_size": 128,
-        "val_size": 128,
-        "queries": 12,
-        "nnum": 1,
-        "held_out": 0.3,
-        "tuples_per_step": 2,
-        "whiten": False,
-        "whiten_shrinkage": 0.0,
-        "whiten_dim": 1280,
-    },
-    "index": {"shards": 2},
-}
-"""A run small enough for the tests: 128 px, one epoch, validation's Lw settings fixed."""
+from tests.helpers import SMALL_RUN as SMALL
 
 
 def _config(tmp_path: Path, sections: dict) -> str:
