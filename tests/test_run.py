@@ -18,8 +18,18 @@ from model import tables
 from model.datasets.landmarks import write_scene_manifest
 from model.tables import code_version
 from pipeline.run import LAYOUT, RunConf, resolved_config, run
-from tests.helpers import REPO, check_page, chromium, run_stage
-from tests.helpers import SMALL_RUN as SMALL
+from tests.helpers import (
+    REPO,
+    check_page,
+    chromium,
+    run_stage,
+    synthetic_descriptors,
+    synthetic_sfm,
+    write_images,
+)
+from tests.helpers import (
+    SMALL_RUN as SMALL,
+)
 
 
 def _config(tmp_path: Path, sections: dict) -> str:
@@ -196,3 +206,24 @@ def _check_report(out: Path, *, scenes: int) -> None:
     seen = check_page((out / "report.html").as_uri())
     assert not seen.errors and not seen.broken_images, (seen.errors, seen.broken_images)
     assert seen.images > 30 and "Example queries" in seen.text
+
+
+def test_photos_that_give_no_training_pairs_are_indexed_off_the_shelf(
+    ray_session, tiny_collection: Path, tmp_path: Path, caplog
+) -> None:
+    out = tmp_path / "run"
+    photos = sorted((tiny_collection / "jpg").glob("*.jpg"))[:6]
+    images = write_images(out, photos)
+    ids = tables.IMAGES.read(str(images), ["image_id"])["image_id"].to_pylist()
+    synthetic_descriptors(str(out / LAYOUT["extract"]), ids)
+    synthetic_sfm(str(out / LAYOUT["sfm"]), clusters=2, photos=1)  # no model of two photos
+    caplog.set_level(logging.WARNING)
+    run(RunConf(source="photos", output=str(out), from_stage="pairs"))
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["stages"]["train"] == {"skipped": "no training pairs"}
+    assert "extract-trained" not in summary["stages"]
+    assert any("skipping training" in r.getMessage() for r in caplog.records)
+    index = read_manifest(str(out / "index"))
+    assert index["count"] == len(ids) and index["network"]["weights"] == "imagenet"
+    assert index["descriptors"]["uri"] == str(out / LAYOUT["extract"])
+    assert "Skipped: no training pairs" in (out / "report.html").read_text()
