@@ -433,10 +433,37 @@ def _details(stage: str, output: str) -> dict[str, Any]:
 
 
 def _brief(value: Any) -> bool:
-    """A count or a short table of counts, not a list of every photo."""
+    """A count, or a short table of counts or reasons, not a list of every photo."""
     if isinstance(value, dict):
-        return len(value) <= 12 and all(isinstance(v, int | float) for v in value.values())
+        return len(value) <= 12 and all(isinstance(v, int | float | str) for v in value.values())
     return isinstance(value, int | float | str)
+
+
+SHOWN = {
+    "ingest": ("ingested", "duplicates", "failed"),
+    "extract": ("count", "described", "failed"),
+    "group": ("groups", "candidates"),
+    "sfm": ("registered", "photos", "models", "groups", "failed"),
+    "pairs": ("queries", "clusters"),
+    "train": ("best_epoch", "val_map"),
+    "extract-trained": ("count", "described", "failed"),
+    "index": ("count", "added", "factory"),
+}
+"""What the summary's line of each stage shows of its counts (failures with their reasons)."""
+
+
+def _counts(stage: str, done: dict[str, Any]) -> str:
+    shown = []
+    for name in SHOWN.get(stage, ()):
+        value = done.get(name)
+        if value is None or value == {}:
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
+            shown.append(f"{name} ({value})")
+        else:
+            shown.append(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}")
+    return ", ".join(shown)
 
 
 def _write_summary(run_folder: str, summary: dict[str, Any]) -> None:
@@ -449,7 +476,8 @@ def _log_summary(summary: dict[str, Any]) -> None:
         if "skipped" in done:
             lines.append(f"  {stage:16s} skipped: {done['skipped']}")
         else:
-            lines.append(f"  {stage:16s} {done['seconds']:7.1f} s  {done['output']}")
+            lines.append(f"  {stage:16s} {done['seconds']:7.1f} s  {_counts(stage, done)}")
+    lines.append(f"  outputs under {summary['output']}")
     lines.append(f"  summary: {storage.join(summary['output'], tables.RUN_SUMMARY)}")
     if summary.get("report"):
         lines.append(f"  report: {summary['report']}")
