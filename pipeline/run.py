@@ -315,9 +315,10 @@ def run(conf: RunConf) -> str:
             continue
         step = steps[stage]
         flags = {**sections.get(step.section, {}), **_wiring(conf, trained=trained)[stage]}
-        summary["stages"][stage] = _run_stage(stage, step, flags)
+        summary["stages"][stage] = _run_stage(stage, step, flags, resumable=bool(summary["stages"]))
         _write_summary(conf.output, summary)
         if stage == "ingest":
+            _check_usable(conf, summary["stages"]["ingest"])
             kept = _keeps_network(conf, steps["train"], sections.get("train", {}))
     serving = conf.serve and last == len(STAGES) - 1
     if serving:
@@ -402,21 +403,35 @@ def _has_pairs(pairs: str) -> bool:
     return tables.PAIRS.read(pairs, ["query_id"]).num_rows > 0
 
 
-def _run_stage(stage: str, step: _Step, flags: dict[str, Any]) -> dict[str, Any]:
-    """Run one stage; what it did and how long it took. A failure names the stage and how to
-    go on from it."""
+def _run_stage(
+    stage: str, step: _Step, flags: dict[str, Any], *, resumable: bool
+) -> dict[str, Any]:
+    """Run one stage; what it did and how long it took. A failure names the stage and, when
+    stages finished before it, how to go on from it."""
     logger.info("── %s", stage)
     started = time.monotonic()
     how = f"what finished stays; run the same command again, or add --from-stage {stage}"
     try:
         output = step.run(_made(step, flags))
     except USER_ERRORS as err:
-        raise ValueError(f"stage {stage}: {err} ({how})") from err
+        raise ValueError(f"stage {stage}: {err}" + (f" ({how})" if resumable else "")) from err
     except Exception:
         logger.error("stage %s failed (%s)", stage, how)
         raise
     seconds = time.monotonic() - started
     return {"output": output, **_details(stage, output), "seconds": round(seconds, 1)}
+
+
+def _check_usable(conf: RunConf, ingested: dict[str, Any]) -> None:
+    """A source none of whose photos could be read stops the run after ingest, saying why."""
+    if ingested.get("ingested", 1) > 0:
+        return
+    failed = ingested.get("failed") or {}
+    why = ", ".join(f"{count} {kind}" for kind, count in failed.items()) or "no photos"
+    raise ValueError(
+        f"--source {conf.source}: none of its photos could be read ({why}); each photo's "
+        f"reason is in {ingested['output']} (column error)"
+    )
 
 
 def _spec(stage: str) -> tables.Output:

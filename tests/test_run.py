@@ -227,3 +227,22 @@ def test_photos_that_give_no_training_pairs_are_indexed_off_the_shelf(
     assert index["count"] == len(ids) and index["network"]["weights"] == "imagenet"
     assert index["descriptors"]["uri"] == str(out / LAYOUT["extract"])
     assert "Skipped: no training pairs" in (out / "report.html").read_text()
+
+
+def test_a_source_with_nothing_usable_is_one_line(ray_session, tmp_path: Path) -> None:
+    empty, unreadable = tmp_path / "empty", tmp_path / "unreadable"
+    empty.mkdir()
+    unreadable.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (unreadable / name).write_text("not a photo")
+    with pytest.raises(ValueError) as err:
+        run(RunConf(source=str(empty), output=str(tmp_path / "run-empty")))
+    assert str(err.value) == f"stage ingest: no photos (.jpg, .jpeg, .png) under {empty}"
+    out = tmp_path / "run-unreadable"
+    with pytest.raises(ValueError) as err:
+        run(RunConf(source=str(unreadable), output=str(out)))
+    assert str(err.value) == (
+        f"--source {unreadable}: none of its photos could be read (2 not an image); each "
+        f"photo's reason is in {out / 'images.parquet'} (column error)"
+    )
+    assert not (out / LAYOUT["extract"]).exists()  # stopped before any other stage
