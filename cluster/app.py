@@ -16,6 +16,7 @@ is too small (422), an unknown image id (404).
 import json
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -80,7 +81,7 @@ api = FastAPI(
 )
 
 
-def _sentence(errors: list[dict[str, Any]]) -> str:
+def _sentence(errors: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     for error in errors:
         where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query"))

@@ -268,8 +268,8 @@ def thumbnail_jpeg(data: bytes, side: int = THUMBNAIL_SIDE) -> bytes:
     """Photo bytes → an upright JPEG thumbnail with its longer side at most ``side``."""
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (side, side))  # JPEG: decode at a fraction of the size
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        image.thumbnail((side, side))
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+        upright.thumbnail((side, side))
         out = io.BytesIO()
-        image.save(out, format="JPEG", quality=85)
+        upright.save(out, format="JPEG", quality=85)
     return out.getvalue()

@@ -75,8 +75,9 @@ class Embedder:
     ) -> None:
         self.conf = _checked_conf(network, settings)
         self.describer = Describer(self.conf)
-        self._embed_batch.set_max_batch_size(max_batch_size)
-        self._embed_batch.set_batch_wait_timeout_s(batch_wait_s)
+        # serve.batch types the method as a plain callable; the wrapper it returns has these.
+        self._embed_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self._embed_batch.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
 
     async def embed(self, photo: bytes) -> np.ndarray | str:
         """The descriptor of one photo, or the reason it has none (a string)."""

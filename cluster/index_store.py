@@ -61,13 +61,16 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 import pyarrow as pa
 
 from model import storage, tables
+
+if TYPE_CHECKING:
+    from cluster.shards import DeviceIndex
 
 __all__ = [
     "METRIC",
@@ -212,7 +215,7 @@ def _history_source(index: str, entry: dict[str, Any], current: tables.Manifest)
     """Where the descriptors of one ``history`` entry lie now: read from the manifest of the
     version that added them (the entry's stored path when that cannot be read)."""
     stored = str(entry.get("descriptors"))
-    version = entry.get("version")
+    version: Any = entry.get("version")  # as stored; int() of anything else fails below
     try:
         manifest = (
             current
@@ -366,7 +369,9 @@ def _canonical(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarr
     return np.take_along_axis(scores, order, 1), np.take_along_axis(labels, order, 1)
 
 
-def shard_topk(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def shard_topk(
+    index: faiss.Index | DeviceIndex, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``index.search`` in the canonical order: score descending, then label ascending.
 
     Returns ``(scores [nq, k'], labels [nq, k'])`` with ``k' = min(k, ntotal)``; -1 labels where

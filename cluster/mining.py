@@ -295,8 +295,9 @@ class MiningIndex:
             sample = rng.choice(len(vectors), min(len(vectors), 8192), replace=False)
             index.train(np.ascontiguousarray(vectors[np.sort(sample)]))
         index.add(vectors)
-        if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
-            faiss.downcast_index(index).k_factor = REFINE_FACTOR
+        inner = faiss.downcast_index(index)
+        if isinstance(inner, faiss.IndexRefine):
+            inner.k_factor = REFINE_FACTOR
         self._parts = [(np.arange(self.size), vectors, self._clusters)]
         if self.gpu:
             if self._device is None:
@@ -315,6 +316,7 @@ class MiningIndex:
         """``(positions, sims)`` of each query's hardest negatives (see :func:`hard_negatives`)."""
         if self._index is None:
             self._build()
+        assert self._index is not None  # _build made it
         return hard_negatives(
             self._index, self._clusters, queries, query_clusters=query_clusters, nnum=nnum
         )
@@ -333,6 +335,7 @@ class MiningIndex:
             return self._mined[1]
         if self._index is None:
             self._build()
+        assert self._index is not None  # _build made it
         if len(rows) and (rows.min() < 0 or rows.max() >= self.size):
             raise ValueError(f"query rows must lie in 0..{self.size - 1}")
         found = hard_negatives(
@@ -375,6 +378,6 @@ def mining_actor(
 ) -> Any:
     """A Ray actor of :class:`MiningIndex` reserving ``num_cpus`` (its FAISS threads),
     ``num_gpus`` and ``memory`` bytes; ``options`` go to its constructor."""
-    reserved = {"memory": memory} if memory else {}
+    reserved: dict[str, Any] = {"memory": memory} if memory else {}
     cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, **reserved)(MiningIndex)
     return cls.remote(**options)

@@ -57,7 +57,7 @@ def _tensor(array: np.ndarray) -> Any:
         return torch.from_numpy(array)
 
 
-def _merge(sims: list[np.ndarray], rows: list[np.ndarray], k: int) -> tuple[np.ndarray, ...]:
+def _merge(sims: list[np.ndarray], rows: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """The best ``k`` of per-share results (``[Q, k_s]`` each), best first."""
     s, r = np.concatenate(sims, axis=1), np.concatenate(rows, axis=1)
     best = np.argsort(-s, axis=1, kind="stable")[:, :k]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -57,7 +58,9 @@ def reachable_resources() -> dict[str, float]:
     import ray  # the driver's cluster, joined by the caller
 
     now = ray.cluster_resources()
-    most = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    most: Mapping[str, float] = (
+        ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    )
     if not most:
         most = autoscaler_maxima(AUTOSCALER_CONFIG.expanduser())
     names = set(now) | set(most)

@@ -128,8 +128,9 @@ class SearchRouter:
         self.index, self.slots = index, slots
         self.manifest = index_store.read_manifest(index, version)
         self.qe, self.retry_s = qe, retry_s
-        self._search_batch.set_max_batch_size(max_batch_size)
-        self._search_batch.set_batch_wait_timeout_s(batch_wait_s)
+        # serve.batch types the method as a plain callable; the wrapper it returns has these.
+        self._search_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self._search_batch.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
         self._reload_lock = asyncio.Lock()
         self._watcher = (
             asyncio.get_event_loop().create_task(self._watch(watch_s)) if watch_s else None

@@ -32,7 +32,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -141,6 +141,7 @@ def gpu_plan(index: faiss.Index) -> GpuPlan:
         return GpuPlan(True, reason="flat index")
     if type(inner) not in (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ):
         return GpuPlan(False, reason=f"FAISS has no GPU version of {kind}")
+    inner = cast(faiss.IndexIVF, inner)  # one of the three IVF indexes just listed
     quantizer = faiss.downcast_index(inner.quantizer)
     if type(quantizer) not in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2):
         return GpuPlan(
@@ -193,7 +194,7 @@ class DeviceIndex:
             raise ValueError("an index on a GPU needs the lock of its GPU resources")
         self.cpu = cpu
         self._device = on_device
-        self._lock = lock
+        self._lock = lock if lock is not None else threading.Lock()  # unused without a device
 
     @property
     def d(self) -> int:

@@ -37,6 +37,7 @@ __all__ = [
     "IMAGENET_STD",
     "BackboneName",
     "ResNetTrunk",
+    "Trunk",
     "VGGTrunk",
     "build_backbone",
 ]
@@ -79,7 +80,7 @@ def _min_input_size(layers: Iterable[nn.Module]) -> int:
                 continue
             if layer.padding == "same":  # a Conv2d that keeps the size (stride 1)
                 continue
-            padding = 0 if layer.padding == "valid" else layer.padding
+            padding = 0 if isinstance(layer.padding, str) else layer.padding  # "valid"
             k, s, p = (_pair(v)[axis] for v in (layer.kernel_size, layer.stride, padding))
             d = _pair(getattr(layer, "dilation", 1))[axis]
             size = max(1, (size - 1) * s + d * (k - 1) + 1 - 2 * p)
@@ -101,6 +102,8 @@ class ResNetTrunk(nn.Module):
     """
 
     min_input_size: int = 1
+    name: str  # these two set by build_backbone
+    weights: str | None
 
     def __init__(self, resnet: torchvision.models.ResNet) -> None:
         super().__init__()
@@ -145,6 +148,9 @@ class VGGTrunk(nn.Module):
     with an empty output, which raises.
     """
 
+    name: str  # these two set by build_backbone
+    weights: str | None
+
     def __init__(self, vgg: torchvision.models.VGG) -> None:
         super().__init__()
         self.features = vgg.features[:-1]
@@ -169,12 +175,17 @@ class VGGTrunk(nn.Module):
         self.min_input_size = _min_input_size(self.features)
 
 
+Trunk = ResNetTrunk | VGGTrunk | efficientnet_lite.EfficientNetLiteTrunk
+"""Any trunk: its input normalisation ``mean`` and ``std``, ``out_channels``,
+``min_input_size``, ``stages()`` and ``remove_last_stride()``."""
+
+
 def build_backbone(
     name: str,
     weights: str | Path | None = None,
     *,
     remove_last_stride: bool = False,
-) -> nn.Module:
+) -> Trunk:
     """A trunk by name with weights from ``None`` (random), ``"imagenet"``, a path or a URI.
 
     ``weights`` may also be a torchvision weights name (``"IMAGENET1K_V2"``), found in torch's
@@ -183,6 +194,7 @@ def build_backbone(
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     state = None if weights is None else _resolve_weights(name, weights)
+    trunk: Trunk
     if name in efficientnet_lite.VARIANTS:
         try:
             trunk = efficientnet_lite.build_efficientnet_lite(name, state)
@@ -199,7 +211,7 @@ def build_backbone(
     return trunk
 
 
-def _torchvision_trunk(name: str) -> nn.Module:
+def _torchvision_trunk(name: str) -> ResNetTrunk | VGGTrunk:
     import torchvision  # lazily: a second of start-up (torch._dynamo), wasted on Lite trunks
 
     net = getattr(torchvision.models, name)(weights=None)

@@ -70,7 +70,7 @@ class FlatFlags:
 def checked(conf: Any) -> Any:
     """``conf`` made again, its parts first, so each checks itself (``model.settings``); one
     ``ValueError`` names every problem of every part."""
-    if not dataclasses.is_dataclass(conf):
+    if not dataclasses.is_dataclass(conf) or isinstance(conf, type):  # an instance, not a class
         return conf
     problems: list[str] = []
     parts = {}

@@ -219,19 +219,19 @@ def connected_components(n: int, a: ArrayLike, b: ArrayLike) -> NDArray[np.int64
     no cycle can form, and each round with a cross edge removes at least one root.
     """
     n = _check_int("n", n, 0)
-    a = np.asarray(a, dtype=np.int64).ravel()
-    b = np.asarray(b, dtype=np.int64).ravel()
-    if a.shape != b.shape:
-        raise ValueError(f"edge endpoint arrays differ in length: {a.shape} vs {b.shape}")
-    if a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n):
+    ea = np.asarray(a, dtype=np.int64).ravel()
+    eb = np.asarray(b, dtype=np.int64).ravel()
+    if ea.shape != eb.shape:
+        raise ValueError(f"edge endpoint arrays differ in length: {ea.shape} vs {eb.shape}")
+    if ea.size and (min(ea.min(), eb.min()) < 0 or max(ea.max(), eb.max()) >= n):
         raise ValueError(f"edge endpoints must lie in [0, {n})")
     parent = np.arange(n, dtype=np.int64)
-    while a.size:
-        ra, rb = parent[a], parent[b]
+    while ea.size:
+        ra, rb = parent[ea], parent[eb]
         cross = ra != rb
         if not cross.any():
             break
-        a, b, ra, rb = a[cross], b[cross], ra[cross], rb[cross]
+        ea, eb, ra, rb = ea[cross], eb[cross], ra[cross], rb[cross]
         np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
         while True:
             hop = parent[parent]
@@ -326,9 +326,9 @@ def group_descriptors(
         raise ValueError(
             f"threshold is a cosine similarity and must lie in [-1, 1], got {threshold!r}"
         )
-    if X is None and neighbours is None:
-        raise ValueError("give descriptors X or precomputed neighbours=(sims, idx)")
     if neighbours is None:
+        if X is None:
+            raise ValueError("give descriptors X or precomputed neighbours=(sims, idx)")
         knn_sims, idx = _knn(_check_descriptors(X), k)
         sims = knn_sims.astype(np.float64)
     else:

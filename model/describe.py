@@ -15,6 +15,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
@@ -22,6 +23,9 @@ from torch import nn
 from model.datasets.sets import Availability, RetrievalSet, subset
 from model.descriptor_cache import DescriptorCache
 from model.extraction import Extraction, ExtractOptions, ImageFiles, extract_multihead, too_small
+
+if TYPE_CHECKING:
+    from model.heads import Head
 
 __all__ = ["DescribedSet", "describe_set", "inspect_images"]
 
@@ -66,7 +70,7 @@ def inspect_images(
 def describe_set(
     rset: RetrievalSet,
     backbone: nn.Module,
-    heads: Mapping[str, nn.Module],
+    heads: Mapping[str, Head],
     *,
     max_size: int | None,
     options: ExtractOptions,
@@ -79,7 +83,7 @@ def describe_set(
 
     ``root`` and ``distractor_root`` are the folders that cache keys are relative to.
     """
-    inspect = {
+    inspect: dict[str, Any] = {
         "max_size": max_size,
         "exif_transpose": rset.exif_transpose,
         "backbone": backbone,
@@ -157,7 +161,7 @@ def _new(failed: Mapping[int, str], known: Mapping[int, str]) -> dict[int, str]:
 
 
 def _rows(
-    result: Extraction, head: str, wanted: np.ndarray, *, heads: Mapping[str, nn.Module]
+    result: Extraction, head: str, wanted: np.ndarray, *, heads: Mapping[str, Head]
 ) -> np.ndarray:
     """The rows of ``result`` for input indices ``wanted`` (all of them described)."""
     vectors = result.descriptors.get(head)

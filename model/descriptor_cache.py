@@ -125,10 +125,11 @@ def _index(folder: Path) -> dict[str, tuple[Path, int]]:
 
 def _write_part(part: Path, keys: list[str], descriptors: Mapping[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
+    # numpy's stub lets a ``**dict`` fill ``allow_pickle: bool`` too, so arrays are "not bool".
     np.savez(
         buffer,
         keys=np.array(keys),
-        **{f"head:{name}": np.asarray(v, np.float32) for name, v in descriptors.items()},
+        **{f"head:{name}": np.asarray(v, np.float32) for name, v in descriptors.items()},  # type: ignore[arg-type]
     )
     storage.write_bytes(part, buffer.getvalue())
 

@@ -485,7 +485,7 @@ def _warn_unnormalised(vectors: np.ndarray) -> None:
         )
 
 
-def _examples(values: Sequence[Any], limit: int = 3) -> str:
+def _examples(values: Sequence[Any] | np.ndarray, limit: int = 3) -> str:
     shown = ", ".join(repr(str(v)) for v in list(values)[:limit])
     return shown + (", ..." if len(values) > limit else "")
 

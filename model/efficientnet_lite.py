@@ -28,11 +28,15 @@ import importlib
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from model.weights import WeightsError, load_state_dict
+
+if TYPE_CHECKING:
+    from timm.models.efficientnet import EfficientNet
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +144,7 @@ def load_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     return load_state_dict(imagenet_checkpoint_path(name))
 
 
-def _create_timm(name: str, num_classes: int) -> nn.Module:
+def _create_timm(name: str, num_classes: int) -> EfficientNet:
     """timm's TensorFlow-faithful EfficientNet-Lite; never downloads anything."""
     _check_variant(name)
     try:
@@ -150,18 +154,19 @@ def _create_timm(name: str, num_classes: int) -> nn.Module:
             f"{name} is built with timm, which is not installed: `pip install timm` "
             "(or `make install`)"
         ) from exc
-    return timm.create_model(
+    model = timm.create_model(
         f"tf_{name}",
         pretrained=False,
         num_classes=num_classes,
         bn_momentum=_BN_MOMENTUM,
     )
+    return cast("EfficientNet", model)  # typed nn.Module; tf_efficientnet_lite* are these
 
 
 def _iter_blocks(blocks: nn.Sequential) -> Iterator[tuple[str, nn.Module]]:
     """(timm path, block) in execution order: the order of lukemelas's flat ``_blocks.N``."""
     for stage_index, stage in enumerate(blocks):
-        for block_index, block in enumerate(stage):
+        for block_index, block in enumerate(cast(nn.Sequential, stage)):  # a stage of blocks
             yield f"blocks.{stage_index}.{block_index}", block
 
 
@@ -269,6 +274,7 @@ class EfficientNetLiteTrunk(nn.Module):
 
     out_channels: int = OUT_CHANNELS
     min_input_size: int = 1
+    weights: str | None  # set by model.backbones.build_backbone
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -306,7 +312,7 @@ class EfficientNetLiteTrunk(nn.Module):
         so changing the stride keeps the padding right.
         """
         strided = [m.conv_dw for m in self.blocks.modules() if _stride(m) == (2, 2)]
-        strided[-1].stride = (1, 1)
+        cast(nn.Conv2d, strided[-1]).stride = (1, 1)  # _stride matches only Conv2d
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, out_channels={self.out_channels}"
@@ -351,7 +357,8 @@ def build_efficientnet_lite_classifier(
     ``state_dict`` is in the lukemelas layout or timm's; ``None`` = random initialisation.
     """
     model = _create_timm(name, num_classes=1000)
-    model.mean, model.std = MEAN[name], STD[name]
+    # torch types Module.__setattr__ values as Tensor | Module; any value is allowed.
+    model.mean, model.std = MEAN[name], STD[name]  # type: ignore[assignment]
     if state_dict is not None:
         if _is_lukemelas(state_dict):
             state_dict = convert_lukemelas_state_dict(state_dict, name)

@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -33,6 +34,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from model.images import DEFAULT_MAX_PIXELS, BadImage, decode_image, read_size
+
+if TYPE_CHECKING:
+    from model.heads import Head
+    from model.networks import RetrievalNet
 
 __all__ = [
     "DEFAULT_SCALES",
@@ -242,12 +247,12 @@ def size_grouped_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> l
     """Indices grouped into batches of one image size each, largest sizes first."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for index, size in enumerate(sizes):
         groups[tuple(size)].append(index)
-    batches = []
-    for size in sorted(groups, key=lambda s: (-s[0] * s[1], s)):
-        members = groups[size]
+    batches: list[list[int]] = []
+    for key in sorted(groups, key=lambda s: (-s[0] * s[1], s)):
+        members = groups[key]
         batches.extend(members[i : i + batch_size] for i in range(0, len(members), batch_size))
     return batches
 
@@ -255,7 +260,7 @@ def size_grouped_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> l
 @torch.no_grad()
 def describe_batch(
     backbone: nn.Module,
-    heads: Mapping[str, nn.Module],
+    heads: Mapping[str, Head],
     images: np.ndarray | torch.Tensor,
     *,
     scales: Sequence[float] = (1.0,),
@@ -292,6 +297,7 @@ def describe_batch(
                 summed[name] = summed[name] + _power(head(fmap).float(), exponents[name])
     out = {}
     for name, total in summed.items():
+        total = cast(torch.Tensor, total)  # a tensor: there is at least one scale (checked)
         combined = _power_mean(total / len(scales), exponents[name])
         out[name] = F.normalize(combined, dim=1).cpu().numpy().astype(np.float32)
     return out
@@ -299,7 +305,7 @@ def describe_batch(
 
 def extract_multihead(
     backbone: nn.Module,
-    heads: Mapping[str, nn.Module],
+    heads: Mapping[str, Head],
     images: ImageFiles | ArrayImages,
     *,
     options: ExtractOptions = ExtractOptions(),
@@ -315,7 +321,9 @@ def extract_multihead(
     _check_scales(options.scales)
     device = options.resolved_device()
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-    modules = nn.ModuleDict({"backbone": backbone, **heads}).to(device, memory_format=memory_format)
+    modules = nn.ModuleDict({"backbone": backbone, **heads})
+    # torch's overloads of Module.to lack (device, memory_format=...), which it takes.
+    modules = modules.to(device, memory_format=memory_format)  # type: ignore[call-overload]
     modules.eval()
 
     failed = dict(images.failed)
@@ -361,7 +369,7 @@ def extract_multihead(
 
 
 def extract_descriptors(
-    net: nn.Module,
+    net: RetrievalNet,
     images: ImageFiles | ArrayImages,
     options: ExtractOptions = ExtractOptions(),
 ) -> np.ndarray:

@@ -17,7 +17,7 @@ from torch import nn
 
 from model.pooling import MAC, GeM, SPoC, build_pooling, l2n, pooling_name
 
-__all__ = ["CGD_LETTERS", "CGDHead", "GeMHead"]
+__all__ = ["CGD_LETTERS", "CGDHead", "GeMHead", "Head"]
 
 CGD_LETTERS = {"S": "spoc", "M": "mac", "G": "gem"}
 
@@ -116,6 +116,10 @@ class CGDHead(nn.Module):
     def scale_exponent(self) -> float:
         """Projections mix signs, so scales are averaged (power 1)."""
         return 1.0
+
+
+Head = GeMHead | CGDHead
+"""A descriptor head: ``out_dim`` wide, combined over scales with ``scale_exponent``."""
 
 
 def _cgd_pool(letter: str, p: float, learn_p: bool) -> nn.Module:

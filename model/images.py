@@ -158,5 +158,5 @@ def decode_image(
     if crop is not None:
         img = img.crop(crop)
     if size is not None and img.size != tuple(size):
-        img = img.resize(tuple(size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.asarray(img)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.backbones import build_backbone
-from model.heads import CGDHead, GeMHead
+from model.backbones import Trunk, build_backbone
+from model.heads import CGDHead, GeMHead, Head
 from model.pooling import GeM, pooling_name
 from model.weights import WeightsError
 
@@ -95,7 +95,7 @@ class NetworkMeta:
 class RetrievalNet(nn.Module):
     """Normalised images → L2-normalised descriptors, with ``mean``/``std`` for the input."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, meta: NetworkMeta) -> None:
+    def __init__(self, backbone: Trunk, head: Head, meta: NetworkMeta) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -129,7 +129,7 @@ def build_network(meta: NetworkMeta, weights: str | Path | None = "imagenet") ->
     )
     channels = backbone.out_channels
     if meta.head == "gem":
-        head: nn.Module = GeMHead(
+        head: Head = GeMHead(
             channels,
             pooling=meta.pooling,
             p=meta.p,
@@ -213,6 +213,7 @@ def fold_whitening(net: RetrievalNet, m: Any, P: Any) -> RetrievalNet:
     missing, unexpected = folded.load_state_dict(net.state_dict(), strict=False)
     if unexpected or sorted(missing) != ["head.whiten.bias", "head.whiten.weight"]:
         raise ValueError(f"folding Lw: unexpected keys {unexpected}, missing {missing}")
+    assert isinstance(folded.head, GeMHead) and folded.head.whiten is not None  # as loaded above
     with torch.no_grad():
         folded.head.whiten.weight.copy_(proj)
         folded.head.whiten.bias.copy_(-proj @ mean)

@@ -183,6 +183,8 @@ def _judge(rset: RetrievalSet, query: int, idx: int, *, n_gt: int, path: Path) -
         return "self", "junk"
     if not judged:
         return "", "neutral"
+    if rset.gnd is None:  # judged needs a ground truth; none means nothing to mark
+        return "", "neutral"
     g = rset.gnd[query]
     if rset.protocol == "revisited":
         for key in ("easy", "hard"):

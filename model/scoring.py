@@ -77,6 +77,7 @@ def score(
     items = ground_truth_items(rset.gnd)
     ranks, located = rank_and_locate(queries, db, items, topk=depth)
     positions = list(zip(items, located, strict=True))
+    metrics: dict[str, Any]
     if rset.protocol == "revisited":
         metrics = evaluate_revisited_at_positions(positions, rset.gnd, kappas, n_db=len(db))
         medium = [{"ok": rset.positives(j), "junk": g["junk"]} for j, g in enumerate(rset.gnd)]
@@ -88,6 +89,8 @@ def score(
         # Recall@k must not count the query itself, which ranks first among its own photos.
         others = np.stack([row[row != j][: max(kappas)] for j, row in enumerate(ranks)])
         labels = rset.db_labels
+        if labels is None:
+            raise ValueError(f"{rset.name}: recall@k of a scenes set needs its db_labels")
         metrics["recall@k"] = recall_at_k(others, labels, labels, kappas)
     return Scored(metrics, ranks, aps)
 
@@ -108,7 +111,7 @@ def format_metrics(dataset: str, metrics: dict[str, Any], kappas: tuple[int, ...
         )
     parts = ("easy", "medium", "hard")
     maps = ", ".join(f"{p[0].upper()}: {100 * metrics[p]['map']:.1f}" for p in parts)
-    prs = ", ".join(
+    prs_text = ", ".join(
         f"{p[0].upper()}: {[round(100 * metrics[p]['mp@k'][k], 1) for k in kappas]}" for p in parts
     )
-    return f">> {dataset}: mAP {maps}\n>> {dataset}: mP@k{list(kappas)} {prs}"
+    return f">> {dataset}: mAP {maps}\n>> {dataset}: mP@k{list(kappas)} {prs_text}"

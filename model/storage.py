@@ -129,8 +129,8 @@ def arrow_filesystem(uri: str | os.PathLike[str]) -> tuple[Any, str]:
 def _kind(uri: str) -> str:
     """``"file"``, ``"dir"`` or ``"none"``."""
     if not is_remote(uri):
-        path = local_path(uri)
-        return "file" if path.is_file() else "dir" if path.is_dir() else "none"
+        local = local_path(uri)
+        return "file" if local.is_file() else "dir" if local.is_dir() else "none"
     filesystem, path = _remote(uri)
     info = filesystem.get_file_info(path)
     return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(info.type, "none")
@@ -149,10 +149,10 @@ def read_bytes(uri: str | os.PathLike[str]) -> bytes:
     """The whole content of ``uri``; ``FileNotFoundError`` naming it when there is nothing there."""
     text = str(uri)
     if not is_remote(text):
-        path = local_path(text)
-        if not path.is_file():
-            raise FileNotFoundError(f"no file at {path}")
-        return path.read_bytes()
+        local = local_path(text)
+        if not local.is_file():
+            raise FileNotFoundError(f"no file at {local}")
+        return local.read_bytes()
     filesystem, path = _remote(text)
     if filesystem.get_file_info(path).type != pafs.FileType.File:
         raise FileNotFoundError(f"no file at {text}")
@@ -230,8 +230,8 @@ def remove(uri: str | os.PathLike[str]) -> None:
     if kind == "none":
         return
     if not is_remote(text):
-        path = local_path(text)
-        shutil.rmtree(path) if kind == "dir" else path.unlink()
+        local = local_path(text)
+        shutil.rmtree(local) if kind == "dir" else local.unlink()
         return
     filesystem, path = _remote(text)
     if kind == "dir":
@@ -323,10 +323,10 @@ def stage_to_local(uri: str | os.PathLike[str], cache_dir: str | os.PathLike[str
     """
     text = str(uri)
     if not is_remote(text):
-        path = local_path(text)
-        if not path.exists():
-            raise FileNotFoundError(f"nothing at {path}")
-        return path
+        local = local_path(text)
+        if not local.exists():
+            raise FileNotFoundError(f"nothing at {local}")
+        return local
     key = hashlib.sha1(text.rstrip("/").encode()).hexdigest()[:16]
     target = Path(cache_dir).expanduser() / f"staged-{key}"
     if (target / _STAGED).is_file():

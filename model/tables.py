@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -603,7 +603,7 @@ class Table:
                 and values
                 and all(isinstance(v, np.ndarray) for v in values)
             ):
-                columns[spec.name] = _list_column(values, spec.type)
+                columns[spec.name] = _list_column(cast(list[np.ndarray], values), spec.type)
             else:
                 columns[spec.name] = pa.array(values, type=spec.type)
         return pa.table(columns, schema=self.schema)
@@ -825,7 +825,7 @@ class Output:
         for a table in parts. Row counts are read from the files' footers unless given.
         """
         folder = resolve(self.locate(uri))
-        settings = _plain(dict(settings or {}))
+        plain_settings: dict[str, Any] = _plain(dict(settings or {}))
         sources = {}
         for name, value in (inputs or {}).items():
             if isinstance(value, Manifest):
@@ -841,7 +841,7 @@ class Output:
             if name not in counts:
                 counts[name] = _count_rows([storage.join(folder, n) for n in names])
         ids = identities(inputs or {})
-        fp = self.fingerprint(ids, settings)
+        fp = self.fingerprint(ids, plain_settings)
         stored = {t: sorted((n, sizes[n]) for n in names) for t, names in listed.items()}
         manifest = Manifest(
             stage=self.stage,
@@ -850,7 +850,7 @@ class Output:
             identity=_digest({"fingerprint": fp, "files": stored}),
             inputs=ids,
             sources=sources,
-            settings=settings,
+            settings=plain_settings,
             files={t: sorted(names) for t, names in listed.items()},
             rows=counts,
             details=_plain(dict(details or {})),

@@ -102,7 +102,8 @@ def split_clusters(
             "(one to validate on, two to train on)"
         )
     order = np.random.default_rng(seed).permutation(sorted(counts))
-    chosen, taken = [], 0
+    chosen: list[int] = []
+    taken = 0
     for cluster in order.tolist():
         if taken >= held_out * len(data.queries) or len(counts) - len(chosen) <= 2:
             break

@@ -250,7 +250,7 @@ def select_whitening(
     if dims is None:
         dims = whitening_dims(D, min(int((~np.isin(labels, g)).sum()) for g in parts))
     candidates = [(a, d) for a in shrinkages for d in dims]
-    found = {c: [] for c in candidates}
+    found: dict[tuple[float, int], list[float]] = {c: [] for c in candidates}
     plain = []
     unit = l2_normalize(x).astype(np.float32)
     for left_out in parts:
@@ -355,11 +355,12 @@ def save_whitening(
     except TypeError as exc:
         raise TypeError(f"whitening meta must be JSON-serialisable: {exc}") from exc
     arrays = {"format": np.array(_FORMAT), "m": mean, "P": proj, "meta": np.array(meta_json)}
+    # numpy's stub lets a ``**dict`` fill ``allow_pickle: bool`` too, so arrays are "not bool".
     if hasattr(path, "write"):
-        np.savez(path, **arrays)
+        np.savez(path, **arrays)  # type: ignore[arg-type]
         return
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
     storage.write_bytes(path, buffer.getvalue())
 
 

@@ -48,7 +48,7 @@ def place_buildings(rng: np.random.Generator) -> list[tuple[str, Box]]:
     for i, kind in enumerate(kinds):
         (w0, w1), (d0, d1), (h0, h1) = _BUILDING_SIZES[kind]
         width, depth, height = rng.uniform(w0, w1), rng.uniform(d0, d1), rng.uniform(h0, h1)
-        yaw = base_yaw + (np.pi / 2) * rng.integers(0, 2) + rng.normal(0, 0.05)
+        yaw: float = base_yaw + (np.pi / 2) * rng.integers(0, 2) + rng.normal(0, 0.05)
         if rng.random() < 0.25:
             yaw = rng.uniform(0, np.pi)
         for _ in range(40):  # tries to place it without overlapping much

@@ -33,6 +33,11 @@ class _Look:
     noise: float
 
 
+def _triple(values: np.ndarray) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return (a, b, c)
+
+
 def _look(rng: np.random.Generator, scene: Scene) -> _Look:
     overcast = rng.random() < 0.25
     zenith = hsv_colour(
@@ -52,7 +57,7 @@ def _look(rng: np.random.Generator, scene: Scene) -> _Look:
         exposure=rng.uniform(0.8, 1.2),
         contrast=rng.uniform(0.85, 1.15),
         gamma=rng.uniform(0.85, 1.2),
-        cast=tuple(float(g) for g in rng.normal(1.0, 0.035, size=3)),
+        cast=_triple(rng.normal(1.0, 0.035, size=3)),
         vignette=rng.uniform(0.0, 0.25),
         blur=rng.uniform(0.3, 0.8) if rng.random() < 0.5 else 0.0,
         noise=rng.uniform(0.5, 2.5),

@@ -381,13 +381,13 @@ def render(
     back = _background(background, camera.width, camera.height)
 
     fine = camera.scaled(supersample)
-    colour = np.zeros((fine.height, fine.width, 3), dtype=np.float32)
-    inv_depth = np.zeros((fine.height, fine.width), dtype=np.float32)
+    colour: np.ndarray = np.zeros((fine.height, fine.width, 3), dtype=np.float32)
+    inv_depth: np.ndarray = np.zeros((fine.height, fine.width), dtype=np.float32)
     for quad, gain in zip(quads, gains, strict=True):
         _draw_quad(quad, fine, gain, near=near, colour=colour, inv_depth=inv_depth)
 
     size = (camera.width, camera.height)
-    covered = (inv_depth > 0).astype(np.float32)
+    covered: np.ndarray = (inv_depth > 0).astype(np.float32)
     if supersample > 1:
         colour = cv2.resize(colour, size, interpolation=cv2.INTER_AREA)
         covered = cv2.resize(covered, size, interpolation=cv2.INTER_AREA)

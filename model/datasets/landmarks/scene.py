@@ -46,6 +46,7 @@ def _box_faces(box: Box) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float
     up = np.array(WORLD_UP)
     top = box.height * up
     faces = []
+    sides: tuple[tuple[np.ndarray, float, float], ...]
     sides = ((-ey, box.depth, box.width), (ex, box.width, box.depth))
     sides += ((ey, box.depth, box.width), (-ex, box.width, box.depth))
     for normal, thickness, span in sides:  # thickness: the box's extent along the normal
@@ -117,9 +118,9 @@ def build_scene(conf: LandmarksConf, index: int, *, distractor: bool = False) ->
     points = _surface_samples(rng, quads, _SAMPLES_PER_LANDMARK)
     half = _GROUND_SIZE_M / 2
     ground = TexturedQuad(
-        (-half, half, 0.0),
-        (_GROUND_SIZE_M, 0.0, 0.0),
-        (0.0, -_GROUND_SIZE_M, 0.0),
+        np.array((-half, half, 0.0)),
+        np.array((_GROUND_SIZE_M, 0.0, 0.0)),
+        np.array((0.0, -_GROUND_SIZE_M, 0.0)),
         ground_texture(rng, style.ground),
         double_sided=False,
     )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import colorsys
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
 RGB = tuple[float, float, float]
+Window = Literal["rect", "arched", "round", "tall"]
+Pattern = Literal["plain", "blocks", "panels", "stripes"]
+Ornament = Literal["rosettes", "diamonds", "pilasters", "medallions"]
 
 
 @dataclass(frozen=True)
@@ -21,9 +24,9 @@ class Style:
     glass: RGB
     roof: RGB
     ground: RGB
-    window: Literal["rect", "arched", "round", "tall"]
-    pattern: Literal["plain", "blocks", "panels", "stripes"]
-    ornament: Literal["rosettes", "diamonds", "pilasters", "medallions"]
+    window: Window
+    pattern: Pattern
+    ornament: Ornament
     mullions: bool
     bay_m: float
     floor_m: float
@@ -38,7 +41,7 @@ def hsv_colour(h: float, s: float, v: float) -> RGB:
 
 def random_style(rng: np.random.Generator, hue: float) -> Style:
     """A landmark's style drawn from `rng`, its palette around `hue`."""
-    window = str(rng.choice(["rect", "arched", "round", "tall"]))
+    window = cast(Window, str(rng.choice(["rect", "arched", "round", "tall"])))
     window_m = {"rect": (1.3, 1.6), "arched": (1.2, 2.0), "round": (1.3, 1.3), "tall": (0.9, 2.3)}
     w, h = window_m[window]
     scale = rng.uniform(0.85, 1.2)
@@ -65,8 +68,10 @@ def random_style(rng: np.random.Generator, hue: float) -> Style:
             rng.choice([0.1, 0.15, 0.25, 0.6]), rng.uniform(0.05, 0.2), rng.uniform(0.42, 0.6)
         ),
         window=window,
-        pattern=str(rng.choice(["plain", "blocks", "panels", "stripes"])),
-        ornament=str(rng.choice(["rosettes", "diamonds", "pilasters", "medallions"])),
+        pattern=cast(Pattern, str(rng.choice(["plain", "blocks", "panels", "stripes"]))),
+        ornament=cast(
+            Ornament, str(rng.choice(["rosettes", "diamonds", "pilasters", "medallions"]))
+        ),
         mullions=bool(rng.random() < 0.6),
         bay_m=rng.uniform(2.4, 3.4),
         floor_m=rng.uniform(3.0, 4.0),
