@@ -1,6 +1,7 @@
 """The train stage: fine-tune the retrieval network on Ray Train, GeM or CGD mode.
 
     python -m pipeline.train --pairs OUT/pairs --images OUT/images.parquet --output OUT/train
+    python -m pipeline.train --pairs retrieval-SfM-120k.pkl --images ims --output OUT/train
     python -m pipeline.train --mode cgd --images OUT/images.parquet --output OUT/train
 
 Ray Train V2's ``TorchTrainer`` runs ``--workers`` DDP workers (gloo on CPUs, NCCL on GPUs).
@@ -12,6 +13,13 @@ the epoch's queries; tuples train with the contrastive loss; rank 0 scores held-
 cross-entropy; rank 0 scores Recall@K on held-out classes. Both: Adam (GeM's p at 10× the rate,
 no weight decay on it), exponential decay, BatchNorm frozen (``--freeze-bn``), bf16 and
 channels-last on GPUs (``--precision``), augmentation by option.
+
+``--pairs`` may also be cnnimageretrieval-pytorch's published pairs file (a ``.pkl``, local or
+``s3://``) with ``--images`` its ``ims`` folder or prefix (``pipeline.train.published``): its
+``train`` split trains, its ``val`` split is exactly the held-out validation (``--held-out``
+becomes that split's share), and what the trainer consumes is converted once under
+``OUTPUT/published/`` (the photos' bytes copied once, resumable); the file's identity (the hash
+of its bytes) is the output's ``pairs`` input. docs/training-published.md says more.
 
 Every epoch each worker reports ``loss``, the validation figures, ``seconds`` and the run's rate
 (tuples or images per second, all workers together); rank 0 attaches a checkpoint
@@ -85,6 +93,7 @@ from pipeline.train.cgd import CgdEpochs, split_classes
 from pipeline.train.conf import CgdPart, GemPart, LwPart, TrainConf
 from pipeline.train.gem import GemEpochs
 from pipeline.train.images import photo_bytes, resolve_precision
+from pipeline.train.published import Published, is_published, prepare
 
 __all__ = ["CgdPart", "GemPart", "LwPart", "TrainConf", "handed_over", "initial_network", "run"]
 
@@ -237,11 +246,20 @@ def initial_network(conf: TrainConf, num_classes: int = 0) -> RetrievalNet:
 
 def run(conf: TrainConf) -> str:
     """Train; returns ``OUTPUT``, which holds the best epoch's checkpoint."""
-    _check(conf)
+    from_pkl = conf.mode == "gem" and is_published(conf.pairs)
+    _check(conf, from_pkl=from_pkl)
     conf = _with_absolute_paths(conf).resolved()
+    published = None
+    if from_pkl:  # cirtorch's pairs file: trained on as a pairs output made from it
+        published = prepare(
+            conf.pairs, conf.images, output=conf.output, seed=conf.seed, held_out=conf.held_out
+        )
+        conf = replace(
+            conf, pairs=published.pairs, images=published.images, held_out=published.held_out
+        )
     log_settings(logger, "train", conf.settings())
     out = conf.output
-    inputs = _inputs(conf)
+    inputs = _inputs(conf, published)
     settings = conf.content_settings()
     action = _plan(conf, inputs, settings)
     if action == "skip":
@@ -251,16 +269,23 @@ def run(conf: TrainConf) -> str:
     num_classes = _num_classes(conf, data)
     result = _fit(conf, data)
     summary = _finish(conf, result, data, num_classes=num_classes)
+    if published is not None:
+        summary["published"] = published.details
     tables.TRAIN_OUTPUT.publish(out, inputs=inputs, settings=settings, details=summary)
     return out
 
 
-def _inputs(conf: TrainConf) -> dict[str, tables.Manifest | str]:
-    """What the run is made from: the images and pairs outputs, and the start weights."""
+def _inputs(
+    conf: TrainConf, published: Published | None = None
+) -> dict[str, tables.Manifest | str]:
+    """What the run is made from: the images and pairs outputs (for cirtorch's pairs file,
+    the file's identity), and the start weights."""
     inputs: dict[str, tables.Manifest | str] = {
         "images": tables.IMAGES_OUTPUT.manifest(conf.images)
     }
-    if conf.mode == "gem":
+    if published is not None:
+        inputs["pairs"] = published.identity
+    elif conf.mode == "gem":
         inputs["pairs"] = tables.PAIRS_OUTPUT.manifest(conf.pairs)
     if checkpoint.is_checkpoint(conf.weights):
         inputs["start"] = checkpoint.identity(conf.weights)
@@ -373,9 +398,10 @@ def _mining_memory(photos: int) -> int:
     return 3 * photos * 2048 * 4 + 512 * 2**20
 
 
-def _check(conf: TrainConf) -> None:
+def _check(conf: TrainConf, *, from_pkl: bool = False) -> None:
     """What the settings' own checks cannot see: the locations, the start weights and the
-    images output (named here, not retried as a worker's failure there)."""
+    images output (named here, not retried as a worker's failure there; with cirtorch's pairs
+    file, ``--images`` is its photo folder, checked with the file)."""
     problems = []
     if conf.trainable_stages is not None:
         stages = _trunk_stages(conf.weights)
@@ -394,7 +420,7 @@ def _check(conf: TrainConf) -> None:
         **({"storage_path": conf.storage_path} if conf.storage_path else {}),
     }
     problems += location_problems(**locations)
-    if not problems:
+    if not problems and not from_pkl:
         try:
             tables.IMAGES_OUTPUT.manifest(conf.images)
         except (OSError, ValueError) as err:

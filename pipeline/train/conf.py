@@ -137,7 +137,9 @@ class TrainConf(FlatFlags):
     """Folder or s3:// prefix: the best checkpoint (with its Lw), metrics.json, curves.png, and
     the manifest once the run is whole."""
     pairs: str | None = None
-    """GeM mode: the pairs output (its folder, or its pairs table's file)."""
+    """GeM mode: the pairs output (its folder, or its pairs table's file), or
+    cnnimageretrieval-pytorch's pairs file (``retrieval-SfM-120k.pkl``, with ``--images`` its
+    ``ims`` folder)."""
     mode: Literal["gem", "cgd"] = "gem"
     """gem (SfM pairs, contrastive loss, mined negatives) or cgd (class labels)."""
     weights: str = "imagenet"
