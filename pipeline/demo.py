@@ -14,12 +14,14 @@ finds every stage complete and is serving in a minute.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.client import SearchClient
+from model import tables
 from model.cli import run_cli
 from model.datasets.landmarks import CONFS, generate, load_cameras
 from model.images import image_id
@@ -81,13 +83,16 @@ def main(conf: DemoConf) -> dict[str, object]:
         raise ValueError(f"--config {conf.config}: its serve section must say detach: true")
     client = SearchClient(url)
     outcomes = [_ask(client, query, landmarks, k=conf.k) for query in queries]
-    report = out / "run" / "report.html"
+    summary = json.loads((out / "run" / tables.RUN_SUMMARY).read_text())
+    report = (
+        Path(summary["report"]).as_uri() if summary.get("report") else "not written (see the log)"
+    )
     correct = sum(o.correct for o in outcomes)
     print(_table(outcomes, conf.k))
     print(
         f"\n{correct} of {len(outcomes) * conf.k} results show the query's landmark "
         f"(queries the index never saw; {time.monotonic() - started:.0f} s in all)\n"
-        f"  run report:  {report.as_uri()}\n"
+        f"  run report:  {report}\n"
         f"  search page: {url}/"
     )
     if conf.stay:
@@ -99,7 +104,7 @@ def main(conf: DemoConf) -> dict[str, object]:
             pass
     return {
         "search": url,
-        "report": str(report),
+        "report": summary.get("report"),
         "correct": correct,
         "shown": len(outcomes) * conf.k,
     }

@@ -212,9 +212,10 @@ class _Page:
         if not self.complete("group"):
             return _not_run("Groups", "group")
         table = tables.GROUPS.read(self.uri("group"), ["image_id", "group_id"])
-        sizes = np.bincount(np.asarray(table["group_id"].to_numpy(), dtype=np.int64))
-        sizes = np.sort(sizes[sizes > 0])[::-1]
-        alone = int((sizes == 1).sum())
+        ids = np.asarray(table["group_id"].to_numpy(zero_copy_only=False), dtype=np.int64)
+        _, sizes = np.unique(ids[ids >= 0], return_counts=True)  # < 0: in no group
+        sizes = np.sort(sizes)[::-1]
+        alone = int((sizes == 1).sum()) + int((ids < 0).sum())
         several = sizes[sizes > 1]
         body = (
             f"<p>{len(several)} groups of photos that look alike (sizes "
@@ -425,10 +426,8 @@ def _columns(table: Any, *names: str) -> list[list[Any]]:
 
 def _registered_by_group(images: Any) -> dict[int, int]:
     done = images.filter(pc.field("registered"))
-    counts = (
-        np.bincount(np.asarray(done["group_id"].to_numpy(), dtype=np.int64)) if len(done) else []
-    )
-    return {g: int(c) for g, c in enumerate(counts) if c}
+    groups, counts = np.unique(done["group_id"].to_numpy(zero_copy_only=False), return_counts=True)
+    return {int(g): int(c) for g, c in zip(groups, counts, strict=True)}
 
 
 def _centres(images: Any, model_id: str) -> np.ndarray:

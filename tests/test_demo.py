@@ -39,3 +39,4 @@ def test_the_demo_serves_a_trained_index_and_answers_over_http(tmp_path: Path) -
     summary = yaml.safe_load((run / "run.json").read_text())
     assert "skipped" not in summary["stages"]["train"]  # trained on its own SfM pairs
     assert summary["search"] == f"http://127.0.0.1:{port}"
+    assert summary["report"] == str(run / "report.html")
