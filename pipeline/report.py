@@ -394,12 +394,14 @@ class _Page:
             cells = [self.thumb(query, "query", html.escape(labels.get(query, "query")))]
             shown = [(i, s) for i, s in zip(ids, scores, strict=True) if i and i != query]
             for image_id, s in shown[: self.conf.top_k]:
-                same = labels.get(image_id) == labels.get(query) if labels else None
-                css = "" if same is None else ("good" if same else "bad")
+                css = ""
+                if image_id in labels:  # unlabelled photos are left unjudged
+                    css = "good" if labels[image_id] == labels.get(query) else "bad"
                 cells.append(self.thumb(image_id, css, f"{float(s):.3f}"))
             rows.append('<div class="row">' + "".join(cells) + "</div>")
         legend = (
-            "green: the same place (scene, or 3D cluster); red: another"
+            "green: the same place (scene, or 3D cluster); red: another; unframed: a photo "
+            "of no known place"
             if labels
             else "no scene names to judge by"
         )
@@ -471,7 +473,8 @@ def _spread(image_ids: Sequence[str], labels: dict[str, str], n: int) -> list[st
         return list(image_ids[::step][:n])
     by_label: dict[str, list[str]] = {}
     for image_id in image_ids:
-        by_label.setdefault(labels.get(image_id, ""), []).append(image_id)
+        if image_id in labels:  # photos of no known place show nothing to judge
+            by_label.setdefault(labels[image_id], []).append(image_id)
     groups = [v[len(v) // 2 :] + v[: len(v) // 2] for _, v in sorted(by_label.items())]
     return _round_robin(groups, n)
 
