@@ -178,9 +178,12 @@ class _Page:
                 rows.append([stage, "", f"skipped: {what['skipped']}"])
                 continue
             counts = ", ".join(
-                f"{k}: {_brief(v)}" for k, v in what.items() if k not in ("output", "seconds")
+                f"{k}: {_brief(v)}"
+                for k, v in what.items()
+                if k not in ("output", "seconds", "reused")
             )
-            rows.append([stage, f"{what.get('seconds', 0):.1f} s", counts])
+            made = " (done before)" if what.get("reused") else ""
+            rows.append([stage, f"{what.get('seconds', 0):.1f} s{made}", counts])
         search = self._summary.get("search")
         after = (
             f'<p>Search page: <a href="{html.escape(search)}">{html.escape(search)}</a></p>'

@@ -43,6 +43,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import tyro
 import yaml
 
+from cluster import index_store
 from model import storage, tables
 from model.cli import USER_ERRORS, flat_settings, run_cli
 from pipeline import extract, group, index, ingest, pairs, report, serve, sfm, train
@@ -296,7 +297,7 @@ def run(conf: RunConf) -> str:
     if first > last:
         raise ValueError(f"--from-stage {conf.from_stage} comes after --until {conf.until}")
     _check_earlier_stages(out, STAGES[:first])
-    _check_same_run(conf)
+    earlier = _check_same_run(conf)
     summary: dict[str, Any] = {"source": conf.source, "output": conf.output, "stages": {}}
     trained, kept = True, False
     for stage in STAGES[first : last + 1]:
@@ -315,7 +316,11 @@ def run(conf: RunConf) -> str:
             continue
         step = steps[stage]
         flags = {**sections.get(step.section, {}), **_wiring(conf, trained=trained)[stage]}
-        summary["stages"][stage] = _run_stage(stage, step, flags, resumable=bool(summary["stages"]))
+        before = _identity(stage, out[stage])
+        done = _run_stage(stage, step, flags, resumable=bool(summary["stages"]))
+        if before is not None and before == _identity(stage, out[stage]) and stage in earlier:
+            done = {**earlier[stage], "reused": True}  # what the run that made it did
+        summary["stages"][stage] = done
         _write_summary(conf.output, summary)
         if stage == "ingest":
             _check_usable(conf, summary["stages"]["ingest"])
@@ -386,17 +391,30 @@ def _check_earlier_stages(out: dict[str, str], stages: tuple[str, ...]) -> None:
         raise ValueError(f"--from-stage: not complete in the run folder: {', '.join(missing)}")
 
 
-def _check_same_run(conf: RunConf) -> None:
-    """A run folder holds one collection's run: another ``--source`` there is refused."""
+def _check_same_run(conf: RunConf) -> dict[str, Any]:
+    """A run folder holds one collection's run: another ``--source`` there is refused.
+    Returns what the earlier runs' stages did, by stage."""
     summary = storage.join(conf.output, tables.RUN_SUMMARY)
     if not storage.exists(summary):
-        return
-    earlier = json.loads(storage.read_text(summary)).get("source")
-    if earlier != conf.source:
+        return {}
+    earlier = json.loads(storage.read_text(summary))
+    if earlier.get("source") != conf.source:
         raise ValueError(
-            f"--output: {conf.output} holds the run of {earlier}, not of {conf.source}; "
-            "give another run folder (or the same --source)"
+            f"--output: {conf.output} holds the run of {earlier.get('source')}, not of "
+            f"{conf.source}; give another run folder (or the same --source)"
         )
+    return {k: v for k, v in earlier.get("stages", {}).items() if "skipped" not in v}
+
+
+def _identity(stage: str, uri: str) -> str | None:
+    """The identity of the complete output a stage has at ``uri`` (the index: its newest
+    version's), ``None`` when there is none; the same before and after a stage means the stage
+    found its work done."""
+    if stage == "index":
+        version = index_store.latest_version(uri)
+        return None if version is None else index_store.version_manifest(uri, version).identity
+    manifest = _spec(stage).existing(uri)
+    return None if manifest is None else manifest.identity
 
 
 def _has_pairs(pairs: str) -> bool:
@@ -491,7 +509,8 @@ def _log_summary(summary: dict[str, Any]) -> None:
         if "skipped" in done:
             lines.append(f"  {stage:16s} skipped: {done['skipped']}")
         else:
-            lines.append(f"  {stage:16s} {done['seconds']:7.1f} s  {_counts(stage, done)}")
+            made = "  (done before)" if done.get("reused") else ""
+            lines.append(f"  {stage:16s} {done['seconds']:7.1f} s  {_counts(stage, done)}{made}")
     lines.append(f"  outputs under {summary['output']}")
     lines.append(f"  summary: {storage.join(summary['output'], tables.RUN_SUMMARY)}")
     if summary.get("report"):

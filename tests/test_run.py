@@ -171,6 +171,11 @@ def test_the_chain_into_one_run_folder_again_in_seconds_and_with_photos_added(
     run(conf)
     skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     assert len(skipped) >= len(LAYOUT), skipped
+    again = json.loads((out / "run.json").read_text())["stages"]
+    assert all(done["reused"] for done in again.values())  # each as the run that made it
+    assert [d["seconds"] for d in again.values()] == [
+        d["seconds"] for d in summary["stages"].values()
+    ]
     # photos added: the network is kept, and only the new photos are described and indexed
     source.write_text("".join(every_row))
     run(conf)
