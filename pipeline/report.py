@@ -38,7 +38,7 @@ from model.settings import raise_problems
 
 logger = logging.getLogger("pipeline.report")
 
-__all__ = ["PICTURES", "REPORT_FILE", "ReportConf", "run"]
+__all__ = ["PICTURES", "REPORT_FILE", "ReportConf", "run", "stage_counts"]
 
 REPORT_FILE = "report.html"
 PICTURES = "report"
@@ -177,11 +177,7 @@ class _Page:
             if "skipped" in what:
                 rows.append([stage, "", f"skipped: {what['skipped']}"])
                 continue
-            counts = ", ".join(
-                f"{k}: {_brief(v)}"
-                for k, v in what.items()
-                if k not in ("output", "seconds", "reused")
-            )
+            counts = stage_counts(stage, what)
             made = " (done before)" if what.get("reused") else ""
             rows.append([stage, f"{what.get('seconds', 0):.1f} s{made}", counts])
         search = self._summary.get("search")
@@ -222,8 +218,8 @@ class _Page:
         several = sizes[sizes > 1]
         body = (
             f"<p>{len(several)} groups of photos that look alike (sizes "
-            f"{', '.join(str(int(s)) for s in several)}); {alone} photos alone. Each group is "
-            "one Structure-from-Motion problem.</p>"
+            f"{', '.join(str(int(s)) for s in several)}); photos alone: {alone}. Each group "
+            "is one Structure-from-Motion problem.</p>"
         )
         return _section("Groups", body)
 
@@ -415,6 +411,34 @@ class _Page:
         return _section("Example queries", body)
 
 
+SHOWN = {
+    "ingest": ("ingested", "duplicates", "failed"),
+    "extract": ("count", "described", "failed"),
+    "group": ("groups", "candidates"),
+    "sfm": ("registered", "photos", "models", "groups", "failed"),
+    "pairs": ("queries", "clusters"),
+    "train": ("best_epoch", "val_map"),
+    "extract-trained": ("count", "described", "failed"),
+    "index": ("count", "added", "factory"),
+}
+"""What the summary's line of each stage shows of its counts (failures with their reasons)."""
+
+
+def stage_counts(stage: str, done: dict[str, Any]) -> str:
+    """A stage's line of counts as a run summary gives them (failures with their reasons)."""
+    shown = []
+    for name in SHOWN.get(stage, ()):
+        value = done.get(name)
+        if value is None or value == {}:
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
+            shown.append(f"{name} ({value})")
+        else:
+            shown.append(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}")
+    return ", ".join(shown)
+
+
 # -- reading ---------------------------------------------------------------------------------
 
 
@@ -551,12 +575,6 @@ def _network(network: dict[str, Any]) -> str:
     meta = network.get("meta") or {}
     what = " + ".join(str(meta[k]) for k in ("backbone", "head") if meta.get(k))
     return f"{network.get('checkpoint') or network.get('weights') or '?'} ({what or 'unknown'})"
-
-
-def _brief(value: Any) -> str:
-    if isinstance(value, dict):
-        return " ".join(f"{k} {_brief(v)}" for k, v in value.items())
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _number(value: Any) -> str:

@@ -472,33 +472,6 @@ def _brief(value: Any) -> bool:
     return isinstance(value, int | float | str)
 
 
-SHOWN = {
-    "ingest": ("ingested", "duplicates", "failed"),
-    "extract": ("count", "described", "failed"),
-    "group": ("groups", "candidates"),
-    "sfm": ("registered", "photos", "models", "groups", "failed"),
-    "pairs": ("queries", "clusters"),
-    "train": ("best_epoch", "val_map"),
-    "extract-trained": ("count", "described", "failed"),
-    "index": ("count", "added", "factory"),
-}
-"""What the summary's line of each stage shows of its counts (failures with their reasons)."""
-
-
-def _counts(stage: str, done: dict[str, Any]) -> str:
-    shown = []
-    for name in SHOWN.get(stage, ()):
-        value = done.get(name)
-        if value is None or value == {}:
-            continue
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}: {v}" for k, v in value.items())
-            shown.append(f"{name} ({value})")
-        else:
-            shown.append(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}")
-    return ", ".join(shown)
-
-
 def _write_summary(run_folder: str, summary: dict[str, Any]) -> None:
     storage.write_text(storage.join(run_folder, tables.RUN_SUMMARY), json.dumps(summary, indent=1))
 
@@ -510,7 +483,9 @@ def _log_summary(summary: dict[str, Any]) -> None:
             lines.append(f"  {stage:16s} skipped: {done['skipped']}")
         else:
             made = "  (done before)" if done.get("reused") else ""
-            lines.append(f"  {stage:16s} {done['seconds']:7.1f} s  {_counts(stage, done)}{made}")
+            lines.append(
+                f"  {stage:16s} {done['seconds']:7.1f} s  {report.stage_counts(stage, done)}{made}"
+            )
     lines.append(f"  outputs under {summary['output']}")
     lines.append(f"  summary: {storage.join(summary['output'], tables.RUN_SUMMARY)}")
     if summary.get("report"):
