@@ -15,13 +15,10 @@ import yaml
 
 from cluster.index_store import read_manifest
 from model import tables
-from model.datasets.landmarks import write_scene_manifest
 from model.tables import code_version
 from pipeline.run import LAYOUT, STAGES, RunConf, resolved_config, run
 from tests.helpers import (
     REPO,
-    check_page,
-    chromium,
     run_stage,
     synthetic_descriptors,
     synthetic_sfm,
@@ -123,77 +120,6 @@ def test_a_bad_config_key_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr[-2000:]
     line = "error: --config: extract has no flag 'max_sise' (did you mean 'max_size'?)"
     assert done.stderr.strip() == line
-
-
-def test_the_chain_into_one_run_folder_again_in_seconds_and_with_photos_added(
-    ray_session, tiny_collection: Path, tmp_path: Path, caplog
-) -> None:
-    source = write_scene_manifest(tiny_collection, tmp_path / "photos.csv")
-    every_row = source.read_text().splitlines(keepends=True)
-    source.write_text("".join(every_row[:-ADDED]))  # the last photos come later
-    out = tmp_path / "run"
-    conf = RunConf(source=str(source), output=str(out), config=_config(tmp_path, SMALL))
-    assert run(conf) == str(out / "index")
-    assert {p.name for p in out.iterdir()} == {
-        *LAYOUT.values(),
-        "run.json",
-        "report.html",
-        "report",
-    }
-    summary = json.loads((out / "run.json").read_text())
-    assert tuple(summary["stages"]) == STAGES  # every stage, in the chain's order
-    first = summary["stages"]["ingest"]["ingested"]
-    assert read_manifest(str(out / "index"))["count"] == first == len(every_row) - 1 - ADDED
-    assert summary["stages"]["sfm"]["groups"] == {"ok": 3, "failed": 0, "skipped": 0}
-    trained = tables.DESCRIPTORS_OUTPUT.manifest(str(out / "descriptors-trained"))
-    assert trained.inputs["network"]  # described with the run's own fine-tuned network
-    assert summary["report"] == str(out / "report.html")
-    # the same command again: every stage finds its output complete and skips
-    caplog.set_level(logging.INFO)
-    caplog.clear()
-    run(conf)
-    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
-    assert len(skipped) >= len(LAYOUT), skipped
-    again = json.loads((out / "run.json").read_text())["stages"]
-    assert all(done["reused"] for done in again.values())  # each as the run that made it
-    assert [d["seconds"] for d in again.values()] == [
-        d["seconds"] for d in summary["stages"].values()
-    ]
-    # photos added: the network is kept, and only the new photos are described and indexed
-    source.write_text("".join(every_row))
-    run(conf)
-    summary = json.loads((out / "run.json").read_text())
-    assert summary["stages"]["train"]["skipped"].startswith("photos changed since the network")
-    assert summary["stages"]["ingest"]["ingested"] == first + ADDED
-    assert summary["stages"]["extract-trained"]["described"] == ADDED
-    assert summary["stages"]["extract-trained"]["count"] == first + ADDED
-    latest = read_manifest(str(out / "index"))
-    assert (latest["version"], latest["added"], latest["count"]) == (2, ADDED, first + ADDED)
-    kept = tables.DESCRIPTORS_OUTPUT.manifest(str(out / "descriptors-trained"))
-    assert kept.inputs["network"] == trained.inputs["network"]
-    # a part of the chain: the index alone, from the descriptors the run left
-    assert run(RunConf(source=str(source), output=str(out), from_stage="index")) == str(
-        out / "index"
-    )
-    _check_report(out, scenes=3)
-
-
-ADDED = 3
-"""Photos the chain test adds to its collection after the first run."""
-
-
-def _check_report(out: Path, *, scenes: int) -> None:
-    """The run report as a person sees it: every section, every picture loaded, no errors."""
-    page = (out / "report.html").read_text()
-    for heading in ("Stages", "Photos", "Groups", "3D models", "Training pairs", "Training"):
-        assert f"<h2>{heading}</h2>" in page
-    models = sorted((out / "report").glob("model-*.png"))
-    assert len(models) == scenes and all(p.stat().st_size > 2000 for p in models)
-    if chromium() is None:
-        pytest.skip("Debian chromium not installed (.ci/run installs it): page not rendered")
-    seen = check_page((out / "report.html").as_uri())
-    assert not seen.errors and not seen.broken_images, (seen.errors, seen.broken_images)
-    assert seen.images > 30 and "Example queries" in seen.text
 
 
 def test_photos_that_give_no_training_pairs_are_indexed_off_the_shelf(
