@@ -7,24 +7,27 @@ actors ask for it, and describe on the CPU). Ray's ``fake_multinode`` autoscaler
 worker nodes, each a raylet of its own on this machine, when the chain's tasks and actors ask
 for them.
 
-Every stage runs as users run it there (``ray job submit``), into the loopback S3 server:
-ingest → extract → group → sfm → pairs → train (2 workers) → extract with the checkpoint →
-index, then the search service, queried over HTTP. The test asserts that the autoscaler
-launched both worker types for the chain's demand, that none of the chain's tasks, actors or
-replicas ran on the head, and that the descriptors, index and search results equal a
-single-node run's.
+The chain runs as users run it there, one ``ray job submit`` of ``pipeline.run --serve`` into
+the loopback S3 server: ingest → extract → group → sfm → pairs → train (2 workers) → extract
+with the checkpoint → index → the run report, then the search service, queried over HTTP. The
+test asserts that the autoscaler launched both worker types for the chain's demand, that none
+of the chain's tasks, actors or replicas ran on the head, and that the descriptors, index and
+search results equal a single-node run's.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
+import yaml
 
 from cluster.client import SearchClient
 from cluster.index_store import read_manifest, search
+from model import storage
 from model.datasets.landmarks import load_cameras
 from model.descriptors import read_descriptors
 from model.tables import PAIRS, SFM_OUTPUT
@@ -32,6 +35,7 @@ from pipeline.extract import ExtractConf
 from pipeline.extract import run as extract
 from pipeline.index import IndexConf
 from pipeline.index import run as index
+from pipeline.run import STAGES
 from tests.multinode import AutoscalingHead, free_port, submit
 
 pytestmark = pytest.mark.slow
@@ -40,7 +44,11 @@ WORKER_TYPES = {
     "cpu": {"resources": {"CPU": 2}, "max_workers": 2},
     "gpu": {"resources": {"CPU": 1, "accelerator": 1}, "max_workers": 1},
 }
-DESCRIBE_ON_GPU_NODES = "--gpus-per-actor 0 --cpus-per-actor 1 --actor-resources accelerator=1"
+DESCRIBE_ON_GPU_NODES = {
+    "gpus_per_actor": 0,
+    "cpus_per_actor": 1,
+    "actor_resources": ["accelerator=1"],
+}
 """The describing actors ask for the resource that stands for a GPU (and describe on the CPU)."""
 
 RAY_OWN_ACTORS = frozenset(
@@ -97,36 +105,54 @@ def test_the_chain_scales_from_zero_and_never_runs_on_the_head(
     assert [n for n in head.nodes() if n["alive"] and not n["head"]] == []  # scaled to zero
     photos = _upload_scenes(tiny_collection, s3_bucket, per_scene=10)
     run = f"s3://{s3_bucket}/run"
-    images, descriptors = f"{run}/images.parquet", f"{run}/descriptors"
-    trained = f"{run}/descriptors-trained"
+    images, trained = f"{run}/images.parquet", f"{run}/descriptors-trained"
+    port = free_port()
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "extract": {"max_size": 128, **DESCRIBE_ON_GPU_NODES},
+                "sfm": {"mapper": "incremental"},
+                "train": {
+                    "workers": 2,
+                    "mining_cpus": 1,
+                    "epochs": 1,
+                    "image_size": 128,
+                    "val_size": 128,
+                    "queries": 12,
+                    "nnum": 1,
+                    "held_out": 0.3,
+                    "lr": 1e-5,
+                    "tuples_per_step": 2,
+                    "whiten": False,
+                    "whiten_shrinkage": 0.0,
+                    "whiten_dim": 1280,
+                },
+                "index": {"shards": 2},
+                "serve": {"host": "127.0.0.1", "port": port, "detach": True},
+            }
+        )
+    )
+    # the whole chain and the search service as users run it there: one job, one command
     submit(
         head.address,
         head.env,
         tmp_path,
-        f"pipeline.ingest --source s3://{s3_bucket}/photos --output {run}",
-        f"pipeline.extract --images {images} --output {descriptors} --max-size 128 "
-        + DESCRIBE_ON_GPU_NODES,
-        f"pipeline.group --images {images} --descriptors {descriptors} --output {run}/groups",
-        f"pipeline.sfm --images {images} --groups {run}/groups --output {run}/sfm"
-        " --mapper incremental",
-        f"pipeline.pairs --sfm {run}/sfm --output {run}/pairs",
-        f"pipeline.train --images {images} --pairs {run}/pairs --output {run}/train"
-        " --workers 2 --mining-cpus 1 --epochs 1 --image-size 128 --val-size 128 --queries 12"
-        " --nnum 1 --held-out 0.3 --lr 1e-5 --tuples-per-step 2 --no-whiten"
-        " --whiten-shrinkage 0 --whiten-dim 1280",
-        f"pipeline.extract --images {images} --output {trained} --weights {run}/train"
-        " --max-size 128 " + DESCRIBE_ON_GPU_NODES,
-        f"pipeline.index --descriptors {trained} --output {run}/index --shards 2",
+        f"pipeline.run --source s3://{s3_bucket}/photos --output {run} --config {config} --serve",
     )
     assert SFM_OUTPUT.manifest(f"{run}/sfm").details["groups"]["ok"] == 3
     assert PAIRS.read(f"{run}/pairs").num_rows > 0
-    port = free_port()
-    submit(
-        head.address,
-        head.env,
-        tmp_path,
-        f"pipeline.serve --index {run}/index --detach --host 127.0.0.1 --port {port}",
+    summary = json.loads(storage.read_text(f"{run}/run.json"))
+    assert tuple(summary["stages"]) == STAGES and summary["report"] == f"{run}/report.html"
+    assert storage.exists(f"{run}/report.html")
+    local = str(tmp_path / "local")
+    local_descriptors = extract(
+        ExtractConf.from_flags(
+            images=images, output=f"{local}/descriptors", weights=f"{run}/train", max_size=128
+        )
     )
+    local_index = f"{local}/index"
+    index(IndexConf(descriptors=local_descriptors, output=local_index, shards=2))
     client = SearchClient(f"http://127.0.0.1:{port}", retries=10, backoff=0.5)
     assert client.health()["count"] == len(photos)
     key = photos[4]
@@ -155,12 +181,6 @@ def test_the_chain_scales_from_zero_and_never_runs_on_the_head(
     )
 
     # A single-node run of the same stages gives the same descriptors, index and results.
-    local = str(tmp_path / "local")
-    local_descriptors = extract(
-        ExtractConf.from_flags(
-            images=images, output=f"{local}/descriptors", weights=f"{run}/train", max_size=128
-        )
-    )
     cluster_desc, local_desc = read_descriptors(trained), read_descriptors(local_descriptors)
     order = np.argsort(local_desc.image_ids)
     assert np.array_equal(np.sort(cluster_desc.image_ids), local_desc.image_ids[order])
@@ -169,8 +189,6 @@ def test_the_chain_scales_from_zero_and_never_runs_on_the_head(
         local_desc.vectors[order],
         atol=1e-5,
     )
-    local_index = f"{local}/index"
-    index(IndexConf(descriptors=local_descriptors, output=local_index, shards=2))
     manifests = read_manifest(f"{run}/index"), read_manifest(local_index)
     assert [m["count"] for m in manifests] == [len(photos)] * 2
     assert [s["count"] for s in manifests[0]["shards"]] == [
