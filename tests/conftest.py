@@ -29,6 +29,12 @@ from pipeline.ingest import run as ingest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Ray Train's controller looks at its workers every 2 s by default: each training run then
+# waits up to that long to see its workers finish or one of them die. The tests' runs last
+# seconds, so it looks every 0.2 s. Set before any Ray starts: the session's Ray, the clusters
+# tests start themselves and the jobs submitted to them all inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

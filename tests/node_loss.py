@@ -22,6 +22,8 @@ import ray
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
+from tests.multinode import free_port
+
 
 def _raylet_pid(node) -> int:
     return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
@@ -45,9 +47,17 @@ def _busy_node(stage: str, workers: list, address: str) -> object | None:
 def main(work: Path, stages: list[str]) -> None:
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": True},
+        # the dashboard and its agent on free ports: another Ray on this machine may hold the
+        # defaults (8265, 52365)
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": True,
+            "dashboard_port": free_port(),
+            "dashboard_agent_listen_port": free_port(),
+        },
     )
-    workers = [cluster.add_node(num_cpus=1) for _ in range(len(stages) + 1)]
+    # the worker nodes start side by side; then every one of them has joined
+    workers = [cluster.add_node(wait=False, num_cpus=1) for _ in range(len(stages) + 1)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:

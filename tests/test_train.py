@@ -26,7 +26,7 @@ from model.describer import NetworkSettings, load_extract_network
 from model.descriptors import read_descriptors
 from model.training_set import read_training_set
 from model.whitening import apply_whitening
-from model.whitening_fit import held_out_whitening, read_whitening_pairs
+from model.whitening_fit import LwFit, held_out_whitening, read_whitening_pairs
 from pipeline.extract import ExtractConf
 from pipeline.extract import run as extract
 from pipeline.ingest import IngestConf
@@ -120,12 +120,16 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
         )
     )
     desc = read_descriptors(extracted)
+    # found["val_map"]: the held-out clusters' mAP of these (already whitened) descriptors. The
+    # Lw fitted beside it plays no part in that figure, so its settings are given rather than
+    # cross-validated again
     *_, found = held_out_whitening(
         desc.image_ids,
         desc.vectors,
         read_training_set(pairs["pairs"]),
         pairs=read_whitening_pairs(pairs["pairs"]),
         held_out=0.3,
+        fit=LwFit(whiten_shrinkage=0.0, whiten_dim=desc.vectors.shape[1]),
     )
     print(f"\nbest epoch + Lw {marked['val_map_lw']:.4f}, extracted {found['val_map']:.4f}")
     assert marked["val_map_lw"] == pytest.approx(found["val_map"], abs=1e-3)
@@ -163,29 +167,23 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     assert again[3]["steps"] == 3 * per_epoch
 
 
-def test_two_workers_reproduce_one_workers_first_epoch(pairs, tmp_path) -> None:
-    """The same global batch of tuples and seed: 2 workers' epoch-1 loss and held-out mAP equal
-    1 worker's (DDP averages the workers' gradients of each step's shares of one batch). Three
-    tuples a step, two images a forward pass: rank 0 makes 3 passes a step, rank 1 makes 2."""
-    settings = {"epochs": 1, "tuples_per_step": 3, "device_batch": 2, "pool_size": 20, **FIXED_LW}
-    one = _epochs(train(_conf(pairs, tmp_path / "one", **settings)))
-    two = _epochs(train(_conf(pairs, tmp_path / "two", workers=2, **settings)))
-    print(
-        f"\nepoch-1 loss: 1 worker {one[1]['loss']:.9f}, 2 workers {two[1]['loss']:.9f}; "
-        f"held-out mAP {one[1]['val_map']:.6f} and {two[1]['val_map']:.6f}"
-    )
-    assert one[1]["steps"] == two[1]["steps"] > 1  # more than one step: updates compared too
-    assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-4)
-    assert two[1]["val_map"] == pytest.approx(one[1]["val_map"], abs=1e-4)
+TWO_WORKERS = {"tuples_per_step": 3, "device_batch": 2, "pool_size": 20, **FIXED_LW}
+"""Three tuples a step, two images a forward pass: rank 0 makes 3 passes a step, rank 1 makes 2."""
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint(pairs, tmp_path) -> None:
-    """SIGKILL to rank 1 (its pid from its own log line) once the first checkpoint exists: the
-    run restarts its workers from that checkpoint and still ends with every epoch's steps."""
+@pytest.fixture(scope="module")
+def killed_run(pairs, tmp_path_factory) -> dict:
+    """2 workers, 2 epochs; SIGKILL to rank 1 (its pid from its own log line) once the first
+    checkpoint exists. Returns the run's ``epochs``, the ``killed`` pid and every rank-1 pid
+    ``started``.
 
+    Epoch 1 has run whole by then (its figures are in that checkpoint), so the run serves
+    both the restart test and the comparison with one worker's first epoch."""
+
+    tmp = tmp_path_factory.mktemp("killed")
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    conf = _conf(pairs, tmp_path, workers=2, epochs=2, name="killed", max_failures=2, **FIXED_LW)
-    storage_dir = tmp_path / "ray" / "killed"
+    conf = _conf(pairs, tmp, workers=2, epochs=2, name="killed", max_failures=2, **TWO_WORKERS)
+    storage_dir = tmp / "ray" / "killed"
     killed: list[int] = []
 
     def kill_rank_one() -> None:
@@ -207,7 +205,6 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(pairs, tmp_path) -> No
     killer.start()
     epochs = _epochs(train(conf))
     killer.join(timeout=5)
-    assert killed, "rank 1 was never seen running"
     started = set()
     for log in logs.glob("worker-*.out"):
         started |= set(
@@ -215,7 +212,32 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(pairs, tmp_path) -> No
                 r"cirray-train killed rank 1 of 2 pid (\d+)", log.read_text(errors="replace")
             )
         )
+    return {"epochs": epochs, "killed": killed, "started": started}
+
+
+def test_two_workers_reproduce_one_workers_first_epoch(pairs, killed_run, tmp_path) -> None:
+    """The same global batch of tuples and seed: 2 workers' epoch-1 loss and held-out mAP equal
+    1 worker's (DDP averages the workers' gradients of each step's shares of one batch). Three
+    tuples a step, two images a forward pass: rank 0 makes 3 passes a step, rank 1 makes 2.
+    The 2 workers' epoch 1 is that of ``killed_run``, whole before its kill."""
+    one = _epochs(train(_conf(pairs, tmp_path / "one", epochs=1, **TWO_WORKERS)))
+    two = killed_run["epochs"]
+    print(
+        f"\nepoch-1 loss: 1 worker {one[1]['loss']:.9f}, 2 workers {two[1]['loss']:.9f}; "
+        f"held-out mAP {one[1]['val_map']:.6f} and {two[1]['val_map']:.6f}"
+    )
+    assert one[1]["steps"] == two[1]["steps"] > 1  # more than one step: updates compared too
+    assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-4)
+    assert two[1]["val_map"] == pytest.approx(one[1]["val_map"], abs=1e-4)
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(killed_run) -> None:
+    """SIGKILL to rank 1 once the first checkpoint exists: the run restarts its workers from
+    that checkpoint and still ends with every epoch's steps."""
+    assert killed_run["killed"], "rank 1 was never seen running"
+    started = killed_run["started"]
     assert len(started) >= 2, f"no new rank 1 after the kill: {started}"  # the group restarted
+    epochs = killed_run["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     per_epoch = epochs[1]["steps"]
     assert per_epoch > 0 and epochs[2]["steps"] == 2 * per_epoch
