@@ -17,7 +17,7 @@
 4. ``train``: training tuples per second batched by size (bf16 + channels-last on a GPU)
    against fp32 one image at a time (``bench.train_steps``).
 5. ``serve``: a serving slot (``cluster.shards.ShardSet``) over index versions built by the
-   index stage (full: Flat, and IVF-PQ of 32, 64 and 128 bytes, which go to the GPU with
+   index stage (full: Flat, and IVF-PQ of 32 bytes, which goes to the GPU with
    float32 lookup tables, with float16 ones, and stay on the CPU; tiny: Flat and IVF-Flat)
    under concurrent single-query calls from 64 threads (as Serve's thread pool calls a
    replica), each also asking for its hits' stored vectors (αQE): the answers against a CPU
@@ -133,7 +133,7 @@ SIZES = {
         steps=StepsConf(),
         serve_n=50_000,
         serve_dim=128,
-        serve_factories=("Flat", "IVF256,PQ32", "IVF256,PQ64", "IVF256,PQ128"),
+        serve_factories=("Flat", "IVF256,PQ32"),
         serve_queries=2_000,
     ),
 }

