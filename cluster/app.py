@@ -89,6 +89,13 @@ def _sentence(errors: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _reason(err: BaseException) -> str:
+    """The one line an error says, without the traceback Ray adds to a remote call's error."""
+    cause = getattr(err, "cause", None)
+    text = str(cause if isinstance(cause, BaseException) else err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": _sentence(exc.errors())})
@@ -114,12 +121,11 @@ class SearchApp:
     def __init__(
         self,
         router: Any,
-        embedder: Any,
         index: str,
         *,
         max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
-        self.router, self.embedder, self.index = router, embedder, index
+        self.router, self.index = router, index
         self.max_body_bytes = max_body_bytes
         manifest = index_store.read_manifest(index)
         self.dim = int(manifest["dim"])  # a reload never changes it (the router refuses)
@@ -170,15 +176,18 @@ class SearchApp:
         if kind == "application/json":
             query = self._vector_query(body)
             vector, k, qe = await self._checked_vector(query.vector), query.k, query.qe
+            answer = await self.router.search.remote(vector, k, qe)
         elif kind.startswith("image/"):
-            vector = await self._embedded(body)
+            # described with the network of the version it is searched in (the router's)
+            answer = await self.router.search_photo.remote(body, k, qe)
+            if isinstance(answer, str):
+                raise HTTPException(422, answer)
         else:
             raise HTTPException(
                 415,
                 f"Content-Type {kind or '(none)'} is neither image/* (a photo) nor "
                 "application/json (a descriptor)",
             )
-        answer = await self.router.search.remote(vector, k, qe)
         self._catch_up(answer["version"])
         hits = answer["hits"]
         uris = self.catalog.uris(np.array([h.image_id for h in hits], dtype=object))
@@ -231,12 +240,6 @@ class SearchApp:
             raise HTTPException(422, "vector has no direction (its norm is zero)")
         return (vector / norm).astype(np.float32)
 
-    async def _embedded(self, photo: bytes) -> np.ndarray:
-        vector = await self.embedder.embed.remote(photo)
-        if isinstance(vector, str):
-            raise HTTPException(422, vector)
-        return vector
-
     def _catch_up(self, version: int) -> None:
         """After a reload, learn the photos a newer version added."""
         if version != getattr(self, "_catalog_version", None):
@@ -252,8 +255,10 @@ class SearchApp:
         try:
             answer = await self.router.reload.remote(version)
         except FileNotFoundError as err:
-            raise HTTPException(404, str(err)) from err
+            raise HTTPException(404, _reason(err)) from err
         except ValueError as err:
-            raise HTTPException(422, str(err)) from err
+            raise HTTPException(422, _reason(err)) from err
+        except TimeoutError as err:
+            raise HTTPException(503, _reason(err)) from err
         self._catch_up(answer["version"])
         return answer

@@ -7,18 +7,27 @@ identity); the embedder builds exactly that with the extract stage's own decoder
 ``model.checkpoint.load``, packaged weights by name), so a stored photo sent as a query gets
 its stored descriptor back. A network whose identity is not the one the descriptors recorded
 (a checkpoint trained again, or replaced, since) is refused: its queries would not match the
-index. Requests are batched (``@serve.batch``); each photo of a batch is decoded on its own,
-so one bad photo fails only its own request.
+index. A version pins its checkpoint into the index (``network["pinned"]``, read from there),
+so retraining into the checkpoint's folder changes nothing served. Each request names the
+index version its descriptor is for, and is described with that version's network: during a
+switch to a version with a new network both are held. Requests are batched
+(``@serve.batch``); each photo of a batch is decoded on its own, so one bad photo fails only
+its own request.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from cluster import index_store
+from cluster.served import served_state
 from model.describer import (
     Describer,
     NetworkSettings,
@@ -65,42 +74,84 @@ def _checked_conf(network: Mapping[str, Any], settings: Mapping[str, Any]) -> Ne
 
 @serve.deployment
 class Embedder:
+    """Photos → descriptors with the network of the index version they will be searched in.
+
+    It holds the networks of the last ``keep_networks`` states asked for (the one served and
+    the next, during a switch), each loaded from where the version pinned it and checked
+    against the identity its descriptors recorded; it starts with the served state's."""
+
     def __init__(
         self,
-        network: Mapping[str, Any],
-        settings: Mapping[str, Any],
+        index: str,
         *,
         max_batch_size: int = 8,
         batch_wait_s: float = 0.01,
+        keep_networks: int = 2,
     ) -> None:
-        self.conf = _checked_conf(network, settings)
-        self.describer = Describer(self.conf)
+        self.index, self.keep_networks = index, max(1, keep_networks)
+        self._networks: OrderedDict[str, tuple[NetworkSettings, Describer]] = OrderedDict()
+        self._of_version: dict[int, str] = {}
+        self.conf = self._network(served_state(index).version)[0]
         # serve.batch types the method as a plain callable; the wrapper it returns has these.
         self._embed_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
 
-    async def embed(self, photo: bytes) -> np.ndarray | str:
-        """The descriptor of one photo, or the reason it has none (a string)."""
-        return await self._embed_batch(photo)
+    def _network(self, version: int) -> tuple[NetworkSettings, Describer]:
+        """The network (settings and describer) of index version ``version``."""
+        key = self._of_version.get(version)
+        if key is None:
+            manifest = index_store.read_manifest(self.index, version)
+            network, settings = manifest.get("network") or {}, manifest.get("settings", {})
+            key = json.dumps(
+                [
+                    network.get("identity") or network,
+                    settings.get("max_size"),
+                    settings.get("scales"),
+                ],
+                sort_keys=True,
+                default=str,
+            )
+            if key not in self._networks:
+                conf = _checked_conf(network, settings)
+                self._networks[key] = (conf, Describer(conf))
+                while len(self._networks) > self.keep_networks:
+                    self._networks.popitem(last=False)
+            self._of_version[version] = key
+        self._networks.move_to_end(key)
+        return self._networks[key]
+
+    def pid(self) -> int:
+        """The replica's process id (tests kill a replica by the id they were given)."""
+        return os.getpid()
+
+    async def embed(self, photo: bytes, version: int | None = None) -> np.ndarray | str:
+        """The descriptor of one photo for index version ``version`` (default: the served
+        one), or the reason it has none (a string)."""
+        if version is None:
+            version = served_state(self.index).version
+        return await self._embed_batch((photo, int(version)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _embed_batch(self, photos: list[bytes]) -> list[np.ndarray | str]:
-        out: list[np.ndarray | str] = []
-        pixels, rows = [], []
-        for i, photo in enumerate(photos):
-            image = decode_photo(photo, self.conf.max_size)
-            if isinstance(image, BadImage):
-                out.append(f"not a usable photo: {image.reason}")
-                continue
-            if min(image.shape[:2]) < MIN_SIDE:
-                out.append(
-                    f"photo too small: {image.shape[1]}x{image.shape[0]} px, "
-                    f"a side under {MIN_SIDE} px"
-                )
-                continue
-            out.append("")
-            pixels.append(image)
-            rows.append(i)
-        for i, vector in zip(rows, self.describer.describe(pixels), strict=True):
-            out[i] = vector if vector is not None else "the photo's descriptor is not finite"
+    async def _embed_batch(self, asked: list[tuple[bytes, int]]) -> list[np.ndarray | str]:
+        out: list[np.ndarray | str] = [""] * len(asked)
+        by_version: dict[int, list[int]] = {}
+        for i, (_, version) in enumerate(asked):
+            by_version.setdefault(version, []).append(i)
+        for version, rows in by_version.items():
+            conf, describer = self._network(version)
+            pixels, kept = [], []
+            for i in rows:
+                image = decode_photo(asked[i][0], conf.max_size)
+                if isinstance(image, BadImage):
+                    out[i] = f"not a usable photo: {image.reason}"
+                elif min(image.shape[:2]) < MIN_SIDE:
+                    out[i] = (
+                        f"photo too small: {image.shape[1]}x{image.shape[0]} px, "
+                        f"a side under {MIN_SIDE} px"
+                    )
+                else:
+                    pixels.append(image)
+                    kept.append(i)
+            for i, vector in zip(kept, describer.describe(pixels), strict=True):
+                out[i] = vector if vector is not None else "the photo's descriptor is not finite"
         return out

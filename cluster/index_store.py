@@ -78,6 +78,7 @@ __all__ = [
     "IdMap",
     "SearchResult",
     "deserialize_index",
+    "faiss_search",
     "id_map_bytes",
     "latest_version",
     "list_versions",
@@ -87,6 +88,7 @@ __all__ = [
     "merge_topk",
     "read_manifest",
     "search",
+    "search_parameters",
     "serialize_index",
     "set_search_params",
     "sha256",
@@ -189,11 +191,16 @@ def read_manifest(index: str, version: int | None = None) -> dict[str, Any]:
 
     The descriptors each version indexed (``descriptors["uri"]`` and every ``history`` entry's
     ``descriptors``) are where they lie now: found from the version's manifest, so an index
-    whose run folder moved still leads to its descriptors (and their photos).
+    whose run folder moved still leads to its descriptors (and their photos). A network the
+    version pinned (copied into the index) is read from there: ``network["checkpoint"]`` is
+    the pinned copy, wherever the checkpoint it came from went since.
     ``FileNotFoundError`` / ``ValueError`` as :func:`version_manifest`.
     """
     manifest = version_manifest(index, version)
     details = dict(manifest.details)
+    network = details.get("network")
+    if isinstance(network, dict) and network.get("pinned"):
+        details["network"] = {**network, "checkpoint": storage.join(index, network["pinned"])}
     details["identity"] = manifest.identity
     details["fingerprint"] = manifest.fingerprint
     here = _descriptors_source(manifest)
@@ -293,6 +300,28 @@ def set_search_params(index: faiss.Index, params: Mapping[str, Any]) -> None:
         space.set_index_parameter(index, str(name), float(value))
 
 
+def search_parameters(index: faiss.Index, params: Mapping[str, Any]) -> Any:
+    """FAISS ``SearchParameters`` of ``params`` (``nprobe`` for IVF, ``efSearch`` for HNSW) for
+    one call on ``index``, or ``None`` when there are none: unlike :func:`set_search_params` they
+    change nothing in the index, so one loaded shard can answer several versions, each with
+    its own settings."""
+    if not params:
+        return None
+    lib: Any = faiss  # its SWIG classes take their fields as keywords (and keep what they hold)
+    inner: Any = faiss.downcast_index(index)
+    wrapped = isinstance(inner, faiss.IndexPreTransform)
+    if wrapped:
+        inner = faiss.downcast_index(inner.index)
+    found: Any = None
+    if faiss.try_extract_index_ivf(inner) is not None and "nprobe" in params:
+        found = lib.SearchParametersIVF(nprobe=int(params["nprobe"]))
+    elif isinstance(inner, faiss.IndexHNSW) and "efSearch" in params:
+        found = lib.SearchParametersHNSW(efSearch=int(params["efSearch"]))
+    if found is not None and wrapped:
+        found = lib.SearchParametersPreTransform(index_params=found)
+    return found
+
+
 def load_trained(index: str, manifest: Mapping[str, Any], verify: bool = True) -> faiss.Index:
     """The trained, empty index of a version (what a new shard is built from)."""
     trained = manifest["trained"]
@@ -369,15 +398,28 @@ def _canonical(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarr
     return np.take_along_axis(scores, order, 1), np.take_along_axis(labels, order, 1)
 
 
+def faiss_search(
+    index: Any, x: np.ndarray, k: int, *, params: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(x, k)`` with FAISS search parameters when given, also after
+    ``faiss.contrib.torch_utils`` replaced ``search`` by a torch one that takes none (it keeps
+    FAISS's NumPy search as ``search_numpy``)."""
+    if params is None:
+        return index.search(x, k)
+    search = getattr(index, "search_numpy", None) or index.search
+    return search(x, k, params=params)
+
+
 def shard_topk(
-    index: faiss.Index | DeviceIndex, queries: np.ndarray, k: int
+    index: faiss.Index | DeviceIndex, queries: np.ndarray, k: int, *, params: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``index.search`` in the canonical order: score descending, then label ascending.
 
     Returns ``(scores [nq, k'], labels [nq, k'])`` with ``k' = min(k, ntotal)``; -1 labels where
     the probed lists hold fewer results. FAISS is asked for one more than ``k``; a query whose
     extra result ties with its k-th is asked again with twice as many, until the tie is whole,
-    so the k kept are the lowest labels among equal scores.
+    so the k kept are the lowest labels among equal scores. ``params``: FAISS search
+    parameters of this call (:func:`search_parameters`).
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
     total = int(index.ntotal)
@@ -387,7 +429,7 @@ def shard_topk(
     rows = np.arange(len(q))
     asked = min(total, k + 1)
     while len(rows):
-        found_scores, found_labels = index.search(q[rows], asked)
+        found_scores, found_labels = faiss_search(index, q[rows], asked, params=params)
         if asked < total:
             more = (found_labels[:, -1] >= 0) & (found_scores[:, -1] == found_scores[:, k - 1])
         else:

@@ -9,12 +9,16 @@ query by αQE: the vectors of its ``qe_k`` nearest neighbours are fetched from t
 :func:`model.retrieval.alpha_qe` combines them exactly as it does over a whole matrix, then
 the expanded query is searched again.
 
-Reload. The router alone decides which version is served. ``reload`` first has every slot load
-the new version beside the old one, then switches; a batch reads the version once and sends
-it with every call, so each answer comes wholly from one version, and no query waits for or
-fails on the switch. A slot replica that restarts (or missed the warm-up) loads a version the
-first time it is asked for it. With ``watch_s`` the router also looks for a newer complete
-version every ``watch_s`` seconds and reloads by itself.
+The served state. ``INDEX/CURRENT`` (:mod:`cluster.served`) names the version served, its
+manifest and its network; the index stage writes it when it publishes, ``reload`` when asked.
+Every replica starts on it and follows it: a shard replica loads a new version beside the one
+served and reports what it holds; the router switches once every running replica of every
+slot has reported the new version, so no query is sent to a replica that must load first. A
+batch reads the version once and sends it with every call, so each answer comes wholly from
+one version; a photo is described with the network of the version it is searched in (the
+embedder holds the networks of both). A router that restarts comes back on ``CURRENT``. A
+replica that still lacks a version it is asked for loads it first: slow once, never wrong.
+With ``watch_s`` the router also promotes each newer complete version as it appears.
 
 A call to a slot whose replica died is retried until ``retry_s`` has passed: Serve starts a
 new replica, which loads its shards; the query is answered late rather than failed.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +41,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from cluster import index_store
 from cluster.resources import use_reserved_threads
+from cluster.served import ServedState, promote, read_current, served_state, state_of
 from cluster.shards import ShardSet, SlotResult
 from model.retrieval import QueryExpansion, alpha_qe
 
@@ -70,7 +76,11 @@ def merge_slots(results: Sequence[SlotResult], k: int) -> list[list[Hit]]:
 
 @serve.deployment
 class IndexShard:
-    """One slot of the index: its shards of each version it is asked for."""
+    """One slot of the index: its shards of each version it is asked for.
+
+    It starts on the served state (``INDEX/CURRENT``), follows that record from a thread
+    (every ``follow_s``: a new state is loaded beside the one served), and tells the router
+    what it holds after each look, so the router switches only once every replica can answer."""
 
     def __init__(
         self,
@@ -78,14 +88,43 @@ class IndexShard:
         slot: int,
         slots: int,
         *,
-        version: int,
         gpu: bool = False,
         threads: int | None = None,
+        follow_s: float = 1.0,
     ) -> None:
-
         use_reserved_threads(threads)
+        self.index, self.slot = index, slot
         self.shards = ShardSet(index, slot, slots, gpu=gpu)
-        self.shards.load(version)
+        self.shards.load(served_state(index).version)
+        self._replica = _replica_id()
+        self._router: Any = None
+        self._served: int | None = None  # the router's version: never evicted while served
+        self._stop = threading.Event()
+        self._follower = threading.Thread(
+            target=self._follow, args=(follow_s,), name="follow-current", daemon=True
+        )
+        self._follower.start()
+
+    def _follow(self, every_s: float) -> None:
+        while True:
+            try:
+                current, _ = read_current(self.index)
+                if current is not None and current.version not in self.shards.versions:
+                    keep = () if self._served is None else (self._served,)
+                    self.shards.load(current.version, keep=keep)
+                self._report()
+            except Exception as err:  # storage or router hiccup: look again next round
+                logger.warning("slot %d following %s: %s", self.slot, self.index, err)
+            if self._stop.wait(every_s):
+                return
+
+    def _report(self) -> None:
+        if self._router is None:
+            app = serve.get_replica_context().app_name
+            self._router = serve.get_deployment_handle("SearchRouter", app_name=app)
+        self._served = self._router.report.remote(
+            self.slot, self._replica, self.shards.versions
+        ).result(timeout_s=30)
 
     def search(self, queries: np.ndarray, k: int, version: int) -> SlotResult:
         return self.shards.search(queries, k, version)
@@ -94,12 +133,31 @@ class IndexShard:
         return self.shards.vectors(ids, version)
 
     def load(self, version: int) -> list[int]:
-        self.shards.load(version)
+        self.shards.load(version, keep=() if self._served is None else (self._served,))
         return self.shards.versions
 
     def pid(self) -> int:
         """The replica's process id (tests kill a replica by the id they were given)."""
         return os.getpid()
+
+    def held(self) -> dict[str, Any]:
+        """This replica, the versions it holds and how many a search had to load first."""
+        return {
+            "replica": self._replica,
+            "pid": os.getpid(),
+            "versions": self.shards.versions,
+            "loaded_on_demand": self.shards.loaded_on_demand,
+        }
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def _replica_id() -> str:
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # outside Serve (a plain actor): the process is the replica
+        return f"pid-{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -107,49 +165,132 @@ class _Query:
     vector: np.ndarray
     k: int
     qe: bool
+    version: int | None = None
+    """The version to answer from (a photo described with its network); ``None``: served."""
 
 
 @serve.deployment
 class SearchRouter:
-    """Fans batches of queries out to every slot and merges; owns the served version."""
+    """Fans batches of queries out to every slot and merges; follows the served state.
+
+    It starts on ``INDEX/CURRENT`` and looks at it every ``follow_s``; a new state is served
+    once every shard replica has reported holding its version (replicas report after each of
+    their own looks, and their count is checked against Serve's running replicas). A photo
+    is described with the network of the version it will be searched in, both read once."""
 
     def __init__(
         self,
         index: str,
         slots: list[Any],
-        version: int,
+        embedder: Any = None,
         *,
         qe: QueryExpansion,
         max_batch_size: int = 32,
         batch_wait_s: float = 0.005,
         retry_s: float = 60.0,
         watch_s: float = 0.0,
+        follow_s: float = 1.0,
+        switch_timeout_s: float = 300.0,
     ) -> None:
-        self.index, self.slots = index, slots
-        self.manifest = index_store.read_manifest(index, version)
+        self.index, self.slots, self.embedder = index, slots, embedder
+        self.state = served_state(index)
+        self.manifest = index_store.read_manifest(index, self.state.version)
         self.qe, self.retry_s = qe, retry_s
+        self.follow_s, self.watch_s, self.switch_timeout_s = follow_s, watch_s, switch_timeout_s
         # serve.batch types the method as a plain callable; the wrapper it returns has these.
         self._search_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self._search_batch.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
         self._reload_lock = asyncio.Lock()
-        self._watcher = (
-            asyncio.get_event_loop().create_task(self._watch(watch_s)) if watch_s else None
-        )
+        self._switch_lock = asyncio.Lock()
+        self._replicas: dict[str, tuple[int, tuple[int, ...], float]] = {}
+        self._follower = asyncio.get_event_loop().create_task(self._follow())
 
-    async def _watch(self, every_s: float) -> None:
-        """Serve each new complete version within ``every_s`` seconds of its publication."""
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                latest = await asyncio.to_thread(index_store.latest_version, self.index)
-                if latest is not None and latest > self.version:
-                    await self.reload(latest)
-            except Exception as err:  # a storage hiccup: keep serving, try again later
-                logger.warning("watching %s for new versions: %s", self.index, err)
+    # --- the served state ---------------------------------------------------------------------
 
     @property
     def version(self) -> int:
-        return int(self.manifest["version"])
+        return self.state.version
+
+    def report(self, slot: int, replica: str, held: list[int]) -> int:
+        """A shard replica's versions; answers the version served (which it must keep)."""
+        self._replicas[replica] = (int(slot), tuple(int(v) for v in held), time.monotonic())
+        return self.version
+
+    async def _follow(self) -> None:
+        """Serve ``CURRENT`` once every replica holds it; with ``watch_s``, promote each new
+        complete version as it appears."""
+        watched = time.monotonic()
+        while True:
+            await asyncio.sleep(self.follow_s)
+            try:
+                if self.watch_s and time.monotonic() - watched >= self.watch_s:
+                    watched = time.monotonic()
+                    latest = await asyncio.to_thread(index_store.latest_version, self.index)
+                    if latest is not None and latest > self.version:
+                        await asyncio.to_thread(promote, self.index, latest)
+                current, _ = await asyncio.to_thread(read_current, self.index)
+                changed = current is not None and not current.same_as(self.state)
+                if changed and current is not None and await self._all_hold(current.version):
+                    await self._switch(current)
+            except Exception as err:  # a storage hiccup: keep serving, look again later
+                logger.warning("following %s: %s", self.index, err)
+
+    async def _all_hold(self, version: int) -> bool:
+        """Whether every live shard replica of every slot reported holding ``version``."""
+        stale = max(10 * self.follow_s, 10.0)
+        now = time.monotonic()
+        live = [(s, held) for s, held, seen in self._replicas.values() if now - seen < stale]
+        running = await self._running()
+        for slot in range(len(self.slots)):
+            mine = [held for s, held in live if s == slot]
+            if not mine or any(version not in held for held in mine):
+                return False
+            if running is not None and len(mine) < running.get(slot, 0):
+                return False  # a running replica that has not reported yet
+        return True
+
+    async def _running(self) -> dict[int, int] | None:
+        """Running replicas of each slot's deployment, as Serve's controller counts them."""
+        try:
+            app = serve.get_replica_context().app_name
+            status = await asyncio.to_thread(serve.status)
+            deployments = status.applications[app].deployments
+            running = {}
+            for slot in range(len(self.slots)):
+                states: dict[Any, int] = dict(deployments[f"IndexShard{slot}"].replica_states)
+                running[slot] = int(states.get("RUNNING", 0))  # ReplicaState is a str enum
+            return running
+        except Exception:  # outside Serve, or names of one's own: the reports alone decide
+            return None
+
+    async def _switch(self, state: ServedState) -> None:
+        async with self._switch_lock:
+            if state.same_as(self.state):
+                return
+            found = await asyncio.to_thread(state_of, self.index, state.version)
+            if found.manifest_sha256 != state.manifest_sha256:
+                raise ValueError(
+                    f"CURRENT names v{state.version} with another manifest than it has now; "
+                    "not serving it (promote it again)"
+                )
+            manifest = await asyncio.to_thread(index_store.read_manifest, self.index, state.version)
+            if int(manifest["dim"]) != int(self.manifest["dim"]):
+                raise ValueError(
+                    f"v{state.version} has dimension {manifest['dim']}, the served "
+                    f"v{self.version} has {self.manifest['dim']}: serve it as another app"
+                )
+            previous = self.version
+            self.manifest, self.state = manifest, state
+            logger.info(
+                "now serving v%d (was v%d), CURRENT serial %d",
+                state.version,
+                previous,
+                state.serial,
+            )
+
+    def pid(self) -> int:
+        """The replica's process id (tests kill a replica by the id they were given)."""
+        return os.getpid()
 
     def info(self) -> dict[str, Any]:
         """What is served: version, dimension, vector count, shards and slots."""
@@ -163,11 +304,21 @@ class SearchRouter:
             "factory": m["factory"],
             "network": m.get("network"),
             "settings": m.get("settings", {}),
+            "serial": self.state.serial,
         }
 
     async def search(self, vector: np.ndarray, k: int, qe: bool = False) -> dict[str, Any]:
         """One query: ``{"version": v, "hits": [Hit, ...]}``, batched with others."""
         return await self._search_batch(_Query(np.asarray(vector, np.float32), int(k), bool(qe)))
+
+    async def search_photo(self, photo: bytes, k: int, qe: bool = False) -> dict[str, Any] | str:
+        """One photo: described with the network of the version served now, then searched in
+        that very version; or the reason it cannot be described (a string)."""
+        version = self.version  # read once: the network and the vectors of one state
+        vector = await self._call(self.embedder, "embed", photo, version)
+        if isinstance(vector, str):
+            return vector
+        return await self._search_batch(_Query(vector, int(k), bool(qe), version))
 
     async def search_many(
         self, vectors: np.ndarray, k: int, *, qe: bool = False, version: int | None = None
@@ -182,9 +333,16 @@ class SearchRouter:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _search_batch(self, queries: list[_Query]) -> list[dict[str, Any]]:
-        version = self.version  # read once: the whole batch is answered by one version
-        hits = await self._answer(queries, version)
-        return [{"version": version, "hits": h} for h in hits]
+        served = self.version  # read once: each query is answered by one version
+        by_version: dict[int, list[int]] = {}
+        for i, query in enumerate(queries):
+            by_version.setdefault(query.version or served, []).append(i)
+        out: list[dict[str, Any]] = [{} for _ in queries]
+        for version, rows in by_version.items():
+            hits = await self._answer([queries[i] for i in rows], version)
+            for i, h in zip(rows, hits, strict=True):
+                out[i] = {"version": version, "hits": h}
+        return out
 
     async def _answer(self, queries: list[_Query], version: int) -> list[list[Hit]]:
         q = np.stack([query.vector for query in queries])
@@ -218,31 +376,45 @@ class SearchRouter:
     async def _fan_out(self, method: str, *args: Any) -> list[Any]:
         return list(await asyncio.gather(*(self._call(slot, method, *args) for slot in self.slots)))
 
-    async def _call(self, slot: Any, method: str, *args: Any) -> Any:
+    async def _call(self, deployment: Any, method: str, *args: Any) -> Any:
+        """A call to a shard slot or the embedder, retried while Serve replaces a dead replica."""
         deadline = time.monotonic() + self.retry_s
         delay = 0.1
         while True:
             try:
-                return await getattr(slot, method).remote(*args)
+                return await getattr(deployment, method).remote(*args)
             except (RayActorError, ActorUnavailableError) as err:
                 if time.monotonic() > deadline:
                     raise
-                logger.warning("slot call %s failed (%s); retrying in %.1f s", method, err, delay)
+                logger.warning("call %s failed (%s); retrying in %.1f s", method, err, delay)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 2.0)
 
     async def reload(self, version: int | None = None) -> dict[str, Any]:
-        """Serve ``version`` (default: the newest complete one) once every slot holds it."""
+        """Serve ``version`` (default: the newest complete one): written to ``CURRENT``, then
+        served once every shard replica holds it. ``TimeoutError`` when they do not within
+        ``switch_timeout_s`` (the service answers from the old version until they do)."""
         async with self._reload_lock:
-            manifest = index_store.read_manifest(self.index, version)
+            manifest = await asyncio.to_thread(index_store.read_manifest, self.index, version)
             new, old = int(manifest["version"]), self.version
             if int(manifest["dim"]) != int(self.manifest["dim"]):
                 raise ValueError(
                     f"v{new} has dimension {manifest['dim']}, the served v{old} has "
                     f"{self.manifest['dim']}: serve it as another app"
                 )
-            if new != old:
-                await self._fan_out("load", new)
-                self.manifest = manifest
-                logger.info("now serving v%d (was v%d)", new, old)
+            state = await asyncio.to_thread(promote, self.index, new)
+            if not state.same_as(self.state):
+                await self._fan_out("load", new)  # one replica a slot now; the rest follow
+                deadline = time.monotonic() + self.switch_timeout_s
+                while not state.same_as(self.state):
+                    if await self._all_hold(new):
+                        await self._switch(state)
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"not every shard replica holds v{new} after "
+                            f"{self.switch_timeout_s:.0f} s; v{old} is still served, and v{new} "
+                            "will be once they do"
+                        )
+                    await asyncio.sleep(0.05)
             return {"version": new, "previous": old}

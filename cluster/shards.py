@@ -9,7 +9,9 @@ merges the slots the same way: the result is that of one unsharded index, ties i
 
 Versions. A slot may hold two versions at once (the one being served and the next, during a
 reload), so that a query is answered wholly by the version it was sent to. Shard files that a
-newer version shares with an older one (``v2`` lists ``v1``'s shards) are loaded once. A query
+newer version shares with an older one (``v2`` lists ``v1``'s shards) are loaded once, and each
+search passes its own version's settings (``nprobe``) to FAISS with the call, so a shared file
+answers each version as that version's manifest says. A query
 for a version the slot does not hold loads it first (a restarted replica, a replica that missed
 the reload's warm-up call): slow once, never wrong.
 
@@ -208,14 +210,15 @@ class DeviceIndex:
     def on_gpu(self) -> bool:
         return self._device is not None
 
-    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, x: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """``params``: FAISS search parameters of this call (``None``: the index's own)."""
         if self._device is not None and k <= GPU_MAX_K:
             with self._lock:
                 # read again under the lock: release() may have dropped it while this waited;
                 # no reference to the clone outlives the lock (its destructor frees GPU memory)
                 if self._device is not None:
-                    return self._device.search(x, k)
-        return self.cpu.search(x, k)
+                    return index_store.faiss_search(self._device, x, k, params=params)
+        return index_store.faiss_search(self.cpu, x, k, params=params)
 
     def reconstruct_batch(self, labels: np.ndarray) -> np.ndarray:
         return self.cpu.reconstruct_batch(labels)
@@ -266,8 +269,12 @@ class Loaded:
     index: DeviceIndex
     id_map: index_store.IdMap
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, labels = index_store.shard_topk(self.index, queries, k)
+    def search(
+        self, queries: np.ndarray, k: int, *, params: Mapping[str, Any] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` with the search settings ``params`` (``{"nprobe": 16}``) of this call."""
+        faiss_params = index_store.search_parameters(self.index.cpu, params or {})
+        scores, labels = index_store.shard_topk(self.index, queries, k, params=faiss_params)
         return scores, self.id_map.global_ids(labels)
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
@@ -277,12 +284,17 @@ class Loaded:
 
 
 def search_parts(
-    parts: Sequence[Loaded], queries: np.ndarray, k: int
+    parts: Sequence[Loaded],
+    queries: np.ndarray,
+    k: int,
+    *,
+    params: Mapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The canonical top ``k`` over ``parts`` (scores, global ids): each shard's
-    :func:`~cluster.index_store.shard_topk`, merged by :func:`~cluster.index_store.merge_topk`."""
+    :func:`~cluster.index_store.shard_topk` with the search settings ``params``, merged by
+    :func:`~cluster.index_store.merge_topk`."""
     q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
-    found = [part.search(q, k) for part in parts]
+    found = [part.search(q, k, params=params) for part in parts]
     return index_store.merge_topk([f[0] for f in found], [f[1] for f in found], k)
 
 
@@ -309,14 +321,18 @@ class ShardSet:
         self._files: dict[str, Loaded] = {}  # shard file → loaded, shared between versions
         self._lock = threading.Lock()
         self._device: GpuDevice | None = None  # made at the first shard that goes to the GPU
+        self.loaded_on_demand = 0
+        """Versions a search had to load first (none when the replica followed the state)."""
 
     @property
     def versions(self) -> list[int]:
         """The versions held now, oldest first."""
         return list(self._versions)
 
-    def load(self, version: int | None = None) -> int:
-        """Hold ``version`` (default: the newest complete one); returns its number."""
+    def load(self, version: int | None = None, *, keep: Sequence[int] = ()) -> int:
+        """Hold ``version`` (default: the newest complete one); returns its number. The oldest
+        versions beyond ``keep_versions`` are let go, except those in ``keep`` (the one being
+        served while the next is loaded)."""
         with self._lock:
             manifest = index_store.read_manifest(self.index, version)
             number = int(manifest["version"])
@@ -333,9 +349,17 @@ class ShardSet:
                     self._files[entry["file"]] = loaded
                 if loaded.index.ntotal:
                     parts.append(loaded)
-            self._versions[number] = {"manifest": manifest, "parts": parts}
-            while len(self._versions) > self.keep_versions:
-                self._versions.popitem(last=False)
+            params = (
+                manifest.get("search_params") or {}
+                if self.search_params is None
+                else self.search_params
+            )
+            self._versions[number] = {"manifest": manifest, "parts": parts, "params": params}
+            for old in list(self._versions):
+                if len(self._versions) <= self.keep_versions:
+                    break
+                if old != number and old not in keep:
+                    del self._versions[old]
             used = {
                 entry["file"]
                 for held in self._versions.values()
@@ -381,6 +405,7 @@ class ShardSet:
                 self.load()
             version = next(reversed(self._versions))
         if version not in self._versions:
+            self.loaded_on_demand += 1
             self.load(version)
         return self._versions[version]
 
@@ -397,7 +422,7 @@ class ShardSet:
                 image_ids=np.full((n, k), None, dtype=object),
                 version=int(manifest["version"]),
             )
-        scores, ids = search_parts(parts, q, k)
+        scores, ids = search_parts(parts, q, k, params=held["params"])
         return SlotResult(
             scores=scores,
             ids=ids,

@@ -30,6 +30,7 @@ __all__ = [
     "MODEL_FILE",
     "WHITENING_FILE",
     "Checkpoint",
+    "copy",
     "identity",
     "is_checkpoint",
     "load",
@@ -169,6 +170,27 @@ def save(
     }
     storage.write_text(meta_uri, json.dumps(meta, indent=2, sort_keys=True, default=str))
     return found
+
+
+def copy(source: str, dest: str, *, identity: str) -> None:
+    """Copy the checkpoint at ``source`` to ``dest`` (``meta.json`` last), byte for byte, if its
+    files are the checkpoint ``identity`` names; ``ValueError`` when they are not (it was trained
+    again or replaced since)."""
+    base = str(source).rstrip("/")
+    meta = storage.read_bytes(storage.join(base, META_FILE))
+    weights = storage.read_bytes(storage.join(base, MODEL_FILE))
+    lw_uri = storage.join(base, WHITENING_FILE)
+    lw_bytes = storage.read_bytes(lw_uri) if storage.is_file(lw_uri) else None
+    found = _content_identity(weights, lw_bytes)
+    if found != identity:
+        raise ValueError(
+            f"the checkpoint at {base} is no longer the network {identity} (its files hash to "
+            f"{found}): it was trained again or replaced since; describe the photos again"
+        )
+    storage.write_bytes(storage.join(dest, MODEL_FILE), weights)
+    if lw_bytes is not None:
+        storage.write_bytes(storage.join(dest, WHITENING_FILE), lw_bytes)
+    storage.write_bytes(storage.join(dest, META_FILE), meta)
 
 
 def network_meta_json(meta: NetworkMeta) -> dict[str, Any]:

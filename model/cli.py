@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import tyro
 
 from model import storage
+from model.records import LeaseHeld, LeaseLost
 from model.settings import checks_deferred, raise_problems
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
 
 Conf = TypeVar("Conf")
 
-USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)
+USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, LeaseHeld, LeaseLost)
 
 
 class FlatFlags:

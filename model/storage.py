@@ -31,6 +31,7 @@ from typing import Any
 from pyarrow import fs as pafs
 
 __all__ = [
+    "AWS_SETTINGS",
     "arrow_filesystem",
     "bucket_problem",
     "exists",
@@ -75,7 +76,7 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
     return text
 
 
-_AWS_SETTINGS = (
+AWS_SETTINGS = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_REGION",
@@ -98,7 +99,7 @@ def _remote(uri: str) -> tuple[Any, str]:
     if "?" in rest:  # options in the URI: a filesystem of their own, never shared
         return _from_uri(uri)
     bucket, _, key = rest.partition("/")
-    settings = (os.environ.get(name, "") for name in _AWS_SETTINGS)
+    settings = (os.environ.get(name, "") for name in AWS_SETTINGS)
     cache_key = (scheme, bucket, str(os.getpid()), *settings)  # a forked child makes its own
     with _filesystems_lock:
         filesystem = _filesystems.get(cache_key)

@@ -68,7 +68,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from cluster import index_store
+from cluster import index_store, served
 from cluster.resources import check_schedulable, node_local_problems, use_reserved_threads
 from model import storage, tables
 from model.cli import MEMORY_UNITS, log_settings, parse_memory, run_cli
@@ -79,6 +79,7 @@ from model.descriptors import (
     read_vectors,
     scan_descriptors_checked,
 )
+from model.records import Lease
 
 __all__ = [
     "FLAT_MAX",
@@ -96,6 +97,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+BUILDING = "BUILDING"
+"""The lease of the build under way (:class:`model.records.Lease`), under the index."""
+NETWORKS = "networks"
+"""Where the checkpoints the index's versions were described with are pinned."""
 
 FLAT_MAX = 100_000
 """``auto`` uses exact (Flat) search up to this many vectors: a query costs N x dim
@@ -152,8 +158,15 @@ class IndexConf:
     """CPUs the training task (k-means, OPQ) and the nprobe tuning task ask Ray for, and the
     FAISS threads they use."""
     overwrite: bool = False
-    """Replace an index made with another factory or network: its versions are removed and
-    the build starts again at v1 (else the run stops and says what changed)."""
+    """Index every descriptor again as the next version when the factory or the network
+    changed (a full re-index, trained anew; else the run stops and says what changed). The
+    earlier versions stay, so a service switches to the new one whole."""
+    promote: bool = True
+    """Make the new version the one the search service answers from (INDEX/CURRENT);
+    --no-promote publishes it for a later POST /reload."""
+    lock_wait_s: float = 0.0
+    """How long to wait for another build of the same index to finish (0: stop at once,
+    naming it)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,9 +674,12 @@ class _Inputs:
     descriptors: tables.Manifest
     """The descriptors' manifest: this version's input."""
     parent: dict[str, Any] | None
-    """The latest version's details (``index_store.read_manifest``); ``None``: no index yet."""
+    """The latest version's details (``index_store.read_manifest``); ``None``: no index yet,
+    or a full re-index."""
     factory: str
     """The factory in use: the given one, or auto's (the index's own once it has a version)."""
+    follows: int = 0
+    """The newest version before this build (the new one is numbered after it)."""
 
     @property
     def network(self) -> dict[str, Any]:
@@ -778,20 +794,24 @@ def _plan(conf: IndexConf, output: str, inputs: _Inputs, *, settings: dict[str, 
 
 
 def _start_anew(conf: IndexConf, output: str, inputs: _Inputs) -> _Inputs:
-    """``--overwrite`` of an index made with other settings: every version is removed (each
-    marker first, so a reader never sees half of one) and the build starts again at v1, with
-    auto's choice for these descriptors."""
-    logger.info("replacing the index at %s (--overwrite): starting again from v1", output)
-    for version in reversed(index_store.list_versions(output)):
-        tables.INDEX_VERSION.unpublish(storage.join(output, index_store.version_dir(version)))
-    storage.remove(output)
+    """``--overwrite`` of an index made with other settings: every descriptor is indexed
+    again, trained anew, as the next version (sharing nothing with the earlier ones, which stay
+    for the service that reads them), with auto's choice for these descriptors."""
+    assert inputs.parent is not None
+    follows = int(inputs.parent["version"])
+    logger.info(
+        "re-indexing everything at %s as v%d (--overwrite: other settings than v%d)",
+        output,
+        follows + 1,
+        follows,
+    )
     desc = inputs.desc
     factory = conf.factory
     if factory == "auto":
         factory = choose_factory(
             len(desc.image_ids), desc.dim, conf.max_memory, flat_max=conf.flat_max
         )
-    return _Inputs(desc, inputs.descriptors, None, factory)
+    return _Inputs(desc, inputs.descriptors, None, factory, follows=follows)
 
 
 @dataclass
@@ -896,7 +916,7 @@ def _new_rows(conf: IndexConf, output: str, inputs: _Inputs) -> _Build | None:
         file=desc.file[order],
         row=desc.row[order],
         id_start=int(parent["count"]) if parent else 0,
-        version=int(parent["version"]) + 1 if parent else 1,
+        version=int(parent["version"]) + 1 if parent else inputs.follows + 1,
         bounds=np.linspace(0, len(order), shards + 1).round().astype(int),
     )
 
@@ -1036,11 +1056,43 @@ def run(conf: IndexConf) -> str:
     """Index the descriptors at ``conf.output``; returns the URI of the version that holds them.
 
     The latest version as it is when it already indexed these descriptors with these settings,
-    or when they hold nothing new; else the next version (v1 of a new index).
+    or when they hold nothing new; else the next version (v1 of a new index). One build of an
+    index runs at a time (a lease at ``OUTPUT/BUILDING``): another one waits up to
+    ``--lock-wait-s``, then stops naming the build under way.
     """
     started = time.perf_counter()
     output = tables.resolve(conf.output)
-    inputs = _validate(conf, output)
+    inputs = _validate(conf, output)  # nothing is written before it passes
+    lease = Lease(storage.join(output, BUILDING), what=f"a build of the index at {output}")
+    lease.acquire(wait_s=conf.lock_wait_s)
+    try:
+        if _latest(output) != (inputs.parent or {}).get("version"):
+            inputs = _validate(conf, output)  # another build published while this one waited
+        uri = _run_alone(conf, output, inputs, started=started, lease=lease)
+    finally:
+        lease.release()
+    if conf.promote:
+        state = served.promote(output, _version_of(uri))
+        logger.info("served state: v%d (CURRENT serial %d)", state.version, state.serial)
+    return uri
+
+
+def _version_of(uri: str) -> int:
+    """The number of the version at ``uri`` (``.../v3`` → 3)."""
+    return int(uri.rstrip("/").rsplit("/", 1)[-1].removeprefix("v"))
+
+
+def _latest(output: str) -> int | None:
+    try:
+        return index_store.latest_version(output)
+    except (OSError, ValueError):
+        return None
+
+
+def _run_alone(
+    conf: IndexConf, output: str, inputs: _Inputs, *, started: float, lease: Lease
+) -> str:
+    """:func:`run` while holding the index's lease."""
     log_settings(logger, "index", conf)
     _log_read(inputs.desc, time.perf_counter() - started)
     settings = content_settings(inputs.factory, inputs.network)
@@ -1061,6 +1113,7 @@ def run(conf: IndexConf) -> str:
         return uri
     made = _make(build, seconds={"read": time.perf_counter() - started})
     made.seconds["total"] = time.perf_counter() - started
+    lease.check()
     return _publish(build, made, settings)
 
 
@@ -1167,7 +1220,7 @@ def _details(build: _Build, made: _Made) -> dict[str, Any]:
         "stored_bytes": sum(int(s["bytes"]) for s in all_shards),
         "trained": made.trained,
         "shards": all_shards,
-        "network": desc.manifest.get("network"),
+        "network": _pinned_network(build.output, desc.manifest.get("network")),
         "settings": desc.manifest.get("settings", {}),
         "descriptors": descriptors,
         "history": [*((parent or {}).get("history") or []), _history_entry(build, descriptors)],
@@ -1180,6 +1233,24 @@ def _details(build: _Build, made: _Made) -> dict[str, Any]:
         },
         "config": asdict(build.conf),
     }
+
+
+def _pinned_network(output: str, network: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The descriptors' network, pinned: a checkpoint is copied into the index
+    (``NETWORKS/<identity>``, shared by the versions that use it) and named there by
+    ``pinned``, so the service describes queries with exactly the network of the vectors it
+    searches, whatever happens to the checkpoint later. Packaged weights are named already."""
+    if not network or not network.get("checkpoint") or not network.get("identity"):
+        return network
+    from model import checkpoint  # torch: only for indexes of a trained network
+
+    identity = str(network["identity"])
+    pinned = f"{NETWORKS}/{identity}"
+    target = storage.join(output, pinned)
+    if not checkpoint.is_checkpoint(target):
+        checkpoint.copy(str(network["checkpoint"]), target, identity=identity)
+        logger.info("pinned the network %s into %s", identity, target)
+    return {**network, "pinned": pinned}
 
 
 def _history_entry(build: _Build, descriptors: dict[str, Any]) -> dict[str, Any]:

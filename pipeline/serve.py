@@ -2,14 +2,17 @@
 
     python -m pipeline.serve --index OUT/index [--host 127.0.0.1] [--port 8000]
 
-Serves the newest complete version of ``INDEX`` (a folder or ``s3://`` prefix written by
-``pipeline.index``) as one Serve application of four kinds of deployment:
+Serves the index at ``INDEX`` (a folder or ``s3://`` prefix written by ``pipeline.index``) in
+the state its ``CURRENT`` record names (:mod:`cluster.served`: the version, its manifest and its
+network; made from the newest complete version when absent), following that record as the
+index stage publishes versions and ``POST /reload`` promotes them, as one Serve application of
+four kinds of deployment:
 
 - ``IndexShard`` (``cluster.router``), one per slot: slot ``i`` of ``--slots`` holds the
   shards ``number % slots == i`` of each version (default: a slot per shard), with
   ``--replicas`` replicas each, on CPU FAISS or, with ``--gpus-per-shard``, GPU FAISS;
-- ``SearchRouter``: batches queries (``@serve.batch``), fans them out, merges, αQE, and owns
-  the served version (``POST /reload``);
+- ``SearchRouter``: batches queries (``@serve.batch``), fans them out, merges, αQE, and
+  switches to a new served state once every shard replica holds it (``POST /reload``);
 - ``Embedder``: photo bytes → a descriptor with the index's own network and settings (a
   network whose identity is not the one the descriptors recorded is refused before anything
   starts);
@@ -36,7 +39,7 @@ import ray
 import yaml
 from ray import serve
 
-from cluster import index_store
+from cluster import index_store, served
 from cluster.app import SearchApp
 from cluster.embedder import Embedder, network_problem
 from cluster.resources import node_local_problems, on_a_cluster
@@ -62,7 +65,8 @@ class ServeConf(FlatFlags):
     host: str = "127.0.0.1"
     port: int = 8000
     version: int | None = None
-    """Version to serve first (default: the newest complete one)."""
+    """Version to serve: made the served state (INDEX/CURRENT) before the service starts
+    (default: the one CURRENT names, or the newest complete one when the index has none)."""
     slots: int | None = None
     """Shard deployments (default: one per shard of the version served first)."""
     replicas: int = 1
@@ -94,8 +98,14 @@ class ServeConf(FlatFlags):
     """αQE of a query asked with qe=true (flags --qe-k, --qe-alpha)."""
     max_body_mb: float = 20.0
     watch_s: float = 0.0
-    """Look for a newer complete index version every this many seconds and serve it
-    (0: only when told, by POST /reload)."""
+    """Also promote every newer complete index version within this many seconds of its
+    publication (for versions published with --no-promote; 0: off)."""
+    follow_s: float = 1.0
+    """How often every replica reads the served state (INDEX/CURRENT): a version the index
+    stage publishes is served within about this long once every replica has loaded it."""
+    switch_timeout_s: float = 300.0
+    """How long POST /reload waits for every shard replica to load the version before it
+    answers 503 (the old version is served until they have)."""
     detach: bool = False
     """Return once the app is up instead of serving until interrupted."""
     write_config: str | None = None
@@ -124,6 +134,10 @@ def _flag_problems(conf: ServeConf) -> list[str]:
         problems.append("--qe-k must be at least 1 (queries ask for αQE with qe=true)")
     if conf.watch_s < 0:
         problems.append("--watch-s must be 0 (off) or a positive number of seconds")
+    if conf.follow_s <= 0:
+        problems.append("--follow-s must be a positive number of seconds")
+    if conf.switch_timeout_s <= 0:
+        problems.append("--switch-timeout-s must be a positive number of seconds")
     if not 0 < conf.port < 65536:
         problems.append(f"--port {conf.port} is not a port")
     return problems
@@ -139,13 +153,21 @@ def _index_problems(conf: ServeConf) -> tuple[dict[str, Any], list[str]]:
     if local:
         return {}, local
     try:
-        manifest = index_store.read_manifest(conf.index, conf.version)
+        manifest = index_store.read_manifest(conf.index, _version_to_serve(conf))
     except (FileNotFoundError, ValueError) as err:
         return {}, [f"--index: {err}"]
     if not manifest.get("network"):
         return manifest, [f"--index: {conf.index} names no network, so photos cannot be described"]
     problem = network_problem(manifest["network"], manifest.get("settings", {}))
     return manifest, [f"--index: {problem}"] if problem else []
+
+
+def _version_to_serve(conf: ServeConf) -> int | None:
+    """``--version``, else the one ``CURRENT`` names (``None``: the newest complete one)."""
+    if conf.version is not None:
+        return conf.version
+    current, _ = served.read_current(conf.index)
+    return current.version if current is not None else None
 
 
 def deployment_options(
@@ -216,7 +238,10 @@ def build_app(conf: ServeConf) -> Any:
     """The bound Serve application, for ``serve.run``."""
     conf = _resolved(conf)
     manifest = _check(conf)
-    version = int(manifest["version"])
+    if conf.version is not None:
+        served.promote(conf.index, int(manifest["version"]))
+    else:
+        served.served_state(conf.index)  # CURRENT made from the newest version when absent
     slots = _slots(conf, manifest)
     options = deployment_options(conf, manifest, multi_node=on_a_cluster())
     shard_handles = [
@@ -224,26 +249,28 @@ def build_app(conf: ServeConf) -> Any:
             conf.index,
             slot,
             slots,
-            version=version,
             gpu=conf.gpus_per_shard > 0,
             threads=conf.threads_per_shard,
+            follow_s=conf.follow_s,
         )
         for slot in range(slots)
     ]
+    embedder = Embedder.options(**options["Embedder"]).bind(
+        conf.index, max_batch_size=conf.embed_batch_size
+    )
     router = SearchRouter.options(**options["SearchRouter"]).bind(
         conf.index,
         shard_handles,
-        version,
+        embedder,
         qe=conf.qe,
         max_batch_size=conf.max_batch_size,
         batch_wait_s=conf.batch_wait_s,
         watch_s=conf.watch_s,
-    )
-    embedder = Embedder.options(**options["Embedder"]).bind(
-        manifest["network"], manifest.get("settings", {}), max_batch_size=conf.embed_batch_size
+        follow_s=conf.follow_s,
+        switch_timeout_s=conf.switch_timeout_s,
     )
     return SearchApp.options(**options["SearchApp"]).bind(
-        router, embedder, conf.index, max_body_bytes=int(conf.max_body_mb * 2**20)
+        router, conf.index, max_body_bytes=int(conf.max_body_mb * 2**20)
     )
 
 

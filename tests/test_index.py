@@ -309,7 +309,7 @@ def test_new_descriptors_make_the_next_version(ray_session, tied, tmp_path: Path
         run(IndexConf(descriptors=short, output=out))
 
 
-def test_another_factory_stops_unless_overwrite_starts_anew(ray_session, tied, tmp_path) -> None:
+def test_another_factory_stops_unless_overwrite_indexes_anew(ray_session, tied, tmp_path) -> None:
     out = str(tmp_path / "idx")
     d1 = write_descriptors(str(tmp_path / "d1"), _ids(0, 900), tied[:900], network=NETWORK)
     run(IndexConf(descriptors=d1, output=out, shards=2))
@@ -326,21 +326,26 @@ def test_another_factory_stops_unless_overwrite_starts_anew(ray_session, tied, t
     # The same factory spelled out is no change: the new rows make v2.
     assert run(IndexConf(descriptors=d2, output=out, factory="Flat")).endswith("v2")
 
+    # --overwrite: everything indexed again, trained anew, as the next version; the earlier
+    # versions stay whole for a service that still reads them
     replaced = run(IndexConf(descriptors=d2, output=out, factory="IVF8,Flat", overwrite=True))
-    assert replaced == f"{out}/v1" and index_store.list_versions(out) == [1]
-    v1 = index_store.read_manifest(out)
-    assert v1["factory"] == "IVF8,Flat" and v1["count"] == 1200 and v1["parent"] is None
-    assert [h["version"] for h in v1["history"]] == [1]
+    assert replaced == f"{out}/v3" and index_store.list_versions(out) == [1, 2, 3]
+    v3 = index_store.read_manifest(out)
+    assert v3["factory"] == "IVF8,Flat" and v3["count"] == 1200 and v3["parent"] is None
+    assert all(s["file"].startswith("v3/") for s in v3["shards"])
+    assert v3["trained"]["file"] == "v3/trained.faiss"
+    assert [h["version"] for h in v3["history"]] == [3]
     result = index_store.search(out, tied[:16], 1, search_params={"nprobe": 8})
     assert result.ids[:, 0].tolist() == _exact(tied, tied[:16], 1)[1][:, 0].tolist()
+    assert index_store.read_manifest(out, 2)["factory"] == "Flat"  # still readable
 
     # Unchanged descriptors and settings: nothing to do, with or without --overwrite.
-    manifest = tmp_path / "idx" / "v1" / "manifest.json"
+    manifest = tmp_path / "idx" / "v3" / "manifest.json"
     written = manifest.stat().st_mtime_ns
     for overwrite in (False, True):
         again = IndexConf(descriptors=d2, output=out, factory="IVF8,Flat", overwrite=overwrite)
-        assert run(again) == f"{out}/v1"
-    assert manifest.stat().st_mtime_ns == written and index_store.list_versions(out) == [1]
+        assert run(again) == f"{out}/v3"
+    assert manifest.stat().st_mtime_ns == written and index_store.list_versions(out) == [1, 2, 3]
 
 
 def test_another_network_says_what_to_do(ray_session, tied, tmp_path) -> None:
@@ -354,8 +359,9 @@ def test_another_network_says_what_to_do(ray_session, tied, tmp_path) -> None:
     text = str(caught.value)
     assert len(text.splitlines()) == 1, text
     assert "mixed networks" in text and "another" in text and "--overwrite" in text
-    assert run(IndexConf(descriptors=d2, output=out, overwrite=True)) == f"{out}/v1"
+    assert run(IndexConf(descriptors=d2, output=out, overwrite=True)) == f"{out}/v2"
     assert index_store.read_manifest(out)["network"]["identity"] == "another"
+    assert index_store.read_manifest(out, 1)["network"].get("identity") is None
 
 
 def test_ivf_versions_share_the_trained_quantizer(ray_session, monkeypatch, tmp_path) -> None:

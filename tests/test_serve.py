@@ -336,10 +336,11 @@ def test_reload_under_load_answers_wholly_from_one_version(service, vectors):
     queries = vectors[:ADDED:10]  # each has a new v2 vector right beside it
     k = 5
     want = {1: index_store.search(root, queries, k, version=1).image_ids.tolist()}
-    assert build_index(IndexConf(descriptors=every, output=root, shards=2)).endswith("v2")
+    staged = IndexConf(descriptors=every, output=root, shards=2, promote=False)
+    assert build_index(staged).endswith("v2")
     want[2] = index_store.search(root, queries, k, version=2).image_ids.tolist()
     assert all(a != b for a, b in zip(want[1], want[2], strict=True))
-    assert client.health()["version"] == 1  # publishing alone changes nothing served
+    assert client.health()["version"] == 1  # published with --no-promote: not served yet
 
     answers, errors, stop = [], [], threading.Event()
     args = (client, queries, k, answers, errors, stop)
@@ -459,7 +460,7 @@ def test_watching_serves_a_new_version_by_itself(service, vectors):
     desc = write_descriptors(
         str(tmp / "d3"), _ids(len(vectors), len(vectors) + 10), more, network=NETWORK
     )
-    published = build_index(IndexConf(descriptors=desc, output=root, shards=1))
+    published = build_index(IndexConf(descriptors=desc, output=root, shards=1, promote=False))
     assert published.endswith(f"v{before + 1}")
     deadline = time.monotonic() + 60
     while client.health()["version"] != before + 1:
