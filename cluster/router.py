@@ -1,13 +1,14 @@
 """The search shard pool and its router: Ray Serve deployments over :mod:`cluster.shards`.
 
 ``IndexShard`` is one slot of the index (``cluster.shards.ShardSet``): a deployment per slot,
-each with as many replicas as configured, on CPU or GPU FAISS. ``SearchRouter`` takes batches
-of query vectors (``@serve.batch``), sends each batch to every slot with the version it is
-serving, merges the slots' canonical top k (largest inner product first, lower id first on
-ties: the result of one unsharded index) and drops the empty places. With ``qe`` it expands a
-query by αQE: the vectors of its ``qe_k`` nearest neighbours are fetched from the slots and
-:func:`model.retrieval.alpha_qe` combines them exactly as it does over a whole matrix, then
-the expanded query is searched again.
+each with as many replicas as configured (or as Serve's autoscaler starts), on CPU or GPU
+FAISS. ``SearchRouter`` takes batches of query vectors (``@serve.batch``, up to
+``concurrent_batches`` in flight at once so that a slot's replicas share the work), sends each
+batch to every slot with the version it is serving, merges the slots' canonical top k (largest
+inner product first, lower id first on ties: the result of one unsharded index) and drops the
+empty places. With ``qe`` it expands a query by αQE: the vectors of its ``qe_k`` nearest
+neighbours are fetched from the slots and :func:`model.retrieval.alpha_qe` combines them
+exactly as it does over a whole matrix, then the expanded query is searched again.
 
 Reload. The router alone decides which version is served. ``reload`` first has every slot load
 the new version beside the old one, then switches; a batch reads the version once and sends
@@ -122,15 +123,19 @@ class SearchRouter:
         qe: QueryExpansion,
         max_batch_size: int = 32,
         batch_wait_s: float = 0.005,
+        concurrent_batches: int = 1,
         retry_s: float = 60.0,
         watch_s: float = 0.0,
     ) -> None:
         self.index, self.slots = index, slots
         self.manifest = index_store.read_manifest(index, version)
         self.qe, self.retry_s = qe, retry_s
-        # serve.batch types the method as a plain callable; the wrapper it returns has these.
-        self._search_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
-        self._search_batch.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
+        # Batches in flight at once: with one, a slot's replicas would take turns.
+        self._search_batch = serve.batch(
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_s,
+            max_concurrent_batches=concurrent_batches,
+        )(self._answer_batch)
         self._reload_lock = asyncio.Lock()
         self._watcher = (
             asyncio.get_event_loop().create_task(self._watch(watch_s)) if watch_s else None
@@ -180,8 +185,8 @@ class SearchRouter:
         hits = await self._answer(queries, int(manifest["version"]))
         return {"version": int(manifest["version"]), "hits": hits}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _search_batch(self, queries: list[_Query]) -> list[dict[str, Any]]:
+    async def _answer_batch(self, queries: list[_Query]) -> list[dict[str, Any]]:
+        """A batch of queries (``self._search_batch`` gathers them), answered by one version."""
         version = self.version  # read once: the whole batch is answered by one version
         hits = await self._answer(queries, version)
         return [{"version": version, "hits": h} for h in hits]
