@@ -1,13 +1,14 @@
 """The search shard pool and its router: Ray Serve deployments over :mod:`cluster.shards`.
 
 ``IndexShard`` is one slot of the index (``cluster.shards.ShardSet``): a deployment per slot,
-each with as many replicas as configured, on CPU or GPU FAISS. ``SearchRouter`` takes batches
-of query vectors (``@serve.batch``), sends each batch to every slot with the version it is
-serving, merges the slots' canonical top k (largest inner product first, lower id first on
-ties: the result of one unsharded index) and drops the empty places. With ``qe`` it expands a
-query by αQE: the vectors of its ``qe_k`` nearest neighbours are fetched from the slots and
-:func:`model.retrieval.alpha_qe` combines them exactly as it does over a whole matrix, then
-the expanded query is searched again.
+each with as many replicas as configured (or as Serve's autoscaler starts), on CPU or GPU
+FAISS. ``SearchRouter`` takes batches of query vectors (``@serve.batch``, up to
+``concurrent_batches`` in flight at once so that a slot's replicas share the work), sends each
+batch to every slot with the version it is serving, merges the slots' canonical top k (largest
+inner product first, lower id first on ties: the result of one unsharded index) and drops the
+empty places. With ``qe`` it expands a query by αQE: the vectors of its ``qe_k`` nearest
+neighbours are fetched from the slots and :func:`model.retrieval.alpha_qe` combines them
+exactly as it does over a whole matrix, then the expanded query is searched again.
 
 The served state. ``INDEX/CURRENT`` (:mod:`cluster.served`) names the version served, its
 manifest and its network; the index stage writes it when it publishes, ``reload`` when asked.
@@ -187,6 +188,7 @@ class SearchRouter:
         qe: QueryExpansion,
         max_batch_size: int = 32,
         batch_wait_s: float = 0.005,
+        concurrent_batches: int = 1,
         retry_s: float = 60.0,
         watch_s: float = 0.0,
         follow_s: float = 1.0,
@@ -197,9 +199,12 @@ class SearchRouter:
         self.manifest = index_store.read_manifest(index, self.state.version)
         self.qe, self.retry_s = qe, retry_s
         self.follow_s, self.watch_s, self.switch_timeout_s = follow_s, watch_s, switch_timeout_s
-        # serve.batch types the method as a plain callable; the wrapper it returns has these.
-        self._search_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
-        self._search_batch.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
+        # Batches in flight at once: with one, a slot's replicas would take turns.
+        self._search_batch = serve.batch(
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_s,
+            max_concurrent_batches=concurrent_batches,
+        )(self._answer_batch)
         self._reload_lock = asyncio.Lock()
         self._switch_lock = asyncio.Lock()
         self._replicas: dict[str, tuple[int, tuple[int, ...], float]] = {}
@@ -331,9 +336,10 @@ class SearchRouter:
         hits = await self._answer(queries, int(manifest["version"]))
         return {"version": int(manifest["version"]), "hits": hits}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _search_batch(self, queries: list[_Query]) -> list[dict[str, Any]]:
-        served = self.version  # read once: each query is answered by one version
+    async def _answer_batch(self, queries: list[_Query]) -> list[dict[str, Any]]:
+        """A batch of queries (``self._search_batch`` gathers them): each answered by one
+        version, its own (a photo's) or the one served, read once for the batch."""
+        served = self.version
         by_version: dict[int, list[int]] = {}
         for i, query in enumerate(queries):
             by_version.setdefault(query.version or served, []).append(i)

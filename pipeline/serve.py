@@ -10,20 +10,22 @@ four kinds of deployment:
 
 - ``IndexShard`` (``cluster.router``), one per slot: slot ``i`` of ``--slots`` holds the
   shards ``number % slots == i`` of each version (default: a slot per shard), with
-  ``--replicas`` replicas each, on CPU FAISS or, with ``--gpus-per-shard``, GPU FAISS;
-- ``SearchRouter``: batches queries (``@serve.batch``), fans them out, merges, αQE, and
-  switches to a new served state once every shard replica holds it (``POST /reload``);
-- ``Embedder``: photo bytes → a descriptor with the index's own network and settings (a
-  network whose identity is not the one the descriptors recorded is refused before anything
-  starts);
+  ``--replicas`` replicas each (with ``--max-replicas``, as many as Serve's autoscaler starts
+  under load, up to that), on CPU FAISS or, with ``--gpus-per-shard``, GPU FAISS;
+- ``SearchRouter``: batches queries (``@serve.batch``, enough batches in flight to keep every
+  shard replica busy), fans them out, merges, αQE, and switches to a new served state once
+  every shard replica holds it (``POST /reload``);
+- ``Embedder`` (``--embedder-replicas``, autoscaled up to ``--embedder-max-replicas``): photo
+  bytes → a descriptor with the network of the index version it is searched in (pinned in the
+  index; one whose identity is not the one the descriptors recorded is refused);
 - ``SearchApp`` (``cluster.app``): the FastAPI ingress, the search page and ``/docs``.
 
 Everything that decides scale is configuration, here or in a Serve config file:
 ``--write-config serve.yaml`` writes one (the builder ``pipeline.serve:app_builder``, these
-flags as its ``args``, every deployment's replicas, admission limit and resources spelled out)
-for ``serve deploy serve.yaml`` or ``serve run serve.yaml``. (``serve build`` wants an
-application that exists at import time; ours needs its index first, so it builds the file
-itself.) On a cluster:
+flags as its ``args``, every deployment's replicas or ``autoscaling_config``, admission limit
+and resources spelled out) for ``serve deploy serve.yaml`` or ``serve run serve.yaml``.
+(``serve build`` wants an application that exists at import time; ours needs its index first,
+so it builds the file itself.) On a cluster:
 ``ray job submit --working-dir . -- python -m pipeline.serve --index s3://... --host 0.0.0.0``.
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "cirray"
 
+_SERVE_METRICS_INTERVAL_S = 10.0
+"""Serve's own default of ``autoscaling_config.metrics_interval_s``."""
+
 
 @dataclass(frozen=True)
 class ServeConf(FlatFlags):
@@ -70,7 +76,10 @@ class ServeConf(FlatFlags):
     slots: int | None = None
     """Shard deployments (default: one per shard of the version served first)."""
     replicas: int = 1
-    """Replicas of each shard deployment."""
+    """Replicas of each shard deployment (with --max-replicas: the fewest it scales down to)."""
+    max_replicas: int | None = None
+    """Most replicas of each shard deployment: above --replicas, Serve's autoscaler adds
+    replicas while the shards are busy and removes them after (default: a fixed --replicas)."""
     cpus_per_shard: float | None = None
     """CPUs each shard replica reserves: default 1 on a cluster of several nodes (what the
     autoscaler starts nodes for; nothing lands on a head without CPUs), 0 on one machine."""
@@ -83,10 +92,27 @@ class ServeConf(FlatFlags):
     """FAISS threads of a shard replica (default: the CPUs it reserved; every core of its
     machine when it reserved none)."""
     embedder_replicas: int = 1
+    """Replicas of the embedder (with --embedder-max-replicas: the fewest)."""
+    embedder_max_replicas: int | None = None
+    """Most replicas of the embedder, autoscaled as --max-replicas does the shards' (default: a
+    fixed --embedder-replicas)."""
     cpus_per_embedder: float | None = None
     """CPUs the embedder reserves (its torch threads): default as --cpus-per-shard."""
     gpus_per_embedder: float = 0.0
     ingress_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+    """Autoscaling: the requests each replica should have in hand (working on or queued for);
+    Serve keeps the replica count near the deployment's total over this. A shard gets one call
+    per batch of queries, so below 1 adds shard replicas before full batches queue up."""
+    upscale_delay_s: float = 30.0
+    """Autoscaling: how long the load must stay above the target before replicas are added."""
+    downscale_delay_s: float = 600.0
+    """Autoscaling: how long the load must stay below the target before replicas are removed."""
+    look_back_period_s: float = 30.0
+    """Autoscaling: the window over which a deployment's load is averaged."""
+    metrics_interval_s: float = 10.0
+    """Autoscaling: how often the load is reported to Serve's controller (below
+    --look-back-period-s)."""
     max_ongoing_requests: int = 64
     """Requests a replica works on at once (Serve's admission limit)."""
     max_batch_size: int = 32
@@ -126,6 +152,28 @@ def _flag_problems(conf: ServeConf) -> list[str]:
     for name in ("replicas", "embedder_replicas", "ingress_replicas", "max_ongoing_requests"):
         if getattr(conf, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    for name, least in (
+        ("max_replicas", "replicas"),
+        ("embedder_max_replicas", "embedder_replicas"),
+    ):
+        most = getattr(conf, name)
+        if most is not None and most < getattr(conf, least):
+            problems.append(
+                f"--{name.replace('_', '-')} {most} is below --{least.replace('_', '-')} "
+                f"{getattr(conf, least)}: replicas scale between the two"
+            )
+    if conf.target_ongoing_requests <= 0:
+        problems.append("--target-ongoing-requests must be above 0")
+    for name in ("upscale_delay_s", "downscale_delay_s"):
+        if getattr(conf, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be 0 or more seconds")
+    if conf.metrics_interval_s <= 0:
+        problems.append("--metrics-interval-s must be above 0 seconds")
+    elif conf.look_back_period_s <= conf.metrics_interval_s:
+        problems.append(
+            f"--look-back-period-s {conf.look_back_period_s} must be longer than "
+            f"--metrics-interval-s {conf.metrics_interval_s}: the window averages several reports"
+        )
     if conf.slots is not None and conf.slots < 1:
         problems.append("--slots must be at least 1")
     if not 1 <= conf.max_batch_size <= 4096:
@@ -187,7 +235,7 @@ def deployment_options(
     options = {}
     for slot, memory in enumerate(_shard_memory(conf, manifest, slots)):
         options[f"IndexShard{slot}"] = {
-            "num_replicas": conf.replicas,
+            **_replicas(conf, conf.replicas, conf.max_replicas),
             "max_ongoing_requests": conf.max_ongoing_requests,
             "ray_actor_options": {
                 "num_cpus": shard_cpus,
@@ -197,11 +245,14 @@ def deployment_options(
         }
     options["SearchRouter"] = {
         "num_replicas": 1,  # the one owner of the served version
-        "max_ongoing_requests": max(conf.max_ongoing_requests, 2 * conf.max_batch_size),
+        # room for its batches in flight and one filling
+        "max_ongoing_requests": max(
+            conf.max_ongoing_requests, (_router_batches(conf) + 1) * conf.max_batch_size
+        ),
         "ray_actor_options": {"num_cpus": front_cpus},
     }
     options["Embedder"] = {
-        "num_replicas": conf.embedder_replicas,
+        **_replicas(conf, conf.embedder_replicas, conf.embedder_max_replicas),
         "max_ongoing_requests": conf.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": embedder_cpus, "num_gpus": conf.gpus_per_embedder},
     }
@@ -211,6 +262,32 @@ def deployment_options(
         "ray_actor_options": {"num_cpus": front_cpus},
     }
     return options
+
+
+def _replicas(conf: ServeConf, least: int, most: int | None) -> dict[str, Any]:
+    """A fixed ``num_replicas``, or, when ``most`` is above ``least``, Serve's
+    ``autoscaling_config`` between the two (Serve takes one or the other)."""
+    if most is None or most <= least:
+        return {"num_replicas": least}
+    autoscaling = {
+        "min_replicas": least,
+        "max_replicas": most,
+        "target_ongoing_requests": conf.target_ongoing_requests,
+        "upscale_delay_s": conf.upscale_delay_s,
+        "downscale_delay_s": conf.downscale_delay_s,
+        "look_back_period_s": conf.look_back_period_s,
+    }
+    if conf.metrics_interval_s != _SERVE_METRICS_INTERVAL_S:  # a field Serve deprecates
+        autoscaling["metrics_interval_s"] = conf.metrics_interval_s
+    return {"autoscaling_config": autoscaling}
+
+
+def _router_batches(conf: ServeConf) -> int:
+    """Batches the router has in flight at once: one per shard replica, or enough for the most
+    replicas a slot scales to to each hold the target (one at a time, replicas take turns)."""
+    if conf.max_replicas is None or conf.max_replicas <= conf.replicas:
+        return conf.replicas
+    return math.ceil(conf.max_replicas * conf.target_ongoing_requests)
 
 
 def _shard_memory(conf: ServeConf, manifest: dict[str, Any], slots: int) -> list[int]:
@@ -265,6 +342,7 @@ def build_app(conf: ServeConf) -> Any:
         qe=conf.qe,
         max_batch_size=conf.max_batch_size,
         batch_wait_s=conf.batch_wait_s,
+        concurrent_batches=_router_batches(conf),
         watch_s=conf.watch_s,
         follow_s=conf.follow_s,
         switch_timeout_s=conf.switch_timeout_s,
