@@ -34,6 +34,7 @@ import faiss
 import numpy as np
 import ray
 import tyro
+from fastapi import FastAPI
 from ray import serve
 
 from bench import write_results
@@ -59,6 +60,61 @@ class BenchConf:
 
 
 NETWORK = {"weights": "imagenet", "meta": {"backbone": "efficientnet_lite0"}}
+
+noop_api = FastAPI()
+
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(noop_api)
+class NoopIngress:
+    """Serve's own cost: an HTTP ingress that reads the body and answers at once."""
+
+    @noop_api.post("/search")
+    async def search(self) -> dict:
+        return {"results": [], "version": 0}
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Noop:
+    """Serve's own cost through a handle: the argument back."""
+
+    async def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+def _processes() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every process of this machine, by pid: ``(name, seconds)``, from
+    ``/proc``. Ray names its workers ``ray::<actor>`` (``ray::ServeReplica:cirray:...``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            line = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        name = line if line.startswith("ray::") else Path(line).name or "?"
+        if int(entry.name) == os.getpid():
+            name = "bench-client"
+        out[int(entry.name)] = (name, seconds)
+    return out
+
+
+def _cpu_per_query(before: dict, after: dict, queries: int) -> dict[str, float]:
+    """Milliseconds of CPU each kind of process spent per query between two snapshots."""
+    spent: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        used = seconds - before.get(pid, (name, 0.0))[1]
+        short = name.replace("ray::ServeReplica:", "").split(" ")[0]
+        spent[short] = spent.get(short, 0.0) + used
+    total = sum(spent.values())
+    kept = {k: v * 1e3 / queries for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+    kept = {k: v for k, v in kept.items() if v >= 0.05}
+    return {"total": total * 1e3 / queries, **kept}
 
 
 def _load(send: Callable[[np.ndarray], list[int]], queries: np.ndarray, clients: int) -> dict:
@@ -131,7 +187,28 @@ def main(conf: BenchConf) -> dict:
     ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
     port = 8000 + int(rng.integers(100, 900))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    profiles: list[tuple[str, dict[str, float]]] = []
+
+    def measured(name: str, shards: int, send: Callable[[np.ndarray], list[int]]) -> None:
+        _load(send, Q[:20], conf.clients)  # warm: connections, batching, caches
+        before = _processes()
+        row = {"path": name, "shards": shards, **_load(send, Q, conf.clients)}
+        row["cpu_ms_per_query"] = _cpu_per_query(before, _processes(), len(Q))
+        profiles.append((f"{name}, {shards} shard(s)", row["cpu_ms_per_query"]))
+        rows.append(row)
+
     try:
+        serve.run(NoopIngress.bind(), name="noop", route_prefix="/")
+        noop_client = SearchClient(f"http://127.0.0.1:{port}")
+        measured(
+            "Serve no-op over HTTP (proxy + ingress)",
+            0,
+            lambda q: [r.score for r in noop_client.search_vector(q, k=conf.k).results],
+        )
+        serve.delete("noop")
+        noop = serve.run(Noop.bind(), name="noop", route_prefix=None)
+        measured("Serve no-op via handle", 0, lambda q: noop.remote(q).result()[:0].tolist())
+        serve.delete("noop")
         for shards in conf.shards:
             root = str(work / f"index{shards}")
             build_index(IndexConf(descriptors=desc, output=root, factory="Flat", shards=shards))
@@ -146,8 +223,7 @@ def main(conf: BenchConf) -> dict:
                 return [h.id for h in router.search.remote(q, conf.k).result()["hits"]]
 
             for name, send in (("HTTP (POST /search)", over_http), ("Python handle", by_handle)):
-                _load(send, Q[:20], conf.clients)  # warm: connections, batching, caches
-                rows.append({"path": name, "shards": shards, **_load(send, Q, conf.clients)})
+                measured(name, shards, send)
             serve.delete(APP_NAME)
     finally:
         serve.shutdown()
@@ -163,13 +239,18 @@ def main(conf: BenchConf) -> dict:
         "-" * 103,
     ]
     for row in rows:
-        row["recall_at_10"] = _recall(row.pop("answers"), truth)
+        answers = row.pop("answers")
+        row["recall_at_10"] = _recall(answers, truth) if row["shards"] else 0.0
         p50 = f"{row['p50_ms']:>9.1f}" if row["p50_ms"] is not None else f"{'-':>9}"
         p99 = f"{row['p99_ms']:>9.1f}" if row["p99_ms"] is not None else f"{'-':>9}"
         lines.append(
             f"{row['path']:<48}{row['shards']:>7}{row['recall_at_10']:>11.3f}{row['qps']:>9.1f}"
             f"{p50}{p99}{row['qps'] / base:>9.2f}x"
         )
+    lines += ["", "CPU milliseconds per query, by process (the load above; 2 cores = 2,000 ms/s):"]
+    for name, spent in profiles:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in spent.items() if k != "total")
+        lines.append(f"  {name}: {spent['total']:.1f} in all: {parts}")
     print("\n".join(lines))
     result = {"conf": asdict(conf), "rows": rows, "lines": lines}
     write_results(conf.out, result, lines)
