@@ -2,7 +2,9 @@
 
 DESIGN.md pins it: ``GET /health``; ``POST /search`` with a photo's bytes (``Content-Type:
 image/*``, ``?k=10&qe=false``) or JSON ``{"vector": [...], "k": 10, "qe": false}``, answering
-``{"results": [{"image_id", "uri", "score"}, ...]}`` best first; ``GET /images/{image_id}`` a
+``{"results": [{"image_id", "uri", "score"}, ...]}`` best first; ``POST /search/batch`` with JSON
+``{"vectors": [[...], ...]}`` or ``{"photos": ["<base64>", ...]}`` (up to ``BATCH_MAX``), every
+answer from one index version; ``GET /images/{image_id}`` a
 thumbnail; ``GET /`` the search page; ``/docs`` the OpenAPI page. ``POST /reload`` switches to
 the newest complete index version (or ``?version=N``) with no failed query.
 
@@ -13,6 +15,8 @@ wrong length, with NaN or all zeros, ``k`` out of range (422), a photo that does
 is too small (422), an unknown image id (404).
 """
 
+import base64
+import binascii
 import json
 import logging
 import math
@@ -30,11 +34,13 @@ from ray import serve
 from cluster import index_store
 from cluster.catalog import ImageCatalog, images_of_manifest
 
-__all__ = ["K_MAX", "MAX_BODY_BYTES", "SearchApp", "api"]
+__all__ = ["BATCH_MAX", "K_MAX", "MAX_BODY_BYTES", "SearchApp", "api"]
 
 logger = logging.getLogger(__name__)
 
 K_MAX = 1000
+BATCH_MAX = 1000
+"""Queries one batch request may hold."""
 MAX_BODY_BYTES = 20 * 2**20
 
 
@@ -42,6 +48,15 @@ class VectorQuery(BaseModel):
     """A query by descriptor: L2-normalised here, of the index's dimension."""
 
     vector: list[float] = Field(min_length=1)
+    k: int = Field(10, ge=1, le=K_MAX)
+    qe: bool = False
+
+
+class BatchQuery(BaseModel):
+    """Many queries in one request: descriptors, or photos as base64 (JPEG, PNG, ...)."""
+
+    vectors: list[list[float]] | None = Field(None, min_length=1, max_length=BATCH_MAX)
+    photos: list[str] | None = Field(None, min_length=1, max_length=BATCH_MAX)
     k: int = Field(10, ge=1, le=K_MAX)
     qe: bool = False
 
@@ -55,6 +70,21 @@ class Result(BaseModel):
 class SearchAnswer(BaseModel):
     results: list[Result]
     version: int
+    k: int
+    qe: bool
+
+
+class BatchItem(BaseModel):
+    results: list[Result] | None = None
+    error: str | None = None
+    """Why this photo has no answer (it does not decode, or is too small)."""
+
+
+class BatchAnswer(BaseModel):
+    answers: list[BatchItem]
+    """One per query, in order."""
+    version: int
+    """The one index version that answered every query of the request."""
     k: int
     qe: bool
 
@@ -87,6 +117,13 @@ def _sentence(errors: Sequence[Mapping[str, Any]]) -> str:
         where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query"))
         parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
     return "; ".join(parts) or "invalid request"
+
+
+def _photo_bytes(i: int, text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise HTTPException(422, f"photos.{i}: not base64: {err}") from err
 
 
 def _reason(err: BaseException) -> str:
@@ -189,17 +226,63 @@ class SearchApp:
                 "application/json (a descriptor)",
             )
         self._catch_up(answer["version"])
-        hits = answer["hits"]
-        uris = self.catalog.uris(np.array([h.image_id for h in hits], dtype=object))
         return {
-            "results": [
-                {"image_id": h.image_id, "uri": uri, "score": h.score}
-                for h, uri in zip(hits, uris, strict=True)
-            ],
+            "results": self._named(answer["hits"]),
             "version": answer["version"],
             "k": k,
             "qe": qe,
         }
+
+    @api.post(
+        "/search/batch",
+        response_model=BatchAnswer,
+        responses={code: _ERRORS[code] for code in (400, 413, 415, 422)},
+    )
+    async def search_batch(self, request: Request) -> dict[str, Any]:
+        """Up to ``BATCH_MAX`` queries in one request, all answered by one index version:
+        ``{"vectors": [[...], ...]}`` or ``{"photos": ["<base64>", ...]}``, with ``k``, ``qe``."""
+        body = await self._body(request)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise HTTPException(415, f"Content-Type {kind or '(none)'} is not application/json")
+        query = self._batch_query(body)
+        if query.vectors is not None:
+            vectors = np.stack([await self._checked_vector(v) for v in query.vectors])
+            answer = await self.router.search_many.remote(vectors, query.k, qe=query.qe)
+        else:
+            photos = [_photo_bytes(i, text) for i, text in enumerate(query.photos or [])]
+            answer = await self.router.search_photos.remote(photos, query.k, query.qe)
+        self._catch_up(answer["version"])
+        return {
+            "answers": [
+                {"error": hits} if isinstance(hits, str) else {"results": self._named(hits)}
+                for hits in answer["hits"]
+            ],
+            "version": answer["version"],
+            "k": query.k,
+            "qe": query.qe,
+        }
+
+    @staticmethod
+    def _batch_query(body: bytes) -> BatchQuery:
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise HTTPException(400, f"the body is not valid JSON: {err}") from err
+        try:
+            query = BatchQuery.model_validate(data)
+        except ValidationError as err:
+            raise HTTPException(422, _sentence(err.errors())) from err
+        if (query.vectors is None) == (query.photos is None):
+            raise HTTPException(422, "send either vectors or photos (base64), not both or neither")
+        return query
+
+    def _named(self, hits: list[Any]) -> list[dict[str, Any]]:
+        uris = self.catalog.uris(np.array([h.image_id for h in hits], dtype=object))
+        return [
+            {"image_id": h.image_id, "uri": uri, "score": h.score}
+            for h, uri in zip(hits, uris, strict=True)
+        ]
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")

@@ -13,6 +13,7 @@ back-off up to ``retries`` times; a 4xx is the caller's mistake and raises
 
 from __future__ import annotations
 
+import base64
 import io
 import mimetypes
 import os
@@ -101,6 +102,29 @@ class SearchClient:
         """The top ``k`` photos for a descriptor (L2-normalised by the service)."""
         body = {"vector": [float(v) for v in vector], "k": k, "qe": qe}
         return _answer(self._request("POST", "/search", json=body).json())
+
+    def search_batch(
+        self,
+        *,
+        vectors: Sequence[Sequence[float]] | None = None,
+        photos: Sequence[bytes] | None = None,
+        k: int = 10,
+        qe: bool = False,
+    ) -> list[Answer | str]:
+        """Many queries in one request (``POST /search/batch``), all answered by one index
+        version: an :class:`Answer` per query, or the reason a photo has none (a string)."""
+        body: dict[str, Any] = {"k": k, "qe": qe}
+        if vectors is not None:
+            body["vectors"] = [[float(x) for x in v] for v in vectors]
+        if photos is not None:
+            body["photos"] = [base64.b64encode(p).decode("ascii") for p in photos]
+        data = self._request("POST", "/search/batch", json=body).json()
+        return [
+            item["error"]
+            if item.get("error")
+            else _answer({"results": item["results"], "version": data["version"]})
+            for item in data["answers"]
+        ]
 
     def image(self, image_id: str) -> bytes:
         """The JPEG thumbnail of a stored photo."""

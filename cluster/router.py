@@ -336,6 +336,22 @@ class SearchRouter:
         hits = await self._answer(queries, int(manifest["version"]))
         return {"version": int(manifest["version"]), "hits": hits}
 
+    async def search_photos(self, photos: list[bytes], k: int, qe: bool = False) -> dict[str, Any]:
+        """Many photos at once, each described with the network of the version served now and
+        searched in that version: ``{"version": v, "hits": [[Hit, ...] or "why not", ...]}``
+        (a photo that cannot be described gets its reason, the others their hits)."""
+        version = self.version  # read once: one state for the whole request
+        vectors = await asyncio.gather(
+            *(self._call(self.embedder, "embed", photo, version) for photo in photos)
+        )
+        good = [i for i, v in enumerate(vectors) if not isinstance(v, str)]
+        out: list[Any] = list(vectors)
+        if good:
+            queries = [_Query(vectors[i], int(k), bool(qe), version) for i in good]
+            for i, hits in zip(good, await self._answer(queries, version), strict=True):
+                out[i] = hits
+        return {"version": version, "hits": out}
+
     async def _answer_batch(self, queries: list[_Query]) -> list[dict[str, Any]]:
         """A batch of queries (``self._search_batch`` gathers them): each answered by one
         version, its own (a photo's) or the one served, read once for the batch."""

@@ -180,6 +180,30 @@ def test_http_and_handle_equal_one_unsharded_index(service, vectors):
     np.testing.assert_array_equal([[h.score for h in row] for row in bulk["hits"]], scores)
 
 
+def test_a_batch_request_equals_its_queries_one_by_one(service, vectors, serve_url):
+    client, root, _ = service
+    queries = vectors[:FIRST][::40]
+    answers = client.search_batch(vectors=queries, k=7)
+    want = index_store.search(root, queries, 7)
+    assert [a.image_ids for a in answers] == want.image_ids.tolist()
+    assert {a.version for a in answers} == {want.version}
+    assert client.search_batch(vectors=queries[:3], k=7, qe=True)[0].image_ids == (
+        client.search_vector(queries[0], k=7, qe=True).image_ids
+    )
+    for body, says in (
+        ({"vectors": [[1.0] * DIM], "photos": ["AA=="]}, "either vectors or photos"),
+        ({"k": 3}, "either vectors or photos"),
+        ({"vectors": [[1.0] * (DIM + 1)]}, f"dimension {DIM}"),
+        ({"vectors": [[1.0] * DIM] * 1001}, "at most 1000"),
+        ({"photos": ["not base64!"]}, "photos.0: not base64"),
+    ):
+        response = requests.post(f"{serve_url}/search/batch", json=body, timeout=30)
+        assert response.status_code == 422 and says in response.json()["detail"], (
+            body.keys(),
+            response.text[:300],
+        )
+
+
 def test_alpha_qe_through_the_service_equals_alpha_qe_on_the_matrix(service, vectors):
     client, _, _ = service
     x = vectors[:FIRST]

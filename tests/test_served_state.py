@@ -282,6 +282,10 @@ def test_a_reload_reaches_every_replica_before_it_returns(photo_service):
         ]
     held = {slot: _replicas(slot) for slot in (0, 1)}
     assert all(h["loaded_on_demand"] == 0 for by in held.values() for h in by.values()), held
+    # many photos in one request, one of them not a photo: that one alone gets its reason
+    batch = client.search_batch(photos=[*photos[8:12], b"not a photo"], k=1)
+    assert [a.image_ids for a in batch[:4]] == [[f"photo-{i:02d}"] for i in range(8, 12)]
+    assert {a.version for a in batch[:4]} == {2} and "not a usable photo" in batch[4]
     print(f"\nreload returned with v2 on all {sum(len(b) for b in held.values())} shard replicas")
 
 
