@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -37,6 +37,8 @@ from cluster.catalog import ImageCatalog, images_of_manifest
 __all__ = ["BATCH_MAX", "K_MAX", "MAX_BODY_BYTES", "SearchApp", "api"]
 
 logger = logging.getLogger(__name__)
+
+_Model = TypeVar("_Model", bound=BaseModel)
 
 K_MAX = 1000
 BATCH_MAX = 1000
@@ -117,6 +119,18 @@ def _sentence(errors: Sequence[Mapping[str, Any]]) -> str:
         where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query"))
         parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
     return "; ".join(parts) or "invalid request"
+
+
+def _parsed(body: bytes, model: type[_Model]) -> _Model:
+    """The JSON ``body`` as ``model``: 400 when it is not JSON, 422 naming what is wrong."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HTTPException(400, f"the body is not valid JSON: {err}") from err
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise HTTPException(422, _sentence(err.errors())) from err
 
 
 def _photo_bytes(i: int, text: str) -> bytes:
@@ -265,14 +279,7 @@ class SearchApp:
 
     @staticmethod
     def _batch_query(body: bytes) -> BatchQuery:
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise HTTPException(400, f"the body is not valid JSON: {err}") from err
-        try:
-            query = BatchQuery.model_validate(data)
-        except ValidationError as err:
-            raise HTTPException(422, _sentence(err.errors())) from err
+        query = _parsed(body, BatchQuery)
         if (query.vectors is None) == (query.photos is None):
             raise HTTPException(422, "send either vectors or photos (base64), not both or neither")
         return query
@@ -301,14 +308,7 @@ class SearchApp:
 
     @staticmethod
     def _vector_query(body: bytes) -> VectorQuery:
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise HTTPException(400, f"the body is not valid JSON: {err}") from err
-        try:
-            return VectorQuery.model_validate(data)
-        except ValidationError as err:
-            raise HTTPException(422, _sentence(err.errors())) from err
+        return _parsed(body, VectorQuery)
 
     async def _checked_vector(self, values: list[float]) -> np.ndarray:
         if len(values) != self.dim:
