@@ -8,10 +8,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 
 from model import tables
 from model.descriptors import write_descriptors
@@ -38,6 +40,20 @@ SMALL_RUN = {
     "index": {"shards": 2},
 }
 """A run small enough for the tests: 128 px, one epoch, validation's Lw settings fixed."""
+
+
+def written_serve_app(conf: Any) -> dict[str, Any]:
+    """``pipeline.serve`` with ``--write-config``: the one application of the file it wrote,
+    after Serve's own validation of the whole file."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipeline.serve import run as serve_run
+
+    assert serve_run(conf) == conf.write_config
+    config = yaml.safe_load(Path(conf.write_config).read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    return app
 
 
 def run_stage(stage: str, *flags: str) -> subprocess.CompletedProcess[str]:

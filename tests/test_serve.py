@@ -19,12 +19,10 @@ import numpy as np
 import pytest
 import requests
 import schemathesis
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from PIL import Image
 from ray import serve
-from ray.serve.schema import ServeDeploySchema
 from schemathesis import GenerationMode
 
 from cluster import index_store
@@ -40,7 +38,7 @@ from pipeline.index import run as build_index
 from pipeline.ingest import IngestConf
 from pipeline.ingest import run as ingest
 from pipeline.serve import APP_NAME, ServeConf, app_builder, build_app
-from pipeline.serve import run as serve_run
+from tests.helpers import written_serve_app
 
 # The ImageNet Lite0 the embedder builds; these vectors never came from it, so only vector
 # queries make sense here (photo queries are in test_serve_real.py).
@@ -408,10 +406,7 @@ def test_a_serve_config_file_holds_every_setting(ray_session, vectors, tmp_path)
         watch_s=5,
         write_config=str(path),
     )
-    assert serve_run(conf) == str(path)
-    config = yaml.safe_load(path.read_text())
-    ServeDeploySchema.model_validate(config)  # Serve's own validation of a config file
-    (app,) = config["applications"]
+    app = written_serve_app(conf)  # Serve's own validation of the file included
     assert app["import_path"] == "pipeline.serve:app_builder"
     assert app["args"] == {
         "index": conf.index,

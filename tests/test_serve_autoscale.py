@@ -10,16 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from ray import serve
-from ray.serve.schema import ServeDeploySchema
 
 from cluster import index_store
 from model.descriptors import write_descriptors
 from pipeline.index import IndexConf
 from pipeline.index import run as build_index
 from pipeline.serve import APP_NAME, ServeConf, app_builder, build_app, serve_config
-from pipeline.serve import run as serve_run
+from tests.helpers import written_serve_app
 
 # The ImageNet Lite0 the embedder builds; only vector queries are sent here.
 NETWORK = {
@@ -55,10 +53,7 @@ def test_autoscaling_flags_reach_the_serve_config_file(ray_session, tmp_path):
         downscale_delay_s=120,
         write_config=str(path),
     )
-    assert serve_run(conf) == str(path)
-    config = yaml.safe_load(path.read_text())
-    ServeDeploySchema.model_validate(config)  # Serve's own validation of a config file
-    (app,) = config["applications"]
+    app = written_serve_app(conf)  # Serve's own validation of the file included
     deployments = {d["name"]: d for d in app["deployments"]}
     shard = {
         "min_replicas": 2,
