@@ -45,9 +45,9 @@ SMALL_RUN = {
 def written_serve_app(conf: Any) -> dict[str, Any]:
     """``pipeline.serve`` with ``--write-config``: the one application of the file it wrote,
     after Serve's own validation of the whole file."""
-    from ray.serve.schema import ServeDeploySchema
+    from ray.serve.schema import ServeDeploySchema  # Serve's import starts its own machinery
 
-    from pipeline.serve import run as serve_run
+    from pipeline.serve import run as serve_run  # pulls Ray Serve in; most tests never need it
 
     assert serve_run(conf) == conf.write_config
     config = yaml.safe_load(Path(conf.write_config).read_text())
