@@ -112,6 +112,38 @@ def _inverse_cholesky(
     )
 
 
+def _pair_whitening(
+    x: NDArray[np.float64],
+    q: NDArray[np.int64],
+    p: NDArray[np.int64],
+    *,
+    shrinkage: float,
+    log: bool,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """``(m, W, X - m)``: Lw's mean and ``W`` (the inverse Cholesky factor of the shrunk
+    ``C_S``) before the rotation that orders its directions."""
+    D = x.shape[1]
+    m = x[q].mean(axis=0)
+    diff = x[q] - x[p]
+    C_S = diff.T @ diff / q.size
+    if shrinkage:
+        C_S = (1.0 - shrinkage) * C_S + shrinkage * (np.trace(C_S) / D) * np.eye(D)
+    centred = x - m
+    scatter = float(np.einsum("ij,ij->", centred, centred)) / x.shape[0]  # trace of C_D
+    return m, _inverse_cholesky(C_S, fallback_scale=scatter / D, log=log), centred
+
+
+def _leading_rows(
+    W: NDArray[np.float64], centred: NDArray[np.float64], dim: int
+) -> NDArray[np.float64]:
+    """The first ``dim`` rows of Lw's ``P = Vᵀ W`` (up to signs) for ``dim`` within the rank
+    of the photos' scatter: ``V``'s leading eigenvectors of ``W C_D Wᵀ`` are the left singular
+    vectors of ``W (X - m)ᵀ``, which for fewer photos than dimensions costs a thin SVD rather
+    than an eigendecomposition of ``D × D``."""
+    U, _, _ = np.linalg.svd(W @ centred.T, full_matrices=False)
+    return U[:, :dim].T @ W
+
+
 def learn_whitening(
     X: ArrayLike, qidxs: ArrayLike, pidxs: ArrayLike, *, shrinkage: float = 0.0, log: bool = True
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -148,15 +180,8 @@ def learn_whitening(
     if not 0.0 <= shrinkage <= 1.0:
         raise ValueError(f"shrinkage is a share in [0, 1], not {shrinkage!r}")
 
-    m = x[q].mean(axis=0)
-    diff = x[q] - x[p]
-    C_S = diff.T @ diff / q.size
-    if shrinkage:
-        C_S = (1.0 - shrinkage) * C_S + shrinkage * (np.trace(C_S) / D) * np.eye(D)
-    centred = x - m
-    C_D = centred.T @ centred / n
-    W = _inverse_cholesky(C_S, fallback_scale=float(np.trace(C_D)) / D, log=log)
-    M = W @ C_D @ W.T
+    m, W, centred = _pair_whitening(x, q, p, shrinkage=shrinkage, log=log)
+    M = W @ (centred.T @ centred / n) @ W.T
     eigvals, V = np.linalg.eigh((M + M.T) / 2)  # symmetrise away rounding; ascending order
     order = np.argsort(eigvals)[::-1]
     P = V[:, order].T @ W
@@ -260,8 +285,7 @@ def select_whitening(
         seen = np.flatnonzero(~np.isin(labels, left_out))  # the rows Lw may learn from
         fq, fp = np.searchsorted(seen, q[~held]), np.searchsorted(seen, p[~held])
         for a in shrinkages:
-            m, P = learn_whitening(x[seen], fq, fp, shrinkage=a, log=False)
-            for d in dims:
+            for d, (m, P) in _candidates(x[seen], fq, fp, shrinkage=a, dims=dims).items():
                 found[(a, d)].append(cluster_map(apply_whitening(x, m, P, d), labels, queries))
     score = {c: float(np.mean(v)) for c, v in found.items()}
     best = max(candidates, key=score.__getitem__)
@@ -277,6 +301,27 @@ def select_whitening(
     )
     table = {f"{a:g}/{d}": v for (a, d), v in score.items()}
     return WhiteningChoice(best[0], best[1], score[best], float(np.mean(plain)), table, len(parts))
+
+
+def _candidates(
+    x: NDArray[np.float64],
+    q: NDArray[np.int64],
+    p: NDArray[np.int64],
+    *,
+    shrinkage: float,
+    dims: tuple[int, ...],
+) -> dict[int, tuple[NDArray[np.float64], NDArray[np.float64]]]:
+    """``{dim: (m, P)}`` whose ``apply_whitening(X, m, P, dim)`` equals that of
+    ``learn_whitening``'s Lw cut to ``dim``, for ranking: the full size is ``W`` itself (``V`` is
+    a rotation, which leaves the cosines alone) and cuts within the scatter's rank come from a
+    thin SVD. The many trials of cross-validation thus skip the ``D × D`` eigendecomposition,
+    which is most of their cost when photos are fewer than dimensions."""
+    n, D = x.shape
+    if any(d < D and d >= n for d in dims):  # a cut past the scatter's rank: the full maths
+        m, P = learn_whitening(x, q, p, shrinkage=shrinkage, log=False)
+        return {d: (m, P) for d in dims}
+    m, W, centred = _pair_whitening(x, q, p, shrinkage=shrinkage, log=False)
+    return {d: (m, W if d == D else _leading_rows(W, centred, d)) for d in dims}
 
 
 def learn_pca_whitening(
