@@ -3,9 +3,13 @@ stages before them."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import runpy
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +61,30 @@ def written_serve_app(conf: Any) -> dict[str, Any]:
 
 
 def run_stage(stage: str, *flags: str) -> subprocess.CompletedProcess[str]:
-    """``python -m pipeline.<stage> FLAGS`` from the repository, as a user types it."""
+    """``python -m pipeline.<stage> FLAGS`` as a user types it, run in this process: the same
+    ``__main__`` code and exit status, its printed output captured, without a new interpreter
+    importing torch and Ray again for a command that ends at its flags."""
     command = [sys.executable, "-m", f"pipeline.{stage}", *flags]
-    return subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
-    )
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv = sys.argv
+    sys.argv = [f"pipeline.{stage}", *flags]
+    returncode = 0
+    try:
+        with (
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is imported
+            runpy.run_module(f"pipeline.{stage}", run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        code = exit_.code
+        returncode = code if isinstance(code, int) else (0 if code is None else 1)
+        if isinstance(code, str):
+            stderr.write(code + "\n")
+    finally:
+        sys.argv = saved_argv
+    return subprocess.CompletedProcess(command, returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def usable_images(images: str, columns: list[str]) -> pa.Table:

@@ -5,8 +5,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import boto3
@@ -25,6 +23,7 @@ from model.retrieval import rank_by_similarity
 from model.scoring import format_metrics
 from model.whitening import learn_whitening, save_whitening
 from pipeline.evaluate import EvaluateConf, run
+from tests.helpers import run_stage
 
 MAX_SIZE = 256
 
@@ -288,9 +287,6 @@ def test_command_line_with_whitening_file(conf, tiny_collection, network, tmp_pa
     m, P = learn_whitening(db, *same_label_pairs(rset.db_labels))
     save_whitening(tmp_path / "lw.npz", m, P)
     args = [
-        sys.executable,
-        "-m",
-        "pipeline.evaluate",
         "--dataset",
         conf.dataset,
         "--data-root",
@@ -315,7 +311,7 @@ def test_command_line_with_whitening_file(conf, tiny_collection, network, tmp_pa
         "--device",
         "cpu",
     ]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    done = run_stage("evaluate", *args)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f">> {conf.dataset}: mAP E: " in done.stdout
     saved = json.loads(next(Path(conf.output).rglob("metrics.json")).read_text())
@@ -340,19 +336,8 @@ def test_checkpoint_directory_brings_its_own_network(conf, tmp_path) -> None:
     )
 
 
-def _subprocess_evaluate(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.evaluate", *flags],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "CIRRAY_DEBUG": ""},
-    )
-
-
 def test_command_line_mistakes_end_in_one_line(tmp_path: Path) -> None:
-    done = _subprocess_evaluate("--dataset", "roxford5k", "--data-root", "/nonexistent")
+    done = run_stage("evaluate", "--dataset", "roxford5k", "--data-root", "/nonexistent")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert "no data set at /nonexistent/roxford5k" in line and "gnd_<dataset>.pkl" in line
@@ -365,13 +350,13 @@ def test_command_line_mistakes_end_in_one_line(tmp_path: Path) -> None:
         "--weights",
         str(tmp_path / "weights.pt"),
     ]
-    done = _subprocess_evaluate(*flags)
+    done = run_stage("evaluate", *flags)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "weights.pt is not a readable" in done.stderr
-    done = _subprocess_evaluate("--dataset", "x", "--data-root", "/tmp", "--backbone", "resnet9")
+    done = run_stage("evaluate", "--dataset", "x", "--data-root", "/tmp", "--backbone", "resnet9")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "resnet9" in done.stderr and "efficientnet_lite0" in done.stderr
-    helptext = _subprocess_evaluate("--help").stdout
+    helptext = run_stage("evaluate", "--help").stdout
     assert "{resnet50,resnet101" in helptext and "{gem,mac,spoc}" in helptext
 
 
