@@ -113,7 +113,7 @@ def _inverse_cholesky(
 
 
 def _pair_whitening(
-    x: NDArray[np.float64],
+    x: NDArray[np.floating],
     q: NDArray[np.int64],
     p: NDArray[np.int64],
     *,
@@ -131,17 +131,6 @@ def _pair_whitening(
     centred = x - m
     scatter = float(np.einsum("ij,ij->", centred, centred)) / x.shape[0]  # trace of C_D
     return m, _inverse_cholesky(C_S, fallback_scale=scatter / D, log=log), centred
-
-
-def _leading_rows(
-    W: NDArray[np.float64], centred: NDArray[np.float64], dim: int
-) -> NDArray[np.float64]:
-    """The first ``dim`` rows of Lw's ``P = Vᵀ W`` (up to signs) for ``dim`` within the rank
-    of the photos' scatter: ``V``'s leading eigenvectors of ``W C_D Wᵀ`` are the left singular
-    vectors of ``W (X - m)ᵀ``, which for fewer photos than dimensions costs a thin SVD rather
-    than an eigendecomposition of ``D × D``."""
-    U, _, _ = np.linalg.svd(W @ centred.T, full_matrices=False)
-    return U[:, :dim].T @ W
 
 
 def learn_whitening(
@@ -181,10 +170,8 @@ def learn_whitening(
         raise ValueError(f"shrinkage is a share in [0, 1], not {shrinkage!r}")
 
     m, W, centred = _pair_whitening(x, q, p, shrinkage=shrinkage, log=log)
-    M = W @ (centred.T @ centred / n) @ W.T
-    eigvals, V = np.linalg.eigh((M + M.T) / 2)  # symmetrise away rounding; ascending order
-    order = np.argsort(eigvals)[::-1]
-    P = V[:, order].T @ W
+    V, eigvals = _scatter_directions(W, centred)
+    P = V.T @ W
     if not log:
         return m, _fix_signs(P)
     logger.info(
@@ -193,9 +180,30 @@ def learn_whitening(
         n,
         D,
         shrinkage,
-        np.array2string(eigvals[order][:5], precision=3),
+        np.array2string(eigvals[:5], precision=3),
     )
     return m, _fix_signs(P)
+
+
+def _scatter_directions(
+    W: NDArray[np.float64], centred: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``(V, λ)``: the eigenvectors of ``W C_D Wᵀ`` as columns by decreasing eigenvalue ``λ``.
+
+    With fewer photos than dimensions the scatter has rank below ``D``: its leading directions
+    are the left singular vectors of ``W (X - m)ᵀ`` (a thin SVD), and the rest, of eigenvalue
+    zero, any orthonormal completion (their order is rounding noise in a full
+    eigendecomposition too), which a QR factorisation gives for far less than ``eigh``."""
+    n, D = centred.shape
+    if n >= D:
+        M = W @ (centred.T @ centred / n) @ W.T
+        eigvals, V = np.linalg.eigh((M + M.T) / 2)  # symmetrise away rounding; ascending order
+        order = np.argsort(eigvals)[::-1]
+        return V[:, order], eigvals[order]
+    U, s, _ = np.linalg.svd(W @ centred.T, full_matrices=False)
+    V, _ = np.linalg.qr(U, mode="complete")  # its first n columns span U's
+    V[:, :n] = U
+    return V, np.concatenate([s**2 / n, np.zeros(D - n)])
 
 
 SHRINKAGES = (0.0, 0.3, 0.6, 0.9)
@@ -285,7 +293,8 @@ def select_whitening(
         seen = np.flatnonzero(~np.isin(labels, left_out))  # the rows Lw may learn from
         fq, fp = np.searchsorted(seen, q[~held]), np.searchsorted(seen, p[~held])
         for a in shrinkages:
-            for d, (m, P) in _candidates(x[seen], fq, fp, shrinkage=a, dims=dims).items():
+            m, P = learn_whitening(x[seen], fq, fp, shrinkage=a, log=False)
+            for d in dims:
                 found[(a, d)].append(cluster_map(apply_whitening(x, m, P, d), labels, queries))
     score = {c: float(np.mean(v)) for c, v in found.items()}
     best = max(candidates, key=score.__getitem__)
@@ -301,27 +310,6 @@ def select_whitening(
     )
     table = {f"{a:g}/{d}": v for (a, d), v in score.items()}
     return WhiteningChoice(best[0], best[1], score[best], float(np.mean(plain)), table, len(parts))
-
-
-def _candidates(
-    x: NDArray[np.float64],
-    q: NDArray[np.int64],
-    p: NDArray[np.int64],
-    *,
-    shrinkage: float,
-    dims: tuple[int, ...],
-) -> dict[int, tuple[NDArray[np.float64], NDArray[np.float64]]]:
-    """``{dim: (m, P)}`` whose ``apply_whitening(X, m, P, dim)`` equals that of
-    ``learn_whitening``'s Lw cut to ``dim``, for ranking: the full size is ``W`` itself (``V`` is
-    a rotation, which leaves the cosines alone) and cuts within the scatter's rank come from a
-    thin SVD. The many trials of cross-validation thus skip the ``D × D`` eigendecomposition,
-    which is most of their cost when photos are fewer than dimensions."""
-    n, D = x.shape
-    if any(d < D and d >= n for d in dims):  # a cut past the scatter's rank: the full maths
-        m, P = learn_whitening(x, q, p, shrinkage=shrinkage, log=False)
-        return {d: (m, P) for d in dims}
-    m, W, centred = _pair_whitening(x, q, p, shrinkage=shrinkage, log=False)
-    return {d: (m, W if d == D else _leading_rows(W, centred, d)) for d in dims}
 
 
 def learn_pca_whitening(
