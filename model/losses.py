@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning import losses as pml_losses
-from pytorch_metric_learning import miners as pml_miners
 from torch import nn
 
 __all__ = [
@@ -139,6 +137,9 @@ class BatchHardTripletLoss(nn.Module):
     """
 
     def __init__(self, margin: float = 0.1) -> None:
+        from pytorch_metric_learning import losses as pml_losses  # SciPy with it: CGD mode only
+        from pytorch_metric_learning import miners as pml_miners  # as above
+
         super().__init__()
         self.miner = pml_miners.BatchHardMiner()
         self.loss = pml_losses.TripletMarginLoss(margin=margin)

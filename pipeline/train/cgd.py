@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from pytorch_metric_learning.samplers import MPerClassSampler
-from pytorch_metric_learning.utils import common_functions
 
 from model.evaluation import recall_at_k
 from model.losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy
@@ -114,6 +112,9 @@ class CgdEpochs:
         """Nothing beyond the weights: CGD mode learns no Lw."""
 
     def epoch(self, model: Any, net: Any, optimizer: Any, *, epoch: int) -> dict[str, float]:
+        from pytorch_metric_learning.samplers import MPerClassSampler  # SciPy with it: CGD only
+        from pytorch_metric_learning.utils import common_functions  # as above
+
         conf, rank, world = self.conf, self.rank, self.world
         block = conf.cgd.classes_per_batch * conf.cgd.photos_per_class
         steps = max(1, len(self.train_labels) // (block * world))
