@@ -149,6 +149,12 @@ def ray_session(s3_server: str) -> Iterator[None]:
         object_store_memory=256 * 2**20,
         configure_logging=False,
         log_to_driver=False,
+        # idle workers are kept (Ray keeps num_cpus of them and kills the rest after a second):
+        # the next stage's tasks then find torch and the stages' modules already imported
+        _system_config={
+            "num_workers_soft_limit": 6,
+            "idle_worker_killing_time_threshold_ms": 600_000,
+        },
     )
     try:
         yield
