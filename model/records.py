@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -75,7 +74,7 @@ def write_record(uri: str, content: dict[str, Any], *, expected: str | None) -> 
             found = None
         if found != expected:
             raise RecordChanged(f"{uri} changed since it was read")
-        _replace(path, data)
+        storage.write_bytes(uri, data)  # atomic: readers never see half a record
     return _local_tag(data)
 
 
@@ -102,18 +101,6 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _clients: dict[tuple[str, ...], Any] = {}
