@@ -42,7 +42,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from cluster import index_store
 from cluster.resources import use_reserved_threads
-from cluster.served import ServedState, promote, read_current, served_state, state_of
+from cluster.served import ServedState, promote, read_current, served_state, verified
 from cluster.shards import ShardSet, SlotResult
 from model.retrieval import QueryExpansion, alpha_qe
 
@@ -272,12 +272,7 @@ class SearchRouter:
         async with self._switch_lock:
             if state.same_as(self.state):
                 return
-            found = await asyncio.to_thread(state_of, self.index, state.version)
-            if found.manifest_sha256 != state.manifest_sha256:
-                raise ValueError(
-                    f"CURRENT names v{state.version} with another manifest than it has now; "
-                    "not serving it (promote it again)"
-                )
+            await asyncio.to_thread(verified, self.index, state)
             manifest = await asyncio.to_thread(index_store.read_manifest, self.index, state.version)
             if int(manifest["dim"]) != int(self.manifest["dim"]):
                 raise ValueError(

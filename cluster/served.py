@@ -23,7 +23,15 @@ from cluster import index_store
 from model import storage, tables
 from model.records import RecordChanged, read_record, write_record
 
-__all__ = ["CURRENT", "ServedState", "current_uri", "promote", "read_current", "served_state"]
+__all__ = [
+    "CURRENT",
+    "ServedState",
+    "current_uri",
+    "promote",
+    "read_current",
+    "served_state",
+    "verified",
+]
 
 CURRENT = "CURRENT"
 
@@ -113,11 +121,17 @@ def served_state(index: str) -> ServedState:
     current, _ = read_current(index)
     if current is None:
         return promote(index)
-    found = state_of(index, current.version)
-    if found.manifest_sha256 != current.manifest_sha256:
+    return verified(index, current)
+
+
+def verified(index: str, state: ServedState) -> ServedState:
+    """``state``, after checking that its version's manifest is still the one it names; a
+    version republished since is refused rather than served as something else."""
+    found = state_of(index, state.version)
+    if found.manifest_sha256 != state.manifest_sha256:
         raise ValueError(
-            f"{current_uri(index)} names v{current.version} with manifest "
-            f"{current.manifest_sha256[:12]}, but that version's manifest is now "
+            f"{current_uri(index)} names v{state.version} with manifest "
+            f"{state.manifest_sha256[:12]}, but that version's manifest is now "
             f"{found.manifest_sha256[:12]}; promote a version again (POST /reload)"
         )
-    return current
+    return state
