@@ -290,13 +290,16 @@ def test_a_reload_reaches_every_replica_before_it_returns(photo_service):
 
 
 def _stream(client, photos, answers, errors, stop) -> None:
-    """Photo after photo, round the list, until ``stop``: (time, photo, version, image_ids)."""
+    """Photo after photo, round the list, until ``stop``: (time sent, photo, version,
+    image_ids). A query is answered by the state it met when it arrived, however long it then
+    takes, so it is placed by when it was sent."""
     i = 0
     while not stop.is_set():
         j = i % len(photos)
         try:
+            sent = time.monotonic()
             answer = client.search(photos[j], k=K, content_type="image/png")
-            answers.append((time.monotonic(), j, answer.version, answer.image_ids))
+            answers.append((sent, j, answer.version, answer.image_ids))
         except SearchError as err:
             errors.append(str(err))
         i += 1
