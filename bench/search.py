@@ -17,9 +17,9 @@ say what the service's hops cost against FAISS itself, not what a cluster would 
 
     python -m bench.search                                 # 100,000 x 256
     python -m bench.search --n 20000 --queries 200 --out bench/results/x.json
+    RAY_SERVE_USE_GRPC_BY_DEFAULT=1 python -m bench.search --out bench/results/search_cpu_grpc.json
 """
 
-from __future__ import annotations
 
 import os
 import platform
@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 import ray
 import tyro
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from ray import serve
 
 from bench import write_results
@@ -67,10 +67,16 @@ noop_api = FastAPI()
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(noop_api)
 class NoopIngress:
-    """Serve's own cost: an HTTP ingress that reads the body and answers at once."""
+    """Serve's own cost: an HTTP ingress that answers at once, its body unread (``/search``)
+    or read whole first, as any ingress that looks at a query must (``/read``)."""
 
     @noop_api.post("/search")
     async def search(self) -> dict:
+        return {"results": [], "version": 0}
+
+    @noop_api.post("/read/search")
+    async def read(self, request: Request) -> dict:
+        await request.body()
         return {"results": [], "version": 0}
 
 
@@ -80,6 +86,14 @@ class Noop:
 
     async def __call__(self, x: np.ndarray) -> np.ndarray:
         return x
+
+
+def _transport() -> str:
+    """How Serve carries requests between its processes in this run: Ray's object references
+    (its default), or gRPC when ``RAY_SERVE_USE_GRPC_BY_DEFAULT=1`` was set before the run."""
+    if os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT") == "1":
+        return "gRPC (RAY_SERVE_USE_GRPC_BY_DEFAULT=1)"
+    return "Ray object references (the default)"
 
 
 def _processes() -> dict[int, tuple[str, float]]:
@@ -205,6 +219,12 @@ def main(conf: BenchConf) -> dict:
             0,
             lambda q: [r.score for r in noop_client.search_vector(q, k=conf.k).results],
         )
+        reading_client = SearchClient(f"http://127.0.0.1:{port}/read")
+        measured(
+            "Serve no-op over HTTP, body read",
+            0,
+            lambda q: [r.score for r in reading_client.search_vector(q, k=conf.k).results],
+        )
         serve.delete("noop")
         noop = serve.run(Noop.bind(), name="noop", route_prefix=None)
         measured("Serve no-op via handle", 0, lambda q: noop.remote(q).result()[:0].tolist())
@@ -233,7 +253,8 @@ def main(conf: BenchConf) -> dict:
     lines = [
         f"device: {platform.machine()} CPU, {cores} cores; faiss {faiss.__version__}; "
         f"{conf.n:,} x {conf.dim} clustered vectors, Flat, k={conf.k}; "
-        f"{conf.queries} queries from {conf.clients} client threads, one query per request",
+        f"{conf.queries} queries from {conf.clients} client threads, one query per request; "
+        f"Serve's transport: {_transport()}",
         f"{'path':<48}{'shards':>7}{'recall@10':>11}{'QPS':>9}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'vs FAISS':>10}",
         "-" * 103,

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
 from cluster import index_store
+from cluster.batching import Batcher
 from cluster.catalog import ImageCatalog, images_of_manifest
 
 __all__ = ["BATCH_MAX", "K_MAX", "MAX_BODY_BYTES", "SearchApp", "api"]
@@ -164,10 +166,21 @@ _SEARCH_BODY = {
 }
 
 
+@dataclass(frozen=True)
+class _VectorSearch:
+    vector: np.ndarray
+    k: int
+    qe: bool
+
+
 @serve.deployment
 @serve.ingress(api)
 class SearchApp:
-    """The ingress: validates requests, embeds photos, asks the router, names the results."""
+    """The ingress: validates requests, embeds photos, asks the router, names the results.
+
+    Descriptor queries arriving together go to the router as one matrix (``Batcher``):
+    a handle call costs milliseconds of CPU whatever it carries, so a call per request would
+    cost more than the search itself. Each request's answer still comes from one version."""
 
     def __init__(
         self,
@@ -175,12 +188,17 @@ class SearchApp:
         index: str,
         *,
         max_body_bytes: int = MAX_BODY_BYTES,
+        max_batch_size: int = 32,
+        concurrent_batches: int = 1,
     ) -> None:
         self.router, self.index = router, index
         self.max_body_bytes = max_body_bytes
         manifest = index_store.read_manifest(index)
         self.dim = int(manifest["dim"])  # a reload never changes it (the router refuses)
         self.catalog = ImageCatalog(images_of_manifest(manifest))
+        self._search_vector = Batcher(
+            self._search_vectors, max_batch_size=max_batch_size, concurrent=concurrent_batches
+        )
 
     # --- pages --------------------------------------------------------------------------------
 
@@ -227,7 +245,7 @@ class SearchApp:
         if kind == "application/json":
             query = self._vector_query(body)
             vector, k, qe = await self._checked_vector(query.vector), query.k, query.qe
-            answer = await self.router.search.remote(vector, k, qe)
+            answer = await self._search_vector(_VectorSearch(vector, k, qe))
         elif kind.startswith("image/"):
             # described with the network of the version it is searched in (the router's)
             answer = await self.router.search_photo.remote(body, k, qe)
@@ -276,6 +294,21 @@ class SearchApp:
             "k": query.k,
             "qe": query.qe,
         }
+
+    async def _search_vectors(self, queries: list[_VectorSearch]) -> list[dict[str, Any]]:
+        """Requests gathered by ``self._search_vector``: one router call for those without
+        αQE and one for those with it, each answered wholly by the version it met."""
+        out: list[dict[str, Any]] = [{} for _ in queries]
+        for qe in (False, True):
+            rows = [i for i, query in enumerate(queries) if query.qe == qe]
+            if not rows:
+                continue
+            vectors = np.stack([queries[i].vector for i in rows])
+            k = max(queries[i].k for i in rows)
+            answer = await self.router.search_many.remote(vectors, k, qe=qe)
+            for i, hits in zip(rows, answer["hits"], strict=True):
+                out[i] = {"version": answer["version"], "hits": hits[: queries[i].k]}
+        return out
 
     @staticmethod
     def _batch_query(body: bytes) -> BatchQuery:

@@ -2,8 +2,8 @@
 
 ``IndexShard`` is one slot of the index (``cluster.shards.ShardSet``): a deployment per slot,
 each with as many replicas as configured (or as Serve's autoscaler starts), on CPU or GPU
-FAISS. ``SearchRouter`` takes batches of query vectors (``@serve.batch``, up to
-``concurrent_batches`` in flight at once so that a slot's replicas share the work), sends each
+FAISS. ``SearchRouter`` takes batches of query vectors (:class:`cluster.batching.Batcher`, up
+to ``concurrent_batches`` in flight at once so that a slot's replicas share the work), sends each
 batch to every slot with the version it is serving, merges the slots' canonical top k (largest
 inner product first, lower id first on ties: the result of one unsharded index) and drops the
 empty places. With ``qe`` it expands a query by αQE: the vectors of its ``qe_k`` nearest
@@ -41,6 +41,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from cluster import index_store
+from cluster.batching import Batcher
 from cluster.resources import use_reserved_threads
 from cluster.served import ServedState, promote, read_current, served_state, verified
 from cluster.shards import ShardSet, SlotResult
@@ -187,7 +188,6 @@ class SearchRouter:
         *,
         qe: QueryExpansion,
         max_batch_size: int = 32,
-        batch_wait_s: float = 0.005,
         concurrent_batches: int = 1,
         retry_s: float = 60.0,
         watch_s: float = 0.0,
@@ -200,11 +200,9 @@ class SearchRouter:
         self.qe, self.retry_s = qe, retry_s
         self.follow_s, self.watch_s, self.switch_timeout_s = follow_s, watch_s, switch_timeout_s
         # Batches in flight at once: with one, a slot's replicas would take turns.
-        self._search_batch = serve.batch(
-            max_batch_size=max_batch_size,
-            batch_wait_timeout_s=batch_wait_s,
-            max_concurrent_batches=concurrent_batches,
-        )(self._answer_batch)
+        self._search_batch = Batcher(
+            self._answer_batch, max_batch_size=max_batch_size, concurrent=concurrent_batches
+        )
         self._reload_lock = asyncio.Lock()
         self._switch_lock = asyncio.Lock()
         self._replicas: dict[str, tuple[int, tuple[int, ...], float]] = {}
@@ -323,7 +321,8 @@ class SearchRouter:
     async def search_many(
         self, vectors: np.ndarray, k: int, *, qe: bool = False, version: int | None = None
     ) -> dict[str, Any]:
-        """A whole matrix of queries at once (the Python handle's bulk path, benchmarks)."""
+        """A whole matrix of queries at once, wholly from one version: the ingress's batches of
+        requests, ``POST /search/batch`` and the Python handle's bulk path."""
         manifest = (
             self.manifest if version is None else index_store.read_manifest(self.index, version)
         )

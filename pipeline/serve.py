@@ -12,13 +12,14 @@ four kinds of deployment:
   shards ``number % slots == i`` of each version (default: a slot per shard), with
   ``--replicas`` replicas each (with ``--max-replicas``, as many as Serve's autoscaler starts
   under load, up to that), on CPU FAISS or, with ``--gpus-per-shard``, GPU FAISS;
-- ``SearchRouter``: batches queries (``@serve.batch``, enough batches in flight to keep every
+- ``SearchRouter``: batches queries (``cluster.batching``, enough batches in flight to keep every
   shard replica busy), fans them out, merges, αQE, and switches to a new served state once
   every shard replica holds it (``POST /reload``);
 - ``Embedder`` (``--embedder-replicas``, autoscaled up to ``--embedder-max-replicas``): photo
   bytes → a descriptor with the network of the index version it is searched in (pinned in the
   index; one whose identity is not the one the descriptors recorded is refused);
-- ``SearchApp`` (``cluster.app``): the FastAPI ingress, the search page and ``/docs``.
+- ``SearchApp`` (``cluster.app``): the FastAPI ingress, the search page and ``/docs``; it
+  passes the descriptor queries that arrive together to the router as one batch.
 
 Everything that decides scale is configuration, here or in a Serve config file:
 ``--write-config serve.yaml`` writes one (the builder ``pipeline.serve:app_builder``, these
@@ -116,9 +117,9 @@ class ServeConf(FlatFlags):
     max_ongoing_requests: int = 64
     """Requests a replica works on at once (Serve's admission limit)."""
     max_batch_size: int = 32
-    """Queries the router sends to the shards together (@serve.batch)."""
-    batch_wait_s: float = 0.005
-    """How long the router waits to fill a batch."""
+    """Most queries sent on together, by the ingress to the router and by the router to the
+    shards: a batch leaves as soon as the one before it is answered, with every query that
+    arrived meanwhile (no fixed wait)."""
     embed_batch_size: int = 8
     qe: QueryExpansion = field(default_factory=lambda: QueryExpansion(qe_k=10))
     """αQE of a query asked with qe=true (flags --qe-k, --qe-alpha)."""
@@ -341,14 +342,17 @@ def build_app(conf: ServeConf) -> Any:
         embedder,
         qe=conf.qe,
         max_batch_size=conf.max_batch_size,
-        batch_wait_s=conf.batch_wait_s,
         concurrent_batches=_router_batches(conf),
         watch_s=conf.watch_s,
         follow_s=conf.follow_s,
         switch_timeout_s=conf.switch_timeout_s,
     )
     return SearchApp.options(**options["SearchApp"]).bind(
-        router, conf.index, max_body_bytes=int(conf.max_body_mb * 2**20)
+        router,
+        conf.index,
+        max_body_bytes=int(conf.max_body_mb * 2**20),
+        max_batch_size=conf.max_batch_size,
+        concurrent_batches=_router_batches(conf),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -39,7 +40,16 @@ def test_the_demo_then_again_in_seconds_and_with_photos_added(
     config.write_text(yaml.safe_dump({**SMALL_RUN, "serve": {"port": port, "detach": True}}))
     command = [sys.executable, "-m", "pipeline.demo", "--collection", "tiny", "--no-stay"]
     command += ["--output", str(tmp_path / "demo"), "--config", str(config)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    # RAY_ADDRESS=local: a Ray of its own even while another test's `ray start` cluster is up
+    # (ray.init() would join the newest such cluster)
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    try:
+        done = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
+    except subprocess.TimeoutExpired as err:
+        printed = (err.stdout or b"")[-3000:], (err.stderr or b"")[-3000:]
+        pytest.fail(f"make demo still running after 600 s; its output: {printed}")
     assert done.returncode == 0, done.stderr[-3000:]
     correct = re.search(r"^(\d+) of (\d+) results show the query's landmark", done.stdout, re.M)
     assert correct, done.stdout[-2000:]
