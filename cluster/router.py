@@ -313,7 +313,7 @@ class SearchRouter:
         """One photo: described with the network of the version served now, then searched in
         that very version; or the reason it cannot be described (a string)."""
         version = self.version  # read once: the network and the vectors of one state
-        vector = await self._call(self.embedder, "embed", photo, version)
+        vector = self._fits(await self._call(self.embedder, "embed", photo, version))
         if isinstance(vector, str):
             return vector
         return await self._search_batch(_Query(vector, int(k), bool(qe), version))
@@ -335,16 +335,30 @@ class SearchRouter:
         searched in that version: ``{"version": v, "hits": [[Hit, ...] or "why not", ...]}``
         (a photo that cannot be described gets its reason, the others their hits)."""
         version = self.version  # read once: one state for the whole request
-        vectors = await asyncio.gather(
-            *(self._call(self.embedder, "embed", photo, version) for photo in photos)
-        )
-        good = [i for i, v in enumerate(vectors) if not isinstance(v, str)]
+        vectors = [
+            self._fits(vector)
+            for vector in await asyncio.gather(
+                *(self._call(self.embedder, "embed", photo, version) for photo in photos)
+            )
+        ]
+        good = {i: v for i, v in enumerate(vectors) if not isinstance(v, str)}
         out: list[Any] = list(vectors)
         if good:
-            queries = [_Query(vectors[i], int(k), bool(qe), version) for i in good]
+            queries = [_Query(v, int(k), bool(qe), version) for v in good.values()]
             for i, hits in zip(good, await self._answer(queries, version), strict=True):
                 out[i] = hits
         return {"version": version, "hits": out}
+
+    def _fits(self, vector: np.ndarray | str) -> np.ndarray | str:
+        """A photo's descriptor, or why it cannot be searched here: a network that describes
+        with another dimension than the index's vectors (a reload never changes that)."""
+        dim = int(self.manifest["dim"])
+        if isinstance(vector, str) or vector.shape[-1] == dim:
+            return vector
+        return (
+            f"the index's network describes a photo with {vector.shape[-1]} values; "
+            f"the index holds vectors of dimension {dim}"
+        )
 
     async def _answer_batch(self, queries: list[_Query]) -> list[dict[str, Any]]:
         """A batch of queries (``self._search_batch`` gathers them): each answered by one

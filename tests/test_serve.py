@@ -224,6 +224,8 @@ def test_alpha_qe_through_the_service_equals_alpha_qe_on_the_matrix(service, vec
     [
         ({"data": b"no photo", "headers": {"Content-Type": "image/jpeg"}}, 422, "not a usable"),
         ({"data": _png(1, 1), "headers": {"Content-Type": "image/png"}}, 422, "too small"),
+        # the index's network (Lite0, 1280 values) does not describe in this index's dimension
+        ({"data": _png(96, 96), "headers": {"Content-Type": "image/png"}}, 422, "1280 values"),
         ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "JSON"),
         ({"json": {"vector": [0.1] * (DIM - 1)}}, 422, f"dimension {DIM}"),
         ({"json": {"vector": [0.0] * DIM}}, 422, "norm is zero"),

@@ -1,15 +1,18 @@
 """Autoscaling of the search service: the flags reach Serve's ``autoscaling_config`` (in the
-bound app and in a written Serve config file), bad values are refused one line each, and a
-shard deployment under load gains replicas and, once the load stops, gives them back."""
+bound app and in a written Serve config file), bad values are refused one line each, and the
+shard and embedder deployments under load (descriptors and photos) gain replicas and, once the
+load stops, give them back."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from ray import serve
 
 from cluster import index_store
@@ -19,12 +22,12 @@ from pipeline.index import run as build_index
 from pipeline.serve import APP_NAME, ServeConf, app_builder, build_app, serve_config
 from tests.helpers import written_serve_app
 
-# The ImageNet Lite0 the embedder builds; only vector queries are sent here.
+# The ImageNet Lite0 the embedder builds (the photos' answers are checked for their shape only).
 NETWORK = {
     "weights": "imagenet",
     "meta": {"backbone": "efficientnet_lite0", "pooling": "gem", "p": 3.0},
 }
-DIM, COUNT = 24, 1000
+DIM, COUNT = 1280, 1000  # Lite0's dimension: the embedder's photo descriptors are searched
 
 
 def _index(tmp: Path, shards: int) -> tuple[str, np.ndarray]:
@@ -139,12 +142,35 @@ def _send(router, queries: np.ndarray, want: list[list[str]], *, stop, counts, f
         counts.append(len(queries))
 
 
-def test_shard_replicas_are_added_under_load_and_removed_after(serve_url, tmp_path):
+def _send_photos(router, photos: list[bytes], *, stop, counts, failures) -> None:
+    """The photos, call after call, until ``stop``: each described by the embedder, then
+    searched; an answer without 5 hits for every photo, or a failed call, is kept."""
+    while not stop.is_set():
+        try:
+            answer = router.search_photos.remote(photos, 5).result(timeout_s=60)
+            if [len(hits) for hits in answer["hits"]] != [5] * len(photos):
+                failures.append(f"photos: {answer['hits']!r:.200}")
+        except Exception as err:  # any failure of the call is what this test looks for
+            failures.append(str(err))
+        counts.append(len(photos))
+
+
+def _photos(count: int) -> list[bytes]:
+    rng = np.random.default_rng(3)
+    out = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(buffer, "JPEG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def test_shard_and_embedder_replicas_are_added_under_load_and_removed_after(serve_url, tmp_path):
     root, x = _index(tmp_path, 1)
     conf = ServeConf.from_flags(
         index=root,
         max_replicas=3,  # one slot, 1 to 3 replicas
-        embedder_max_replicas=2,  # bound and deployed too; no photos here, so it stays at 1
+        embedder_max_replicas=2,  # 1 to 2 embedder replicas, loaded by the photo senders
         target_ongoing_requests=1.0,
         upscale_delay_s=0.5,
         downscale_delay_s=1.5,
@@ -161,8 +187,9 @@ def test_shard_replicas_are_added_under_load_and_removed_after(serve_url, tmp_pa
         router = serve.get_deployment_handle("SearchRouter", app_name=APP_NAME)
         queries = x[::40]
         want = index_store.search(root, queries, 5).image_ids.tolist()  # one unsharded index
-        seen = [(0.0, _running("IndexShard0"))]
-        stop, counts, failures = threading.Event(), [], []
+        deployments = ("IndexShard0", "Embedder")
+        seen = {name: [(0.0, _running(name))] for name in deployments}
+        stop, counts, photo_counts, failures = threading.Event(), [], [], []
         senders = [
             threading.Thread(
                 target=_send,
@@ -171,31 +198,42 @@ def test_shard_replicas_are_added_under_load_and_removed_after(serve_url, tmp_pa
             )
             for _ in range(4)
         ]
+        senders += [
+            threading.Thread(
+                target=_send_photos,
+                args=(router, _photos(2)),
+                kwargs={"stop": stop, "counts": photo_counts, "failures": failures},
+            )
+            for _ in range(3)
+        ]
         start = time.monotonic()
 
         def watch(until, deadline_s: float, what: str) -> None:
             deadline = time.monotonic() + deadline_s
-            while not until(seen[-1][1]):
+            while not all(until(states[-1][1]) for states in seen.values()):
                 assert time.monotonic() < deadline, f"{what} in {deadline_s} s: {seen}"
                 time.sleep(0.2)
-                states = _running("IndexShard0")
-                if states != seen[-1][1]:
-                    seen.append((round(time.monotonic() - start, 1), states))
+                for name, states in seen.items():
+                    now = _running(name)
+                    if now != states[-1][1]:
+                        states.append((round(time.monotonic() - start, 1), now))
 
         for sender in senders:
             sender.start()
         try:
-            watch(lambda s: s.get("RUNNING", 0) > 1, 60, "no replica added")
+            watch(lambda s: s.get("RUNNING", 0) > 1, 90, "no replica added to each")
         finally:
             stop.set()
             for sender in senders:
                 sender.join(timeout=60)
-        loaded = sum(counts)
         watch(lambda s: s == {"RUNNING": 1}, 30, "the added replicas not removed")
         print(f"\napp deployed in {deployed_s:.1f} s")
-        print(f"shard replicas by state, s after the load began: {seen}")
-        print(f"{loaded} queries under load, {len(failures)} failed or wrong")
+        for name, states in seen.items():
+            print(f"{name} replicas by state, s after the load began: {states}")
+        print(
+            f"{sum(counts)} descriptor and {sum(photo_counts)} photo queries under load, "
+            f"{len(failures)} failed or wrong"
+        )
         assert not failures, failures[:3]
-        assert _running("Embedder") == {"RUNNING": 1}
     finally:
         serve.delete(APP_NAME)
