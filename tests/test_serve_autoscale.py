@@ -182,7 +182,7 @@ def test_shard_and_embedder_replicas_are_added_under_load_and_removed_after(serv
     deployed_s = time.monotonic() - began
     try:
         # Bulk calls through the router's handle: each sender always has one call out, so the
-        # slot holds close to 4 at a time, whatever else the 2 cores are doing (HTTP clients'
+        # slot holds close to 2 at a time, whatever else the 2 cores are doing (HTTP clients'
         # requests spend most of their time in the proxy and the ingress on 2 cores).
         router = serve.get_deployment_handle("SearchRouter", app_name=APP_NAME)
         queries = x[::40]
@@ -196,7 +196,7 @@ def test_shard_and_embedder_replicas_are_added_under_load_and_removed_after(serv
                 args=(router, queries, want),
                 kwargs={"stop": stop, "counts": counts, "failures": failures},
             )
-            for _ in range(4)
+            for _ in range(2)
         ]
         senders += [
             threading.Thread(
@@ -204,7 +204,7 @@ def test_shard_and_embedder_replicas_are_added_under_load_and_removed_after(serv
                 args=(router, _photos(2)),
                 kwargs={"stop": stop, "counts": photo_counts, "failures": failures},
             )
-            for _ in range(3)
+            for _ in range(2)
         ]
         start = time.monotonic()
 
