@@ -40,13 +40,15 @@ class Batcher(Generic[Item, Answer]):
         self._slots: list[asyncio.Task[None]] = []
 
     async def __call__(self, item: Item) -> Answer:
+        loop = asyncio.get_running_loop()
         if self._queue is None:  # the loop the calls run on, known at the first call
             self._queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-            self._slots = [
-                loop.create_task(self._send(self._queue)) for _ in range(self._concurrent)
-            ]
-        answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        # a slot that ended (cancelled with its loop's work) is replaced: queued calls never
+        # wait for a sender that is gone
+        self._slots = [slot for slot in self._slots if not slot.done()]
+        while len(self._slots) < self._concurrent:
+            self._slots.append(loop.create_task(self._send(self._queue)))
+        answer: asyncio.Future[Answer] = loop.create_future()
         self._queue.put_nowait((item, answer))
         return await answer
 
@@ -65,6 +67,10 @@ class Batcher(Generic[Item, Answer]):
                     if not answer.done():
                         answer.set_exception(err)
                 continue
+            except BaseException:  # the slot itself is stopped: its callers with it
+                for _, answer in waiting:
+                    answer.cancel()
+                raise
             for (_, answer), result in zip(waiting, answers, strict=True):
                 if not answer.done():
                     answer.set_result(result)

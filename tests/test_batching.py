@@ -79,6 +79,22 @@ def test_batches_in_flight_are_bounded_by_the_slots() -> None:
     asyncio.run(scenario())
 
 
+def test_a_stopped_slot_cancels_its_callers_and_is_replaced() -> None:
+    async def scenario() -> None:
+        held = _Held()
+        batcher = Batcher(held, max_batch_size=4)
+        first = asyncio.ensure_future(batcher(1))
+        await _settle()
+        (slot,) = batcher._slots
+        slot.cancel()  # as when its work is cancelled under it
+        with pytest.raises(asyncio.CancelledError):  # not left waiting
+            await asyncio.wait_for(first, 5)
+        held.release.set()
+        assert await asyncio.wait_for(batcher(2), 5) == 20  # a new slot answers the next call
+
+    asyncio.run(scenario())
+
+
 def test_a_batcher_that_could_send_nothing_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1 item and at least 1 is in flight, not 0"):
         Batcher(_Held(), max_batch_size=0)
