@@ -2,13 +2,12 @@
 
 ``IndexShard`` is one slot of the index (``cluster.shards.ShardSet``): a deployment per slot,
 each with as many replicas as configured (or as Serve's autoscaler starts), on CPU or GPU
-FAISS. ``SearchRouter`` takes batches of query vectors (:class:`cluster.batching.Batcher`, up
-to ``concurrent_batches`` in flight at once so that a slot's replicas share the work), sends each
-batch to every slot with the version it is serving, merges the slots' canonical top k (largest
-inner product first, lower id first on ties: the result of one unsharded index) and drops the
-empty places. With ``qe`` it expands a query by αQE: the vectors of its ``qe_k`` nearest
-neighbours are fetched from the slots and :func:`model.retrieval.alpha_qe` combines them
-exactly as it does over a whole matrix, then the expanded query is searched again.
+FAISS. ``SearchRouter`` owns the served version. It answers photos (described by the embedder with
+the network of the version they are searched in), batch requests and the Python handle's
+queries: batches (:class:`cluster.batching.Batcher`, up to ``concurrent_batches`` in flight
+at once so that a slot's replicas share the work) sent to every slot with one version and
+merged (:class:`cluster.fanout.SlotSearch`, αQE included). The HTTP ingress sends descriptor
+queries to the slots itself, with the version the router serves.
 
 The served state. ``INDEX/CURRENT`` (:mod:`cluster.served`) names the version served, its
 manifest and its network; the index stage writes it when it publishes, ``reload`` when asked.
@@ -20,9 +19,6 @@ one version; a photo is described with the network of the version it is searched
 embedder holds the networks of both). A router that restarts comes back on ``CURRENT``. A
 replica that still lacks a version it is asked for loads it first: slow once, never wrong.
 With ``watch_s`` the router also promotes each newer complete version as it appears.
-
-A call to a slot whose replica died is retried until ``retry_s`` has passed: Serve starts a
-new replica, which loads its shards; the query is answered late rather than failed.
 """
 
 from __future__ import annotations
@@ -32,48 +28,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
 
 from cluster import index_store
 from cluster.batching import Batcher
+from cluster.fanout import Hit, SearchQuery, SlotSearch, call_retried, merge_slots
 from cluster.resources import use_reserved_threads
 from cluster.served import ServedState, promote, read_current, served_state, verified
 from cluster.shards import ShardSet, SlotResult
-from model.retrieval import QueryExpansion, alpha_qe
+from model.retrieval import QueryExpansion
 
 __all__ = ["Hit", "IndexShard", "SearchRouter", "merge_slots"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Hit:
-    image_id: str
-    id: int
-    score: float
-
-
-def merge_slots(results: Sequence[SlotResult], k: int) -> list[list[Hit]]:
-    """The slots' answers → each query's top ``k``, best first, empty places dropped."""
-    scores, ids = index_store.merge_topk([r.scores for r in results], [r.ids for r in results], k)
-    names: dict[int, str] = {}
-    for result in results:
-        valid = result.ids >= 0
-        names.update(zip(result.ids[valid].tolist(), result.image_ids[valid].tolist(), strict=True))
-    return [
-        [
-            Hit(image_id=names[i], id=i, score=float(s))
-            for s, i in zip(row_scores, row_ids.tolist(), strict=True)
-            if i >= 0
-        ]
-        for row_scores, row_ids in zip(scores, ids, strict=True)
-    ]
 
 
 @serve.deployment
@@ -162,15 +132,6 @@ def _replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
-@dataclass(frozen=True)
-class _Query:
-    vector: np.ndarray
-    k: int
-    qe: bool
-    version: int | None = None
-    """The version to answer from (a photo described with its network); ``None``: served."""
-
-
 @serve.deployment
 class SearchRouter:
     """Fans batches of queries out to every slot and merges; follows the served state.
@@ -197,7 +158,8 @@ class SearchRouter:
         self.index, self.slots, self.embedder = index, slots, embedder
         self.state = served_state(index)
         self.manifest = index_store.read_manifest(index, self.state.version)
-        self.qe, self.retry_s = qe, retry_s
+        self.retry_s = retry_s
+        self._slots = SlotSearch(slots, qe, retry_s=retry_s)
         self.follow_s, self.watch_s, self.switch_timeout_s = follow_s, watch_s, switch_timeout_s
         # Batches in flight at once: with one, a slot's replicas would take turns.
         self._search_batch = Batcher(
@@ -213,6 +175,11 @@ class SearchRouter:
     @property
     def version(self) -> int:
         return self.state.version
+
+    def served(self) -> tuple[int, int]:
+        """The version answered from now and ``CURRENT``'s serial when it became so (the
+        ingress asks, to search the slots itself; the serial orders the answers it gets)."""
+        return self.version, self.state.serial
 
     def report(self, slot: int, replica: str, held: list[int]) -> int:
         """A shard replica's versions; answers the version served (which it must keep)."""
@@ -307,16 +274,18 @@ class SearchRouter:
 
     async def search(self, vector: np.ndarray, k: int, qe: bool = False) -> dict[str, Any]:
         """One query: ``{"version": v, "hits": [Hit, ...]}``, batched with others."""
-        return await self._search_batch(_Query(np.asarray(vector, np.float32), int(k), bool(qe)))
+        return await self._search_batch(
+            SearchQuery(np.asarray(vector, np.float32), int(k), bool(qe))
+        )
 
     async def search_photo(self, photo: bytes, k: int, qe: bool = False) -> dict[str, Any] | str:
         """One photo: described with the network of the version served now, then searched in
         that very version; or the reason it cannot be described (a string)."""
         version = self.version  # read once: the network and the vectors of one state
-        vector = self._fits(await self._call(self.embedder, "embed", photo, version))
+        vector = self._fits(await self._embed(photo, version))
         if isinstance(vector, str):
             return vector
-        return await self._search_batch(_Query(vector, int(k), bool(qe), version))
+        return await self._search_batch(SearchQuery(vector, int(k), bool(qe), version))
 
     async def search_many(
         self, vectors: np.ndarray, k: int, *, qe: bool = False, version: int | None = None
@@ -326,8 +295,8 @@ class SearchRouter:
         manifest = (
             self.manifest if version is None else index_store.read_manifest(self.index, version)
         )
-        queries = [_Query(v, int(k), bool(qe)) for v in np.asarray(vectors, np.float32)]
-        hits = await self._answer(queries, int(manifest["version"]))
+        queries = [SearchQuery(v, int(k), bool(qe)) for v in np.asarray(vectors, np.float32)]
+        hits = await self._slots.answer(queries, int(manifest["version"]))
         return {"version": int(manifest["version"]), "hits": hits}
 
     async def search_photos(self, photos: list[bytes], k: int, qe: bool = False) -> dict[str, Any]:
@@ -337,15 +306,13 @@ class SearchRouter:
         version = self.version  # read once: one state for the whole request
         vectors = [
             self._fits(vector)
-            for vector in await asyncio.gather(
-                *(self._call(self.embedder, "embed", photo, version) for photo in photos)
-            )
+            for vector in await asyncio.gather(*(self._embed(photo, version) for photo in photos))
         ]
         good = {i: v for i, v in enumerate(vectors) if not isinstance(v, str)}
         out: list[Any] = list(vectors)
         if good:
-            queries = [_Query(v, int(k), bool(qe), version) for v in good.values()]
-            for i, hits in zip(good, await self._answer(queries, version), strict=True):
+            queries = [SearchQuery(v, int(k), bool(qe), version) for v in good.values()]
+            for i, hits in zip(good, await self._slots.answer(queries, version), strict=True):
                 out[i] = hits
         return {"version": version, "hits": out}
 
@@ -360,7 +327,10 @@ class SearchRouter:
             f"the index holds vectors of dimension {dim}"
         )
 
-    async def _answer_batch(self, queries: list[_Query]) -> list[dict[str, Any]]:
+    async def _embed(self, photo: bytes, version: int) -> np.ndarray | str:
+        return await call_retried(self.embedder, "embed", photo, version, retry_s=self.retry_s)
+
+    async def _answer_batch(self, queries: list[SearchQuery]) -> list[dict[str, Any]]:
         """A batch of queries (``self._search_batch`` gathers them): each answered by one
         version, its own (a photo's) or the one served, read once for the batch."""
         served = self.version
@@ -369,56 +339,10 @@ class SearchRouter:
             by_version.setdefault(query.version or served, []).append(i)
         out: list[dict[str, Any]] = [{} for _ in queries]
         for version, rows in by_version.items():
-            hits = await self._answer([queries[i] for i in rows], version)
+            hits = await self._slots.answer([queries[i] for i in rows], version)
             for i, h in zip(rows, hits, strict=True):
                 out[i] = {"version": version, "hits": h}
         return out
-
-    async def _answer(self, queries: list[_Query], version: int) -> list[list[Hit]]:
-        q = np.stack([query.vector for query in queries])
-        k = max(query.k for query in queries)
-        expand = [i for i, query in enumerate(queries) if query.qe]
-        if expand:
-            q = q.copy()
-            q[expand] = await self._expanded(q[expand], version)
-        hits = merge_slots(await self._fan_out("search", q, k, version), k)
-        return [row[: query.k] for row, query in zip(hits, queries, strict=True)]
-
-    async def _expanded(self, q: np.ndarray, version: int) -> np.ndarray:
-        """αQE of each query over its ``qe_k`` nearest stored vectors."""
-        k = self.qe.qe_k
-        neighbours = merge_slots(await self._fan_out("search", q, k, version), k)
-        ids = np.array(sorted({hit.id for row in neighbours for hit in row}), np.int64)
-        stored: dict[int, np.ndarray] = {}
-        for part in await self._fan_out("vectors", ids, version):
-            stored.update(part)
-        out = np.empty_like(q)
-        for j, row in enumerate(neighbours):
-            if not row:
-                out[j] = q[j]
-                continue
-            x = np.stack([stored[hit.id] for hit in row])
-            # Its neighbours are already the k nearest: alpha_qe weighs and adds them as it
-            # does over the whole matrix (the query is no database row here: query_rows -1).
-            out[j] = alpha_qe(q[j : j + 1], x, len(row), self.qe.qe_alpha, query_rows=[-1])[0]
-        return out
-
-    async def _fan_out(self, method: str, *args: Any) -> list[Any]:
-        return list(await asyncio.gather(*(self._call(slot, method, *args) for slot in self.slots)))
-
-    async def _call(self, deployment: Any, method: str, *args: Any) -> Any:
-        """A call to a shard slot or the embedder, retried while Serve replaces a dead replica."""
-        deadline = time.monotonic() + self.retry_s
-        delay = 0.1
-        while True:
-            try:
-                return await getattr(deployment, method).remote(*args)
-            except (RayActorError, ActorUnavailableError) as err:
-                if time.monotonic() > deadline:
-                    raise
-                logger.warning("call %s failed (%s); retrying in %.1f s", method, err, delay)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 2.0)
 
     async def reload(self, version: int | None = None) -> dict[str, Any]:
         """Serve ``version`` (default: the newest complete one): written to ``CURRENT``, then
@@ -434,7 +358,7 @@ class SearchRouter:
                 )
             state = await asyncio.to_thread(promote, self.index, new)
             if not state.same_as(self.state):
-                await self._fan_out("load", new)  # one replica a slot now; the rest follow
+                await self._slots.fan_out("load", new)  # one replica a slot now; the rest follow
                 deadline = time.monotonic() + self.switch_timeout_s
                 while not state.same_as(self.state):
                     if await self._all_hold(new):

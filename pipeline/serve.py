@@ -12,14 +12,16 @@ four kinds of deployment:
   shards ``number % slots == i`` of each version (default: a slot per shard), with
   ``--replicas`` replicas each (with ``--max-replicas``, as many as Serve's autoscaler starts
   under load, up to that), on CPU FAISS or, with ``--gpus-per-shard``, GPU FAISS;
-- ``SearchRouter``: batches queries (``cluster.batching``, enough batches in flight to keep every
-  shard replica busy), fans them out, merges, αQE, and switches to a new served state once
-  every shard replica holds it (``POST /reload``);
+- ``SearchRouter``: the one owner of the served version, which it switches once every shard
+  replica holds a new state (``POST /reload``); it answers photos, batch requests and the
+  Python handle: batches (``cluster.batching``, enough in flight to keep every shard replica
+  busy) fanned out to the slots and merged, αQE included (``cluster.fanout``);
 - ``Embedder`` (``--embedder-replicas``, autoscaled up to ``--embedder-max-replicas``): photo
   bytes → a descriptor with the network of the index version it is searched in (pinned in the
   index; one whose identity is not the one the descriptors recorded is refused);
 - ``SearchApp`` (``cluster.app``): the FastAPI ingress, the search page and ``/docs``; it
-  passes the descriptor queries that arrive together to the router as one batch.
+  sends the descriptor queries that arrive together to the slots itself, as one batch, in the
+  version the router serves (asked again every 0.2 s), so they take no hop through the router.
 
 Everything that decides scale is configuration, here or in a Serve config file:
 ``--write-config serve.yaml`` writes one (the builder ``pipeline.serve:app_builder``, these
@@ -117,9 +119,9 @@ class ServeConf(FlatFlags):
     max_ongoing_requests: int = 64
     """Requests a replica works on at once (Serve's admission limit)."""
     max_batch_size: int = 32
-    """Most queries sent on together, by the ingress to the router and by the router to the
-    shards: a batch leaves as soon as the one before it is answered, with every query that
-    arrived meanwhile (no fixed wait)."""
+    """Most queries sent on together to the shards, by the ingress and by the router: a batch
+    leaves as soon as the one before it is answered, with every query that arrived meanwhile
+    (no fixed wait)."""
     embed_batch_size: int = 8
     qe: QueryExpansion = field(default_factory=lambda: QueryExpansion(qe_k=10))
     """αQE of a query asked with qe=true (flags --qe-k, --qe-alpha)."""
@@ -350,6 +352,8 @@ def build_app(conf: ServeConf) -> Any:
     return SearchApp.options(**options["SearchApp"]).bind(
         router,
         conf.index,
+        shard_handles,
+        qe=conf.qe,
         max_body_bytes=int(conf.max_body_mb * 2**20),
         max_batch_size=conf.max_batch_size,
         concurrent_batches=_router_batches(conf),

@@ -393,6 +393,33 @@ def test_reload_under_load_answers_wholly_from_one_version(service, vectors):
     assert client.health()["version"] == 2 and first_v2 > 0
 
 
+def test_the_ingress_follows_a_reload_made_through_the_router(service, vectors):
+    """The ingress searches the slots itself with the router's version: a reload it did not
+    make reaches its answers within its ``version_ttl_s`` (0.2 s), and they never go back."""
+    client, root, _ = service
+    router = serve.get_deployment_handle("SearchRouter", app_name=APP_NAME)
+    newest = router.served.remote().result()[0]
+    assert newest >= 2, "test_reload_under_load_answers_wholly_from_one_version publishes v2"
+    query = vectors[:ADDED:10][:1]
+    want = {
+        v: index_store.search(root, query, 5, version=v).image_ids.tolist()[0]
+        for v in (newest - 1, newest)
+    }
+    for version in (newest - 1, newest):  # back one version, then forward again
+        router.reload.remote(version).result()
+        switched = time.monotonic()
+        seen = [client.search_vector(query[0], k=5)]
+        while seen[-1].version != version:
+            assert time.monotonic() - switched < 5, f"the ingress still answers v{seen[-1].version}"
+            seen.append(client.search_vector(query[0], k=5))
+        lag = time.monotonic() - switched
+        seen += [client.search_vector(query[0], k=5) for _ in range(5)]
+        first = next(i for i, a in enumerate(seen) if a.version == version)
+        assert {a.version for a in seen[first:]} == {version}  # never back
+        assert all(a.image_ids == want[a.version] for a in seen)
+        print(f"\nreload to v{version} through the router: HTTP answers followed in {lag:.2f} s")
+
+
 # --- Configuration ----------------------------------------------------------------------------
 
 
