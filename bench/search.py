@@ -20,7 +20,6 @@ say what the service's hops cost against FAISS itself, not what a cluster would 
     RAY_SERVE_USE_GRPC_BY_DEFAULT=1 python -m bench.search --out bench/results/search_cpu_grpc.json
 """
 
-
 import os
 import platform
 import tempfile
@@ -43,7 +42,7 @@ from cluster.client import SearchClient
 from model.descriptors import write_descriptors
 from pipeline.index import IndexConf
 from pipeline.index import run as build_index
-from pipeline.serve import APP_NAME, ServeConf, build_app
+from pipeline.serve import APP_NAME, ServeConf, build_app, start_serve
 
 
 @dataclass(frozen=True)
@@ -89,11 +88,13 @@ class Noop:
 
 
 def _transport() -> str:
-    """How Serve carries requests between its processes in this run: Ray's object references
-    (its default), or gRPC when ``RAY_SERVE_USE_GRPC_BY_DEFAULT=1`` was set before the run."""
+    """How Serve carries requests between its processes in this run: as the service sets it
+    (the proxy hands requests to the ingress over gRPC, ``pipeline.serve.SERVE_ENV``; the
+    ingress's calls to the shards by value, over gRPC; the router's by object reference), or
+    gRPC everywhere when ``RAY_SERVE_USE_GRPC_BY_DEFAULT=1`` was set before the run."""
     if os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT") == "1":
-        return "gRPC (RAY_SERVE_USE_GRPC_BY_DEFAULT=1)"
-    return "Ray object references (the default)"
+        return "gRPC everywhere (RAY_SERVE_USE_GRPC_BY_DEFAULT=1)"
+    return "the service's (proxy to ingress and ingress to shards over gRPC)"
 
 
 def _processes() -> dict[int, tuple[str, float]]:
@@ -200,7 +201,7 @@ def main(conf: BenchConf) -> dict:
     desc = write_descriptors(str(work / "desc"), ids, X, network=NETWORK)
     ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
     port = 8000 + int(rng.integers(100, 900))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve("127.0.0.1", port)
     profiles: list[tuple[str, dict[str, float]]] = []
 
     def measured(name: str, shards: int, send: Callable[[np.ndarray], list[int]]) -> None:

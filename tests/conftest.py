@@ -185,7 +185,9 @@ def serve_url(ray_session) -> Iterator[str]:
     replicas reserve no CPU, so the Ray Data tests after them still get both cores.
     """
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from pipeline.serve import start_serve  # Serve's proxy settings as the service has them
+
+    start_serve("127.0.0.1", port)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

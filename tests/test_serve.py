@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import requests
 import schemathesis
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from PIL import Image
@@ -37,7 +38,7 @@ from pipeline.index import IndexConf
 from pipeline.index import run as build_index
 from pipeline.ingest import IngestConf
 from pipeline.ingest import run as ingest
-from pipeline.serve import APP_NAME, ServeConf, app_builder, build_app
+from pipeline.serve import APP_NAME, SERVE_ENV, ServeConf, app_builder, build_app
 from tests.helpers import written_serve_app
 
 # The ImageNet Lite0 the embedder builds; these vectors never came from it, so only vector
@@ -436,6 +437,9 @@ def test_a_serve_config_file_holds_every_setting(ray_session, vectors, tmp_path)
         write_config=str(path),
     )
     app = written_serve_app(conf)  # Serve's own validation of the file included
+    # the proxies hand requests to the ingress over gRPC, as when pipeline.serve starts Serve
+    written = yaml.safe_load(path.read_text())
+    assert written["controller_options"] == {"runtime_env": {"env_vars": SERVE_ENV}}
     assert app["import_path"] == "pipeline.serve:app_builder"
     assert app["args"] == {
         "index": conf.index,
