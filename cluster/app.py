@@ -182,7 +182,8 @@ class SearchApp:
     learnt at once from a reload made here), so another replica's reload reaches these answers
     within that time; each answer comes wholly from one version. The slots' answers are small,
     so they come back by value (Serve's gRPC between replicas), not through the object store:
-    on ``bench/search.py`` with four shards a query costs 29 ms of CPU so, 35 by reference."""
+    on ``bench/search.py`` with four shards a query costs 29 ms of CPU that way, 35 by
+    reference."""
 
     def __init__(
         self,
