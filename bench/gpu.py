@@ -152,6 +152,9 @@ class GpuBenchConf:
     """Where photos, descriptors and indexes are written; default: a temporary folder."""
     photos: str = field(default_factory=lambda: ExtractBenchConf().photos)
     """Real photos for the extraction (synthetic JPEGs where absent, as on a GPU machine)."""
+    address: str = "local"
+    """The Ray to run on: ``local`` starts one of its own with every core of this machine; a
+    running cluster's address (``host:port``) joins it and leaves it running."""
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -485,12 +488,12 @@ def main(conf: GpuBenchConf) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="cirray-bench-gpu-", dir=conf.work_dir) as tmp:
         work = Path(tmp)
+        own_ray = conf.address == "local"
         ray.init(
-            address="local",
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
+            address=conf.address,
             configure_logging=False,
             log_to_driver=False,
+            **({"num_cpus": os.cpu_count(), "include_dashboard": False} if own_ray else {}),
         )
         try:  # the serving check last: its IVF-PQ training takes the longest to foresee
             measured("extract", lambda: measure_extract(sizes, work, conf.photos))

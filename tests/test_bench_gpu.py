@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKS = ("extract", "search", "mining", "train", "serve")
@@ -20,11 +21,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def dry_run(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench-gpu") / "gpu.json"
-    # its own local Ray (address="local"), beside any the test session runs
+    # on the session's Ray (a Ray of its own would start and idle beside it for nothing)
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--size", "tiny"]
     done = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--size", "tiny", "--out", str(out)],
+        [*command, "--out", str(out), "--address", address],
         cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         capture_output=True,
