@@ -526,11 +526,7 @@ class Table:
 
     def ray_dataset(self, uri: str, columns: Sequence[str] | None = None) -> Any:
         """The table of a complete output as a Ray dataset: its listed files, read by Ray Data's
-        tasks where the work runs (one block per file), ``columns`` only.
-
-        Read with Ray Data's first Parquet reader: the manifest already names every file, and
-        the newer reader starts a pool of footer-reading actors (up to 32 new processes) on each
-        read to list them again. On 2 cores those starts were a fifth of an extract's CPU."""
+        tasks where the work runs (one block per file), ``columns`` only."""
         import ray.data  # Ray only where a stage runs on it: cluster/ and SfM workers read too
 
         manifest = self.output.manifest(uri)
@@ -541,13 +537,7 @@ class Table:
         self.check_columns(wanted)
         filesystem, _ = storage.arrow_filesystem(files[0])
         paths = [storage.arrow_filesystem(f)[1] for f in files]
-        context = ray.data.DataContext.get_current()
-        newer_reader, context.use_datasource_v2 = context.use_datasource_v2, False
-        try:
-            dataset = ray.data.read_parquet(paths, filesystem=filesystem)
-        finally:
-            context.use_datasource_v2 = newer_reader
-        return dataset.select_columns(wanted)
+        return ray.data.read_parquet(paths, filesystem=filesystem).select_columns(wanted)
 
     def files(self, manifest: Manifest) -> list[str]:
         """URIs of this table's files in an output, as its manifest lists them."""
