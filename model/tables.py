@@ -30,6 +30,8 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
+import os
 import posixpath
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -537,7 +539,9 @@ class Table:
         self.check_columns(wanted)
         filesystem, _ = storage.arrow_filesystem(files[0])
         paths = [storage.arrow_filesystem(f)[1] for f in files]
-        return ray.data.read_parquet(paths, filesystem=filesystem).select_columns(wanted)
+        with footer_readers_for(len(paths)):
+            dataset = ray.data.read_parquet(paths, filesystem=filesystem)
+        return dataset.select_columns(wanted)
 
     def files(self, manifest: Manifest) -> list[str]:
         """URIs of this table's files in an output, as its manifest lists them."""
@@ -677,6 +681,31 @@ def parquet_bytes(table: pa.Table, **options: Any) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, **{"compression": "zstd", **options})
     return sink.getvalue().to_pybytes()
+
+
+FOOTER_READERS_SETTING = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+"""Ray Data's own setting: how many footer-reading actors each ``read_parquet`` starts."""
+MOST_FOOTER_READERS = 32  # Ray Data's default
+FILES_PER_FOOTER_READ = 10  # Ray Data's default RAY_DATA_PARQUET_FOOTER_BATCH_SIZE
+
+
+@contextlib.contextmanager
+def footer_readers_for(files: int) -> Iterator[None]:
+    """Ray Data's Parquet reader starts its full pool of footer-reading actors, each a new
+    process, on every read, however few files it reads; one per batch of files it hands them
+    reads as fast. Sized while the read is planned (the pool's size is taken then); a size the
+    user set is kept."""
+    if FOOTER_READERS_SETTING in os.environ:
+        yield
+        return
+    with contextlib.suppress(ImportError):  # its default is read at import: not from this size
+        import ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer  # noqa: F401
+    needed = min(MOST_FOOTER_READERS, max(1, math.ceil(files / FILES_PER_FOOTER_READ)))
+    os.environ[FOOTER_READERS_SETTING] = str(needed)
+    try:
+        yield
+    finally:
+        os.environ.pop(FOOTER_READERS_SETTING, None)
 
 
 def read_parquet_file(uri: str) -> pa.Table:

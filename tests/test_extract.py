@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 
 from model import checkpoint as checkpoints
 from model import storage, tables
@@ -15,7 +17,7 @@ from model.descriptors import read_descriptors
 from model.extraction import ExtractOptions, ImageFiles, extract_descriptors
 from model.images import image_id
 from model.networks import NetworkMeta, build_network
-from model.tables import DESCRIPTORS, DESCRIPTORS_OUTPUT, IMAGES_OUTPUT, OutputChanged
+from model.tables import DESCRIPTORS, DESCRIPTORS_OUTPUT, IMAGES, IMAGES_OUTPUT, OutputChanged
 from model.whitening import apply_whitening
 from pipeline.extract import ExtractConf, decode_memory, describer_pool, run
 from tests.helpers import run_stage, write_images
@@ -250,3 +252,16 @@ def test_describer_pool_is_sized_from_what_the_cluster_can_reach() -> None:
     fixed = ExtractConf.from_flags(images="in", output="out", actors=3, gpus_per_actor=0.5)
     assert describer_pool(fixed, scaled_to_zero, photos=10_000).max_actors == 3
     assert decode_memory(16, 1024) > 16 * 1024 * 1024 * 3
+
+
+def test_a_read_of_few_parts_starts_one_footer_reader(ray_session, photos, tmp_path) -> None:
+    images = write_images(tmp_path, photos[:2])
+
+    def footer_readers() -> int:  # every actor Ray's GCS knows, dead or alive
+        actors = ray._private.state.actors().values()  # the state API needs the dashboard
+        return sum(a["ActorClassName"] == "FooterReader" for a in actors)
+
+    before = footer_readers()
+    assert len(IMAGES.ray_dataset(str(images), ["image_id"]).take_all()) == 2
+    assert footer_readers() - before == 1  # Ray Data's own default starts 32
+    assert tables.FOOTER_READERS_SETTING not in os.environ
