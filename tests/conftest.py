@@ -92,12 +92,17 @@ def s3_server() -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-@pytest.fixture()
-def s3_bucket(s3_server: str) -> str:
-    """A fresh, empty bucket on the loopback S3 server; yields its name."""
+def new_bucket(s3_server: str) -> str:
+    """A fresh, empty bucket on the loopback S3 server; its name."""
     name = f"cirray-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture()
+def s3_bucket(s3_server: str) -> str:
+    """A fresh, empty bucket on the loopback S3 server; yields its name."""
+    return new_bucket(s3_server)
 
 
 @pytest.fixture(scope="session")

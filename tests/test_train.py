@@ -33,6 +33,7 @@ from pipeline.ingest import IngestConf
 from pipeline.ingest import run as ingest
 from pipeline.train import CgdPart, GemPart, TrainConf, initial_network
 from pipeline.train import run as train
+from tests.conftest import new_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -65,23 +66,32 @@ def _conf(pairs: dict[str, str], out: Path | str, **changes) -> TrainConf:
     return base.replaced(**changes)
 
 
-FIXED_LW = {"whiten_shrinkage": 0.0, "whiten_dim": 1280}
-"""Validation's Lw with its settings given, not cross-validated: for tests about training."""
-
-
 def _epochs(best: str) -> list[dict]:
     return json.loads(storage.read_text(storage.join(best, "metrics.json")))["epochs"]
 
 
-def test_training_checkpoints_the_best_epoch_and_resumes(
-    pairs, s3_bucket, tmp_path, caplog
-) -> None:
-    """Output and Ray Train's storage on the loopback S3 server, as on a cluster; trained on
-    what the pairs stage returned (``scene_pairs`` chains the stages' return values)."""
+TWO_WORKERS = {"tuples_per_step": 3, "device_batch": 2}
+"""Three tuples a step, two images a forward pass: rank 0 makes 3 passes a step, rank 1 makes 2."""
+WITH_LW = {"whiten": True, "whiten_size": 160, "val_size": None, "keep_whitening": "always"}
+"""Validation at extract's size, with the Lw the output keeps."""
+FIXED_LW = {"whiten_shrinkage": 0.0, "whiten_dim": 1280}
+"""Validation's Lw with its settings given, not cross-validated: for tests about training."""
 
-    out = f"s3://{s3_bucket}/train"
-    conf = _conf(pairs, out, whiten=True, whiten_size=160, val_size=None, keep_whitening="always")
+
+@pytest.fixture(scope="module")
+def trained(pairs, s3_server) -> dict:
+    """One worker, 2 epochs, Lw learned, output and Ray Train's storage on the loopback S3
+    server, as on a cluster; trained on what the pairs stage returned (``scene_pairs`` chains
+    the stages' return values). Returns its ``conf``, ``best`` and ``epochs`` as it ended."""
+    conf = _conf(pairs, f"s3://{new_bucket(s3_server)}/train", **WITH_LW, **TWO_WORKERS)
     best = train(conf)
+    return {"conf": conf, "best": best, "epochs": _epochs(best)}
+
+
+def test_training_checkpoints_the_best_epoch_and_resumes(pairs, trained, tmp_path, caplog) -> None:
+    """Its checkpoints, Lw and figures; then the same settings skip, others are named, and
+    only ``--epochs`` raised resumes."""
+    conf, best, out = trained["conf"], trained["best"], trained["conf"].output
     assert best == out
     names = {f.removeprefix(f"{out}/") for f in storage.list_files(out)}
     assert names >= {
@@ -101,7 +111,8 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     _, whitening = load_extract_network(NetworkSettings(weights=best))
     assert whitening is not None and whitening[1].shape == (lw["dim"], 1280)  # extract applies it
     lw_m, lw_P = whitening
-    epochs = _epochs(best)
+    epochs = trained["epochs"]
+    assert _epochs(best) == epochs
     assert all(0 < e["val_map_lw"] <= 1 for e in epochs)  # held-out mAP with Lw, every epoch
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     assert epochs[0]["val_map"] is not None and epochs[0]["loss"] is None  # off-the-shelf
@@ -167,10 +178,6 @@ def test_training_checkpoints_the_best_epoch_and_resumes(
     assert again[3]["steps"] == 3 * per_epoch
 
 
-TWO_WORKERS = {"tuples_per_step": 3, "device_batch": 2, "pool_size": 20, **FIXED_LW}
-"""Three tuples a step, two images a forward pass: rank 0 makes 3 passes a step, rank 1 makes 2."""
-
-
 @pytest.fixture(scope="module")
 def killed_run(pairs, tmp_path_factory) -> dict:
     """2 workers, 2 epochs; SIGKILL to rank 1 (its pid from its own log line) once the first
@@ -182,7 +189,17 @@ def killed_run(pairs, tmp_path_factory) -> dict:
 
     tmp = tmp_path_factory.mktemp("killed")
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    conf = _conf(pairs, tmp, workers=2, epochs=2, name="killed", max_failures=2, **TWO_WORKERS)
+    conf = _conf(
+        pairs,
+        tmp,
+        workers=2,
+        epochs=2,
+        name="killed",
+        max_failures=2,
+        **WITH_LW,
+        **FIXED_LW,
+        **TWO_WORKERS,
+    )
     storage_dir = tmp / "ray" / "killed"
     killed: list[int] = []
 
@@ -215,13 +232,12 @@ def killed_run(pairs, tmp_path_factory) -> dict:
     return {"epochs": epochs, "killed": killed, "started": started}
 
 
-def test_two_workers_reproduce_one_workers_first_epoch(pairs, killed_run, tmp_path) -> None:
+def test_two_workers_reproduce_one_workers_first_epoch(trained, killed_run) -> None:
     """The same global batch of tuples and seed: 2 workers' epoch-1 loss and held-out mAP equal
     1 worker's (DDP averages the workers' gradients of each step's shares of one batch). Three
     tuples a step, two images a forward pass: rank 0 makes 3 passes a step, rank 1 makes 2.
     The 2 workers' epoch 1 is that of ``killed_run``, whole before its kill."""
-    one = _epochs(train(_conf(pairs, tmp_path / "one", epochs=1, **TWO_WORKERS)))
-    two = killed_run["epochs"]
+    one, two = trained["epochs"], killed_run["epochs"]
     print(
         f"\nepoch-1 loss: 1 worker {one[1]['loss']:.9f}, 2 workers {two[1]['loss']:.9f}; "
         f"held-out mAP {one[1]['val_map']:.6f} and {two[1]['val_map']:.6f}"
