@@ -14,14 +14,16 @@ finds every stage complete and is serving in a minute.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import posixpath
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.client import SearchClient
-from model import tables
+from model import storage, tables
 from model.cli import run_cli
 from model.datasets.landmarks import CONFS, generate, load_cameras
 from model.images import image_id
@@ -71,22 +73,22 @@ class QueryOutcome:
 
 
 def main(conf: DemoConf) -> dict[str, object]:
-    """Run the demo; returns where things are and how the queries went."""
+    """Run the demo; returns where things are and how the queries went. With ``--output
+    s3://…`` the collection is written there too, so every node of a cluster reads it."""
     started = time.monotonic()
-    out = Path(conf.output).resolve()
-    dataset = generate(CONFS[conf.collection], out / "collection")
-    source, queries, landmarks = _manifest(dataset, out / "photos.csv")
-    url = run_chain(
-        RunConf(source=str(source), output=str(out / "run"), config=conf.config, serve=True)
-    )
+    out = conf.output if storage.is_remote(conf.output) else str(Path(conf.output).resolve())
+    dataset = str(generate(CONFS[conf.collection], storage.join(out, "collection")))
+    source, queries, landmarks = _manifest(dataset, storage.join(out, "photos.csv"))
+    run = storage.join(out, "run")
+    url = run_chain(RunConf(source=source, output=run, config=conf.config, serve=True))
     if not url.startswith("http"):
         raise ValueError(f"--config {conf.config}: its serve section must say detach: true")
     client = SearchClient(url)
     outcomes = [_ask(client, query, landmarks, k=conf.k) for query in queries]
-    summary = json.loads((out / "run" / tables.RUN_SUMMARY).read_text())
-    report = (
-        Path(summary["report"]).as_uri() if summary.get("report") else "not written (see the log)"
-    )
+    summary = json.loads(storage.read_text(storage.join(run, tables.RUN_SUMMARY)))
+    report = summary.get("report") or "not written (see the log)"
+    if not storage.is_remote(report) and summary.get("report"):
+        report = Path(report).as_uri()
     correct = sum(o.correct for o in outcomes)
     print(_table(outcomes, conf.k))
     print(
@@ -110,34 +112,33 @@ def main(conf: DemoConf) -> dict[str, object]:
     }
 
 
-def _manifest(dataset: Path, path: Path) -> tuple[Path, list[tuple[Path, str]], dict[str, str]]:
-    """The ingest manifest of the collection's database photos (landmark views, with their
-    landmark as scene, and distractors), its query photos with their landmark, and every
-    database photo's landmark by image_id."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    queries: list[tuple[Path, str]] = []
+def _manifest(dataset: str, path: str) -> tuple[str, list[tuple[str, str]], dict[str, str]]:
+    """The ingest manifest (written to ``path``) of the collection's database photos
+    (landmark views, with their landmark as scene, and distractors), its query photos with
+    their landmark, and every database photo's landmark by image_id."""
+    queries: list[tuple[str, str]] = []
     landmarks: dict[str, str] = {}
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["uri", "scene"])
-        for cam in load_cameras(dataset).to_pylist():
-            photo = dataset / "jpg" / f"{cam['name']}.jpg"
-            scene = f"lm{cam['landmark']}" if cam["landmark"] >= 0 else ""
-            if cam["role"] == "query":
-                queries.append((photo, scene))
-                continue
-            writer.writerow([str(photo), scene])
-            landmarks[image_id(photo.read_bytes())] = scene
-    return path, queries, landmarks
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["uri", "scene"])
+    for cam in load_cameras(dataset).to_pylist():
+        photo = storage.join(dataset, "jpg", f"{cam['name']}.jpg")
+        scene = f"lm{cam['landmark']}" if cam["landmark"] >= 0 else ""
+        if cam["role"] == "query":
+            queries.append((photo, scene))
+            continue
+        writer.writerow([photo, scene])
+        landmarks[image_id(storage.read_bytes(photo))] = scene
+    return storage.write_text(path, rows.getvalue()), queries, landmarks
 
 
 def _ask(
-    client: SearchClient, query: tuple[Path, str], landmarks: dict[str, str], *, k: int
+    client: SearchClient, query: tuple[str, str], landmarks: dict[str, str], *, k: int
 ) -> QueryOutcome:
     photo, landmark = query
-    answer = client.search(photo, k=k)
+    answer = client.search(storage.read_bytes(photo), k=k)
     return QueryOutcome(
-        query=photo.name,
+        query=posixpath.basename(photo),
         landmark=landmark,
         found=[(r.image_id, landmarks.get(r.image_id, "?"), r.score) for r in answer.results],
     )
