@@ -30,7 +30,7 @@ from cluster import index_store
 from cluster.client import SearchClient, SearchError
 from cluster.router import merge_slots
 from cluster.shards import ShardSet, slot_shards
-from model.descriptors import write_descriptors
+from model.descriptors import read_descriptors, write_descriptors
 from model.retrieval import alpha_qe
 from pipeline.extract import ExtractConf
 from pipeline.extract import run as extract
@@ -507,24 +507,6 @@ def test_a_network_other_than_the_descriptors_is_refused(ray_session, vectors, t
     assert "a-checkpoint-since-replaced" in text
 
 
-def test_watching_serves_a_new_version_by_itself(service, vectors):
-    client, root, tmp = service
-    before = client.health()["version"]
-    serve.run(build_app(ServeConf(index=root, watch_s=0.5)), name=APP_NAME, route_prefix="/")
-    more = _unit(np.random.default_rng(3).standard_normal((10, DIM)))
-    desc = write_descriptors(
-        str(tmp / "d3"), _ids(len(vectors), len(vectors) + 10), more, network=NETWORK
-    )
-    published = build_index(IndexConf(descriptors=desc, output=root, shards=1, promote=False))
-    assert published.endswith(f"v{before + 1}")
-    deadline = time.monotonic() + 60
-    while client.health()["version"] != before + 1:
-        assert time.monotonic() < deadline, "the new version was not picked up in 60 s"
-        time.sleep(0.5)
-    answer = client.search_vector(more[0], k=1)
-    assert answer.image_ids == [f"img-{len(vectors):06d}"] and answer.version == before + 1
-
-
 # --- A run folder moved -----------------------------------------------------------------------
 
 
@@ -538,10 +520,13 @@ def _photos(folder: Path, count: int) -> None:
         Image.fromarray(pixels).save(scene / f"photo-{i}.jpg", quality=90)
 
 
-def test_a_moved_run_folder_still_serves_its_photos(serve_url, tmp_path, monkeypatch):
+def test_a_moved_run_folder_serves_its_photos_and_a_new_version_by_itself(
+    serve_url, tmp_path, monkeypatch
+):
     """ingest → extract → index into a run folder named relative to one working directory;
     the folder moved whole and served, by a relative path, from another: the photos' thumbnails
-    still come back (the manifests store resolved paths and find their inputs beside them)."""
+    still come back (the manifests store resolved paths and find their inputs beside them).
+    Served with ``--watch-s``: a version published later is served by itself."""
     _photos(tmp_path / "photos", 3)
     (tmp_path / "first").mkdir()
     monkeypatch.chdir(tmp_path / "first")
@@ -553,7 +538,7 @@ def test_a_moved_run_folder_still_serves_its_photos(serve_url, tmp_path, monkeyp
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
 
-    app = build_app(ServeConf(index="../moved/run/index"))
+    app = build_app(ServeConf(index="../moved/run/index", watch_s=0.5))
     serve.run(app, name="moved", route_prefix="/moved")
     try:
         client = SearchClient(f"{serve_url}/moved", retries=8)
@@ -564,5 +549,18 @@ def test_a_moved_run_folder_still_serves_its_photos(serve_url, tmp_path, monkeyp
         assert first.score > 0.999 and first.uri and first.uri.endswith("photo-1.jpg")
         with Image.open(io.BytesIO(client.image(first.image_id))) as thumb:
             assert thumb.format == "JPEG" and thumb.size == (64, 48)
+
+        # a version published without promoting it: the watching router serves it by itself
+        network = read_descriptors("../moved/run/descriptors").manifest["network"]
+        more = _unit(np.random.default_rng(3).standard_normal((10, 1280)))
+        desc = write_descriptors("more", _ids(0, 10), more, network=network)
+        index = IndexConf(descriptors=desc, output="../moved/run/index", shards=1, promote=False)
+        assert build_index(index).endswith("v2")
+        deadline = time.monotonic() + 60
+        while client.health()["version"] != 2:
+            assert time.monotonic() < deadline, "the new version was not picked up in 60 s"
+            time.sleep(0.5)
+        answer = client.search_vector(more[0], k=1)
+        assert answer.image_ids == [_ids(0, 1)[0]] and answer.version == 2
     finally:
         serve.delete("moved")
