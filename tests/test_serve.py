@@ -143,12 +143,14 @@ def test_a_newer_version_shares_loaded_shards(ray_session, vectors, tmp_path):
 
 @pytest.fixture(scope="module")
 def service(serve_url, vectors, tmp_path_factory):
-    """v1 (the first 1,000 vectors, 4 shards) served on 4 slots; yields (client, index)."""
+    """v1 (the first 1,000 vectors, 4 shards) served on 2 slots of 2 shards each; yields
+    (client, index)."""
     tmp = tmp_path_factory.mktemp("serve")
     desc = write_descriptors(str(tmp / "d1"), _ids(0, FIRST), vectors[:FIRST], network=NETWORK)
     root = str(tmp / "idx")
     build_index(IndexConf(descriptors=desc, output=root, shards=4))
-    serve.run(build_app(ServeConf.from_flags(index=root, qe_k=5)), name=APP_NAME, route_prefix="/")
+    conf = ServeConf.from_flags(index=root, qe_k=5, slots=2)
+    serve.run(build_app(conf), name=APP_NAME, route_prefix="/")
     client = SearchClient(serve_url, retries=8)
     assert client.health()["version"] == 1
     try:
@@ -161,7 +163,7 @@ def test_health_describes_the_index(service):
     client, _, _ = service
     health = client.health()
     assert health["status"] == "ok"
-    assert (health["dim"], health["count"], health["shards"], health["slots"]) == (DIM, FIRST, 4, 4)
+    assert (health["dim"], health["count"], health["shards"], health["slots"]) == (DIM, FIRST, 4, 2)
 
 
 def test_http_and_handle_equal_one_unsharded_index(service, vectors):
