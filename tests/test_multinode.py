@@ -43,7 +43,7 @@ from model.descriptors import read_descriptors
 from model.tables import PAIRS, SFM_OUTPUT
 from pipeline.extract import decode_batch
 from pipeline.run import LAYOUT, STAGES, RunConf, run
-from tests.helpers import check_page, chromium, usable_images
+from tests.helpers import SMALL_RUN, check_page, chromium, usable_images
 from tests.multinode import AutoscalingHead, free_port, submit
 
 pytestmark = pytest.mark.slow
@@ -90,24 +90,8 @@ def autoscaling_head(s3_server: str, tmp_path_factory) -> AutoscalingHead:
 
 
 CLUSTER_RUN = {
-    "extract": {"max_size": 128},
-    "sfm": {"mapper": "incremental"},
-    "train": {
-        "workers": 2,
-        "mining_cpus": 1,
-        "epochs": 1,
-        "image_size": 128,
-        "val_size": 128,
-        "queries": 12,
-        "nnum": 1,
-        "held_out": 0.3,
-        "lr": 1e-5,
-        "tuples_per_step": 2,
-        "whiten": False,
-        "whiten_shrinkage": 0.0,
-        "whiten_dim": 1280,
-    },
-    "index": {"shards": 2},
+    **SMALL_RUN,
+    "train": {**SMALL_RUN["train"], "workers": 2, "mining_cpus": 1, "lr": 1e-5},
 }
 """The run's settings (as the tests' ``SMALL_RUN``, with two training workers)."""
 
