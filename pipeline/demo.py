@@ -1,6 +1,6 @@
 """``make demo``: the product on the built-in collection, photos to a served, self-trained index.
 
-    python -m pipeline.demo [--collection sfm] [--output outputs/demo]
+    python -m pipeline.demo [--collection sfm] [--output outputs/demo | s3://bucket/demo]
 
 It generates the built-in landmark collection (by default the preset that Structure-from-Motion
 reconstructs), runs ``pipeline.run`` on its photos (ingest, extract, group, sfm, pairs, train,
@@ -86,9 +86,7 @@ def main(conf: DemoConf) -> dict[str, object]:
     client = SearchClient(url)
     outcomes = [_ask(client, query, landmarks, k=conf.k) for query in queries]
     summary = json.loads(storage.read_text(storage.join(run, tables.RUN_SUMMARY)))
-    report = summary.get("report") or "not written (see the log)"
-    if not storage.is_remote(report) and summary.get("report"):
-        report = Path(report).as_uri()
+    report = _where(summary.get("report"))
     correct = sum(o.correct for o in outcomes)
     print(_table(outcomes, conf.k))
     print(
@@ -110,6 +108,13 @@ def main(conf: DemoConf) -> dict[str, object]:
         "correct": correct,
         "shown": len(outcomes) * conf.k,
     }
+
+
+def _where(report: str | None) -> str:
+    """Where a person opens the run report: a file URL, an object store's URI, or why not."""
+    if not report:
+        return "not written (see the log)"
+    return report if storage.is_remote(report) else Path(report).as_uri()
 
 
 def _manifest(dataset: str, path: str) -> tuple[str, list[tuple[str, str]], dict[str, str]]:
