@@ -32,7 +32,7 @@ from pipeline.run import run as run_chain
 
 logger = logging.getLogger("pipeline.demo")
 
-__all__ = ["DemoConf", "main"]
+__all__ = ["DemoConf", "collection_manifest", "main", "report_location"]
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -78,7 +78,7 @@ def main(conf: DemoConf) -> dict[str, object]:
     started = time.monotonic()
     out = conf.output if storage.is_remote(conf.output) else str(Path(conf.output).resolve())
     dataset = str(generate(CONFS[conf.collection], storage.join(out, "collection")))
-    source, queries, landmarks = _manifest(dataset, storage.join(out, "photos.csv"))
+    source, queries, landmarks = collection_manifest(dataset, storage.join(out, "photos.csv"))
     run = storage.join(out, "run")
     url = run_chain(RunConf(source=source, output=run, config=conf.config, serve=True))
     if not url.startswith("http"):
@@ -86,7 +86,7 @@ def main(conf: DemoConf) -> dict[str, object]:
     client = SearchClient(url)
     outcomes = [_ask(client, query, landmarks, k=conf.k) for query in queries]
     summary = json.loads(storage.read_text(storage.join(run, tables.RUN_SUMMARY)))
-    report = _where(summary.get("report"))
+    report = report_location(summary.get("report"))
     correct = sum(o.correct for o in outcomes)
     print(_table(outcomes, conf.k))
     print(
@@ -110,14 +110,16 @@ def main(conf: DemoConf) -> dict[str, object]:
     }
 
 
-def _where(report: str | None) -> str:
+def report_location(report: str | None) -> str:
     """Where a person opens the run report: a file URL, an object store's URI, or why not."""
     if not report:
         return "not written (see the log)"
     return report if storage.is_remote(report) else Path(report).as_uri()
 
 
-def _manifest(dataset: str, path: str) -> tuple[str, list[tuple[str, str]], dict[str, str]]:
+def collection_manifest(
+    dataset: str, path: str
+) -> tuple[str, list[tuple[str, str]], dict[str, str]]:
     """The ingest manifest (written to ``path``) of the collection's database photos
     (landmark views, with their landmark as scene, and distractors), its query photos with
     their landmark, and every database photo's landmark by image_id."""

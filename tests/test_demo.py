@@ -7,14 +7,16 @@ import csv
 from pathlib import Path
 
 from model.datasets.landmarks import load_cameras
-from pipeline.demo import _manifest, _where
+from pipeline.demo import collection_manifest, report_location
 
 
 def test_the_manifest_lists_database_photos_and_keeps_the_queries_apart(
     tiny_collection: Path, tmp_path: Path
 ) -> None:
     cameras = load_cameras(tiny_collection).to_pylist()
-    source, queries, landmarks = _manifest(str(tiny_collection), str(tmp_path / "photos.csv"))
+    source, queries, landmarks = collection_manifest(
+        str(tiny_collection), str(tmp_path / "photos.csv")
+    )
     with open(source, newline="") as f:
         header, *rows = list(csv.reader(f))
     assert source == str(tmp_path / "photos.csv") and header == ["uri", "scene"]
@@ -29,6 +31,6 @@ def test_the_manifest_lists_database_photos_and_keeps_the_queries_apart(
 
 
 def test_the_report_is_named_where_a_person_opens_it(tmp_path: Path) -> None:
-    assert _where(str(tmp_path / "report.html")) == (tmp_path / "report.html").as_uri()
-    assert _where("s3://bucket/run/report.html") == "s3://bucket/run/report.html"
-    assert _where(None) == "not written (see the log)"
+    assert report_location(str(tmp_path / "report.html")) == (tmp_path / "report.html").as_uri()
+    assert report_location("s3://bucket/run/report.html") == "s3://bucket/run/report.html"
+    assert report_location(None) == "not written (see the log)"
