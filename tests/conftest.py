@@ -28,6 +28,8 @@ from pipeline.ingest import IngestConf
 from pipeline.ingest import run as ingest
 
 REPO = Path(__file__).resolve().parent.parent
+REAL_MAX_SIZE = 384
+"""The real run's photos' longer side: the real-photo tests' figures hold there as at 512 px."""
 
 # Ray Train's controller looks at its workers every 2 s by default: each training run then
 # waits up to that long to see its workers finish or one of them die. The tests' runs last
@@ -39,6 +41,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # alone took about 5 % of a core each. Listed every 0.5 s instead (Ray's own setting for
 # folders of many files); a new worker's output reaches a driver that much later.
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+# Ray Train starts a preemption watcher (an actor, a process of its own) with every worker
+# group, for the node drains of spot clusters; the tests' nodes are never drained, and each
+# watcher cost about 2 CPU-seconds to start.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def _free_port() -> int:
@@ -122,18 +128,18 @@ def real_photo_set(photos_dir: Path):
 
 @pytest.fixture(scope="session")
 def lite0_real_descriptors(real_photo_set, real_run: str):
-    """ImageNet EfficientNet-Lite0 + GeM (p = 3) descriptors of the shared photos at 512 px, in
+    """ImageNet EfficientNet-Lite0 + GeM (p = 3) descriptors of the shared photos at 384 px, in
     the photo set's order: the real run's own extract output (described once per session)."""
     images = IMAGES.read(f"{real_run}/images.parquet", ["uri", "image_id"])
-    photo = {
-        str(Path(uri).resolve()): image
+    photo = {  # by scene/name: the run read the photos from their copy on S3
+        "/".join(uri.split("/")[-2:]): image
         for uri, image in zip(
             images["uri"].to_pylist(), images["image_id"].to_pylist(), strict=True
         )
     }
     desc = read_descriptors(f"{real_run}/descriptors")
     row = {image: k for k, image in enumerate(desc.image_ids.tolist())}
-    return desc.vectors[[row[photo[str(Path(p).resolve())]] for p in real_photo_set.db_paths]]
+    return desc.vectors[[row[photo[f"{p.parent.name}/{p.name}"]] for p in real_photo_set.db_paths]]
 
 
 @pytest.fixture(scope="session")
@@ -173,17 +179,21 @@ def ray_session(s3_server: str) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def real_run(ray_session, photos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The shared photos through ingest → extract (Lite0 + GeM, 512 px) → index (2 shards),
-    locally, once per session; yields the run folder (images.parquet, descriptors, index)."""
-    run = str(tmp_path_factory.mktemp("real") / "run")
-    ingest(IngestConf(source=str(photos_dir), output=run))
-    extract(
-        ExtractConf.from_flags(
-            images=f"{run}/images.parquet", output=f"{run}/descriptors", max_size=512
-        )
+def real_run(ray_session, s3_server: str, real_photo_set) -> str:
+    """The shared photos as a user runs them on a cluster: copied to a bucket of the loopback
+    S3 server, then ingest → extract (Lite0 + GeM, 384 px) → index (2 shards) into that
+    bucket, each stage given the one before's return value; once per session. Returns the
+    run folder's URI (images.parquet, descriptors, index)."""
+    bucket = new_bucket(s3_server)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for path in map(Path, real_photo_set.db_paths):
+        s3.upload_file(str(path), bucket, f"photos/{path.parent.name}/{path.name}")
+    run = f"s3://{bucket}/run"
+    images = ingest(IngestConf(source=f"s3://{bucket}/photos", output=run))
+    descriptors = extract(
+        ExtractConf.from_flags(images=images, output=f"{run}/descriptors", max_size=REAL_MAX_SIZE)
     )
-    index(IndexConf(descriptors=f"{run}/descriptors", output=f"{run}/index", shards=2))
+    index(IndexConf(descriptors=descriptors, output=f"{run}/index", shards=2))
     return run
 
 

@@ -21,6 +21,7 @@ from model import storage, tables
 from model.descriptors import read_descriptors, write_descriptors
 from pipeline import index as stage
 from pipeline.index import IndexConf, choose_factory, run
+from tests.conftest import REAL_MAX_SIZE
 from tests.helpers import run_stage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -550,7 +551,7 @@ def test_real_photos_find_their_scene(
             "weights": "imagenet",
             "meta": {"backbone": "efficientnet_lite0", "pooling": "gem"},
         },
-        settings={"max_size": 512},
+        settings={"max_size": REAL_MAX_SIZE},
     )
     out = str(tmp_path / "idx")
     run(IndexConf(descriptors=desc, output=out, shards=2))

@@ -1,28 +1,21 @@
-"""The shared real photos as a user would run them: ingest → extract → index → plain FAISS search.
+"""The shared real photos as a user would run them, from and into S3: ingest → extract → index
+→ plain FAISS search.
 
 Scene-level recall@1: for each photo, the first result other than itself is of its own scene.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import boto3
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from cluster.index_store import read_manifest, search
+from cluster.index_store import read_manifest, search, version_dir
+from model import storage
 from model.descriptors import read_descriptors
 from model.tables import GROUPS, GROUPS_OUTPUT, IMAGES, INDEX_VERSION
-from pipeline.extract import ExtractConf
-from pipeline.extract import run as extract
 from pipeline.group import GroupConf
 from pipeline.group import run as group
-from pipeline.index import IndexConf
-from pipeline.index import run as index
-from pipeline.ingest import IngestConf
-from pipeline.ingest import run as ingest
 
 pytestmark = pytest.mark.slow
 
@@ -41,34 +34,14 @@ def _scene_recall_at_1(run: str) -> float:
     return float(np.mean(hits))
 
 
-def _pipeline(source: str, run: str, max_size: int) -> str:
-    """ingest → extract → index, each stage given the one before's return value."""
-    images = ingest(IngestConf(source=source, output=run))
-    descriptors = extract(
-        ExtractConf.from_flags(images=images, output=f"{run}/descriptors", max_size=max_size)
-    )
-    return index(IndexConf(descriptors=descriptors, output=f"{run}/index", shards=2))
-
-
-def test_real_photos_locally(real_run: str) -> None:
-    run = real_run  # conftest: ingest → extract (512 px) → index --shards 2, as _pipeline does
+def test_real_photos_through_s3(real_run: str) -> None:
+    run = real_run  # conftest: the photos on S3 → ingest → extract (384 px) → index --shards 2
     manifest = read_manifest(f"{run}/index")
+    version = storage.join(run, "index", version_dir(manifest["version"]))
+    assert run.startswith("s3://") and INDEX_VERSION.is_complete(version)
     assert len(manifest["shards"]) == 2 and manifest["count"] == 373
     recall = _scene_recall_at_1(run)
-    print(f"\nreal photos, local: scene recall@1 {recall:.4f} over {manifest['count']} photos")
-    assert recall >= 0.95
-
-
-def test_real_photos_into_s3(ray_session, photos_dir: Path, s3_bucket: str) -> None:
-    s3 = boto3.client("s3")
-    photos = sorted(photos_dir.glob("*/*.jpg"))[::3]  # a third of them, every scene
-    for path in photos:
-        s3.upload_file(str(path), s3_bucket, f"photos/{path.parent.name}/{path.name}")
-    run = f"s3://{s3_bucket}/run"
-    version = _pipeline(f"s3://{s3_bucket}/photos", run, max_size=384)
-    assert version.startswith(f"{run}/index/v") and INDEX_VERSION.is_complete(version)
-    recall = _scene_recall_at_1(run)
-    print(f"\nreal photos, S3: scene recall@1 {recall:.4f} over {len(photos)} photos")
+    print(f"\nreal photos through S3: scene recall@1 {recall:.4f} over {manifest['count']} photos")
     assert recall >= 0.95
 
 
