@@ -5,7 +5,9 @@ import json
 import os
 import pickle
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import numpy as np
@@ -26,19 +28,27 @@ from pipeline.evaluate import EvaluateConf, run
 from tests.helpers import run_stage
 
 MAX_SIZE = 256
+SMALL = 128
+"""For the tests whose figures do not matter (failures, caching, a checkpoint against its
+flags): a quarter of the pixels to describe, and the same assertions hold."""
+
+
+def _conf(collection: Path, folder: Path) -> EvaluateConf:
+    """The tests' settings, with output and cache under ``folder``."""
+    return EvaluateConf.from_flags(
+        dataset=collection.name,
+        data_root=str(collection.parent),
+        max_size=MAX_SIZE,
+        output=str(folder / "out"),
+        cache_dir=str(folder / "cache"),
+        num_workers=0,
+        device="cpu",
+    )
 
 
 @pytest.fixture()
 def conf(tiny_collection: Path, tmp_path: Path) -> EvaluateConf:
-    return EvaluateConf.from_flags(
-        dataset=tiny_collection.name,
-        data_root=str(tiny_collection.parent),
-        max_size=MAX_SIZE,
-        output=str(tmp_path / "out"),
-        cache_dir=str(tmp_path / "cache"),
-        num_workers=0,
-        device="cpu",
-    )
+    return _conf(tiny_collection, tmp_path)
 
 
 @pytest.fixture()
@@ -50,7 +60,7 @@ def copy_of(tiny_collection: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def network():
+def network() -> torch.nn.Module:
     return build_network(NetworkMeta(backbone="efficientnet_lite0"), "imagenet").eval()
 
 
@@ -58,8 +68,45 @@ def _options() -> ExtractOptions:
     return ExtractOptions(device="cpu", progress=False)
 
 
-def test_figures_equal_the_protocol_on_the_same_ranking(conf, tiny_collection, network) -> None:
-    result = run(conf)
+@dataclass(frozen=True)
+class PlainRun:
+    """The shared run's settings (its folders) and result."""
+
+    conf: EvaluateConf
+    result: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_collection: Path, tmp_path_factory: pytest.TempPathFactory) -> PlainRun:
+    """One evaluation of the untouched collection at the default settings, in folders of its
+    own: the tests that only read its figures, files or cache share it (read only) instead of
+    describing every photo again."""
+    conf = _conf(tiny_collection, tmp_path_factory.mktemp("plain"))
+    return PlainRun(conf, run(conf))
+
+
+@pytest.fixture()
+def warm_conf(conf: EvaluateConf, plain: PlainRun) -> EvaluateConf:
+    """``conf`` with the plain run's descriptors copied into its cache: for the tests about
+    something other than describing the unchanged photos (distractors, a changed photo, the
+    ground truth's format). Only what they add or change is described; keys hold each photo's
+    relative path, size and time, so a copy of the collection finds them too."""
+    shutil.copytree(plain.conf.cache_dir, conf.cache_dir)
+    return conf
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Descriptors extracted by the test itself, to check the stage against."""
+
+    db: np.ndarray
+    queries: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_collection: Path, network: torch.nn.Module) -> Reference:
+    """The collection described by the test itself, outside the stage, once for the tests
+    that compare with it or learn from it."""
     rset = load_revisited(tiny_collection)
     db = extract_descriptors(
         network, ImageFiles(rset.db_paths, MAX_SIZE, exif_transpose=False), _options()
@@ -69,7 +116,14 @@ def test_figures_equal_the_protocol_on_the_same_ranking(conf, tiny_collection, n
         ImageFiles(rset.query_paths, MAX_SIZE, rset.query_boxes, exif_transpose=False),
         _options(),
     )
-    expected = evaluate_revisited(rank_by_similarity(queries, db).T, rset.gnd, (1, 5, 10))
+    return Reference(db, queries)
+
+
+def test_figures_equal_the_protocol_on_the_same_ranking(plain, tiny_collection, reference) -> None:
+    result, conf = plain.result, plain.conf
+    rset = load_revisited(tiny_collection)
+    ranks = rank_by_similarity(reference.queries, reference.db)
+    expected = evaluate_revisited(ranks.T, rset.gnd, (1, 5, 10))
     for part in ("easy", "medium", "hard"):
         assert result["metrics"][part]["map"] == pytest.approx(expected[part]["map"], abs=1e-6)
         for k in (1, 5, 10):
@@ -80,8 +134,7 @@ def test_figures_equal_the_protocol_on_the_same_ranking(conf, tiny_collection, n
     assert saved["settings"]["max_size"] == MAX_SIZE and saved["network"]["backbone"]
 
 
-def test_query_is_its_box_scaled_like_its_whole_photo(conf, tiny_collection, network) -> None:
-    run(conf)
+def test_query_is_its_box_scaled_like_its_whole_photo(plain, tiny_collection, network) -> None:
     rset = load_revisited(tiny_collection)
     photo = Image.open(rset.query_paths[0])
     x1, y1, x2, y2 = rset.query_boxes[0]
@@ -90,7 +143,7 @@ def test_query_is_its_box_scaled_like_its_whole_photo(conf, tiny_collection, net
     size = (round(crop.width * factor), round(crop.height * factor))
     by_hand = np.asarray(crop.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
     expected = extract_descriptors(network, ArrayImages([by_hand]), _options())[0]
-    vectors = _cached_vectors(Path(conf.cache_dir), "query")
+    vectors = _cached_vectors(Path(plain.conf.cache_dir), "query")
     key = next(k for k in vectors if k.startswith(f"jpg/{rset.query_paths[0].name}\t"))
     assert key.endswith(json.dumps(list(rset.query_boxes[0])))  # keyed by its box too
     np.testing.assert_allclose(vectors[key], expected, atol=1e-5)
@@ -109,8 +162,8 @@ def _cached_vectors(cache_dir: Path, role: str) -> dict[str, np.ndarray]:
     return out
 
 
-def test_gem_beats_a_random_ranking_by_far(conf, tiny_collection) -> None:
-    metrics = run(conf)["metrics"]
+def test_gem_beats_a_random_ranking_by_far(plain, tiny_collection) -> None:
+    metrics = plain.result["metrics"]
     rset = load_revisited(tiny_collection)
     rng = np.random.default_rng(0)
     shuffled = np.stack([rng.permutation(len(rset.db_paths)) for _ in rset.query_paths])
@@ -125,7 +178,7 @@ def test_partial_copy_is_counted_not_fatal(conf, copy_of) -> None:
     for name in [*removed_db, truth["qimlist"][0]]:
         (copy_of / "jpg" / f"{name}.jpg").unlink()
     (copy_of / "jpg" / f"{truth['imlist'][7]}.jpg").write_bytes(b"not a jpeg at all")
-    result = run(conf.replaced(data_root=str(copy_of.parent)))
+    result = run(conf.replaced(data_root=str(copy_of.parent), max_size=SMALL))
     images = result["images"]
     assert images["db_total"] == len(truth["imlist"]) and images["db_missing"] == 5
     assert images["db_used"] == len(truth["imlist"]) - 6  # 5 missing, 1 unreadable
@@ -137,6 +190,7 @@ def test_partial_copy_is_counted_not_fatal(conf, copy_of) -> None:
 
 
 def test_descriptors_are_cached_across_post_processing(conf) -> None:
+    conf = conf.replaced(max_size=SMALL)  # a cache of its own, from nothing
     first = run(conf)
     assert first["extracted"]["db"] > 0 and first["extracted"]["queries"] > 0
     again = run(conf.replaced(qe_k=2, qe_alpha=3.0))
@@ -146,7 +200,7 @@ def test_descriptors_are_cached_across_post_processing(conf) -> None:
     assert other["extracted"]["db"] > 0
 
 
-def test_distractors_join_the_database(conf, tiny_collection, tmp_path: Path) -> None:
+def test_distractors_join_the_database(warm_conf, tiny_collection, tmp_path: Path) -> None:
     """Uncropped copies of the query photos are the hardest distractors there are: they must
     rank high as wrong answers, so mAP falls and the report shows them, if they were used."""
     rset = load_revisited(tiny_collection)
@@ -154,6 +208,7 @@ def test_distractors_join_the_database(conf, tiny_collection, tmp_path: Path) ->
     folder.mkdir(parents=True)
     for path in rset.query_paths:
         shutil.copy(path, folder / f"copy_{path.name}")
+    conf = warm_conf
     plain = run(conf)
     with_distractors = run(conf.replaced(distractors=str(folder)))
     n = with_distractors["images"]["distractors"]
@@ -165,13 +220,13 @@ def test_distractors_join_the_database(conf, tiny_collection, tmp_path: Path) ->
     assert sum('<span class="tag">distractor</span>' in text for text in reports) == 1
 
 
-def test_data_root_on_s3(conf, tiny_collection, s3_bucket: str) -> None:
+def test_data_root_on_s3(conf, plain, tiny_collection, s3_bucket: str) -> None:
     s3 = boto3.client("s3")
     for path in tiny_collection.rglob("*"):
         if path.is_file():
             key = f"revisitop/{tiny_collection.name}/{path.relative_to(tiny_collection)}"
             s3.upload_file(str(path), s3_bucket, key)
-    local = run(conf)
+    local = plain.result  # the same settings; the S3 copy's photos are described anew
     remote = run(
         dataclasses.replace(
             conf, data_root=f"s3://{s3_bucket}/revisitop", output=f"s3://{s3_bucket}/results"
@@ -213,7 +268,9 @@ def test_every_problem_is_found_first_and_the_rest_is_scored(conf, copy_of, tmp_
     distractors.mkdir()
     shutil.copy(copy_of / "jpg" / f"{truth['imlist'][0]}.jpg", distractors / "fine.jpg")
     (distractors / "broken.jpg").write_bytes(b"\xff\xd8 broken")
-    conf = conf.replaced(data_root=str(copy_of.parent), distractors=str(distractors))
+    conf = conf.replaced(
+        data_root=str(copy_of.parent), distractors=str(distractors), max_size=SMALL
+    )
     result = run(conf)
     problems = {
         (p["role"], Path(p["file"]).name): p["reason"] for p in result["images"]["unusable"]
@@ -234,8 +291,9 @@ def test_every_problem_is_found_first_and_the_rest_is_scored(conf, copy_of, tmp_
     assert len(saved["images"]["unusable"]) == 4
 
 
-def test_original_oxford_ground_truth_scores_one_map(conf, copy_of, network) -> None:
+def test_original_oxford_ground_truth_scores_one_map(warm_conf, copy_of, plain) -> None:
     """cirtorch's oxford5k/paris6k files hold ok/junk per query: one mAP, never NaN."""
+    conf = warm_conf
     gnd_file = copy_of / f"gnd_{copy_of.name}.pkl"
     truth = pickle.loads(gnd_file.read_bytes())
     truth["gnd"] = [
@@ -245,7 +303,7 @@ def test_original_oxford_ground_truth_scores_one_map(conf, copy_of, network) -> 
     gnd_file.write_bytes(pickle.dumps(truth))
     result = run(conf.replaced(data_root=str(copy_of.parent)))
     assert result["protocol"] == "original"
-    medium = run(conf)["metrics"]["medium"]["map"]  # the same positives and junk
+    medium = plain.result["metrics"]["medium"]["map"]  # the same positives and junk
     assert result["metrics"]["map"] == pytest.approx(medium, abs=1e-9)
     gnd_file.write_bytes(
         pickle.dumps({**truth, "gnd": [{"bbx": [0, 0, 1, 1]}] * len(truth["qimlist"])})
@@ -277,14 +335,11 @@ def test_printed_like_the_papers() -> None:
     assert "E: [100.0, 80.0, 65.0]" in text.splitlines()[1]
 
 
-def test_command_line_with_whitening_file(conf, tiny_collection, network, tmp_path) -> None:
+def test_command_line_with_whitening_file(conf, tiny_collection, reference, tmp_path) -> None:
     """The module runs as users run it, flags and all, and applies a saved whitening."""
 
     rset = load_revisited(tiny_collection)
-    db = extract_descriptors(
-        network, ImageFiles(rset.db_paths, MAX_SIZE, exif_transpose=False), _options()
-    )
-    m, P = learn_whitening(db, *same_label_pairs(rset.db_labels))
+    m, P = learn_whitening(reference.db, *same_label_pairs(rset.db_labels))
     save_whitening(tmp_path / "lw.npz", m, P)
     args = [
         "--dataset",
@@ -321,6 +376,7 @@ def test_command_line_with_whitening_file(conf, tiny_collection, network, tmp_pa
 
 def test_checkpoint_directory_brings_its_own_network(conf, tmp_path) -> None:
     """A training checkpoint (model.pt + meta.json) is evaluated with the head it was saved with."""
+    conf = conf.replaced(max_size=SMALL)  # GeM and MAC still differ there by far more than 1e-6
 
     torch.manual_seed(0)
     meta = NetworkMeta(backbone="efficientnet_lite0", pooling="mac")
@@ -360,16 +416,16 @@ def test_command_line_mistakes_end_in_one_line(tmp_path: Path) -> None:
     assert "{resnet50,resnet101" in helptext and "{gem,mac,spoc}" in helptext
 
 
-def test_cache_keys_by_relative_path_and_content(conf, tmp_path: Path) -> None:
+def test_cache_keys_by_relative_path_and_content(warm_conf, tmp_path: Path) -> None:
     """Two distractors of one name in two folders are two images; a changed photo is
-    described anew, the others come from the cache."""
+    described anew, the others come from the cache (the collection's from the start)."""
     root = tmp_path / "distractors"
     rng = np.random.default_rng(0)
     for folder in ("a", "b"):
         (root / folder).mkdir(parents=True)
         pixels = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / folder / "same_name.jpg")
-    conf = conf.replaced(distractors=str(root))
+    conf = warm_conf.replaced(distractors=str(root))
     first = run(conf)
     assert first["extracted"]["distractors"] == 2
     vectors = _cached_vectors(Path(conf.cache_dir), "distractors")
@@ -383,8 +439,12 @@ def test_cache_keys_by_relative_path_and_content(conf, tmp_path: Path) -> None:
     assert again["extracted"] == {"db": 0, "queries": 0, "distractors": 1}
 
 
-def test_revisited_photos_are_read_in_their_stored_frame(conf, copy_of, network) -> None:
-    """An EXIF orientation tag must not turn a revisited photo: its box is in stored pixels."""
+def test_revisited_photos_are_read_in_their_stored_frame(warm_conf, copy_of, network) -> None:
+    """An EXIF orientation tag must not turn a revisited photo: its box is in stored pixels.
+
+    The cache also holds the photo as it was (with its old box): the key of the new one is
+    found by its box."""
+    conf = warm_conf
     truth = pickle.loads((copy_of / f"gnd_{copy_of.name}.pkl").read_bytes())
     path = copy_of / "jpg" / f"{truth['qimlist'][0]}.jpg"
     exif = Image.Exif()
@@ -401,7 +461,6 @@ def test_revisited_photos_are_read_in_their_stored_frame(conf, copy_of, network)
     stored = extract_descriptors(
         network, ImageFiles([path], MAX_SIZE, [box], exif_transpose=False), _options()
     )[0]
-    key = next(k for k in _cached_vectors(Path(conf.cache_dir), "query") if path.name in k)
-    np.testing.assert_allclose(
-        _cached_vectors(Path(conf.cache_dir), "query")[key], stored, atol=1e-5
-    )
+    vectors = _cached_vectors(Path(conf.cache_dir), "query")
+    (key,) = [k for k in vectors if path.name in k and k.endswith(json.dumps(box))]
+    np.testing.assert_allclose(vectors[key], stored, atol=1e-5)
