@@ -85,7 +85,9 @@ def write_synthetic(
     uri: str, count: int, dim: int, *, rows_per_part: int, row_group: int, seed: int = 0
 ) -> str:
     """A complete descriptors output of ``count`` seeded unit vectors, written a part at a
-    time through ``model.tables`` (never the whole matrix in memory); returns its folder."""
+    time through ``model.tables`` (never the whole matrix in memory); returns its folder.
+    No dictionary encoding: random floats and unique ids repeat nothing, and pyarrow's try at
+    a dictionary took most of the writing time."""
     base = tables.resolve(uri)
     tables.DESCRIPTORS_OUTPUT.clear(base)
     rng = np.random.default_rng(seed)
@@ -102,7 +104,13 @@ def write_synthetic(
                 "error": pa.nulls(stop - start, type=pa.string()),
             }
         )
-        tables.DESCRIPTORS.write(base, table, part=f"part-{part:05d}", row_group_size=row_group)
+        tables.DESCRIPTORS.write(
+            base,
+            table,
+            part=f"part-{part:05d}",
+            row_group_size=row_group,
+            use_dictionary=False,
+        )
     tables.DESCRIPTORS_OUTPUT.publish(
         base,
         inputs={"network": json.dumps(NETWORK, sort_keys=True)},

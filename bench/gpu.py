@@ -63,6 +63,7 @@ from bench.train_steps import StepsConf
 from bench.train_steps import _rate as train_rate
 from cluster import index_store
 from cluster.mining import MiningIndex
+from cluster.resources import use_reserved_threads
 from cluster.shards import DeviceIndex, GpuDevice, Loaded, ShardSet, gpu_count, gpu_plan
 from cluster.shards import search_parts as pool_search
 from model.describer import Describer, NetworkSettings, decode_photo
@@ -104,23 +105,28 @@ class Sizes:
     serve_queries: int
     warm: bool = True
     """Run the extract stage once untimed first (workers started, files in the page cache)."""
+    threads: int | None = None
+    """Torch and FAISS threads of this process and of the extract stage's actor; None: their
+    defaults (every core). The dry run takes 1: on 2 shared cores torch's OpenMP threads wait
+    for each other at every layer, and a training step took 5 to 20 times its 1-thread CPU."""
 
 
 SIZES = {
     "tiny": Sizes(
-        photos=6,
-        max_size=256,
-        search_n=20_000,
+        photos=4,
+        max_size=128,
+        search_n=5_000,
         search_dim=64,
         search_queries=64,
         search_shards=2,
         mining=MiningConf(pool=2_000, dim=64, queries=100, out=None),
-        steps=StepsConf(image_size=64, tuples_per_step=1, nnum=2, steps=1, warmup=1),
-        serve_n=4_000,
+        steps=StepsConf(image_size=32, tuples_per_step=1, nnum=1, steps=1, warmup=1),
+        serve_n=2_000,
         serve_dim=64,
         serve_factories=("Flat", "IVF16,Flat"),  # PQ training takes minutes on 2 cores
         serve_queries=128,
         warm=False,
+        threads=1,
     ),
     "full": Sizes(
         photos=512,
@@ -190,11 +196,14 @@ def measure_extract(sizes: Sizes, work: Path, photos: str) -> dict[str, Any]:
     if sizes.warm:  # workers started, the network's files in the page cache
         run_extract(ExtractConf.from_flags(images=images, output=str(work / "warm"), max_size=64))
     stage = ExtractConf.from_flags(
-        images=images, output=str(work / "descriptors"), max_size=sizes.max_size
+        images=images,
+        output=str(work / "descriptors"),
+        max_size=sizes.max_size,
+        threads_per_actor=sizes.threads,
     )
     stage_s, _ = _seconds(lambda: run_extract(stage))
 
-    describer = Describer(NetworkSettings(max_size=sizes.max_size))
+    describer = Describer(NetworkSettings(max_size=sizes.max_size), threads_per_actor=sizes.threads)
     decoded = [decode_photo(path.read_bytes(), sizes.max_size) for path in paths]
     decoded = [photo for photo in decoded if isinstance(photo, np.ndarray)]
     describer.describe(decoded[:2])  # cuDNN autotuning, the allocator
@@ -480,6 +489,9 @@ def main(conf: GpuBenchConf) -> dict[str, Any]:
     }
 
     def measured(name: str, run: Callable[[], dict[str, Any]]) -> None:
+        if sizes.threads:  # again before each: the mining index sets every OpenMP runtime's
+            torch.set_num_threads(sizes.threads)
+            use_reserved_threads(sizes.threads)
         section_started = time.perf_counter()
         result[name] = {**run(), "seconds": time.perf_counter() - section_started}
         result["seconds"] = time.perf_counter() - started

@@ -40,10 +40,12 @@ def test_the_index_driver_does_not_grow_with_the_vectors(ray_session, tmp_path: 
     task, two shard tasks): the driver's peak resident memory grows by less than half the
     vectors' bytes between the two (it keeps ids and places only; its fixed costs, reading
     a few parts at a time, are the same for both). The old driver held every vector and
-    copies of them: it grew by about 5x the vectors' bytes."""
+    copies of them: it grew by about 5x the vectors' bytes (``read_descriptors`` alone: 4.7x).
+    The current one grew by 28-38 MB for the 122 MB in 5 runs (one size's peaks up to 16 MB
+    apart), under the 61 MB allowed; that growth hardly shrinks with the sizes, so smaller
+    sizes would leave it no room."""
     dim, sizes = 1280, (5_000, 30_000)
     address = ray.get_runtime_context().gcs_address
-    idle = measure_driver({"mode": "idle"}, address=address)
     peaks = {}
     for n in sizes:
         desc = write_synthetic(
@@ -60,7 +62,7 @@ def test_the_index_driver_does_not_grow_with_the_vectors(ray_session, tmp_path: 
     grown = peaks[sizes[1]] - peaks[sizes[0]]
     vectors = 4 * (sizes[1] - sizes[0]) * dim
     print(
-        f"\nindex driver: idle {idle['peak_bytes'] / 2**20:.0f} MB; "
+        "\nindex driver: "
         + ", ".join(f"{n:,} rows {peaks[n] / 2**20:.0f} MB" for n in sizes)
         + f"; +{grown / 2**20:.0f} MB for +{vectors / 2**20:.0f} MB of vectors"
     )
