@@ -54,6 +54,13 @@ def main(work: Path, stages: list[str]) -> None:
             "include_dashboard": True,
             "dashboard_port": free_port(),
             "dashboard_agent_listen_port": free_port(),
+            # a lost node is declared dead after 3 missed health checks 0.5 s apart, where
+            # Ray's defaults (5 checks 3 s apart) left each stage waiting 15 s to hear of it
+            "_system_config": {
+                "health_check_period_ms": 500,
+                "health_check_timeout_ms": 500,
+                "health_check_failure_threshold": 3,
+            },
         },
     )
     # the worker nodes start side by side; then every one of them has joined
