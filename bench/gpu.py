@@ -489,7 +489,7 @@ def main(conf: GpuBenchConf) -> dict[str, Any]:
     }
 
     def measured(name: str, run: Callable[[], dict[str, Any]]) -> None:
-        if sizes.threads:  # again before each: the mining index sets every OpenMP runtime's
+        if sizes.threads:  # again before each: the mining check gives OpenMP every core
             torch.set_num_threads(sizes.threads)
             use_reserved_threads(sizes.threads)
         section_started = time.perf_counter()
