@@ -24,10 +24,11 @@ demo: $(STAMP)
 compare: $(STAMP)
 	$(BIN)/python -m pipeline.compare $(COMPARE_ARGS)
 
+# The tests in two pytest sessions side by side (tests/lanes.py); `pytest` alone runs them in one.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m tests.lanes
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -46,7 +46,7 @@ from pipeline.run import LAYOUT, STAGES, RunConf, run
 from tests.helpers import SMALL_RUN, check_page, chromium, usable_images
 from tests.multinode import AutoscalingHead, free_port, submit
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.side_lane]
 
 WORKER_TYPES = {
     "cpu": {"resources": {"CPU": 2}, "max_workers": 2},

@@ -27,7 +27,7 @@ from pipeline.ingest import run as ingest
 from tests.helpers import REPO
 from tests.multinode import local_cluster_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.side_lane]
 
 
 @pytest.fixture(scope="module")
