@@ -14,7 +14,6 @@ from pathlib import Path
 import boto3
 import pytest
 import ray
-import torch
 from ray import serve
 
 from model.datasets.folders import load_folder
@@ -46,10 +45,6 @@ os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 # group, for the node drains of spot clusters; the tests' nodes are never drained, and each
 # watcher cost about 2 CPU-seconds to start.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-# The tests' own torch work (networks run on a few small photos in this process) takes one
-# thread: a second bought no speed at these sizes (test_evaluate.py: 34.3 s with two, 34.6 s
-# with one, 57 and 43 CPU-seconds), and `make test` runs its side lane on the other core.
-torch.set_num_threads(1)
 
 
 def _free_port() -> int:
