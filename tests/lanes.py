@@ -6,15 +6,14 @@ The tests marked ``side_lane`` (the ones that run Ray clusters and jobs of their
 second session, at a lower CPU priority (``nice`` 10), beside the others. Much of their time is
 spent waiting on clusters and jobs, and the other tests leave cores idle while they wait on
 Serve, Ray Train and Ray Data in turn; each lane fills the other's idle time, and the main
-lane keeps the cores whenever both want them. The side lane's output follows the main lane's;
-the exit status is the first non-zero of the two (pytest's "no tests collected", 5, counts as
-success for a lane whose marker selected nothing).
+lane gets most of the cores whenever both want them. The side lane's output follows the main
+lane's; the exit status is the first non-zero of the two (pytest's "no tests collected", 5,
+counts as success for a lane whose marker selected nothing).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,16 @@ def _lane_status(code: int) -> int:
     return 0 if code == NO_TESTS_COLLECTED else code
 
 
+def _wait(lane: subprocess.Popen) -> int:
+    """The lane's exit status. Ctrl-C reaches every process of the terminal's group, the lanes
+    too, and each pytest then tears its fixtures down (servers, Ray): that is waited for."""
+    while True:
+        try:
+            return lane.wait()
+        except KeyboardInterrupt:
+            continue
+
+
 def main(args: list[str]) -> int:
     pytest = [sys.executable, "-m", "pytest", *args]
     with tempfile.TemporaryDirectory(prefix="cirray-side-lane-") as folder:
@@ -40,13 +49,8 @@ def main(args: list[str]) -> int:
                 stderr=subprocess.STDOUT,
                 preexec_fn=lambda: os.nice(NICENESS),
             )
-            try:
-                main_code = subprocess.call([*pytest, "-m", f"not {SIDE}"])
-                side_code = side.wait()
-            except KeyboardInterrupt:
-                side.send_signal(signal.SIGINT)  # pytest tears its fixtures down on SIGINT
-                side.wait()
-                raise
+            main_lane = subprocess.Popen([*pytest, "-m", f"not {SIDE}"])
+            main_code, side_code = _wait(main_lane), _wait(side)
         print(f"\n{'=' * 30} the side lane ({SIDE}) {'=' * 30}", flush=True)
         sys.stdout.buffer.write(log.read_bytes())
         sys.stdout.flush()
