@@ -55,6 +55,8 @@ class BenchConf:
     k: int = 10
     shards: tuple[int, ...] = (1, 2, 4)
     seed: int = 0
+    threads_per_shard: int | None = None
+    """FAISS threads of each shard replica (``pipeline.serve --threads-per-shard``)."""
     out: str | None = "bench/results/search_cpu.json"
 
 
@@ -233,7 +235,11 @@ def main(conf: BenchConf) -> dict:
         for shards in conf.shards:
             root = str(work / f"index{shards}")
             build_index(IndexConf(descriptors=desc, output=root, factory="Flat", shards=shards))
-            serve.run(build_app(ServeConf(index=root)), name=APP_NAME, route_prefix="/")
+            serve.run(
+                build_app(ServeConf(index=root, threads_per_shard=conf.threads_per_shard)),
+                name=APP_NAME,
+                route_prefix="/",
+            )
             client = SearchClient(f"http://127.0.0.1:{port}")
             router = serve.get_deployment_handle("SearchRouter", app_name=APP_NAME)
 
