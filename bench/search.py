@@ -171,6 +171,52 @@ def _recall(answers: list[list[int]], truth: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(t)) / k for a, t in zip(answers, truth, strict=True)]))
 
 
+_CEILING_HEADER = (
+    "Ceiling of the HTTP path under the load above: FAISS's CPU a query over what Serve and Ray "
+    "alone spend a query (the no-op HTTP round trip with the body read, the shard processes, "
+    "the ingress's side of a handle call to each shard once a batch of --clients queries, Ray's "
+    "own processes), as if the service's own code cost nothing:"
+)
+
+
+def _is_ray_process(name: str) -> bool:
+    """Ray's and Serve's own processes, not a replica of the service (nor the proxy, which
+    the no-op round trip already counts)."""
+    if name in ("gcs_server", "raylet"):
+        return True
+    return name.startswith("ray::") and not name.startswith("ray::ProxyActor")
+
+
+def _ceilings(rows: list[dict], clients: int) -> list[str]:
+    """For each HTTP row, the most its ratio to FAISS could be on these cores, from Serve's,
+    Ray's and FAISS's CPU per query measured in this run."""
+    by_path = {row["path"]: row for row in rows if "cpu_ms_per_query" in row}
+    baseline = by_path.get("single-process FAISS, a query per call")
+    http = by_path.get("Serve no-op over HTTP, body read")
+    handle = by_path.get("Serve no-op via handle")
+    if baseline is None or http is None or handle is None:
+        return []
+    faiss_ms = baseline["cpu_ms_per_query"]["total"]
+    http_ms = http["cpu_ms_per_query"]["total"]
+    call_ms = handle["cpu_ms_per_query"].get("bench-client", 0.0)  # the caller's side
+    out = []
+    for row in rows:
+        if not row["path"].startswith("HTTP") or "cpu_ms_per_query" not in row:
+            continue
+        spent = row["cpu_ms_per_query"]
+        shard_ms = sum(v for k, v in spent.items() if k.startswith("cirray:IndexShard"))
+        calls_ms = row["shards"] * call_ms / clients
+        ray_ms = sum(v for k, v in spent.items() if _is_ray_process(k))
+        floor = http_ms + shard_ms + calls_ms + ray_ms
+        out.append(
+            f"  {row['shards']} shard(s): FAISS {faiss_ms:.1f} ms / (HTTP {http_ms:.1f} + shards "
+            f"{shard_ms:.1f} + calls {calls_ms:.1f} + Ray {ray_ms:.1f} = {floor:.1f}) = at most "
+            f"{faiss_ms / floor:.2f}x; measured {spent['total']:.1f} ms, the service's own code "
+            f"and the larger answers {spent['total'] - floor:.1f}"
+        )
+    return out
+
+
 def main(conf: BenchConf) -> dict:
     rng = np.random.default_rng(conf.seed)
     centres = rng.standard_normal((1000, conf.dim)).astype(np.float32)
@@ -179,11 +225,24 @@ def main(conf: BenchConf) -> dict:
     Q = clustered(rng, centres, conf.queries, 1.4)
     _, truth = faiss.knn(Q, X, conf.k, metric=faiss.METRIC_INNER_PRODUCT)
 
+    rows: list[dict] = []
+    profiles: list[tuple[str, dict[str, float]]] = []
+
+    def measured(name: str, shards: int, send: Callable[[np.ndarray], list[int]]) -> None:
+        _load(send, Q[:20], conf.clients)  # warm: connections, batching, caches
+        before = _processes()
+        row = {"path": name, "shards": shards, **_load(send, Q, conf.clients)}
+        row["cpu_ms_per_query"] = _cpu_per_query(before, _processes(), len(Q))
+        profiles.append((f"{name}, {shards} shard(s)", row["cpu_ms_per_query"]))
+        rows.append(row)
+
     flat = faiss.IndexFlatIP(conf.dim)
     flat.add(X)
-    rows = []
-    one = _load(lambda q: flat.search(q[None], conf.k)[1][0].tolist(), Q, conf.clients)
-    rows.append({"path": "single-process FAISS, a query per call", "shards": 1, **one})
+    measured(
+        "single-process FAISS, a query per call",
+        1,
+        lambda q: flat.search(q[None], conf.k)[1][0].tolist(),
+    )
     t = time.perf_counter()
     _, batched = flat.search(Q, conf.k)
     rows.append(
@@ -204,15 +263,6 @@ def main(conf: BenchConf) -> dict:
     ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
     port = 8000 + int(rng.integers(100, 900))
     start_serve("127.0.0.1", port)
-    profiles: list[tuple[str, dict[str, float]]] = []
-
-    def measured(name: str, shards: int, send: Callable[[np.ndarray], list[int]]) -> None:
-        _load(send, Q[:20], conf.clients)  # warm: connections, batching, caches
-        before = _processes()
-        row = {"path": name, "shards": shards, **_load(send, Q, conf.clients)}
-        row["cpu_ms_per_query"] = _cpu_per_query(before, _processes(), len(Q))
-        profiles.append((f"{name}, {shards} shard(s)", row["cpu_ms_per_query"]))
-        rows.append(row)
 
     try:
         serve.run(NoopIngress.bind(), name="noop", route_prefix="/")
@@ -279,6 +329,9 @@ def main(conf: BenchConf) -> dict:
     for name, spent in profiles:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in spent.items() if k != "total")
         lines.append(f"  {name}: {spent['total']:.1f} in all: {parts}")
+    ceilings = _ceilings(rows, conf.clients)
+    if ceilings:
+        lines += ["", _CEILING_HEADER, *ceilings]
     print("\n".join(lines))
     result = {"conf": asdict(conf), "rows": rows, "lines": lines}
     write_results(conf.out, result, lines)
