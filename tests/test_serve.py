@@ -38,7 +38,7 @@ from pipeline.index import IndexConf
 from pipeline.index import run as build_index
 from pipeline.ingest import IngestConf
 from pipeline.ingest import run as ingest
-from pipeline.serve import APP_NAME, SERVE_ENV, ServeConf, app_builder, build_app
+from pipeline.serve import APP_NAME, DRAIN_CHECK_S, SERVE_ENV, ServeConf, app_builder, build_app
 from tests.helpers import written_serve_app
 
 # The ImageNet Lite0 the embedder builds; these vectors never came from it, so only vector
@@ -468,6 +468,7 @@ def test_a_serve_config_file_holds_every_setting(ray_session, vectors, tmp_path)
     # no work), and a shard replica reserves memory for two versions of its shards.
     for name, deployment in deployments.items():
         assert deployment["ray_actor_options"]["num_cpus"] > 0, name
+        assert deployment["graceful_shutdown_wait_loop_s"] == DRAIN_CHECK_S, name  # quick stops
     shard_bytes = sum(s["bytes"] for s in index_store.read_manifest(conf.index)["shards"][1::2])
     assert deployments["IndexShard1"]["ray_actor_options"]["memory"] == 2 * shard_bytes + 2**29
     built = app_builder(app["args"])  # what serve deploy calls on the cluster
