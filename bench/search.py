@@ -187,7 +187,7 @@ def _is_ray_process(name: str) -> bool:
     return name.startswith("ray::") and not name.startswith("ray::ProxyActor")
 
 
-def _ceilings(rows: list[dict], clients: int) -> list[str]:
+def ceilings(rows: list[dict], clients: int) -> list[str]:
     """For each HTTP row, the most its ratio to FAISS could be on these cores, from Serve's,
     Ray's and FAISS's CPU per query measured in this run."""
     by_path = {row["path"]: row for row in rows if "cpu_ms_per_query" in row}
@@ -329,9 +329,9 @@ def main(conf: BenchConf) -> dict:
     for name, spent in profiles:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in spent.items() if k != "total")
         lines.append(f"  {name}: {spent['total']:.1f} in all: {parts}")
-    ceilings = _ceilings(rows, conf.clients)
-    if ceilings:
-        lines += ["", _CEILING_HEADER, *ceilings]
+    ceiling_lines = ceilings(rows, conf.clients)
+    if ceiling_lines:
+        lines += ["", _CEILING_HEADER, *ceiling_lines]
     print("\n".join(lines))
     result = {"conf": asdict(conf), "rows": rows, "lines": lines}
     write_results(conf.out, result, lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.search import _ceilings
+from bench.search import ceilings
 
 
 def _row(path: str, shards: int, **cpu: float) -> dict:
@@ -34,7 +34,7 @@ def test_the_ceiling_counts_serve_ray_and_the_shards_but_not_the_service_code() 
         ),
         _row("Python handle", 2, **{"cirray:IndexShard0": 1.0}),
     ]
-    (line,) = _ceilings(rows, clients=8)
+    (line,) = ceilings(rows, clients=8)
     # floor: HTTP 3.0 + shards 2.0 + 2 calls x 1.6 / 8 clients = 0.4 + Ray 0.5 = 5.9
     assert "(HTTP 3.0 + shards 2.0 + calls 0.4 + Ray 0.5 = 5.9)" in line
     assert f"at most {6.0 / 5.9:.2f}x" in line
@@ -49,4 +49,4 @@ def test_no_ceiling_without_the_rows_it_needs(missing: str) -> None:
         _row("Serve no-op via handle", 0, **{"bench-client": 1.6}),
         _row("HTTP (POST /search)", 1, **{"cirray:IndexShard0": 1.0}),
     ]
-    assert _ceilings([r for r in rows if missing not in r["path"]], clients=8) == []
+    assert ceilings([r for r in rows if missing not in r["path"]], clients=8) == []
