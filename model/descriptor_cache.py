@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from model import storage
 from model.extraction import Extraction, ImageFiles
 
-__all__ = ["DescriptorCache", "digest"]
+__all__ = ["DescriptorCache", "digest", "photo_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class DescriptorCache:
         ``extract`` describes a part of ``images``; only photos not in the cache reach it.
         """
         keys = {
-            i: _key(images.paths[i], images.boxes[i], root)
+            i: photo_key(images.paths[i], images.boxes[i], root)
             for i in range(len(images))
             if i not in images.failed
         }
@@ -97,7 +97,7 @@ class DescriptorCache:
             storage.write_text(file, json.dumps(self.identity, indent=2, sort_keys=True))
 
 
-def _key(path: Path, box: Any, root: Path) -> str:
+def photo_key(path: Path, box: Any, root: Path) -> str:
     """Relative path, size and modification time (and the box of a query)."""
     try:
         name = path.resolve().relative_to(root.resolve()).as_posix()

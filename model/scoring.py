@@ -10,6 +10,7 @@ million-image database needs one block of scores at a time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -22,10 +23,19 @@ from model.evaluation import (
     ground_truth_items,
     recall_at_k,
 )
+from model.reranking import QueryRerank, promoted_positions
 from model.retrieval import QueryExpansion, rank_and_locate, rank_by_similarity
 from model.whitening import apply_whitening
 
-__all__ = ["PostProcess", "Scored", "format_metrics", "score", "summary_map"]
+__all__ = [
+    "PostProcess",
+    "Scored",
+    "format_metrics",
+    "post_process",
+    "score",
+    "score_reranked",
+    "summary_map",
+]
 
 
 @dataclass(frozen=True)
@@ -64,26 +74,84 @@ def score(
 
     Query APs are those of the medium protocol for revisited sets (NaN without positives).
     """
+    db, queries = post_process(db, queries, rset, post)
+    depth = min(max(top_k, max(kappas, default=1) + 1), len(db))
+    if rset.gnd is None or rset.protocol == "none":
+        n_q = len(queries)
+        return Scored({}, rank_by_similarity(queries, db, topk=depth), np.full(n_q, np.nan))
+    items = ground_truth_items(rset.gnd)
+    ranks, located = rank_and_locate(queries, db, items, topk=depth)
+    return _scored(list(zip(items, located, strict=True)), ranks, rset, kappas, n_db=len(db))
+
+
+def post_process(
+    db: np.ndarray, queries: np.ndarray, rset: RetrievalSet, post: PostProcess
+) -> tuple[np.ndarray, np.ndarray]:
+    """``db`` and ``queries`` whitened and expanded as ``post`` says, ready to rank."""
     if post.whitening is not None:
         m, P = post.whitening
         db = apply_whitening(db, m, P, post.whitening_dim)
         queries = apply_whitening(queries, m, P, post.whitening_dim)
     self_rows = np.arange(len(queries)) if rset.queries_are_database else None
-    queries = post.qe.expand(queries, db, query_rows=self_rows)
+    return db, post.qe.expand(queries, db, query_rows=self_rows)
+
+
+def score_reranked(
+    db: np.ndarray,
+    queries: np.ndarray,
+    rset: RetrievalSet,
+    reranked: Sequence[QueryRerank],
+    *,
+    kappas: tuple[int, ...] = (1, 5, 10),
+    top_k: int = 100,
+) -> Scored:
+    """``score`` of the rankings that spatial re-ranking made (``model.reranking``): each
+    query's promoted rows first, then the database in the order of its re-ranking vector.
+    ``db`` is post-processed already (``post_process``)."""
+    vectors = np.stack([r.query for r in reranked]).astype(np.float32)
     depth = min(max(top_k, max(kappas, default=1) + 1), len(db))
-    n_q = len(queries)
-    if rset.gnd is None or rset.protocol == "none":
-        return Scored({}, rank_by_similarity(queries, db, topk=depth), np.full(n_q, np.nan))
-    items = ground_truth_items(rset.gnd)
-    ranks, located = rank_and_locate(queries, db, items, topk=depth)
-    positions = list(zip(items, located, strict=True))
+    promoted = [r.promoted for r in reranked]
+    items = (
+        ground_truth_items(rset.gnd) if rset.gnd is not None and rset.protocol != "none" else None
+    )
+    wanted = [
+        np.concatenate([p, i]) for p, i in zip(promoted, items or [[]] * len(promoted), strict=True)
+    ]
+    base_ranks, located = rank_and_locate(vectors, db, wanted, topk=depth)
+    ranks = np.stack(
+        [_promoted_first(p, row, depth) for p, row in zip(promoted, base_ranks, strict=True)]
+    )
+    if items is None:
+        return Scored({}, ranks, np.full(len(vectors), np.nan))
+    positions = []
+    for p, item, found in zip(promoted, items, located, strict=True):
+        at = promoted_positions(item, found[len(p) :], p, found[: len(p)])
+        positions.append((item, at))
+    return _scored(positions, ranks, rset, kappas, n_db=len(db))
+
+
+def _promoted_first(promoted: np.ndarray, base: np.ndarray, depth: int) -> np.ndarray:
+    rest = base[~np.isin(base, promoted)]
+    return np.concatenate([promoted, rest])[:depth]
+
+
+def _scored(
+    positions: list[tuple[np.ndarray, np.ndarray]],
+    ranks: np.ndarray,
+    rset: RetrievalSet,
+    kappas: tuple[int, ...],
+    *,
+    n_db: int,
+) -> Scored:
+    """The metrics of ``rset``'s protocol from the positions of its ground-truth images."""
+    assert rset.gnd is not None
     metrics: dict[str, Any]
     if rset.protocol == "revisited":
-        metrics = evaluate_revisited_at_positions(positions, rset.gnd, kappas, n_db=len(db))
+        metrics = evaluate_revisited_at_positions(positions, rset.gnd, kappas, n_db=n_db)
         medium = [{"ok": rset.positives(j), "junk": g["junk"]} for j, g in enumerate(rset.gnd)]
-        _, aps, _, _ = compute_map_at_positions(positions, medium, n_db=len(db))
+        _, aps, _, _ = compute_map_at_positions(positions, medium, n_db=n_db)
         return Scored(metrics, ranks, aps)
-    m_ap, aps, mpr, _ = compute_map_at_positions(positions, rset.gnd, kappas, n_db=len(db))
+    m_ap, aps, mpr, _ = compute_map_at_positions(positions, rset.gnd, kappas, n_db=n_db)
     metrics = {"map": m_ap, "mp@k": dict(zip(kappas, map(float, mpr), strict=True))}
     if rset.protocol == "scenes":
         # Recall@k must not count the query itself, which ranks first among its own photos.

@@ -7,36 +7,47 @@ The layout is cnnimageretrieval-pytorch's: ``<root>/<dataset>/jpg/<name>.jpg`` a
 ``<root>/<dataset>/gnd_<dataset>.pkl``, with revisited (easy/hard/junk) or original (ok/junk)
 ground truth. Queries are their photos cropped to ``bbx``; database images are resized to
 ``max_size`` (never enlarged) and a query crop by its whole photo's factor; photos are read in
-their stored pixel frame, as the protocol defines its boxes. A partial or damaged copy is
+their stored pixel frame, as the protocol defines its boxes. A folder of scene folders
+(``<root>/<dataset>/<scene>/<photo>``) is evaluated too: every photo is a query, the other
+photos of its scene its positives. A partial or damaged copy is
 evaluated on what is there: every missing or unusable photo is counted and named, in the
 output and in ``metrics.json``. Descriptors are cached per photo (``model.descriptor_cache``)
 so trying αQE or whitening variants never extracts again; metrics are exact at any database
-size without a full ranking (``model.scoring``).
+size without a full ranking (``model.scoring``). ``--rerank K`` re-ranks each query's top K by
+spatial verification of local features (``model.reranking``) and prints the figures with and
+without it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from model import checkpoint, storage
 from model.cli import FlatFlags, log_settings, run_cli
+from model.datasets.folders import load_folder
 from model.datasets.revisited import load_revisited
-from model.datasets.sets import IMAGE_SUFFIXES, RetrievalSet
+from model.datasets.sets import IMAGE_SUFFIXES, RetrievalSet, list_images
 from model.describe import DescribedSet, describe_set
 from model.describer import NetworkSettings
 from model.descriptor_cache import DescriptorCache, digest
 from model.extraction import ExtractOptions
+from model.local_feature_cache import LocalFeatureCache
+from model.local_features import LocalFeatureOptions, LocalFeatures, empty_features
 from model.networks import NetworkMeta, RetrievalNet, build_network
 from model.report import write_report
+from model.reranking import RerankSettings, rerank_query
 from model.results import write_json
-from model.retrieval import QueryExpansion
-from model.scoring import PostProcess, format_metrics, score
+from model.retrieval import QueryExpansion, rank_by_similarity
+from model.scoring import PostProcess, Scored, format_metrics, post_process, score, score_reranked
 from model.whitening import load_whitening
 
 __all__ = ["EvaluateConf", "run"]
@@ -64,6 +75,11 @@ class EvaluateConf(FlatFlags):
     whitening_dim: int | None = None
     qe: QueryExpansion = field(default_factory=QueryExpansion)
     """αQE (flags --qe-k, --qe-alpha); off by default."""
+    reranking: RerankSettings = field(default_factory=RerankSettings)
+    """Spatial re-ranking of the top --rerank by local features (flags --rerank, --rerank-*);
+    off by default. The figures without it are printed and kept beside those with it."""
+    local: LocalFeatureOptions = field(default_factory=LocalFeatureOptions)
+    """The local features re-ranking matches (flags --local-*)."""
     distractors: str | None = None
     """Folder or s3:// prefix of distractor photos (R1M style) added to the database."""
     kappas: tuple[int, ...] = (1, 5, 10)
@@ -97,7 +113,22 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
         kappas=conf.kappas,
     )
     print(format_metrics(conf.dataset, scored.metrics, conf.kappas))
+    reranking: dict[str, Any] = {}
+    if conf.reranking.rerank:
+        reranking["metrics_without_rerank"] = scored.metrics
+        scored, cost = _rerank(conf, described, post)
+        reranking.update(cost)
+        print(f"with {conf.reranking.label}:")
+        print(format_metrics(conf.dataset, scored.metrics, conf.kappas))
+        print(
+            f"re-ranking: {cost['seconds_per_query']:.2f} s a query "
+            f"({cost['pairs_per_query']:.0f} pairs verified, {cost['ms_per_pair']:.1f} ms a "
+            f"pair); local features of {cost['photos_extracted']} photos extracted in "
+            f"{cost['extract_seconds']:.1f} s"
+        )
 
+    labels = [x for x in (post.label, conf.reranking.label) if x and x != "plain"]
+    post_label = " + ".join(labels) or post.label
     result = {
         "dataset": conf.dataset,
         "protocol": used.protocol,
@@ -105,7 +136,8 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
         "settings": conf.settings(),
         "network": network_key,
         "extraction": identity,
-        "post_processing": post.label,
+        "post_processing": post_label,
+        **reranking,
         "images": availability.as_dict(),
         "queries_without_positives": _queries_without_positives(used),
         "extracted": described.extracted,
@@ -120,13 +152,97 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
         metrics=scored.metrics,
         db_paths=described.db_paths,
         aps=scored.aps,
-        title=f"{conf.dataset}: {network_key.get('backbone', weights)}, {post.label}",
+        title=f"{conf.dataset}: {network_key.get('backbone', weights)}, {post_label}",
     )
     print(availability.summary())
     print(
         f"metrics: {storage.join(out, 'metrics.json')}\nreport:  {storage.join(out, 'report.html')}"
     )
     return result
+
+
+def _rerank(
+    conf: EvaluateConf, described: DescribedSet, post: PostProcess
+) -> tuple[Scored, dict[str, Any]]:
+    """Spatial re-ranking of every query's top ``--rerank``; the figures it gives and what it
+    cost (a query's verification; the local features, extracted once and cached)."""
+    settings = conf.reranking
+    used = described.rset
+    db, queries = post_process(
+        described.db["descriptor"], described.queries["descriptor"], used, post
+    )
+    base = rank_by_similarity(queries, db, topk=min(settings.rerank, len(db)))
+    cache = LocalFeatureCache(Path(conf.cache_dir) / "local" / conf.dataset, conf.local)
+    root = Path(conf.cache_dir)  # photos are keyed by absolute path when outside it
+    db_paths = described.db_paths
+
+    extract_seconds = 0.0
+
+    def features(rows: Sequence[int], workers: int = 0) -> list[LocalFeatures]:
+        nonlocal extract_seconds
+        started = time.perf_counter()
+        found = cache.features(
+            [db_paths[r] for r in rows],
+            root=root,
+            exif_transpose=used.exif_transpose,
+            num_workers=workers,
+            progress=workers > 0,
+        )
+        extract_seconds += time.perf_counter() - started
+        return [f if f is not None else empty_features() for f in found]
+
+    candidates = np.unique(base).tolist()
+    known = dict(zip(candidates, features(candidates, conf.num_workers), strict=True))
+    if used.queries_are_database:
+        query_features = [known.get(j) or features([j])[0] for j in range(len(queries))]
+    else:
+        started = time.perf_counter()
+        query_features = [
+            f if f is not None else empty_features()
+            for f in cache.features(
+                used.query_paths,
+                used.query_boxes,
+                root=root,
+                exif_transpose=used.exif_transpose,
+                num_workers=conf.num_workers,
+            )
+        ]
+        extract_seconds += time.perf_counter() - started
+
+    def features_of(rows: Sequence[int]) -> list[LocalFeatures | None]:
+        missing = [r for r in rows if r not in known]
+        if missing:
+            known.update(zip(missing, features(missing), strict=True))
+        return [known[r] for r in rows]
+
+    started, extracted_before = time.perf_counter(), extract_seconds
+    reranked = [
+        rerank_query(queries[j], db, base[j], query_features[j], features_of, settings)
+        for j in tqdm(range(len(queries)), desc="re-rank", unit="query")
+    ]
+    seconds = time.perf_counter() - started - (extract_seconds - extracted_before)
+    pairs = sum(r.pairs_verified for r in reranked)
+    scored = score_reranked(db, queries, used, reranked, kappas=conf.kappas)
+    summary = {
+        "seconds_per_query": seconds / max(len(queries), 1),
+        "pairs_per_query": pairs / max(len(queries), 1),
+        "ms_per_pair": 1000 * seconds / max(pairs, 1),
+        "photos_extracted": cache.extracted,
+        "extract_seconds": extract_seconds,
+        "local_features_failed": cache.failed,
+        "verified_per_query": [len(r.promoted) for r in reranked],
+        "verified": {
+            _name(used.query_paths[j]): {
+                _name(db_paths[r]): r_.inliers[r] for r in r_.promoted.tolist()
+            }
+            for j, r_ in enumerate(reranked)
+        },
+    }
+    return scored, summary
+
+
+def _name(path: Path) -> str:
+    return path.stem if path.parent.name == "jpg" else f"{path.parent.name}/{path.name}"
 
 
 def _describe(
@@ -151,7 +267,7 @@ def _describe(
     identity = {**network_key, **options.identity(), "max_size": conf.network.max_size}
     distractors, distractor_root = _distractors(conf, cache)
     described = describe_set(
-        load_revisited(dataset_dir, conf.dataset),
+        _load_set(dataset_dir, conf.dataset),
         net.backbone,
         {"descriptor": net.head},
         max_size=conf.network.max_size,
@@ -167,6 +283,15 @@ def _describe(
         summary = described.availability.summary()
         raise FileNotFoundError(f"{dataset_dir}: no usable {missing}; {summary}")
     return described, identity
+
+
+def _load_set(dataset_dir: Path, name: str) -> RetrievalSet:
+    """The revisited layout, or a folder of scene folders (every photo a query, the other
+    photos of its scene its positives)."""
+    revisited = (dataset_dir / f"gnd_{name}.pkl").exists() or (dataset_dir / "jpg").exists()
+    if not revisited and any(d.is_dir() and list_images(d) for d in dataset_dir.iterdir()):
+        return load_folder(dataset_dir)
+    return load_revisited(dataset_dir, name)
 
 
 def _check(conf: EvaluateConf) -> None:

@@ -20,9 +20,11 @@ from model.datasets.revisited import load_revisited
 from model.datasets.sets import same_label_pairs
 from model.evaluation import evaluate_revisited
 from model.extraction import ArrayImages, ExtractOptions, ImageFiles, extract_descriptors
+from model.local_features import LocalFeatureOptions, extract_local_features
 from model.networks import NetworkMeta, build_network
 from model.retrieval import rank_by_similarity
 from model.scoring import format_metrics
+from model.verification import VerifyOptions, verify_pair
 from model.whitening import learn_whitening, save_whitening
 from pipeline.evaluate import EvaluateConf, run
 from tests.helpers import run_stage
@@ -464,3 +466,32 @@ def test_revisited_photos_are_read_in_their_stored_frame(warm_conf, copy_of, net
     vectors = _cached_vectors(Path(conf.cache_dir), "query")
     (key,) = [k for k in vectors if path.name in k and k.endswith(json.dumps(box))]
     np.testing.assert_allclose(vectors[key], stored, atol=1e-5)
+
+
+def test_rerank_verifies_the_top_k_and_keeps_the_figures_without_it(
+    warm_conf, tiny_collection, plain
+) -> None:
+    conf = warm_conf.replaced(rerank=20, local_max_size=256)
+    result = run(conf)
+    assert result["metrics_without_rerank"] == plain.result["metrics"]
+    assert result["post_processing"] == "SV@20" and result["pairs_per_query"] == 20
+    medium = (result["metrics_without_rerank"]["medium"]["map"], result["metrics"]["medium"]["map"])
+    assert medium[1] > medium[0]
+    # the promoted photos are verified by features the test extracts itself, the query's
+    # from its box, as the protocol crops it
+    rset = load_revisited(tiny_collection)
+    saved = json.loads(next(Path(conf.output).rglob("metrics.json")).read_text())
+    report = (next(Path(conf.output).rglob("report.html"))).read_text()
+    assert "SV@20" in report and saved["metrics"] == json.loads(json.dumps(result["metrics"]))
+    options = LocalFeatureOptions(local_max_size=256)
+    images = ImageFiles(rset.query_paths, 256, rset.query_boxes, exif_transpose=False)
+    j = int(np.argmax(result["verified_per_query"]))
+    query = extract_local_features(images[j][1], options)
+    verified = result["verified"][rset.query_paths[j].stem]
+    assert len(verified) == result["verified_per_query"][j] >= 2
+    for name, inliers in verified.items():
+        photo = ImageFiles([tiny_collection / "jpg" / f"{name}.jpg"], 256, exif_transpose=False)
+        again = verify_pair(query, extract_local_features(photo[0][1], options), VerifyOptions())
+        assert again.inliers == inliers >= 12
+    again = run(conf)
+    assert again["photos_extracted"] == 0 and again["metrics"] == result["metrics"]

@@ -1,0 +1,169 @@
+"""Local features of a photo (SIFT from pycolmap) for the spatial verification of a ranking.
+
+A global descriptor says which photos look alike; local features let a re-ranker check that
+two photos show the same structure (``model.verification``). SIFT is pycolmap's, the same
+extractor as the SfM stage, with RootSIFT normalisation. Descriptors are stored as COLMAP
+stores them, one unsigned byte per dimension (the unit vector times 512, clipped), so a photo
+with 1024 features costs 128 KiB of descriptors and 16 KiB of keypoints.
+
+Keypoints are in the pixel frame the extractor saw: the photo (or a query's box) scaled so its
+longer side is at most ``--local-max-size``; ``size`` records that frame, so a drawing can map them
+onto any other size of the same photo.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from model.settings import raise_problems
+
+__all__ = [
+    "DESCRIPTOR_DIM",
+    "LocalFeatureOptions",
+    "LocalFeatures",
+    "empty_features",
+    "extract_local_features",
+    "unit_descriptors",
+]
+
+DESCRIPTOR_DIM = 128
+_BYTE_SCALE = 512.0  # COLMAP's FeatureDescriptorsToUnsignedByte
+_FIRST_OCTAVE = 0
+"""pycolmap's default (-1) doubles the image first: 4.5 times the time, for fine features that
+the cap on features drops again at 1024 px."""
+
+
+@dataclass(frozen=True)
+class LocalFeatureOptions:
+    """How local features are extracted; everything that changes them is here."""
+
+    local_max_features: int = 1024
+    """At most this many SIFT features per photo (pycolmap keeps the largest scales)."""
+    local_max_size: int = 1024
+    """Longer side of the image SIFT sees (never enlarged)."""
+    local_peak_threshold: float = 0.0066667
+    """SIFT's contrast threshold (pycolmap's default); lower finds more features in flat photos."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.local_max_features < 1:
+            problems.append(
+                f"--local-max-features must be at least 1, not {self.local_max_features}"
+            )
+        if self.local_max_size < 64:
+            problems.append(f"--local-max-size must be at least 64, not {self.local_max_size}")
+        if not 0 < self.local_peak_threshold < 1:
+            problems.append(
+                f"--local-peak-threshold must be in (0, 1), not {self.local_peak_threshold}"
+            )
+        raise_problems(problems)
+
+    def identity(self) -> dict[str, object]:
+        return {"extractor": "sift-pycolmap", "first_octave": _FIRST_OCTAVE, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class LocalFeatures:
+    """A photo's keypoints ``[n, 4]`` (x, y, scale, orientation; float32) and descriptors
+    ``[n, 128]`` (uint8), in the frame of ``size`` (width, height)."""
+
+    keypoints: np.ndarray
+    descriptors: np.ndarray
+    size: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        n = len(self.keypoints)
+        if self.keypoints.shape != (n, 4) or self.descriptors.shape != (n, DESCRIPTOR_DIM):
+            raise ValueError(
+                f"keypoints {self.keypoints.shape} and descriptors {self.descriptors.shape} "
+                f"do not describe the same {n} features"
+            )
+
+    def __len__(self) -> int:
+        return len(self.keypoints)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keypoints.nbytes + self.descriptors.nbytes
+
+
+def empty_features(size: tuple[int, int] = (0, 0)) -> LocalFeatures:
+    """No features: a blank or tiny photo, answered with zero inliers rather than an error."""
+    return LocalFeatures(
+        np.zeros((0, 4), np.float32), np.zeros((0, DESCRIPTOR_DIM), np.uint8), size
+    )
+
+
+_local = threading.local()
+
+
+def _extractor(options: LocalFeatureOptions):
+    """One pycolmap SIFT extractor per thread and settings (building one costs milliseconds)."""
+    import pycolmap
+
+    cached = getattr(_local, "sift", None)
+    if cached is not None and cached[0] == options:
+        return cached[1]
+    conf = pycolmap.FeatureExtractionOptions()
+    conf.max_image_size = options.local_max_size
+    conf.num_threads = 1
+    conf.sift.max_num_features = options.local_max_features
+    conf.sift.peak_threshold = options.local_peak_threshold
+    conf.sift.first_octave = _FIRST_OCTAVE
+    with warnings.catch_warnings():  # its successor returns keypoints as Python objects
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sift = pycolmap.Sift(conf, device=pycolmap.Device.cpu)
+    _local.sift = (options, sift)
+    return sift
+
+
+def extract_local_features(image: np.ndarray, options: LocalFeatureOptions) -> LocalFeatures:
+    """SIFT features of ``image`` (``[H, W, 3]`` RGB or ``[H, W]`` grey, uint8), longer side
+    first brought to at most ``options.local_max_size``."""
+    grey = _grey(image)
+    height, width = grey.shape
+    if min(height, width) < 16:
+        return empty_features((width, height))
+    grey, size = _fit(grey, options.local_max_size)
+    keypoints, descriptors = _extractor(options).extract(np.ascontiguousarray(grey))
+    keypoints = np.asarray(keypoints, np.float32)
+    # pycolmap caps locations, and a location may have two orientations: keep the largest scales
+    keep = np.sort(np.argsort(-keypoints[:, 2], kind="stable")[: options.local_max_features])
+    keypoints = keypoints[keep]
+    descriptors = np.asarray(descriptors, np.float32)[keep]
+    as_bytes = np.clip(np.round(descriptors * _BYTE_SCALE), 0, 255).astype(np.uint8)
+    return LocalFeatures(np.ascontiguousarray(keypoints), as_bytes, size)
+
+
+def unit_descriptors(descriptors: np.ndarray) -> np.ndarray:
+    """Stored bytes back to L2-normalised float32 rows (zero rows stay zero)."""
+    x = descriptors.astype(np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        return image.astype(np.uint8, copy=False)
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        rgb = image[..., :3].astype(np.float32)
+        grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as PIL's "L"
+        return np.clip(np.round(grey), 0, 255).astype(np.uint8)
+    raise ValueError(f"expected an [H, W] or [H, W, 3] image, got shape {image.shape}")
+
+
+def _fit(grey: np.ndarray, max_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """``grey`` with its longer side at most ``max_size``, and its (width, height)."""
+    height, width = grey.shape
+    longer = max(height, width)
+    if longer > max_size:
+        from PIL import Image
+
+        factor = max_size / longer
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        grey = np.asarray(Image.fromarray(grey).resize(size, Image.Resampling.BILINEAR))
+    return grey, (grey.shape[1], grey.shape[0])
