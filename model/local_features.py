@@ -18,6 +18,7 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from PIL import Image
 
 from model.settings import raise_problems
 
@@ -103,7 +104,7 @@ _local = threading.local()
 
 def _extractor(options: LocalFeatureOptions):
     """One pycolmap SIFT extractor per thread and settings (building one costs milliseconds)."""
-    import pycolmap
+    import pycolmap  # here: only processes that extract load it (array API: safe after torch)
 
     cached = getattr(_local, "sift", None)
     if cached is not None and cached[0] == options:
@@ -161,8 +162,6 @@ def _fit(grey: np.ndarray, max_size: int) -> tuple[np.ndarray, tuple[int, int]]:
     height, width = grey.shape
     longer = max(height, width)
     if longer > max_size:
-        from PIL import Image
-
         factor = max_size / longer
         size = (max(1, round(width * factor)), max(1, round(height * factor)))
         grey = np.asarray(Image.fromarray(grey).resize(size, Image.Resampling.BILINEAR))

@@ -84,6 +84,7 @@ def rerank_query(
     query: np.ndarray,
     db: np.ndarray,
     candidates: np.ndarray,
+    *,
     query_features: LocalFeatures,
     features_of: FeaturesOf,
     settings: RerankSettings,
@@ -91,7 +92,9 @@ def rerank_query(
     """Re-rank one query (``query`` ``[D]`` and ``db`` ``[N, D]``: unit rows) whose global
     ranking starts with ``candidates``; only the first ``settings.rerank`` are verified."""
     k = min(settings.rerank, len(db))
-    inliers = _verify(query_features, candidates[:k], features_of, settings.verify, {})
+    inliers = _verify(
+        query_features, candidates[:k], features_of, options=settings.verify, known={}
+    )
     vector = np.asarray(query, np.float32)
     if settings.rerank_qe_k:
         best = _promoted(inliers, db @ vector, settings.verify.rerank_min_inliers)
@@ -101,7 +104,9 @@ def rerank_query(
             expanded = vector + weights @ db[chosen]
             vector = (expanded / max(np.linalg.norm(expanded), 1e-12)).astype(np.float32)
             again = _top(db @ vector, k)
-            inliers = _verify(query_features, again, features_of, settings.verify, inliers)
+            inliers = _verify(
+                query_features, again, features_of, options=settings.verify, known=inliers
+            )
     promoted = _promoted(inliers, db @ vector, settings.verify.rerank_min_inliers)
     return QueryRerank(promoted, inliers, vector, pairs_verified=len(inliers))
 
@@ -109,17 +114,18 @@ def rerank_query(
 def promoted_positions(
     items: np.ndarray,
     item_positions: np.ndarray,
+    *,
     promoted: np.ndarray,
-    promoted_positions: np.ndarray,
+    promoted_at: np.ndarray,
 ) -> np.ndarray:
     """Positions of ``items`` in the ranking "``promoted``, then the base ranking without them",
-    from their base positions (``item_positions``; ``promoted_positions`` those of the
-    promoted rows)."""
+    from their base positions (``item_positions``; ``promoted_at`` those of the promoted
+    rows)."""
     items = np.asarray(items, np.int64)
     base = np.asarray(item_positions, np.int64)
     promoted = np.asarray(promoted, np.int64)
     place = {int(row): i for i, row in enumerate(promoted)}
-    ahead = np.searchsorted(np.sort(np.asarray(promoted_positions, np.int64)), base)
+    ahead = np.searchsorted(np.sort(np.asarray(promoted_at, np.int64)), base)
     moved = np.array([place.get(int(row), -1) for row in items], np.int64)
     return np.where(moved >= 0, moved, len(promoted) + base - ahead)
 
@@ -128,6 +134,7 @@ def _verify(
     query_features: LocalFeatures,
     rows: np.ndarray,
     features_of: FeaturesOf,
+    *,
     options: VerifyOptions,
     known: dict[int, int],
 ) -> dict[int, int]:

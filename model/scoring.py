@@ -74,18 +74,19 @@ def score(
 
     Query APs are those of the medium protocol for revisited sets (NaN without positives).
     """
-    db, queries = post_process(db, queries, rset, post)
+    db, queries = post_process(db, queries, rset, post=post)
     depth = min(max(top_k, max(kappas, default=1) + 1), len(db))
     if rset.gnd is None or rset.protocol == "none":
         n_q = len(queries)
         return Scored({}, rank_by_similarity(queries, db, topk=depth), np.full(n_q, np.nan))
     items = ground_truth_items(rset.gnd)
     ranks, located = rank_and_locate(queries, db, items, topk=depth)
-    return _scored(list(zip(items, located, strict=True)), ranks, rset, kappas, n_db=len(db))
+    positions = list(zip(items, located, strict=True))
+    return _scored(positions, ranks, rset, kappas=kappas, n_db=len(db))
 
 
 def post_process(
-    db: np.ndarray, queries: np.ndarray, rset: RetrievalSet, post: PostProcess
+    db: np.ndarray, queries: np.ndarray, rset: RetrievalSet, *, post: PostProcess
 ) -> tuple[np.ndarray, np.ndarray]:
     """``db`` and ``queries`` whitened and expanded as ``post`` says, ready to rank."""
     if post.whitening is not None:
@@ -100,8 +101,8 @@ def score_reranked(
     db: np.ndarray,
     queries: np.ndarray,
     rset: RetrievalSet,
-    reranked: Sequence[QueryRerank],
     *,
+    reranked: Sequence[QueryRerank],
     kappas: tuple[int, ...] = (1, 5, 10),
     top_k: int = 100,
 ) -> Scored:
@@ -125,9 +126,9 @@ def score_reranked(
         return Scored({}, ranks, np.full(len(vectors), np.nan))
     positions = []
     for p, item, found in zip(promoted, items, located, strict=True):
-        at = promoted_positions(item, found[len(p) :], p, found[: len(p)])
+        at = promoted_positions(item, found[len(p) :], promoted=p, promoted_at=found[: len(p)])
         positions.append((item, at))
-    return _scored(positions, ranks, rset, kappas, n_db=len(db))
+    return _scored(positions, ranks, rset, kappas=kappas, n_db=len(db))
 
 
 def _promoted_first(promoted: np.ndarray, base: np.ndarray, depth: int) -> np.ndarray:
@@ -139,8 +140,8 @@ def _scored(
     positions: list[tuple[np.ndarray, np.ndarray]],
     ranks: np.ndarray,
     rset: RetrievalSet,
-    kappas: tuple[int, ...],
     *,
+    kappas: tuple[int, ...],
     n_db: int,
 ) -> Scored:
     """The metrics of ``rset``'s protocol from the positions of its ground-truth images."""

@@ -167,7 +167,7 @@ def _unique_locations(features: LocalFeatures, matches: np.ndarray) -> int:
 
 def _ransac(src: np.ndarray, tgt: np.ndarray, options: VerifyOptions) -> np.ndarray | None:
     """The inlier mask of the model LO-RANSAC fits to ``src -> tgt``, or ``None``."""
-    import pycolmap
+    import pycolmap  # here: only processes that verify load it
 
     conf = pycolmap.RANSACOptions()
     conf.max_error = options.rerank_max_error

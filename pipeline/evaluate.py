@@ -169,7 +169,7 @@ def _rerank(
     settings = conf.reranking
     used = described.rset
     db, queries = post_process(
-        described.db["descriptor"], described.queries["descriptor"], used, post
+        described.db["descriptor"], described.queries["descriptor"], used, post=post
     )
     base = rank_by_similarity(queries, db, topk=min(settings.rerank, len(db)))
     cache = LocalFeatureCache(Path(conf.cache_dir) / "local" / conf.dataset, conf.local)
@@ -217,12 +217,19 @@ def _rerank(
 
     started, extracted_before = time.perf_counter(), extract_seconds
     reranked = [
-        rerank_query(queries[j], db, base[j], query_features[j], features_of, settings)
+        rerank_query(
+            queries[j],
+            db,
+            base[j],
+            query_features=query_features[j],
+            features_of=features_of,
+            settings=settings,
+        )
         for j in tqdm(range(len(queries)), desc="re-rank", unit="query")
     ]
     seconds = time.perf_counter() - started - (extract_seconds - extracted_before)
     pairs = sum(r.pairs_verified for r in reranked)
-    scored = score_reranked(db, queries, used, reranked, kappas=conf.kappas)
+    scored = score_reranked(db, queries, used, reranked=reranked, kappas=conf.kappas)
     summary = {
         "seconds_per_query": seconds / max(len(queries), 1),
         "pairs_per_query": pairs / max(len(queries), 1),

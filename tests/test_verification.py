@@ -136,7 +136,7 @@ def test_promoted_positions_are_those_of_the_explicit_ranking() -> None:
     promoted = np.array([base[30], base[2], base[45]])
     explicit = np.concatenate([promoted, base[~np.isin(base, promoted)]])
     items = rng.choice(50, 12, replace=False)
-    found = promoted_positions(items, where[items], promoted, where[promoted])
+    found = promoted_positions(items, where[items], promoted=promoted, promoted_at=where[promoted])
     assert found.tolist() == [int(np.flatnonzero(explicit == i)[0]) for i in items]
 
 
@@ -149,7 +149,7 @@ def test_reranked_metrics_equal_the_protocol_on_the_explicit_ranking() -> None:
         QueryRerank(rng.choice(60, int(rng.integers(0, 6)), replace=False), {}, q, 0)
         for q in queries
     ]
-    scored = score_reranked(db, queries, rset, reranked, kappas=(1, 5))
+    scored = score_reranked(db, queries, rset, reranked=reranked, kappas=(1, 5))
     columns = []
     for r in reranked:
         base = np.argsort(-(db @ r.query), kind="stable")
@@ -179,12 +179,24 @@ def test_a_query_promotes_its_verified_photos_and_expands_over_them(photos_dir: 
         calls.append(list(rows))
         return [db_features[r] for r in rows]
 
-    plain = rerank_query(query, db, candidates, query_features, features_of, RerankSettings(5))
+    plain = rerank_query(
+        query,
+        db,
+        candidates,
+        query_features=query_features,
+        features_of=features_of,
+        settings=RerankSettings(5),
+    )
     assert sorted(plain.promoted.tolist()) == [1, 3]
     assert plain.inliers[plain.promoted[0]] >= plain.inliers[plain.promoted[1]]
     assert np.array_equal(plain.query, query) and plain.pairs_verified == 5
     expanded = rerank_query(
-        query, db, candidates[:2], query_features, features_of, RerankSettings(2, rerank_qe_k=1)
+        query,
+        db,
+        candidates[:2],
+        query_features=query_features,
+        features_of=features_of,
+        settings=RerankSettings(2, rerank_qe_k=1),
     )
     assert not np.allclose(expanded.query, query)
     assert 1 in expanded.promoted or 3 in expanded.promoted
