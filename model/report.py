@@ -69,6 +69,9 @@ def write_report(
     title: str = "",
     top_k: int = 10,
     thumb_size: int = 160,
+    verified: Sequence[Mapping[int, int]] | None = None,
+    match_figures: Mapping[int, bytes] | None = None,
+    baseline: tuple[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """Write ``report.html`` for one ranking of ``rset`` and its ``metrics``; returns the path.
 
@@ -76,7 +79,10 @@ def write_report(
     returns it; its top ``top_k`` are shown); indices from ``len(rset.db_paths)`` on are
     distractors, whose files ``db_paths`` (the whole database) names. ``aps`` gives each
     query's AP when ``ranks`` is only a top-k (else it is computed from ``ranks``). ``path`` is
-    a local path or an ``s3://`` URI, written whole or not at all.
+    a local path or an ``s3://`` URI, written whole or not at all. After spatial re-ranking,
+    ``verified[j]`` gives query j's verified database indices and their inliers (shown on
+    each result) and ``match_figures[j]`` a JPEG of the inliers to its best one; ``baseline``
+    names and gives the figures before it, shown beside the others.
     """
     all_paths = [Path(p) for p in (rset.db_paths if db_paths is None else db_paths)]
     ranks = _check_inputs(rset, ranks, all_paths, top_k=top_k, thumb_size=thumb_size)
@@ -97,7 +103,15 @@ def write_report(
     thumbs = _Thumbnails(thumb_size, rset.exif_transpose)
     rows = [
         _query_row(
-            rset, j, aps[j], shown=shown[j], judged=judged[j], all_paths=all_paths, thumbs=thumbs
+            rset,
+            j,
+            aps[j],
+            shown=shown[j],
+            judged=judged[j],
+            all_paths=all_paths,
+            thumbs=thumbs,
+            inliers=verified[j] if verified is not None else {},
+            figure=(match_figures or {}).get(j),
         )
         for j in order.tolist()
     ]
@@ -109,6 +123,7 @@ def write_report(
         plot=_plot_png(aps, judged, rset.protocol) if rset.protocol != "none" else None,
         rows=rows,
         thumb_css=thumbs.css(),
+        baseline=baseline,
     )
     out = storage.write_text(path, page)
     logger.info(
@@ -295,6 +310,8 @@ def _query_row(
     judged: list[tuple[str, str]],
     all_paths: list[Path],
     thumbs: _Thumbnails,
+    inliers: Mapping[int, int],
+    figure: bytes | None,
 ) -> str:
     qpath = rset.query_paths[j]
     box = rset.query_boxes[j] if j < len(rset.query_boxes) else None
@@ -315,11 +332,16 @@ def _query_row(
     for rank, (idx, (label, verdict)) in enumerate(zip(shown.tolist(), judged, strict=True), 1):
         path = all_paths[idx]
         thumb = thumbs.get(path)
+        count = inliers.get(idx)
+        attribute, mark = "", ""
+        if count is not None:
+            attribute = f' data-inliers="{count}"'
+            mark = f'<span class="inliers" title="verified: {count} inliers">✓{count}</span>'
         hits.append(
             f'<li class="hit v-{verdict}" data-rank="{rank}" data-index="{idx}" '
-            f'data-label="{html.escape(label)}" title="{html.escape(path.name)}">'
+            f'data-label="{html.escape(label)}" title="{html.escape(path.name)}"{attribute}>'
             f"{_thumb_html(thumb)}"
-            f'<span class="rank">{rank}</span>'
+            f'<span class="rank">{rank}</span>{mark}'
             f'<span class="tag">{html.escape(label) or "&nbsp;"}</span></li>'
         )
     ap_attr = "nan" if np.isnan(ap) else f"{ap:.6f}"
@@ -328,7 +350,21 @@ def _query_row(
         f'<article class="query" data-query="{j}" data-ap="{ap_attr}">'
         f'<figure class="q" title="{name}{box_note}">{_thumb_html(qthumb)}'
         f'<figcaption><span class="qname">{name}</span>{badge}</figcaption></figure>'
-        f'<ol class="hits">{"".join(hits)}</ol></article>'
+        f'<div class="side"><ol class="hits">{"".join(hits)}</ol>'
+        f"{_match_figure(figure, inliers)}</div></article>"
+    )
+
+
+def _match_figure(figure: bytes | None, inliers: Mapping[int, int]) -> str:
+    if figure is None:
+        return ""
+    data = base64.b64encode(figure).decode("ascii")
+    best = max(inliers.values(), default=0)
+    return (
+        f'<figure class="matches"><img src="data:image/jpeg;base64,{data}" '
+        f'alt="inliers between the query and its best verified result">'
+        f"<figcaption>the query and its best verified result: {best} inliers</figcaption>"
+        "</figure>"
     )
 
 
@@ -399,6 +435,24 @@ def _summary_html(metrics: Mapping[str, Any], protocol: str) -> str:
         return f'<p class="headline">{headline}</p><table><tr>{head}</tr><tr>{row}</tr></table>'
     note = "no ground truth: results are shown unmarked" if protocol == "none" else "no metrics"
     return f'<p class="headline muted">{note}</p>'
+
+
+def _baseline_html(baseline: tuple[str, Mapping[str, Any]] | None) -> str:
+    """The figures before a step the report's ranking took (spatial re-ranking), in a line."""
+    if baseline is None:
+        return ""
+    label, metrics = baseline
+    if "medium" in metrics:
+        parts = ("easy", "medium", "hard")
+        figures = " · ".join(
+            f'{p[0].upper()} <b data-baseline="{p}.map">{_pct(metrics[p]["map"])}</b>'
+            for p in parts
+        )
+    elif "map" in metrics:
+        figures = f'<b data-baseline="map">{_pct(metrics["map"])}</b>'
+    else:
+        return ""
+    return f'<p class="meta baseline">{html.escape(label)}: mAP {figures}</p>'
 
 
 def _plot_png(aps: np.ndarray, judged: list[list[tuple[str, str]]], protocol: str) -> str | None:
@@ -482,6 +536,7 @@ def _page(
     plot: str | None,
     rows: list[str],
     thumb_css: str,
+    baseline: tuple[str, Mapping[str, Any]] | None = None,
 ) -> str:
     verdict_css = "\n".join(f".v-{v}{{--c:{c}}}" for v, c in VERDICT_COLOURS.items())
     count_html = " · ".join(f"<b>{html.escape(v)}</b> {html.escape(k)}" for k, v in counts)
@@ -509,7 +564,7 @@ def _page(
 <h1>{html.escape(title)}</h1>
 <p class="meta">data set <b class="dataset">{html.escape(rset.name)}</b>
  · protocol <b class="protocol">{html.escape(rset.protocol)}</b> · {count_html}</p>
-<div class="summary">{_summary_html(metrics, rset.protocol)}</div>
+<div class="summary">{_summary_html(metrics, rset.protocol)}</div>{_baseline_html(baseline)}
 </header>
 {plot_html}
 {_legend_html(rset.protocol)}
@@ -553,6 +608,12 @@ tr > th:first-child { text-align: left; }
 .ap { padding: 1px 8px; border-radius: 10px; color: #fff; font-weight: 600; white-space: nowrap;
   background: hsl(var(--hue) 60% 40%); font-variant-numeric: tabular-nums; }
 .ap.na { background: var(--muted); }
+.inliers { position: absolute; top: 4px; right: 4px; padding: 0 5px; border-radius: 8px;
+  background: rgba(47, 158, 68, .9); color: #fff; font-size: 12px; }
+.side { flex: 1; min-width: 0; }
+.matches { margin: 10px 0 0 16px; }
+.matches img { max-width: 100%; height: auto; border-radius: 6px; }
+.matches figcaption { color: var(--muted); font-size: 12px; }
 .hits { display: flex; flex-wrap: wrap; gap: 8px; list-style: none; margin: 0;
   padding: 0 0 0 16px; align-items: flex-start; border-left: 1px solid var(--line); }
 .hit { position: relative; flex: none; border: 4px solid var(--c); border-radius: 6px;

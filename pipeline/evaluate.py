@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from model import checkpoint, storage
 from model.cli import FlatFlags, log_settings, run_cli
@@ -41,13 +38,14 @@ from model.describer import NetworkSettings
 from model.descriptor_cache import DescriptorCache, digest
 from model.extraction import ExtractOptions
 from model.local_feature_cache import LocalFeatureCache
-from model.local_features import LocalFeatureOptions, LocalFeatures, empty_features
+from model.local_features import LocalFeatureOptions
 from model.networks import NetworkMeta, RetrievalNet, build_network
 from model.report import write_report
-from model.reranking import RerankSettings, rerank_query
+from model.rerank_set import RerankedSet, rerank_set
+from model.reranking import QueryRerank, RerankSettings
 from model.results import write_json
-from model.retrieval import QueryExpansion, rank_by_similarity
-from model.scoring import PostProcess, Scored, format_metrics, post_process, score, score_reranked
+from model.retrieval import QueryExpansion
+from model.scoring import PostProcess, format_metrics, post_process, score
 from model.whitening import load_whitening
 
 __all__ = ["EvaluateConf", "run"]
@@ -114,9 +112,11 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
     )
     print(format_metrics(conf.dataset, scored.metrics, conf.kappas))
     reranking: dict[str, Any] = {}
+    done = None
     if conf.reranking.rerank:
         reranking["metrics_without_rerank"] = scored.metrics
-        scored, cost = _rerank(conf, described, post)
+        done, cost = _rerank(conf, described, post)
+        scored = done.scored
         reranking.update(cost)
         print(f"with {conf.reranking.label}:")
         print(format_metrics(conf.dataset, scored.metrics, conf.kappas))
@@ -152,6 +152,11 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
         metrics=scored.metrics,
         db_paths=described.db_paths,
         aps=scored.aps,
+        verified=None if done is None else [_verified(r) for r in done.queries],
+        match_figures=None if done is None else done.figures,
+        baseline=None
+        if done is None
+        else (f"without {conf.reranking.label}", reranking["metrics_without_rerank"]),
         title=f"{conf.dataset}: {network_key.get('backbone', weights)}, {post_label}",
     )
     print(availability.summary())
@@ -163,89 +168,38 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
 
 def _rerank(
     conf: EvaluateConf, described: DescribedSet, post: PostProcess
-) -> tuple[Scored, dict[str, Any]]:
-    """Spatial re-ranking of every query's top ``--rerank``; the figures it gives and what it
-    cost (a query's verification; the local features, extracted once and cached)."""
-    settings = conf.reranking
+) -> tuple[RerankedSet, dict[str, Any]]:
+    """Spatial re-ranking of every query's top ``--rerank``, and what to keep of it: its cost
+    and each query's verified results with their inliers."""
     used = described.rset
     db, queries = post_process(
         described.db["descriptor"], described.queries["descriptor"], used, post=post
     )
-    base = rank_by_similarity(queries, db, topk=min(settings.rerank, len(db)))
-    cache = LocalFeatureCache(Path(conf.cache_dir) / "local" / conf.dataset, conf.local)
-    root = Path(conf.cache_dir)  # photos are keyed by absolute path when outside it
-    db_paths = described.db_paths
-
-    extract_seconds = 0.0
-
-    def features(rows: Sequence[int], workers: int = 0) -> list[LocalFeatures]:
-        nonlocal extract_seconds
-        started = time.perf_counter()
-        found = cache.features(
-            [db_paths[r] for r in rows],
-            root=root,
-            exif_transpose=used.exif_transpose,
-            num_workers=workers,
-            progress=workers > 0,
-        )
-        extract_seconds += time.perf_counter() - started
-        return [f if f is not None else empty_features() for f in found]
-
-    candidates = np.unique(base).tolist()
-    known = dict(zip(candidates, features(candidates, conf.num_workers), strict=True))
-    if used.queries_are_database:
-        query_features = [known.get(j) or features([j])[0] for j in range(len(queries))]
-    else:
-        started = time.perf_counter()
-        query_features = [
-            f if f is not None else empty_features()
-            for f in cache.features(
-                used.query_paths,
-                used.query_boxes,
-                root=root,
-                exif_transpose=used.exif_transpose,
-                num_workers=conf.num_workers,
-            )
-        ]
-        extract_seconds += time.perf_counter() - started
-
-    def features_of(rows: Sequence[int]) -> list[LocalFeatures | None]:
-        missing = [r for r in rows if r not in known]
-        if missing:
-            known.update(zip(missing, features(missing), strict=True))
-        return [known[r] for r in rows]
-
-    started, extracted_before = time.perf_counter(), extract_seconds
-    reranked = [
-        rerank_query(
-            queries[j],
-            db,
-            base[j],
-            query_features=query_features[j],
-            features_of=features_of,
-            settings=settings,
-        )
-        for j in tqdm(range(len(queries)), desc="re-rank", unit="query")
-    ]
-    seconds = time.perf_counter() - started - (extract_seconds - extracted_before)
-    pairs = sum(r.pairs_verified for r in reranked)
-    scored = score_reranked(db, queries, used, reranked=reranked, kappas=conf.kappas)
-    summary = {
-        "seconds_per_query": seconds / max(len(queries), 1),
-        "pairs_per_query": pairs / max(len(queries), 1),
-        "ms_per_pair": 1000 * seconds / max(pairs, 1),
-        "photos_extracted": cache.extracted,
-        "extract_seconds": extract_seconds,
-        "local_features_failed": cache.failed,
-        "verified_per_query": [len(r.promoted) for r in reranked],
+    done = rerank_set(
+        db,
+        queries,
+        used,
+        db_paths=described.db_paths,
+        cache=LocalFeatureCache(Path(conf.cache_dir) / "local", conf.local),
+        settings=conf.reranking,
+        kappas=conf.kappas,
+        num_workers=conf.num_workers,
+    )
+    kept = {
+        **done.cost,
+        "verified_per_query": [len(r.promoted) for r in done.queries],
         "verified": {
             _name(used.query_paths[j]): {
-                _name(db_paths[r]): r_.inliers[r] for r in r_.promoted.tolist()
+                _name(described.db_paths[row]): count for row, count in _verified(r).items()
             }
-            for j, r_ in enumerate(reranked)
+            for j, r in enumerate(done.queries)
         },
     }
-    return scored, summary
+    return done, kept
+
+
+def _verified(reranked: QueryRerank) -> dict[int, int]:
+    return {row: reranked.inliers[row] for row in reranked.promoted.tolist()}
 
 
 def _name(path: Path) -> str:

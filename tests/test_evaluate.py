@@ -482,7 +482,13 @@ def test_rerank_verifies_the_top_k_and_keeps_the_figures_without_it(
     rset = load_revisited(tiny_collection)
     saved = json.loads(next(Path(conf.output).rglob("metrics.json")).read_text())
     report = (next(Path(conf.output).rglob("report.html"))).read_text()
-    assert "SV@20" in report and saved["metrics"] == json.loads(json.dumps(result["metrics"]))
+    assert saved["metrics"] == json.loads(json.dumps(result["metrics"]))
+    before = result["metrics_without_rerank"]["medium"]["map"]
+    assert f'<b data-baseline="medium.map">{100 * before:.1f}</b>' in report
+    assert report.count("data-inliers=") >= result["verified_per_query"][0] > 0
+    assert report.count('<figure class="matches">') == sum(
+        n > 0 for n in result["verified_per_query"]
+    )
     options = LocalFeatureOptions(local_max_size=256)
     images = ImageFiles(rset.query_paths, 256, rset.query_boxes, exif_transpose=False)
     j = int(np.argmax(result["verified_per_query"]))

@@ -1,0 +1,178 @@
+"""Spatial re-ranking of a whole described retrieval set, with its cost and its pictures.
+
+The evaluation's side of ``model.reranking``: local features of the queries (from their
+boxes) and of every database photo in some query's top-k are extracted once, in parallel,
+through the per-photo cache; each query is re-ranked; the metrics are those of the re-ranked
+rankings, exact (``model.scoring.score_reranked``). What it cost is measured apart from the
+extraction: a query's verification, a pair's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from model.datasets.sets import RetrievalSet
+from model.extraction import ImageFiles
+from model.images import BadImage
+from model.local_feature_cache import LocalFeatureCache
+from model.local_features import LocalFeatures, empty_features
+from model.match_figure import draw_matches
+from model.reranking import QueryRerank, RerankSettings, rerank_query
+from model.retrieval import rank_by_similarity
+from model.scoring import Scored, score_reranked
+from model.verification import verify_pair
+
+__all__ = ["RerankedSet", "rerank_set"]
+
+MAX_FIGURES = 200
+"""Queries whose best verified pair is drawn in the report (the worst ones are shown first)."""
+
+
+@dataclass
+class RerankedSet:
+    """The re-ranked figures, each query's re-ranking, and what it cost."""
+
+    scored: Scored
+    queries: list[QueryRerank]
+    cost: dict[str, Any]
+    figures: dict[int, bytes]
+
+
+def rerank_set(
+    db: np.ndarray,
+    queries: np.ndarray,
+    rset: RetrievalSet,
+    *,
+    db_paths: Sequence[Path],
+    cache: LocalFeatureCache,
+    settings: RerankSettings,
+    kappas: tuple[int, ...] = (1, 5, 10),
+    num_workers: int = 2,
+) -> RerankedSet:
+    """Re-rank every query of ``rset`` (``db`` and ``queries`` post-processed already; a row of
+    ``db`` per ``db_paths``)."""
+    features = _Features(cache, db_paths, rset, num_workers=num_workers)
+    base = rank_by_similarity(queries, db, topk=min(settings.rerank, len(db)))
+    features.prefetch(np.unique(base).tolist())
+    query_features = features.queries(len(queries))
+    started, extracted_before = time.perf_counter(), features.seconds
+    reranked = [
+        rerank_query(
+            queries[j],
+            db,
+            base[j],
+            query_features=query_features[j],
+            features_of=features.of,
+            settings=settings,
+        )
+        for j in tqdm(range(len(queries)), desc="re-rank", unit="query")
+    ]
+    seconds = time.perf_counter() - started - (features.seconds - extracted_before)
+    pairs = sum(r.pairs_verified for r in reranked)
+    n_q = max(len(queries), 1)
+    cost = {
+        "seconds_per_query": seconds / n_q,
+        "pairs_per_query": pairs / n_q,
+        "ms_per_pair": 1000 * seconds / max(pairs, 1),
+        "photos_extracted": cache.extracted,
+        "extract_seconds": features.seconds,
+        "local_features_failed": cache.failed,
+    }
+    scored = score_reranked(db, queries, rset, reranked=reranked, kappas=kappas)
+    figures = _figures(reranked, query_features, features=features, settings=settings)
+    return RerankedSet(scored, reranked, cost, figures)
+
+
+class _Features:
+    """Local features of database rows and queries, extracted on first use and kept."""
+
+    def __init__(
+        self,
+        cache: LocalFeatureCache,
+        db_paths: Sequence[Path],
+        rset: RetrievalSet,
+        *,
+        num_workers: int,
+    ) -> None:
+        self.cache, self.db_paths, self.rset = cache, db_paths, rset
+        self.num_workers = num_workers
+        self.known: dict[int, LocalFeatures] = {}
+        self.seconds = 0.0
+        self.root = Path("/")  # keyed by absolute path: the cache may hold several sets
+
+    def prefetch(self, rows: Sequence[int]) -> None:
+        self.of(rows, workers=self.num_workers)
+
+    def of(self, rows: Sequence[int], workers: int = 0) -> list[LocalFeatures | None]:
+        missing = [r for r in dict.fromkeys(rows) if r not in self.known]
+        if missing:
+            found = self._extract([self.db_paths[r] for r in missing], None, workers)
+            self.known.update(zip(missing, found, strict=True))
+        return [self.known[r] for r in rows]
+
+    def queries(self, n_q: int) -> list[LocalFeatures]:
+        if self.rset.queries_are_database:
+            return list(self.of(range(n_q), workers=self.num_workers))
+        return self._extract(self.rset.query_paths, self.rset.query_boxes, self.num_workers)
+
+    def image(self, j: int | None, row: int | None) -> np.ndarray | None:
+        """Query j, or database row ``row``, decoded in its features' frame (for drawing)."""
+        if j is not None and not self.rset.queries_are_database:
+            path, box = self.rset.query_paths[j], self.rset.query_boxes[j]
+        else:
+            path, box = self.db_paths[row if row is not None else j], None
+        files = ImageFiles(
+            [path],
+            self.cache.options.local_max_size,
+            [box],
+            exif_transpose=self.rset.exif_transpose,
+        )
+        image = files[0][1]
+        return None if isinstance(image, BadImage) else image
+
+    def _extract(
+        self, paths: Sequence[Path], boxes: Sequence | None, workers: int
+    ) -> list[LocalFeatures]:
+        started = time.perf_counter()
+        found = self.cache.features(
+            paths,
+            boxes,
+            root=self.root,
+            exif_transpose=self.rset.exif_transpose,
+            num_workers=workers,
+            progress=workers > 0,
+        )
+        self.seconds += time.perf_counter() - started
+        return [f if f is not None else empty_features() for f in found]
+
+
+def _figures(
+    reranked: Sequence[QueryRerank],
+    query_features: Sequence[LocalFeatures],
+    *,
+    features: _Features,
+    settings: RerankSettings,
+) -> dict[int, bytes]:
+    """Each query's inliers to its best verified result, drawn (the first ``MAX_FIGURES``)."""
+    figures: dict[int, bytes] = {}
+    for j, r in enumerate(reranked):
+        if not len(r.promoted) or len(figures) >= MAX_FIGURES:
+            continue
+        best = int(r.promoted[0])
+        result_features = features.of([best])[0]
+        assert result_features is not None
+        found = verify_pair(query_features[j], result_features, settings.verify)
+        query_image, result_image = features.image(j, None), features.image(None, best)
+        if query_image is None or result_image is None:
+            continue
+        figures[j] = draw_matches(
+            (query_image, query_features[j]), (result_image, result_features), found.matches
+        )
+    return figures
