@@ -21,9 +21,8 @@ from tqdm.auto import tqdm
 
 from model import storage
 from model.descriptor_cache import digest, photo_key
-from model.extraction import ImageFiles
 from model.images import BadImage
-from model.local_features import LocalFeatureOptions, LocalFeatures, extract_local_features
+from model.local_features import LocalFeatureOptions, LocalFeatures, read_local_features
 
 __all__ = ["LocalFeatureCache"]
 
@@ -56,14 +55,13 @@ class LocalFeatureCache:
         todo = [i for i, found in enumerate(out) if found is None]
         if not todo:
             return out
-        images = ImageFiles(
-            [paths[i] for i in todo],
-            self.options.local_max_size,
-            [boxes[i] for i in todo],
-            exif_transpose=exif_transpose,
-        )
         loader = DataLoader(
-            _Extract(images, self.options),
+            _Extract(
+                [paths[i] for i in todo],
+                [boxes[i] for i in todo],
+                self.options,
+                exif_transpose=exif_transpose,
+            ),
             batch_size=None,
             num_workers=min(num_workers, len(todo)) if len(todo) > 4 else 0,
         )
@@ -88,17 +86,30 @@ class LocalFeatureCache:
 class _Extract(Dataset):
     """Decode and extract in a worker: ``(index, LocalFeatures | BadImage)``."""
 
-    def __init__(self, images: ImageFiles, options: LocalFeatureOptions) -> None:
-        self.images, self.options = images, options
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        boxes: Sequence[Sequence[float] | None],
+        options: LocalFeatureOptions,
+        *,
+        exif_transpose: bool,
+    ) -> None:
+        self.paths, self.boxes, self.options = paths, boxes, options
+        self.exif_transpose = exif_transpose
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, LocalFeatures | BadImage]:
-        _, image = self.images[index]
-        if isinstance(image, BadImage):
-            return index, image
-        return index, extract_local_features(image, self.options)
+        found = read_local_features(
+            self.paths[index],
+            self.options,
+            exif_transpose=self.exif_transpose,
+            box=self.boxes[index],
+        )
+        if isinstance(found, BadImage):
+            return index, BadImage(f"{self.paths[index]}: {found.reason}")
+        return index, found
 
 
 def _read(file: Path) -> LocalFeatures | None:

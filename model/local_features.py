@@ -13,13 +13,16 @@ onto any other size of the same photo.
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
+from model.images import BadImage, ImageSource, decode_image, read_size
 from model.settings import raise_problems
 
 __all__ = [
@@ -28,6 +31,8 @@ __all__ = [
     "LocalFeatures",
     "empty_features",
     "extract_local_features",
+    "read_local_features",
+    "read_local_image",
     "unit_descriptors",
 ]
 
@@ -138,6 +143,46 @@ def extract_local_features(image: np.ndarray, options: LocalFeatureOptions) -> L
     descriptors = np.asarray(descriptors, np.float32)[keep]
     as_bytes = np.clip(np.round(descriptors * _BYTE_SCALE), 0, 255).astype(np.uint8)
     return LocalFeatures(np.ascontiguousarray(keypoints), as_bytes, size)
+
+
+def read_local_image(
+    source: ImageSource,
+    options: LocalFeatureOptions,
+    *,
+    exif_transpose: bool,
+    box: Sequence[float] | None = None,
+) -> np.ndarray | BadImage:
+    """A photo (a path or its bytes) decoded in the frame its local features use: the whole
+    photo scaled to at most ``--local-max-size``, or its ``box`` scaled by that same factor (a
+    query seen at the scale of the database, as the revisited protocol crops it). Evaluation,
+    the features stage and the service all read photos here, so one photo gives one set of
+    features everywhere."""
+    size = read_size(source, exif_transpose=exif_transpose)
+    if isinstance(size, BadImage):
+        return size
+    width, height = size
+    factor = min(1.0, options.local_max_size / max(width, height))
+    crop = None
+    if box is not None:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        if not (0 <= x1 < x2 <= width + 0.5 and 0 <= y1 < y2 <= height + 0.5):
+            return BadImage(f"box {list(box)} lies outside the photo ({width}x{height})")
+        crop = (int(x1), int(y1), min(width, math.ceil(x2)), min(height, math.ceil(y2)))
+        width, height = crop[2] - crop[0], crop[3] - crop[1]
+    target = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return decode_image(source, exif_transpose=exif_transpose, crop=crop, size=target)
+
+
+def read_local_features(
+    source: ImageSource,
+    options: LocalFeatureOptions,
+    *,
+    exif_transpose: bool,
+    box: Sequence[float] | None = None,
+) -> LocalFeatures | BadImage:
+    """``extract_local_features`` of ``read_local_image``."""
+    image = read_local_image(source, options, exif_transpose=exif_transpose, box=box)
+    return image if isinstance(image, BadImage) else extract_local_features(image, options)
 
 
 def unit_descriptors(descriptors: np.ndarray) -> np.ndarray:

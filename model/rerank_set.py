@@ -19,10 +19,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from model.datasets.sets import RetrievalSet
-from model.extraction import ImageFiles
 from model.images import BadImage
 from model.local_feature_cache import LocalFeatureCache
-from model.local_features import LocalFeatures, empty_features
+from model.local_features import LocalFeatures, empty_features, read_local_image
 from model.match_figure import draw_matches
 from model.reranking import QueryRerank, RerankSettings, rerank_query
 from model.retrieval import rank_by_similarity
@@ -128,13 +127,9 @@ class _Features:
             path, box = self.rset.query_paths[j], self.rset.query_boxes[j]
         else:
             path, box = self.db_paths[row if row is not None else j], None
-        files = ImageFiles(
-            [path],
-            self.cache.options.local_max_size,
-            [box],
-            exif_transpose=self.rset.exif_transpose,
+        image = read_local_image(
+            path, self.cache.options, exif_transpose=self.rset.exif_transpose, box=box
         )
-        image = files[0][1]
         return None if isinstance(image, BadImage) else image
 
     def _extract(

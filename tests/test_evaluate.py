@@ -20,7 +20,7 @@ from model.datasets.revisited import load_revisited
 from model.datasets.sets import same_label_pairs
 from model.evaluation import evaluate_revisited
 from model.extraction import ArrayImages, ExtractOptions, ImageFiles, extract_descriptors
-from model.local_features import LocalFeatureOptions, extract_local_features
+from model.local_features import LocalFeatureOptions, read_local_features
 from model.networks import NetworkMeta, build_network
 from model.retrieval import rank_by_similarity
 from model.scoring import format_metrics
@@ -490,14 +490,17 @@ def test_rerank_verifies_the_top_k_and_keeps_the_figures_without_it(
         n > 0 for n in result["verified_per_query"]
     )
     options = LocalFeatureOptions(local_max_size=256)
-    images = ImageFiles(rset.query_paths, 256, rset.query_boxes, exif_transpose=False)
     j = int(np.argmax(result["verified_per_query"]))
-    query = extract_local_features(images[j][1], options)
+    query = read_local_features(
+        rset.query_paths[j], options, exif_transpose=False, box=rset.query_boxes[j]
+    )
     verified = result["verified"][rset.query_paths[j].stem]
     assert len(verified) == result["verified_per_query"][j] >= 2
     for name, inliers in verified.items():
-        photo = ImageFiles([tiny_collection / "jpg" / f"{name}.jpg"], 256, exif_transpose=False)
-        again = verify_pair(query, extract_local_features(photo[0][1], options), VerifyOptions())
+        photo = read_local_features(
+            tiny_collection / "jpg" / f"{name}.jpg", options, exif_transpose=False
+        )
+        again = verify_pair(query, photo, VerifyOptions())
         assert again.inliers == inliers >= 12
     again = run(conf)
     assert again["photos_extracted"] == 0 and again["metrics"] == result["metrics"]
