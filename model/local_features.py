@@ -31,6 +31,7 @@ __all__ = [
     "LocalFeatures",
     "empty_features",
     "extract_local_features",
+    "features_from_row",
     "read_local_features",
     "read_local_image",
     "unit_descriptors",
@@ -95,6 +96,13 @@ class LocalFeatures:
     @property
     def nbytes(self) -> int:
         return self.keypoints.nbytes + self.descriptors.nbytes
+
+
+def features_from_row(keypoints: bytes, descriptors: bytes, size: tuple[int, int]) -> LocalFeatures:
+    """Features from their stored bytes (``LOCAL_FEATURES``'s columns; ``LocalFeatures.
+    keypoints.tobytes()`` and ``descriptors.tobytes()`` write them)."""
+    points = np.frombuffer(keypoints, np.float32).reshape(-1, 4)
+    return LocalFeatures(points, np.frombuffer(descriptors, np.uint8).reshape(-1, 128), size)
 
 
 def empty_features(size: tuple[int, int] = (0, 0)) -> LocalFeatures:

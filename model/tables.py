@@ -60,6 +60,8 @@ __all__ = [
     "IMAGES_OUTPUT",
     "INDEX_VERSION",
     "LANDMARKS_OUTPUT",
+    "LOCAL_FEATURES",
+    "LOCAL_FEATURES_OUTPUT",
     "MANIFEST",
     "OUTPUTS",
     "PAIRS",
@@ -1132,11 +1134,28 @@ INDEX_IDS = _table(
 )
 """index: a shard's id map (global id, image_id), beside the shard's FAISS file."""
 
+LOCAL_FEATURES = _table(
+    "local_features",
+    "features",
+    [
+        ("image_id", pa.string()),
+        ("keypoints", pa.binary()),  # float32 [n, 4]: x, y, scale, orientation (row-major)
+        ("descriptors", pa.binary()),  # uint8 [n, 128]: RootSIFT times 512, as COLMAP keeps it
+        ("width", pa.int32()),  # the frame the keypoints are in
+        ("height", pa.int32()),
+        ("error", pa.string()),
+    ],
+    file=None,
+)
+"""features: one row per usable photo, its local features for spatial re-ranking; a row group
+per photo, so a service reads one candidate's features without its neighbours'."""
+
 IMAGES_OUTPUT = _output("ingest", [IMAGES], folder="images.parquet")
 DESCRIPTORS_OUTPUT = _output("extract", [DESCRIPTORS])
 GROUPS_OUTPUT = _output("group", [GROUPS, CANDIDATES])
 SFM_OUTPUT = _output("sfm", [SFM_IMAGES, SFM_MODELS, SFM_GROUPS])
 PAIRS_OUTPUT = _output("pairs", [PAIRS, WHITENING_PAIRS, POOL])
+LOCAL_FEATURES_OUTPUT = _output("features", [LOCAL_FEATURES])
 CAMERAS = _table(
     "cameras",
     "landmarks",
