@@ -50,6 +50,8 @@ K_MAX = 1000
 BATCH_MAX = 1000
 """Queries one batch request may hold."""
 MAX_BODY_BYTES = 20 * 2**20
+RERANK_MAX = 1000
+"""Most candidates one query may verify (a pair costs milliseconds)."""
 
 
 class VectorQuery(BaseModel):
@@ -73,6 +75,19 @@ class Result(BaseModel):
     image_id: str
     uri: str | None
     score: float
+    inliers: int | None = None
+    """Matches spatially verified with the query photo (with ``rerank``; null: not verified)."""
+
+
+class Reranked(BaseModel):
+    candidates: int
+    """Results verified: the top ``rerank``."""
+    verified: int
+    """Of those, the ones with enough inliers, moved first."""
+    without_features: int
+    """Of those, the ones the index has no local features of (left in place)."""
+    query_features: int
+    """Local features found in the query photo (none: nothing can be verified)."""
 
 
 class SearchAnswer(BaseModel):
@@ -80,6 +95,8 @@ class SearchAnswer(BaseModel):
     version: int
     k: int
     qe: bool
+    rerank: int = 0
+    reranked: Reranked | None = None
 
 
 class BatchItem(BaseModel):
@@ -255,16 +272,28 @@ class SearchApp:
         request: Request,
         k: int = Query(10, ge=1, le=K_MAX, description="results to return"),
         qe: bool = Query(False, description="α-weighted query expansion"),
+        *,
+        rerank: int = Query(
+            0,
+            ge=0,
+            le=RERANK_MAX,
+            description="re-rank the top RERANK by spatial verification of local features "
+            "(photos only; the index version must pin local features)",
+        ),
     ) -> dict[str, Any]:
         body = await self._body(request)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json" and rerank:
+            raise HTTPException(
+                422, "rerank needs a photo (image/*): its local features are what is verified"
+            )
         if kind == "application/json":
             query = self._vector_query(body)
             vector, k, qe = await self._checked_vector(query.vector), query.k, query.qe
             answer = await self._search_vector(SearchQuery(vector, k, qe))
         elif kind.startswith("image/"):
             # described with the network of the version it is searched in (the router's)
-            answer = await self.router.search_photo.remote(body, k, qe)
+            answer = await self.router.search_photo.remote(body, k, qe, rerank=rerank)
             if isinstance(answer, str):
                 raise HTTPException(422, answer)
         else:
@@ -279,6 +308,8 @@ class SearchApp:
             "version": answer["version"],
             "k": k,
             "qe": qe,
+            "rerank": rerank,
+            "reranked": answer.get("reranked"),
         }
 
     @api.post(
@@ -354,7 +385,7 @@ class SearchApp:
     def _named(self, hits: list[Any]) -> list[dict[str, Any]]:
         uris = self.catalog.uris(np.array([h.image_id for h in hits], dtype=object))
         return [
-            {"image_id": h.image_id, "uri": uri, "score": h.score}
+            {"image_id": h.image_id, "uri": uri, "score": h.score, "inliers": h.inliers}
             for h, uri in zip(hits, uris, strict=True)
         ]
 

@@ -41,12 +41,16 @@ class Result:
     image_id: str
     uri: str | None
     score: float
+    inliers: int | None = None
+    """Spatially verified matches with the query (asked with ``rerank``)."""
 
 
 @dataclass(frozen=True)
 class Answer:
     results: list[Result]
     version: int
+    reranked: dict[str, int] | None = None
+    """What re-ranking counted: candidates, verified, without_features, query_features."""
 
     @property
     def image_ids(self) -> list[str]:
@@ -77,9 +81,12 @@ class SearchClient:
         k: int = 10,
         qe: bool = False,
         *,
+        rerank: int = 0,
         content_type: str | None = None,
     ) -> Answer:
-        """The top ``k`` photos like ``photo`` (a path, its bytes, or a binary file)."""
+        """The top ``k`` photos like ``photo`` (a path, its bytes, or a binary file); with
+        ``rerank``, the top ``rerank`` re-ranked by spatial verification (each result's
+        ``inliers``)."""
         if isinstance(photo, bytes | bytearray):
             data = bytes(photo)
         elif isinstance(photo, str | os.PathLike):
@@ -92,7 +99,7 @@ class SearchClient:
         response = self._request(
             "POST",
             "/search",
-            params={"k": k, "qe": str(bool(qe)).lower()},
+            params={"k": k, "qe": str(bool(qe)).lower(), "rerank": int(rerank)},
             data=data,
             headers={"Content-Type": content_type or "image/jpeg"},
         )
@@ -167,6 +174,10 @@ def _detail(response: requests.Response) -> str:
 
 def _answer(data: dict[str, Any]) -> Answer:
     return Answer(
-        results=[Result(r["image_id"], r.get("uri"), float(r["score"])) for r in data["results"]],
+        results=[
+            Result(r["image_id"], r.get("uri"), float(r["score"]), r.get("inliers"))
+            for r in data["results"]
+        ],
         version=int(data["version"]),
+        reranked=data.get("reranked"),
     )

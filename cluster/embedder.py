@@ -35,8 +35,14 @@ from model.describer import (
     network_identity,
 )
 from model.images import MIN_SIDE, BadImage
+from model.local_features import LocalFeatureOptions, LocalFeatures, read_local_features
 
-__all__ = ["Embedder", "network_problem"]
+__all__ = ["NO_LOCAL_FEATURES", "Embedder", "network_problem"]
+
+NO_LOCAL_FEATURES = (
+    "index version v{version} has no local features to re-rank with: run pipeline.features on "
+    "its images, then pipeline.index --local-features on that output"
+)
 
 
 def network_problem(network: Mapping[str, Any], settings: Mapping[str, Any]) -> str | None:
@@ -91,6 +97,7 @@ class Embedder:
         self.index, self.keep_networks = index, max(1, keep_networks)
         self._networks: OrderedDict[str, tuple[NetworkSettings, Describer]] = OrderedDict()
         self._of_version: dict[int, str] = {}
+        self._local_options: dict[int, LocalFeatureOptions] = {}
         self.conf = self._network(served_state(index).version)[0]
         # serve.batch types the method as a plain callable; the wrapper it returns has these.
         self._embed_batch.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
@@ -123,6 +130,19 @@ class Embedder:
     def pid(self) -> int:
         """The replica's process id (tests kill a replica by the id they were given)."""
         return os.getpid()
+
+    def local_features(self, photo: bytes, version: int) -> LocalFeatures | str:
+        """The photo's local features as version ``version`` pinned them (its features
+        output's settings), for spatial re-ranking; or why there are none (a string)."""
+        options = self._local_options.get(version)
+        if options is None:
+            pin = index_store.read_manifest(self.index, version).get("local_features")
+            if not pin:
+                return NO_LOCAL_FEATURES.format(version=version)
+            options = LocalFeatureOptions.from_identity(pin["settings"])
+            self._local_options[version] = options
+        found = read_local_features(photo, options, exif_transpose=True)
+        return f"not a usable photo: {found.reason}" if isinstance(found, BadImage) else found
 
     async def embed(self, photo: bytes, version: int | None = None) -> np.ndarray | str:
         """The descriptor of one photo for index version ``version`` (default: the served

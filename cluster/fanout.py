@@ -38,6 +38,9 @@ class Hit:
     image_id: str
     id: int
     score: float
+    inliers: int | None = None
+    """Spatially verified matches with the query, when it was re-ranked (``None``: not
+    verified, or a photo without local features)."""
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,15 @@ def merge_slots(results: Sequence[SlotResult], k: int) -> list[list[Hit]]:
     ]
 
 
-async def call_retried(deployment: Any, method: str, *args: Any, retry_s: float) -> Any:
-    """``deployment.method(*args)``, retried while Serve replaces a replica that died."""
+async def call_retried(
+    deployment: Any, method: str, *args: Any, retry_s: float, **kwargs: Any
+) -> Any:
+    """``deployment.method(*args, **kwargs)``, retried while Serve replaces a replica that died."""
     deadline = time.monotonic() + retry_s
     delay = 0.1
     while True:
         try:
-            return await getattr(deployment, method).remote(*args)
+            return await getattr(deployment, method).remote(*args, **kwargs)
         except (RayActorError, ActorUnavailableError) as err:
             if time.monotonic() > deadline:
                 raise
@@ -117,10 +122,13 @@ class SlotSearch:
             out[j] = alpha_qe(q[j : j + 1], x, len(row), self.qe.qe_alpha, query_rows=[-1])[0]
         return out
 
-    async def fan_out(self, method: str, *args: Any) -> list[Any]:
-        """``method(*args)`` on every slot at once, their answers in slot order."""
+    async def fan_out(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """``method(*args, **kwargs)`` on every slot at once, their answers in slot order."""
         return list(
             await asyncio.gather(
-                *(call_retried(slot, method, *args, retry_s=self.retry_s) for slot in self.slots)
+                *(
+                    call_retried(slot, method, *args, retry_s=self.retry_s, **kwargs)
+                    for slot in self.slots
+                )
             )
         )

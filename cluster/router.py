@@ -24,6 +24,7 @@ With ``watch_s`` the router also promotes each newer complete version as it appe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -35,11 +36,14 @@ from ray import serve
 
 from cluster import index_store
 from cluster.batching import Batcher
+from cluster.embedder import NO_LOCAL_FEATURES
 from cluster.fanout import Hit, SearchQuery, SlotSearch, call_retried, merge_slots
 from cluster.resources import use_reserved_threads
 from cluster.served import ServedState, promote, read_current, served_state, verified
 from cluster.shards import ShardSet, SlotResult
+from model.local_features import LocalFeatures
 from model.retrieval import QueryExpansion
+from model.verification import VerifyOptions, rerank_order
 
 __all__ = ["Hit", "IndexShard", "SearchRouter", "merge_slots"]
 
@@ -104,6 +108,11 @@ class IndexShard:
     def vectors(self, ids: np.ndarray, version: int) -> dict[int, np.ndarray]:
         return self.shards.vectors(ids, version)
 
+    def verify(
+        self, query: LocalFeatures, ids: np.ndarray, version: int, *, options: VerifyOptions
+    ) -> dict[int, int | None]:
+        return self.shards.verify(query, ids, version, options=options)
+
     def load(self, version: int) -> list[int]:
         self.shards.load(version, keep=() if self._served is None else (self._served,))
         return self.shards.versions
@@ -148,6 +157,7 @@ class SearchRouter:
         embedder: Any = None,
         *,
         qe: QueryExpansion,
+        verify: VerifyOptions | None = None,
         max_batch_size: int = 32,
         concurrent_batches: int = 1,
         retry_s: float = 60.0,
@@ -159,6 +169,7 @@ class SearchRouter:
         self.state = served_state(index)
         self.manifest = index_store.read_manifest(index, self.state.version)
         self.retry_s = retry_s
+        self.verify = verify if verify is not None else VerifyOptions()
         self._slots = SlotSearch(slots, qe, retry_s=retry_s)
         self.follow_s, self.watch_s, self.switch_timeout_s = follow_s, watch_s, switch_timeout_s
         # Batches in flight at once: with one, a slot's replicas would take turns.
@@ -278,14 +289,63 @@ class SearchRouter:
             SearchQuery(np.asarray(vector, np.float32), int(k), bool(qe))
         )
 
-    async def search_photo(self, photo: bytes, k: int, qe: bool = False) -> dict[str, Any] | str:
+    async def search_photo(
+        self, photo: bytes, k: int, qe: bool = False, *, rerank: int = 0
+    ) -> dict[str, Any] | str:
         """One photo: described with the network of the version served now, then searched in
-        that very version; or the reason it cannot be described (a string)."""
-        version = self.version  # read once: the network and the vectors of one state
-        vector = self._fits(await self._embed(photo, version))
+        that very version; or the reason it cannot be described (a string). With ``rerank``,
+        its top ``rerank`` are re-ranked by spatial verification (``model.reranking``, as
+        ``pipeline.evaluate --rerank`` does), each slot verifying the candidates it holds."""
+        version, manifest = self.version, self.manifest  # read once: one state
+        if rerank and not manifest.get("local_features"):
+            return NO_LOCAL_FEATURES.format(version=version)
+        described = self._embed(photo, version)
+        if rerank:
+            local = call_retried(
+                self.embedder, "local_features", photo, version, retry_s=self.retry_s
+            )
+            embedded, features = await asyncio.gather(described, local)
+        else:
+            embedded, features = await described, None
+        vector = self._fits(embedded)
         if isinstance(vector, str):
             return vector
-        return await self._search_batch(SearchQuery(vector, int(k), bool(qe), version))
+        depth = max(int(k), int(rerank))
+        answer = await self._search_batch(SearchQuery(vector, depth, bool(qe), version))
+        if rerank:
+            if isinstance(features, str):
+                return features
+            answer = {
+                **answer,
+                **await self._reranked(answer["hits"], features, rerank, version=version),
+            }
+        return {**answer, "hits": answer["hits"][: int(k)]}
+
+    async def _reranked(
+        self, hits: list[Hit], features: LocalFeatures, rerank: int, *, version: int
+    ) -> dict[str, Any]:
+        """The top ``rerank`` hits verified by the slots holding them and re-ordered
+        (``model.verification.rerank_order``), and what the re-ranking counted."""
+        top, rest = hits[:rerank], hits[rerank:]
+        ids = np.array([hit.id for hit in top], np.int64)
+        found: dict[int, int | None] = {}
+        for part in await self._slots.fan_out(
+            "verify", features, ids, version, options=self.verify
+        ):
+            found.update(part)
+        inliers = np.array([found.get(hit.id) or 0 for hit in top], np.int64)
+        scores = np.array([hit.score for hit in top], np.float64)
+        order = rerank_order(scores, inliers, self.verify.rerank_min_inliers)
+        ranked = [dataclasses.replace(top[i], inliers=found.get(top[i].id)) for i in order]
+        return {
+            "hits": ranked + rest,
+            "reranked": {
+                "candidates": len(top),
+                "verified": int((inliers >= self.verify.rerank_min_inliers).sum()),
+                "without_features": sum(found.get(hit.id) is None for hit in top),
+                "query_features": len(features),
+            },
+        }
 
     async def search_many(
         self, vectors: np.ndarray, k: int, *, qe: bool = False, version: int | None = None

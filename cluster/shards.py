@@ -34,12 +34,17 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import faiss
 import numpy as np
 
 from cluster import index_store
+from model.local_feature_store import LocalFeatureStore
+from model.local_features import LocalFeatures
+
+if TYPE_CHECKING:  # torch: imported by the replicas that re-rank, when they first do
+    from model.verification import VerifyOptions
 
 __all__ = [
     "GPU_MAX_K",
@@ -323,6 +328,7 @@ class ShardSet:
         self._device: GpuDevice | None = None  # made at the first shard that goes to the GPU
         self.loaded_on_demand = 0
         """Versions a search had to load first (none when the replica followed the state)."""
+        self._stores: dict[str, LocalFeatureStore] = {}  # a pin's identity → its features
 
     @property
     def versions(self) -> list[int]:
@@ -442,6 +448,47 @@ class ShardSet:
             if len(mine):
                 out.update(zip(mine.tolist(), part.vectors(mine), strict=True))
         return out
+
+    def verify(
+        self,
+        query: LocalFeatures,
+        ids: np.ndarray,
+        version: int | None = None,
+        *,
+        options: VerifyOptions,
+    ) -> dict[int, int | None]:
+        """Spatial verification of the candidates ``ids`` this slot holds against a query's
+        local features: their inliers by id (``None``: a candidate without local features).
+        Empty when ``version`` pins no local features."""
+        from model.verification import verify_pair  # torch: only replicas that re-rank
+
+        held = self._held(version)
+        pin = held["manifest"].get("local_features")
+        if not pin or not held["parts"]:
+            return {}
+        wanted = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        names = self._image_ids(held["parts"], wanted[wanted >= 0])
+        mine = [(int(i), str(n)) for i, n in zip(wanted[wanted >= 0], names, strict=True) if n]
+        found = self._store(pin, held["parts"]).features([name for _, name in mine])
+        return {
+            i: None if features is None else verify_pair(query, features, options).inliers
+            for (i, _), features in zip(mine, found, strict=True)
+        }
+
+    def _store(self, pin: Mapping[str, Any], parts: list[Loaded]) -> LocalFeatureStore:
+        """The local features a version pins, looked up for this slot's photos only."""
+        with self._lock:
+            store = self._stores.get(pin["identity"])
+            if store is None:
+                names = np.concatenate([p.id_map.image_ids for p in parts]).tolist()
+                store = LocalFeatureStore(pin["uri"], names, identity=pin["identity"])
+                pinned = {
+                    (held["manifest"].get("local_features") or {}).get("identity")
+                    for held in self._versions.values()
+                }
+                self._stores = {k: v for k, v in self._stores.items() if k in pinned}
+                self._stores[pin["identity"]] = store
+            return store
 
     @staticmethod
     def _image_ids(parts: list[Loaded], ids: np.ndarray) -> np.ndarray:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -71,6 +72,19 @@ class LocalFeatureOptions:
 
     def identity(self) -> dict[str, object]:
         return {"extractor": "sift-pycolmap", "first_octave": _FIRST_OCTAVE, **asdict(self)}
+
+    @classmethod
+    def from_identity(cls, identity: Mapping[str, Any]) -> LocalFeatureOptions:
+        """The options that made features of ``identity`` (a features output's settings); a
+        ``ValueError`` when this code extracts them otherwise (a query would not match)."""
+        mine = {"extractor": "sift-pycolmap", "first_octave": _FIRST_OCTAVE}
+        other = {k: identity.get(k) for k in mine if identity.get(k) != mine[k]}
+        if other:
+            raise ValueError(
+                f"the local features were made by {other}, this code extracts {mine}: run "
+                "pipeline.features again and pin its output with pipeline.index --local-features"
+            )
+        return cls(**{f.name: identity[f.name] for f in fields(cls) if f.name in identity})
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
 from model.local_features import LocalFeatures, unit_descriptors
 from model.settings import raise_problems
@@ -87,12 +86,14 @@ class Verification:
         return cls(0, np.zeros((0, 2), np.int64))
 
 
-def mutual_matches(a: torch.Tensor, b: torch.Tensor, ratio: float) -> np.ndarray:
+def mutual_matches(a: np.ndarray, b: np.ndarray, ratio: float) -> np.ndarray:
     """Rows ``(i, j)`` where ``a[i]`` and ``b[j]`` (unit rows) are each other's nearest
     neighbour and ``a[i]``'s nearest is closer than ``ratio`` times its second nearest."""
+    import torch  # here: its top-2 is twice NumPy's speed; the router never loads it
+
     if len(a) == 0 or len(b) < 2:
         return np.zeros((0, 2), np.int64)
-    sim = a @ b.T
+    sim = torch.from_numpy(a) @ torch.from_numpy(b).T
     best, nearest = sim.topk(2, dim=1)
     back = sim.argmax(dim=0)
     rows = torch.arange(len(a))
@@ -106,7 +107,7 @@ def verify_pair(
     candidate: LocalFeatures,
     options: VerifyOptions,
     *,
-    query_unit: torch.Tensor | None = None,
+    query_unit: np.ndarray | None = None,
 ) -> Verification:
     """Verify one pair; ``query_unit`` spares converting the query's descriptors again."""
     if query_unit is None:
@@ -153,8 +154,8 @@ def rerank_order(scores: np.ndarray, inliers: np.ndarray, min_inliers: int) -> n
     return np.lexsort((-scores, -key_inliers, ~verified))
 
 
-def _unit(features: LocalFeatures) -> torch.Tensor:
-    return torch.from_numpy(unit_descriptors(features.descriptors))
+def _unit(features: LocalFeatures) -> np.ndarray:
+    return unit_descriptors(features.descriptors)
 
 
 def _unique_locations(features: LocalFeatures, matches: np.ndarray) -> int:

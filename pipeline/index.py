@@ -167,6 +167,11 @@ class IndexConf:
     lock_wait_s: float = 0.0
     """How long to wait for another build of the same index to finish (0: stop at once,
     naming it)."""
+    local_features: str | None = None
+    """Local features of the same photos (pipeline.features): pinned into the version, so that
+    the search service re-ranks by spatial verification (POST /search?rerank=K). Without it a
+    version keeps the latest one's; given to a complete index, it makes a next version that
+    differs only in them."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,6 +685,8 @@ class _Inputs:
     """The factory in use: the given one, or auto's (the index's own once it has a version)."""
     follows: int = 0
     """The newest version before this build (the new one is numbered after it)."""
+    local_features: dict[str, Any] | None = None
+    """The local features the version pins (``--local-features``, else the latest version's)."""
 
     @property
     def network(self) -> dict[str, Any]:
@@ -774,9 +781,47 @@ def _validate(conf: IndexConf, output: str) -> _Inputs:
     if parent is not None and desc is not None and not conf.overwrite:
         problems += _parent_problems(parent, desc, output)
     factory = _factory_in_use(conf, desc, parent, problems=problems)
+    features = _local_features_pin(conf, desc, parent, problems=problems)
     if problems or desc is None or desc.output is None:
         raise ValueError(problem_text(f"cannot index {conf.descriptors} into {output}", problems))
-    return _Inputs(desc, desc.output, parent, factory)
+    return _Inputs(desc, desc.output, parent, factory, local_features=features)
+
+
+def _local_features_pin(
+    conf: IndexConf,
+    desc: DescriptorRows | None,
+    parent: dict[str, Any] | None,
+    *,
+    problems: list[str],
+) -> dict[str, Any] | None:
+    """What the version pins of ``--local-features`` (its place, identity and settings, and
+    how many of the descriptors' photos it lacks), else the latest version's pin."""
+    if conf.local_features is None:
+        return (parent or {}).get("local_features")
+    try:
+        manifest = tables.LOCAL_FEATURES_OUTPUT.manifest(conf.local_features)
+    except (OSError, ValueError) as err:
+        problems.append(f"--local-features: {err}")
+        return None
+    ids = tables.LOCAL_FEATURES.read(conf.local_features, ["image_id", "error"])
+    have = pc.filter(ids["image_id"], pc.is_null(ids["error"]))
+    missing = 0
+    if desc is not None:
+        missing = int(pc.sum(pc.invert(pc.is_in(desc.image_ids, have))).as_py() or 0)
+        if missing:
+            logger.warning(
+                "--local-features: %d of %d photos have no local features; their results are "
+                "not re-ranked (run pipeline.features on their images)",
+                missing,
+                len(desc.image_ids),
+            )
+    return {
+        "uri": manifest.uri.rsplit("/", 1)[0],
+        "identity": manifest.identity,
+        "settings": manifest.settings,
+        "count": len(have),
+        "missing": missing,
+    }
 
 
 def _plan(conf: IndexConf, output: str, inputs: _Inputs, *, settings: dict[str, Any]) -> str:
@@ -1099,12 +1144,16 @@ def _run_alone(
     action = _plan(conf, output, inputs, settings=settings)
     if action == "skip":
         uri = _latest_uri(output, inputs.parent)
+        if _features_changed(inputs):
+            return _repin(output, inputs)
         logger.info("%s is complete (these descriptors, these settings); skipping", uri)
         return uri
     if action == "new" and inputs.parent is not None:
         inputs = _start_anew(conf, output, inputs)
         settings = content_settings(inputs.factory, inputs.network)
     build = _new_rows(conf, output, inputs)
+    if build is None and _features_changed(inputs):
+        return _repin(output, inputs)
     if build is None:
         uri = _latest_uri(output, inputs.parent)
         logger.info(
@@ -1223,6 +1272,7 @@ def _details(build: _Build, made: _Made) -> dict[str, Any]:
         "network": _pinned_network(build.output, desc.manifest.get("network")),
         "settings": desc.manifest.get("settings", {}),
         "descriptors": descriptors,
+        "local_features": build.inputs.local_features,
         "history": [*((parent or {}).get("history") or []), _history_entry(build, descriptors)],
         "build": {
             "seconds": {name: round(value, 3) for name, value in made.seconds.items()},
@@ -1233,6 +1283,40 @@ def _details(build: _Build, made: _Made) -> dict[str, Any]:
         },
         "config": asdict(build.conf),
     }
+
+
+def _features_changed(inputs: _Inputs) -> bool:
+    """Whether ``--local-features`` names other features than the latest version pins."""
+    pinned = (inputs.parent or {}).get("local_features") or {}
+    given = inputs.local_features or {}
+    return bool(given) and given.get("identity") != pinned.get("identity")
+
+
+def _repin(output: str, inputs: _Inputs) -> str:
+    """A next version that is the latest one with other local features: the same shards,
+    nothing built, so the service switches to the features with the index they belong to."""
+    assert inputs.parent is not None
+    parent = inputs.parent
+    version = int(parent["version"]) + 1
+    uri = storage.join(output, index_store.version_dir(version))
+    latest = index_store.version_manifest(output, int(parent["version"]))
+    details = {
+        **latest.details,  # as stored: shard paths relative to the index, the pinned network
+        "version": version,
+        "parent": parent["version"],
+        "added": 0,
+        "local_features": inputs.local_features,
+    }
+    tables.INDEX_VERSION.publish(
+        uri,
+        inputs={"descriptors": inputs.descriptors},
+        settings=latest.settings,
+        details=details,
+        files={},
+        rows={},
+    )
+    logger.info("index %s: v%d with the local features %s", uri, version - 1, inputs.local_features)
+    return uri
 
 
 def _pinned_network(output: str, network: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -54,6 +54,7 @@ from model import storage, tables
 from model.cli import FlatFlags, log_settings, parse_memory, run_cli
 from model.retrieval import QueryExpansion
 from model.settings import raise_problems
+from model.verification import VerifyOptions
 
 __all__ = ["APP_NAME", "SERVE_ENV", "ServeConf", "app_builder", "build_app", "run", "start_serve"]
 
@@ -135,6 +136,10 @@ class ServeConf(FlatFlags):
     embed_batch_size: int = 8
     qe: QueryExpansion = field(default_factory=lambda: QueryExpansion(qe_k=10))
     """αQE of a query asked with qe=true (flags --qe-k, --qe-alpha)."""
+    verify: VerifyOptions = field(default_factory=VerifyOptions)
+    """Spatial verification of a query asked with rerank=K (flags --rerank-ratio,
+    --rerank-model, --rerank-max-error, --rerank-min-inliers, --rerank-max-trials): the same
+    as pipeline.evaluate's, so both rank a query alike."""
     max_body_mb: float = 20.0
     watch_s: float = 0.0
     """Also promote every newer complete index version within this many seconds of its
@@ -355,6 +360,7 @@ def build_app(conf: ServeConf) -> Any:
         shard_handles,
         embedder,
         qe=conf.qe,
+        verify=conf.verify,
         max_batch_size=conf.max_batch_size,
         concurrent_batches=_router_batches(conf),
         watch_s=conf.watch_s,

@@ -22,6 +22,8 @@ from model.descriptors import read_descriptors
 from model.tables import IMAGES
 from pipeline.extract import ExtractConf
 from pipeline.extract import run as extract
+from pipeline.features import FeaturesConf
+from pipeline.features import run as features
 from pipeline.index import IndexConf
 from pipeline.index import run as index
 from pipeline.ingest import IngestConf
@@ -29,6 +31,8 @@ from pipeline.ingest import run as ingest
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_MAX_SIZE = 384
+REAL_LOCAL = {"local_max_size": 512, "local_max_features": 512}
+"""The real run's local features: small, so that they cost seconds."""
 """The real run's photos' longer side: the real-photo tests' figures hold there as at 512 px."""
 
 # Ray Train's controller looks at its workers every 2 s by default: each training run then
@@ -181,9 +185,10 @@ def ray_session(s3_server: str) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def real_run(ray_session, s3_server: str, real_photo_set) -> str:
     """The shared photos as a user runs them on a cluster: copied to a bucket of the loopback
-    S3 server, then ingest → extract (Lite0 + GeM, 384 px) → index (2 shards) into that
-    bucket, each stage given the one before's return value; once per session. Returns the
-    run folder's URI (images.parquet, descriptors, index)."""
+    S3 server, then ingest → extract (Lite0 + GeM, 384 px) and features (SIFT) → index (2
+    shards, the features pinned) into that bucket, each stage given the one before's return
+    value; once per session. Returns the run folder's URI (images.parquet, descriptors, local,
+    index)."""
     bucket = new_bucket(s3_server)
     s3 = boto3.client("s3", endpoint_url=s3_server)
     for path in map(Path, real_photo_set.db_paths):
@@ -193,7 +198,8 @@ def real_run(ray_session, s3_server: str, real_photo_set) -> str:
     descriptors = extract(
         ExtractConf.from_flags(images=images, output=f"{run}/descriptors", max_size=REAL_MAX_SIZE)
     )
-    index(IndexConf(descriptors=descriptors, output=f"{run}/index", shards=2))
+    local = features(FeaturesConf.from_flags(images=images, output=f"{run}/local", **REAL_LOCAL))
+    index(IndexConf(descriptors=descriptors, output=f"{run}/index", shards=2, local_features=local))
     return run
 
 

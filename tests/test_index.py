@@ -19,10 +19,13 @@ import ray
 from cluster import index_store
 from model import storage, tables
 from model.descriptors import read_descriptors, write_descriptors
+from model.tables import LOCAL_FEATURES_OUTPUT
 from pipeline import index as stage
+from pipeline.features import FeaturesConf
+from pipeline.features import run as features
 from pipeline.index import IndexConf, choose_factory, run
 from tests.conftest import REAL_MAX_SIZE
-from tests.helpers import run_stage
+from tests.helpers import run_stage, write_images
 
 REPO = Path(__file__).resolve().parent.parent
 NETWORK = {"weights": "test", "meta": {"backbone": "none"}}
@@ -594,3 +597,34 @@ def test_opq_ivf_pq_shards_equal_one_index(ray_session, tmp_path: Path) -> None:
     result = index_store.search(out, queries, 10)
     np.testing.assert_array_equal(result.ids, labels)
     np.testing.assert_array_equal(result.scores, scores)
+
+
+def test_local_features_are_pinned_and_a_new_pin_is_a_next_version(
+    ray_session, tied, photos_dir: Path, tmp_path: Path
+) -> None:
+    """Local features given to a complete index make a next version with the same shards and
+    the features pinned; a later build keeps the pin; other features make another version."""
+    out = str(tmp_path / "idx")
+    d1 = write_descriptors(str(tmp_path / "d1"), _ids(0, 900), tied[:900], network=NETWORK)
+    run(IndexConf(descriptors=d1, output=out, shards=2))
+    photos = sorted(photos_dir.glob("statue/*.jpg"))[:2]
+    images = write_images(tmp_path / "run", photos)
+    local = features(
+        FeaturesConf.from_flags(
+            images=str(images), output=str(tmp_path / "local"), local_max_size=256
+        )
+    )
+    assert run(IndexConf(descriptors=d1, output=out, local_features=local)).endswith("v2")
+    v1, v2 = index_store.read_manifest(out, 1), index_store.read_manifest(out)
+    assert v2["shards"] == v1["shards"] and v2["added"] == 0 and v2["count"] == 900
+    pin = v2["local_features"]
+    assert pin["identity"] == LOCAL_FEATURES_OUTPUT.manifest(local).identity
+    assert pin["count"] == 2 and pin["missing"] == 900  # the synthetic rows have no photos
+    assert pin["settings"]["local_max_size"] == 256 and v1.get("local_features") is None
+    # the same features again: nothing to do; new descriptors keep the pin
+    assert run(IndexConf(descriptors=d1, output=out, local_features=local)).endswith("v2")
+    d2 = write_descriptors(str(tmp_path / "d2"), _ids(0, 1000), tied[:1000], network=NETWORK)
+    assert run(IndexConf(descriptors=d2, output=out)).endswith("v3")
+    assert index_store.read_manifest(out)["local_features"] == pin
+    with pytest.raises(ValueError, match="--local-features: no features output"):
+        run(IndexConf(descriptors=d2, output=out, local_features=str(tmp_path / "none")))

@@ -238,6 +238,17 @@ def test_alpha_qe_through_the_service_equals_alpha_qe_on_the_matrix(service, vec
         ({"json": {"k": 3}}, 422, "vector"),
         ({"data": b"x", "headers": {"Content-Type": "text/plain"}}, 415, "neither"),
         ({"data": b"", "headers": {"Content-Type": "image/png"}}, 400, "empty body"),
+        # an index built without local features cannot re-rank: say how to add them
+        (
+            {
+                "data": _png(96, 96),
+                "headers": {"Content-Type": "image/png"},
+                "params": {"rerank": 9},
+            },
+            422,
+            "pipeline.index --local-features",
+        ),
+        ({"json": {"vector": [1.0] * DIM}, "params": {"rerank": 9}}, 422, "needs a photo"),
     ],
 )
 def test_bad_requests_get_4xx_and_a_reason(service, serve_url, kwargs, status, says):

@@ -17,14 +17,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+import requests
 from PIL import Image
 from playwright.sync_api import sync_playwright
 from ray import serve
 
 from cluster.client import SearchClient
 from model import storage
+from model.images import image_id as content_id
+from model.local_features import LocalFeatureOptions, LocalFeatures, read_local_features
+from model.reranking import RerankSettings, rerank_query
 from model.tables import IMAGES
 from pipeline.serve import APP_NAME, ServeConf, build_app
+from tests.conftest import REAL_LOCAL
 
 pytestmark = pytest.mark.slow
 
@@ -120,3 +125,64 @@ def test_the_search_page_in_headless_chromium(real_service, serve_url, photos_di
     expected = client.search(query, k=12)
     assert scores == pytest.approx([r.score for r in expected.results], abs=1e-4)
     assert shot.stat().st_size > 50_000
+
+
+def test_rerank_over_http_ranks_as_evaluate_does(
+    real_service, real_photo_set, lite0_real_descriptors
+) -> None:
+    """POST /search?rerank=K answers with the ranking of ``model.reranking`` (what
+    ``pipeline.evaluate --rerank`` runs) over the same descriptors and photos: the same
+    verified photos first with the same inliers, the rest in global order."""
+    client, _ = real_service
+    paths = [Path(p) for p in real_photo_set.db_paths]
+    ids = [content_id(p.read_bytes()) for p in paths]
+    db = lite0_real_descriptors
+    options = LocalFeatureOptions(**REAL_LOCAL)
+    settings = RerankSettings(rerank=40)
+    cached: dict[int, LocalFeatures] = {}
+
+    def features_of(rows):
+        for r in rows:
+            if r not in cached:
+                found = read_local_features(paths[r].read_bytes(), options, exif_transpose=True)
+                cached[r] = found
+        return [cached[r] for r in rows]
+
+    scenes = {}
+    for row, path in enumerate(paths):
+        scenes.setdefault(path.parent.name, row)
+    moved = verified = 0
+    for row in list(scenes.values())[::3]:  # six scenes
+        answer = client.search(paths[row].read_bytes(), k=20, rerank=40)
+        expected = rerank_query(
+            db[row],
+            db,
+            np.argsort(-(db @ db[row]), kind="stable")[:40],
+            query_features=features_of([row])[0],
+            features_of=features_of,
+            settings=settings,
+        )
+        global_order = np.argsort(-(db @ db[row]), kind="stable")
+        rest = [r for r in global_order[:40] if r not in set(expected.promoted.tolist())]
+        ranking = [*expected.promoted.tolist(), *rest][:20]
+        assert answer.image_ids == [ids[r] for r in ranking]
+        promoted = {ids[r]: expected.inliers[r] for r in expected.promoted.tolist()}
+        assert {r.image_id: r.inliers for r in answer.results[: len(promoted)]} == promoted
+        assert answer.reranked["candidates"] == 40 and answer.reranked["without_features"] == 0
+        moved += answer.image_ids[:20] != [ids[r] for r in global_order[:20]]
+        verified += len(promoted)
+    print(f"\nrerank over HTTP: {verified} verified in 6 queries, {moved} rankings changed")
+    assert verified > 6
+
+
+def test_rerank_bad_input_is_answered(real_service) -> None:
+    client, _ = real_service
+    blank = io.BytesIO()
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(blank, format="JPEG")
+    answer = client.search(blank.getvalue(), k=5, rerank=1000)  # more than the index holds
+    assert len(answer.results) == 5 and answer.reranked["query_features"] == 0
+    assert answer.reranked["verified"] == 0 and answer.reranked["candidates"] == 373
+    response = requests.post(
+        f"{client.url}/search", params={"rerank": 5}, json={"vector": [1.0] * 1280}, timeout=60
+    )
+    assert response.status_code == 422 and "photo" in response.json()["detail"]
