@@ -15,7 +15,13 @@ way (``--clients`` threads, one query per call), and also all queries in one bat
 On a single machine the client threads, the proxy and the replicas share its cores: the ratios
 say what the service's hops cost against FAISS itself, not what a cluster would do.
 
+With ``--photos DIR`` it also measures photo queries over HTTP with and without spatial
+re-ranking (``rerank=K``, k = K results): the photos go through ingest, extract, features and
+index as a user's would, and each is sent, one at a time, first without then with ``rerank``.
+
     python -m bench.search                                 # 100,000 x 256
+    python -m bench.search --no-vectors --photos ../shared/data/photos \
+        --out bench/results/search_rerank.json
     python -m bench.search --n 20000 --queries 200 --out bench/results/x.json
     RAY_SERVE_USE_GRPC_BY_DEFAULT=1 python -m bench.search --out bench/results/search_cpu_grpc.json
 """
@@ -40,8 +46,14 @@ from bench import write_results
 from bench.index import clustered
 from cluster.client import SearchClient
 from model.descriptors import write_descriptors
+from pipeline.extract import ExtractConf
+from pipeline.extract import run as extract
+from pipeline.features import FeaturesConf
+from pipeline.features import run as features
 from pipeline.index import IndexConf
 from pipeline.index import run as build_index
+from pipeline.ingest import IngestConf
+from pipeline.ingest import run as ingest
 from pipeline.serve import APP_NAME, ServeConf, build_app, start_serve
 
 
@@ -57,6 +69,13 @@ class BenchConf:
     seed: int = 0
     threads_per_shard: int | None = None
     """FAISS threads of each shard replica (``pipeline.serve --threads-per-shard``)."""
+    vectors: bool = True
+    """Measure the descriptor queries (--no-vectors: the photo queries alone)."""
+    photos: str | None = None
+    """A folder of photos (a sub-folder per scene): also measure photo queries over HTTP with
+    and without spatial re-ranking, through ingest, extract, features and index."""
+    rerank: int = 100
+    """Candidates re-ranked per photo query (and results asked for)."""
     out: str | None = "bench/results/search_cpu.json"
 
 
@@ -256,6 +275,8 @@ def main(conf: BenchConf) -> dict:
         }
     )
 
+    if not conf.vectors:
+        rows.clear()
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="cirray-bench-search-"))
     ids = [f"v{i:07d}" for i in range(conf.n)]  # sorted like the rows: global id == row
@@ -264,7 +285,12 @@ def main(conf: BenchConf) -> dict:
     port = 8000 + int(rng.integers(100, 900))
     start_serve("127.0.0.1", port)
 
+    photo_lines: list[str] = []
     try:
+        if conf.photos:
+            photo_lines = _photo_latency(conf, work, port)
+        if not conf.vectors:
+            return _write(conf, rows, photo_lines)
         serve.run(NoopIngress.bind(), name="noop", route_prefix="/")
         noop_client = SearchClient(f"http://127.0.0.1:{port}")
         measured(
@@ -332,10 +358,52 @@ def main(conf: BenchConf) -> dict:
     ceiling_lines = ceilings(rows, conf.clients)
     if ceiling_lines:
         lines += ["", _CEILING_HEADER, *ceiling_lines]
+    return _write(conf, rows, lines + photo_lines)
+
+
+def _write(conf: BenchConf, rows: list[dict], lines: list[str]) -> dict:
     print("\n".join(lines))
     result = {"conf": asdict(conf), "rows": rows, "lines": lines}
     write_results(conf.out, result, lines)
     return result
+
+
+def _photo_latency(conf: BenchConf, work: Path, port: int) -> list[str]:
+    """Photo queries over HTTP, one at a time, asking for ``--rerank`` results, without and
+    with ``rerank``: p50/p99 latency, and the second's against the first in this run."""
+    images = ingest(IngestConf(source=conf.photos, output=str(work / "run")))
+    desc = extract(ExtractConf.from_flags(images=images, output=str(work / "run/descriptors")))
+    local = features(FeaturesConf.from_flags(images=images, output=str(work / "run/local")))
+    root = str(work / "run/index")
+    build_index(IndexConf(descriptors=desc, output=root, local_features=local))
+    serve.run(build_app(ServeConf(index=root)), name=APP_NAME, route_prefix="/")
+    client = SearchClient(f"http://127.0.0.1:{port}")
+    paths = sorted(p for p in Path(conf.photos).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    queries = [p.read_bytes() for p in paths[:: max(1, len(paths) // 48)]]
+    k = conf.rerank
+    measured = {}
+    for rerank in (0, conf.rerank):
+        client.search(queries[0], k=k, rerank=rerank)  # warm: the features' places are read
+        latencies, verified = [], 0
+        for photo in queries:
+            started = time.perf_counter()
+            answer = client.search(photo, k=k, rerank=rerank)
+            latencies.append(time.perf_counter() - started)
+            verified += (answer.reranked or {}).get("verified", 0)
+        measured[rerank] = (np.percentile(latencies, 50) * 1e3, np.percentile(latencies, 99) * 1e3)
+        measured[rerank] += (verified / len(queries),)
+    serve.delete(APP_NAME)
+    base = measured[0][0]
+    lines = [
+        "",
+        f"device: {platform.machine()} CPU, {os.cpu_count()} cores; photo queries over HTTP "
+        f"(POST /search, k={k}), one at a time: {len(queries)} of the "
+        f"{len(paths)} photos of {conf.photos}, each against all of them",
+        f"{'rerank':<12}{'p50 ms':>9}{'p99 ms':>9}{'verified':>10}{'p50 vs rerank=0':>18}",
+    ]
+    for rerank, (p50, p99, verified) in measured.items():
+        lines.append(f"{rerank:<12}{p50:>9.1f}{p99:>9.1f}{verified:>10.1f}{p50 / base:>17.2f}x")
+    return lines
 
 
 if __name__ == "__main__":

@@ -40,9 +40,6 @@ __all__ = [
 
 DESCRIPTOR_DIM = 128
 _BYTE_SCALE = 512.0  # COLMAP's FeatureDescriptorsToUnsignedByte
-_FIRST_OCTAVE = 0
-"""pycolmap's default (-1) doubles the image first: 4.5 times the time, for fine features that
-the cap on features drops again at 1024 px."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +52,11 @@ class LocalFeatureOptions:
     """Longer side of the image SIFT sees (never enlarged)."""
     local_peak_threshold: float = 0.0066667
     """SIFT's contrast threshold (pycolmap's default); lower finds more features in flat photos."""
+    local_first_octave: int | None = None
+    """SIFT's first octave: -1 doubles the image first (pycolmap's default), 0 starts at its
+    own size. Default: -1 for a photo under 3/4 of --local-max-size a side, whose features
+    would fall short of the cap without its finest octave; 0 for the others, where the cap
+    keeps the largest scales anyway and doubling costs 4.5 times the time."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -64,6 +66,10 @@ class LocalFeatureOptions:
             )
         if self.local_max_size < 64:
             problems.append(f"--local-max-size must be at least 64, not {self.local_max_size}")
+        if self.local_first_octave not in (None, -1, 0, 1):
+            problems.append(
+                f"--local-first-octave must be -1, 0 or 1, not {self.local_first_octave}"
+            )
         if not 0 < self.local_peak_threshold < 1:
             problems.append(
                 f"--local-peak-threshold must be in (0, 1), not {self.local_peak_threshold}"
@@ -71,13 +77,13 @@ class LocalFeatureOptions:
         raise_problems(problems)
 
     def identity(self) -> dict[str, object]:
-        return {"extractor": "sift-pycolmap", "first_octave": _FIRST_OCTAVE, **asdict(self)}
+        return {"extractor": "sift-pycolmap", **asdict(self)}
 
     @classmethod
     def from_identity(cls, identity: Mapping[str, Any]) -> LocalFeatureOptions:
         """The options that made features of ``identity`` (a features output's settings); a
         ``ValueError`` when this code extracts them otherwise (a query would not match)."""
-        mine = {"extractor": "sift-pycolmap", "first_octave": _FIRST_OCTAVE}
+        mine = {"extractor": "sift-pycolmap"}
         other = {k: identity.get(k) for k in mine if identity.get(k) != mine[k]}
         if other:
             raise ValueError(
@@ -129,24 +135,26 @@ def empty_features(size: tuple[int, int] = (0, 0)) -> LocalFeatures:
 _local = threading.local()
 
 
-def _extractor(options: LocalFeatureOptions):
+def _extractor(options: LocalFeatureOptions, first_octave: int):
     """One pycolmap SIFT extractor per thread and settings (building one costs milliseconds)."""
     import pycolmap  # here: only processes that extract load it (array API: safe after torch)
 
-    cached = getattr(_local, "sift", None)
-    if cached is not None and cached[0] == options:
-        return cached[1]
+    made = getattr(_local, "sift", None)
+    if made is None:
+        made = _local.sift = {}
+    key = (options, first_octave)
+    if key in made:
+        return made[key]
     conf = pycolmap.FeatureExtractionOptions()
     conf.max_image_size = options.local_max_size
     conf.num_threads = 1
     conf.sift.max_num_features = options.local_max_features
     conf.sift.peak_threshold = options.local_peak_threshold
-    conf.sift.first_octave = _FIRST_OCTAVE
+    conf.sift.first_octave = first_octave
     with warnings.catch_warnings():  # its successor returns keypoints as Python objects
         warnings.simplefilter("ignore", DeprecationWarning)
-        sift = pycolmap.Sift(conf, device=pycolmap.Device.cpu)
-    _local.sift = (options, sift)
-    return sift
+        made[key] = pycolmap.Sift(conf, device=pycolmap.Device.cpu)
+    return made[key]
 
 
 def extract_local_features(image: np.ndarray, options: LocalFeatureOptions) -> LocalFeatures:
@@ -157,7 +165,10 @@ def extract_local_features(image: np.ndarray, options: LocalFeatureOptions) -> L
     if min(height, width) < 16:
         return empty_features((width, height))
     grey, size = _fit(grey, options.local_max_size)
-    keypoints, descriptors = _extractor(options).extract(np.ascontiguousarray(grey))
+    octave = options.local_first_octave
+    if octave is None:
+        octave = -1 if 4 * max(size) < 3 * options.local_max_size else 0
+    keypoints, descriptors = _extractor(options, octave).extract(np.ascontiguousarray(grey))
     keypoints = np.asarray(keypoints, np.float32)
     # pycolmap caps locations, and a location may have two orientations: keep the largest scales
     keep = np.sort(np.argsort(-keypoints[:, 2], kind="stable")[: options.local_max_features])

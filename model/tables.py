@@ -1194,6 +1194,7 @@ RUN_LAYOUT: dict[str, str] = {
     "pairs": "pairs",
     "train": "train",
     "extract-trained": "descriptors-trained",
+    "features": "local_features",
     "index": "index",
 }
 """A run folder (``pipeline.run``): where each stage of the chain writes under it (both

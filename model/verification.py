@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 MODELS = ("homography", "affine")
+COUNTS = ("places", "matches")
 _MIN_MATCHES = {"homography": 4, "affine": 3}
 _SEED = 0  # RANSAC is seeded: evaluate and the service rank a query alike
 
@@ -50,6 +51,9 @@ class VerifyOptions:
     """A candidate with at least this many inliers is verified and moves up."""
     rerank_max_trials: int = 2000
     """RANSAC's most iterations a pair."""
+    rerank_count: str = "places"
+    """What an inlier is: places (matches counted once per query location: SIFT may give one
+    location two orientations) or matches (every inlying match)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -66,6 +70,10 @@ class VerifyOptions:
             )
         if not self.rerank_max_error > 0:
             problems.append(f"--rerank-max-error must be positive, not {self.rerank_max_error}")
+        if self.rerank_count not in COUNTS:
+            problems.append(
+                f"--rerank-count must be one of {', '.join(COUNTS)}, not {self.rerank_count}"
+            )
         if self.rerank_max_trials < 1:
             problems.append(f"--rerank-max-trials must be at least 1, not {self.rerank_max_trials}")
         raise_problems(problems)
@@ -113,15 +121,16 @@ def verify_pair(
     if query_unit is None:
         query_unit = _unit(query)
     matches = mutual_matches(query_unit, _unit(candidate), options.rerank_ratio)
+    count = _unique_locations if options.rerank_count == "places" else _matches
     if len(matches) < max(_MIN_MATCHES[options.rerank_model], 1):
-        return Verification(_unique_locations(query, matches), matches)
+        return Verification(count(query, matches), matches)
     src = query.keypoints[matches[:, 0], :2].astype(np.float64)
     tgt = candidate.keypoints[matches[:, 1], :2].astype(np.float64)
     mask = _ransac(src, tgt, options)
     if mask is None:
         return Verification.none()
     inlier_matches = matches[mask]
-    return Verification(_unique_locations(query, inlier_matches), inlier_matches)
+    return Verification(count(query, inlier_matches), inlier_matches)
 
 
 def verify_candidates(
@@ -156,6 +165,10 @@ def rerank_order(scores: np.ndarray, inliers: np.ndarray, min_inliers: int) -> n
 
 def _unit(features: LocalFeatures) -> np.ndarray:
     return unit_descriptors(features.descriptors)
+
+
+def _matches(features: LocalFeatures, matches: np.ndarray) -> int:
+    return len(matches)
 
 
 def _unique_locations(features: LocalFeatures, matches: np.ndarray) -> int:

@@ -39,6 +39,9 @@ __all__ = ["FeaturesConf", "extract_batch", "run"]
 
 logger = logging.getLogger(__name__)
 
+MOST_BLOCKS = 64
+"""An images output of fewer parts is split into up to this many blocks, a task each."""
+
 
 @dataclass(frozen=True)
 class FeaturesConf(FlatFlags):
@@ -112,13 +115,17 @@ def _extract(conf: FeaturesConf, out: str, todo: set[str]) -> None:
     if not ray.is_initialized():
         ray.init()
     dataset = IMAGES.ray_dataset(conf.images, ["image_id", "uri", "bytes", "error"])
+    files = len(IMAGES.files(IMAGES_OUTPUT.manifest(conf.images)))
+    blocks = min(-(-len(todo) // conf.batch_size), MOST_BLOCKS)
+    if files < blocks:  # a few large parts (a small collection): split them, or one task works
+        dataset = dataset.repartition(blocks)
     extracted = dataset.map_batches(
         extract_batch,
         fn_kwargs={"options": conf.local, "todo": frozenset(todo)},
         batch_size=conf.batch_size,
         batch_format="pyarrow",
         num_cpus=1,
-        memory=conf.batch_size * 32 * 2**20 + 24_000_000 * 3,  # bytes kept, one full decode
+        memory=256 * 2**20 + conf.batch_size * 32 * 2**20,  # the worker, the photos, a decode
     )
     extracted.write_parquet(out, row_group_size=1)
 

@@ -21,7 +21,8 @@ nothing is typed twice:
 Every stage resumes by its inputs' and settings' fingerprints, so the same command again
 finishes in seconds. With photos added the run keeps the network it trained (training again is
 hours of work for a few photos; ``--retrain`` asks for it) and describes and indexes only the new
-photos. ``--config``
+photos. ``--local-features`` adds the features stage (SIFT of every photo, pinned into the
+index) so that the service re-ranks by spatial verification. ``--config``
 gives each stage's flags by stage (``extract: {max_size: 512}``; ``configs/`` holds a laptop
 and a cluster example); ``--print-config`` writes the whole resolved config. On a cluster the
 same command is one ``ray job submit`` with ``RUN`` on S3.
@@ -46,13 +47,15 @@ import yaml
 from cluster import index_store
 from model import storage, tables
 from model.cli import USER_ERRORS, flat_settings, run_cli
-from pipeline import extract, group, index, ingest, pairs, report, serve, sfm, train
+from pipeline import extract, features, group, index, ingest, pairs, report, serve, sfm, train
 
 logger = logging.getLogger("pipeline.run")
 
 __all__ = ["STAGES", "RunConf", "layout", "resolved_config", "run"]
 
-Stage = Literal["ingest", "extract", "group", "sfm", "pairs", "train", "extract-trained", "index"]
+Stage = Literal[
+    "ingest", "extract", "group", "sfm", "pairs", "train", "extract-trained", "features", "index"
+]
 STAGES: tuple[str, ...] = get_args(Stage)
 
 LAYOUT = tables.RUN_LAYOUT
@@ -65,6 +68,7 @@ CONFIG_SECTIONS = (
     "sfm",
     "pairs",
     "train",
+    "features",
     "index",
     "report",
     "serve",
@@ -78,7 +82,8 @@ WIRED = {
     "sfm": {"images", "groups", "output"},
     "pairs": {"sfm", "output"},
     "train": {"images", "pairs", "output"},
-    "index": {"descriptors", "output"},
+    "features": {"images", "output"},
+    "index": {"descriptors", "output", "local_features"},
     "report": {"run"},
     "serve": {"index"},
 }
@@ -103,6 +108,9 @@ class RunConf:
     folder."""
     serve: bool = False
     """Keep the search service up on the index at the end."""
+    local_features: bool = False
+    """Also extract every photo's local features (pipeline.features) and pin them into the
+    index, so that the service re-ranks by spatial verification (POST /search?rerank=K)."""
     retrain: bool = False
     """Train again when the photos have changed since this run folder's network was trained
     (without it, added photos are described and indexed with that network)."""
@@ -129,6 +137,7 @@ def _steps() -> dict[str, _Step]:
         "pairs": _Step("pairs", pairs.PairsConf, pairs.run),
         "train": _Step("train", train.TrainConf, train.run),
         "extract-trained": _Step("extract", extract.ExtractConf, extract.run),
+        "features": _Step("features", features.FeaturesConf, features.run),
         "index": _Step("index", index.IndexConf, index.run),
         "report": _Step("report", report.ReportConf, report.run),
         "serve": _Step("serve", serve.ServeConf, serve.run),
@@ -263,7 +272,12 @@ def _wiring(conf: RunConf, *, trained: bool) -> dict[str, dict[str, Any]]:
             "output": out["extract-trained"],
             "weights": out["train"],
         },
-        "index": {"descriptors": described, "output": out["index"]},
+        "features": {"images": out["ingest"], "output": out["features"]},
+        "index": {
+            "descriptors": described,
+            "output": out["index"],
+            "local_features": out["features"] if conf.local_features else None,
+        },
         "report": {"run": conf.output},
         "serve": {"index": out["index"]},
     }
@@ -302,6 +316,9 @@ def run(conf: RunConf) -> str:
     trained, kept = True, False
     for stage in STAGES[first : last + 1]:
         if stage in ("train", "extract-trained") and not trained:
+            continue
+        if stage == "features" and not conf.local_features:
+            summary["stages"][stage] = {"skipped": "no --local-features"}
             continue
         if kept and stage in _TRAINING_ONLY:
             summary["stages"][stage] = {"skipped": _KEPT}

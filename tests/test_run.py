@@ -3,6 +3,7 @@ the run folder it leaves (each stage under its fixed name, resumable)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -44,6 +45,10 @@ def test_print_config_resolves_every_stage_s_flags(tmp_path: Path) -> None:
     assert resolved["index"]["descriptors"] == str(tmp_path / "run" / "descriptors-trained")
     assert resolved["train"]["pairs"] == str(tmp_path / "run" / "pairs")
     assert resolved["sfm"]["timeout_s"] == 3600.0  # a default, written out
+    assert resolved["index"]["local_features"] is None  # pinned only when asked for
+    asked = resolved_config(dataclasses.replace(conf, local_features=True))
+    assert asked["index"]["local_features"] == asked["features"]["output"]
+    assert asked["features"]["output"] == str(tmp_path / "run" / "local_features")
     done = run_stage("run", "--source", "photos", "--output", "run", "--print-config")
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(done.stdout)["ingest"]["source"] == "photos"

@@ -80,6 +80,8 @@ def test_a_second_orientation_at_one_place_counts_once(photos_dir: Path) -> None
     found = verify_pair(features, features, VerifyOptions())
     places = {tuple(np.round(p * 10)) for p in features.keypoints[found.matches[:, 0], :2]}
     assert found.inliers == len(places) < len(found.matches)
+    every = verify_pair(features, features, VerifyOptions(rerank_count="matches"))
+    assert every.inliers == len(every.matches) == len(found.matches)
 
 
 @pytest.mark.parametrize("image", [np.zeros((480, 640, 3), np.uint8), np.zeros((8, 8), np.uint8)])
@@ -201,3 +203,25 @@ def test_a_query_promotes_its_verified_photos_and_expands_over_them(photos_dir: 
     assert not np.allclose(expanded.query, query)
     assert 1 in expanded.promoted or 3 in expanded.promoted
     assert all(len(set(c)) == len(c) for c in calls)  # no pair is verified twice
+
+
+def test_a_small_photo_gets_its_finest_octave(photos_dir: Path) -> None:
+    """Under 3/4 of --local-max-size a side, SIFT starts from the doubled image: more features
+    than its own size gives, up to the cap; a large photo starts at its own size."""
+    small = np.asarray(_photo(photos_dir, "statue").resize((320, 240)))
+    auto = extract_local_features(small, LocalFeatureOptions(local_max_size=640))
+    own = extract_local_features(
+        small, LocalFeatureOptions(local_max_size=640, local_first_octave=0)
+    )
+    doubled = extract_local_features(
+        small, LocalFeatureOptions(local_max_size=640, local_first_octave=-1)
+    )
+    assert len(auto) == len(doubled) > len(own)
+    large = np.asarray(_photo(photos_dir, "statue"))
+    options = LocalFeatureOptions(local_max_size=640)
+    assert np.array_equal(
+        extract_local_features(large, options).keypoints,
+        extract_local_features(
+            large, LocalFeatureOptions(local_max_size=640, local_first_octave=0)
+        ).keypoints,
+    )
