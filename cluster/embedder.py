@@ -139,7 +139,10 @@ class Embedder:
             pin = index_store.read_manifest(self.index, version).get("local_features")
             if not pin:
                 return NO_LOCAL_FEATURES.format(version=version)
-            options = LocalFeatureOptions.from_identity(pin["settings"])
+            try:
+                options = LocalFeatureOptions.from_identity(pin["settings"])
+            except ValueError as err:  # made by another extractor: say so, as a 422
+                return str(err)
             self._local_options[version] = options
         found = read_local_features(photo, options, exif_transpose=True)
         return f"not a usable photo: {found.reason}" if isinstance(found, BadImage) else found

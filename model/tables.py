@@ -42,6 +42,7 @@ from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
@@ -519,6 +520,33 @@ class Table:
         if not storage.exists(folder):
             return []
         return [storage.join(folder, n) for n in sorted(_sizes(folder)) if n.endswith(".parquet")]
+
+    def resume_ids(self, uri: str, keep: Iterable[str], **options: Any) -> set[str]:
+        """The image_ids in the parts of an output being resumed or updated that stay: a part
+        that cannot be read (cut short by a crash) is removed, and rows whose image_id is not
+        in ``keep`` (photos gone from the images output) are dropped from their part, which
+        is rewritten with ``options`` (or removed when nothing is left)."""
+        done: set[str] = set()
+        still = pa.array(sorted(keep), pa.string())
+        for part in self.parts(uri):
+            try:
+                ids = self.read_file(part, ["image_id"])["image_id"]
+            except ValueError as err:
+                logger.warning("removing unreadable part %s: %s", part, err)
+                storage.remove(part)
+                continue
+            kept = pc.is_in(ids, still)
+            if not pc.all(kept).as_py():
+                table = self.read_file(part).filter(kept)
+                logger.info("dropping %d rows of photos gone from %s", len(ids) - len(table), part)
+                if table.num_rows:
+                    self.write(
+                        self.output.locate(uri), table, part=part.rsplit("/", 1)[-1], **options
+                    )
+                else:
+                    storage.remove(part)
+            done.update(ids.filter(kept).to_pylist())
+        return done
 
     def dataset(self, uri: str) -> pads.Dataset:
         """The table of a complete output as a pyarrow dataset (lazily read, by part)."""

@@ -30,8 +30,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from cluster.resources import check_schedulable, is_multi_node, reachable_resources
 from model import checkpoint, storage, tables
@@ -353,32 +351,10 @@ def _described_ids(out: str, previous: Manifest | None, usable: frozenset[str]) 
     """The photos already described in ``out`` (by a complete output being updated, or an
     interrupted run) that stay: parts that cannot be read are removed, and rows of photos no
     longer in the images output are dropped from their parts."""
-    done: set[str] = set()
-    still = pa.array(sorted(usable), pa.string())
-    for part in DESCRIPTORS.parts(out):
-        try:
-            ids = DESCRIPTORS.read_file(part, ["image_id"])["image_id"]
-        except ValueError as err:  # a part cut short by a crash
-            logger.warning("removing unreadable part %s: %s", part, err)
-            storage.remove(part)
-            continue
-        kept = pc.is_in(ids, still)
-        if not pc.all(kept).as_py():
-            _drop_rows(out, part, kept)
-        done.update(ids.filter(kept).to_pylist())
+    done = DESCRIPTORS.resume_ids(out, usable)
     if previous is not None:
         logger.info("updating %s: %d photos described, kept", out, len(done))
     return done
-
-
-def _drop_rows(out: str, part: str, kept: pa.ChunkedArray) -> None:
-    """Rewrite ``part`` with the ``kept`` rows only (removed when none is)."""
-    table = DESCRIPTORS.read_file(part).filter(kept)
-    logger.info("dropping %d rows of photos gone from %s", len(kept) - table.num_rows, part)
-    if table.num_rows:
-        DESCRIPTORS.write(out, table, part=part.rsplit("/", 1)[-1])
-    else:
-        storage.remove(part)
 
 
 def _network_identity(conf: ExtractConf) -> _Network:

@@ -83,7 +83,7 @@ def run(conf: FeaturesConf) -> str:
         logger.info("replacing %s (--overwrite)", out)
         LOCAL_FEATURES_OUTPUT.clear(out)
     usable = _usable(images)
-    done = _extracted_ids(out, usable)
+    done = LOCAL_FEATURES.resume_ids(out, usable, row_group_size=1)
     LOCAL_FEATURES_OUTPUT.unpublish(out)
     if done:
         logger.info("resuming: %d photos already have features in %s", len(done), out)
@@ -164,29 +164,6 @@ def _usable(images: tables.Manifest) -> set[str]:
     table = IMAGES.read_from(images, ["image_id", "error"])
     ids, errors = table["image_id"].to_pylist(), table["error"].to_pylist()
     return {i for i, e in zip(ids, errors, strict=True) if e is None}
-
-
-def _extracted_ids(out: str, usable: set[str]) -> set[str]:
-    """Photos with features in ``out`` that stay: unreadable parts are removed, and the rows
-    of photos no longer ingested are dropped from their parts."""
-    done: set[str] = set()
-    still = pa.array(sorted(usable), pa.string())
-    for part in LOCAL_FEATURES.parts(out):
-        try:
-            ids = LOCAL_FEATURES.read_file(part, ["image_id"])["image_id"]
-        except ValueError as err:  # a part cut short by a crash
-            logger.warning("removing unreadable part %s: %s", part, err)
-            storage.remove(part)
-            continue
-        kept = pc.is_in(ids, still)
-        if not pc.all(kept).as_py():
-            table = LOCAL_FEATURES.read_file(part).filter(kept)
-            if table.num_rows:
-                LOCAL_FEATURES.write(out, table, part=part.rsplit("/", 1)[-1], row_group_size=1)
-            else:
-                storage.remove(part)
-        done.update(ids.filter(kept).to_pylist())
-    return done
 
 
 def _details(out: str, *, reused: int, seconds: float) -> dict[str, Any]:
