@@ -117,9 +117,8 @@ def _read(file: Path) -> LocalFeatures | None:
         return None
     try:
         with np.load(file, allow_pickle=False) as data:
-            return LocalFeatures(
-                data["keypoints"], data["descriptors"], tuple(int(v) for v in data["size"])
-            )
+            width, height = (int(v) for v in data["size"])
+            return LocalFeatures(data["keypoints"], data["descriptors"], (width, height))
     except (OSError, ValueError, KeyError) as err:
         logger.warning("extracting again: unreadable cached features %s: %s", file, err)
         return None

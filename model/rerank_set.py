@@ -109,7 +109,7 @@ class _Features:
     def prefetch(self, rows: Sequence[int]) -> None:
         self.of(rows, workers=self.num_workers)
 
-    def of(self, rows: Sequence[int], workers: int = 0) -> list[LocalFeatures | None]:
+    def of(self, rows: Sequence[int], workers: int = 0) -> list[LocalFeatures]:
         missing = [r for r in dict.fromkeys(rows) if r not in self.known]
         if missing:
             found = self._extract([self.db_paths[r] for r in missing], None, workers)
@@ -121,12 +121,17 @@ class _Features:
             return list(self.of(range(n_q), workers=self.num_workers))
         return self._extract(self.rset.query_paths, self.rset.query_boxes, self.num_workers)
 
-    def image(self, j: int | None, row: int | None) -> np.ndarray | None:
-        """Query j, or database row ``row``, decoded in its features' frame (for drawing)."""
-        if j is not None and not self.rset.queries_are_database:
-            path, box = self.rset.query_paths[j], self.rset.query_boxes[j]
-        else:
-            path, box = self.db_paths[row if row is not None else j], None
+    def query_image(self, j: int) -> np.ndarray | None:
+        """Query j decoded in its features' frame (for drawing)."""
+        if self.rset.queries_are_database:
+            return self.db_image(j)
+        return self._image(self.rset.query_paths[j], self.rset.query_boxes[j])
+
+    def db_image(self, row: int) -> np.ndarray | None:
+        """Database row ``row`` decoded in its features' frame (for drawing)."""
+        return self._image(self.db_paths[row], None)
+
+    def _image(self, path: Path, box: Sequence[float] | None) -> np.ndarray | None:
         image = read_local_image(
             path, self.cache.options, exif_transpose=self.rset.exif_transpose, box=box
         )
@@ -162,9 +167,8 @@ def _figures(
             continue
         best = int(r.promoted[0])
         result_features = features.of([best])[0]
-        assert result_features is not None
         found = verify_pair(query_features[j], result_features, settings.verify)
-        query_image, result_image = features.image(j, None), features.image(None, best)
+        query_image, result_image = features.query_image(j), features.db_image(best)
         if query_image is None or result_image is None:
             continue
         figures[j] = draw_matches(

@@ -115,9 +115,8 @@ def score_reranked(
     items = (
         ground_truth_items(rset.gnd) if rset.gnd is not None and rset.protocol != "none" else None
     )
-    wanted = [
-        np.concatenate([p, i]) for p, i in zip(promoted, items or [[]] * len(promoted), strict=True)
-    ]
+    none = [np.zeros(0, np.int64)] * len(promoted)
+    wanted = [np.concatenate([p, i]) for p, i in zip(promoted, items or none, strict=True)]
     base_ranks, located = rank_and_locate(vectors, db, wanted, topk=depth)
     ranks = np.stack(
         [_promoted_first(p, row, depth) for p, row in zip(promoted, base_ranks, strict=True)]
