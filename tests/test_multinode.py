@@ -126,6 +126,8 @@ def test_the_demo_scales_from_zero_never_runs_on_the_head_and_grows(
     correct = re.search(r"^(\d+) of (\d+) results show the query's landmark", printed, re.M)
     assert correct, printed[-2000:]
     assert int(correct[2]) == 6 * 5 and int(correct[1]) >= 24  # 6 unseen queries, top 5
+    verified = re.search(r"re-ranked by spatial verification \(rerank=100\): (\d+) of 30", printed)
+    assert verified and int(verified[1]) >= 24, printed[-2000:]
     assert f"run report:  {run_folder}/report.html" in printed
     assert f"search page: http://127.0.0.1:{port}/" in printed
     names = {f.removeprefix(f"{run_folder}/").split("/")[0] for f in storage.list_files(run_folder)}
@@ -181,7 +183,9 @@ def test_the_demo_scales_from_zero_never_runs_on_the_head_and_grows(
     assert np.array_equal(found.image_ids, local_ids[exact])
 
     # the same run again, from here: every stage finds its output complete and skips
-    conf = RunConf(source=summary["source"], output=run_folder, config=str(here))
+    conf = RunConf(
+        source=summary["source"], output=run_folder, config=str(here), local_features=True
+    )
     caplog.set_level(logging.INFO)
     caplog.clear()
     run(conf)

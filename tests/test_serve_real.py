@@ -116,7 +116,20 @@ def test_the_search_page_in_headless_chromium(real_service, serve_url, photos_di
         names = [c.query_selector(".id").inner_text() for c in cards]
         status = page.inner_text("#status")
         page.screenshot(path=str(shot), full_page=True)
+        page.check("#rerank")  # the geometry switch: the same photo, its top 100 verified
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('status').textContent.includes('verified')")
+        checked = page.inner_text("#status")
+        inliers = [
+            int(c.query_selector(".inliers").inner_text().split()[0])
+            for c in page.query_selector_all("#results .result")
+            if c.query_selector(".inliers")
+        ]
         browser.close()
+    reranked = client.search(query, k=12, rerank=100)
+    assert inliers == [r.inliers for r in reranked.results if r.inliers is not None]
+    assert f"{reranked.reranked['verified']} of the top 100 verified" in checked
+    assert inliers and inliers[0] >= 12
     assert len(cards) == 12 and "12 results from index v1" in status
     assert scores == sorted(scores, reverse=True) and scores[0] > 0.999
     assert Path(names[0]).name == query.name  # the photo itself comes first
