@@ -469,7 +469,11 @@ class ShardSet:
         wanted = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
         names = self._image_ids(held["parts"], wanted[wanted >= 0])
         mine = [(int(i), str(n)) for i, n in zip(wanted[wanted >= 0], names, strict=True) if n]
-        found = self._store(pin, held["parts"]).features([name for _, name in mine])
+        try:
+            found = self._store(pin, held["parts"]).features([name for _, name in mine])
+        except (OSError, ValueError) as err:  # the pinned features are gone or rewritten
+            logger.warning("v%s: local features unusable, left unverified: %s", version, err)
+            return {i: None for i, _ in mine}
         return {
             i: None if features is None else verify_pair(query, features, options).inliers
             for (i, _), features in zip(mine, found, strict=True)

@@ -9,6 +9,7 @@ recently used photos' features.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -20,7 +21,9 @@ from model.tables import LOCAL_FEATURES, LOCAL_FEATURES_OUTPUT
 
 __all__ = ["LocalFeatureStore"]
 
-_COLUMNS = ["keypoints", "descriptors", "width", "height"]
+logger = logging.getLogger(__name__)
+
+_COLUMNS = ["image_id", "keypoints", "descriptors", "width", "height"]
 
 
 class LocalFeatureStore:
@@ -72,11 +75,20 @@ class LocalFeatureStore:
             file, group, row = place
             todo.setdefault(file, []).append((group, row, image_id))
         for file, wanted in todo.items():
-            tables = LOCAL_FEATURES.read_row_groups(file, [g for g, _, _ in wanted], _COLUMNS)
+            try:
+                tables = LOCAL_FEATURES.read_row_groups(file, [g for g, _, _ in wanted], _COLUMNS)
+            except (OSError, ValueError, IndexError) as err:  # a part rewritten or gone since
+                logger.warning("local features of %d photos unreadable: %s", len(wanted), err)
+                out.update({image_id: None for _, _, image_id in wanted})
+                continue
             for (_, row, image_id), table in zip(wanted, tables, strict=True):
-                values = {name: table[name][row].as_py() for name in _COLUMNS}
+                if row >= len(table) or table["image_id"][row].as_py() != image_id:
+                    out[image_id] = None  # its part was rewritten since it was looked up
+                    continue
                 out[image_id] = features_from_row(
-                    values["keypoints"], values["descriptors"], (values["width"], values["height"])
+                    table["keypoints"][row].as_py(),
+                    table["descriptors"][row].as_py(),
+                    (int(table["width"][row].as_py()), int(table["height"][row].as_py())),
                 )
         with self._lock:
             for image_id in image_ids:

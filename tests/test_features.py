@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.images import image_id
+from model.local_feature_store import LocalFeatureStore
 from model.local_features import LocalFeatureOptions, features_from_row, read_local_features
 from model.tables import LOCAL_FEATURES, LOCAL_FEATURES_OUTPUT, OutputChanged
 from pipeline.features import FeaturesConf, run
@@ -77,3 +78,35 @@ def test_a_rerun_skips_resumes_and_other_settings_stop(ray_session, photos, tmp_
         run(conf.replaced(local_max_features=100))
     run(conf.replaced(local_max_features=100, overwrite=True))
     assert all(len(r["descriptors"]) <= 100 * 128 for r in _rows(out).values())
+
+
+def test_the_store_reads_a_photo_alone_and_never_a_rewritten_row(
+    ray_session, photos, tmp_path: Path
+) -> None:
+    """The service's reader: each photo's features from its own row group; a photo without
+    any is None; features rewritten since a version pinned them are refused, and a store
+    that looked them up before the rewrite answers None rather than another photo's."""
+    images = write_images(tmp_path, photos[:3])
+    conf = FeaturesConf.from_flags(images=str(images), output=str(tmp_path / "local"), **OPTIONS)
+    out = run(conf)
+    rows = _rows(out)
+    ids = [image_id(p.read_bytes()) for p in photos[:3]]
+    pinned = LOCAL_FEATURES_OUTPUT.manifest(out).identity
+    store = LocalFeatureStore(out, identity=pinned)
+    found = store.features([ids[2], "not-a-photo", ids[0]])
+    assert found[1] is None and "not-a-photo" not in store
+    for image, features in ((ids[2], found[0]), (ids[0], found[2])):
+        assert features is not None and features.descriptors.tobytes() == rows[image]["descriptors"]
+    stale = LocalFeatureStore(out, identity=pinned)
+    assert ids[1] in stale  # its places read now, before the rewrite
+    write_images(tmp_path, [photos[0], photos[2]])  # a photo gone: its part is rewritten
+    run(conf)
+    with pytest.raises(ValueError, match="changed since the index pinned them"):
+        LocalFeatureStore(out, identity=pinned)
+    assert stale.features([ids[1]]) == [None]  # gone: never another photo's row
+    again = stale.features(ids)
+    assert again[1] is None
+    assert all(
+        f is None or f.descriptors.tobytes() == rows[i]["descriptors"]
+        for i, f in zip(ids, again, strict=True)
+    )
