@@ -17,6 +17,7 @@ its own request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections import OrderedDict
@@ -131,7 +132,7 @@ class Embedder:
         """The replica's process id (tests kill a replica by the id they were given)."""
         return os.getpid()
 
-    def local_features(self, photo: bytes, version: int) -> LocalFeatures | str:
+    async def local_features(self, photo: bytes, version: int) -> LocalFeatures | str:
         """The photo's local features as version ``version`` pinned them (its features
         output's settings), for spatial re-ranking; or why there are none (a string)."""
         options = self._local_options.get(version)
@@ -144,7 +145,8 @@ class Embedder:
             except ValueError as err:  # made by another extractor: say so, as a 422
                 return str(err)
             self._local_options[version] = options
-        found = read_local_features(photo, options, exif_transpose=True)
+        # off the event loop: the photo's descriptor is batched meanwhile
+        found = await asyncio.to_thread(read_local_features, photo, options, exif_transpose=True)
         return f"not a usable photo: {found.reason}" if isinstance(found, BadImage) else found
 
     async def embed(self, photo: bytes, version: int | None = None) -> np.ndarray | str:

@@ -97,7 +97,7 @@ def rerank_query(
     )
     vector = np.asarray(query, np.float32)
     if settings.rerank_qe_k:
-        best = _promoted(inliers, db @ vector, settings.verify.rerank_min_inliers)
+        best = _promoted(inliers, db, vector, min_inliers=settings.verify.rerank_min_inliers)
         chosen = best[: settings.rerank_qe_k]
         if len(chosen):
             weights = np.clip(db[chosen] @ vector, 0, None) ** settings.rerank_qe_alpha
@@ -107,7 +107,7 @@ def rerank_query(
             inliers = _verify(
                 query_features, again, features_of, options=settings.verify, known=inliers
             )
-    promoted = _promoted(inliers, db @ vector, settings.verify.rerank_min_inliers)
+    promoted = _promoted(inliers, db, vector, min_inliers=settings.verify.rerank_min_inliers)
     return QueryRerank(promoted, inliers, vector, pairs_verified=len(inliers))
 
 
@@ -144,11 +144,14 @@ def _verify(
     return {**known, **{row: v.inliers for row, v in zip(todo, found, strict=True)}}
 
 
-def _promoted(inliers: dict[int, int], scores: np.ndarray, min_inliers: int) -> np.ndarray:
-    """The verified rows, most inliers first, then by ``scores``."""
+def _promoted(
+    inliers: dict[int, int], db: np.ndarray, vector: np.ndarray, *, min_inliers: int
+) -> np.ndarray:
+    """The verified rows, most inliers first, then by similarity to ``vector`` (only the
+    rows verified are scored: no product with the whole database)."""
     rows = np.array(list(inliers), np.int64)
     counts = np.array([inliers[int(r)] for r in rows], np.int64)
-    order = rerank_order(scores[rows], counts, min_inliers) if len(rows) else rows
+    order = rerank_order(db[rows] @ vector, counts, min_inliers) if len(rows) else rows
     verified = counts[order] >= min_inliers if len(rows) else np.zeros(0, bool)
     return rows[order][verified]
 
