@@ -192,6 +192,7 @@ def test_a_query_promotes_its_verified_photos_and_expands_over_them(photos_dir: 
     assert sorted(plain.promoted.tolist()) == [1, 3]
     assert plain.inliers[plain.promoted[0]] >= plain.inliers[plain.promoted[1]]
     assert np.array_equal(plain.query, query) and plain.pairs_verified == 5
+    calls.clear()
     expanded = rerank_query(
         query,
         db,
@@ -202,7 +203,9 @@ def test_a_query_promotes_its_verified_photos_and_expands_over_them(photos_dir: 
     )
     assert not np.allclose(expanded.query, query)
     assert 1 in expanded.promoted or 3 in expanded.promoted
-    assert all(len(set(c)) == len(c) for c in calls)  # no pair is verified twice
+    asked = [row for call in calls for row in call]
+    assert len(asked) == len(set(asked)) == expanded.pairs_verified  # no pair verified twice
+    assert set(calls[0]) == {int(r) for r in candidates[:2]}
 
 
 def test_a_small_photo_gets_its_finest_octave(photos_dir: Path) -> None:
