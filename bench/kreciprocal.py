@@ -1,11 +1,12 @@
-"""Does k-reciprocal re-ranking earn a place beside spatial verification? Measured here.
+"""Do k-reciprocal re-ranking and diffusion earn a place beside spatial verification? Measured here.
 
-k-reciprocal re-ranking (Zhong et al., CVPR 2017) re-scores a ranking by how far the query's
-and each photo's k-reciprocal neighbour sets overlap (a Jaccard distance, with local query
-expansion), mixed with the original distance. It needs the distances between database photos,
-so this bench computes it on the whole (small) set: the built-in collection and, with
-``--photos``, a folder of scene folders. It prints mAP of the global ranking and of the
-re-ranked one, in the same run, for a few ``(k1, k2, λ)``.
+k-reciprocal re-ranking (Zhong et al., CVPR 2017; ``model.kreciprocal``, which
+``pipeline.evaluate --kreciprocal`` runs) re-scores a ranking by how far the query's and each
+photo's k-reciprocal neighbourhoods overlap, mixed with the original distance. Diffusion
+(Iscen et al., CVPR 2017, on global descriptors) spreads the query's similarities over the
+database's mutual-kNN graph, ``(I - αS) f = y``; it is computed here only, densely, for these
+small sets. The bench prints mAP of the global ranking and of each re-ranked one, in the same
+run: the built-in collection and, with ``--photos``, a folder of scene folders.
 
     python -m bench.kreciprocal --photos ../shared/data/photos
 """
@@ -31,10 +32,13 @@ from model.datasets.sets import RetrievalSet
 from model.describe import describe_set
 from model.evaluation import compute_map, evaluate_revisited
 from model.extraction import ExtractOptions
+from model.kreciprocal import KReciprocalSettings, kreciprocal_orders
 from model.networks import NetworkMeta, build_network
 
 SETTINGS = ((20, 6, 0.3), (10, 3, 0.3), (5, 2, 0.5))
 """(k1, k2, λ): the paper's default, then two for sets whose scenes hold few photos."""
+DIFFUSION = ((50, 3.0, 0.99, 10), (20, 3.0, 0.9, 5))
+"""(k, γ, α, query k): Iscen et al.'s global-descriptor setting, then one for small scenes."""
 
 
 @dataclass(frozen=True)
@@ -46,34 +50,27 @@ class BenchConf:
     out: str | None = "bench/results/kreciprocal_cpu.json"
 
 
-def k_reciprocal(distances: np.ndarray, n_q: int, *, k1: int, k2: int, lam: float) -> np.ndarray:
-    """The re-ranked distances ``[n_q, n_all - n_q]`` from ``distances`` ``[n_all, n_all]``
-    over queries then database (rows ``:n_q`` are the queries; ``n_q = 0``: the queries are
-    the database photos themselves, and the answer is ``[n_all, n_all]``)."""
-    n = len(distances)
-    dist = distances / np.maximum(distances.max(axis=0, keepdims=True), 1e-12)
-    rank = np.argsort(dist, axis=1, kind="stable")
-    weights = np.zeros((n, n), np.float32)
-    for i in range(n):
-        forward = rank[i, : k1 + 1]
-        mutual = forward[np.any(rank[forward, : k1 + 1] == i, axis=1)]
-        expanded = mutual
-        for j in mutual:
-            half = int(np.around(k1 / 2))
-            near = rank[j, : half + 1]
-            theirs = near[np.any(rank[near, : half + 1] == j, axis=1)]
-            if len(np.intersect1d(theirs, mutual)) > 2 / 3 * len(theirs):
-                expanded = np.union1d(expanded, theirs)
-        w = np.exp(-dist[i, expanded])
-        weights[i, expanded] = w / w.sum()
-    if k2 > 1:
-        weights = np.stack([weights[rank[i, :k2]].mean(axis=0) for i in range(n)])
-    q, g = (weights, weights) if n_q == 0 else (weights[:n_q], weights[n_q:])
-    shared = np.stack([np.minimum(row[None], g).sum(axis=1) for row in q])
-    union = np.stack([np.maximum(row[None], g).sum(axis=1) for row in q])
-    jaccard = 1 - shared / np.maximum(union, 1e-12)
-    original = dist if n_q == 0 else dist[:n_q, n_q:]
-    return (1 - lam) * jaccard + lam * original
+def diffusion(
+    queries: np.ndarray, db: np.ndarray, *, k: int, gamma: float, alpha: float, k_query: int
+) -> np.ndarray:
+    """Each query's diffusion scores over ``db`` ``[n_q, N]``: affinities ``s^γ`` between
+    mutual ``k`` nearest neighbours, symmetrically normalised; the query's ``k_query`` nearest
+    photos seed ``y``; ``f = (I - αS)⁻¹ y`` solved exactly."""
+    n = len(db)
+    sims = np.clip(db @ db.T, 0, None)
+    np.fill_diagonal(sims, 0)
+    near = np.argsort(-sims, axis=1)[:, :k]
+    is_near = np.zeros((n, n), bool)
+    is_near[np.arange(n)[:, None], near] = True
+    affinity = np.where(is_near & is_near.T, sims**gamma, 0)
+    degree = np.maximum(affinity.sum(axis=1), 1e-12)
+    normalised = affinity / np.sqrt(degree[:, None] * degree[None, :])
+    system = np.eye(n) - alpha * normalised
+    q_sims = np.clip(queries @ db.T, 0, None)
+    seeds = np.zeros_like(q_sims)
+    top = np.argsort(-q_sims, axis=1)[:, :k_query]
+    np.put_along_axis(seeds, top, np.take_along_axis(q_sims, top, axis=1) ** gamma, axis=1)
+    return np.linalg.solve(system, seeds.T).T
 
 
 def main(conf: BenchConf) -> dict[str, Any]:
@@ -95,20 +92,24 @@ def main(conf: BenchConf) -> dict[str, Any]:
         used = described.rset
         db, queries = described.db["descriptor"], described.queries["descriptor"]
         own = used.queries_are_database
-        everything = db if own else np.concatenate([queries, db])
-        distances = np.maximum(2 - 2 * everything @ everything.T, 0)
-        n_q = 0 if own else len(queries)
         plain = np.argsort(-(queries @ db.T), axis=1, kind="stable")
         rows.append({"set": used.name, "method": "global", **_scores(used, plain)})
         for k1, k2, lam in SETTINGS:
-            reranked = k_reciprocal(distances, n_q, k1=k1, k2=k2, lam=lam)
-            order = np.argsort(reranked, axis=1, kind="stable")
+            settings = KReciprocalSettings(
+                kreciprocal=True, kreciprocal_k1=k1, kreciprocal_k2=k2, kreciprocal_lambda=lam
+            )
+            order = np.stack(kreciprocal_orders(queries, db, settings, queries_are_database=own))
             method = f"k-reciprocal k1={k1} k2={k2} λ={lam}"
+            rows.append({"set": used.name, "method": method, **_scores(used, order)})
+        for k, gamma, alpha, k_query in DIFFUSION:
+            scores = diffusion(queries, db, k=k, gamma=gamma, alpha=alpha, k_query=k_query)
+            order = np.lexsort((-(queries @ db.T), -scores), axis=1)  # unreached: global order
+            method = f"diffusion k={k} γ={gamma:g} α={alpha} k_q={k_query}"
             rows.append({"set": used.name, "method": method, **_scores(used, order)})
     lines = [
         f"device: {platform.machine()} CPU; ImageNet Lite0 + GeM at {conf.max_size} px; mAP in %",
-        f"{'set':<16}{'ranking':<36}{'mAP':>28}",
-        *(f"{r['set']:<16}{r['method']:<36}{r['text']:>28}" for r in rows),
+        f"{'set':<16}{'ranking':<40}{'mAP':>28}",
+        *(f"{r['set']:<16}{r['method']:<40}{r['text']:>28}" for r in rows),
     ]
     print("\n".join(lines))
     result = {"conf": asdict(conf), "rows": rows, "lines": lines}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +54,18 @@ def rerank_set(
     settings: RerankSettings,
     kappas: tuple[int, ...] = (1, 5, 10),
     num_workers: int = 2,
+    before: Sequence[QueryRerank] | None = None,
 ) -> RerankedSet:
     """Re-rank every query of ``rset`` (``db`` and ``queries`` post-processed already; a row of
-    ``db`` per ``db_paths``)."""
+    ``db`` per ``db_paths``). ``before``: each query's ranking by an earlier re-ranking of the
+    whole database (``QueryRerank.order``), whose top k is verified and whose order the
+    unverified rows keep."""
     features = _Features(cache, db_paths, rset, num_workers=num_workers)
-    base = rank_by_similarity(queries, db, topk=min(settings.rerank, len(db)))
+    k = min(settings.rerank, len(db))
+    if before is None:
+        base = rank_by_similarity(queries, db, topk=k)
+    else:
+        base = np.stack([_order_of(r)[:k] for r in before])
     features.prefetch(np.unique(base).tolist())
     query_features = features.queries(len(queries))
     started, extracted_before = time.perf_counter(), features.seconds
@@ -74,6 +81,9 @@ def rerank_set(
         for j in tqdm(range(len(queries)), desc="re-rank", unit="query")
     ]
     seconds = time.perf_counter() - started - (features.seconds - extracted_before)
+    if before is not None:
+        orders = [_order_of(r) for r in before]
+        reranked = [replace(r, order=o) for r, o in zip(reranked, orders, strict=True)]
     pairs = sum(r.pairs_verified for r in reranked)
     n_q = max(len(queries), 1)
     cost = {
@@ -87,6 +97,12 @@ def rerank_set(
     scored = score_reranked(db, queries, rset, reranked=reranked, kappas=kappas)
     figures = _figures(reranked, query_features, features=features, settings=settings)
     return RerankedSet(scored, reranked, cost, figures)
+
+
+def _order_of(earlier: QueryRerank) -> np.ndarray:
+    if earlier.order is None or len(earlier.promoted):
+        raise ValueError("an earlier re-ranking must order the whole database and promote none")
+    return earlier.order
 
 
 class _Features:

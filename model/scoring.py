@@ -106,10 +106,9 @@ def score_reranked(
     kappas: tuple[int, ...] = (1, 5, 10),
     top_k: int = 100,
 ) -> Scored:
-    """``score`` of the rankings that spatial re-ranking made (``model.reranking``): each
-    query's promoted rows first, then the database in the order of its re-ranking vector.
-    ``db`` is post-processed already (``post_process``)."""
-    vectors = np.stack([r.query for r in reranked]).astype(np.float32)
+    """``score`` of the rankings that re-ranking made (``model.reranking``): each query's
+    promoted rows first, then the database in its ``order`` or, without one, in the order of
+    its re-ranking vector. ``db`` is post-processed already (``post_process``)."""
     depth = min(max(top_k, max(kappas, default=1) + 1), len(db))
     promoted = [r.promoted for r in reranked]
     items = (
@@ -117,17 +116,41 @@ def score_reranked(
     )
     none = [np.zeros(0, np.int64)] * len(promoted)
     wanted = [np.concatenate([p, i]) for p, i in zip(promoted, items or none, strict=True)]
-    base_ranks, located = rank_and_locate(vectors, db, wanted, topk=depth)
+    base_ranks, located = _base_rankings(db, reranked, wanted, depth=depth)
     ranks = np.stack(
         [_promoted_first(p, row, depth) for p, row in zip(promoted, base_ranks, strict=True)]
     )
     if items is None:
-        return Scored({}, ranks, np.full(len(vectors), np.nan))
+        return Scored({}, ranks, np.full(len(reranked), np.nan))
     positions = []
     for p, item, found in zip(promoted, items, located, strict=True):
         at = promoted_positions(item, found[len(p) :], promoted=p, promoted_at=found[: len(p)])
         positions.append((item, at))
     return _scored(positions, ranks, rset, kappas=kappas, n_db=len(db))
+
+
+def _base_rankings(
+    db: np.ndarray, reranked: Sequence[QueryRerank], wanted: list[np.ndarray], *, depth: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Each query's base ranking, its first ``depth + len(promoted)`` rows, and the positions of
+    its ``wanted`` rows in it: from its ``order`` where it has one, else from one pass of
+    scores of the re-ranking vectors."""
+    head = min(depth + max((len(r.promoted) for r in reranked), default=0), len(db))
+    ranks = np.empty((len(reranked), head), np.int64)
+    located: list[np.ndarray] = [np.zeros(0, np.int64)] * len(reranked)
+    by_vector = [j for j, r in enumerate(reranked) if r.order is None]
+    if by_vector:
+        vectors = np.stack([reranked[j].query for j in by_vector]).astype(np.float32)
+        found, where = rank_and_locate(vectors, db, [wanted[j] for j in by_vector], topk=head)
+        ranks[by_vector] = found
+        for j, at in zip(by_vector, where, strict=True):
+            located[j] = at
+    for j, r in enumerate(reranked):
+        if r.order is not None:
+            position = np.empty(len(db), np.int64)
+            position[r.order] = np.arange(len(db))
+            ranks[j], located[j] = r.order[:head], position[wanted[j]]
+    return ranks, located
 
 
 def _promoted_first(promoted: np.ndarray, base: np.ndarray, depth: int) -> np.ndarray:

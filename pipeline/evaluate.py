@@ -14,8 +14,9 @@ evaluated on what is there: every missing or unusable photo is counted and named
 output and in ``metrics.json``. Descriptors are cached per photo (``model.descriptor_cache``)
 so trying αQE or whitening variants never extracts again; metrics are exact at any database
 size without a full ranking (``model.scoring``). ``--rerank K`` re-ranks each query's top K by
-spatial verification of local features (``model.reranking``) and prints the figures with and
-without it.
+spatial verification of local features (``model.reranking``); ``--kreciprocal`` re-ranks the
+whole database by k-reciprocal encoding (``model.kreciprocal``), before the verification where
+both are asked for. The figures with and without them are printed and kept.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from model import checkpoint, storage
@@ -37,6 +39,7 @@ from model.describe import DescribedSet, describe_set
 from model.describer import NetworkSettings
 from model.descriptor_cache import DescriptorCache, digest
 from model.extraction import ExtractOptions
+from model.kreciprocal import KReciprocalSettings, kreciprocal_orders
 from model.local_feature_cache import LocalFeatureCache
 from model.local_features import LocalFeatureOptions
 from model.networks import NetworkMeta, RetrievalNet, build_network
@@ -45,7 +48,7 @@ from model.rerank_set import RerankedSet, rerank_set
 from model.reranking import QueryRerank, RerankSettings
 from model.results import write_json
 from model.retrieval import QueryExpansion
-from model.scoring import PostProcess, format_metrics, post_process, score
+from model.scoring import PostProcess, format_metrics, post_process, score, score_reranked
 from model.whitening import load_whitening
 
 __all__ = ["EvaluateConf", "run"]
@@ -73,6 +76,9 @@ class EvaluateConf(FlatFlags):
     whitening_dim: int | None = None
     qe: QueryExpansion = field(default_factory=QueryExpansion)
     """αQE (flags --qe-k, --qe-alpha); off by default."""
+    kreciprocal: KReciprocalSettings = field(default_factory=KReciprocalSettings)
+    """k-reciprocal re-ranking of the whole database (flags --kreciprocal, --kreciprocal-*);
+    off by default. With --rerank, the verification re-ranks its top K."""
     reranking: RerankSettings = field(default_factory=RerankSettings)
     """Spatial re-ranking of the top --rerank by local features (flags --rerank, --rerank-*);
     off by default. The figures without it are printed and kept beside those with it."""
@@ -112,13 +118,30 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
     )
     print(format_metrics(conf.dataset, scored.metrics, conf.kappas))
     reranking: dict[str, Any] = {}
-    done = None
-    if conf.reranking.rerank:
+    done = before = None
+    if conf.kreciprocal.kreciprocal or conf.reranking.rerank:
         reranking["metrics_without_rerank"] = scored.metrics
-        done, cost = _rerank(conf, described, post)
+        ready = post_process(
+            described.db["descriptor"], described.queries["descriptor"], used, post=post
+        )
+    if conf.kreciprocal.kreciprocal:
+        started_kr = time.perf_counter()
+        before = _kreciprocal(conf.kreciprocal, ready, used)
+        scored = score_reranked(*ready, used, reranked=before, kappas=conf.kappas)
+        seconds = time.perf_counter() - started_kr
+        reranking["kreciprocal_seconds_per_query"] = seconds / len(before)
+        reranking["metrics_with_kreciprocal"] = scored.metrics
+        print(f"with {conf.kreciprocal.label}:")
+        print(format_metrics(conf.dataset, scored.metrics, conf.kappas))
+        print(
+            f"k-reciprocal: {1000 * seconds / len(before):.1f} ms a query, the neighbour graph of "
+            f"{len(before) * (not used.queries_are_database) + len(used.db_paths)} photos included"
+        )
+    if conf.reranking.rerank:
+        done, cost = _rerank(conf, described, ready, before=before)
         scored = done.scored
         reranking.update(cost)
-        print(f"with {conf.reranking.label}:")
+        print(f"with {' + '.join(_labels(conf, post)[1:])}:")
         print(format_metrics(conf.dataset, scored.metrics, conf.kappas))
         print(
             f"re-ranking: {cost['seconds_per_query']:.2f} s a query "
@@ -127,8 +150,7 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
             f"{cost['extract_seconds']:.1f} s"
         )
 
-    labels = [x for x in (post.label, conf.reranking.label) if x and x != "plain"]
-    post_label = " + ".join(labels) or post.label
+    post_label = " + ".join(x for x in _labels(conf, post) if x != "plain") or post.label
     result = {
         "dataset": conf.dataset,
         "protocol": used.protocol,
@@ -155,8 +177,11 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
         verified=None if done is None else [_verified(r) for r in done.queries],
         match_figures=None if done is None else done.figures,
         baseline=None
-        if done is None
-        else (f"without {conf.reranking.label}", reranking["metrics_without_rerank"]),
+        if not reranking
+        else (
+            "without " + " + ".join(_labels(conf, post)[1:]),
+            reranking["metrics_without_rerank"],
+        ),
         title=f"{conf.dataset}: {network_key.get('backbone', weights)}, {post_label}",
     )
     print(availability.summary())
@@ -166,15 +191,35 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
     return result
 
 
+def _labels(conf: EvaluateConf, post: PostProcess) -> list[str]:
+    """How the figures name what made the ranking: the post-processing, then each re-ranking."""
+    return [post.label, *(x for x in (conf.kreciprocal.label, conf.reranking.label) if x)]
+
+
+def _kreciprocal(
+    settings: KReciprocalSettings, ready: tuple[np.ndarray, np.ndarray], used: RetrievalSet
+) -> list[QueryRerank]:
+    """Every query's ranking of the whole database by k-reciprocal distance (``ready``: the
+    database and queries post-processed)."""
+    db, queries = ready
+    orders = kreciprocal_orders(
+        queries, db, settings, queries_are_database=used.queries_are_database, progress=True
+    )
+    none = np.zeros(0, np.int64)
+    return [QueryRerank(none, {}, q, 0, order=o) for q, o in zip(queries, orders, strict=True)]
+
+
 def _rerank(
-    conf: EvaluateConf, described: DescribedSet, post: PostProcess
+    conf: EvaluateConf,
+    described: DescribedSet,
+    ready: tuple[np.ndarray, np.ndarray],
+    *,
+    before: list[QueryRerank] | None,
 ) -> tuple[RerankedSet, dict[str, Any]]:
     """Spatial re-ranking of every query's top ``--rerank``, and what to keep of it: its cost
     and each query's verified results with their inliers."""
     used = described.rset
-    db, queries = post_process(
-        described.db["descriptor"], described.queries["descriptor"], used, post=post
-    )
+    db, queries = ready
     done = rerank_set(
         db,
         queries,
@@ -184,6 +229,7 @@ def _rerank(
         settings=conf.reranking,
         kappas=conf.kappas,
         num_workers=conf.num_workers,
+        before=before,
     )
     kept = {
         **done.cost,

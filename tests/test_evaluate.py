@@ -20,6 +20,7 @@ from model.datasets.revisited import load_revisited
 from model.datasets.sets import same_label_pairs
 from model.evaluation import evaluate_revisited
 from model.extraction import ArrayImages, ExtractOptions, ImageFiles, extract_descriptors
+from model.kreciprocal import KReciprocalSettings, kreciprocal_orders
 from model.local_features import LocalFeatureOptions, read_local_features
 from model.networks import NetworkMeta, build_network
 from model.retrieval import rank_by_similarity
@@ -504,3 +505,34 @@ def test_rerank_verifies_the_top_k_and_keeps_the_figures_without_it(
         assert again.inliers == inliers >= 12
     again = run(conf)
     assert again["photos_extracted"] == 0 and again["metrics"] == result["metrics"]
+
+
+def test_kreciprocal_reranks_the_database_and_the_verification_takes_its_top_k(
+    warm_conf, tiny_collection, plain, reference
+) -> None:
+    settings = KReciprocalSettings(kreciprocal=True, kreciprocal_k1=6, kreciprocal_k2=2)
+    flags = dataclasses.asdict(settings)
+    result = run(warm_conf.replaced(**flags))
+    assert result["metrics_without_rerank"] == plain.result["metrics"]
+    assert result["post_processing"] == "k-reciprocal(k1=6, k2=2, λ=0.3)"
+    rset = load_revisited(tiny_collection)
+    orders = np.stack(kreciprocal_orders(reference.queries, reference.db, settings))
+    expected = evaluate_revisited(orders.T, rset.gnd, (1, 5, 10))
+    for part in ("easy", "medium", "hard"):
+        assert result["metrics"][part]["map"] == pytest.approx(expected[part]["map"], abs=1e-6)
+    assert result["metrics"] == result["metrics_with_kreciprocal"] != plain.result["metrics"]
+    both = run(warm_conf.replaced(**flags, rerank=8, local_max_size=256))
+    assert both["post_processing"] == "k-reciprocal(k1=6, k2=2, λ=0.3) + SV@8"
+    assert both["metrics_with_kreciprocal"] == result["metrics"]
+    assert both["pairs_per_query"] == 8
+    row_of = {p.stem: row for row, p in enumerate(rset.db_paths)}
+    columns = []
+    for j, query in enumerate(rset.query_paths):
+        verified = np.array([row_of[name] for name in both["verified"][query.stem]], np.int64)
+        assert set(verified.tolist()) <= set(orders[j, :8].tolist())
+        columns.append(np.concatenate([verified, orders[j][~np.isin(orders[j], verified)]]))
+    assert any(both["verified_per_query"])
+    # verified photos first, most inliers first; then the k-reciprocal ranking without them
+    expected = evaluate_revisited(np.stack(columns, axis=1), rset.gnd, (1, 5, 10))
+    for part in ("easy", "medium", "hard"):
+        assert both["metrics"][part]["map"] == pytest.approx(expected[part]["map"], abs=1e-6)

@@ -142,26 +142,31 @@ def test_promoted_positions_are_those_of_the_explicit_ranking() -> None:
     assert found.tolist() == [int(np.flatnonzero(explicit == i)[0]) for i in items]
 
 
-def test_reranked_metrics_equal_the_protocol_on_the_explicit_ranking() -> None:
+@pytest.mark.parametrize("ordered", [False, True], ids=["by-vector", "some-with-an-order"])
+def test_reranked_metrics_equal_the_protocol_on_the_explicit_ranking(ordered: bool) -> None:
     rng = np.random.default_rng(1)
     db = l2_normalize(rng.normal(size=(60, 8)).astype(np.float32))
     queries = l2_normalize(rng.normal(size=(5, 8)).astype(np.float32))
     rset = _revisited_set(60, 5, rng)
     reranked = [
-        QueryRerank(rng.choice(60, int(rng.integers(0, 6)), replace=False), {}, q, 0)
-        for q in queries
+        QueryRerank(
+            rng.choice(60, int(rng.integers(0, 6)), replace=False),
+            {},
+            q,
+            0,
+            order=rng.permutation(60) if ordered and j % 2 else None,
+        )
+        for j, q in enumerate(queries)
     ]
     scored = score_reranked(db, queries, rset, reranked=reranked, kappas=(1, 5))
     columns = []
     for r in reranked:
-        base = np.argsort(-(db @ r.query), kind="stable")
+        base = np.argsort(-(db @ r.query), kind="stable") if r.order is None else r.order
         columns.append(np.concatenate([r.promoted, base[~np.isin(base, r.promoted)]]))
     expected = evaluate_revisited(np.stack(columns, axis=1), rset.gnd, kappas=(1, 5))
     for protocol in ("easy", "medium", "hard"):
         assert scored.metrics[protocol]["map"] == pytest.approx(expected[protocol]["map"])
-    assert [
-        row[: len(r.promoted)].tolist() for row, r in zip(scored.ranks, reranked, strict=True)
-    ] == [r.promoted.tolist() for r in reranked]
+    assert scored.ranks.tolist() == [c[: scored.ranks.shape[1]].tolist() for c in columns]
 
 
 def test_a_query_promotes_its_verified_photos_and_expands_over_them(photos_dir: Path) -> None:
