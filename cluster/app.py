@@ -52,6 +52,10 @@ BATCH_MAX = 1000
 MAX_BODY_BYTES = 20 * 2**20
 RERANK_MAX = 1000
 """Most candidates one query may verify (a pair costs milliseconds)."""
+RERANK_NEEDS_A_PHOTO = (
+    "rerank needs a photo (image/*, or photos in a batch): its local features are what is "
+    "verified, and a descriptor has none"
+)
 
 
 class VectorQuery(BaseModel):
@@ -69,6 +73,8 @@ class BatchQuery(BaseModel):
     photos: list[str] | None = Field(None, min_length=1, max_length=BATCH_MAX)
     k: int = Field(10, ge=1, le=K_MAX)
     qe: bool = False
+    rerank: int = Field(0, ge=0, le=RERANK_MAX)
+    """Re-rank each photo's top RERANK by spatial verification (photos only)."""
 
 
 class Result(BaseModel):
@@ -103,6 +109,7 @@ class BatchItem(BaseModel):
     results: list[Result] | None = None
     error: str | None = None
     """Why this photo has no answer (it does not decode, or is too small)."""
+    reranked: Reranked | None = None
 
 
 class BatchAnswer(BaseModel):
@@ -112,6 +119,7 @@ class BatchAnswer(BaseModel):
     """The one index version that answered every query of the request."""
     k: int
     qe: bool
+    rerank: int = 0
 
 
 class Problem(BaseModel):
@@ -284,9 +292,7 @@ class SearchApp:
         body = await self._body(request)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "application/json" and rerank:
-            raise HTTPException(
-                422, "rerank needs a photo (image/*): its local features are what is verified"
-            )
+            raise HTTPException(422, RERANK_NEEDS_A_PHOTO)
         if kind == "application/json":
             query = self._vector_query(body)
             vector, k, qe = await self._checked_vector(query.vector), query.k, query.qe
@@ -319,7 +325,8 @@ class SearchApp:
     )
     async def search_batch(self, request: Request) -> dict[str, Any]:
         """Up to ``BATCH_MAX`` queries in one request, all answered by one index version:
-        ``{"vectors": [[...], ...]}`` or ``{"photos": ["<base64>", ...]}``, with ``k``, ``qe``."""
+        ``{"vectors": [[...], ...]}`` or ``{"photos": ["<base64>", ...]}``, with ``k``, ``qe``
+        and, for photos, ``rerank``."""
         body = await self._body(request)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
@@ -330,16 +337,24 @@ class SearchApp:
             answer = await self.router.search_many.remote(vectors, query.k, qe=query.qe)
         else:
             photos = [_photo_bytes(i, text) for i, text in enumerate(query.photos or [])]
-            answer = await self.router.search_photos.remote(photos, query.k, query.qe)
+            answer = await self.router.search_photos.remote(
+                photos, query.k, query.qe, rerank=query.rerank
+            )
+            if isinstance(answer, str):
+                raise HTTPException(422, answer)
         self._catch_up(answer["version"])
+        counts = answer.get("reranked") or [None] * len(answer["hits"])
         return {
             "answers": [
-                {"error": hits} if isinstance(hits, str) else {"results": self._named(hits)}
-                for hits in answer["hits"]
+                {"error": hits}
+                if isinstance(hits, str)
+                else {"results": self._named(hits), "reranked": reranked}
+                for hits, reranked in zip(answer["hits"], counts, strict=True)
             ],
             "version": answer["version"],
             "k": query.k,
             "qe": query.qe,
+            "rerank": query.rerank,
         }
 
     async def _search_vectors(self, queries: list[SearchQuery]) -> list[dict[str, Any]]:
@@ -380,6 +395,8 @@ class SearchApp:
         query = _parsed(body, BatchQuery)
         if (query.vectors is None) == (query.photos is None):
             raise HTTPException(422, "send either vectors or photos (base64), not both or neither")
+        if query.vectors is not None and query.rerank:
+            raise HTTPException(422, RERANK_NEEDS_A_PHOTO)
         return query
 
     def _named(self, hits: list[Any]) -> list[dict[str, Any]]:

@@ -117,19 +117,20 @@ class SearchClient:
         photos: Sequence[bytes] | None = None,
         k: int = 10,
         qe: bool = False,
+        rerank: int = 0,
     ) -> list[Answer | str]:
         """Many queries in one request (``POST /search/batch``), all answered by one index
-        version: an :class:`Answer` per query, or the reason a photo has none (a string)."""
-        body: dict[str, Any] = {"k": k, "qe": qe}
+        version: an :class:`Answer` per query, or the reason a photo has none (a string).
+        With ``rerank`` (photos only), each photo's top ``rerank`` re-ranked as ``search``
+        does."""
+        body: dict[str, Any] = {"k": k, "qe": qe, "rerank": int(rerank)}
         if vectors is not None:
             body["vectors"] = [[float(x) for x in v] for v in vectors]
         if photos is not None:
             body["photos"] = [base64.b64encode(p).decode("ascii") for p in photos]
         data = self._request("POST", "/search/batch", json=body).json()
         return [
-            item["error"]
-            if item.get("error")
-            else _answer({"results": item["results"], "version": data["version"]})
+            item["error"] if item.get("error") else _answer({**item, "version": data["version"]})
             for item in data["answers"]
         ]
 

@@ -299,14 +299,9 @@ class SearchRouter:
         version, manifest = self.version, self.manifest  # read once: one state
         if rerank and not manifest.get("local_features"):
             return NO_LOCAL_FEATURES.format(version=version)
-        described = self._embed(photo, version)
-        if rerank:
-            local = call_retried(
-                self.embedder, "local_features", photo, version, retry_s=self.retry_s
-            )
-            embedded, features = await asyncio.gather(described, local)
-        else:
-            embedded, features = await described, None
+        embedded, features = await asyncio.gather(
+            self._embed(photo, version), self._local_features(photo, version, rerank=rerank)
+        )
         vector = self._fits(embedded)
         if isinstance(vector, str):
             return vector
@@ -359,22 +354,58 @@ class SearchRouter:
         hits = await self._slots.answer(queries, int(manifest["version"]))
         return {"version": int(manifest["version"]), "hits": hits}
 
-    async def search_photos(self, photos: list[bytes], k: int, qe: bool = False) -> dict[str, Any]:
+    async def search_photos(
+        self, photos: list[bytes], k: int, qe: bool = False, *, rerank: int = 0
+    ) -> dict[str, Any] | str:
         """Many photos at once, each described with the network of the version served now and
-        searched in that version: ``{"version": v, "hits": [[Hit, ...] or "why not", ...]}``
-        (a photo that cannot be described gets its reason, the others their hits)."""
-        version = self.version  # read once: one state for the whole request
-        vectors = [
-            self._fits(vector)
-            for vector in await asyncio.gather(*(self._embed(photo, version) for photo in photos))
-        ]
-        good = {i: v for i, v in enumerate(vectors) if not isinstance(v, str)}
-        out: list[Any] = list(vectors)
+        searched in that version: ``{"version": v, "hits": [[Hit, ...] or "why not", ...],
+        "reranked": [counts or None, ...]}`` (a photo that cannot be described gets its reason,
+        the others their hits, re-ranked as ``search_photo`` does with ``rerank``); or why the
+        request cannot be answered (a string)."""
+        version, manifest = self.version, self.manifest  # read once: one state
+        if rerank and not manifest.get("local_features"):
+            return NO_LOCAL_FEATURES.format(version=version)
+        embedded, features = await asyncio.gather(
+            asyncio.gather(*(self._embed(photo, version) for photo in photos)),
+            asyncio.gather(*(self._local_features(p, version, rerank=rerank) for p in photos)),
+        )
+        out: list[Any] = [self._fits(vector) for vector in embedded]
+        for i, found in enumerate(features):
+            if isinstance(found, str) and not isinstance(out[i], str):
+                out[i] = found
+        good = {i: v for i, v in enumerate(out) if not isinstance(v, str)}
+        reranked: list[dict[str, int] | None] = [None] * len(photos)
         if good:
-            queries = [SearchQuery(v, int(k), bool(qe), version) for v in good.values()]
-            for i, hits in zip(good, await self._slots.answer(queries, version), strict=True):
-                out[i] = hits
-        return {"version": version, "hits": out}
+            depth = max(int(k), int(rerank))
+            queries = [SearchQuery(v, depth, bool(qe), version) for v in good.values()]
+            answers = await self._slots.answer(queries, version)
+            if rerank:
+
+                async def verified(i: int, hits: list[Hit]) -> dict[str, Any]:
+                    found = features[i]
+                    assert found is not None and not isinstance(found, str)
+                    return await self._reranked(hits, found, rerank, version=version)
+
+                done = await asyncio.gather(
+                    *(verified(i, hits) for i, hits in zip(good, answers, strict=True))
+                )
+                answers = [d["hits"] for d in done]
+                for i, d in zip(good, done, strict=True):
+                    reranked[i] = d["reranked"]
+            for i, hits in zip(good, answers, strict=True):
+                out[i] = hits[: int(k)]
+        return {"version": version, "hits": out, "reranked": reranked}
+
+    async def _local_features(
+        self, photo: bytes, version: int, *, rerank: int
+    ) -> LocalFeatures | str | None:
+        """The photo's local features for re-ranking, extracted as the version's pin says
+        (``None`` without ``rerank``), or why they cannot be (a string)."""
+        if not rerank:
+            return None
+        return await call_retried(
+            self.embedder, "local_features", photo, version, retry_s=self.retry_s
+        )
 
     def _fits(self, vector: np.ndarray | str) -> np.ndarray | str:
         """A photo's descriptor, or why it cannot be searched here: a network that describes

@@ -4,6 +4,7 @@ copies so that ties are real); ``test_serve_real.py`` queries it with real photo
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -197,6 +198,9 @@ def test_a_batch_request_equals_its_queries_one_by_one(service, vectors, serve_u
         ({"vectors": [[1.0] * (DIM + 1)]}, f"dimension {DIM}"),
         ({"vectors": [[1.0] * DIM] * 1001}, "at most 1000"),
         ({"photos": ["not base64!"]}, "photos.0: not base64"),
+        ({"vectors": [[1.0] * DIM], "rerank": 5}, "needs a photo"),
+        ({"photos": [base64.b64encode(_png(96, 96)).decode()], "rerank": 5}, "--local-features"),
+        ({"photos": ["AA=="], "rerank": 1001}, "rerank"),
     ):
         response = requests.post(f"{serve_url}/search/batch", json=body, timeout=30)
         assert response.status_code == 422 and says in response.json()["detail"], (

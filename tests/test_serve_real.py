@@ -165,8 +165,10 @@ def test_rerank_over_http_ranks_as_evaluate_does(
     for row, path in enumerate(paths):
         scenes.setdefault(path.parent.name, row)
     moved = verified = 0
+    one_by_one = []
     for row in list(scenes.values())[::3]:  # six scenes
         answer = client.search(paths[row].read_bytes(), k=20, rerank=40)
+        one_by_one.append(answer)
         expected = rerank_query(
             db[row],
             db,
@@ -186,6 +188,10 @@ def test_rerank_over_http_ranks_as_evaluate_does(
         verified += len(promoted)
     print(f"\nrerank over HTTP: {verified} verified in 6 queries, {moved} rankings changed")
     assert verified > 6
+    # the same photos in one batch request, with one that is no photo: the same answers
+    photos = [paths[row].read_bytes() for row in list(scenes.values())[::3]]
+    batch = client.search_batch(photos=[*photos, b"not a photo"], k=20, rerank=40)
+    assert batch[:-1] == one_by_one and "not a usable photo" in str(batch[-1])
 
 
 def test_rerank_bad_input_is_answered(real_service) -> None:
