@@ -32,7 +32,7 @@ from model.datasets.sets import RetrievalSet
 from model.describe import describe_set
 from model.evaluation import compute_map, evaluate_revisited
 from model.extraction import ExtractOptions
-from model.kreciprocal import KReciprocalSettings, kreciprocal_orders
+from model.kreciprocal import KReciprocalSettings, kreciprocal_distances
 from model.networks import NetworkMeta, build_network
 
 SETTINGS = ((20, 6, 0.3), (10, 3, 0.3), (5, 2, 0.5))
@@ -98,7 +98,8 @@ def main(conf: BenchConf) -> dict[str, Any]:
             settings = KReciprocalSettings(
                 kreciprocal=True, kreciprocal_k1=k1, kreciprocal_k2=k2, kreciprocal_lambda=lam
             )
-            order = np.stack(kreciprocal_orders(queries, db, settings, queries_are_database=own))
+            found = kreciprocal_distances(queries, db, settings, queries_are_database=own)
+            order = np.argsort(np.stack(list(found)), axis=1, kind="stable")
             method = f"k-reciprocal k1={k1} k2={k2} λ={lam}"
             rows.append({"set": used.name, "method": method, **_scores(used, order)})
         for k, gamma, alpha, k_query in DIFFUSION:

@@ -32,7 +32,6 @@ __all__ = [
     "KReciprocalSettings",
     "NeighbourGraph",
     "kreciprocal_distances",
-    "kreciprocal_orders",
     "neighbour_graph",
     "neighbourhood_vectors",
 ]
@@ -167,7 +166,8 @@ def kreciprocal_distances(
     queries_are_database: bool = False,
     progress: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Each query's k-reciprocal distance ``d*`` to every database row, one query at a time.
+    """Each query's k-reciprocal distance ``d*`` to every database row, one query at a time
+    (its ranking: ``np.argsort(d, kind="stable")``, equal distances the lower row first).
 
     ``queries`` ``[n_q, D]`` and ``db`` ``[N, D]`` are unit rows. ``queries_are_database``: the
     queries are the database's first ``n_q`` rows and the graph holds the database alone.
@@ -189,22 +189,6 @@ def kreciprocal_distances(
         jaccard = 1 - shared / (2 - shared)
         original = np.maximum(2 - 2 * (db @ queries[j]), 0) / graph.scale[j]
         yield (1 - lam) * jaccard + lam * original
-
-
-def kreciprocal_orders(
-    queries: np.ndarray,
-    db: np.ndarray,
-    settings: KReciprocalSettings,
-    *,
-    queries_are_database: bool = False,
-    progress: bool = False,
-) -> list[np.ndarray]:
-    """Each query's ranking of the whole database by ``kreciprocal_distances`` (best first;
-    equal distances: the lower row first)."""
-    found = kreciprocal_distances(
-        queries, db, settings, queries_are_database=queries_are_database, progress=progress
-    )
-    return [np.argsort(d, kind="stable") for d in found]
 
 
 def _reciprocal_sets(ids: np.ndarray, k: int) -> list[np.ndarray]:

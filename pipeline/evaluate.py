@@ -39,7 +39,7 @@ from model.describe import DescribedSet, describe_set
 from model.describer import NetworkSettings
 from model.descriptor_cache import DescriptorCache, digest
 from model.extraction import ExtractOptions
-from model.kreciprocal import KReciprocalSettings, kreciprocal_orders
+from model.kreciprocal import KReciprocalSettings, kreciprocal_distances
 from model.local_feature_cache import LocalFeatureCache
 from model.local_features import LocalFeatureOptions
 from model.networks import NetworkMeta, RetrievalNet, build_network
@@ -202,9 +202,10 @@ def _kreciprocal(
     """Every query's ranking of the whole database by k-reciprocal distance (``ready``: the
     database and queries post-processed)."""
     db, queries = ready
-    orders = kreciprocal_orders(
+    found = kreciprocal_distances(
         queries, db, settings, queries_are_database=used.queries_are_database, progress=True
     )
+    orders = [np.argsort(distances, kind="stable") for distances in found]
     none = np.zeros(0, np.int64)
     return [QueryRerank(none, {}, q, 0, order=o) for q, o in zip(queries, orders, strict=True)]
 
