@@ -32,7 +32,7 @@ from model.datasets.sets import RetrievalSet
 from model.describe import describe_set
 from model.evaluation import compute_map, evaluate_revisited
 from model.extraction import ExtractOptions
-from model.kreciprocal import KReciprocalSettings, kreciprocal_distances
+from model.kreciprocal import KReciprocalOptions, kreciprocal_distances
 from model.networks import NetworkMeta, build_network
 
 SETTINGS = ((20, 6, 0.3), (10, 3, 0.3), (5, 2, 0.5))
@@ -95,10 +95,10 @@ def main(conf: BenchConf) -> dict[str, Any]:
         plain = np.argsort(-(queries @ db.T), axis=1, kind="stable")
         rows.append({"set": used.name, "method": "global", **_scores(used, plain)})
         for k1, k2, lam in SETTINGS:
-            settings = KReciprocalSettings(
-                kreciprocal=True, kreciprocal_k1=k1, kreciprocal_k2=k2, kreciprocal_lambda=lam
+            options = KReciprocalOptions(
+                kreciprocal_k1=k1, kreciprocal_k2=k2, kreciprocal_lambda=lam
             )
-            found = kreciprocal_distances(queries, db, settings, queries_are_database=own)
+            found = kreciprocal_distances(queries, db, options, queries_are_database=own)
             order = np.argsort(np.stack(list(found)), axis=1, kind="stable")
             method = f"k-reciprocal k1={k1} k2={k2} λ={lam}"
             rows.append({"set": used.name, "method": method, **_scores(used, order)})

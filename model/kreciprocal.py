@@ -11,7 +11,8 @@ What the paper holds as full matrices is kept sparse here: each photo's ``k1 + 1
 photos and its largest distance come from one blocked pass of products (``neighbour_graph``),
 the neighbourhood vectors have tens of non-zero entries, and the Jaccard distances of a query
 come from an inverted index over them. Memory grows with ``N × k1``; time with ``N²`` products,
-which is why ``KReciprocalSettings.kreciprocal_max_photos`` bounds it.
+which is why ``KReciprocalSettings.kreciprocal_max_photos`` bounds it. A service re-ranks
+each query's top K alone instead (``shortlist_order``): the query and K photos make the graph.
 
 As in the paper, the queries join the graph beside the database photos; where the queries are
 database photos (``queries_are_database``), the graph holds the database alone.
@@ -20,7 +21,7 @@ database photos (``queries_are_database``), the graph holds the database alone.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -29,11 +30,13 @@ from tqdm.auto import tqdm
 from model.settings import raise_problems
 
 __all__ = [
+    "KReciprocalOptions",
     "KReciprocalSettings",
     "NeighbourGraph",
     "kreciprocal_distances",
     "neighbour_graph",
     "neighbourhood_vectors",
+    "shortlist_order",
 ]
 
 _BLOCK_ELEMS = 1 << 25
@@ -41,18 +44,14 @@ _BLOCK_ELEMS = 1 << 25
 
 
 @dataclass(frozen=True)
-class KReciprocalSettings:
-    """k-reciprocal re-ranking as a settings part (flags ``--kreciprocal*``)."""
+class KReciprocalOptions:
+    """How k-reciprocal encoding weighs neighbourhoods (flags ``--kreciprocal-k1/-k2/-lambda``):
+    evaluate and the service take the same."""
 
-    kreciprocal: bool = False
-    """Re-rank the whole database by k-reciprocal encoding; off by default."""
     kreciprocal_k1: int = 20
     kreciprocal_k2: int = 6
     kreciprocal_lambda: float = 0.3
     """Weight of the original distance against the Jaccard distance."""
-    kreciprocal_max_photos: int = 100_000
-    """Refuse more photos (queries and database) than this: the neighbour graph costs N²
-    products."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -68,6 +67,35 @@ class KReciprocalSettings:
             problems.append(
                 f"--kreciprocal-lambda must be between 0 and 1, not {self.kreciprocal_lambda}"
             )
+        raise_problems(problems)
+
+    def label(self, top: int = 0) -> str:
+        """How a table names a re-ranking of the top ``top`` (0: of the whole database)."""
+        k1, k2, lam = self.kreciprocal_k1, self.kreciprocal_k2, self.kreciprocal_lambda
+        return f"k-reciprocal{f'@{top}' if top else ''}(k1={k1}, k2={k2}, λ={lam:g})"
+
+
+@dataclass(frozen=True)
+class KReciprocalSettings:
+    """k-reciprocal re-ranking in evaluate (flags ``--kreciprocal*``)."""
+
+    kreciprocal: bool = False
+    """Re-rank by k-reciprocal encoding; off by default."""
+    kreciprocal_top: int = 0
+    """0: the whole database, the queries joining its neighbour graph (the paper's); K: each
+    query's global top K, over the query and those K photos alone (what the service does)."""
+    kreciprocal_max_photos: int = 100_000
+    """Refuse a whole-database graph of more photos (queries and database) than this: it
+    costs N² products."""
+    options: KReciprocalOptions = field(default_factory=KReciprocalOptions)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.kreciprocal_top, bool) or self.kreciprocal_top < 0:
+            problems.append(
+                f"--kreciprocal-top must be 0 (the whole database) or more, "
+                f"not {self.kreciprocal_top}"
+            )
         if self.kreciprocal_max_photos < 1:
             problems.append(
                 f"--kreciprocal-max-photos must be 1 or more, not {self.kreciprocal_max_photos}"
@@ -77,10 +105,7 @@ class KReciprocalSettings:
     @property
     def label(self) -> str:
         """How a table names it; empty when off."""
-        if not self.kreciprocal:
-            return ""
-        k1, k2, lam = self.kreciprocal_k1, self.kreciprocal_k2, self.kreciprocal_lambda
-        return f"k-reciprocal(k1={k1}, k2={k2}, λ={lam:g})"
+        return self.options.label(self.kreciprocal_top) if self.kreciprocal else ""
 
 
 class NeighbourGraph(NamedTuple):
@@ -161,9 +186,10 @@ def neighbourhood_vectors(
 def kreciprocal_distances(
     queries: np.ndarray,
     db: np.ndarray,
-    settings: KReciprocalSettings,
+    options: KReciprocalOptions,
     *,
     queries_are_database: bool = False,
+    max_photos: int | None = None,
     progress: bool = False,
 ) -> Iterator[np.ndarray]:
     """Each query's k-reciprocal distance ``d*`` to every database row, one query at a time
@@ -171,24 +197,36 @@ def kreciprocal_distances(
 
     ``queries`` ``[n_q, D]`` and ``db`` ``[N, D]`` are unit rows. ``queries_are_database``: the
     queries are the database's first ``n_q`` rows and the graph holds the database alone.
+    More photos than ``max_photos`` is an error that says so.
     """
     everything = db if queries_are_database else np.concatenate([queries, db])
-    if len(everything) > settings.kreciprocal_max_photos:
+    if max_photos is not None and len(everything) > max_photos:
         raise ValueError(
             f"k-reciprocal re-ranking of {len(everything)} photos needs {len(everything)}² "
-            f"products; --kreciprocal-max-photos is {settings.kreciprocal_max_photos}"
+            f"products; --kreciprocal-max-photos is {max_photos} (or re-rank each query's "
+            f"top K alone: --kreciprocal-top K)"
         )
-    k1, k2 = settings.kreciprocal_k1, settings.kreciprocal_k2
+    k1, k2 = options.kreciprocal_k1, options.kreciprocal_k2
     graph = neighbour_graph(everything, k1 + 1, progress=progress)
     vectors = neighbourhood_vectors(everything, graph, k1=k1, k2=k2)
     offset = 0 if queries_are_database else len(queries)
     inverted = _inverted_index(vectors[offset:], n_columns=len(everything))
-    lam = settings.kreciprocal_lambda
+    lam = options.kreciprocal_lambda
     for j in range(len(queries)):
         shared = inverted.shared(*vectors[j], n_rows=len(db))
         jaccard = 1 - shared / (2 - shared)
         original = np.maximum(2 - 2 * (db @ queries[j]), 0) / graph.scale[j]
         yield (1 - lam) * jaccard + lam * original
+
+
+def shortlist_order(
+    query: np.ndarray, candidates: np.ndarray, options: KReciprocalOptions
+) -> np.ndarray:
+    """The positions of ``candidates`` (a query's global top K, ``[K, D]``) in k-reciprocal
+    order, over the query and those K photos alone: what the service can afford per query,
+    with no graph of the whole database."""
+    (distances,) = kreciprocal_distances(query[None], candidates, options)
+    return np.argsort(distances, kind="stable")
 
 
 def _reciprocal_sets(ids: np.ndarray, k: int) -> list[np.ndarray]:

@@ -57,15 +57,14 @@ def rerank_set(
     before: Sequence[QueryRerank] | None = None,
 ) -> RerankedSet:
     """Re-rank every query of ``rset`` (``db`` and ``queries`` post-processed already; a row of
-    ``db`` per ``db_paths``). ``before``: each query's ranking by an earlier re-ranking of the
-    whole database (``QueryRerank.order``), whose top k is verified and whose order the
-    unverified rows keep."""
+    ``db`` per ``db_paths``). ``before``: each query's ranking by an earlier re-ranking
+    (``QueryRerank.order``, then the rest by similarity), whose top k is verified and whose
+    order the unverified rows keep."""
     features = _Features(cache, db_paths, rset, num_workers=num_workers)
     k = min(settings.rerank, len(db))
-    if before is None:
-        base = rank_by_similarity(queries, db, topk=k)
-    else:
-        base = np.stack([_order_of(r)[:k] for r in before])
+    base = rank_by_similarity(queries, db, topk=k)
+    if before is not None:
+        base = np.stack([_first(_order_of(r), row, k) for r, row in zip(before, base, strict=True)])
     features.prefetch(np.unique(base).tolist())
     query_features = features.queries(len(queries))
     started, extracted_before = time.perf_counter(), features.seconds
@@ -101,8 +100,14 @@ def rerank_set(
 
 def _order_of(earlier: QueryRerank) -> np.ndarray:
     if earlier.order is None or len(earlier.promoted):
-        raise ValueError("an earlier re-ranking must order the whole database and promote none")
+        raise ValueError("an earlier re-ranking must give an order and promote none")
     return earlier.order
+
+
+def _first(order: np.ndarray, by_similarity: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` rows of ``order`` followed by the rows ``by_similarity`` (the top ``k``
+    by similarity) that it lacks."""
+    return np.concatenate([order, by_similarity[~np.isin(by_similarity, order)]])[:k]
 
 
 class _Features:

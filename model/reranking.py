@@ -73,15 +73,16 @@ class RerankSettings:
 class QueryRerank:
     """One query's re-ranking: the verified database rows in their new order (``promoted``),
     the inliers of every row that was verified, and the vector whose ranking follows them
-    (or, where an earlier re-ranking ordered the whole database, that ``order``)."""
+    (after the ``order`` an earlier re-ranking made, if any)."""
 
     promoted: np.ndarray
     inliers: dict[int, int]
     query: np.ndarray
     pairs_verified: int
     order: np.ndarray | None = None
-    """Every database row, in the ranking the promoted rows are taken out of; ``None``: the
-    database by similarity to ``query``."""
+    """The first rows of the ranking the promoted rows are taken out of (all of the database,
+    or a head the rest follows by similarity to ``query``); ``None``: the database by
+    similarity to ``query``."""
 
 
 def rerank_query(

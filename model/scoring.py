@@ -132,24 +132,33 @@ def score_reranked(
 def _base_rankings(
     db: np.ndarray, reranked: Sequence[QueryRerank], wanted: list[np.ndarray], *, depth: int
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Each query's base ranking, its first ``depth + len(promoted)`` rows, and the positions of
-    its ``wanted`` rows in it: from its ``order`` where it has one, else from one pass of
-    scores of the re-ranking vectors."""
-    head = min(depth + max((len(r.promoted) for r in reranked), default=0), len(db))
+    """Each query's base ranking (its ``order``, then the rest of the database by similarity
+    to its vector), its first ``depth + len(promoted)`` rows, and the positions of its
+    ``wanted`` rows in it; one pass of scores serves every query whose order is not the whole
+    database."""
+    n_db = len(db)
+    head = min(depth + max((len(r.promoted) for r in reranked), default=0), n_db)
+    orders = [np.zeros(0, np.int64) if r.order is None else r.order for r in reranked]
     ranks = np.empty((len(reranked), head), np.int64)
     located: list[np.ndarray] = [np.zeros(0, np.int64)] * len(reranked)
-    by_vector = [j for j, r in enumerate(reranked) if r.order is None]
-    if by_vector:
-        vectors = np.stack([reranked[j].query for j in by_vector]).astype(np.float32)
-        found, where = rank_and_locate(vectors, db, [wanted[j] for j in by_vector], topk=head)
-        ranks[by_vector] = found
-        for j, at in zip(by_vector, where, strict=True):
-            located[j] = at
-    for j, r in enumerate(reranked):
-        if r.order is not None:
-            position = np.empty(len(db), np.int64)
-            position[r.order] = np.arange(len(db))
-            ranks[j], located[j] = r.order[:head], position[wanted[j]]
+    partial = [j for j, order in enumerate(orders) if len(order) < n_db]
+    if partial:
+        vectors = np.stack([reranked[j].query for j in partial]).astype(np.float32)
+        lists = [np.concatenate([wanted[j], orders[j]]) for j in partial]
+        longest = max(len(orders[j]) for j in partial)
+        found, where = rank_and_locate(vectors, db, lists, topk=min(head + longest, n_db))
+        for j, row, at in zip(partial, found, where, strict=True):
+            first = orders[j]
+            n_wanted = len(wanted[j])
+            ranks[j] = _promoted_first(first, row, head)
+            located[j] = promoted_positions(
+                wanted[j], at[:n_wanted], promoted=first, promoted_at=at[n_wanted:]
+            )
+    for j, order in enumerate(orders):
+        if len(order) == n_db:
+            position = np.empty(n_db, np.int64)
+            position[order] = np.arange(n_db)
+            ranks[j], located[j] = order[:head], position[wanted[j]]
     return ranks, located
 
 

@@ -39,7 +39,7 @@ from model.describe import DescribedSet, describe_set
 from model.describer import NetworkSettings
 from model.descriptor_cache import DescriptorCache, digest
 from model.extraction import ExtractOptions
-from model.kreciprocal import KReciprocalSettings, kreciprocal_distances
+from model.kreciprocal import KReciprocalSettings, kreciprocal_distances, shortlist_order
 from model.local_feature_cache import LocalFeatureCache
 from model.local_features import LocalFeatureOptions
 from model.networks import NetworkMeta, RetrievalNet, build_network
@@ -47,7 +47,7 @@ from model.report import write_report
 from model.rerank_set import RerankedSet, rerank_set
 from model.reranking import QueryRerank, RerankSettings
 from model.results import write_json
-from model.retrieval import QueryExpansion
+from model.retrieval import QueryExpansion, rank_by_similarity
 from model.scoring import PostProcess, format_metrics, post_process, score, score_reranked
 from model.whitening import load_whitening
 
@@ -77,8 +77,9 @@ class EvaluateConf(FlatFlags):
     qe: QueryExpansion = field(default_factory=QueryExpansion)
     """αQE (flags --qe-k, --qe-alpha); off by default."""
     kreciprocal: KReciprocalSettings = field(default_factory=KReciprocalSettings)
-    """k-reciprocal re-ranking of the whole database (flags --kreciprocal, --kreciprocal-*);
-    off by default. With --rerank, the verification re-ranks its top K."""
+    """k-reciprocal re-ranking of the whole database or of each query's top K (flags
+    --kreciprocal, --kreciprocal-*); off by default. With --rerank, the verification re-ranks
+    its top K."""
     reranking: RerankSettings = field(default_factory=RerankSettings)
     """Spatial re-ranking of the top --rerank by local features (flags --rerank, --rerank-*);
     off by default. The figures without it are printed and kept beside those with it."""
@@ -133,10 +134,13 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
         reranking["metrics_with_kreciprocal"] = scored.metrics
         print(f"with {conf.kreciprocal.label}:")
         print(format_metrics(conf.dataset, scored.metrics, conf.kappas))
-        print(
-            f"k-reciprocal: {1000 * seconds / len(before):.1f} ms a query, the neighbour graph of "
+        graph = (
+            f"each over its top {conf.kreciprocal.kreciprocal_top}"
+            if conf.kreciprocal.kreciprocal_top
+            else f"the neighbour graph of "
             f"{len(before) * (not used.queries_are_database) + len(used.db_paths)} photos included"
         )
+        print(f"k-reciprocal: {1000 * seconds / len(before):.1f} ms a query, {graph}")
     if conf.reranking.rerank:
         done, cost = _rerank(conf, described, ready, before=before)
         scored = done.scored
@@ -202,10 +206,22 @@ def _kreciprocal(
     """Every query's ranking of the whole database by k-reciprocal distance (``ready``: the
     database and queries post-processed)."""
     db, queries = ready
-    found = kreciprocal_distances(
-        queries, db, settings, queries_are_database=used.queries_are_database, progress=True
-    )
-    orders = [np.argsort(distances, kind="stable") for distances in found]
+    if settings.kreciprocal_top:
+        shortlists = rank_by_similarity(queries, db, topk=min(settings.kreciprocal_top, len(db)))
+        orders = [
+            row[shortlist_order(q, db[row], settings.options)]
+            for q, row in zip(queries, shortlists, strict=True)
+        ]
+    else:
+        found = kreciprocal_distances(
+            queries,
+            db,
+            settings.options,
+            queries_are_database=used.queries_are_database,
+            max_photos=settings.kreciprocal_max_photos,
+            progress=True,
+        )
+        orders = [np.argsort(distances, kind="stable") for distances in found]
     none = np.zeros(0, np.int64)
     return [QueryRerank(none, {}, q, 0, order=o) for q, o in zip(queries, orders, strict=True)]
 

@@ -20,7 +20,7 @@ from model.datasets.revisited import load_revisited
 from model.datasets.sets import same_label_pairs
 from model.evaluation import evaluate_revisited
 from model.extraction import ArrayImages, ExtractOptions, ImageFiles, extract_descriptors
-from model.kreciprocal import KReciprocalSettings, kreciprocal_distances
+from model.kreciprocal import KReciprocalOptions, kreciprocal_distances, shortlist_order
 from model.local_features import LocalFeatureOptions, read_local_features
 from model.networks import NetworkMeta, build_network
 from model.retrieval import rank_by_similarity
@@ -510,13 +510,13 @@ def test_rerank_verifies_the_top_k_and_keeps_the_figures_without_it(
 def test_kreciprocal_reranks_the_database_and_the_verification_takes_its_top_k(
     warm_conf, tiny_collection, plain, reference
 ) -> None:
-    settings = KReciprocalSettings(kreciprocal=True, kreciprocal_k1=6, kreciprocal_k2=2)
-    flags = dataclasses.asdict(settings)
+    options = KReciprocalOptions(kreciprocal_k1=6, kreciprocal_k2=2)
+    flags = {"kreciprocal": True, **dataclasses.asdict(options)}
     result = run(warm_conf.replaced(**flags))
     assert result["metrics_without_rerank"] == plain.result["metrics"]
     assert result["post_processing"] == "k-reciprocal(k1=6, k2=2, λ=0.3)"
     rset = load_revisited(tiny_collection)
-    found = kreciprocal_distances(reference.queries, reference.db, settings)
+    found = kreciprocal_distances(reference.queries, reference.db, options)
     orders = np.argsort(np.stack(list(found)), axis=1, kind="stable")
     expected = evaluate_revisited(orders.T, rset.gnd, (1, 5, 10))
     for part in ("easy", "medium", "hard"):
@@ -535,5 +535,39 @@ def test_kreciprocal_reranks_the_database_and_the_verification_takes_its_top_k(
     assert any(both["verified_per_query"])
     # verified photos first, most inliers first; then the k-reciprocal ranking without them
     expected = evaluate_revisited(np.stack(columns, axis=1), rset.gnd, (1, 5, 10))
+    for part in ("easy", "medium", "hard"):
+        assert both["metrics"][part]["map"] == pytest.approx(expected[part]["map"], abs=1e-6)
+
+
+def test_kreciprocal_of_each_querys_top_k_alone(warm_conf, tiny_collection, reference) -> None:
+    """``--kreciprocal-top K``, what the service runs: each query's global top K re-ranked over
+    the query and those K photos, the rest of the database after them in global order."""
+    options = KReciprocalOptions(kreciprocal_k1=6, kreciprocal_k2=2)
+    flags = {"kreciprocal": True, "kreciprocal_top": 12, **dataclasses.asdict(options)}
+    result = run(warm_conf.replaced(**flags))
+    assert result["post_processing"] == "k-reciprocal@12(k1=6, k2=2, λ=0.3)"
+    rset = load_revisited(tiny_collection)
+    columns = []
+    for query in reference.queries:
+        ranking = np.argsort(-(reference.db @ query), kind="stable")
+        head = ranking[:12][shortlist_order(query, reference.db[ranking[:12]], options)]
+        assert sorted(head.tolist()) == sorted(ranking[:12].tolist())
+        columns.append(np.concatenate([head, ranking[12:]]))
+    expected = evaluate_revisited(np.stack(columns, axis=1), rset.gnd, (1, 5, 10))
+    for part in ("easy", "medium", "hard"):
+        assert result["metrics"][part]["map"] == pytest.approx(expected[part]["map"], abs=1e-6)
+    assert any(
+        c[:12].tolist() != np.argsort(-(reference.db @ q))[:12].tolist()
+        for c, q in zip(columns, reference.queries, strict=True)
+    )
+    # verification of a top 16, beyond the 12 k-reciprocal ordered: its head, then global order
+    both = run(warm_conf.replaced(**flags, rerank=16, local_max_size=256))
+    row_of = {p.stem: row for row, p in enumerate(rset.db_paths)}
+    final = []
+    for j, query in enumerate(rset.query_paths):
+        verified = np.array([row_of[name] for name in both["verified"][query.stem]], np.int64)
+        assert set(verified.tolist()) <= set(columns[j][:16].tolist())
+        final.append(np.concatenate([verified, columns[j][~np.isin(columns[j], verified)]]))
+    expected = evaluate_revisited(np.stack(final, axis=1), rset.gnd, (1, 5, 10))
     for part in ("easy", "medium", "hard"):
         assert both["metrics"][part]["map"] == pytest.approx(expected[part]["map"], abs=1e-6)

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from model.kreciprocal import (
+    KReciprocalOptions,
     KReciprocalSettings,
     kreciprocal_distances,
     neighbour_graph,
+    shortlist_order,
 )
 
 
@@ -54,13 +56,11 @@ def test_the_sparse_computation_equals_the_papers_dense_one(k1: int, k2: int, la
     queries, db = photos[:12], photos[12:]
     d = np.maximum(2 - 2 * photos.astype(np.float64) @ photos.T.astype(np.float64), 0)
     expected = _paper(d, 12, k1=k1, k2=k2, lam=lam)[:, 12:]
-    settings = KReciprocalSettings(
-        kreciprocal=True, kreciprocal_k1=k1, kreciprocal_k2=k2, kreciprocal_lambda=lam
-    )
-    found = np.stack(list(kreciprocal_distances(queries, db, settings)))
+    options = KReciprocalOptions(kreciprocal_k1=k1, kreciprocal_k2=k2, kreciprocal_lambda=lam)
+    found = np.stack(list(kreciprocal_distances(queries, db, options)))
     np.testing.assert_allclose(found, expected, atol=2e-5)
     # the queries being the database: the graph holds the database alone
-    own = np.stack(list(kreciprocal_distances(db[:5], db, settings, queries_are_database=True)))
+    own = np.stack(list(kreciprocal_distances(db[:5], db, options, queries_are_database=True)))
     np.testing.assert_allclose(own, _paper(d[12:, 12:], 5, k1=k1, k2=k2, lam=lam), atol=2e-5)
 
 
@@ -72,8 +72,7 @@ def test_it_ranks_a_scenes_photos_higher_than_the_query_alone_does() -> None:
     scene = rng.integers(10, size=300)
     photos = centres[scene] + 1.2 * rng.normal(size=(300, 32))
     photos = (photos / np.linalg.norm(photos, axis=1, keepdims=True)).astype(np.float32)
-    settings = KReciprocalSettings(kreciprocal=True)
-    found = kreciprocal_distances(photos, photos, settings, queries_are_database=True)
+    found = kreciprocal_distances(photos, photos, KReciprocalOptions(), queries_are_database=True)
     reranked = [np.argsort(d, kind="stable") for d in found]
     plain = [np.argsort(-(photos @ q), kind="stable") for q in photos]
     assert all(o[0] == j and len(set(o.tolist())) == 300 for j, o in enumerate(reranked))
@@ -102,10 +101,23 @@ def test_a_photo_is_its_own_first_neighbour_even_beside_its_copy() -> None:
 
 def test_settings_name_every_problem_and_the_size_is_bounded() -> None:
     with pytest.raises(ValueError) as raised:
-        KReciprocalSettings(kreciprocal_k1=0, kreciprocal_k2=5, kreciprocal_lambda=2.0)
+        KReciprocalOptions(kreciprocal_k1=0, kreciprocal_k2=5, kreciprocal_lambda=2.0)
     lines = str(raised.value).splitlines()
     assert len(lines) == 3 and "--kreciprocal-k1" in lines[0] and "k1 + 1 = 1" in lines[1]
-    small = KReciprocalSettings(kreciprocal=True, kreciprocal_max_photos=50)
+    with pytest.raises(ValueError, match="--kreciprocal-top must be 0"):
+        KReciprocalSettings(kreciprocal_top=-1)
     photos = _clusters(np.random.default_rng(1), 60)
-    with pytest.raises(ValueError, match="60 photos needs 60² products"):
-        next(kreciprocal_distances(photos[:5], photos[5:], small))
+    with pytest.raises(ValueError, match=r"60 photos needs 60² products.* --kreciprocal-top K"):
+        next(kreciprocal_distances(photos[:5], photos[5:], KReciprocalOptions(), max_photos=50))
+
+
+def test_a_shortlist_is_reranked_over_the_query_and_its_photos_alone() -> None:
+    rng = np.random.default_rng(4)
+    photos = _clusters(rng, 120)
+    query, candidates = photos[0], photos[1:41]
+    options = KReciprocalOptions(kreciprocal_k1=8, kreciprocal_k2=3)
+    order = shortlist_order(query, candidates, options)
+    d = np.maximum(2 - 2 * photos[:41].astype(np.float64) @ photos[:41].T.astype(np.float64), 0)
+    expected = _paper(d, 1, k1=8, k2=3, lam=0.3)[0, 1:]
+    assert sorted(order.tolist()) == list(range(40))
+    np.testing.assert_allclose(np.sort(expected), expected[order], atol=2e-5)
