@@ -15,9 +15,10 @@ way (``--clients`` threads, one query per call), and also all queries in one bat
 On a single machine the client threads, the proxy and the replicas share its cores: the ratios
 say what the service's hops cost against FAISS itself, not what a cluster would do.
 
-With ``--photos DIR`` it also measures photo queries over HTTP with and without spatial
-re-ranking (``rerank=K``, k = K results): the photos go through ingest, extract, features and
-index as a user's would, and each is sent, one at a time, first without then with ``rerank``.
+With ``--photos DIR`` it also measures photo queries over HTTP with and without
+re-ranking (``kreciprocal=K``, ``rerank=K``, both; k = K results): the photos go through ingest,
+extract, features and index as a user's would, and each is sent, one at a time, without and
+with each.
 
     python -m bench.search                                 # 100,000 x 256
     python -m bench.search --no-vectors --photos ../shared/data/photos \
@@ -369,8 +370,9 @@ def _write(conf: BenchConf, rows: list[dict], lines: list[str]) -> dict:
 
 
 def _photo_latency(conf: BenchConf, work: Path, port: int) -> list[str]:
-    """Photo queries over HTTP, one at a time, asking for ``--rerank`` results, without and
-    with ``rerank``: p50/p99 latency, and the second's against the first in this run."""
+    """Photo queries over HTTP, one at a time, asking for ``--rerank`` results, without
+    re-ranking, with ``kreciprocal``, with ``rerank`` and with both: p50/p99 latency, each
+    against the first in this run."""
     images = ingest(IngestConf(source=conf.photos, output=str(work / "run")))
     desc = extract(ExtractConf.from_flags(images=images, output=str(work / "run/descriptors")))
     local = features(FeaturesConf.from_flags(images=images, output=str(work / "run/local")))
@@ -382,27 +384,29 @@ def _photo_latency(conf: BenchConf, work: Path, port: int) -> list[str]:
     queries = [p.read_bytes() for p in paths[:: max(1, len(paths) // 48)]]
     k = conf.rerank
     measured = {}
-    for rerank in (0, conf.rerank):
-        client.search(queries[0], k=k, rerank=rerank)  # warm: the features' places are read
+    for kreciprocal, rerank in ((0, 0), (k, 0), (0, k), (k, k)):
+        asked = {"k": k, "rerank": rerank, "kreciprocal": kreciprocal}
+        client.search(queries[0], **asked)  # warm: the features' places are read
         latencies, verified = [], 0
         for photo in queries:
             started = time.perf_counter()
-            answer = client.search(photo, k=k, rerank=rerank)
+            answer = client.search(photo, **asked)
             latencies.append(time.perf_counter() - started)
             verified += (answer.reranked or {}).get("verified", 0)
-        measured[rerank] = (np.percentile(latencies, 50) * 1e3, np.percentile(latencies, 99) * 1e3)
-        measured[rerank] += (verified / len(queries),)
+        label = " + ".join(f"{n}={v}" for n, v in asked.items() if n != "k" and v) or "none"
+        measured[label] = (np.percentile(latencies, 50) * 1e3, np.percentile(latencies, 99) * 1e3)
+        measured[label] += (verified / len(queries),)
     serve.delete(APP_NAME)
-    base = measured[0][0]
+    base = measured["none"][0]
     lines = [
         "",
         f"device: {platform.machine()} CPU, {os.cpu_count()} cores; photo queries over HTTP "
         f"(POST /search, k={k}), one at a time: {len(queries)} of the "
         f"{len(paths)} photos of {conf.photos}, each against all of them",
-        f"{'rerank':<12}{'p50 ms':>9}{'p99 ms':>9}{'verified':>10}{'p50 vs rerank=0':>18}",
+        f"{'re-ranking':<32}{'p50 ms':>9}{'p99 ms':>9}{'verified':>10}{'p50 vs none':>14}",
     ]
-    for rerank, (p50, p99, verified) in measured.items():
-        lines.append(f"{rerank:<12}{p50:>9.1f}{p99:>9.1f}{verified:>10.1f}{p50 / base:>17.2f}x")
+    for label, (p50, p99, verified) in measured.items():
+        lines.append(f"{label:<32}{p50:>9.1f}{p99:>9.1f}{verified:>10.1f}{p50 / base:>13.2f}x")
     return lines
 
 

@@ -38,6 +38,7 @@ from cluster import index_store
 from cluster.batching import Batcher
 from cluster.catalog import ImageCatalog, images_of_manifest
 from cluster.fanout import SearchQuery, SlotSearch, call_retried
+from model.kreciprocal import KReciprocalOptions
 from model.retrieval import QueryExpansion
 
 __all__ = ["BATCH_MAX", "K_MAX", "MAX_BODY_BYTES", "SearchApp", "api"]
@@ -64,6 +65,8 @@ class VectorQuery(BaseModel):
     vector: list[float] = Field(min_length=1)
     k: int = Field(10, ge=1, le=K_MAX)
     qe: bool = False
+    kreciprocal: int = Field(0, ge=0, le=RERANK_MAX)
+    """Re-order the top KRECIPROCAL by k-reciprocal encoding."""
 
 
 class BatchQuery(BaseModel):
@@ -75,6 +78,8 @@ class BatchQuery(BaseModel):
     qe: bool = False
     rerank: int = Field(0, ge=0, le=RERANK_MAX)
     """Re-rank each photo's top RERANK by spatial verification (photos only)."""
+    kreciprocal: int = Field(0, ge=0, le=RERANK_MAX)
+    """Re-order each query's top KRECIPROCAL by k-reciprocal encoding."""
 
 
 class Result(BaseModel):
@@ -103,6 +108,7 @@ class SearchAnswer(BaseModel):
     qe: bool
     rerank: int = 0
     reranked: Reranked | None = None
+    kreciprocal: int = 0
 
 
 class BatchItem(BaseModel):
@@ -120,6 +126,7 @@ class BatchAnswer(BaseModel):
     k: int
     qe: bool
     rerank: int = 0
+    kreciprocal: int = 0
 
 
 class Problem(BaseModel):
@@ -217,6 +224,7 @@ class SearchApp:
         slots: Sequence[Any],
         *,
         qe: QueryExpansion,
+        kreciprocal: KReciprocalOptions | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         max_batch_size: int = 32,
         concurrent_batches: int = 1,
@@ -229,7 +237,10 @@ class SearchApp:
         self.dim = int(manifest["dim"])  # a reload never changes it (the router refuses)
         self.catalog = ImageCatalog(images_of_manifest(manifest))
         self._slots = SlotSearch(
-            [s.options(_by_reference=False) for s in slots], qe, retry_s=retry_s
+            [s.options(_by_reference=False) for s in slots],
+            qe,
+            kreciprocal=kreciprocal,
+            retry_s=retry_s,
         )
         self._search_vector = Batcher(
             self._search_vectors, max_batch_size=max_batch_size, concurrent=concurrent_batches
@@ -288,6 +299,13 @@ class SearchApp:
             description="re-rank the top RERANK by spatial verification of local features "
             "(photos only; the index version must pin local features)",
         ),
+        kreciprocal: int = Query(
+            0,
+            ge=0,
+            le=RERANK_MAX,
+            description="re-order the top KRECIPROCAL by k-reciprocal encoding over the query "
+            "and those photos (a descriptor query sends it in its JSON body)",
+        ),
     ) -> dict[str, Any]:
         body = await self._body(request)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -296,10 +314,13 @@ class SearchApp:
         if kind == "application/json":
             query = self._vector_query(body)
             vector, k, qe = await self._checked_vector(query.vector), query.k, query.qe
-            answer = await self._search_vector(SearchQuery(vector, k, qe))
+            kreciprocal = query.kreciprocal
+            answer = await self._search_vector(SearchQuery(vector, k, qe, None, kreciprocal))
         elif kind.startswith("image/"):
             # described with the network of the version it is searched in (the router's)
-            answer = await self.router.search_photo.remote(body, k, qe, rerank=rerank)
+            answer = await self.router.search_photo.remote(
+                body, k, qe, rerank=rerank, kreciprocal=kreciprocal
+            )
             if isinstance(answer, str):
                 raise HTTPException(422, answer)
         else:
@@ -316,6 +337,7 @@ class SearchApp:
             "qe": qe,
             "rerank": rerank,
             "reranked": answer.get("reranked"),
+            "kreciprocal": kreciprocal,
         }
 
     @api.post(
@@ -334,11 +356,13 @@ class SearchApp:
         query = self._batch_query(body)
         if query.vectors is not None:
             vectors = np.stack([await self._checked_vector(v) for v in query.vectors])
-            answer = await self.router.search_many.remote(vectors, query.k, qe=query.qe)
+            answer = await self.router.search_many.remote(
+                vectors, query.k, qe=query.qe, kreciprocal=query.kreciprocal
+            )
         else:
             photos = [_photo_bytes(i, text) for i, text in enumerate(query.photos or [])]
             answer = await self.router.search_photos.remote(
-                photos, query.k, query.qe, rerank=query.rerank
+                photos, query.k, query.qe, rerank=query.rerank, kreciprocal=query.kreciprocal
             )
             if isinstance(answer, str):
                 raise HTTPException(422, answer)
@@ -355,6 +379,7 @@ class SearchApp:
             "k": query.k,
             "qe": query.qe,
             "rerank": query.rerank,
+            "kreciprocal": query.kreciprocal,
         }
 
     async def _search_vectors(self, queries: list[SearchQuery]) -> list[dict[str, Any]]:

@@ -82,10 +82,12 @@ class SearchClient:
         qe: bool = False,
         *,
         rerank: int = 0,
+        kreciprocal: int = 0,
         content_type: str | None = None,
     ) -> Answer:
         """The top ``k`` photos like ``photo`` (a path, its bytes, or a binary file); with
-        ``rerank``, the top ``rerank`` re-ranked by spatial verification (each result's
+        ``kreciprocal``, the top ``kreciprocal`` re-ordered by k-reciprocal encoding; with
+        ``rerank``, then the top ``rerank`` re-ranked by spatial verification (each result's
         ``inliers``)."""
         if isinstance(photo, bytes | bytearray):
             data = bytes(photo)
@@ -99,15 +101,25 @@ class SearchClient:
         response = self._request(
             "POST",
             "/search",
-            params={"k": k, "qe": str(bool(qe)).lower(), "rerank": int(rerank)},
+            params={
+                "k": k,
+                "qe": str(bool(qe)).lower(),
+                "rerank": int(rerank),
+                "kreciprocal": int(kreciprocal),
+            },
             data=data,
             headers={"Content-Type": content_type or "image/jpeg"},
         )
         return _answer(response.json())
 
-    def search_vector(self, vector: Sequence[float], k: int = 10, qe: bool = False) -> Answer:
-        """The top ``k`` photos for a descriptor (L2-normalised by the service)."""
+    def search_vector(
+        self, vector: Sequence[float], k: int = 10, qe: bool = False, *, kreciprocal: int = 0
+    ) -> Answer:
+        """The top ``k`` photos for a descriptor (L2-normalised by the service); with
+        ``kreciprocal``, the top ``kreciprocal`` re-ordered by k-reciprocal encoding."""
         body = {"vector": [float(v) for v in vector], "k": k, "qe": qe}
+        if kreciprocal:
+            body["kreciprocal"] = int(kreciprocal)
         return _answer(self._request("POST", "/search", json=body).json())
 
     def search_batch(
@@ -118,12 +130,18 @@ class SearchClient:
         k: int = 10,
         qe: bool = False,
         rerank: int = 0,
+        kreciprocal: int = 0,
     ) -> list[Answer | str]:
         """Many queries in one request (``POST /search/batch``), all answered by one index
         version: an :class:`Answer` per query, or the reason a photo has none (a string).
-        With ``rerank`` (photos only), each photo's top ``rerank`` re-ranked as ``search``
+        With ``rerank`` (photos only) and ``kreciprocal``, each query re-ranked as ``search``
         does."""
-        body: dict[str, Any] = {"k": k, "qe": qe, "rerank": int(rerank)}
+        body: dict[str, Any] = {
+            "k": k,
+            "qe": qe,
+            "rerank": int(rerank),
+            "kreciprocal": int(kreciprocal),
+        }
         if vectors is not None:
             body["vectors"] = [[float(x) for x in v] for v in vectors]
         if photos is not None:

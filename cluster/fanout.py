@@ -6,7 +6,10 @@ its canonical top k of one named version; the merge keeps the largest inner prod
 id first on ties, so the answer equals that of the one unsharded index. With ``qe`` a query is
 expanded by αQE: the vectors of its ``qe_k`` nearest neighbours are fetched from the slots and
 :func:`model.retrieval.alpha_qe` combines them exactly as it does over a whole matrix, then
-the expanded query is searched again.
+the expanded query is searched again. With ``kreciprocal=K`` a query's top K are re-ordered by
+k-reciprocal encoding over the query and their stored vectors alone
+(:func:`model.kreciprocal.shortlist_order`, what ``pipeline.evaluate --kreciprocal-top K``
+runs).
 
 A call to a slot whose replica died is retried until ``retry_s`` has passed: Serve starts a
 new replica, which loads its shards; the query is answered late rather than failed.
@@ -26,6 +29,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from cluster import index_store
 from cluster.shards import SlotResult
+from model.kreciprocal import KReciprocalOptions, shortlist_order
 from model.retrieval import QueryExpansion, alpha_qe
 
 __all__ = ["Hit", "SearchQuery", "SlotSearch", "call_retried", "merge_slots"]
@@ -50,6 +54,8 @@ class SearchQuery:
     qe: bool
     version: int | None = None
     """The version to answer from (a photo described with its network); ``None``: served."""
+    kreciprocal: int = 0
+    """Re-order the top ``kreciprocal`` by k-reciprocal encoding; 0: off."""
 
 
 def merge_slots(results: Sequence[SlotResult], k: int) -> list[list[Hit]]:
@@ -89,19 +95,57 @@ async def call_retried(
 class SlotSearch:
     """Queries of one version → every slot (``IndexShard`` handles) → the merged top k."""
 
-    def __init__(self, slots: Sequence[Any], qe: QueryExpansion, *, retry_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        slots: Sequence[Any],
+        qe: QueryExpansion,
+        *,
+        kreciprocal: KReciprocalOptions | None = None,
+        retry_s: float = 60.0,
+    ) -> None:
         self.slots, self.qe, self.retry_s = list(slots), qe, retry_s
+        self.kreciprocal = kreciprocal if kreciprocal is not None else KReciprocalOptions()
 
     async def answer(self, queries: Sequence[SearchQuery], version: int) -> list[list[Hit]]:
-        """Each query's hits in ``version``, αQE for those that ask, in one fan-out."""
+        """Each query's hits in ``version``, αQE and k-reciprocal re-ranking for those that
+        ask, in one fan-out (and one more for the stored vectors each needs)."""
         q = np.stack([query.vector for query in queries])
-        k = max(query.k for query in queries)
+        k = max(max(query.k, query.kreciprocal) for query in queries)
         expand = [i for i, query in enumerate(queries) if query.qe]
         if expand:
             q = q.copy()
             q[expand] = await self._expanded(q[expand], version)
         hits = merge_slots(await self.fan_out("search", q, k, version), k)
+        asked = [i for i, query in enumerate(queries) if query.kreciprocal]
+        if asked:
+            heads = [hits[i][: queries[i].kreciprocal] for i in asked]
+            for i, head in zip(
+                asked, await self._kreciprocal(q[asked], heads, version), strict=True
+            ):
+                hits[i] = head + hits[i][len(head) :]
         return [row[: query.k] for row, query in zip(hits, queries, strict=True)]
+
+    async def _kreciprocal(
+        self, q: np.ndarray, heads: list[list[Hit]], version: int
+    ) -> list[list[Hit]]:
+        """Each query's ``heads`` re-ordered by k-reciprocal encoding over the query (as it was
+        searched) and the heads' stored vectors."""
+        ids = np.array(sorted({hit.id for head in heads for hit in head}), np.int64)
+        stored: dict[int, np.ndarray] = {}
+        for part in await self.fan_out("vectors", ids, version):
+            stored.update(part)
+
+        def reorder() -> list[list[Hit]]:
+            out = []
+            for query, head in zip(q, heads, strict=True):
+                if len(head) < 2:
+                    out.append(head)
+                    continue
+                x = np.stack([stored[hit.id] for hit in head]).astype(np.float32)
+                out.append([head[i] for i in shortlist_order(query, x, self.kreciprocal)])
+            return out
+
+        return await asyncio.to_thread(reorder)
 
     async def _expanded(self, q: np.ndarray, version: int) -> np.ndarray:
         """αQE of each query over its ``qe_k`` nearest stored vectors."""

@@ -41,6 +41,7 @@ from cluster.fanout import Hit, SearchQuery, SlotSearch, call_retried, merge_slo
 from cluster.resources import use_reserved_threads
 from cluster.served import ServedState, promote, read_current, served_state, verified
 from cluster.shards import ShardSet, SlotResult
+from model.kreciprocal import KReciprocalOptions
 from model.local_features import LocalFeatures
 from model.retrieval import QueryExpansion
 from model.verification import VerifyOptions, rerank_order
@@ -158,6 +159,7 @@ class SearchRouter:
         *,
         qe: QueryExpansion,
         verify: VerifyOptions | None = None,
+        kreciprocal: KReciprocalOptions | None = None,
         max_batch_size: int = 32,
         concurrent_batches: int = 1,
         retry_s: float = 60.0,
@@ -170,7 +172,7 @@ class SearchRouter:
         self.manifest = index_store.read_manifest(index, self.state.version)
         self.retry_s = retry_s
         self.verify = verify if verify is not None else VerifyOptions()
-        self._slots = SlotSearch(slots, qe, retry_s=retry_s)
+        self._slots = SlotSearch(slots, qe, kreciprocal=kreciprocal, retry_s=retry_s)
         self.follow_s, self.watch_s, self.switch_timeout_s = follow_s, watch_s, switch_timeout_s
         # Batches in flight at once: with one, a slot's replicas would take turns.
         self._search_batch = Batcher(
@@ -283,19 +285,23 @@ class SearchRouter:
             "serial": self.state.serial,
         }
 
-    async def search(self, vector: np.ndarray, k: int, qe: bool = False) -> dict[str, Any]:
+    async def search(
+        self, vector: np.ndarray, k: int, qe: bool = False, *, kreciprocal: int = 0
+    ) -> dict[str, Any]:
         """One query: ``{"version": v, "hits": [Hit, ...]}``, batched with others."""
         return await self._search_batch(
-            SearchQuery(np.asarray(vector, np.float32), int(k), bool(qe))
+            SearchQuery(np.asarray(vector, np.float32), int(k), bool(qe), None, int(kreciprocal))
         )
 
     async def search_photo(
-        self, photo: bytes, k: int, qe: bool = False, *, rerank: int = 0
+        self, photo: bytes, k: int, qe: bool = False, *, rerank: int = 0, kreciprocal: int = 0
     ) -> dict[str, Any] | str:
         """One photo: described with the network of the version served now, then searched in
-        that very version; or the reason it cannot be described (a string). With ``rerank``,
-        its top ``rerank`` are re-ranked by spatial verification (``model.reranking``, as
-        ``pipeline.evaluate --rerank`` does), each slot verifying the candidates it holds."""
+        that very version; or the reason it cannot be described (a string). With
+        ``kreciprocal``, its top ``kreciprocal`` are re-ordered by k-reciprocal encoding
+        (``SlotSearch``); with ``rerank``, then its top ``rerank`` are re-ranked by spatial
+        verification (``model.reranking``, as ``pipeline.evaluate --rerank`` does), each slot
+        verifying the candidates it holds."""
         version, manifest = self.version, self.manifest  # read once: one state
         if rerank and not manifest.get("local_features"):
             return NO_LOCAL_FEATURES.format(version=version)
@@ -306,7 +312,9 @@ class SearchRouter:
         if isinstance(vector, str):
             return vector
         depth = max(int(k), int(rerank))
-        answer = await self._search_batch(SearchQuery(vector, depth, bool(qe), version))
+        answer = await self._search_batch(
+            SearchQuery(vector, depth, bool(qe), version, int(kreciprocal))
+        )
         if rerank:
             if isinstance(features, str):
                 return features
@@ -343,19 +351,34 @@ class SearchRouter:
         }
 
     async def search_many(
-        self, vectors: np.ndarray, k: int, *, qe: bool = False, version: int | None = None
+        self,
+        vectors: np.ndarray,
+        k: int,
+        *,
+        qe: bool = False,
+        kreciprocal: int = 0,
+        version: int | None = None,
     ) -> dict[str, Any]:
         """A whole matrix of queries at once, wholly from one version: the ingress's batches of
         requests, ``POST /search/batch`` and the Python handle's bulk path."""
         manifest = (
             self.manifest if version is None else index_store.read_manifest(self.index, version)
         )
-        queries = [SearchQuery(v, int(k), bool(qe)) for v in np.asarray(vectors, np.float32)]
+        queries = [
+            SearchQuery(v, int(k), bool(qe), None, int(kreciprocal))
+            for v in np.asarray(vectors, np.float32)
+        ]
         hits = await self._slots.answer(queries, int(manifest["version"]))
         return {"version": int(manifest["version"]), "hits": hits}
 
     async def search_photos(
-        self, photos: list[bytes], k: int, qe: bool = False, *, rerank: int = 0
+        self,
+        photos: list[bytes],
+        k: int,
+        qe: bool = False,
+        *,
+        rerank: int = 0,
+        kreciprocal: int = 0,
     ) -> dict[str, Any] | str:
         """Many photos at once, each described with the network of the version served now and
         searched in that version: ``{"version": v, "hits": [[Hit, ...] or "why not", ...],
@@ -377,7 +400,9 @@ class SearchRouter:
         reranked: list[dict[str, int] | None] = [None] * len(photos)
         if good:
             depth = max(int(k), int(rerank))
-            queries = [SearchQuery(v, depth, bool(qe), version) for v in good.values()]
+            queries = [
+                SearchQuery(v, depth, bool(qe), version, int(kreciprocal)) for v in good.values()
+            ]
             answers = await self._slots.answer(queries, version)
             if rerank:
 

@@ -150,7 +150,8 @@ def verify_candidates(
 
 def rerank_order(scores: np.ndarray, inliers: np.ndarray, min_inliers: int) -> np.ndarray:
     """Positions of the candidates in their new order: verified ones (``inliers >=
-    min_inliers``) by inliers, then global score; then the rest by global score.
+    min_inliers``) by inliers, then global score; then the rest in the order given (the
+    global ranking, or the one an earlier re-ranking made).
 
     ``scores`` are the candidates' global similarities (larger is better)."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -159,8 +160,9 @@ def rerank_order(scores: np.ndarray, inliers: np.ndarray, min_inliers: int) -> n
         raise ValueError(f"scores {scores.shape} and inliers {inliers.shape} must be 1-D and alike")
     verified = inliers >= min_inliers
     key_inliers = np.where(verified, inliers, 0)
-    # lexsort: the last key is the primary one; stable, so ties keep the global order
-    return np.lexsort((-scores, -key_inliers, ~verified))
+    key_scores = np.where(verified, -scores, 0)
+    # lexsort: the last key is the primary one; stable, so ties keep the order given
+    return np.lexsort((key_scores, -key_inliers, ~verified))
 
 
 def _unit(features: LocalFeatures) -> np.ndarray:

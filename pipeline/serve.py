@@ -52,6 +52,7 @@ from cluster.resources import node_local_problems, on_a_cluster
 from cluster.router import IndexShard, SearchRouter
 from model import storage, tables
 from model.cli import FlatFlags, log_settings, parse_memory, run_cli
+from model.kreciprocal import KReciprocalOptions
 from model.retrieval import QueryExpansion
 from model.settings import raise_problems
 from model.verification import VerifyOptions
@@ -140,6 +141,9 @@ class ServeConf(FlatFlags):
     """Spatial verification of a query asked with rerank=K (flags --rerank-ratio,
     --rerank-model, --rerank-max-error, --rerank-min-inliers, --rerank-max-trials): the same
     as pipeline.evaluate's, so both rank a query alike."""
+    kreciprocal: KReciprocalOptions = field(default_factory=KReciprocalOptions)
+    """k-reciprocal re-ranking of a query asked with kreciprocal=K (flags --kreciprocal-k1,
+    --kreciprocal-k2, --kreciprocal-lambda): the same as pipeline.evaluate --kreciprocal-top K."""
     max_body_mb: float = 20.0
     watch_s: float = 0.0
     """Also promote every newer complete index version within this many seconds of its
@@ -361,6 +365,7 @@ def build_app(conf: ServeConf) -> Any:
         embedder,
         qe=conf.qe,
         verify=conf.verify,
+        kreciprocal=conf.kreciprocal,
         max_batch_size=conf.max_batch_size,
         concurrent_batches=_router_batches(conf),
         watch_s=conf.watch_s,
@@ -372,6 +377,7 @@ def build_app(conf: ServeConf) -> Any:
         conf.index,
         shard_handles,
         qe=conf.qe,
+        kreciprocal=conf.kreciprocal,
         max_body_bytes=int(conf.max_body_mb * 2**20),
         max_batch_size=conf.max_batch_size,
         concurrent_batches=_router_batches(conf),

@@ -32,6 +32,7 @@ from cluster.client import SearchClient, SearchError
 from cluster.router import merge_slots
 from cluster.shards import ShardSet, slot_shards
 from model.descriptors import read_descriptors, write_descriptors
+from model.kreciprocal import KReciprocalOptions, shortlist_order
 from model.retrieval import alpha_qe
 from pipeline.extract import ExtractConf
 from pipeline.extract import run as extract
@@ -226,6 +227,34 @@ def test_alpha_qe_through_the_service_equals_alpha_qe_on_the_matrix(service, vec
     assert plain.image_ids != over_http.image_ids or plain.results != over_http.results
 
 
+def test_kreciprocal_reorders_the_top_k_as_evaluate_does(service, vectors):
+    """kreciprocal=K: the top K re-ordered by ``model.kreciprocal.shortlist_order`` over the
+    query and their stored vectors, as ``pipeline.evaluate --kreciprocal-top K`` does; the
+    same by HTTP, in a batch request and through the router's handle."""
+    client, _, _ = service
+    x = vectors[:FIRST]
+    rng = np.random.default_rng(8)
+    queries = _unit(x[::97][:6] + 0.5 * rng.standard_normal((6, DIM)))
+    _, ids = _exact(x, queries, 30)
+    expected = [
+        ids[j][shortlist_order(q, x[ids[j]], KReciprocalOptions())] for j, q in enumerate(queries)
+    ]
+    answers = [client.search_vector(q, k=12, kreciprocal=30) for q in queries]
+    assert [a.image_ids for a in answers] == [_names(e[:12]) for e in expected]
+    assert any(e[:12].tolist() != i[:12].tolist() for e, i in zip(expected, ids, strict=True))
+    batch = client.search_batch(vectors=queries, k=12, kreciprocal=30)
+    assert [a.image_ids for a in batch] == [a.image_ids for a in answers]
+    router = serve.get_deployment_handle("SearchRouter", app_name=APP_NAME)
+    bulk = router.search_many.remote(queries, 12, kreciprocal=30).result()
+    assert [[h.id for h in row] for row in bulk["hits"]] == [e[:12].tolist() for e in expected]
+    # a K past the index: every photo re-ordered
+    assert len(client.search_vector(queries[0], k=5, kreciprocal=1000).results) == 5
+
+
+def _names(rows: np.ndarray) -> list[str]:
+    return [f"img-{i:06d}" for i in rows]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "says"),
     [
@@ -253,6 +282,8 @@ def test_alpha_qe_through_the_service_equals_alpha_qe_on_the_matrix(service, vec
             "pipeline.index --local-features",
         ),
         ({"json": {"vector": [1.0] * DIM}, "params": {"rerank": 9}}, 422, "needs a photo"),
+        ({"json": {"vector": [1.0] * DIM, "kreciprocal": 1001}}, 422, "kreciprocal"),
+        ({"json": {"vector": [1.0] * DIM, "kreciprocal": -1}}, 422, "kreciprocal"),
     ],
 )
 def test_bad_requests_get_4xx_and_a_reason(service, serve_url, kwargs, status, says):

@@ -25,6 +25,7 @@ from ray import serve
 from cluster.client import SearchClient
 from model import storage
 from model.images import image_id as content_id
+from model.kreciprocal import KReciprocalOptions, shortlist_order
 from model.local_features import LocalFeatureOptions, LocalFeatures, read_local_features
 from model.reranking import RerankSettings, rerank_query
 from model.tables import IMAGES
@@ -32,6 +33,9 @@ from pipeline.serve import APP_NAME, ServeConf, build_app
 from tests.conftest import REAL_LOCAL
 
 pytestmark = pytest.mark.slow
+
+KR_OPTIONS = KReciprocalOptions()
+"""The service's k-reciprocal options (``ServeConf``'s defaults)."""
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +196,29 @@ def test_rerank_over_http_ranks_as_evaluate_does(
     photos = [paths[row].read_bytes() for row in list(scenes.values())[::3]]
     batch = client.search_batch(photos=[*photos, b"not a photo"], k=20, rerank=40)
     assert batch[:-1] == one_by_one and "not a usable photo" in str(batch[-1])
+    # k-reciprocal first (the top 30 over the query and those photos), then verification of
+    # the top 40: what evaluate --kreciprocal-top 30 --rerank 40 ranks. k-reciprocal sets
+    # turn on near-ties, so the query's descriptor is the one the service computed for it.
+    embedder = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+    for row in list(scenes.values())[1::6]:
+        photo = paths[row].read_bytes()
+        answer = client.search(photo, k=20, rerank=40, kreciprocal=30)
+        query = embedder.embed.remote(photo, answer.version).result()
+        global_order = np.argsort(-(db @ query), kind="stable")
+        head = global_order[:30][shortlist_order(query, db[global_order[:30]], KR_OPTIONS)]
+        base = np.concatenate([head, global_order[30:]])
+        expected = rerank_query(
+            query,
+            db,
+            base[:40],
+            query_features=features_of([row])[0],
+            features_of=features_of,
+            settings=settings,
+        )
+        rest = [r for r in base[:40] if r not in set(expected.promoted.tolist())]
+        ranking = [*expected.promoted.tolist(), *rest][:20]
+        assert answer.image_ids == [ids[r] for r in ranking]
+        assert answer.reranked["candidates"] == 40
 
 
 def test_rerank_bad_input_is_answered(real_service) -> None:

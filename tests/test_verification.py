@@ -106,11 +106,14 @@ def test_features_are_capped_at_the_largest_scales(photos_dir: Path) -> None:
     assert max(small.size) == 320 and small.keypoints[:, :2].max() < 320
 
 
-def test_verified_candidates_go_first_by_inliers_then_global_order() -> None:
+def test_verified_candidates_go_first_by_inliers_the_rest_keep_their_order() -> None:
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
     inliers = np.array([3, 40, 12, 40, 0])
     order = rerank_order(scores, inliers, min_inliers=12)
     assert order.tolist() == [1, 3, 2, 0, 4]
+    # the rest keep the order given, which an earlier re-ranking may have made
+    scores, inliers = np.array([0.5, 0.9, 0.7, 0.8]), np.array([0, 0, 20, 20])
+    assert rerank_order(scores, inliers, min_inliers=12).tolist() == [3, 2, 0, 1]
 
 
 def test_bad_settings_are_named_in_one_error() -> None:
