@@ -372,6 +372,7 @@ def test_killed_ingest_resumes_fetching_only_what_is_missing(
     web.reset_counts()
     web.gate("/r/", budget=2 * flags["batch_size"])
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    free_before = ray.available_resources().get("CPU", 0)
     log = (tmp_path / "killed.log").open("w")
     proc = subprocess.Popen(
         [
@@ -402,6 +403,12 @@ def test_killed_ingest_resumes_fetching_only_what_is_missing(
     written = _part_uris(images)
     assert len(written) == 2 * flags["batch_size"]
     assert not IMAGES_OUTPUT.is_complete(str(images))
+    # The killed run's tasks live on until Ray ends its job, and a thread of theirs may still
+    # send a request: count only once they are gone (the CPUs free before it are free again).
+    deadline = time.monotonic() + 90
+    while ray.available_resources().get("CPU", 0) < free_before:
+        assert time.monotonic() < deadline, "the killed run's tasks still hold their CPUs"
+        time.sleep(0.05)
 
     web.open()
     web.reset_counts()
