@@ -129,7 +129,15 @@ def test_the_search_page_in_headless_chromium(real_service, serve_url, photos_di
             for c in page.query_selector_all("#results .result")
             if c.query_selector(".inliers")
         ]
+        page.check("#kreciprocal")  # and shared neighbours first: k-reciprocal, then geometry
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('status').textContent.includes('shared')")
+        both = page.inner_text("#status")
+        shown = [c.query_selector(".id").inner_text() for c in page.query_selector_all(".result")]
         browser.close()
+    asked_both = client.search(query, k=12, rerank=100, kreciprocal=100)
+    assert shown == [r.uri for r in asked_both.results]
+    assert "the top 100 re-ordered by shared neighbours" in both and "verified" in both
     reranked = client.search(query, k=12, rerank=100)
     assert inliers == [r.inliers for r in reranked.results if r.inliers is not None]
     assert f"{reranked.reranked['verified']} of the top 100 verified" in checked
