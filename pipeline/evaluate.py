@@ -110,36 +110,30 @@ def run(conf: EvaluateConf) -> dict[str, Any]:
     net, network_key = _network(conf, loaded)
     described, identity = _describe(conf, net, network_key)
     used, availability = described.rset, described.availability
-    scored = score(
-        described.db["descriptor"],
-        described.queries["descriptor"],
-        used,
-        post=post,
-        kappas=conf.kappas,
+    # whitened and expanded once: the global ranking and every re-ranking start from these
+    ready = post_process(
+        described.db["descriptor"], described.queries["descriptor"], used, post=post
     )
+    scored = score(*ready, used, kappas=conf.kappas)
     print(format_metrics(conf.dataset, scored.metrics, conf.kappas))
     reranking: dict[str, Any] = {}
     done = before = None
     if conf.kreciprocal.kreciprocal or conf.reranking.rerank:
         reranking["metrics_without_rerank"] = scored.metrics
-        ready = post_process(
-            described.db["descriptor"], described.queries["descriptor"], used, post=post
-        )
     if conf.kreciprocal.kreciprocal:
         started_kr = time.perf_counter()
         before = _kreciprocal(conf.kreciprocal, ready, used)
-        scored = score_reranked(*ready, used, reranked=before, kappas=conf.kappas)
         seconds = time.perf_counter() - started_kr
+        scored = score_reranked(*ready, used, reranked=before, kappas=conf.kappas)
         reranking["kreciprocal_seconds_per_query"] = seconds / len(before)
         reranking["metrics_with_kreciprocal"] = scored.metrics
         print(f"with {conf.kreciprocal.label}:")
         print(format_metrics(conf.dataset, scored.metrics, conf.kappas))
-        graph = (
-            f"each over its top {conf.kreciprocal.kreciprocal_top}"
-            if conf.kreciprocal.kreciprocal_top
-            else f"the neighbour graph of "
-            f"{len(before) * (not used.queries_are_database) + len(used.db_paths)} photos included"
-        )
+        if conf.kreciprocal.kreciprocal_top:
+            graph = f"each over its top {conf.kreciprocal.kreciprocal_top}"
+        else:
+            photos = len(used.db_paths) + (0 if used.queries_are_database else len(before))
+            graph = f"the neighbour graph of {photos} photos included"
         print(f"k-reciprocal: {1000 * seconds / len(before):.1f} ms a query, {graph}")
     if conf.reranking.rerank:
         done, cost = _rerank(conf, described, ready, before=before)
