@@ -130,10 +130,7 @@ class SlotSearch:
     ) -> list[list[Hit]]:
         """Each query's ``heads`` re-ordered by k-reciprocal encoding over the query (as it was
         searched) and the heads' stored vectors."""
-        ids = np.array(sorted({hit.id for head in heads for hit in head}), np.int64)
-        stored: dict[int, np.ndarray] = {}
-        for part in await self.fan_out("vectors", ids, version):
-            stored.update(part)
+        stored = await self._stored(heads, version)
 
         def reorder() -> list[list[Hit]]:
             out = []
@@ -151,10 +148,7 @@ class SlotSearch:
         """αQE of each query over its ``qe_k`` nearest stored vectors."""
         k = self.qe.qe_k
         neighbours = merge_slots(await self.fan_out("search", q, k, version), k)
-        ids = np.array(sorted({hit.id for row in neighbours for hit in row}), np.int64)
-        stored: dict[int, np.ndarray] = {}
-        for part in await self.fan_out("vectors", ids, version):
-            stored.update(part)
+        stored = await self._stored(neighbours, version)
         out = np.empty_like(q)
         for j, row in enumerate(neighbours):
             if not row:
@@ -165,6 +159,14 @@ class SlotSearch:
             # does over the whole matrix (the query is no database row here: query_rows -1).
             out[j] = alpha_qe(q[j : j + 1], x, len(row), self.qe.qe_alpha, query_rows=[-1])[0]
         return out
+
+    async def _stored(self, rows: Sequence[Sequence[Hit]], version: int) -> dict[int, np.ndarray]:
+        """The stored vectors of every hit in ``rows``, by id, from the slots holding them."""
+        ids = np.array(sorted({hit.id for row in rows for hit in row}), np.int64)
+        stored: dict[int, np.ndarray] = {}
+        for part in await self.fan_out("vectors", ids, version):
+            stored.update(part)
+        return stored
 
     async def fan_out(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """``method(*args, **kwargs)`` on every slot at once, their answers in slot order."""

@@ -23,7 +23,7 @@ from model.images import BadImage
 from model.local_feature_cache import LocalFeatureCache
 from model.local_features import LocalFeatures, empty_features, read_local_image
 from model.match_figure import draw_matches
-from model.reranking import QueryRerank, RerankSettings, rerank_query
+from model.reranking import QueryRerank, RerankSettings, promoted_first, rerank_query
 from model.retrieval import rank_by_similarity
 from model.scoring import Scored, score_reranked
 from model.verification import verify_pair
@@ -64,7 +64,9 @@ def rerank_set(
     k = min(settings.rerank, len(db))
     base = rank_by_similarity(queries, db, topk=k)
     if before is not None:
-        base = np.stack([_first(_order_of(r), row, k) for r, row in zip(before, base, strict=True)])
+        base = np.stack(
+            [promoted_first(_order_of(r), row, k) for r, row in zip(before, base, strict=True)]
+        )
     features.prefetch(np.unique(base).tolist())
     query_features = features.queries(len(queries))
     started, extracted_before = time.perf_counter(), features.seconds
@@ -102,12 +104,6 @@ def _order_of(earlier: QueryRerank) -> np.ndarray:
     if earlier.order is None or len(earlier.promoted):
         raise ValueError("an earlier re-ranking must give an order and promote none")
     return earlier.order
-
-
-def _first(order: np.ndarray, by_similarity: np.ndarray, k: int) -> np.ndarray:
-    """The first ``k`` rows of ``order`` followed by the rows ``by_similarity`` (the top ``k``
-    by similarity) that it lacks."""
-    return np.concatenate([order, by_similarity[~np.isin(by_similarity, order)]])[:k]
 
 
 class _Features:

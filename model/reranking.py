@@ -30,6 +30,7 @@ __all__ = [
     "FeaturesOf",
     "QueryRerank",
     "RerankSettings",
+    "promoted_first",
     "promoted_positions",
     "rerank_query",
 ]
@@ -114,6 +115,11 @@ def rerank_query(
             )
     promoted = _promoted(inliers, db, vector, min_inliers=settings.verify.rerank_min_inliers)
     return QueryRerank(promoted, inliers, vector, pairs_verified=len(inliers))
+
+
+def promoted_first(promoted: np.ndarray, base: np.ndarray, length: int) -> np.ndarray:
+    """The first ``length`` rows of the ranking "``promoted``, then ``base`` without them"."""
+    return np.concatenate([promoted, base[~np.isin(base, promoted)]])[:length]
 
 
 def promoted_positions(

@@ -23,7 +23,7 @@ from model.evaluation import (
     ground_truth_items,
     recall_at_k,
 )
-from model.reranking import QueryRerank, promoted_positions
+from model.reranking import QueryRerank, promoted_first, promoted_positions
 from model.retrieval import QueryExpansion, rank_and_locate, rank_by_similarity
 from model.whitening import apply_whitening
 
@@ -118,7 +118,7 @@ def score_reranked(
     wanted = [np.concatenate([p, i]) for p, i in zip(promoted, items or none, strict=True)]
     base_ranks, located = _base_rankings(db, reranked, wanted, depth=depth)
     ranks = np.stack(
-        [_promoted_first(p, row, depth) for p, row in zip(promoted, base_ranks, strict=True)]
+        [promoted_first(p, row, depth) for p, row in zip(promoted, base_ranks, strict=True)]
     )
     if items is None:
         return Scored({}, ranks, np.full(len(reranked), np.nan))
@@ -150,7 +150,7 @@ def _base_rankings(
         for j, row, at in zip(partial, found, where, strict=True):
             first = orders[j]
             n_wanted = len(wanted[j])
-            ranks[j] = _promoted_first(first, row, head)
+            ranks[j] = promoted_first(first, row, head)
             located[j] = promoted_positions(
                 wanted[j], at[:n_wanted], promoted=first, promoted_at=at[n_wanted:]
             )
@@ -160,11 +160,6 @@ def _base_rankings(
             position[order] = np.arange(n_db)
             ranks[j], located[j] = order[:head], position[wanted[j]]
     return ranks, located
-
-
-def _promoted_first(promoted: np.ndarray, base: np.ndarray, depth: int) -> np.ndarray:
-    rest = base[~np.isin(base, promoted)]
-    return np.concatenate([promoted, rest])[:depth]
 
 
 def _scored(
