@@ -296,33 +296,15 @@ class SearchRouter:
     async def search_photo(
         self, photo: bytes, k: int, qe: bool = False, *, rerank: int = 0, kreciprocal: int = 0
     ) -> dict[str, Any] | str:
-        """One photo: described with the network of the version served now, then searched in
-        that very version; or the reason it cannot be described (a string). With
-        ``kreciprocal``, its top ``kreciprocal`` are re-ordered by k-reciprocal encoding
-        (``SlotSearch``); with ``rerank``, then its top ``rerank`` are re-ranked by spatial
-        verification (``model.reranking``, as ``pipeline.evaluate --rerank`` does), each slot
-        verifying the candidates it holds."""
-        version, manifest = self.version, self.manifest  # read once: one state
-        if rerank and not manifest.get("local_features"):
-            return NO_LOCAL_FEATURES.format(version=version)
-        embedded, features = await asyncio.gather(
-            self._embed(photo, version), self._local_features(photo, version, rerank=rerank)
-        )
-        vector = self._fits(embedded)
-        if isinstance(vector, str):
-            return vector
-        depth = max(int(k), int(rerank))
-        answer = await self._search_batch(
-            SearchQuery(vector, depth, bool(qe), version, int(kreciprocal))
-        )
-        if rerank:
-            if isinstance(features, str):
-                return features
-            answer = {
-                **answer,
-                **await self._reranked(answer["hits"], features, rerank, version=version),
-            }
-        return {**answer, "hits": answer["hits"][: int(k)]}
+        """One photo, as ``search_photos`` answers it alone: ``{"version": v, "hits": [Hit,
+        ...], "reranked": counts or None}``, or why it has no answer (a string)."""
+        answer = await self.search_photos([photo], k, qe, rerank=rerank, kreciprocal=kreciprocal)
+        if isinstance(answer, str):
+            return answer
+        (hits,), (reranked,) = answer["hits"], answer["reranked"]
+        if isinstance(hits, str):
+            return hits
+        return {"version": answer["version"], "hits": hits, "reranked": reranked}
 
     async def _reranked(
         self, hits: list[Hit], features: LocalFeatures, rerank: int, *, version: int
@@ -380,11 +362,13 @@ class SearchRouter:
         rerank: int = 0,
         kreciprocal: int = 0,
     ) -> dict[str, Any] | str:
-        """Many photos at once, each described with the network of the version served now and
-        searched in that version: ``{"version": v, "hits": [[Hit, ...] or "why not", ...],
-        "reranked": [counts or None, ...]}`` (a photo that cannot be described gets its reason,
-        the others their hits, re-ranked as ``search_photo`` does with ``rerank``); or why the
-        request cannot be answered (a string)."""
+        """Photos, each described with the network of the version served now, then searched in
+        that very version (batched with other requests'): ``{"version": v, "hits": [[Hit, ...]
+        or "why not", ...], "reranked": [counts or None, ...]}``; or why the request cannot be
+        answered (a string). With ``kreciprocal``, a photo's top ``kreciprocal`` are re-ordered
+        by k-reciprocal encoding (``SlotSearch``); with ``rerank``, then its top ``rerank`` are
+        re-ranked by spatial verification (``model.reranking``, as ``pipeline.evaluate
+        --rerank`` does), each slot verifying the candidates it holds."""
         version, manifest = self.version, self.manifest  # read once: one state
         if rerank and not manifest.get("local_features"):
             return NO_LOCAL_FEATURES.format(version=version)
@@ -396,29 +380,20 @@ class SearchRouter:
         for i, found in enumerate(features):
             if isinstance(found, str) and not isinstance(out[i], str):
                 out[i] = found
-        good = {i: v for i, v in enumerate(out) if not isinstance(v, str)}
         reranked: list[dict[str, int] | None] = [None] * len(photos)
-        if good:
-            depth = max(int(k), int(rerank))
-            queries = [
-                SearchQuery(v, depth, bool(qe), version, int(kreciprocal)) for v in good.values()
-            ]
-            answers = await self._slots.answer(queries, version)
+        depth = max(int(k), int(rerank))
+
+        async def answer(i: int) -> None:
+            query = SearchQuery(out[i], depth, bool(qe), version, int(kreciprocal))
+            hits = (await self._search_batch(query))["hits"]
+            found = features[i]
             if rerank:
+                assert found is not None and not isinstance(found, str)
+                done = await self._reranked(hits, found, rerank, version=version)
+                hits, reranked[i] = done["hits"], done["reranked"]
+            out[i] = hits[: int(k)]
 
-                async def verified(i: int, hits: list[Hit]) -> dict[str, Any]:
-                    found = features[i]
-                    assert found is not None and not isinstance(found, str)
-                    return await self._reranked(hits, found, rerank, version=version)
-
-                done = await asyncio.gather(
-                    *(verified(i, hits) for i, hits in zip(good, answers, strict=True))
-                )
-                answers = [d["hits"] for d in done]
-                for i, d in zip(good, done, strict=True):
-                    reranked[i] = d["reranked"]
-            for i, hits in zip(good, answers, strict=True):
-                out[i] = hits[: int(k)]
+        await asyncio.gather(*(answer(i) for i, v in enumerate(out) if not isinstance(v, str)))
         return {"version": version, "hits": out, "reranked": reranked}
 
     async def _local_features(
